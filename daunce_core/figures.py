@@ -1,0 +1,193 @@
+"""One function per figure or table of the paper. Inputs are the workflow's result files.
+
+Every number drawn comes from the files passed in; nothing is typed in by hand. Where a method
+loses, the figure and the table show it.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import store  # noqa: E402
+
+DISPLAY = {
+    "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T",
+    "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
+    "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
+    "tracin": "TracIn", "exact_if": "Exact IF",
+}
+
+
+def _label(method: str) -> str:
+    return DISPLAY.get(method, method)
+
+
+def _color(method: str) -> str:
+    if method.endswith("_bb"):
+        return "C1"
+    return "C0" if method.startswith("daunce") else "C7"
+
+
+def _save(fig, out) -> None:
+    with store.atomic_path(out, suffix=Path(out).suffix) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "pdf", bbox_inches="tight")
+    plt.close(fig)
+
+
+def _pick(rows: list[dict], method: str, measure: str | None, threshold_raw: bool) -> dict | None:
+    for r in rows:
+        if r["method"] != method or (measure is not None and r["measure"] != measure):
+            continue
+        if (r["threshold"] == "none") == threshold_raw:
+            return r
+    return None
+
+
+def lds_bars(rows: list[dict], methods: list[str], out, title: str, daunce_measure: str = "correlation") -> None:
+    """Bar chart of LDS with 95% CI per method: thresholded (solid) beside raw (hatched)."""
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 1.5), 3.4))
+    x = np.arange(len(methods))
+    w = 0.38
+    for off, raw, style in ((-w / 2, False, {}), (w / 2, True, {"hatch": "//", "alpha": 0.55})):
+        vals, lo, hi = [], [], []
+        for m in methods:
+            meas = daunce_measure if m.startswith("daunce") else None
+            r = _pick(rows, m, meas, raw)
+            vals.append(r["lds"] if r else np.nan)
+            lo.append(r["lds"] - r["ci_low"] if r else 0)
+            hi.append(r["ci_high"] - r["lds"] if r else 0)
+        label = "raw scores" if raw else "thresholded"
+        ax.bar(x + off, vals, w, yerr=[lo, hi], capsize=3, label=label,
+               color=[_color(m) for m in methods], edgecolor="k", **style)
+        for xi, v in zip(x + off, vals):
+            if np.isfinite(v):
+                ax.text(xi, v + 0.01 if v >= 0 else v - 0.03, f"{v:.3f}", ha="center", fontsize=6.5)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(x, [_label(m) for m in methods], rotation=30, ha="right")
+    ax.set_ylabel("LDS (95% CI over queries)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    _save(fig, out)
+
+
+def fig1a(lds_csv, out, methods: list[str], title: str = "LDS, white-box") -> None:
+    from .pipeline import read_lds_table
+
+    lds_bars(read_lds_table(lds_csv), methods, out, title)
+
+
+def fig1b(lds_csv, out, white: list[str], black: list[str], title: str = "LDS, black-box vs white-box") -> None:
+    from .pipeline import read_lds_table
+
+    lds_bars(read_lds_table(lds_csv), [*white, *black], out, title)
+
+
+def table3(lds_csv, out_md, out_csv, variants: list[str]) -> list[dict]:
+    """Table 3: LDS with correlation vs covariance for each variant (thresholded and raw)."""
+    from .pipeline import read_lds_table
+
+    rows = read_lds_table(lds_csv)
+    table = []
+    for measure in ("correlation", "covariance"):
+        for v in variants:
+            for raw in (False, True):
+                r = _pick(rows, v, measure, raw)
+                if r:
+                    table.append({"measure": measure, "method": v, "threshold": r["threshold"],
+                                  "lds": r["lds"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]})
+    with store.atomic_path(out_csv, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["measure", "method", "threshold", "lds", "ci_low", "ci_high"])
+            w.writeheader()
+            for r in table:
+                w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    lines = ["# Table 3: correlation versus covariance", "",
+             "LDS (mean Spearman over queries, 95% bootstrap CI) of each DAUNCE variant.", ""]
+    for raw in (False, True):
+        kind = next((r["threshold"] for r in table if (r["threshold"] == "none") == raw), None)
+        if kind is None:
+            continue
+        lines += ["Raw scores:" if raw else f"Thresholded scores ({kind}):", "",
+                  "| measure | " + " | ".join(_label(v) for v in variants) + " |",
+                  "|---|" + "---|" * len(variants)]
+        for measure in ("correlation", "covariance"):
+            cells = []
+            for v in variants:
+                r = next((t for t in table if t["method"] == v and t["measure"] == measure
+                          and (t["threshold"] == "none") == raw), None)
+                cells.append(f"{r['lds']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "n/a")
+            lines.append(f"| {measure} | " + " | ".join(cells) + " |")
+        lines.append("")
+    with store.atomic_path(out_md, suffix=".md") as tmp:
+        tmp.write_text("\n".join(lines))
+    return table
+
+
+def fit_exponential(K: np.ndarray, lds: np.ndarray) -> tuple[float, float, float]:
+    """Fit ``y = a exp(-b K) + c`` (Figure 6) with scipy; returns (a, b, c)."""
+    from scipy.optimize import curve_fit
+
+    K = np.asarray(K, float)
+    lds = np.asarray(lds, float)
+    f = lambda k, a, b, c: a * np.exp(-b * k) + c  # noqa: E731
+    p0 = (lds[0] - lds[-1], 1.0 / max(1.0, np.median(K)), lds[-1])
+    params, _ = curve_fit(f, K, lds, p0=p0, maxfev=20000)
+    return tuple(float(v) for v in params)
+
+
+def fig6(k_csv, out, label: str = "DAUNCE") -> tuple[float, float, float]:
+    with open(k_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    K = np.array([float(r["K"]) for r in rows])
+    y = np.array([float(r["lds"]) for r in rows])
+    lo = np.array([float(r["ci_low"]) for r in rows])
+    hi = np.array([float(r["ci_high"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    ax.errorbar(K, y, yerr=[y - lo, hi - y], fmt="o", capsize=3, label=label)
+    try:
+        a, b, c = fit_exponential(K, y)
+        ks = np.linspace(K.min(), K.max(), 200)
+        ax.plot(ks, a * np.exp(-b * ks) + c, "k--", label=f"fit: y = {a:.3f} exp(-{b:.4f} K) + {c:.3f}")
+    except (RuntimeError, ValueError, TypeError) as exc:  # too few points or no convergence
+        a = b = c = float("nan")
+        ax.text(0.5, 0.1, f"exponential fit failed: {exc}", transform=ax.transAxes, fontsize=6)
+    ax.set_xlabel("number of perturbed models K")
+    ax.set_ylabel("LDS")
+    ax.legend(fontsize=7, frameon=False)
+    _save(fig, out)
+    return a, b, c
+
+
+def fig5(cfg, split_path, scores_paths: dict[str, str], out, query: int = 0, top: int = 5) -> None:
+    """A query image with its most positive and most negative training images (Figure 5)."""
+    from .pipeline import load_checked
+
+    ds = load_checked(cfg, split_path)
+    measures = list(scores_paths)
+    fig, axes = plt.subplots(2 * len(measures), top + 1, figsize=(1.25 * (top + 1), 2.6 * len(measures)))
+    qimg = ds.images(ds.X_query[query:query + 1])[0]
+    for mi, measure in enumerate(measures):
+        scores, _ = store.dense_scores(scores_paths[measure])
+        col = scores[:, query]
+        order = np.argsort(col)
+        for ri, (name, idx) in enumerate((("most positive", order[::-1][:top]), ("most negative", order[:top]))):
+            row = axes[2 * mi + ri]
+            row[0].imshow(qimg.squeeze(), cmap="gray" if qimg.shape[-1] == 1 else None)
+            row[0].set_title(f"query ({ds.classes[ds.y_query[query]]})", fontsize=7)
+            row[0].set_ylabel(f"{measure}\n{name}", fontsize=7)
+            imgs = ds.images(ds.X_train[idx])
+            for j, i in enumerate(idx):
+                row[j + 1].imshow(imgs[j].squeeze(), cmap="gray" if imgs.shape[-1] == 1 else None)
+                row[j + 1].set_title(f"{ds.classes[ds.y_train[i]]}  {col[i]:+.3g}", fontsize=6.5)
+            for a in row:
+                a.set_xticks([])
+                a.set_yticks([])
+    fig.suptitle("Query and its most influential training examples (DAUNCE)", fontsize=9)
+    _save(fig, out)

@@ -1,0 +1,118 @@
+"""Linear datamodeling score (Appendix B, equations 8-9).
+
+Ground truth: M random subsets of size ceil(alpha n); a model retrained from scratch with the
+base recipe on each (several seeds); the margin of every query under each retrain. It is stored
+once (``store.write_ground_truth``) and every method is evaluated against the same file.
+
+LDS of a method = mean over queries of the Spearman correlation, across the M subsets, between
+the query's measured margin (averaged over seeds) and the method's predicted group effect (the
+sum of the scores of the subset's training examples). The 95% confidence interval is a
+bootstrap over queries (``scipy.stats.bootstrap``).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import stats
+
+from .config import ExperimentConfig
+from .data import Dataset
+from .perturb import lds_masks
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+SELECT_OFFSET = 1_000_000  # selection masks come from a stream disjoint from the test masks
+
+
+def masks_for(cfg: ExperimentConfig, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask_index [M], masks [M, n]) of the ``"test"`` or ``"select"`` split."""
+    lc = cfg.lds
+    if split == "test":
+        M, offset = lc.M, 0
+    elif split == "select":
+        M, offset = lc.M_select, SELECT_OFFSET
+    else:
+        raise ValueError(f"unknown LDS split {split!r}; 'test' or 'select'")
+    return offset + np.arange(M), lds_masks(lc.seed, M, n, lc.alpha, offset=offset)
+
+
+def retrain_outputs(cfg: ExperimentConfig, ds: Dataset, masks: np.ndarray, mask_index: np.ndarray,
+                    device: "torch.device") -> np.ndarray:
+    """Margins of the queries under models retrained on each mask: [seeds, M, m]."""
+    import torch
+
+    from .models import build_model
+    from . import ensemble as E
+    from .objectives import margin
+
+    X = torch.as_tensor(ds.X_train, device=device)
+    y = torch.as_tensor(ds.y_train, device=device)
+    Xq = torch.as_tensor(ds.X_query, device=device)
+    yq = torch.as_tensor(ds.y_query, device=device)
+    factory = lambda: build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes)  # noqa: E731
+    out = np.zeros((cfg.lds.seeds, len(masks), ds.m), np.float32)
+    for s in range(cfg.lds.seeds):
+        subsets = [np.flatnonzero(mk) for mk in masks]
+        keys = [(cfg.lds.seed, int(j), s, 7) for j in mask_index]
+        net, p, b = E.fit_from_scratch(factory, X, y, subsets, keys, cfg.base, augment=cfg.base.augment)
+        logits = E.predict(net, p, b, Xq)  # [M, m, classes]
+        out[s] = margin(logits.reshape(-1, logits.shape[-1]), yq.repeat(len(masks))).reshape(
+            len(masks), ds.m).cpu().numpy()
+    return out
+
+
+def per_query_lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """Spearman correlation per query between predicted and measured outputs; [m].
+
+    ``scores`` [n, m], ``masks`` [M, n] bool, ``outputs`` [S, M, m] (or [M, m]). A query whose
+    predictions are constant (e.g. all scores thresholded away) gets 0, with a warning.
+    """
+    actual = outputs.mean(axis=0) if outputs.ndim == 3 else outputs
+    predicted = masks.astype(np.float64) @ scores.astype(np.float64)  # [M, m]
+    ra = stats.rankdata(actual, axis=0)
+    rp = stats.rankdata(predicted, axis=0)
+    ra -= ra.mean(axis=0)
+    rp -= rp.mean(axis=0)
+    denom = np.sqrt((ra**2).sum(0) * (rp**2).sum(0))
+    const = denom == 0
+    if const.any():
+        warnings.warn(f"{int(const.sum())} of {len(denom)} queries have constant predictions or "
+                      "outputs; their Spearman correlation counts as 0", RuntimeWarning, stacklevel=2)
+    return np.where(const, 0.0, (ra * rp).sum(0) / np.where(const, 1.0, denom))
+
+
+@dataclass
+class LDSResult:
+    lds: float
+    ci_low: float
+    ci_high: float
+    n_queries: int
+
+
+def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> LDSResult:
+    """Mean over queries with a percentile-bootstrap 95% CI over queries."""
+    per_query = np.asarray(per_query, np.float64)
+    mean = float(per_query.mean())
+    if len(per_query) < 2 or np.allclose(per_query, per_query[0]):
+        return LDSResult(mean, mean, mean, len(per_query))
+    res = stats.bootstrap((per_query,), np.mean, n_resamples=n_resamples, confidence_level=0.95,
+                          method="percentile", rng=np.random.default_rng(seed))
+    ci = res.confidence_interval
+    return LDSResult(mean, float(ci.low), float(ci.high), len(per_query))
+
+
+def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 0) -> tuple[LDSResult, np.ndarray]:
+    """LDS of dense scores [n, m] against ground truth ``gt`` (``store.read_ground_truth``)."""
+    if scores.shape != (gt["masks"].shape[1], gt["outputs"].shape[-1]):
+        raise ValueError(f"scores of shape {scores.shape} do not match the ground truth "
+                         f"({gt['masks'].shape[1]} training examples, {gt['outputs'].shape[-1]} queries)")
+    pq = per_query_lds(scores, gt["masks"], gt["outputs"])
+    return summarize(pq, n_resamples, seed), pq

@@ -1,0 +1,10 @@
+"""rule k_curve: LDS against the number of perturbed models."""
+from daunce_core.pipeline import k_curve
+from daunce_core.runner import experiment_config, run_script
+
+
+def main(sm):
+    k_curve(experiment_config(sm), sm.input.losses, sm.input.ground_truth, sm.params.measure, sm.output[0])
+
+
+run_script(snakemake, main)  # noqa: F821

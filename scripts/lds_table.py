@@ -1,0 +1,10 @@
+"""rule lds_table: every LDS evaluation in one csv."""
+from daunce_core.pipeline import lds_table
+from daunce_core.runner import run_script
+
+
+def main(sm):
+    lds_table(list(sm.input), sm.output[0])
+
+
+run_script(snakemake, main)  # noqa: F821

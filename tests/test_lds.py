@@ -1,0 +1,56 @@
+"""LDS on constructed cases with known answers."""
+import numpy as np
+import pytest
+
+from daunce_core import lds as L
+from daunce_core.perturb import lds_masks
+
+
+def test_lds_is_one_for_the_true_linear_datamodel_and_minus_one_reversed():
+    rng = np.random.default_rng(0)
+    n, m, M = 60, 8, 40
+    masks = lds_masks(0, M, n, 0.5)
+    assert masks.shape == (M, n) and (masks.sum(1) == 30).all()
+    a = rng.normal(size=(n, m))
+    outputs = (masks @ a)[None]  # exactly additive ground truth, one seed
+    res, pq = L.evaluate(a, {"masks": masks, "outputs": outputs})
+    assert res.lds == pytest.approx(1.0) and pq == pytest.approx(np.ones(m))
+    res, _ = L.evaluate(-a, {"masks": masks, "outputs": outputs})
+    assert res.lds == pytest.approx(-1.0)
+    # monotone transforms of the outputs do not change a rank correlation
+    res, _ = L.evaluate(a, {"masks": masks, "outputs": np.exp(outputs / 10)})
+    assert res.lds == pytest.approx(1.0)
+
+
+def test_lds_of_noisy_scores_and_its_bootstrap_ci():
+    rng = np.random.default_rng(1)
+    n, m, M = 200, 50, 100
+    masks = lds_masks(1, M, n, 0.5)
+    a = rng.normal(size=(n, m))
+    outputs = np.stack([masks @ a + rng.normal(scale=0.5, size=(M, m)) for _ in range(3)])
+    good, _ = L.evaluate(a + rng.normal(scale=1.0, size=a.shape), {"masks": masks, "outputs": outputs})
+    rand, _ = L.evaluate(rng.normal(size=a.shape), {"masks": masks, "outputs": outputs})
+    assert 0.4 < good.lds < 0.95 and good.ci_low < good.lds < good.ci_high and good.ci_low > 0.3
+    assert abs(rand.lds) < 0.1 and rand.ci_low < 0 < rand.ci_high
+
+
+def test_constant_predictions_count_as_zero_with_a_warning():
+    masks = lds_masks(0, 10, 20, 0.5)
+    with pytest.warns(RuntimeWarning, match="constant predictions"):
+        pq = L.per_query_lds(np.zeros((20, 2)), masks, np.random.default_rng(0).normal(size=(10, 2)))
+    assert (pq == 0).all()
+
+
+def test_test_and_selection_masks_are_disjoint_streams():
+    from daunce_core.config import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict({"lds": {"M": 5, "M_select": 5}})
+    ti, tm = L.masks_for(cfg, "test", 50)
+    si, sm = L.masks_for(cfg, "select", 50)
+    assert not set(ti) & set(si)
+    assert not any((tm[i] == sm[j]).all() for i in range(5) for j in range(5))
+
+
+def test_shape_mismatch_is_explained():
+    with pytest.raises(ValueError, match="do not match the ground truth"):
+        L.evaluate(np.zeros((3, 2)), {"masks": np.ones((4, 5), bool), "outputs": np.zeros((1, 4, 2))})

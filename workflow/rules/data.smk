@@ -1,0 +1,8 @@
+rule data:
+    """Load (download when online) the dataset and record the ids of the train/query split."""
+    output:
+        "results/{experiment}/data/split.npz",
+    log:
+        "results/{experiment}/logs/data.log",
+    script:
+        "../../scripts/data.py"

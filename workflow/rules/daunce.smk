@@ -1,0 +1,61 @@
+rule perturbed_chunk:
+    """Algorithm 1: fit one chunk of perturbed models from theta_0, for every learning rate of
+    the grid, and record every example's loss (margin for DAUNCE-T) under each model. Models are
+    keyed by (seed, k), so how K is chunked changes nothing."""
+    input:
+        split="results/{experiment}/data/split.npz",
+        theta_0="results/{experiment}/base/theta_0.safetensors",
+    output:
+        expand("results/{{experiment}}/daunce/{{variant}}/lr{lr}/chunk{{chunk}}.h5", lr=LR_TAGS),
+    log:
+        "results/{experiment}/logs/daunce/{variant}/chunk{chunk}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/daunce/{variant}/chunk{chunk}.tsv"
+    params:
+        lrs=LR_TAGS,
+    threads: 2
+    script:
+        "../../scripts/daunce_chunk.py"
+
+
+rule gather_losses:
+    """Concatenate the chunks of one (variant, learning rate) along K."""
+    input:
+        daunce_chunk_files,
+    output:
+        "results/{experiment}/daunce/{variant}/lr{lr}/losses.h5",
+    log:
+        "results/{experiment}/logs/daunce/{variant}/lr{lr}/gather.log",
+    script:
+        "../../scripts/gather.py"
+
+
+rule select_lr:
+    """Appendix B's learning-rate grid search, judged on the LDS *selection* masks only."""
+    input:
+        losses=lr_grid_losses,
+        ground_truth="results/{experiment}/lds/select.h5",
+    output:
+        losses="results/{experiment}/daunce/{variant}/losses.h5",
+        selection="results/{experiment}/daunce/{variant}/selection.json",
+    log:
+        "results/{experiment}/logs/daunce/{variant}/select_lr.log",
+    params:
+        lrs=LR_TAGS,
+    script:
+        "../../scripts/select_lr.py"
+
+
+rule score:
+    """Attribution scores: covariance or correlation of losses across the K models (eq. 6)."""
+    input:
+        "results/{experiment}/daunce/{variant}/losses.h5",
+    output:
+        "results/{experiment}/scores/{variant}/{measure}.h5",
+    log:
+        "results/{experiment}/logs/scores/{variant}/{measure}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/scores/{variant}/{measure}.tsv"
+    threads: 2
+    script:
+        "../../scripts/score.py"

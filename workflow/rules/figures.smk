@@ -1,0 +1,95 @@
+rule fig1a:
+    """Figure 1a: LDS of the white-box methods with 95% CIs."""
+    input:
+        "results/lds.csv",
+    output:
+        report(
+            "results/fig1a.pdf",
+            caption="../report/fig1a.rst",
+            category="Figures",
+            labels={"figure": "1a"},
+        ),
+    log:
+        f"results/{EXP}/logs/fig1a.log",
+    params:
+        methods=fig1a_methods,
+    script:
+        "../../scripts/figures.py"
+
+
+rule fig1b:
+    """Figure 1b: LDS of the black-box objectives (Table 2) beside the white-box ones."""
+    input:
+        "results/lds.csv",
+    output:
+        report(
+            "results/fig1b.pdf",
+            caption="../report/fig1b.rst",
+            category="Figures",
+            labels={"figure": "1b"},
+        ),
+    log:
+        f"results/{EXP}/logs/fig1b.log",
+    params:
+        white=WHITE_BOX,
+        black=BLACK_BOX,
+    script:
+        "../../scripts/figures.py"
+
+
+rule table3:
+    """Table 3: correlation versus covariance for the three variants."""
+    input:
+        "results/lds.csv",
+    output:
+        md=report(
+            "results/table3.md",
+            caption="../report/table3.rst",
+            category="Tables",
+            labels={"table": "3"},
+        ),
+        csv="results/table3.csv",
+    log:
+        f"results/{EXP}/logs/table3.log",
+    params:
+        variants=WHITE_BOX,
+    script:
+        "../../scripts/figures.py"
+
+
+rule fig6:
+    """Figure 6: LDS against K with the fitted y = a exp(-b K) + c."""
+    input:
+        f"results/{EXP}/lds/k_curve/{figure_variant()}.csv",
+    output:
+        report(
+            "results/fig6.pdf",
+            caption="../report/fig6.rst",
+            category="Figures",
+            labels={"figure": "6"},
+        ),
+    log:
+        f"results/{EXP}/logs/fig6.log",
+    params:
+        label=figure_variant(),
+    script:
+        "../../scripts/figures.py"
+
+
+rule fig5:
+    """Figure 5: a query image with its most positive and negative training images."""
+    input:
+        unpack(fig5_inputs),
+    output:
+        report(
+            "results/fig5.pdf",
+            caption="../report/fig5.rst",
+            category="Figures",
+            labels={"figure": "5"},
+        ),
+    log:
+        f"results/{EXP}/logs/fig5.log",
+    params:
+        query=config.get("figures", {}).get("query", 0),
+    script:
+        "../../scripts/figures.py"

@@ -1,0 +1,68 @@
+rule lds_chunk:
+    """LDS ground truth: retrain from scratch on a chunk of the subset masks, over seeds."""
+    input:
+        split="results/{experiment}/data/split.npz",
+    output:
+        "results/{experiment}/lds/{split}/chunk{chunk}.h5",
+    log:
+        "results/{experiment}/logs/lds/{split}/chunk{chunk}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/lds/{split}/chunk{chunk}.tsv"
+    threads: 2
+    script:
+        "../../scripts/lds_chunk.py"
+
+
+rule gather_ground_truth:
+    input:
+        lds_chunk_files,
+    output:
+        "results/{experiment}/lds/{split}.h5",
+    log:
+        "results/{experiment}/logs/lds/{split}/gather.log",
+    script:
+        "../../scripts/gather.py"
+
+
+rule lds_eval:
+    """LDS of one method's scores on the test masks, raw and thresholded, with bootstrap CIs."""
+    input:
+        scores="results/{experiment}/scores/{method}/{measure}.h5",
+        ground_truth="results/{experiment}/lds/test.h5",
+    output:
+        "results/{experiment}/lds/eval/{method}/{measure}.json",
+    log:
+        "results/{experiment}/logs/lds/eval/{method}/{measure}.log",
+    script:
+        "../../scripts/lds_eval.py"
+
+
+rule lds_table:
+    input:
+        lds_eval_files,
+    output:
+        report(
+            "results/lds.csv",
+            caption="../report/lds.rst",
+            category="LDS",
+            labels={"table": "LDS of every method"},
+        ),
+    log:
+        f"results/{EXP}/logs/lds_table.log",
+    script:
+        "../../scripts/lds_table.py"
+
+
+rule k_curve:
+    """Figure 6's data: LDS of the first K' perturbed models."""
+    input:
+        losses=f"results/{EXP}/daunce/{{variant}}/losses.h5",
+        ground_truth=f"results/{EXP}/lds/test.h5",
+    output:
+        f"results/{EXP}/lds/k_curve/{{variant}}.csv",
+    log:
+        f"results/{EXP}/logs/lds/k_curve_{{variant}}.log",
+    params:
+        measure="correlation",
+    script:
+        "../../scripts/k_curve.py"
