@@ -13,13 +13,13 @@ agreement beside it. Measured here (K = 1500): per-query Pearson 0.998 with the 
 the influence function.
 """
 import numpy as np
+import pytest
 import torch
 from torch.func import grad, hessian, vmap
 
 from daunce_core import objectives as O
 from daunce_core.perturb import subset_and_xi
 
-torch.set_default_dtype(torch.float64)
 N, M, D, C = 200, 40, 4, 3
 LAM, RHO, K = 1e-2, 0.1, 1500
 
@@ -36,7 +36,15 @@ def newton(fun, theta, steps=12):
     return theta
 
 
-def test_covariance_matches_theorem1():
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_covariance_matches_theorem1(float64):
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(N + M, D, generator=gen)
     W_true = torch.randn(C, D, generator=gen) * 1.5
