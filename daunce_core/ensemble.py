@@ -209,6 +209,7 @@ def fit_perturbed(
     cfg: DaunceConfig,
     lr: float,
     logits0: torch.Tensor | None = None,
+    mode: str = "vmap",
 ) -> tuple[Stacked, Stacked]:
     """Algorithm 1, steps 2-4, for perturbed models ``ks`` trained together from ``theta_0``.
 
@@ -244,7 +245,7 @@ def fit_perturbed(
     buffers = stack_states([b0] * C, device)
     center = stack_states([p0] * C, device) if cfg.prox > 0 else None
     return train_stacked(net, params, buffers, X, schedule, objective, OptimSpec.from_daunce(cfg, lr),
-                         mode="vmap", train_mode=False, prox_center=center, prox=cfg.prox,
+                         mode=mode, train_mode=False, prox_center=center, prox=cfg.prox,
                          desc=f"{variant} k={ks[0]}..{ks[-1]}")
 
 
