@@ -1,0 +1,28 @@
+"""The one-call API on a user's own classifier."""
+import numpy as np
+import torch
+
+from daunce_core import ensemble as E
+from daunce_core.attribute import daunce_scores
+from daunce_core.config import ModelConfig, TrainConfig
+from daunce_core.data import DataConfig, load_dataset
+from daunce_core.models import build_model
+
+
+def test_a_query_identical_to_a_training_example_is_attributed_to_its_class():
+    torch.set_num_threads(1)
+    ds = load_dataset(DataConfig(n_train=300, n_query=10))
+    X, y = torch.tensor(ds.X_train), torch.tensor(ds.y_train)
+    factory = lambda: build_model(ModelConfig(hidden=[32]), (1, 8, 8), 10)  # noqa: E731
+    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(300)], [(0,)], TrainConfig(epochs=20, lr=0.05))
+    model = factory()
+    model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = np.arange(0, 300, 15)  # 20 training examples used as queries
+    scores = daunce_scores(model, (X, y), (X[q], y[q]), K=40, epochs=5, lr=0.03, ratio=0.3)
+    assert scores.shape == (300, 20) and np.isfinite(scores).all()
+    top = scores.argmax(axis=0)
+    assert (ds.y_train[top] == ds.y_train[q]).mean() >= 0.8
+    # the most helpful example is usually the query itself
+    assert (top == q).mean() >= 0.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
