@@ -1,0 +1,133 @@
+"""LoGra for causal LMs through dattri's ``LoGraAttributor`` -- the LLM baseline of Figure 2.
+
+Why dattri: it is the maintained home of LoGra (LogIX, the authors' library, is not on PyPI;
+FACTS.md), it is already a dependency of the project's other baselines, and its gradient hooks
+work on any ``torch.nn.Linear`` -- including the ``lora_A``/``lora_B``/``base_layer`` Linear
+modules PEFT inserts, so it runs on plain and PEFT models alike on this torch (checked in
+``tests/test_llm_logra.py``). bergson (EleutherAI) also handles PEFT models but would be one more
+heavy dependency for the same method.
+
+What is projected. LoGra projects each Linear layer's per-example gradient
+``sum_t g_t x_t^T`` with a Kronecker pair of random Gaussian projections to
+``sqrt(proj_dim) x sqrt(proj_dim)`` (LogIX's LoRA-style projection: ``proj_dim = 64^2 = 4096``
+is "LoRA rank 64", the paper's setting, Appendix C), preconditions with the empirical Fisher of
+the projected training gradients (block-diagonal per layer, ``damping``), and scores
+``g_query^T F^-1 g_train``. Layers: every Linear of the transformer blocks (attention and MLP
+projections), not the output head (tied to the embeddings in small models; vocab-sized in big
+ones).
+
+The gradient is that of the same per-example loss DAUNCE records: the mean token NLL over the
+response tokens, so a query's gradient does not depend on which other queries share its batch.
+dattri's influence is the *negative* of a loss change; its sign convention, like ours, is
+positive = helpful (FACTS.md), so scores are written as they come.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from types import SimpleNamespace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["logra_scores", "linear_layer_names"]
+
+
+class _PerExampleLoss(nn.Module):
+    """Wraps a causal LM so that ``forward(**batch).loss`` is the sum of per-example mean NLLs."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels):  # noqa: D401
+        from ..llm import sequence_signal
+
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        return SimpleNamespace(loss=sequence_signal("loss", logits, labels).sum())
+
+
+def _train_loss(model, batch, device):
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
+def _keep_model(model, checkpoint):
+    return model
+
+
+def linear_layer_names(model: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the ``nn.Linear`` modules inside the transformer blocks (not the output head).
+
+    For a PEFT model these are the LoRA adapter's Linear modules and the wrapped base layers.
+    """
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in f".{name}" and "lm_head" not in name:
+            names.append(prefix + name)
+    if not names:
+        raise ValueError("LoGra: the model has no nn.Linear layers inside transformer blocks "
+                         "('.layers.' in the module name); pass layer names explicitly")
+    return names
+
+
+
+def logra_scores(
+    model: nn.Module,
+    train_enc: Sequence[dict],
+    query_enc: Sequence[dict],
+    *,
+    pad_id: int,
+    proj_dim: int = 4096,
+    damping: float | None = None,
+    hessian: str = "eFIM",
+    batch_size: int = 8,
+    layer_names: Sequence[str] | None = None,
+    device=None,
+) -> np.ndarray:
+    """LoGra scores ``[n_train, n_query]`` (positive = the training example helps the query).
+
+    Args:
+        model: theta_0 (a ``transformers`` causal LM, plain or PEFT-wrapped).
+        train_enc / query_enc: examples from :func:`daunce_core.llm.encode_examples`.
+        pad_id: padding token id.
+        proj_dim: projected dimension per layer, a perfect square (4096 = LoRA rank 64).
+        damping: damping of the Fisher inverse (None: dattri's default, 0.1 x mean eigenvalue).
+        hessian: ``"eFIM"`` (LoGra) or ``"Identity"`` (projected grad-dot).
+        batch_size: examples per backward pass.
+        layer_names: Linear modules to project (default :func:`linear_layer_names`).
+    """
+    from dattri.algorithm.logra import LoGraAttributor
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader
+
+    from ..llm import collate
+
+    device = str(device or next(model.parameters()).device)
+    wrapped = _PerExampleLoss(model).to(device)
+    wrapped.eval()
+    for p in wrapped.parameters():
+        p.requires_grad_(True)
+    names = list(layer_names) if layer_names else linear_layer_names(model, prefix="lm.")
+
+    def loader(enc):
+        return DataLoader(list(enc), batch_size=batch_size, shuffle=False,
+                          collate_fn=lambda items: collate(items, pad_id))
+
+    task = AttributionTask(loss_func=_train_loss, model=wrapped, checkpoints=wrapped.state_dict(),
+                           checkpoints_load_func=_keep_model)
+    # dattri writes batch_metadata.json to its cache folder (the working folder by default).
+    with tempfile.TemporaryDirectory(prefix="logra_") as cache:
+        attributor = LoGraAttributor(task=task, layer_names=names, hessian=hessian, damping=damping,
+                                     device=device, proj_dim=proj_dim, offload="cpu", cache_dir=cache)
+        torch.manual_seed(0)  # the random projections
+        attributor.cache(loader(train_enc))
+        scores = attributor.attribute(loader(train_enc), loader(query_enc))
+    scores = scores.detach().float().cpu().numpy()
+    if scores.shape != (len(train_enc), len(query_enc)):
+        raise RuntimeError(f"LoGra returned scores of shape {scores.shape}, expected "
+                           f"({len(train_enc)}, {len(query_enc)})")
+    return scores

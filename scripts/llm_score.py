@@ -1,0 +1,10 @@
+"""rule llm_score: DAUNCE scores of the LLM experiment (correlation or covariance across K)."""
+from daunce_core.llm import LLMSettings, score_losses
+from daunce_core.runner import run_script
+
+
+def main(sm):
+    score_losses(sm.input[0], sm.output[0], LLMSettings.from_config(sm.config).measure)
+
+
+run_script(snakemake, main)  # noqa: F821

@@ -1,0 +1,195 @@
+"""daunce_core.llm: response-only labels, the logit-space first-order term on sequences, LoRA
+perturbed fits (bit-reproducible per (seed, k)), full fine-tuning, settings and offline errors."""
+import numpy as np
+import pytest
+import torch
+
+from daunce_core import llm, objectives, textdata, tinylm
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    task = textdata.synthetic_task(n_ops=3, n_train=48, queries_per_op=4, skew=0.8)
+    texts = [e["prompt"] + e["response"] for e in task["train"] + task["query"]]
+    tok = tinylm.train_tokenizer(texts + ["1+2=3"], vocab_size=280)
+    model = tinylm.tiny_causal_lm(tok, arch="qwen2", hidden_size=32, num_layers=1, num_heads=2,
+                                  max_position_embeddings=32, seed=0)
+    return task, tok, model
+
+
+def test_labels_cover_only_the_response_and_eos(tiny):
+    task, tok, _ = tiny
+    ex = task["train"][0]
+    enc = llm.encode_examples(tok, [ex], max_length=32)[0]
+    p = tok(ex["prompt"])["input_ids"]
+    r = tok(ex["response"], add_special_tokens=False)["input_ids"]
+    assert enc["input_ids"] == p + r + [tok.eos_token_id]
+    assert enc["labels"] == [-100] * len(p) + r + [tok.eos_token_id]
+    batch = llm.collate(llm.encode_examples(tok, task["train"][:3], max_length=32), tok.pad_token_id)
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_truncation_keeps_part_of_the_response(tiny):
+    _, tok, _ = tiny
+    enc = llm.encode_examples(tok, [{"prompt": "1+2+3+4+5+6+7+8=", "response": "123456789"}], max_length=8)[0]
+    assert len(enc["input_ids"]) == 8
+    assert sum(l != -100 for l in enc["labels"]) >= 4
+
+
+def test_sequence_signal_is_mean_token_nll_over_the_response(tiny):
+    task, tok, model = tiny
+    enc = llm.encode_examples(tok, task["train"][:4], max_length=32)
+    batch = llm.collate(enc, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s = llm.sequence_signal("loss", logits, batch["labels"])
+    for b in range(4):
+        lab = batch["labels"][b, 1:]
+        m = lab != -100
+        ce = torch.nn.functional.cross_entropy(logits[b, :-1][m], lab[m])
+        assert torch.allclose(s[b], ce, atol=1e-5)
+    np.testing.assert_allclose(llm.per_example_signal(model, enc, pad_id=tok.pad_token_id, batch_size=3),
+                               s.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("signal", ["loss", "margin"])
+def test_first_order_term_is_the_directional_derivative(signal):
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 6, 11
+    logits0 = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    d = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :2] = -100
+    labels[1, 4:] = -100
+    eps = 1e-2  # the signals are computed in float32
+    s, s0, lin = llm.sequence_signal_terms(signal, (logits0 + eps * d), logits0, labels)
+    s_plus = llm.sequence_signal(signal, logits0 + eps * d, labels).double()
+    s_minus = llm.sequence_signal(signal, logits0 - eps * d, labels).double()
+    numeric = (s_plus - s_minus) / (2 * eps)
+    torch.testing.assert_close(lin.double() / eps, numeric, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(s0, llm.sequence_signal(signal, logits0, labels), rtol=1e-6, atol=1e-6)
+
+
+def test_objective_is_zero_at_theta0():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    for variant in objectives.WHITE_BOX:
+        obj = llm.sequence_objective(variant, logits, labels, logits0=logits.clone(), xi=torch.rand(2))
+        assert torch.allclose(obj, torch.zeros(2), atol=1e-6), variant
+
+
+def _fit_cfg(**kw):
+    base = dict(variant="daunce", lr=1e-2, steps=3, batch_size=8, micro_batch_size=4, rank=4, alpha=8,
+                ratio=0.5, seed=3, eval_batch_size=32)
+    base.update(kw)
+    return llm.LoraFitConfig(**base)
+
+
+def test_lora_fit_is_bit_reproducible_alone_or_in_a_chunk(tiny):
+    task, tok, model = tiny
+    tr = llm.encode_examples(tok, task["train"], max_length=32)
+    qu = llm.encode_examples(tok, task["query"], max_length=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _fit_cfg()
+    alone_tr, alone_q = llm.perturbed_losses(model, tr, qu, [2], cfg, pad_id=tok.pad_token_id)
+    chunk_tr, chunk_q = llm.perturbed_losses(model, tr, qu, [0, 1, 2], cfg, pad_id=tok.pad_token_id)
+    np.testing.assert_array_equal(alone_tr[0], chunk_tr[2])
+    np.testing.assert_array_equal(alone_q[0], chunk_q[2])
+    again_tr, _ = llm.perturbed_losses(model, tr, qu, [2], cfg, pad_id=tok.pad_token_id)
+    np.testing.assert_array_equal(alone_tr, again_tr)
+    assert not np.array_equal(chunk_tr[0], chunk_tr[2])  # models differ by k
+    # the base weights are untouched and no adapter is left behind
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    # the fit moved the losses away from theta_0's
+    theta0 = llm.per_example_signal(model, tr, pad_id=tok.pad_token_id)
+    assert np.abs(chunk_tr - theta0).max() > 1e-4
+
+
+def test_lora_fit_reproducible_for_black_box_and_margin_variants(tiny):
+    task, tok, model = tiny
+    tr = llm.encode_examples(tok, task["train"], max_length=32)
+    for variant in ("daunce_t", "daunce_bb"):
+        cfg = _fit_cfg(variant=variant, steps=2)
+        a, _ = llm.perturbed_losses(model, tr, tr[:3], [1], cfg, pad_id=tok.pad_token_id)
+        b, _ = llm.perturbed_losses(model, tr, tr[:3], [1], cfg, pad_id=tok.pad_token_id)
+        np.testing.assert_array_equal(a, b)
+        assert np.isfinite(a).all()
+
+
+def test_theta0_logits_come_from_the_disabled_adapter(tiny, monkeypatch):
+    """With the LoRA B matrices at zero, theta's logits equal theta_0's: the first objective is 0."""
+    task, tok, model = tiny
+    tr = llm.encode_examples(tok, task["train"], max_length=32)
+    seen = []
+    orig = llm.sequence_objective
+
+    def spy(variant, logits, labels, **kw):
+        seen.append((logits.detach().clone(), kw["logits0"].clone()))
+        return orig(variant, logits, labels, **kw)
+
+    monkeypatch.setattr(llm, "sequence_objective", spy)
+    llm.perturbed_fit(model, tr, 0, _fit_cfg(steps=2), pad_id=tok.pad_token_id)
+    first, first0 = seen[0]
+    torch.testing.assert_close(first, first0)
+    last, last0 = seen[-1]
+    assert (last - last0).abs().max() > 0  # after a step the adapter moves the logits
+
+
+def test_finetune_lowers_the_loss_and_is_seeded(tiny):
+    task, tok, _ = tiny
+    enc = llm.encode_examples(tok, task["train"], max_length=32)
+    cfg = llm.FinetuneConfig(lr=3e-3, batch_size=16, micro_batch_size=8, epochs=3, max_length=32)
+    outs = []
+    for _ in range(2):
+        m = tinylm.tiny_causal_lm(tok, arch="llama", hidden_size=32, num_layers=1, num_heads=2,
+                                  max_position_embeddings=32, seed=1)
+        before = llm.per_example_signal(m, enc, pad_id=tok.pad_token_id).mean()
+        llm.finetune(m, enc, cfg, pad_id=tok.pad_token_id, seed=0)
+        outs.append(llm.per_example_signal(m, enc, pad_id=tok.pad_token_id))
+    assert outs[0].mean() < before - 0.5
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_generate_and_check(tiny):
+    task, tok, model = tiny
+    correct, resp = llm.evaluate_answers(model, tok, "synthetic", task["query"][:5], max_new_tokens=3,
+                                         batch_size=4, max_length=32)
+    assert correct.shape == (5,) and len(resp) == 5 and all(isinstance(r, str) for r in resp)
+
+
+def test_settings_refuse_unknown_keys_and_bad_combinations():
+    with pytest.raises(ValueError, match="llm.daunce.rnk"):
+        llm.LLMSettings.from_config({"llm": {"daunce": {"rnk": 3}}})
+    with pytest.raises(ValueError, match="llm.colour"):
+        llm.LLMSettings.from_config({"llm": {"colour": 1}})
+    with pytest.raises(ValueError, match="generated"):
+        llm.LLMSettings.from_config({"llm": {"task": "ifeval", "model": "x", "query_target": "reference"}})
+    s = llm.LLMSettings.from_config({"llm": {"daunce": {"K": 5, "lr_grid": [1e-3, 1e-4], "rank": 4},
+                                             "resources": {"gpu": 1}}})
+    assert s.K == 5 and s.daunce.rank == 4 and s.lr_tags() == ["0.001", "0.0001"]
+
+
+def test_model_loading_offline_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(llm.ModelUnavailable, match="huggingface-cli download"):
+        llm.load_causal_lm("Qwen/Qwen2.5-7B")
+    with pytest.raises(llm.ModelUnavailable, match="offline"):
+        llm.load_tokenizer("Qwen/Qwen2.5-7B")
+
+
+def test_saved_tiny_model_reloads_with_the_same_tokenizer(tiny, tmp_path):
+    task, tok, model = tiny
+    llm.save_model(model, tok, tmp_path / "m")
+    tok2 = llm.load_tokenizer(str(tmp_path / "m"))
+    m2 = llm.load_causal_lm(str(tmp_path / "m"))
+    for ex in task["train"][:10]:
+        assert tok2(ex["prompt"] + ex["response"])["input_ids"] == tok(ex["prompt"] + ex["response"])["input_ids"]
+    enc = llm.encode_examples(tok, task["train"][:6], max_length=32)
+    np.testing.assert_allclose(llm.per_example_signal(m2, enc, pad_id=tok.pad_token_id),
+                               llm.per_example_signal(model, enc, pad_id=tok.pad_token_id), atol=1e-6)
