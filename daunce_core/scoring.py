@@ -95,39 +95,46 @@ def _standardise_kernel(x, out, correlation):  # pragma: no cover - compiled
 
     Correlation: divide by the column's norm (zero-variance columns become 0). Covariance:
     divide by sqrt(K-1), so a dot product of two columns is the unbiased covariance (eq. 6).
-    Statistics are accumulated in float64 whatever the input dtype.
+    Statistics are accumulated in float64 whatever the input dtype. ``x`` and ``out`` must be
+    C-contiguous: the loops run along contiguous row pieces so that they vectorise.
     """
     K, b = x.shape
     zero = 0
     bad = 0
     cov_scale = 1.0 / math.sqrt(K - 1) if K > 1 else 0.0
-    mean = np.empty(_STAT_CHUNK)
-    ssq = np.empty(_STAT_CHUNK)
+    mean_buf = np.empty(_STAT_CHUNK)
+    scale_buf = np.empty(_STAT_CHUNK)
     for lo in range(0, b, _STAT_CHUNK):
         w = min(b, lo + _STAT_CHUNK) - lo
-        mean[:w] = 0.0
-        ssq[:w] = 0.0
+        mean = mean_buf[:w]
+        scale = scale_buf[:w]
+        mean[:] = 0.0
+        scale[:] = 0.0
         for k in range(K):
+            row = x[k, lo:lo + w]
             for i in range(w):
-                mean[i] += x[k, lo + i]
+                mean[i] += row[i]
         for i in range(w):
             mean[i] /= K
         for k in range(K):
+            row = x[k, lo:lo + w]
             for i in range(w):
-                d = x[k, lo + i] - mean[i]
-                ssq[i] += d * d
-        for i in range(w):
-            if not math.isfinite(ssq[i]):
+                d = row[i] - mean[i]
+                scale[i] += d * d
+        for i in range(w):  # sum of squares -> scale
+            if not math.isfinite(scale[i]):
                 bad += 1
-                ssq[i] = 0.0
-            elif ssq[i] > 0.0:
-                ssq[i] = 1.0 / math.sqrt(ssq[i]) if correlation else cov_scale
+                scale[i] = 0.0
+            elif scale[i] > 0.0:
+                scale[i] = 1.0 / math.sqrt(scale[i]) if correlation else cov_scale
             else:
                 zero += 1
-                ssq[i] = 0.0
+                scale[i] = 0.0
         for k in range(K):
+            row = x[k, lo:lo + w]
+            dst = out[k, lo:lo + w]
             for i in range(w):
-                out[k, lo + i] = (x[k, lo + i] - mean[i]) * ssq[i]
+                dst[i] = (row[i] - mean[i]) * scale[i]
     return zero, bad
 
 
@@ -224,7 +231,8 @@ def _check_measure(measure: str) -> None:
 
 def _standardise(x: np.ndarray, measure: str, out: np.ndarray, ids: np.ndarray | None,
                  what: str, source: str = "") -> int:
-    """Standardise ``x`` [K, b] into ``out``; refuse NaN/inf naming ids; return zero-variance count."""
+    """Standardise ``x`` [K, b] into ``out``, refusing NaN/inf (naming ids); count zero variance."""
+    x = np.ascontiguousarray(x)  # a column block of a [K, n] array is a strided view
     n_zero, n_bad = _standardise_kernel(x, out, measure == "correlation")
     if n_bad:
         ids = np.arange(x.shape[1]) if ids is None else ids
@@ -234,7 +242,8 @@ def _standardise(x: np.ndarray, measure: str, out: np.ndarray, ids: np.ndarray |
     return int(n_zero)
 
 
-def _standardised(x: np.ndarray, measure: str, dtype, ids=None, what="", source="") -> tuple[np.ndarray, int]:
+def _standardised(x: np.ndarray, measure: str, dtype, ids=None, what="",
+                  source="") -> tuple[np.ndarray, int]:
     out = np.empty(x.shape, dtype)
     return out, _standardise(x, measure, out, ids, what, source)
 
@@ -295,13 +304,13 @@ def pairwise_scores(train, query, measure: str = "correlation") -> np.ndarray:
     zq, zero_q = _standardised(query, measure, np.float64, what="query")
     out = np.empty((n, m), np.float32)
     block = max(1, min(n, _DENSE_TEMP_BYTES // (8 * max(K, m))))
-    zt = np.empty((K, block))
+    zbuf = np.empty(K * block)
     zero_t = 0
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        w = hi - lo
-        zero_t += _standardise(train[:, lo:hi], measure, zt[:, :w], np.arange(lo, hi), "training")
-        out[lo:hi] = zt[:, :w].T @ zq
+        zt = zbuf[:K * (hi - lo)].reshape(K, hi - lo)
+        zero_t += _standardise(train[:, lo:hi], measure, zt, np.arange(lo, hi), "training")
+        out[lo:hi] = zt.T @ zq
     _warn_zero(zero_t, zero_q, measure)
     return out
 
@@ -311,7 +320,8 @@ def _lam_vector(lam, m: int) -> np.ndarray:
     if lam_v.ndim == 0:
         lam_v = np.full(m, float(lam_v))
     if lam_v.shape != (m,):
-        raise ValueError(f"lambda must be a float or one value per query ({m}), got shape {lam_v.shape}")
+        raise ValueError(f"lambda must be a float or one value per query ({m}), "
+                         f"got shape {lam_v.shape}")
     if not np.all(np.isfinite(lam_v)) or np.any(lam_v < 0):
         raise ValueError("lambda must be finite and non-negative")
     return lam_v
@@ -418,6 +428,8 @@ def _align(block: int, chunk: int | None, n: int) -> int:
 
 
 def _validate_k(k, n: int) -> int:
+    if n < 1:
+        raise ValueError("top-k of an empty training set: the losses have n=0 examples")
     if k is None or int(k) < 1:
         raise ValueError(f"top-k needs k >= 1, got {k!r}")
     return min(int(k), n)
@@ -477,7 +489,7 @@ class _TopKScorer:
         self.pool.shutdown(wait=True)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """``indices`` [m, k] int64 and ``values`` [m, k] float32, best first (ties: lower index)."""
+        """``indices`` [m, k] int64 and ``values`` [m, k] float32, best first; ties: lower index."""
         lanes, m, k = self.values.shape
         vals = self.values.transpose(1, 0, 2).reshape(m, lanes * k)
         idx = self.indices.transpose(1, 0, 2).reshape(m, lanes * k)
@@ -643,7 +655,8 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
         method = f.attrs.get("variant", "daunce")
         attrs = {"method": method.decode() if isinstance(method, bytes) else str(method),
                  "measure": measure, "threshold": threshold, "K": K,
-                 "lambda": float(lam_v[0]) if np.ndim(lam) == 0 else lam_v.tolist(),
+                 "lambda": (0.0 if kind == "none" else float(lam_v[0]) if np.ndim(lam) == 0
+                            else lam_v.tolist()),
                  "zero_variance_query": zero_q}
         chunk = ds.chunks[1] if ds.chunks else None
         if topk is None and 4 * n * m <= memory_gb * 2**30:

@@ -162,7 +162,8 @@ finite = st.floats(-10, 10, allow_nan=False, width=32)
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 5), st.data())
 def test_soft_and_hard_match_definitions(n, m, data):
-    s = np.array(data.draw(st.lists(finite, min_size=n * m, max_size=n * m)), np.float32).reshape(n, m)
+    values = data.draw(st.lists(finite, min_size=n * m, max_size=n * m))
+    s = np.array(values, np.float32).reshape(n, m)
     lam = data.draw(st.one_of(st.floats(0, 5), st.lists(st.floats(0, 5), min_size=m, max_size=m)))
     for kind in ("soft", "hard"):
         out = threshold_scores(s, kind, lam)
@@ -220,7 +221,8 @@ def test_topk_matches_reference(K, n, m, k, threshold, lam, small_blocks):
         assert_topk(idx, val, R, min(k, n), tol=1e-5 * np.abs(R).max())
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(K=st.integers(2, 6), n=st.integers(1, 300), m=st.integers(1, 4), k=st.integers(1, 20),
        seed=st.integers(0, 2**16), kind=st.sampled_from(["none", "soft", "hard"]))
 def test_topk_property(K, n, m, k, seed, kind, small_blocks):
@@ -337,6 +339,24 @@ def test_score_file_nan_names_ids_and_writes_nothing(tmp_path, small_blocks, top
     with pytest.raises(store.StoreError, match=r"first ids: 1300\b"):
         score_file(tmp_path / "l.h5", tmp_path / "s.h5", topk=topk)
     assert sorted(os.listdir(tmp_path)) == ["l.h5"], "no output file, no temporary left behind"
+
+
+def test_streaming_zero_variance(tmp_path, small_blocks):
+    rng = np.random.default_rng(11)
+    train, query = losses(rng, 5, 300, 3)
+    train[:, [10, 200]] = 1.5
+    query[:, 2] = 0.0
+    with pytest.warns(RuntimeWarning, match="2 training and 1 query example"):
+        idx, val = topk_scores(train, query, 4)
+    assert np.isfinite(val).all() and np.all(val[2] == 0)
+    assert_topk(idx, val, ref_scores(train, query), 4, tol=1e-5)
+    write_losses_file(tmp_path / "l.h5", train, query)
+    with pytest.warns(RuntimeWarning, match="2 training and 1 query example"):
+        score_file(tmp_path / "l.h5", tmp_path / "s.h5")
+    s = store.read_scores(tmp_path / "s.h5")
+    assert s["attrs"]["zero_variance_train"] == 2 and s["attrs"]["zero_variance_query"] == 1
+    assert s["attrs"]["lambda"] == 0.0 and np.isfinite(s["scores"]).all()
+    assert np.all(s["scores"][[10, 200]] == 0) and np.all(s["scores"][:, 2] == 0)
 
 
 def test_score_file_mismatched_k(tmp_path):
