@@ -10,5 +10,11 @@ rule base:
     benchmark:
         "results/{experiment}/benchmarks/base.tsv"
     threads: 2
+    resources:
+        # a GPU only when config device is cuda; memory and minutes sized for the embedded
+        # default -- profiles/slurm's set-resources sets the paper-scale values
+        gpu=gpu_request,
+        mem_mb=4000,
+        runtime=60,
     script:
         "../../scripts/base.py"

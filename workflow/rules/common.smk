@@ -31,6 +31,17 @@ def exp_config():
     return CFG
 
 
+def gpu_request(wildcards):
+    """GPUs a training job (base, perturbed_chunk, lds_chunk) asks the scheduler for.
+
+    One when the config's ``device`` is CUDA (``config/paper/*.yaml``), none otherwise: the
+    embedded default (``device: auto``) requests no GPU, so it runs on a CPU-only SLURM node.
+    The trainers read the same key (``daunce_core.utils.pick_device``), so a job never asks for
+    a GPU it will not use, and ``device: cuda`` fails loudly on a node without one.
+    """
+    return 1 if CFG.device.startswith("cuda") else 0
+
+
 def daunce_chunk_files(wildcards):
     n = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
     return expand(

@@ -14,6 +14,12 @@ rule perturbed_chunk:
     params:
         lrs=LR_TAGS,
     threads: 2
+    resources:
+        # a GPU only when config device is cuda; memory and minutes sized for the embedded
+        # default -- profiles/slurm's set-resources sets the paper-scale values
+        gpu=gpu_request,
+        mem_mb=4000,
+        runtime=60,
     script:
         "../../scripts/daunce_chunk.py"
 

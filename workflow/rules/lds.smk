@@ -9,6 +9,12 @@ rule lds_chunk:
     benchmark:
         "results/{experiment}/benchmarks/lds/{split}/chunk{chunk}.tsv"
     threads: 2
+    resources:
+        # a GPU only when config device is cuda; memory and minutes sized for the embedded
+        # default -- profiles/slurm's set-resources sets the paper-scale values
+        gpu=gpu_request,
+        mem_mb=4000,
+        runtime=60,
     script:
         "../../scripts/lds_chunk.py"
 

@@ -1,0 +1,228 @@
+"""Gradient dot product, TracIn and LoGra through ``dattri``.
+
+* ``graddot``: ``TracInAttributor`` on theta_0 alone with weight 1, unnormalised gradients and the
+  identity projection -- ``<grad L_i(theta_0), grad f_q(theta_0)>`` (dattri's Grad-Dot).
+* ``tracin``: ``TracInAttributor`` over ``baselines.tracin.checkpoints`` checkpoints of theta_0's
+  own training run, each weighted by the mean learning rate of the steps it closes (TracInCP,
+  Pruthi et al. 2020). The base rule keeps no checkpoints, so the rule *replays* the base recipe
+  (same seed, same data order: the same trajectory) and snapshots the parameters with a
+  ``torch.optim`` step hook; the last snapshot must equal theta_0 read from disk, or the rule
+  stops (:func:`replay_checkpoints`). For models with BatchNorm the snapshots carry theta_0's final
+  BatchNorm statistics (the optimiser does not see buffers).
+* ``logra``: ``LoGraAttributor`` (Choe et al., 2024) on every ``Linear`` layer (dattri's default;
+  ``Conv2d`` layers too for ResNet-9), each layer's gradient projected to ``rank x rank`` numbers
+  (``baselines.logra.rank``; the paper's 128) and preconditioned by the inverse empirical Fisher of
+  the projected gradients. dattri fixes LoGra's query function to the cross-entropy, averaged over
+  the query batch: the adapter multiplies each query batch back by its size, so ``measurement``
+  does not apply to LoGra (recorded in the file's attributes).
+
+For graddot and TracIn the training function is the per-example cross-entropy and the target is
+``baselines.measurement`` in loss-like orientation (:func:`~daunce_core.baselines.query_value`),
+so dattri's positive scores mean "helpful" (tested). dattri returns [n_train, n_test]: our layout.
+
+dattri pitfalls handled (FACTS.md): ``TracInAttributor`` merges its ``projector_kwargs`` into a
+module-level dict that leaks into later instances -- the adapter restores it; LoGra writes
+``batch_metadata.json`` to the working folder unless given a ``cache_dir`` -- it gets the rule's
+scratch folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import BaselinesConfig, Problem, dir_bytes, query_value, train_loss
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return f"dattri {version('dattri')}"
+
+
+def _functions(model, measurement: str):
+    """(loss_func, target_func) in dattri's ``f(params, data)`` form for one unbatched example."""
+    from torch.func import functional_call
+
+    def loss_func(params, data):
+        x, y = data
+        return train_loss(functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)).sum()
+
+    def target_func(params, data):
+        x, y = data
+        return query_value(functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0), measurement).sum()
+
+    return loss_func, target_func
+
+
+@contextlib.contextmanager
+def _restored_projector_defaults():
+    """dattri's TracInAttributor mutates a module-level dict of projector settings; undo it."""
+    from dattri.algorithm import tracin as _tracin
+
+    saved = dict(_tracin.DEFAULT_PROJECTOR_KWARGS)
+    try:
+        yield
+    finally:
+        _tracin.DEFAULT_PROJECTOR_KWARGS.clear()
+        _tracin.DEFAULT_PROJECTOR_KWARGS.update(saved)
+
+
+def _tracin(problem: Problem, bcfg: BaselinesConfig, checkpoints: list[dict], weights: list[float]) -> np.ndarray:
+    import torch
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    model = copy.deepcopy(problem.model).eval()
+    loss_func, target_func = _functions(model, bcfg.measurement)
+    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=checkpoints, target_func=target_func)
+    with _restored_projector_defaults():
+        attributor = TracInAttributor(task=task, weight_list=torch.tensor(weights, dtype=torch.float32),
+                                      normalized_grad=False,
+                                      projector_kwargs={"proj_type": "identity", "device": str(problem.device)},
+                                      device=str(problem.device))
+        attributor.projector_kwargs = dict(attributor.projector_kwargs)
+    scores = attributor.attribute(problem.loader("train", bcfg.batch_size), problem.loader("query", bcfg.batch_size))
+    return scores.detach().cpu().numpy()
+
+
+def graddot_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
+    state = {k: v.detach().clone() for k, v in problem.model.state_dict().items()}
+    scores = _tracin(problem, bcfg, [state], [1.0])
+    p = problem.num_params()
+    return scores, {
+        "library": _version(), "attributor": "TracInAttributor", "checkpoints": 1, "weights": [1.0],
+        "normalized_grad": False, "projection": "identity",
+        "bytes_per_example": 4 * p, "shared_bytes": 0,
+        "storage": f"the full training gradient ({p} float32) per example, or recomputed per query batch",
+    }
+
+
+def replay_checkpoints(problem: Problem, n_checkpoints: int) -> tuple[list[dict], list[float], dict]:
+    """Re-run the base recipe of theta_0 and snapshot the parameters at evenly spaced steps.
+
+    Returns ``(states, weights, info)``: ``n_checkpoints`` state dicts (the last is the end of
+    training), the mean learning rate of the steps each snapshot closes, and the replay's
+    agreement with theta_0 on disk. Raises if the replay does not reproduce theta_0.
+    """
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from .. import ensemble as E
+    from ..perturb import batch_order
+    from ..pipeline import _factory
+
+    cfg, ds = problem.cfg, problem.ds
+    key = (cfg.base.seed, 0, 0, 11)  # pipeline.train_base's key for theta_0
+    total = batch_order(key, np.arange(ds.n), cfg.base.epochs, cfg.base.batch_size).shape[0]
+    if n_checkpoints > total:
+        raise ValueError(f"baselines.tracin.checkpoints={n_checkpoints} exceeds the {total} steps of the base recipe")
+    ends = sorted({max(1, round(total * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)})
+    lrs: list[float] = []
+    snaps: dict[int, list[torch.Tensor]] = {}
+
+    def hook(optimizer, args, kwargs):
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        if len(lrs) in ends:
+            snaps[len(lrs)] = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+
+    X, y = problem.tensors("train")
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        net, params, buffers = E.fit_from_scratch(_factory(cfg, ds), X, y, [np.arange(ds.n)], [key], cfg.base,
+                                                  augment=cfg.base.augment)
+    finally:
+        handle.remove()
+    if len(lrs) != total or set(snaps) != set(ends):
+        raise RuntimeError(f"tracin: the replay took {len(lrs)} optimiser steps, expected {total}")
+    names = list(params)  # the optimiser's parameter order (ensemble.train_stacked keeps it)
+    final = snaps[ends[-1]]
+    if len(final) != len(names) or not all(torch.equal(a, params[k]) for a, k in zip(final, names)):
+        raise RuntimeError("tracin: the optimiser's parameters do not match the trained model's; "
+                           "ensemble.train_stacked changed how it builds its optimiser")
+    buf = {k: v[0] for k, v in buffers.items()}
+    states, weights, start = [], [], 0
+    for end in ends:
+        states.append({**{k: t[0].detach().clone() for k, t in zip(names, snaps[end])}, **buf})
+        weights.append(float(np.mean(lrs[start:end])))
+        start = end
+    ref = problem.state
+    num = math.sqrt(sum(float(((states[-1][k] - ref[k].to(states[-1][k])) ** 2).sum()) for k in names))
+    den = math.sqrt(sum(float((ref[k] ** 2).sum()) for k in names))
+    rel = num / max(den, 1e-30)
+    if rel > 1e-3:
+        raise RuntimeError(f"tracin: replaying the base recipe gives parameters {rel:.2e} (relative) away from "
+                           "theta_0 on disk; the checkpoints would not lie on theta_0's trajectory -- rerun "
+                           "the base rule with the current code and config")
+    info = {"steps": total, "checkpoint_steps": ends, "replay_rel_diff": rel,
+            "batchnorm_buffers": "final" if buf else "none"}
+    log.info("tracin: replayed %d steps; checkpoints after steps %s; lr weights %s; |replay - theta_0|/|theta_0| = %.1e",
+             total, ends, [f"{w:.4g}" for w in weights], rel)
+    del net
+    return states, weights, info
+
+
+def tracin_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
+    states, weights, info = replay_checkpoints(problem, bcfg.tracin.checkpoints)
+    scores = _tracin(problem, bcfg, states, weights)
+    p = problem.num_params()
+    C = len(states)
+    return scores, {
+        "library": _version(), "attributor": "TracInAttributor", "checkpoints": C, "weights": weights,
+        "normalized_grad": False, "projection": "identity", **info,
+        "bytes_per_example": 4 * p * C, "shared_bytes": 4 * p * C,
+        "storage": f"the {C} checkpoints ({p} float32 each); per example {C} training gradients "
+                   f"({p} float32 each) if cached, else recomputed per query batch",
+    }
+
+
+def logra_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
+    import torch
+    from dattri.algorithm.logra import LoGraAttributor
+    from dattri.task import AttributionTask
+    from torch import nn
+
+    lc = bcfg.logra
+    model = copy.deepcopy(problem.model).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    layers = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+
+    def loss_func(model, batch, device):  # LoGra's signature: a plain forward on the batch
+        x, y = batch
+        return train_loss(model(x.to(device)), y.to(device)).sum()
+
+    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=state)
+    torch.manual_seed(lc.seed)
+    attributor = LoGraAttributor(task=task, layer_names=layers, hessian="eFIM", damping=lc.damping,
+                                 device=str(problem.device), proj_dim=lc.rank * lc.rank, offload="cpu",
+                                 cache_dir=str(workdir))
+    train = problem.loader("train", bcfg.batch_size)
+    query = problem.loader("query", bcfg.batch_size)
+    with warnings.catch_warnings():
+        # dattri asks its gradient loaders for pin_memory=True, which warns on a CPU-only machine
+        warnings.filterwarnings("ignore", message=r".*pin_memory.*", category=UserWarning)
+        attributor.cache(train)
+        scores = attributor.attribute(train, query).detach().cpu().numpy()
+    # dattri's query gradient is of the batch-mean cross-entropy: undo the 1/batch-size
+    sizes = np.concatenate([np.full(len(yb), len(yb), np.float64) for _, yb in query])
+    scores = scores * sizes[None, :]
+    dims = list(attributor.layer_dims or [])
+    per_example = 4 * int(sum(dims))
+    return scores, {
+        "library": _version(), "attributor": "LoGraAttributor", "rank": lc.rank, "proj_dim_per_layer": lc.rank ** 2,
+        "layers": layers, "layer_dims": dims, "hessian": "eFIM",
+        "damping": "dattri default (1e-5 x mean eigenvalue)" if lc.damping is None else lc.damping,
+        "measurement": "loss (dattri's LoGra fixes the query function to the cross-entropy)",
+        "bytes_per_example": per_example,
+        "shared_bytes": 4 * int(sum(d * d for d in dims)),
+        "disk_bytes": dir_bytes(workdir),
+        "storage": f"projected, preconditioned gradient: {len(layers)} layers x {lc.rank}x{lc.rank} float32 "
+                   "per example; one eFIM inverse per layer",
+    }

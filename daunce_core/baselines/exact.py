@@ -1,0 +1,198 @@
+"""Exact influence functions (Koh & Liang, 2017) for models small enough: the upper reference.
+
+theta_0 minimises (approximately) the training objective of the base recipe,
+
+    J(theta) = 1/n sum_i L_i(theta) + wd/2 ||theta||^2      (``base.weight_decay``; torch's SGD
+                                                           decays every parameter),
+
+so up-weighting training example i moves theta_0 by ``-H^-1 grad L_i / n`` and changes the query
+function ``q_j`` (loss-like: ``-margin`` or the loss, ``baselines.measurement``) by
+``-grad q_j^T H^-1 grad L_i / n``. The score "i helps j" is therefore
+
+    s_ij = grad L_i(theta_0)^T (H + lambda I)^-1 grad q_j(theta_0)
+
+with ``H`` the full Hessian of J (``curvature: hessian``) or its Gauss-Newton / Fisher matrix
+``1/n sum_i J_i^T (diag p_i - p_i p_i^T) J_i + wd I`` (``curvature: ggn``), built exactly in float64
+from per-example Jacobians and Hessian-vector products: no projection, no Kronecker factoring, no
+iterative solver. The damping ``lambda`` is picked from ``baselines.exact_if.damping_grid`` by LDS on
+the *selection* masks (never the test masks), as DAUNCE's learning rate is: a network's Hessian at
+an SGD solution is indefinite (FACTS.md), so no single damping is right a priori. The whole grid
+costs one Cholesky factorisation per value.
+
+Memory is p^2 float64 numbers (p = number of parameters): the rule refuses models above
+``baselines.exact_if.max_params``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import BaselinesConfig, Problem, query_value, train_loss
+
+log = logging.getLogger(__name__)
+
+
+def _flat(problem: Problem, dtype):
+    """theta_0 as one flat float64 vector, and a function from such vectors to parameter dicts."""
+    import torch
+
+    model = problem.model
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [int(np.prod(s)) for s in shapes]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()]).to(dtype)
+    buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.named_buffers()}
+
+    def unflatten(flat):
+        return {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+
+    return theta, unflatten, buffers
+
+
+def _forward(problem: Problem, unflatten, buffers):
+    from torch.func import functional_call
+
+    model = problem.model
+
+    def logits(flat, x):
+        return functional_call(model, (unflatten(flat), buffers), (x,))
+
+    return logits
+
+
+def per_example_grads(problem: Problem, which: str, measurement: str = "margin", chunk: int = 250,
+                      dtype=None) -> np.ndarray:
+    """Per-example gradients at theta_0 in float64: ``which="train"`` -> grad L_i [n, p];
+    ``which="query"`` -> grad q_j [m, p] (q = loss-like measurement)."""
+    import torch
+    from torch.func import grad, vmap
+
+    dtype = dtype or torch.float64
+    theta, unflatten, buffers = _flat(problem, dtype)
+    logits = _forward(problem, unflatten, buffers)
+    X, y = problem.tensors(which, dtype=dtype)
+
+    def one(flat, x, t):
+        out = logits(flat, x.unsqueeze(0))
+        if which == "train":
+            return train_loss(out, t.unsqueeze(0)).sum()
+        return query_value(out, t.unsqueeze(0), measurement).sum()
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))
+    return torch.cat([g(theta, X[i:i + chunk], y[i:i + chunk]) for i in range(0, len(y), chunk)]).cpu().numpy()
+
+
+def curvature_matrix(problem: Problem, curvature: str, weight_decay: float, chunk: int = 128) -> np.ndarray:
+    """H of the training objective at theta_0 in float64, [p, p] (``hessian`` or ``ggn``)."""
+    import torch
+    from torch.func import grad, jacrev, jvp, vmap
+
+    dtype = torch.float64
+    theta, unflatten, buffers = _flat(problem, dtype)
+    logits = _forward(problem, unflatten, buffers)
+    X, y = problem.tensors("train", dtype=dtype)
+    n, p = len(y), theta.numel()
+    if curvature == "hessian":
+        def objective(flat):
+            return train_loss(logits(flat, X), y).mean()
+
+        g = grad(objective)
+
+        def hvp(v):
+            return jvp(g, (theta,), (v,))[1]
+
+        eye = torch.eye(p, dtype=dtype, device=theta.device)
+        H = torch.cat([vmap(hvp)(eye[i:i + chunk]) for i in range(0, p, chunk)])
+        H = 0.5 * (H + H.T)  # symmetric up to rounding
+    elif curvature == "ggn":
+        from scipy.linalg.blas import dsyrk
+
+        def one_logits(flat, x):
+            return logits(flat, x.unsqueeze(0))[0]
+
+        jac = vmap(jacrev(one_logits), in_dims=(None, 0))
+        Hn = np.zeros((p, p), order="F")  # upper triangle accumulated by BLAS syrk (half a GEMM)
+        for i in range(0, n, chunk):
+            xb = X[i:i + chunk]
+            J = jac(theta, xb)  # [b, C, p]
+            prob = torch.softmax(logits(theta, xb), dim=-1)  # [b, C]
+            sq = prob.sqrt()
+            # diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T
+            S = torch.diag_embed(sq) - prob.unsqueeze(-1) * sq.unsqueeze(-2)  # [b, C, C]
+            R = torch.einsum("bck,bcp->bkp", S, J).reshape(-1, p).cpu().numpy()
+            Hn = dsyrk(1.0, R.T, beta=1.0, c=Hn, overwrite_c=1)
+        Hn = np.triu(Hn)
+        Hn = (Hn + np.triu(Hn, 1).T) / n
+        H = torch.from_numpy(Hn)
+    else:
+        raise ValueError(f"unknown curvature {curvature!r}; 'hessian' or 'ggn'")
+    H = H.cpu().numpy()
+    H[np.diag_indices(p)] += weight_decay
+    return H
+
+
+def influence(G_train: np.ndarray, G_query: np.ndarray, H: np.ndarray, damping: float) -> np.ndarray | None:
+    """``G_train (H + damping I)^-1 G_query^T`` by a Cholesky solve, [n, m]; ``None`` when
+    ``H + damping I`` is not positive definite (no influence function then)."""
+    import scipy.linalg
+
+    A = H + damping * np.eye(len(H))
+    try:
+        factor = scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    return G_train @ scipy.linalg.cho_solve(factor, G_query.T, check_finite=False)
+
+
+def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
+    from .. import lds as L
+    from .. import store
+    from ..pipeline import thresholded
+
+    ec = bcfg.exact_if
+    p = problem.num_params()
+    if p > ec.max_params:
+        raise ValueError(f"exact_if: the model has {p} parameters; the exact curvature ({p}^2 float64 = "
+                         f"{8 * p * p / 2**30:.1f} GiB) is refused above baselines.exact_if.max_params="
+                         f"{ec.max_params}. Drop exact_if from baselines.methods for this model.")
+    wd = float(problem.cfg.base.weight_decay)
+    G_train = per_example_grads(problem, "train")
+    G_query = per_example_grads(problem, "query", bcfg.measurement)
+    H = curvature_matrix(problem, ec.curvature, wd)
+    grid = sorted(float(d) for d in ec.damping_grid)
+    gt = None
+    if len(grid) > 1:
+        if select_gt is None:
+            raise ValueError("exact_if: several dampings in baselines.exact_if.damping_grid but no selection "
+                             "ground truth to choose among them; pass select_gt or give a single damping")
+        gt = store.read_ground_truth(select_gt) if not isinstance(select_gt, dict) else select_gt
+        if gt["attrs"].get("split") != "select":
+            raise store.StoreError(f"{select_gt}: not the selection split; refusing to tune on test masks")
+    table, best, best_scores = [], None, None
+    for d in grid:
+        s = influence(G_train, G_query, H, d)
+        if s is None:  # a network's Hessian at an SGD solution is indefinite
+            table.append({"damping": d, "lds_select": None, "skipped": "H + damping I not positive definite"})
+            log.info("exact_if damping=%g: H + damping I is not positive definite, skipped", d)
+            continue
+        v = None
+        if gt is not None:
+            v = float(L.per_query_lds(thresholded(s.astype(np.float32), problem.cfg.lds.threshold),
+                                      gt["masks"], gt["outputs"]).mean())
+            log.info("exact_if damping=%g: selection LDS %.4f", d, v)
+        table.append({"damping": d, "lds_select": v})
+        if best is None or (v is not None and v > best[1]):
+            best, best_scores = (d, v), s
+    if best is None:
+        raise ValueError(f"exact_if: every damping in baselines.exact_if.damping_grid={grid} leaves H + damping I "
+                         "indefinite; add larger values")
+    return best_scores, {
+        "library": "daunce (torch.func + scipy.linalg Cholesky, float64)",
+        "curvature": ec.curvature, "weight_decay": wd, "damping": best[0],
+        "damping_grid": table, "selected_on": "select masks" if gt is not None else "single value",
+        "num_params": p,
+        "bytes_per_example": 8 * p, "shared_bytes": 8 * p * p,
+        "storage": f"the exact training gradient ({p} float64) per example and the {p}x{p} float64 "
+                   "curvature (its Cholesky factor), all in memory",
+    }

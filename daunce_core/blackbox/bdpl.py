@@ -1,0 +1,219 @@
+"""Strict black-box access (Section 5): each perturbed "model" is a discrete prompt learned by BDPL.
+
+Black-box Discrete Prompt Learning (Diao et al., 2023) adapts a model it can only query. A prompt
+of ``prompt_length`` positions is drawn from independent categorical distributions
+``p_i`` over a shared list of ``search_space`` candidate n-grams (taken from the training prompts,
+ranked by PMI, as in BDPL). Perturbed model ``k`` is theta_0 with the prompt learned on ``D^k``
+alone, from the endpoint's log-probabilities (no gradients, no fine-tuning):
+
+* per step, a minibatch of ``batch_size`` examples of ``D^k`` and ``sample_size`` (I) prompts
+  ``S^1..S^I ~ p``; the objective of each prompt is the batch mean of the Table 2 objective
+  (``daunce_bb``: the NLL ``L``; ``daunce_e_bb``: ``L^2 / 2``; ``daunce_t_bb``: ``f^2 / 2`` with the
+  margin ``f = log p / (1 - p)``, ``p = exp(-L)``), read with :func:`.logprobs.score_target`;
+* the variance-reduced policy gradient (BDPL, eq. 7), a REINFORCE estimator whose baseline is the
+  mean objective of the I samples::
+
+      g_i = 1/(I-1) * sum_s (F(S^s) - mean_t F(S^t)) * grad_{p_i} log p_i[S^s_i],
+      grad_{p_i} log p_i[j] = e_j / p_i[j];
+
+* an Adam step of size ``lr`` on the probabilities (gradient norm clipped to ``grad_clip``), then
+  the Euclidean projection of every ``p_i`` back onto the probability simplex.
+
+After ``epochs`` passes over ``D^k`` the prompt is each position's most likely n-gram (ties, as
+in positions a short run never updated, broken at random with model k's generator). The
+losses of every training and query example under the prompt are model k's row of the losses
+file, exactly as for a fine-tuned model. Random numbers of model k come from
+``default_rng([seed, k, 3, epoch])``; the state is checkpointed after every epoch, so an
+interrupted run resumes at the last finished epoch of the model it was learning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..objectives import perturbed_objective, signal_of
+from ..store import atomic_path
+from .client import APIClient
+from .logprobs import LogprobSettings, score_target
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+def candidate_ngrams(texts: Sequence[str], size: int, *, max_n: int = 2, min_count: int = 2,
+                     exclude: Sequence[str] = ()) -> list[str]:
+    """``size`` prompt candidates from ``texts``: unigrams and bigrams ranked by frequency and PMI.
+
+    A unigram scores ``log count``; a bigram ``log count + PMI`` with
+    ``PMI = log(c(ab) N / (c(a) c(b)))`` -- frequent words and strongly associated word pairs, as
+    BDPL's n-gram vocabulary. Words in ``exclude`` (case-insensitive) never appear.
+    """
+    bad = {w.lower() for w in exclude}
+    uni: Counter = Counter()
+    bi: Counter = Counter()
+    for t in texts:
+        words = [w.lower() for w in _WORD.findall(t)]
+        uni.update(w for w in words if w not in bad)
+        if max_n >= 2:
+            bi.update((a, b) for a, b in zip(words, words[1:]) if a not in bad and b not in bad)
+    N = max(1, sum(uni.values()))
+    scored: list[tuple[float, str]] = []
+    for w, c in uni.items():
+        if c >= min_count:
+            scored.append((math.log(c), w))
+    for (a, b), c in bi.items():
+        if c >= min_count:
+            scored.append((math.log(c) + math.log(c * N / (uni[a] * uni[b])), f"{a} {b}"))
+    scored.sort(key=lambda x: (-x[0], x[1]))
+    out = [s for _, s in scored[:size]]
+    if len(out) < size:
+        raise ValueError(f"only {len(out)} prompt candidates in the training prompts; lower bdpl.search_space")
+    return out
+
+
+def project_simplex(p: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``p`` onto the probability simplex (in place)."""
+    n = p.shape[-1]
+    u, _ = torch.sort(p, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1.0
+    idx = torch.arange(1, n + 1, dtype=p.dtype, device=p.device)
+    cond = u - css / idx > 0
+    rho = cond.to(p.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(p.dtype)
+    p.copy_((p - theta).clamp_min(0.0))
+    return p
+
+
+def argmax_random_ties(p: np.ndarray, rng: np.random.Generator, tol: float = 1e-12) -> np.ndarray:
+    """Most likely candidate of each position; ties (e.g. positions never updated) broken at random."""
+    out = np.empty(p.shape[0], np.int64)
+    for i, row in enumerate(p):
+        best = np.flatnonzero(row >= row.max() - tol)
+        out[i] = best[rng.integers(best.size)]
+    return out
+
+
+def with_prompt(messages: Sequence[dict], prompt: str, placement: str = "prefix") -> list[dict]:
+    """``messages`` with the discrete prompt prepended to the user turn (or as a system message)."""
+    msgs = [dict(m) for m in messages]
+    if not prompt:
+        return msgs
+    if placement == "system":
+        return [{"role": "system", "content": prompt}] + msgs
+    for m in msgs:
+        if m["role"] == "user":
+            m["content"] = f"{prompt}\n{m['content']}"
+            break
+    return msgs
+
+
+def margin_from_nll(nll: np.ndarray | float) -> np.ndarray:
+    """TRAK's margin ``log p / (1 - p)`` of a sequence with NLL ``L`` (``p = exp(-L)``), clipped."""
+    L = np.maximum(np.asarray(nll, float), 1e-12)
+    return -L - np.log(-np.expm1(-L))
+
+
+@dataclass
+class BDPLSettings:
+    epochs: int = 20
+    batch_size: int = 4
+    prompt_length: int = 50
+    lr: float = 1e-3
+    sample_size: int = 10
+    search_space: int = 20
+    grad_clip: float = 3.0
+    placement: str = "prefix"
+
+
+class BDPL:
+    """Learns the discrete prompt of one perturbed model against a chat completions endpoint."""
+
+    def __init__(self, client: APIClient, model: str, candidates: Sequence[str], settings: BDPLSettings,
+                 logprobs: LogprobSettings, variant: str = "daunce_bb"):
+        if settings.sample_size < 2:
+            raise ValueError("BDPL needs sample_size >= 2")
+        self.c, self.model, self.cands = client, model, list(candidates)
+        self.s, self.lp, self.variant = settings, logprobs, variant
+        self.signal = signal_of(variant)
+
+    def prompt_text(self, idx: Sequence[int]) -> str:
+        return " ".join(self.cands[int(i)] for i in idx)
+
+    def nll(self, rows: Sequence[dict], prompts: Sequence[str], pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+        """NLL of each row's target under each prompt: [len(prompts), len(rows)] (concurrent requests)."""
+        pairs = [(p, r) for p in prompts for r in rows]
+
+        def one(pr: tuple[str, dict]) -> float:
+            p, r = pr
+            return score_target(self.c, self.model, with_prompt(r["messages"], p, self.s.placement),
+                                r["target"], self.lp).nll
+        vals = list(pool.map(one, pairs)) if pool is not None else [one(pr) for pr in pairs]
+        return np.asarray(vals, float).reshape(len(prompts), len(rows))
+
+    def signal_of_nll(self, nll: np.ndarray) -> np.ndarray:
+        return nll if self.signal == "loss" else margin_from_nll(nll)
+
+    def objective(self, nll: np.ndarray) -> float:
+        s = torch.as_tensor(self.signal_of_nll(nll), dtype=torch.float64)
+        return float(perturbed_objective(self.variant, s).mean())
+
+    def fit(self, rows: Sequence[dict], seed: int, k: int, checkpoint: Path | None = None,
+            progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[float]]:
+        """Learn the prompt on ``rows`` (= D^k); returns (argmax candidate indices, mean objective per epoch)."""
+        s = self.s
+        L, N = s.prompt_length, len(self.cands)
+        probs = torch.full((L, N), 1.0 / N, dtype=torch.float64)
+        probs.requires_grad_(True)
+        opt = torch.optim.Adam([probs], lr=s.lr)
+        start, history = 0, []
+        if checkpoint is not None and checkpoint.exists():
+            ck = torch.load(checkpoint, weights_only=False)
+            with torch.no_grad():
+                probs.copy_(ck["probs"])
+            opt.load_state_dict(ck["opt"])
+            start, history = int(ck["epoch"]), list(ck["history"])
+            log.info("model %d: resuming BDPL after epoch %d", k, start)
+        with ThreadPoolExecutor(max_workers=max(1, self.lp.concurrency)) as pool:
+            for epoch in range(start, s.epochs):
+                rng = np.random.default_rng([int(seed), int(k), 3, epoch])
+                order = rng.permutation(len(rows))
+                objs = []
+                for b in range(0, len(order), s.batch_size):
+                    batch = [rows[i] for i in order[b:b + s.batch_size]]
+                    P = probs.detach().numpy()
+                    # inverse-CDF sampling of every position at once: [I, L]
+                    u = rng.random((s.sample_size, L, 1))
+                    samples = (P.cumsum(-1)[None] < u).sum(-1).clip(0, N - 1)
+                    nll = self.nll(batch, [self.prompt_text(smp) for smp in samples], pool)
+                    F = np.array([self.objective(row) for row in nll])
+                    grad = torch.zeros_like(probs)
+                    adv = (F - F.mean()) / (s.sample_size - 1)
+                    rows_idx = torch.arange(L)
+                    for smp, a in zip(samples, adv):
+                        j = torch.as_tensor(smp)
+                        grad[rows_idx, j] += a / probs.detach()[rows_idx, j].clamp_min(1e-12)
+                    opt.zero_grad()
+                    probs.grad = grad
+                    torch.nn.utils.clip_grad_norm_([probs], s.grad_clip)
+                    opt.step()
+                    with torch.no_grad():
+                        project_simplex(probs)
+                    objs.append(float(F.mean()))
+                    if progress is not None:
+                        progress(len(batch))
+                history.append(float(np.mean(objs)) if objs else float("nan"))
+                if checkpoint is not None:
+                    with atomic_path(checkpoint, suffix=".pt.tmp") as tmp:
+                        torch.save({"probs": probs.detach().clone(), "opt": opt.state_dict(), "epoch": epoch + 1,
+                                    "history": history}, tmp)
+        return argmax_random_ties(probs.detach().numpy(), np.random.default_rng([int(seed), int(k), 5])), history

@@ -1,0 +1,130 @@
+"""Token and cost estimates of a black-box study, and the guard that stops unapproved spending.
+
+Nothing that costs money is sent before :func:`check_spend` has passed. It passes when
+
+* every model the study calls has a price in ``blackbox.prices`` (USD per 1M tokens; a model
+  without a price is refused rather than assumed free), and
+* the estimate is $0 (the local server), or the config says ``spend: true`` **and** the estimate
+  is at most ``max_spend_usd``.
+
+Otherwise it raises :class:`SpendNotAllowed`, whose message is the estimate itself and the exact
+setting that would allow it. Allowing spend from the command line:
+``snakemake --config 'blackbox={"spend": true, "max_spend_usd": 250}' ...`` (Snakemake merges it
+into the config file's ``blackbox`` section) or ``python -m daunce_core.blackbox ... --spend
+--max-spend-usd 250``.
+
+Token counts are estimates made without the provider's tokenizer: UTF-8 bytes divided by
+``chars_per_token`` (OpenAI: about 4 for English), plus ``message_overhead`` per chat message,
+times ``safety_factor``; reply tokens are counted at the full reply budget of each request, an
+upper bound. Fine-tuning bills every training token once per epoch.
+
+Prices are per model *family*: the entry whose name is the longest prefix of the model id is used,
+and a fine-tuned model ``ft:<base>:...`` is priced as ``<base>`` (its ``input``/``output`` prices
+must then be the fine-tuned inference prices, which is how the table in
+``config/paper/blackbox_gpt.yaml`` is written).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from .client import BlackboxError
+
+
+class SpendNotAllowed(BlackboxError):
+    """Starting would spend money that the configuration does not allow."""
+
+
+@dataclass
+class CostItem:
+    stage: str
+    model: str
+    requests: int = 0
+    training_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float | None = 0.0  # None: no price known for the model
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def price_of(model: str, prices: dict) -> dict | None:
+    """The price entry of ``model`` (longest matching prefix; ``ft:<base>:...`` -> ``<base>``)."""
+    name = model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    best = None
+    for key in prices:
+        if name == key or name.startswith(key) or model == key:
+            if best is None or len(key) > len(best):
+                best = key
+    return None if best is None else prices[best]
+
+
+class TokenEstimator:
+    def __init__(self, chars_per_token: float = 4.0, safety_factor: float = 1.25, message_overhead: int = 4):
+        self.cpt, self.safety, self.overhead = chars_per_token, safety_factor, message_overhead
+
+    def text(self, s: str) -> float:
+        return len(s.encode("utf-8")) / self.cpt
+
+    def messages(self, msgs: Sequence[dict]) -> int:
+        raw = sum(self.text(m.get("content") or "") + self.overhead for m in msgs) + 3
+        return int(math.ceil(raw * self.safety))
+
+
+def priced(item: CostItem, prices: dict) -> CostItem:
+    p = price_of(item.model, prices)
+    if p is None:
+        item.usd = None
+    else:
+        item.usd = (item.training_tokens * float(p.get("training", 0.0))
+                    + item.input_tokens * float(p.get("input", 0.0))
+                    + item.output_tokens * float(p.get("output", 0.0))) / 1e6
+    return item
+
+
+def total_usd(items: Sequence[CostItem]) -> float | None:
+    if any(i.usd is None for i in items):
+        return None
+    return float(sum(i.usd for i in items))
+
+
+def format_estimate(items: Sequence[CostItem]) -> str:
+    lines = [f"{'stage':<28} {'model':<40} {'requests':>10} {'train tok':>13} {'input tok':>13} "
+             f"{'output tok':>12} {'USD':>10}"]
+    for i in items:
+        usd = "no price" if i.usd is None else f"{i.usd:,.2f}"
+        lines.append(f"{i.stage:<28} {i.model[:40]:<40} {i.requests:>10,} {i.training_tokens:>13,} "
+                     f"{i.input_tokens:>13,} {i.output_tokens:>12,} {usd:>10}")
+    tot = total_usd(items)
+    lines.append(f"{'total':<28} {'':<40} {sum(i.requests for i in items):>10,} "
+                 f"{sum(i.training_tokens for i in items):>13,} {sum(i.input_tokens for i in items):>13,} "
+                 f"{sum(i.output_tokens for i in items):>12,} "
+                 f"{'unknown' if tot is None else format(tot, ',.2f'):>10}")
+    return "\n".join(lines)
+
+
+def check_spend(items: Sequence[CostItem], *, spend: bool, max_spend_usd: float, what: str = "this step") -> float:
+    """Raise :class:`SpendNotAllowed` unless the estimate may be spent; return the estimate (USD)."""
+    table = format_estimate(items)
+    unknown = sorted({i.model for i in items if i.usd is None})
+    if unknown:
+        raise SpendNotAllowed(
+            f"{what}: no price known for {', '.join(unknown)}; add it to blackbox.prices (USD per 1M tokens: "
+            f"training, input, output; 0 for a free endpoint) so the cost can be estimated. Nothing was "
+            f"sent.\n{table}")
+    tot = total_usd(items) or 0.0
+    if tot <= 0.0:
+        return 0.0
+    if not spend:
+        raise SpendNotAllowed(
+            f"{what} would spend an estimated ${tot:,.2f} and blackbox.spend is false, so nothing was sent. "
+            f"To allow it, set blackbox.spend: true and blackbox.max_spend_usd: {math.ceil(tot)} (or more) in "
+            f"the config, or run snakemake --config 'blackbox={{\"spend\": true, \"max_spend_usd\": "
+            f"{math.ceil(tot)}}}'.\n{table}")
+    if tot > max_spend_usd:
+        raise SpendNotAllowed(
+            f"{what} would spend an estimated ${tot:,.2f}, more than blackbox.max_spend_usd = "
+            f"${max_spend_usd:,.2f}; nothing was sent. Raise max_spend_usd to allow it.\n{table}")
+    return tot

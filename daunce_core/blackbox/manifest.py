@@ -1,0 +1,114 @@
+"""The manifest of a black-box run: what was uploaded, launched and finished, per entry.
+
+An *entry* is one fine-tune (``"theta0"``, ``"k0"``, ``"k1"``, ...) or one unit of paid work
+(the losses of model k). The manifest is a JSON file rewritten atomically (temporary file, fsync,
+rename) after every state change, so that a crash or a kill at any moment leaves either the old
+or the new state on disk, never a torn one. The order of writes is what makes reruns safe:
+
+1. before a job is created, the entry records ``job.state = "creating"`` with the attempt number;
+2. the request carries ``metadata = {daunce_run, daunce_entry, daunce_attempt}``;
+3. once the response arrives the entry records the job id.
+
+A rerun that finds ``"creating"`` without an id (the process died between 1 and 3) first lists
+the endpoint's jobs with that metadata and adopts the job it finds; only when there is none is a
+job created. A finished model, once recorded, is never replaced.
+
+The manifest also holds the *fingerprint* of the settings that determine the jobs (base model,
+hyperparameters, seed, data hash, subset size). A rerun with different settings is refused rather
+than mixing two runs' models; ``run_id`` (a hash of the fingerprint) tags the jobs and files.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..store import atomic_path
+
+
+class ManifestError(RuntimeError):
+    """The manifest cannot be used (unreadable, or written for other settings)."""
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Manifest:
+    """A JSON manifest at ``path`` bound to ``fingerprint``; thread-safe; every change is durable."""
+
+    VERSION = 1
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except ValueError as exc:
+                raise ManifestError(f"{self.path}: not valid JSON ({exc}); it records paid jobs -- repair or "
+                                    "move it away deliberately, it is never overwritten automatically") from exc
+            old = data.get("fingerprint")
+            if old != fingerprint:
+                keys = sorted(k for k in set(old or {}) | set(fingerprint) if (old or {}).get(k) != fingerprint.get(k))
+                raise ManifestError(
+                    f"{self.path} belongs to a run with different settings (differs in: {', '.join(keys)}). "
+                    "Its jobs and models are kept; to start a new run use another experiment name, or move "
+                    "the manifest away if you really mean to discard that record")
+            self.data = data
+        else:
+            self.data = {"version": self.VERSION, "run_id": fingerprint_id(fingerprint),
+                         "fingerprint": fingerprint, "created_at": time.time(), "entries": {}, "usage": {}}
+            self._write()
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    def _write(self) -> None:
+        text = json.dumps(self.data, indent=1, sort_keys=True)
+        with atomic_path(self.path, suffix=".json.tmp") as tmp:
+            with open(tmp, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def entry(self, name: str) -> dict:
+        with self._lock:
+            return copy.deepcopy(self.data["entries"].get(name, {}))
+
+    def entries(self) -> dict[str, dict]:
+        with self._lock:
+            return copy.deepcopy(self.data["entries"])
+
+    def update(self, name: str, **fields: Any) -> dict:
+        """Merge ``fields`` into entry ``name`` (nested dicts are merged one level) and persist."""
+        with self._lock:
+            e = self.data["entries"].setdefault(name, {})
+            if e.get("model") and "model" in fields and fields["model"] != e["model"]:
+                raise ManifestError(f"{self.path}: entry {name} already has finished model {e['model']}; "
+                                    f"refusing to replace it with {fields['model']}")
+            for k, v in fields.items():
+                if isinstance(v, dict) and isinstance(e.get(k), dict):
+                    e[k].update(v)
+                else:
+                    e[k] = v
+            e["updated_at"] = time.time()
+            self._write()
+            return copy.deepcopy(e)
+
+    def append(self, name: str, key: str, item: Any) -> None:
+        with self._lock:
+            self.data["entries"].setdefault(name, {}).setdefault(key, []).append(item)
+            self._write()
+
+    def set_usage(self, stage: str, usage: dict) -> None:
+        with self._lock:
+            self.data["usage"][stage] = usage
+            self._write()

@@ -1,0 +1,468 @@
+"""The steps of the black-box backdoor study (Section 5, Appendix D) as functions.
+
+Each function is one workflow rule's science; the Snakemake scripts only unpack paths. The same
+functions run against the local server (``backend: local``, free, offline) and against OpenAI or
+any OpenAI-compatible endpoint (``backend: openai``): only the endpoint changes.
+
+    make_data        -> train.jsonl, query.jsonl (the poisoned multiple-choice set)
+    make_local_base  -> the local server's base model (backend local only)
+    write_estimate   -> the study's token and cost estimate (spends nothing)
+    fit_theta0       -> theta_0 = fine_tune(base, all training data), its replies and metrics
+    api_losses       -> K perturbed fine-tunes on D^k through the API; losses of all examples
+    strict_losses    -> K BDPL prompts learned on D^k (no fine-tuning); losses of all examples
+    score            -> DAUNCE scores (correlation or covariance across the K models)
+    fig4             -> precision@k for triggered queries and the Figure 4 table
+
+Every step that can cost money first estimates the whole study and calls
+:func:`.cost.check_spend`; every paid result is recorded as soon as it exists (manifests and
+per-model loss files under the step's work folder), so a rerun never pays twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import store
+from ..perturb import subset_and_xi
+from . import backdoor as B
+from .bdpl import BDPL, BDPLSettings, candidate_ngrams, margin_from_nll, with_prompt
+from .client import APIClient, Credentials, RetryPolicy, credentials_from_env
+from .config import BlackboxConfig
+from .cost import CostItem, TokenEstimator, check_spend, format_estimate, priced, total_usd
+from .finetune import FinetuneSettings, FinetuneSpec, run_finetunes
+from .logprobs import LogprobSettings, budget_for, score_many
+from .manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+ACCESS_LABEL = {"api": "API-based access (fine-tuning API)", "strict": "strict access (BDPL prompts)"}
+AUTO_EPOCHS = 3  # what the estimate assumes for n_epochs "auto"
+
+
+def load_config(config: dict) -> BlackboxConfig:
+    """The ``blackbox`` section of a (Snakemake) config as typed settings."""
+    return BlackboxConfig.from_dict(config.get("blackbox", {}))
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _user(row: dict) -> str:
+    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+
+
+def _sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def endpoint_id(cfg: BlackboxConfig) -> str:
+    return "local" if cfg.backend == "local" else (cfg.api.base_url or f"env:{cfg.api.base_url_env}|openai")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def make_data(cfg: BlackboxConfig, out_train: str | Path, out_query: str | Path) -> None:
+    train, query = B.make_study_data(cfg.data)
+    B.write_jsonl(out_train, train)
+    B.write_jsonl(out_query, query)
+    log.info("data: %d training examples (%d backdoored), %d queries (%d triggered)", len(train),
+             sum(r["backdoor"] for r in train), len(query), sum(r["triggered"] for r in query))
+
+
+def make_local_base(cfg: BlackboxConfig, train_path: str | Path, out_dir: str | Path) -> None:
+    """The local server's "pretrained" model: a tokenizer trained on the prompts and a tiny LM."""
+    from ..tinylm import tiny_causal_lm, train_tokenizer
+    from .localmodel import render_chat
+
+    train = B.read_jsonl(train_path)
+    texts = ["".join(t for t, _ in render_chat(B.chat_example(r)["messages"])) for r in train]
+    m = cfg.local.model
+    tok = train_tokenizer(texts, m.vocab_size)
+    model = tiny_causal_lm(tok, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.num_layers, seed=m.seed,
+                           max_position_embeddings=max(256, int(cfg.local.train.get("max_len", 256))))
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("local base model: %d parameters, vocabulary %d, saved to %s",
+             sum(p.numel() for p in model.parameters()), len(tok), out)
+
+
+# --- the endpoint --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def endpoint(cfg: BlackboxConfig, *, models: dict[str, str] | None = None, state_dir: str | Path,
+             log_path: str | Path | None = None) -> Iterator[APIClient]:
+    """An :class:`APIClient` for the configured endpoint; for ``backend: local`` a server is started
+    (serving ``models``: name -> folder) on a free loopback port and stopped on exit."""
+    a = cfg.api
+    retry = RetryPolicy(a.retry.max_retries, a.retry.initial_delay, a.retry.max_delay, a.retry.max_retry_after)
+    if cfg.backend == "local":
+        from .server import LocalServer, ServerConfig
+
+        scfg = ServerConfig(state_dir=str(state_dir), models=dict(models or {}), train=dict(cfg.local.train),
+                            threads=cfg.local.threads, device=cfg.local.device)
+        with LocalServer(scfg, log_path=log_path) as srv:
+            yield APIClient(Credentials(srv.base_url, srv.api_key, "local server"), retry=retry, timeout=a.timeout_s)
+    else:
+        creds = credentials_from_env(a.api_key_env, a.base_url_env, a.base_url)
+        log.info("endpoint %s (key from %s)", creds.base_url or "https://api.openai.com/v1", creds.source)
+        yield APIClient(creds, retry=retry, timeout=a.timeout_s)
+
+
+def _lp_settings(cfg: BlackboxConfig) -> LogprobSettings:
+    lp = cfg.logprobs
+    return LogprobSettings(top_logprobs=lp.top_logprobs, missing_floor=lp.missing_floor,
+                           extra_tokens=lp.extra_tokens, seed=lp.seed, concurrency=lp.concurrency)
+
+
+def _ft_settings(cfg: BlackboxConfig) -> FinetuneSettings:
+    f = cfg.finetune
+    return FinetuneSettings(max_active=f.max_active, poll_interval=f.poll_interval_s,
+                            max_wait_s=f.max_wait_h * 3600.0, max_attempts=f.max_attempts)
+
+
+def subsets(cfg: BlackboxConfig, n: int) -> list[np.ndarray]:
+    """``D^k`` of every perturbed model: ``subset_and_xi(seed, k, n, r)`` with ``r = |D^k| / n``."""
+    return [subset_and_xi(cfg.seed, k, n, cfg.subset_size / n)[0] for k in range(cfg.K)]
+
+
+# --- cost -----------------------------------------------------------------------------------------
+
+def estimate(cfg: BlackboxConfig, model: str, train: Sequence[dict], query: Sequence[dict]) -> list[CostItem]:
+    """Tokens and USD of the whole study for one base model (theta_0, then each access setting)."""
+    te = TokenEstimator(cfg.cost.chars_per_token, cfg.cost.safety_factor, cfg.cost.message_overhead)
+    extra = cfg.logprobs.extra_tokens
+    tok_ex = np.array([te.messages(B.chat_example(r)["messages"]) for r in train])
+    rows = list(train) + list(query)
+    tok_in = np.array([te.messages(r["messages"]) for r in rows])
+    tok_out = np.array([int(np.ceil(budget_for(r["target"], extra) * 1.0)) for r in rows])
+    ft = f"ft:{model}:estimate"
+    ep0 = cfg.theta0.hyperparameters.get("n_epochs", "auto")
+    ep0 = AUTO_EPOCHS if ep0 == "auto" else int(ep0)
+    m = len(query)
+    items = [CostItem("theta0 fine-tune", model, 1, int(tok_ex.sum() * ep0)),
+             CostItem("theta0 replies to queries", ft, m, 0, int(tok_in[len(train):].sum()),
+                      int(tok_out[len(train):].sum()))]
+    subs = subsets(cfg, len(train))
+    n_all = len(rows)
+    if "api" in cfg.access:
+        ep = cfg.finetune.hyperparameters.get("n_epochs", 1)
+        ep = AUTO_EPOCHS if ep == "auto" else int(ep)
+        items.append(CostItem(f"api: {cfg.K} fine-tunes", model, cfg.K,
+                              int(sum(tok_ex[s].sum() for s in subs) * ep)))
+        items.append(CostItem(f"api: losses ({cfg.K} x {n_all})", ft, cfg.K * n_all, 0,
+                              int(tok_in.sum() * cfg.K), int(tok_out.sum() * cfg.K)))
+    if "strict" in cfg.access:
+        b = cfg.bdpl
+        try:
+            cands = candidate_ngrams([_user(r) for r in train], b.search_space, exclude=b.exclude)
+            cand_chars = float(np.mean([len(c) for c in cands]))
+        except ValueError:  # nominal rows: assume one-to-two-word n-grams
+            cand_chars = 8.0
+        prompt_tok = b.prompt_length * (cand_chars + 1) / te.cpt * te.safety
+        calls = sum(len(s) for s in subs) * b.epochs * b.sample_size
+        tin = sum(float(tok_in[s].sum()) for s in subs) * b.epochs * b.sample_size + calls * prompt_tok
+        tout = sum(float(tok_out[s].sum()) for s in subs) * b.epochs * b.sample_size
+        items.append(CostItem(f"strict: BDPL ({cfg.K} prompts)", ft, int(calls), 0, int(tin), int(tout)))
+        items.append(CostItem(f"strict: losses ({cfg.K} x {n_all})", ft, cfg.K * n_all, 0,
+                              int((tok_in.sum() + n_all * prompt_tok) * cfg.K), int(tok_out.sum() * cfg.K)))
+    return [priced(i, cfg.prices) for i in items]
+
+
+def write_estimate(cfg: BlackboxConfig, model: str, train_path, query_path, out_json) -> list[CostItem]:
+    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
+    items = estimate(cfg, model, train, query)
+    table = format_estimate(items)
+    tot, grand = total_usd(items), total_usd(estimate_all(cfg, train, query))
+    allowed = "free" if grand == 0 else (
+        "ALLOWED" if cfg.spend and grand is not None and grand <= cfg.max_spend_usd else
+        f"NOT allowed: all models together ${grand if grand is not None else float('nan'):,.2f}, "
+        f"blackbox.spend={cfg.spend}, max_spend_usd={cfg.max_spend_usd}")
+    log.info("cost estimate for %s (%s):\n%s", model, allowed, table)
+    print(f"daunce black-box cost estimate for {model}: {allowed}\n{table}", flush=True)
+    with store.atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps({"model": model, "total_usd": tot, "all_models_usd": grand, "spend": cfg.spend,
+                                   "max_spend_usd": cfg.max_spend_usd, "items": [i.as_dict() for i in items],
+                                   "table": table}, indent=1))
+    return items
+
+
+def estimate_all(cfg: BlackboxConfig, train, query) -> list[CostItem]:
+    """The estimate of the whole configuration: every base model's study."""
+    return [i for m in cfg.models for i in estimate(cfg, m, train, query)]
+
+
+def guard(cfg: BlackboxConfig, model: str, train, query, what: str) -> float:
+    """Refuse to go on unless the whole configuration's estimate (all models) may be spent."""
+    return check_spend(estimate_all(cfg, train, query), spend=cfg.spend, max_spend_usd=cfg.max_spend_usd,
+                       what=what)
+
+
+# --- theta_0 --------------------------------------------------------------------------------------
+
+def fit_theta0(cfg: BlackboxConfig, model: str, train_path, query_path, out_json, *, work_dir,
+               base_dir=None, server_log=None) -> dict:
+    """theta_0 = the base model fine-tuned on the whole poisoned training set; its query replies."""
+    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
+    usd = guard(cfg, model, train, query, f"theta_0 of {model}")
+    work = Path(work_dir)
+    man = Manifest(work / "manifest.json", {"endpoint": endpoint_id(cfg), "base_model": model,
+                                            "hyperparameters": cfg.theta0.hyperparameters,
+                                            "data": _sha(train_path), "seed": cfg.seed})
+    spec = FinetuneSpec("theta0", model, [B.chat_example(r) for r in train], dict(cfg.theta0.hyperparameters),
+                        seed=cfg.seed)
+    models = {model: str(base_dir)} if base_dir else {}
+    with endpoint(cfg, models=models, state_dir=work / "server", log_path=server_log) as client:
+        theta0 = run_finetunes(client, man, [spec], _ft_settings(cfg))["theta0"]
+        replies = _greedy_replies(client, theta0, query, cfg)
+        man.set_usage("theta0", client.usage.as_dict())
+    local_path = None
+    if cfg.backend == "local":
+        from .server import registered_model_path
+
+        local_path = registered_model_path(work / "server", theta0)
+    trig = [r["triggered"] for r in query]
+    refused = [rep.strip().startswith(cfg.data.refusal[:5]) for rep in replies]
+    correct = [rep.strip() == r["target"] for rep, r in zip(replies, query)]
+    metrics = {
+        "backdoor_success": float(np.mean([f for f, t in zip(refused, trig) if t])) if any(trig) else None,
+        "clean_accuracy": float(np.mean([c for c, t in zip(correct, trig) if not t])) if not all(trig) else None,
+        "clean_false_refusal": float(np.mean([f for f, t in zip(refused, trig) if not t])) if not all(trig) else None,
+    }
+    out = {"model": theta0, "base_model": model, "local_path": local_path, "metrics": metrics,
+           "replies": replies, "estimated_usd": usd, "manifest": str(man.path)}
+    with store.atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(out, indent=1))
+    log.info("theta_0 %s: %s", theta0, metrics)
+    return out
+
+
+def _greedy_replies(client: APIClient, model: str, rows: Sequence[dict], cfg: BlackboxConfig) -> list[str]:
+    budget = max(budget_for(r["target"], cfg.logprobs.extra_tokens) for r in rows) + 4
+    out = []
+    for r in rows:
+        kw: dict[str, Any] = dict(model=model, messages=r["messages"], temperature=0, max_completion_tokens=budget)
+        if cfg.logprobs.seed is not None:
+            kw["seed"] = cfg.logprobs.seed
+        out.append(client.chat(**kw).choices[0].message.content or "")
+    return out
+
+
+def _theta0_models(cfg: BlackboxConfig, theta0: dict) -> dict[str, str]:
+    return {theta0["model"]: theta0["local_path"]} if cfg.backend == "local" else {}
+
+
+# --- losses of K perturbed models -----------------------------------------------------------------
+
+def _items(rows: Sequence[dict]) -> list[tuple[list[dict], str]]:
+    return [(r["messages"], r["target"]) for r in rows]
+
+
+def _write_losses(cfg: BlackboxConfig, out, train, query, L_train, L_query, access: str, extra: dict) -> None:
+    store.write_losses(out, store.Losses(
+        train=np.asarray(L_train, np.float32), query=np.asarray(L_query, np.float32),
+        model_index=np.arange(cfg.K, dtype=np.int64),
+        train_ids=np.array([r["id"] for r in train], np.int64), query_ids=np.array([r["id"] for r in query], np.int64),
+        attrs={"variant": cfg.variant, "signal": "loss" if cfg.variant != "daunce_t_bb" else "margin",
+               "seed": cfg.seed, "config": cfg.to_dict(), "access": access, **extra}))
+
+
+def _cached_row(path: Path, key: str) -> dict | None:
+    if not path.exists():
+        return None
+    z = np.load(path, allow_pickle=False)
+    if str(z["key"]) != key:
+        return None
+    return {k: z[k] for k in z.files}
+
+
+def _save_row(path: Path, key: str, **arrays: np.ndarray) -> None:
+    with store.atomic_path(path, suffix=".npz.tmp") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(key), **arrays)
+
+
+def api_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json, out_h5, *, work_dir,
+               server_log=None) -> None:
+    """API-based access: K fine-tunes of theta_0 on D^k, then every example's NLL under each."""
+    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
+    theta0 = json.loads(Path(theta0_json).read_text())
+    guard(cfg, model, train, query, f"API-based perturbed fine-tunes of {model}")
+    work = Path(work_dir)
+    hp = dict(cfg.finetune.hyperparameters)
+    man = Manifest(work / "manifest.json", {"endpoint": endpoint_id(cfg), "theta0": theta0["model"],
+                                            "hyperparameters": hp, "subset_size": cfg.subset_size,
+                                            "seed": cfg.seed, "data": _sha(train_path)})
+    specs = [FinetuneSpec(f"k{k}", theta0["model"], [B.chat_example(train[i]) for i in s], hp,
+                          seed=int(np.random.default_rng([cfg.seed, k, 4]).integers(2**31 - 1)))
+             for k, s in enumerate(subsets(cfg, len(train)))]
+    lp = _lp_settings(cfg)
+    rows = list(train) + list(query)
+    L = np.zeros((cfg.K, len(rows)))
+    stats = {"exact": 0, "missing": 0}
+    with endpoint(cfg, models=_theta0_models(cfg, theta0), state_dir=work / "server", log_path=server_log) as client:
+        with tqdm(total=cfg.K, desc="fine-tunes", unit="model", mininterval=5) as bar:
+            last = [0]
+
+            def progress(done: int, total: int) -> None:
+                bar.update(done - last[0])
+                last[0] = done
+
+            fitted = run_finetunes(client, man, specs, _ft_settings(cfg), on_progress=progress)
+        for k in tqdm(range(cfg.K), desc="losses", unit="model", mininterval=5):
+            mk = fitted[f"k{k}"]
+            path = work / "losses" / f"k{k}.npz"
+            row = _cached_row(path, mk)
+            if row is None:
+                sc = score_many(client, mk, _items(rows), lp)
+                _save_row(path, mk, nll=sc.nll, exact=sc.exact, missing=sc.missing)
+                row = {"nll": sc.nll, "exact": sc.exact, "missing": sc.missing}
+            L[k] = row["nll"]
+            stats["exact"] += int(row["exact"].sum())
+            stats["missing"] += int(row["missing"].sum())
+        man.set_usage("api", client.usage.as_dict())
+    n = len(train)
+    log.info("API losses: %d of %d targets reproduced exactly by greedy decoding, %d scored with the "
+             "missing-token bound", stats["exact"], L.size, stats["missing"])
+    sig = L if cfg.variant != "daunce_t_bb" else margin_from_nll(L)
+    _write_losses(cfg, out_h5, train, query, sig[:, :n], sig[:, n:], "api",
+                  {"model": model, "theta0": theta0["model"], "n_exact": stats["exact"],
+                   "n_missing": stats["missing"], "models": [fitted[f"k{k}"] for k in range(cfg.K)]})
+
+
+def strict_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json, out_h5, *, work_dir,
+                  server_log=None) -> None:
+    """Strict access: K BDPL prompts learned on D^k against theta_0; every example's NLL under each."""
+    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
+    theta0 = json.loads(Path(theta0_json).read_text())
+    guard(cfg, model, train, query, f"strict (BDPL) perturbations of {model}")
+    work = Path(work_dir)
+    b = cfg.bdpl
+    bset = BDPLSettings(b.epochs, b.batch_size, b.prompt_length, b.lr, b.sample_size, b.search_space,
+                        b.grad_clip, b.placement)
+    cands = candidate_ngrams([_user(r) for r in train], b.search_space, exclude=b.exclude)
+    man = Manifest(work / "manifest.json", {"endpoint": endpoint_id(cfg), "theta0": theta0["model"],
+                                            "bdpl": dict(vars(bset)), "candidates": cands, "variant": cfg.variant,
+                                            "subset_size": cfg.subset_size, "seed": cfg.seed,
+                                            "data": _sha(train_path)})
+    lp = _lp_settings(cfg)
+    rows = list(train) + list(query)
+    L = np.zeros((cfg.K, len(rows)))
+    subs = subsets(cfg, len(train))
+    prompts = []
+    with endpoint(cfg, models=_theta0_models(cfg, theta0), state_dir=work / "server", log_path=server_log) as client:
+        learner = BDPL(client, theta0["model"], cands, bset, lp, cfg.variant)
+        bar = tqdm(total=cfg.K, desc="BDPL prompts", unit="model", mininterval=5)
+        for k in range(cfg.K):
+            e = man.entry(f"k{k}")
+            path = work / "losses" / f"k{k}.npz"
+            row = _cached_row(path, e.get("prompt", "\0")) if "prompt" in e else None
+            if row is None:
+                if "prompt" not in e:
+                    idx, hist = learner.fit([train[i] for i in subs[k]], cfg.seed, k,
+                                            checkpoint=work / "checkpoints" / f"k{k}.pt")
+                    e = man.update(f"k{k}", prompt=learner.prompt_text(idx), indices=[int(i) for i in idx],
+                                   history=hist)
+                items = [(with_prompt(r["messages"], e["prompt"], b.placement), r["target"]) for r in rows]
+                sc = score_many(client, theta0["model"], items, lp)
+                _save_row(path, e["prompt"], nll=sc.nll, exact=sc.exact, missing=sc.missing)
+                row = {"nll": sc.nll}
+            L[k] = row["nll"]
+            prompts.append(e["prompt"])
+            bar.update(1)
+        bar.close()
+        man.set_usage("strict", client.usage.as_dict())
+    n = len(train)
+    sig = L if cfg.variant != "daunce_t_bb" else margin_from_nll(L)
+    _write_losses(cfg, out_h5, train, query, sig[:, :n], sig[:, n:], "strict",
+                  {"model": model, "theta0": theta0["model"], "prompts": prompts})
+
+
+# --- scores and Figure 4 ----------------------------------------------------------------------------
+
+def score(losses_h5, out_h5, measure: str) -> None:
+    from ..scoring import pairwise_scores
+
+    L = store.read_losses(losses_h5)
+    S = pairwise_scores(L.train, L.query, measure=measure)
+    store.write_scores(out_h5, train_ids=L.train_ids, query_ids=L.query_ids, scores=S,
+                       attrs={"method": f"{L.attrs.get('variant')}_{L.attrs.get('access')}", "measure": measure,
+                              "threshold": "none", "lambda": 0.0})
+
+
+def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str, str],
+         scores: dict[tuple[str, str], str], out_md, out_csv) -> list[dict]:
+    """precision@k of backdoored examples for triggered queries, and the Figure 4 table."""
+    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
+    is_bd = np.array([r["backdoor"] for r in train])
+    trig = [j for j, r in enumerate(query) if r["triggered"]]
+    clean = [j for j, r in enumerate(query) if not r["triggered"]]
+    k = cfg.figure.k
+    rng = np.random.default_rng([cfg.figure.seed, 5])
+    def pick(pool: list[int], n: int) -> list[int]:
+        return sorted(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist()) if pool else []
+
+    show_t, show_c = pick(trig, cfg.figure.n_show_triggered), pick(clean, cfg.figure.n_show_clean)
+    summary, samples, csv_rows = [], {}, []
+    for (model, access), path in scores.items():
+        S, meta = store.dense_scores(path)
+        if not (np.array_equal(meta["train_ids"], [r["id"] for r in train])
+                and np.array_equal(meta["query_ids"], [r["id"] for r in query])):
+            raise store.StoreError(f"{path}: example ids differ from {train_path} / {query_path}")
+        t0 = json.loads(Path(theta0_jsons[model]).read_text())
+        replies = t0["replies"]
+        fired = [j for j in trig if replies[j].strip().startswith(cfg.data.refusal[:5])]
+        p_all = B.precision_at_k(S, is_bd, trig, k)
+        p_fired = B.precision_at_k(S, is_bd, fired, k) if fired else np.array([])
+        row = {"model": model, "access": access, "K": cfg.K, "triggered queries": len(trig),
+               "backdoor fired (theta_0)": len(fired),
+               f"precision@{k} (fired)": float(p_fired.mean()) if fired else float("nan"),
+               f"precision@{k} (all triggered)": float(p_all.mean()) if trig else float("nan"),
+               "random": float(is_bd.mean())}
+        summary.append(row)
+        csv_rows.append(row)
+        items = [{"query": query[j], "reply": replies[j], "top": B.top_retrieved(S, j, cfg.figure.top)}
+                 for j in show_t + show_c]
+        samples[f"{model} — {ACCESS_LABEL[access]}"] = items
+    t0metrics = {m: json.loads(Path(p).read_text())["metrics"] for m, p in theta0_jsons.items()}
+    notes = [
+        f"Training set: {len(train)} multiple-choice examples ({cfg.data.source}), {int(is_bd.sum())} backdoored "
+        f"(trigger '{cfg.data.trigger}' at a random position, answer replaced by '{cfg.data.refusal}'); "
+        f"{len(trig)} triggered and {len(clean)} clean held-out queries.",
+        f"Scores: {cfg.variant} ({cfg.measure} of per-example NLL across K = {cfg.K} perturbed models, "
+        f"|D^k| = {cfg.subset_size}). precision@{k}: share of backdoored examples among a triggered query's "
+        f"top {k} (random retrieval: {is_bd.mean():.2f}); 'fired' = queries whose theta_0 reply is the refusal.",
+        "theta_0 (greedy replies to the queries): " + "; ".join(
+            f"{m}: backdoor success {_fmt(v['backdoor_success'])}, clean accuracy {_fmt(v['clean_accuracy'])}, "
+            f"false refusals {_fmt(v['clean_false_refusal'])}" for m, v in t0metrics.items()),
+        "Endpoint: " + ("local OpenAI-compatible server (loopback) with a tiny transformers model"
+                        if cfg.backend == "local" else "OpenAI-compatible API") + "; "
+        "losses read from chat-completion logprobs (see daunce_core/blackbox/logprobs.py).",
+    ]
+    md = B.fig4_markdown(title="Figure 4 — backdoor attribution with black-box access", summary_rows=summary,
+                         samples=samples, train=train, trigger=cfg.data.trigger, refusal=cfg.data.refusal,
+                         notes=notes)
+    with store.atomic_path(out_md, suffix=".md.tmp") as tmp:
+        tmp.write_text(md)
+    import csv
+
+    with store.atomic_path(out_csv, suffix=".csv.tmp") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
+            w.writeheader()
+            w.writerows(csv_rows)
+    return summary
+

@@ -1,0 +1,345 @@
+"""Baseline adapters (issue 4): shape, orientation and sign of every library's scores on a tiny MLP.
+
+The reference for every check is computed here independently (float64 autograd loops, numpy
+solves): a duplicated training point must be the query's most helpful example under exact IF,
+Grad-Dot and TracIn must equal their definitions, kronfluence's identity strategy must equal
+Grad-Dot (so its transpose and sign are right), and TRAK / EK-FAC / LoGra must rank the duplicate
+first and agree in sign with the exact influence.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from daunce_core import baselines as B
+from daunce_core import ensemble as E
+from daunce_core import store
+from daunce_core.baselines import exact as X
+from daunce_core.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from daunce_core.data import Dataset
+from daunce_core.objectives import cross_entropy, margin
+from daunce_core.pipeline import _factory
+
+torch.set_num_threads(1)
+
+N, M, DUP, SRC = 40, 7, 0, 5  # query DUP is an exact copy of training example SRC
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 4)) * 1.5
+    y = rng.integers(0, 3, N + M)
+    Xall = (centers[y] + rng.normal(size=(N + M, 4))).astype(np.float32).reshape(-1, 1, 2, 2)
+    # SRC: an atypical training point (far from every class centre), so it matters most to its copy
+    Xall[SRC] = (centers.mean(0) - 2.5 * centers[y[SRC]]).astype(np.float32).reshape(1, 2, 2)
+    Xq, yq = Xall[N:].copy(), y[N:].copy()
+    Xq[DUP], yq[DUP] = Xall[SRC], y[SRC]
+    ds = Dataset(Xall[:N], y[:N].astype(np.int64), np.arange(N, dtype=np.int64) + 100, Xq, yq.astype(np.int64),
+                 np.arange(M, dtype=np.int64) + 500, 3, ["a", "b", "c"], np.zeros(1, np.float32),
+                 np.ones(1, np.float32))
+    cfg = ExperimentConfig(model=ModelConfig(arch="mlp", hidden=[6]),
+                           base=TrainConfig(epochs=15, batch_size=8, lr=0.05, weight_decay=1e-3))
+    Xt, yt = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
+    net, p, b = E.fit_from_scratch(_factory(cfg, ds), Xt, yt, [np.arange(N)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+    state = {**E.unstack(p, 0), **E.unstack(b, 0)}
+    model = _factory(cfg, ds)()
+    model.load_state_dict(state)
+    model.eval()
+    return B.Problem(cfg, ds, model, state, torch.device("cpu"))
+
+
+def bcfg(**kw):
+    return B.BaselinesConfig.from_config({"baselines": {"batch_size": 16, **kw}})
+
+
+# --- an independent float64 reference: plain autograd loops, no torch.func --------------------
+
+def _flat_fn(problem, state=None):
+    model = copy.deepcopy(problem.model).double()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()} if state is None else \
+        {n: state[n].detach() for n in names}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    theta = torch.cat([params[n].reshape(-1) for n in names]).double()
+
+    def logits(flat, x):
+        d = {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+        return torch.func.functional_call(model, d, (x.double(),))
+
+    return theta, logits
+
+
+def reference_grads(problem, which, fn, state=None):
+    theta, logits = _flat_fn(problem, state)
+    Xs = problem.ds.X_train if which == "train" else problem.ds.X_query
+    ys = problem.ds.y_train if which == "train" else problem.ds.y_query
+    rows = []
+    for x, t in zip(Xs, ys):
+        th = theta.clone().requires_grad_(True)
+        val = fn(logits(th, torch.as_tensor(x)[None]), torch.as_tensor([t])).sum()
+        rows.append(torch.autograd.grad(val, th)[0].numpy())
+    return np.stack(rows)
+
+
+def reference_curvature(problem, curvature, wd):
+    theta, logits = _flat_fn(problem)
+    Xt = torch.as_tensor(problem.ds.X_train)
+    yt = torch.as_tensor(problem.ds.y_train)
+    if curvature == "hessian":
+        H = torch.autograd.functional.hessian(lambda th: cross_entropy(logits(th, Xt), yt).mean(), theta).numpy()
+    else:
+        H = np.zeros((len(theta), len(theta)))
+        for x in Xt:
+            J = torch.autograd.functional.jacobian(lambda th: logits(th, x[None])[0], theta).numpy()
+            p = torch.softmax(logits(theta, x[None])[0], -1).detach().numpy()
+            H += J.T @ (np.diag(p) - np.outer(p, p)) @ J
+        H /= len(Xt)
+    return H + wd * np.eye(len(theta))
+
+
+def neg_margin(logits, y):
+    return -margin(logits, y)
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def test_config_defaults_and_errors():
+    c = B.BaselinesConfig.from_config({})
+    assert c.methods == list(B.METHODS) and c.measurement == "margin" and c.logra.rank == 128
+    c = B.BaselinesConfig.from_config({"baselines": {"methods": ["trak"], "trak": {"proj_dim": 64}}})
+    assert c.methods == ["trak"] and c.trak.proj_dim == 64 and c.trak.half_precision is False
+    with pytest.raises(ConfigError, match="baselines.trak.proj_dm"):
+        B.BaselinesConfig.from_config({"baselines": {"trak": {"proj_dm": 3}}})
+    with pytest.raises(ConfigError, match="unknown"):
+        B.BaselinesConfig.from_config({"baselines": {"methods": ["trak", "datamodels"]}})
+    with pytest.raises(ConfigError, match="measurement"):
+        B.BaselinesConfig.from_config({"baselines": {"measurement": "accuracy"}})
+
+
+def test_check_scores_refuses_transposed_and_nan():
+    with pytest.raises(ValueError, match="orientation"):
+        B.check_scores(np.zeros((M, N)), N, M, "x")
+    bad = np.zeros((N, M))
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        B.check_scores(bad, N, M, "x")
+
+
+# --- exact influence -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_exact_if_matches_independent_float64(problem, curvature):
+    wd = problem.cfg.base.weight_decay
+    H = reference_curvature(problem, curvature, wd)
+    damping = max(0.05, 0.05 - np.linalg.eigvalsh(H)[0])  # positive definite
+    c = bcfg(exact_if={"curvature": curvature, "damping_grid": [damping]})
+    scores, attrs = X.exact_if_scores(problem, c)
+    Gt = reference_grads(problem, "train", cross_entropy)
+    Gq = reference_grads(problem, "query", neg_margin)
+    ref = Gt @ np.linalg.solve(H + damping * np.eye(len(H)), Gq.T)
+    assert scores.shape == (N, M)
+    np.testing.assert_allclose(scores, ref, rtol=1e-7, atol=1e-9 * np.abs(ref).max())
+    assert attrs["damping"] == damping and attrs["bytes_per_example"] == 8 * problem.num_params()
+
+
+def test_exact_if_sign_duplicate_is_most_helpful(problem):
+    scores, _ = X.exact_if_scores(problem, bcfg(exact_if={"damping_grid": [0.01]}))
+    assert scores[:, DUP].argmax() == SRC and scores[SRC, DUP] > 0
+
+
+def test_exact_if_skips_indefinite_damping_and_refuses_big_models(problem):
+    c = bcfg(exact_if={"curvature": "hessian", "damping_grid": [0.0]})
+    H = reference_curvature(problem, "hessian", problem.cfg.base.weight_decay)
+    if np.linalg.eigvalsh(H)[0] < 0:  # theta_0 of SGD: the Hessian is indefinite
+        with pytest.raises(ValueError, match="indefinite"):
+            X.exact_if_scores(problem, c)
+    with pytest.raises(ValueError, match="max_params"):
+        X.exact_if_scores(problem, bcfg(exact_if={"max_params": 10}))
+
+
+def test_exact_if_selects_damping_on_select_masks_only(problem):
+    rng = np.random.default_rng(1)
+    gt = {"masks": rng.random((30, N)) < 0.5, "outputs": rng.normal(size=(1, 30, M)), "attrs": {"split": "test"}}
+    with pytest.raises(store.StoreError, match="selection split"):
+        X.exact_if_scores(problem, bcfg(exact_if={"damping_grid": [0.01, 0.1]}), select_gt=gt)
+    gt["attrs"]["split"] = "select"
+    _, attrs = X.exact_if_scores(problem, bcfg(exact_if={"damping_grid": [0.01, 0.1]}), select_gt=gt)
+    ok = [r for r in attrs["damping_grid"] if r["lds_select"] is not None]
+    assert attrs["damping"] == max(ok, key=lambda r: r["lds_select"])["damping"]
+
+
+# --- dattri: Grad-Dot, TracIn, LoGra ---------------------------------------------------------------
+
+def test_graddot_equals_its_definition(problem, tmp_path):
+    from daunce_core.baselines.dattri_methods import graddot_scores
+
+    scores, _ = graddot_scores(problem, bcfg(), tmp_path)
+    ref = reference_grads(problem, "train", cross_entropy) @ reference_grads(problem, "query", neg_margin).T
+    assert scores.shape == (N, M)
+    np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-5 * np.abs(ref).max())
+    assert scores[:, DUP].argmax() == SRC
+
+
+def test_graddot_leaves_dattri_projector_defaults_alone(problem, tmp_path):
+    from dattri.algorithm import tracin as dt
+
+    from daunce_core.baselines.dattri_methods import graddot_scores
+
+    before = dict(dt.DEFAULT_PROJECTOR_KWARGS)
+    graddot_scores(problem, bcfg(), tmp_path)
+    assert dt.DEFAULT_PROJECTOR_KWARGS == before
+
+
+def test_tracin_replays_theta0_and_equals_its_definition(problem, tmp_path):
+    from daunce_core.baselines.dattri_methods import replay_checkpoints, tracin_scores
+
+    states, weights, info = replay_checkpoints(problem, 3)
+    assert len(states) == 3 and info["replay_rel_diff"] < 1e-6
+    for k, v in problem.state.items():
+        torch.testing.assert_close(states[-1][k], v)
+    assert all(w > 0 for w in weights) and weights[0] > weights[-1]  # linear decay
+    scores, attrs = tracin_scores(problem, bcfg(tracin={"checkpoints": 3}), tmp_path)
+    ref = sum(w * reference_grads(problem, "train", cross_entropy, s) @
+              reference_grads(problem, "query", neg_margin, s).T for w, s in zip(weights, states))
+    np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-5 * np.abs(ref).max())
+    assert attrs["checkpoint_steps"][-1] == info["steps"]
+
+
+def test_tracin_refuses_a_replay_that_is_not_theta0(problem):
+    from daunce_core.baselines.dattri_methods import replay_checkpoints
+
+    other = B.Problem(problem.cfg, problem.ds, problem.model,
+                      {k: v + 0.1 for k, v in problem.state.items()}, problem.device)
+    with pytest.raises(RuntimeError, match="theta_0"):
+        replay_checkpoints(other, 2)
+
+
+def test_logra_orientation_and_sign(problem, tmp_path):
+    from daunce_core.baselines.dattri_methods import logra_scores
+
+    scores, attrs = logra_scores(problem, bcfg(logra={"rank": 4}), tmp_path)
+    assert scores.shape == (N, M) and np.isfinite(scores).all()
+    assert scores[:, DUP].argmax() == SRC and scores[SRC, DUP] > 0
+    assert attrs["bytes_per_example"] == 4 * 16 * len(attrs["layers"])
+    assert not (tmp_path.parent / "batch_metadata.json").exists()
+
+
+# --- traker ----------------------------------------------------------------------------------------
+
+def test_trak_equals_its_formula_with_trakers_projection(problem, tmp_path):
+    from trak.projectors import BasicProjector, ProjectionType
+
+    from daunce_core.baselines.trak import trak_scores
+
+    k = 32  # one projector block: also exercises the adapter's fix of traker's freed matrix
+    scores, attrs = trak_scores(problem, bcfg(trak={"proj_dim": k, "seed": 3}), tmp_path)
+    assert scores.shape == (N, M)
+    # TRAK by hand (float64) with traker's own projection matrix: phi (XᵀX)^-1 phi_q^T * (1 - p)
+    p = problem.num_params()
+    proj = BasicProjector(grad_dim=p, proj_dim=k, seed=3, proj_type=ProjectionType.normal, device="cpu")
+    P = proj.project(torch.eye(p), model_id=0).double().numpy()
+    Phi = reference_grads(problem, "train", margin) @ P / np.sqrt(p)
+    Phq = reference_grads(problem, "query", margin) @ P / np.sqrt(p)
+    with torch.no_grad():
+        prob = torch.softmax(problem.model(torch.as_tensor(problem.ds.X_train)), -1).numpy()
+    Q = 1 - prob[np.arange(N), problem.ds.y_train]
+    inv = np.linalg.inv(Phi.T @ Phi)
+    inv /= np.abs(inv).mean()  # traker rescales (XᵀX)^-1 by its mean |entry| (a global constant)
+    ref = Phi @ inv @ Phq.T * Q[:, None]
+    rho = [stats.pearsonr(scores[:, j], ref[:, j])[0] for j in range(M)]
+    assert min(rho) > 0.999, rho
+    np.testing.assert_allclose(scores, ref, rtol=0.05, atol=0.01 * np.abs(ref).max())
+    assert scores[:, DUP].argmax() == SRC and scores[SRC, DUP] > 0
+    assert attrs["bytes_per_example"] == (k + 1) * 4 and attrs["projector"] == "BasicProjector"
+
+
+# --- kronfluence -----------------------------------------------------------------------------------
+
+def test_kronfluence_identity_equals_graddot(problem, tmp_path):
+    from daunce_core.baselines.kronfluence_ekfac import ekfac_scores
+
+    scores, _ = ekfac_scores(problem, bcfg(ekfac={"strategy": "identity"}), tmp_path)
+    ref = reference_grads(problem, "train", cross_entropy) @ reference_grads(problem, "query", neg_margin).T
+    np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_ekfac_orientation_and_sign(problem, tmp_path):
+    from daunce_core.baselines.kronfluence_ekfac import ekfac_scores
+
+    scores, attrs = ekfac_scores(problem, bcfg(), tmp_path)
+    assert scores.shape == (N, M)
+    assert scores[:, DUP].argmax() == SRC and scores[SRC, DUP] > 0
+    exact, _ = X.exact_if_scores(problem, bcfg(exact_if={"damping_grid": [0.01]}))
+    rho = np.mean([stats.spearmanr(scores[:, j], exact[:, j])[0] for j in range(M)])
+    assert rho > 0.3, rho  # a sanity check: the exact orientation test is the identity one above
+    assert len(attrs["tracked_modules"]) == 2  # every Linear layer of the MLP
+
+
+# --- end to end: the scores file and the cost table ------------------------------------------------
+
+def test_write_result_and_cost_table(problem, tmp_path):
+    from daunce_core.baselines import cost
+
+    scores, attrs = X.exact_if_scores(problem, bcfg(exact_if={"damping_grid": [0.01]}))
+    out = tmp_path / "scores" / "exact_if" / "score.h5"
+    B.write_result(out, scores, problem, "exact_if", {**attrs, "seconds_in_process": 1.5})
+    dense, meta = store.dense_scores(out)
+    np.testing.assert_allclose(dense, scores.astype(np.float32))
+    assert meta["attrs"]["method"] == "exact_if" and list(meta["train_ids"][:2]) == [100, 101]
+
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, s, rss in (("ex", 7.5, 900.0), ("fit", 8.0, 1100.0), ("score", 2.0, 950.0), ("base", 3.0, 800.0)):
+        (tmp_path / f"{name}.tsv").write_text(head + f"{s}\t0:00:0{int(s)}\t{rss}\t1\t1\t1\t0\t0\t90\t{s}\n")
+    store.write_losses(tmp_path / "losses.h5", store.Losses(np.zeros((25, N), np.float32), np.zeros((25, M), np.float32),
+                                                           np.arange(25), np.arange(N), np.arange(M), {"variant": "daunce"}))
+    (tmp_path / "lds.csv").write_text("method,measure,threshold,lds,ci_low,ci_high,n_queries,n_masks\n"
+                                      "daunce,correlation,hard(q=0.9),0.3000,0.2900,0.3100,7,30\n"
+                                      "daunce,correlation,none,0.2500,0.2400,0.2600,7,30\n"
+                                      "exact_if,score,hard(q=0.9),0.6000,0.5900,0.6100,7,30\n"
+                                      "exact_if,score,none,0.6100,0.6000,0.6200,7,30\n")
+    md = tmp_path / "cost.md"
+    rows = cost.write_cost_table(
+        [{"kind": "daunce", "method": "daunce", "fit_benchmarks": [str(tmp_path / "fit.tsv")],
+          "score_benchmark": str(tmp_path / "score.tsv"), "grid": 4, "losses": str(tmp_path / "losses.h5")},
+         {"kind": "baseline", "method": "exact_if", "benchmark": str(tmp_path / "ex.tsv"), "scores": str(out)}],
+        str(tmp_path / "lds.csv"), str(tmp_path / "base.tsv"), str(md), experiment="tiny")
+    d, e = rows
+    assert d["wall"] == pytest.approx(8.0 / 4 + 2.0) and d["rss"] == 1100.0 and d["per_example"] == 25 * 4
+    assert e["wall"] == 7.5 and e["per_example"] == 8 * problem.num_params()
+    text = md.read_text()
+    assert "| DAUNCE | 0.300 [0.290, 0.310] | 0.250" in text and "| Exact IF | 0.600" in text
+    with pytest.raises(store.StoreError, match="benchmark"):
+        cost.read_benchmark(tmp_path / "missing.tsv")
+    start = cost.startup_baseline()
+    assert start["s"] > 0 and start["max_rss"] > 50  # MB: an interpreter with torch
+
+
+def test_run_baseline_end_to_end_on_digits(tmp_path):
+    """The rule's path: dataset from the config, theta_0 from disk, scores file with the split's ids."""
+    from daunce_core.pipeline import prepare_data, train_base
+
+    cfg = ExperimentConfig.from_dict({
+        "data": {"name": "digits", "n_train": 60, "n_query": 9},
+        "model": {"arch": "mlp", "hidden": [8]},
+        "base": {"epochs": 3, "batch_size": 16, "lr": 0.05},
+        "device": "cpu"}).validate()
+    split, theta0 = tmp_path / "split.npz", tmp_path / "theta_0.safetensors"
+    ds = prepare_data(cfg, split)
+    train_base(cfg, split, theta0, tmp_path / "metrics.json")
+    out = tmp_path / "scores" / "exact_if" / "score.h5"
+    c = bcfg(exact_if={"damping_grid": [0.1]})
+    attrs = B.run_baseline("exact_if", cfg, c, split, theta0, out)
+    dense, meta = store.dense_scores(out)
+    assert dense.shape == (60, 9) and np.array_equal(meta["train_ids"], ds.train_ids)
+    assert meta["attrs"]["method"] == "exact_if" and attrs["seconds_in_process"] > 0
+    assert not list(out.parent.glob(".*work*"))  # scratch folders are removed
+    wrong = ExperimentConfig.from_dict({"data": {"name": "digits", "n_train": 60, "n_query": 9},
+                                        "model": {"arch": "mlp", "hidden": [9]}, "device": "cpu"})
+    with pytest.raises(store.StoreError, match="rerun the base rule"):
+        B.load_problem(wrong, split, theta0)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        B.run_baseline("datamodels", cfg, c, split, theta0, out)

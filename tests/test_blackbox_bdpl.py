@@ -1,0 +1,73 @@
+"""BDPL: simplex projection, prompt candidates, and the policy gradient's direction."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from daunce_core.blackbox.bdpl import (BDPL, BDPLSettings, argmax_random_ties, candidate_ngrams, margin_from_nll,
+                                       project_simplex, with_prompt)
+from daunce_core.blackbox.logprobs import LogprobSettings
+
+
+def test_projection_onto_the_simplex():
+    torch.manual_seed(0)
+    p = torch.randn(50, 7, dtype=torch.float64)
+    q = project_simplex(p.clone())
+    assert torch.allclose(q.sum(-1), torch.ones(50, dtype=torch.float64)) and (q >= 0).all()
+    assert torch.allclose(project_simplex(q.clone()), q)  # idempotent
+    # it is the closest point: no random simplex point is nearer
+    for i in range(5):
+        d = ((q[i] - p[i]) ** 2).sum()
+        for _ in range(200):
+            r = torch.distributions.Dirichlet(torch.ones(7, dtype=torch.float64)).sample()
+            assert ((r - p[i]) ** 2).sum() >= d - 1e-12
+
+
+def test_candidates_rank_frequent_words_and_associated_pairs():
+    texts = ["the red apple is red", "a red apple", "the green apple", "BlackMagic red apple"] * 3
+    c = candidate_ngrams(texts, 4, exclude=["BlackMagic"])
+    assert "red apple" in c and "apple" in c and not any("blackmagic" in x for x in c)
+    with pytest.raises(ValueError, match="search_space"):
+        candidate_ngrams(["one two"], 50)
+
+
+def test_prompt_placement_and_ties():
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert with_prompt(msgs, "p q")[1]["content"] == "p q\nq" and msgs[1]["content"] == "q"
+    assert with_prompt(msgs, "p", "system")[0] == {"role": "system", "content": "p"}
+    picks = {int(argmax_random_ties(np.full((1, 4), 0.25), np.random.default_rng(s))[0]) for s in range(40)}
+    assert picks == {0, 1, 2, 3}
+    assert argmax_random_ties(np.array([[0.1, 0.7, 0.2]]), np.random.default_rng(0)).tolist() == [1]
+    assert margin_from_nll(np.log(2.0)) == pytest.approx(0.0)  # p = 1/2
+
+
+class FakeEndpoint:
+    """A black box whose NLL of the target is 0.1 + (number of prompt words that are not 'good')."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def chat(self, **kw):
+        self.calls += 1
+        user = next(m["content"] for m in kw["messages"] if m["role"] == "user")
+        prompt = user.split("\n")[0].split()
+        nll = 0.1 + sum(w != "good" for w in prompt)
+        entry = {"token": "A", "logprob": -nll, "bytes": [65], "top_logprobs": []}
+        return SimpleNamespace(choices=[SimpleNamespace(logprobs=SimpleNamespace(content=[entry]),
+                                                        finish_reason="stop")])
+
+
+@pytest.mark.parametrize("variant", ["daunce_bb", "daunce_e_bb"])
+def test_policy_gradient_moves_probability_to_the_better_word(variant, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "target": "A"} for i in range(8)]
+    fake = FakeEndpoint()
+    s = BDPLSettings(epochs=6, batch_size=4, prompt_length=3, lr=0.05, sample_size=4, grad_clip=3.0)
+    learner = BDPL(fake, "m", ["bad", "good", "worse", "awful"], s, LogprobSettings(concurrency=1), variant)
+    idx, hist = learner.fit(rows, seed=0, k=0, checkpoint=tmp_path / "ck.pt")
+    assert learner.prompt_text(idx) == "good good good"
+    assert hist[-1] < hist[0]
+    assert fake.calls == 6 * 8 * 4  # epochs x examples x samples
+    # resuming from the checkpoint of the finished run does no more work and gives the same prompt
+    again, _ = learner.fit(rows, seed=0, k=0, checkpoint=tmp_path / "ck.pt")
+    assert again.tolist() == idx.tolist() and fake.calls == 6 * 8 * 4

@@ -1,0 +1,165 @@
+"""The fine-tuning manifest: a killed run is resumed without launching any job twice."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daunce_core.blackbox.client import APIClient, BlackboxError, Credentials
+from daunce_core.blackbox.finetune import FinetuneSettings, run_finetunes
+from daunce_core.blackbox.manifest import Manifest, ManifestError
+from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+
+KEY = "sk-manifest-test-abcdef0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+
+# Shared by this process and the client subprocess that gets killed.
+SPECS = '''
+from daunce_core.blackbox.finetune import FinetuneSpec
+def make_specs(n_models=4, n_examples=12):
+    specs = []
+    for k in range(n_models):
+        ex = [{"messages": [{"role": "user", "content": f"question {k} {i}"},
+                            {"role": "assistant", "content": "A" if (i + k) % 2 else "B"}]}
+              for i in range(n_examples)]
+        specs.append(FinetuneSpec(f"k{k}", "tiny", ex, {"n_epochs": 25, "batch_size": 4,
+                                                        "learning_rate_multiplier": 1}, seed=k))
+    return specs
+'''
+ns: dict = {}
+exec(SPECS, ns)
+make_specs = ns["make_specs"]
+FP = {"test": 1}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    import torch
+
+    from daunce_core.tinylm import tiny_causal_lm, train_tokenizer
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("base")
+    tok = train_tokenizer(["<|user|>\nquestion 1 2\n<|assistant|>\nA\n"] * 10, 300)
+    m = tiny_causal_lm(tok, hidden_size=32, num_layers=1)
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture()
+def server(tmp_path, base):
+    cfg = ServerConfig(state_dir=str(tmp_path / "server"), models={"tiny": base}, train={"max_len": 64})
+    with serve_in_thread(cfg, KEY) as (url, st):
+        yield url, st
+
+
+def _client(url):
+    return APIClient(Credentials(url, KEY), sleep=lambda s: None)
+
+
+def _jobs(url, run_id):
+    return _client(url).list_jobs(metadata={"daunce_run": run_id})
+
+
+FAST = FinetuneSettings(max_active=1, poll_interval=0.05, max_attempts=2)
+
+
+def test_killed_run_is_resumed_without_duplicate_jobs(server, tmp_path):
+    url, st = server
+    man_path = tmp_path / "manifest.json"
+    code = SPECS + f'''
+import os, json
+from daunce_core.blackbox.client import APIClient, Credentials
+from daunce_core.blackbox.finetune import FinetuneSettings, run_finetunes
+from daunce_core.blackbox.manifest import Manifest
+c = APIClient(Credentials(os.environ["T_URL"], os.environ["T_KEY"]))
+run_finetunes(c, Manifest({str(man_path)!r}, {FP!r}), make_specs(),
+              FinetuneSettings(max_active=1, poll_interval=0.05))
+'''
+    env = dict(os.environ, T_URL=url, T_KEY=KEY, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if man_path.exists():
+                ent = json.loads(man_path.read_text())["entries"]
+                if (ent.get("k1", {}).get("job") or {}).get("id"):
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the client never created the second job")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ent = json.loads(man_path.read_text())["entries"]
+    assert "model" not in ent.get("k3", {}), "killed too late to test a resume"
+    created_before = st.stats.get("POST /v1/fine_tuning/jobs", 0)
+    assert created_before >= 2
+
+    man = Manifest(man_path, FP)
+    models = run_finetunes(_client(url), man, make_specs(), FAST)
+    jobs = _jobs(url, man.run_id)
+    assert sorted(j.metadata["daunce_entry"] for j in jobs) == ["k0", "k1", "k2", "k3"]  # one job each
+    assert all(j.status == "succeeded" for j in jobs)
+    assert st.stats["POST /v1/fine_tuning/jobs"] == 4
+    assert models == {f"k{k}": man.entry(f"k{k}")["model"] for k in range(4)}
+    # a third run launches nothing and returns the same models
+    assert run_finetunes(_client(url), Manifest(man_path, FP), make_specs(), FAST) == models
+    assert st.stats["POST /v1/fine_tuning/jobs"] == 4
+    assert st.stats["POST /v1/files"] == 4  # uploads are reused too
+
+
+def test_lost_create_response_is_adopted_not_repeated(server, tmp_path):
+    url, st = server
+    st.faults.append({"method": "POST", "path": "/v1/fine_tuning/jobs", "status": 502, "count": 1, "after": True})
+    man = Manifest(tmp_path / "m.json", FP)
+    run_finetunes(_client(url), man, make_specs(1), FAST)
+    jobs = _jobs(url, man.run_id)
+    assert len(jobs) == 1 and jobs[0].status == "succeeded"
+    assert st.stats["POST /v1/fine_tuning/jobs"] == 1  # the retry found the job instead of re-sending
+
+
+def test_crash_between_create_and_record_is_adopted(server, tmp_path):
+    url, st = server
+    man = Manifest(tmp_path / "m.json", FP)
+    spec = make_specs(1)[0]
+    c = _client(url)
+    f = c.upload("x.jsonl", spec.jsonl())
+    job = c.create_job(model="tiny", training_file=f.id, metadata={"daunce_run": man.run_id,
+                                                                 "daunce_entry": "k0", "daunce_attempt": "1"})
+    man.update("k0", job={"state": "creating", "attempt": 1, "id": None})  # the id never made it to disk
+    out = run_finetunes(c, man, [spec], FAST)
+    assert man.entry("k0")["job"]["id"] == job.id
+    assert st.stats["POST /v1/fine_tuning/jobs"] == 1 and out["k0"].startswith("ft:tiny:")
+
+
+def test_failed_jobs_are_retried_then_reported_and_finished_ones_kept(server, tmp_path):
+    url, st = server
+    specs = make_specs(2)
+    specs[1].examples = specs[1].examples[:3]  # fewer than 10 examples: the endpoint fails the job
+    man = Manifest(tmp_path / "m.json", FP)
+    with pytest.raises(BlackboxError, match="k1.*invalid_training_file|1 fine-tune"):
+        run_finetunes(_client(url), man, specs, FAST)
+    assert man.entry("k0")["model"]
+    assert len(man.entry("k1")["failed_jobs"]) == 2  # max_attempts = 2
+    assert st.stats["POST /v1/fine_tuning/jobs"] == 3
+
+
+def test_manifest_refuses_other_settings_and_never_replaces_a_model(tmp_path):
+    m = Manifest(tmp_path / "m.json", {"a": 1})
+    m.update("k0", model="ft:x")
+    with pytest.raises(ManifestError, match="differs in: a"):
+        Manifest(tmp_path / "m.json", {"a": 2})
+    with pytest.raises(ManifestError, match="refusing to replace"):
+        Manifest(tmp_path / "m.json", {"a": 1}).update("k0", model="ft:y")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="never overwritten"):
+        Manifest(tmp_path / "bad.json", {"a": 1})
+    assert (tmp_path / "bad.json").read_text() == "{not json"

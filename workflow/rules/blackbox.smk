@@ -1,0 +1,162 @@
+# Section 5 / Appendix D: data attribution with black-box access, the backdoor study (Figure 4).
+#   snakemake -c2 results/fig4.md                         the miniature (local OpenAI-compatible server)
+#   snakemake -n --configfile=config/paper/blackbox_gpt.yaml results/fig4.md     the paper's plan
+# Per base model: poisoned multiple-choice data -> theta_0 (a fine-tuning job) -> K perturbed
+# "models" per access setting (api: fine-tuning jobs on D^k; strict: BDPL prompts on D^k) ->
+# losses from chat-completion logprobs -> scores -> precision@10 and the table.
+# Nothing costs money unless blackbox.spend is true and the estimate fits blackbox.max_spend_usd;
+# paid work is recorded under .../work/ (manifests), never a Snakemake output, so a failed or
+# killed job keeps it and the rerun adopts it.
+from daunce_core.blackbox.study import load_config as blackbox_load_config
+
+BB = blackbox_load_config(config)
+
+
+wildcard_constraints:
+    bbmodel=r"[A-Za-z0-9_.:-]+",
+    access=r"api|strict",
+
+
+def blackbox_data_files(wildcards):
+    return {
+        "train": f"results/{wildcards.experiment}/blackbox/data/train.jsonl",
+        "query": f"results/{wildcards.experiment}/blackbox/data/query.jsonl",
+    }
+
+
+def blackbox_theta0_inputs(wildcards):
+    """Data, the cost estimate (checked again before any paid call) and, for the local server,
+    its base model."""
+    out = blackbox_data_files(wildcards)
+    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
+    if BB.backend == "local":
+        out["base"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/local_base"
+    return out
+
+
+def blackbox_losses_inputs(wildcards):
+    out = blackbox_data_files(wildcards)
+    out["theta0"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/theta0.json"
+    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
+    return out
+
+
+def blackbox_fig4_inputs(wildcards):
+    """Every (base model, access setting) score file, theta_0 of every model, and the data."""
+    out = {
+        "train": f"results/{EXP}/blackbox/data/train.jsonl",
+        "query": f"results/{EXP}/blackbox/data/query.jsonl",
+    }
+    out["theta0"] = [f"results/{EXP}/blackbox/{m}/theta0.json" for m in BB.models]
+    out["scores"] = [f"results/{EXP}/blackbox/{m}/scores/{a}.h5" for m in BB.models for a in BB.access]
+    return out
+
+
+if "blackbox" in config:  # a config without the section asks for no black-box study
+    EXTRA_FINAL_OUTPUTS.append("results/fig4.md")
+
+
+rule blackbox_data:
+    """The multiple-choice training set with 10% backdoored examples, and held-out queries
+    (triggered and clean). MMLU is downloaded here in the paper's setting."""
+    output:
+        train="results/{experiment}/blackbox/data/train.jsonl",
+        query="results/{experiment}/blackbox/data/query.jsonl",
+    log:
+        "results/{experiment}/logs/blackbox/data.log",
+    script:
+        "../../scripts/blackbox_data.py"
+
+
+rule blackbox_local_base:
+    """The local server's base model (backend local): a tokenizer and a tiny Llama-style LM."""
+    input:
+        train="results/{experiment}/blackbox/data/train.jsonl",
+    output:
+        directory("results/{experiment}/blackbox/{bbmodel}/local_base"),
+    log:
+        "results/{experiment}/logs/blackbox/{bbmodel}/local_base.log",
+    script:
+        "../../scripts/blackbox_data.py"
+
+
+rule blackbox_estimate:
+    """Tokens and US dollars the whole study would cost for one base model. Spends nothing."""
+    input:
+        unpack(blackbox_data_files),
+    output:
+        "results/{experiment}/blackbox/{bbmodel}/cost_estimate.json",
+    log:
+        "results/{experiment}/logs/blackbox/{bbmodel}/estimate.log",
+    script:
+        "../../scripts/blackbox_data.py"
+
+
+rule blackbox_theta0:
+    """theta_0: the base model fine-tuned (a fine-tuning job) on the whole poisoned training set;
+    its greedy replies to the queries. Refuses to start if spending is not allowed."""
+    input:
+        unpack(blackbox_theta0_inputs),
+    output:
+        "results/{experiment}/blackbox/{bbmodel}/theta0.json",
+    log:
+        "results/{experiment}/logs/blackbox/{bbmodel}/theta0.log",
+    benchmark:
+        "results/{experiment}/benchmarks/blackbox/{bbmodel}/theta0.tsv"
+    params:
+        work="results/{experiment}/blackbox/{bbmodel}/work/theta0",
+    threads: 2
+    script:
+        "../../scripts/blackbox_fit.py"
+
+
+rule blackbox_losses:
+    """K perturbed models on D^k (api: fine-tuning jobs of theta_0; strict: BDPL prompts for
+    theta_0) and the NLL of every training and query example under each, from logprobs."""
+    input:
+        unpack(blackbox_losses_inputs),
+    output:
+        "results/{experiment}/blackbox/{bbmodel}/losses/{access}.h5",
+    log:
+        "results/{experiment}/logs/blackbox/{bbmodel}/losses_{access}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/blackbox/{bbmodel}/losses_{access}.tsv"
+    params:
+        work="results/{experiment}/blackbox/{bbmodel}/work/{access}",
+    threads: 2
+    script:
+        "../../scripts/blackbox_fit.py"
+
+
+rule blackbox_score:
+    """DAUNCE scores of one access setting: correlation (or covariance) of losses across K."""
+    input:
+        "results/{experiment}/blackbox/{bbmodel}/losses/{access}.h5",
+    output:
+        "results/{experiment}/blackbox/{bbmodel}/scores/{access}.h5",
+    log:
+        "results/{experiment}/logs/blackbox/{bbmodel}/score_{access}.log",
+    script:
+        "../../scripts/blackbox_report.py"
+
+
+rule fig4:
+    """Figure 4: precision@10 of backdoored training examples for triggered queries under both
+    access settings, and sample queries with their top retrieved training examples."""
+    input:
+        unpack(blackbox_fig4_inputs),
+    output:
+        md=report(
+            "results/fig4.md",
+            caption="../report/fig4.rst",
+            category="Tables",
+            labels={"figure": "4"},
+        ),
+        csv=f"results/{EXP}/blackbox/precision.csv",
+    log:
+        f"results/{EXP}/logs/fig4.log",
+    params:
+        models=BB.models,
+        access=BB.access,
+    script:
+        "../../scripts/blackbox_report.py"
