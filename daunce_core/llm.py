@@ -549,7 +549,7 @@ TASK_DATA = {"math": ("numinamath", "math"), "ifeval": ("autoif", "ifeval")}
 
 @dataclass
 class LLMSettings:
-    """The ``llm`` section of the config (see ``config/fragments/llm.yaml`` for every key's meaning)."""
+    """The ``llm`` section of the config (see the ``llm`` section of ``config/config.yaml`` for every key)."""
 
     task: str = "synthetic"
     model: str = "tiny"
