@@ -749,17 +749,6 @@ def daunce_chunk(s: LLMSettings, theta0_dir, train_jsonl, queries_jsonl, lr: flo
                                             np.array([e["id"] for e in query]), attrs))
 
 
-def score_losses(losses_path, out, measure: str) -> None:
-    """DAUNCE scores (correlation or covariance of the K models' losses) as a dense scores file."""
-    from . import scoring, store
-
-    L = store.read_losses(losses_path)
-    S = scoring.pairwise_scores(L.train, L.query, measure=measure)
-    store.write_scores(out, train_ids=L.train_ids, query_ids=L.query_ids, scores=S,
-                       attrs={"method": "daunce", "variant": L.attrs.get("variant", ""), "measure": measure,
-                              "threshold": "none", "lambda": 0.0})
-
-
 def _retrainer(s: LLMSettings, base: str, train: list, queries: list, device):
     """``retrain(keep, seed) -> correct`` for the removal harness: full fine-tune from ``base``."""
     def retrain(keep: np.ndarray, seed: int) -> np.ndarray:
