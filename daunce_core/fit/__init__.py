@@ -1,0 +1,5 @@
+"""Fitting the K perturbed models: the contract (:mod:`.contract`), the shared chunk machinery
+(:mod:`.chunks`) and one module per way of fitting."""
+from .contract import Fitter, Plan, Signals
+
+__all__ = ["Fitter", "Plan", "Signals"]
