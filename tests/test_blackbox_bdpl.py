@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from daunce_core.blackbox.bdpl import (BDPL, BDPLSettings, argmax_random_ties, candidate_ngrams, margin_from_nll,
+from daunce_core.blackbox.bdpl import (BDPL, argmax_random_ties, candidate_ngrams, margin_from_nll,
                                        project_simplex, with_prompt)
-from daunce_core.blackbox.logprobs import LogprobSettings
+from daunce_core.blackbox.config import BDPLConfig, LogprobConfig
 
 
 def test_projection_onto_the_simplex():
@@ -62,8 +62,8 @@ class FakeEndpoint:
 def test_policy_gradient_moves_probability_to_the_better_word(variant, tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "target": "A"} for i in range(8)]
     fake = FakeEndpoint()
-    s = BDPLSettings(epochs=6, batch_size=4, prompt_length=3, lr=0.05, sample_size=4, grad_clip=3.0)
-    learner = BDPL(fake, "m", ["bad", "good", "worse", "awful"], s, LogprobSettings(concurrency=1), variant)
+    s = BDPLConfig(epochs=6, batch_size=4, prompt_length=3, lr=0.05, sample_size=4, grad_clip=3.0)
+    learner = BDPL(fake, "m", ["bad", "good", "worse", "awful"], s, LogprobConfig(concurrency=1), variant)
     idx, hist = learner.fit(rows, seed=0, k=0, checkpoint=tmp_path / "ck.pt")
     assert learner.prompt_text(idx) == "good good good"
     assert hist[-1] < hist[0]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from daunce_core.blackbox.client import APIClient, BlackboxError, Credentials
-from daunce_core.blackbox.finetune import FinetuneSettings, run_finetunes
+from daunce_core.blackbox.config import FinetuneConfig
+from daunce_core.blackbox.finetune import run_finetunes
 from daunce_core.blackbox.manifest import Manifest, ManifestError
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
 
 KEY = "sk-manifest-test-abcdef0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture()
 def server(tmp_path, base):
-    cfg = ServerConfig(state_dir=str(tmp_path / "server"), models={"tiny": base}, train={"max_len": 64})
+    cfg = ServerConfig(state_dir=str(tmp_path / "server"), models={"tiny": base}, train=TrainSettings(max_len=64))
     with serve_in_thread(cfg, KEY) as (url, st):
         yield url, st
 
@@ -66,7 +67,7 @@ def _jobs(url, run_id):
     return _client(url).list_jobs(metadata={"daunce_run": run_id})
 
 
-FAST = FinetuneSettings(max_active=1, poll_interval=0.05, max_attempts=2)
+FAST = FinetuneConfig(max_active=1, poll_interval_s=0.05, max_attempts=2)
 
 
 def test_killed_run_is_resumed_without_duplicate_jobs(server, tmp_path):
@@ -75,11 +76,12 @@ def test_killed_run_is_resumed_without_duplicate_jobs(server, tmp_path):
     code = SPECS + f'''
 import os, json
 from daunce_core.blackbox.client import APIClient, Credentials
-from daunce_core.blackbox.finetune import FinetuneSettings, run_finetunes
+from daunce_core.blackbox.config import FinetuneConfig
+from daunce_core.blackbox.finetune import run_finetunes
 from daunce_core.blackbox.manifest import Manifest
 c = APIClient(Credentials(os.environ["T_URL"], os.environ["T_KEY"]))
 run_finetunes(c, Manifest({str(man_path)!r}, {FP!r}), make_specs(),
-              FinetuneSettings(max_active=1, poll_interval=0.05))
+              FinetuneConfig(max_active=1, poll_interval_s=0.05))
 '''
     env = dict(os.environ, T_URL=url, T_KEY=KEY, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)

@@ -11,7 +11,7 @@ import pytest
 from daunce_core.blackbox import study
 from daunce_core.blackbox.client import AuthError
 from daunce_core.blackbox.config import BlackboxConfig, ConfigError
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
 
 KEY = "sk-proj-SECRETdaunceTEST-7f3a9c1e5b2d4f60a8c3e1b7d9f2a4c6"
 
@@ -53,7 +53,7 @@ def test_key_never_written_to_logs_or_files(tmp_path, monkeypatch, caplog):
         study.make_data(cfg, W / "train.jsonl", W / "query.jsonl")
         study.make_local_base(cfg, W / "train.jsonl", W / "base")
         scfg = ServerConfig(state_dir=str(W / "server"), models={"tiny-x": str(W / "base")},
-                            train={"max_len": 384})
+                            train=TrainSettings(max_len=384))
         with serve_in_thread(scfg, KEY) as (url, st):
             monkeypatch.setenv("OPENAI_API_KEY", KEY)
             monkeypatch.setenv("OPENAI_BASE_URL", url)
