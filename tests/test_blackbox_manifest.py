@@ -165,3 +165,24 @@ def test_manifest_refuses_other_settings_and_never_replaces_a_model(tmp_path):
     with pytest.raises(ManifestError, match="never overwritten"):
         Manifest(tmp_path / "bad.json", {"a": 1})
     assert (tmp_path / "bad.json").read_text() == "{not json"
+
+
+def test_api_fitter_checks_lr_against_the_configured_multiplier(tmp_path):
+    """An API job's rate is the configured multiplier (part of the manifest's fingerprint): fit
+    refuses another lr before sending anything."""
+    import numpy as np
+
+    from daunce_core.blackbox.config import LogprobConfig
+    from daunce_core.fit import Fitter
+    from daunce_core.fit.api import APIFitter, configured_lr
+
+    assert configured_lr({"learning_rate_multiplier": 2}) == 2.0
+    assert np.isnan(configured_lr({"learning_rate_multiplier": "auto"})) and np.isnan(configured_lr({}))
+    man = Manifest(tmp_path / "manifest.json", {"t": 1})
+    for mult, bad in ((1, 2.0), ("auto", 1.0)):
+        f = APIFitter(None, man, theta0="m", train=[], query=[], training_examples=[], subsets=[],
+                      hyperparameters={"learning_rate_multiplier": mult}, finetune=FinetuneConfig(),
+                      logprobs=LogprobConfig(), work_dir=tmp_path)
+        assert isinstance(f, Fitter)
+        with pytest.raises(ValueError, match="learning_rate_multiplier"):
+            f.fit([0], lr=bad)

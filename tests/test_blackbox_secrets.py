@@ -108,3 +108,17 @@ def test_config_refuses_keys():
         BlackboxConfig.from_dict({"api": {"base_url": KEY}})
     with pytest.raises(ConfigError, match="unknown key"):
         BlackboxConfig.from_dict({"spnd": True})
+
+
+def test_command_line_strings_are_read_as_values_and_nested_typos_named():
+    """``--config 'blackbox={"spend": "true", ...}'`` delivers strings; every section, down to the
+    local server's training settings, refuses unknown keys and wrong types by dotted name."""
+    cfg = BlackboxConfig.from_dict({"spend": "true", "max_spend_usd": "300", "K": "4"})
+    assert cfg.spend is True and cfg.max_spend_usd == 300.0 and cfg.K == 4
+    with pytest.raises(ConfigError, match="blackbox.spend must be a bool"):
+        BlackboxConfig.from_dict({"spend": "maybe"})
+    with pytest.raises(ConfigError, match=r"blackbox\.local\.train\.max_lenn"):
+        BlackboxConfig.from_dict({"local": {"train": {"max_lenn": 64}}})
+    with pytest.raises(ConfigError, match=r"blackbox\.api\.retry\.jitter must be a float"):
+        BlackboxConfig.from_dict({"api": {"retry": {"jitter": [1]}}})
+    assert BlackboxConfig.from_dict({"local": {"train": {"max_len": 64}}}).local.train.max_len == 64
