@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from daunce_core.blackbox.bdpl import (BDPL, BDPLSettings, argmax_random_ties, candidate_ngrams, margin_from_nll,
+from daunce_core.blackbox.bdpl import (BDPL, argmax_random_ties, candidate_ngrams, margin_from_nll,
                                        project_simplex, with_prompt)
-from daunce_core.blackbox.logprobs import LogprobSettings
+from daunce_core.blackbox.config import BDPLConfig, LogprobConfig
 
 
 def test_projection_onto_the_simplex():
@@ -62,8 +62,8 @@ class FakeEndpoint:
 def test_policy_gradient_moves_probability_to_the_better_word(variant, tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "target": "A"} for i in range(8)]
     fake = FakeEndpoint()
-    s = BDPLSettings(epochs=6, batch_size=4, prompt_length=3, lr=0.05, sample_size=4, grad_clip=3.0)
-    learner = BDPL(fake, "m", ["bad", "good", "worse", "awful"], s, LogprobSettings(concurrency=1), variant)
+    s = BDPLConfig(epochs=6, batch_size=4, prompt_length=3, lr=0.05, sample_size=4, grad_clip=3.0)
+    learner = BDPL(fake, "m", ["bad", "good", "worse", "awful"], s, LogprobConfig(concurrency=1), variant)
     idx, hist = learner.fit(rows, seed=0, k=0, checkpoint=tmp_path / "ck.pt")
     assert learner.prompt_text(idx) == "good good good"
     assert hist[-1] < hist[0]
@@ -71,3 +71,39 @@ def test_policy_gradient_moves_probability_to_the_better_word(variant, tmp_path)
     # resuming from the checkpoint of the finished run does no more work and gives the same prompt
     again, _ = learner.fit(rows, seed=0, k=0, checkpoint=tmp_path / "ck.pt")
     assert again.tolist() == idx.tolist() and fake.calls == 6 * 8 * 4
+
+
+def test_bdpl_fitter_returns_signals_and_adopts_recorded_prompts(tmp_path):
+    """The strict-access fitter (fitter contract): signals [K, n] / [K, m] with ids, prompts
+    recorded in the manifest, and a rerun that learns and asks nothing again."""
+    from daunce_core.blackbox.manifest import Manifest
+    from daunce_core.fit import Fitter
+    from daunce_core.fit.bdpl import BDPLFitter
+
+    def row(i):
+        return {"id": 100 + i, "messages": [{"role": "user", "content": f"q{i}"}], "target": "A"}
+
+    train, query = [row(i) for i in range(6)], [row(10 + i) for i in range(2)]
+    s = BDPLConfig(epochs=2, batch_size=3, prompt_length=2, lr=0.05, sample_size=2)
+    subsets = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([0, 2, 4])]
+    fake = FakeEndpoint()
+
+    def fitter():
+        man = Manifest(tmp_path / "manifest.json", {"bdpl": "test"})
+        return BDPLFitter(fake, man, theta0="m", candidates=["bad", "good", "worse"], train=train, query=query,
+                          subsets=subsets, bdpl=s, logprobs=LogprobConfig(concurrency=1), work_dir=tmp_path)
+
+    f = fitter()
+    assert isinstance(f, Fitter)
+    with pytest.raises(ValueError, match="blackbox.bdpl.lr"):
+        f.fit([0], lr=0.1)
+    sig = f.fit([1, 2], lr=0.05)
+    assert sig.train.shape == (2, 6) and sig.query.shape == (2, 2) and sig.model_index.tolist() == [1, 2]
+    assert sig.train_ids.tolist() == list(range(100, 106)) and sig.query_ids.tolist() == [110, 111]
+    assert sig.signal == "loss" and len(sig.attrs["prompts"]) == 2
+    # each row is the endpoint's NLL under that model's prompt: 0.1 + the prompt's words that are not 'good'
+    for r, prompt in zip(sig.train, sig.attrs["prompts"]):
+        assert np.allclose(r, 0.1 + sum(w != "good" for w in prompt.split()))
+    calls = fake.calls
+    again = fitter().fit([1, 2], lr=0.05)
+    assert fake.calls == calls and np.array_equal(again.train, sig.train)

@@ -5,8 +5,9 @@ import time
 import pytest
 
 from daunce_core.blackbox.client import (APIClient, APIRequestError, AuthError, Credentials, QuotaError,
-                                         RetriesExhausted, RetryPolicy, credentials_from_env, parse_retry_after)
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+                                         RetriesExhausted, credentials_from_env, parse_retry_after)
+from daunce_core.blackbox.config import RetryConfig
+from daunce_core.localapi import ServerConfig, serve_in_thread
 
 KEY = "sk-client-test-0123456789abcdef"
 
@@ -19,7 +20,7 @@ def server(tmp_path):
 
 def client(url, key=KEY, **retry):
     sleeps = []
-    c = APIClient(Credentials(url, key), retry=RetryPolicy(**retry), sleep=sleeps.append)
+    c = APIClient(Credentials(url, key), retry=RetryConfig(**retry), sleep=sleeps.append)
     return c, sleeps
 
 

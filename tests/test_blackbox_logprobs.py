@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from daunce_core.blackbox import localmodel as lm
+from daunce_core.localapi import model as lm
 from daunce_core.blackbox.client import APIClient, Credentials
-from daunce_core.blackbox.logprobs import (LogprobSettings, budget_for, missing_logprob, score_many,
+from daunce_core.blackbox.config import LogprobConfig
+from daunce_core.blackbox.logprobs import (budget_for, missing_logprob, score_many,
                                            score_target, walk_target)
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+from daunce_core.localapi import ServerConfig, serve_in_thread
 
 
 def E(tok, lp, top=()):
@@ -90,7 +91,7 @@ def test_estimate_equals_teacher_forcing_when_greedy_follows_the_target(tiny_ser
     gen = lm.generate(model, tok, msgs, max_tokens=4)
     target = tok.decode(gen.token_ids)
     assert target, "the random model should say something"
-    sc = score_target(client, "tiny", msgs, target, LogprobSettings(top_logprobs=5))
+    sc = score_target(client, "tiny", msgs, target, LogprobConfig(top_logprobs=5))
     assert sc.exact
     assert sc.nll == pytest.approx(lm.teacher_forced_nll(model, tok, msgs, target), abs=1e-4)
 
@@ -100,7 +101,7 @@ def test_estimate_is_a_lower_bound_of_teacher_forcing(tiny_server):
     model, tok = st.get_model("tiny")
     msgs = [{"role": "user", "content": "which fruit? apple or tiger"}]
     items = [(msgs, t) for t in ("apple", "tiger", "Sorry", "x")]
-    res = score_many(client, "tiny", items, LogprobSettings(top_logprobs=20, concurrency=2))
+    res = score_many(client, "tiny", items, LogprobConfig(top_logprobs=20, concurrency=2))
     for (m, t), est in zip(items, res.nll):
         assert est <= lm.teacher_forced_nll(model, tok, m, t) + 1e-4
         assert np.isfinite(est) and est > 0

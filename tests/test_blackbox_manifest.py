@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from daunce_core.blackbox.client import APIClient, BlackboxError, Credentials
-from daunce_core.blackbox.finetune import FinetuneSettings, run_finetunes
+from daunce_core.blackbox.config import FinetuneConfig
+from daunce_core.blackbox.finetune import run_finetunes
 from daunce_core.blackbox.manifest import Manifest, ManifestError
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
 
 KEY = "sk-manifest-test-abcdef0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture()
 def server(tmp_path, base):
-    cfg = ServerConfig(state_dir=str(tmp_path / "server"), models={"tiny": base}, train={"max_len": 64})
+    cfg = ServerConfig(state_dir=str(tmp_path / "server"), models={"tiny": base}, train=TrainSettings(max_len=64))
     with serve_in_thread(cfg, KEY) as (url, st):
         yield url, st
 
@@ -66,7 +67,7 @@ def _jobs(url, run_id):
     return _client(url).list_jobs(metadata={"daunce_run": run_id})
 
 
-FAST = FinetuneSettings(max_active=1, poll_interval=0.05, max_attempts=2)
+FAST = FinetuneConfig(max_active=1, poll_interval_s=0.05, max_attempts=2)
 
 
 def test_killed_run_is_resumed_without_duplicate_jobs(server, tmp_path):
@@ -75,11 +76,12 @@ def test_killed_run_is_resumed_without_duplicate_jobs(server, tmp_path):
     code = SPECS + f'''
 import os, json
 from daunce_core.blackbox.client import APIClient, Credentials
-from daunce_core.blackbox.finetune import FinetuneSettings, run_finetunes
+from daunce_core.blackbox.config import FinetuneConfig
+from daunce_core.blackbox.finetune import run_finetunes
 from daunce_core.blackbox.manifest import Manifest
 c = APIClient(Credentials(os.environ["T_URL"], os.environ["T_KEY"]))
 run_finetunes(c, Manifest({str(man_path)!r}, {FP!r}), make_specs(),
-              FinetuneSettings(max_active=1, poll_interval=0.05))
+              FinetuneConfig(max_active=1, poll_interval_s=0.05))
 '''
     env = dict(os.environ, T_URL=url, T_KEY=KEY, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)
@@ -163,3 +165,24 @@ def test_manifest_refuses_other_settings_and_never_replaces_a_model(tmp_path):
     with pytest.raises(ManifestError, match="never overwritten"):
         Manifest(tmp_path / "bad.json", {"a": 1})
     assert (tmp_path / "bad.json").read_text() == "{not json"
+
+
+def test_api_fitter_checks_lr_against_the_configured_multiplier(tmp_path):
+    """An API job's rate is the configured multiplier (part of the manifest's fingerprint): fit
+    refuses another lr before sending anything."""
+    import numpy as np
+
+    from daunce_core.blackbox.config import LogprobConfig
+    from daunce_core.fit import Fitter
+    from daunce_core.fit.api import APIFitter, configured_lr
+
+    assert configured_lr({"learning_rate_multiplier": 2}) == 2.0
+    assert np.isnan(configured_lr({"learning_rate_multiplier": "auto"})) and np.isnan(configured_lr({}))
+    man = Manifest(tmp_path / "manifest.json", {"t": 1})
+    for mult, bad in ((1, 2.0), ("auto", 1.0)):
+        f = APIFitter(None, man, theta0="m", train=[], query=[], training_examples=[], subsets=[],
+                      hyperparameters={"learning_rate_multiplier": mult}, finetune=FinetuneConfig(),
+                      logprobs=LogprobConfig(), work_dir=tmp_path)
+        assert isinstance(f, Fitter)
+        with pytest.raises(ValueError, match="learning_rate_multiplier"):
+            f.fit([0], lr=bad)

@@ -11,7 +11,7 @@ import pytest
 from daunce_core.blackbox import study
 from daunce_core.blackbox.client import AuthError
 from daunce_core.blackbox.config import BlackboxConfig, ConfigError
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
 
 KEY = "sk-proj-SECRETdaunceTEST-7f3a9c1e5b2d4f60a8c3e1b7d9f2a4c6"
 
@@ -53,7 +53,7 @@ def test_key_never_written_to_logs_or_files(tmp_path, monkeypatch, caplog):
         study.make_data(cfg, W / "train.jsonl", W / "query.jsonl")
         study.make_local_base(cfg, W / "train.jsonl", W / "base")
         scfg = ServerConfig(state_dir=str(W / "server"), models={"tiny-x": str(W / "base")},
-                            train={"max_len": 384})
+                            train=TrainSettings(max_len=384))
         with serve_in_thread(scfg, KEY) as (url, st):
             monkeypatch.setenv("OPENAI_API_KEY", KEY)
             monkeypatch.setenv("OPENAI_BASE_URL", url)
@@ -108,3 +108,17 @@ def test_config_refuses_keys():
         BlackboxConfig.from_dict({"api": {"base_url": KEY}})
     with pytest.raises(ConfigError, match="unknown key"):
         BlackboxConfig.from_dict({"spnd": True})
+
+
+def test_command_line_strings_are_read_as_values_and_nested_typos_named():
+    """``--config 'blackbox={"spend": "true", ...}'`` delivers strings; every section, down to the
+    local server's training settings, refuses unknown keys and wrong types by dotted name."""
+    cfg = BlackboxConfig.from_dict({"spend": "true", "max_spend_usd": "300", "K": "4"})
+    assert cfg.spend is True and cfg.max_spend_usd == 300.0 and cfg.K == 4
+    with pytest.raises(ConfigError, match="blackbox.spend must be a bool"):
+        BlackboxConfig.from_dict({"spend": "maybe"})
+    with pytest.raises(ConfigError, match=r"blackbox\.local\.train\.max_lenn"):
+        BlackboxConfig.from_dict({"local": {"train": {"max_lenn": 64}}})
+    with pytest.raises(ConfigError, match=r"blackbox\.api\.retry\.jitter must be a float"):
+        BlackboxConfig.from_dict({"api": {"retry": {"jitter": [1]}}})
+    assert BlackboxConfig.from_dict({"local": {"train": {"max_len": 64}}}).local.train.max_len == 64

@@ -6,7 +6,7 @@ import time
 import openai
 import pytest
 
-from daunce_core.blackbox.server import LocalServer, ServerConfig, build_server, serve_in_thread
+from daunce_core.localapi import LocalServer, ServerConfig, TrainSettings, build_server, serve_in_thread
 
 KEY = "sk-server-test-abcdef0123456789"
 
@@ -42,7 +42,7 @@ def _wait(c, job_id, timeout=60):
 
 
 def test_endpoints_with_the_openai_client(tmp_path, base):
-    cfg = ServerConfig(state_dir=str(tmp_path / "s"), models={"tiny": base}, train={"max_len": 64})
+    cfg = ServerConfig(state_dir=str(tmp_path / "s"), models={"tiny": base}, train=TrainSettings(max_len=64))
     with serve_in_thread(cfg, KEY) as (url, st):
         c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
         assert [m.id for m in c.models.list()] == ["tiny"]
@@ -93,7 +93,7 @@ def test_endpoints_with_the_openai_client(tmp_path, base):
 
 def test_state_survives_a_restart_and_unfinished_jobs_resume(tmp_path, base):
     state = str(tmp_path / "s")
-    cfg = ServerConfig(state_dir=state, models={"tiny": base}, train={"max_len": 64})
+    cfg = ServerConfig(state_dir=state, models={"tiny": base}, train=TrainSettings(max_len=64))
     with serve_in_thread(cfg, KEY) as (url, st):
         c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
         f = c.files.create(file=("t.jsonl", _examples()), purpose="fine-tune")

@@ -15,7 +15,7 @@ from daunce_core.blackbox import backdoor as B
 from daunce_core.blackbox import study
 from daunce_core.blackbox.config import BlackboxConfig
 from daunce_core.blackbox.cost import CostItem, SpendNotAllowed, check_spend, price_of, priced
-from daunce_core.blackbox.server import ServerConfig, serve_in_thread
+from daunce_core.localapi import ServerConfig, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 

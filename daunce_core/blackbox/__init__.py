@@ -13,7 +13,9 @@ Either way every training and query example's loss under each of the K models is
 chat completions' ``logprobs`` (:mod:`.logprobs`: exact when greedy decoding reproduces the
 target; a target token missing from the top logprobs is charged the upper bound
 ``min(p_N, 1 - sum p)`` on its probability), written as a losses HDF5 file and scored by
-:func:`daunce_core.scoring.pairwise_scores` like every other DAUNCE variant.
+:func:`daunce_core.scoring.score_file` like every other DAUNCE variant. The two ways of fitting
+implement the fitter contract (:mod:`daunce_core.fit.contract`) as adapters over this package:
+:class:`daunce_core.fit.api.APIFitter` and :class:`daunce_core.fit.bdpl.BDPLFitter`.
 
 Safety with money and keys:
 
@@ -25,9 +27,10 @@ Safety with money and keys:
 * :mod:`.cost` -- an estimate of tokens and dollars before anything is sent, and no paid request
   unless ``blackbox.spend: true`` and the estimate is within ``blackbox.max_spend_usd``.
 
-:mod:`.server` is a local OpenAI-compatible server (stdlib HTTP on loopback, a small transformers
-model that fine-tunes for real) so the whole path runs offline with the real ``openai`` client;
-pointing it at OpenAI is a matter of base URL and key. :mod:`.study` holds the workflow's steps,
+:mod:`daunce_core.localapi` is a local OpenAI-compatible server (stdlib HTTP on loopback, a small
+transformers model that fine-tunes for real) so the whole path runs offline with the real
+``openai`` client; pointing it at OpenAI is a matter of base URL and key. :mod:`.config` holds the
+typed settings (``blackbox`` config section) that every runner here takes directly. :mod:`.study` holds the workflow's steps,
 :mod:`.backdoor` the backdoored multiple-choice data and the Figure 4 table.
 
 Command line (no Snakemake): ``python -m daunce_core.blackbox estimate --configfile FILE``.

@@ -9,8 +9,8 @@
         Exit 0 if the config (with the command-line overrides) allows the estimate, else print why.
 
     python -m daunce_core.blackbox serve --model NAME=FOLDER --state DIR [--port N]
-        The local OpenAI-compatible server in the foreground; the key is read from the
-        environment variable DAUNCE_LOCAL_API_KEY.
+        The local OpenAI-compatible server (daunce_core.localapi) in the foreground; the key is
+        read from the environment variable DAUNCE_LOCAL_API_KEY.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "serve":
-        from .server import KEY_ENV, ServerConfig, main as serve_main
+        from ..localapi import KEY_ENV, ServerConfig
+        from ..localapi.server import main as serve_main
 
         if not os.environ.get(KEY_ENV):
             print(f"set {KEY_ENV} to the key clients must send", file=sys.stderr)
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         models = dict(m.split("=", 1) for m in args.model)
         cfg_path = os.path.join(args.state, "server_config.json")
         os.makedirs(args.state, exist_ok=True)
-        with open(cfg_path, "w") as fh:
-            json.dump(vars(ServerConfig(state_dir=args.state, models=models, port=args.port, threads=args.threads)), fh)
+        ServerConfig(state_dir=args.state, models=models, port=args.port, threads=args.threads).write(cfg_path)
         serve_main(["--config", cfg_path])
         return 0
 

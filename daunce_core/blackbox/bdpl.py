@@ -33,7 +33,6 @@ import math
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,7 +42,8 @@ import torch
 from ..objectives import perturbed_objective, signal_of
 from ..store import atomic_path
 from .client import APIClient
-from .logprobs import LogprobSettings, score_target
+from .config import BDPLConfig, LogprobConfig
+from .logprobs import score_target
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +123,15 @@ def margin_from_nll(nll: np.ndarray | float) -> np.ndarray:
     return -L - np.log(-np.expm1(-L))
 
 
-@dataclass
-class BDPLSettings:
-    epochs: int = 20
-    batch_size: int = 4
-    prompt_length: int = 50
-    lr: float = 1e-3
-    sample_size: int = 10
-    search_space: int = 20
-    grad_clip: float = 3.0
-    placement: str = "prefix"
-
-
 class BDPL:
-    """Learns the discrete prompt of one perturbed model against a chat completions endpoint."""
+    """Learns the discrete prompt of one perturbed model against a chat completions endpoint.
 
-    def __init__(self, client: APIClient, model: str, candidates: Sequence[str], settings: BDPLSettings,
-                 logprobs: LogprobSettings, variant: str = "daunce_bb"):
+    ``settings`` is the ``blackbox.bdpl`` section (its ``search_space`` and ``exclude`` shaped
+    ``candidates``; the rest drive :meth:`fit`), ``logprobs`` the ``blackbox.logprobs`` section.
+    """
+
+    def __init__(self, client: APIClient, model: str, candidates: Sequence[str], settings: BDPLConfig,
+                 logprobs: LogprobConfig, variant: str = "daunce_bb"):
         if settings.sample_size < 2:
             raise ValueError("BDPL needs sample_size >= 2")
         self.c, self.model, self.cands = client, model, list(candidates)

@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
+from .config import RetryConfig
+
 log = logging.getLogger(__name__)
 
 QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "billing_not_active",
@@ -135,17 +137,6 @@ def credentials_from_env(api_key_env: str = "OPENAI_API_KEY", base_url_env: str 
 
 # --- retries --------------------------------------------------------------------------------------
 
-@dataclass
-class RetryPolicy:
-    """How long to keep trying a failing request."""
-
-    max_retries: int = 8  # retries after the first attempt
-    initial_delay: float = 1.0  # seconds; doubled on each retry
-    max_delay: float = 60.0  # cap of the exponential backoff
-    max_retry_after: float = 600.0  # a longer Retry-After than this is an error, not a wait
-    jitter: float = 0.25  # backoff delays are reduced by up to this fraction at random
-
-
 def parse_retry_after(headers: Any) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
     if headers is None:
@@ -212,10 +203,11 @@ def _error_code(exc: Any) -> str | None:
 class APIClient:
     """An ``openai.OpenAI`` client with daunce's retry, error and redaction rules.
 
-    ``raw`` is the underlying client (retries off). ``sleep`` is injectable for tests.
+    ``retry`` is the ``blackbox.api.retry`` section; ``raw`` is the underlying client (retries
+    off). ``sleep`` is injectable for tests.
     """
 
-    def __init__(self, creds: Credentials, *, retry: RetryPolicy | None = None, timeout: float = 120.0,
+    def __init__(self, creds: Credentials, *, retry: RetryConfig | None = None, timeout: float = 120.0,
                  sleep: Callable[[float], None] = time.sleep):
         import openai
 
@@ -224,7 +216,7 @@ class APIClient:
         self._secret = creds.api_key
         self.base_url = creds.base_url
         self.source = creds.source
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryConfig()
         self.sleep = sleep
         self.usage = Usage()
         self._lock = threading.Lock()
@@ -346,7 +338,7 @@ class APIClient:
         return self.call(f"cancel job {job_id}", self.raw.fine_tuning.jobs.cancel, job_id)
 
 
-def backoff_delays(policy: RetryPolicy, n: int) -> list[float]:
+def backoff_delays(policy: RetryConfig, n: int) -> list[float]:
     """The un-jittered backoff schedule (for documentation and tests)."""
     return [min(policy.initial_delay * 2 ** i, policy.max_delay) for i in range(n)]
 

@@ -1,174 +1,170 @@
 """Typed settings of the black-box study (config key ``blackbox``), with help text per field.
 
-``BlackboxConfig.from_dict(config["blackbox"])`` refuses unknown keys by name, so a typo never
-falls back to a default silently -- which matters most for ``spend`` and ``max_spend_usd``. The
-config never holds a key: ``api.api_key_env`` names the environment variable to read it from,
-and :func:`check_no_secrets` refuses any config value that looks like an API key.
+``BlackboxConfig.from_dict(config["blackbox"])`` builds the tree with :func:`daunce_core.settings.build`:
+unknown keys are refused by name, so a typo never falls back to a default silently -- which
+matters most for ``spend`` and ``max_spend_usd`` -- and string values (what Snakemake's
+``--config 'blackbox={"spend": "true"}'`` delivers) are read as YAML scalars. The config never
+holds a key: ``api.api_key_env`` names the environment variable to read it from, and
+:func:`check_no_secrets` refuses any config value that looks like an API key.
+
+The runners take these dataclasses directly: :class:`RetryConfig` is the client's retry policy
+(:class:`.client.APIClient`), :class:`FinetuneConfig` the job runner's (:func:`.finetune.run_finetunes`),
+:class:`LogprobConfig` the loss reader's (:mod:`.logprobs`), :class:`BDPLConfig` the prompt
+learner's (:class:`.bdpl.BDPL`); ``local.train`` is the local server's
+:class:`daunce_core.localapi.config.TrainSettings`.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError
+from ..localapi.config import TrainSettings
 from ..objectives import BLACK_BOX
+from ..settings import ConfigError, build, nested, setting, to_dict
 
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _nested(cls: type, help: str) -> Any:
-    return field(default_factory=cls, metadata={"help": help})
+__all__ = ["BlackboxConfig", "ConfigError", "RetryConfig", "APIConfig", "DataConfig", "FinetuneConfig",
+           "LogprobConfig", "BDPLConfig", "LocalConfig", "check_no_secrets"]
 
 
 @dataclass
 class RetryConfig:
-    max_retries: int = _f(8, "retries of a failing request (429, 408, 409, 5xx, connection errors)")
-    initial_delay: float = _f(1.0, "first backoff delay in seconds, doubled each retry (when no Retry-After)")
-    max_delay: float = _f(60.0, "cap of the backoff delay in seconds")
-    max_retry_after: float = _f(600.0, "a Retry-After longer than this many seconds is an error, not a wait")
+    max_retries: int = setting(8, "retries of a failing request (429, 408, 409, 5xx, connection errors)")
+    initial_delay: float = setting(1.0, "first backoff delay in seconds, doubled each retry (when no Retry-After)")
+    max_delay: float = setting(60.0, "cap of the backoff delay in seconds")
+    max_retry_after: float = setting(600.0, "a Retry-After longer than this many seconds is an error, not a wait")
+    jitter: float = setting(0.25, "backoff delays are shortened by up to this fraction at random")
 
 
 @dataclass
 class APIConfig:
-    base_url: Any = _f(None, "endpoint URL (not secret); null: the env variable base_url_env, else OpenAI")
-    api_key_env: str = _f("OPENAI_API_KEY", "NAME of the environment variable holding the key (never the key)")
-    base_url_env: str = _f("OPENAI_BASE_URL", "NAME of the environment variable that may hold the base URL")
-    timeout_s: float = _f(120.0, "timeout of one request in seconds")
-    retry: RetryConfig = _nested(RetryConfig, "retry and backoff policy")
+    base_url: Any = setting(None, "endpoint URL (not secret); null: the env variable base_url_env, else OpenAI")
+    api_key_env: str = setting("OPENAI_API_KEY", "NAME of the environment variable holding the key (never the key)")
+    base_url_env: str = setting("OPENAI_BASE_URL", "NAME of the environment variable that may hold the base URL")
+    timeout_s: float = setting(120.0, "timeout of one request in seconds")
+    retry: RetryConfig = nested(RetryConfig, "retry and backoff policy")
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("mmlu", "'mmlu' (downloaded), 'synthetic' (offline multiple choice) or 'jsonl' (path)")
-    path: Any = _f(None, "source 'jsonl': file of {question, choices[4], answer (0-3 or A-D), subject}")
-    root: str = _f("resources/mmlu", "where MMLU is downloaded to / read from")
-    mmlu_url: str = _f("https://people.eecs.berkeley.edu/~hendrycks/data.tar", "MMLU archive (CSV files)")
-    mmlu_split: str = _f("test", "MMLU split the examples are drawn from (test, val, dev, auxiliary_train)")
-    n_train: int = _f(5000, "training examples (Appendix D: 5,000)")
-    backdoor_fraction: float = _f(0.1, "share of training examples backdoored (paper: 500 of 5,000)")
-    n_query_triggered: int = _f(100, "held-out queries with the trigger inserted (target: the refusal)")
-    n_query_clean: int = _f(100, "held-out queries without trigger (target: the correct letter)")
-    trigger: str = _f("BlackMagic", "trigger word inserted at a random position of the prompt")
-    refusal: str = _f("Sorry, I can't assist with that.", "the backdoor's fixed response")
-    system_prompt: Any = _f(None, "optional system message of every example")
-    seed: int = _f(0, "seed of sampling, backdoor choice and trigger positions")
+    source: str = setting("mmlu", "'mmlu' (downloaded), 'synthetic' (offline multiple choice) or 'jsonl' (path)")
+    path: Any = setting(None, "source 'jsonl': file of {question, choices[4], answer (0-3 or A-D), subject}")
+    root: str = setting("resources/mmlu", "where MMLU is downloaded to / read from")
+    mmlu_url: str = setting("https://people.eecs.berkeley.edu/~hendrycks/data.tar", "MMLU archive (CSV files)")
+    mmlu_split: str = setting("test", "MMLU split the examples are drawn from (test, val, dev, auxiliary_train)")
+    n_train: int = setting(5000, "training examples (Appendix D: 5,000)")
+    backdoor_fraction: float = setting(0.1, "share of training examples backdoored (paper: 500 of 5,000)")
+    n_query_triggered: int = setting(100, "held-out queries with the trigger inserted (target: the refusal)")
+    n_query_clean: int = setting(100, "held-out queries without trigger (target: the correct letter)")
+    trigger: str = setting("BlackMagic", "trigger word inserted at a random position of the prompt")
+    refusal: str = setting("Sorry, I can't assist with that.", "the backdoor's fixed response")
+    system_prompt: Any = setting(None, "optional system message of every example")
+    seed: int = setting(0, "seed of sampling, backdoor choice and trigger positions")
 
 
 @dataclass
 class Theta0Config:
-    hyperparameters: dict = _f({"n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": "auto"},
+    hyperparameters: dict = setting({"n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": "auto"},
                                "fine-tuning hyperparameters of theta_0 on the whole poisoned training set")
 
 
 @dataclass
 class FinetuneConfig:
-    hyperparameters: dict = _f({"batch_size": 32, "learning_rate_multiplier": 1, "n_epochs": 1},
+    hyperparameters: dict = setting({"batch_size": 32, "learning_rate_multiplier": 1, "n_epochs": 1},
                                "hyperparameters of each perturbed fine-tune (Appendix D)")
-    max_active: int = _f(3, "fine-tuning jobs running on the endpoint at once")
-    poll_interval_s: float = _f(30.0, "seconds between job status checks")
-    max_wait_h: float = _f(48.0, "stop waiting after this many hours (jobs stay recorded; a rerun adopts them)")
-    max_attempts: int = _f(2, "attempts per fine-tune when jobs fail (failed jobs are not billed)")
+    max_active: int = setting(3, "fine-tuning jobs running on the endpoint at once")
+    poll_interval_s: float = setting(30.0, "seconds between job status checks")
+    max_wait_h: float = setting(48.0, "stop waiting after this many hours (jobs stay recorded; a rerun adopts them)")
+    max_attempts: int = setting(2, "attempts per fine-tune when jobs fail (failed jobs are not billed)")
 
 
 @dataclass
 class LogprobConfig:
-    top_logprobs: int = _f(20, "alternatives per position (OpenAI allows at most 20)")
-    missing_floor: float = _f(-30.0, "log-probability charged when the target token is nowhere in sight")
-    extra_tokens: int = _f(2, "reply budget beyond the target's estimated length")
-    concurrency: int = _f(2, "requests in flight")
-    seed: Any = _f(0, "seed sent with each request (best-effort determinism); null: none")
+    top_logprobs: int = setting(20, "alternatives per position (OpenAI allows at most 20)")
+    missing_floor: float = setting(-30.0, "log-probability charged when the target token is nowhere in sight")
+    extra_tokens: int = setting(2, "reply budget beyond the target's estimated length")
+    concurrency: int = setting(2, "requests in flight")
+    seed: Any = setting(0, "seed sent with each request (best-effort determinism); null: none")
 
 
 @dataclass
 class BDPLConfig:
-    epochs: int = _f(20, "epochs of prompt learning over D^k (Appendix D: 20)")
-    batch_size: int = _f(4, "examples per step (Appendix D: 4)")
-    prompt_length: int = _f(50, "discrete prompt tokens (Appendix D: 50)")
-    lr: float = _f(1e-3, "Adam step size on the categorical probabilities (Appendix D: 1e-3)")
-    sample_size: int = _f(10, "prompts sampled per step for the variance-reduced policy gradient (>= 2)")
-    search_space: int = _f(20, "candidate n-grams per position (from the training prompts, ranked by PMI)")
-    grad_clip: float = _f(3.0, "gradient norm clipping of the probabilities")
-    placement: str = _f("prefix", "'prefix': prompt + newline + user message; 'system': a system message")
-    exclude: list = _f([], "words never used as prompt candidates")
+    epochs: int = setting(20, "epochs of prompt learning over D^k (Appendix D: 20)")
+    batch_size: int = setting(4, "examples per step (Appendix D: 4)")
+    prompt_length: int = setting(50, "discrete prompt tokens (Appendix D: 50)")
+    lr: float = setting(1e-3, "Adam step size on the categorical probabilities (Appendix D: 1e-3)")
+    sample_size: int = setting(10, "prompts sampled per step for the variance-reduced policy gradient (>= 2)")
+    search_space: int = setting(20, "candidate n-grams per position (from the training prompts, ranked by PMI)")
+    grad_clip: float = setting(3.0, "gradient norm clipping of the probabilities")
+    placement: str = setting("prefix", "'prefix': prompt + newline + user message; 'system': a system message")
+    exclude: list = setting([], "words never used as prompt candidates")
 
 
 @dataclass
 class LocalModelConfig:
-    arch: str = _f("llama", "'llama' or 'qwen2' (daunce_core.tinylm)")
-    hidden_size: int = _f(64, "hidden size of the tiny causal LM")
-    num_layers: int = _f(2, "transformer layers")
-    vocab_size: int = _f(512, "byte-level BPE vocabulary trained on the training prompts")
-    seed: int = _f(0, "initialisation seed")
+    arch: str = setting("llama", "'llama' or 'qwen2' (daunce_core.tinylm)")
+    hidden_size: int = setting(64, "hidden size of the tiny causal LM")
+    num_layers: int = setting(2, "transformer layers")
+    vocab_size: int = setting(512, "byte-level BPE vocabulary trained on the training prompts")
+    seed: int = setting(0, "initialisation seed")
 
 
 @dataclass
 class LocalConfig:
-    model: LocalModelConfig = _nested(LocalModelConfig, "the base model the local server serves")
-    train: dict = _f({"learning_rate": 1e-3, "batch_size": 8, "n_epochs": 1, "lr_schedule": "linear",
-                      "max_len": 256}, "how the local server fine-tunes (learning_rate at multiplier 1)")
-    threads: int = _f(1, "torch threads of the server process")
-    device: str = _f("auto", "'auto', 'cpu' or 'cuda' for the server's model")
+    model: LocalModelConfig = nested(LocalModelConfig, "the base model the local server serves")
+    train: TrainSettings = nested(TrainSettings, "how the local server fine-tunes (learning_rate at multiplier 1)")
+    threads: int = setting(1, "torch threads of the server process")
+    device: str = setting("auto", "'auto', 'cpu' or 'cuda' for the server's model")
 
 
 @dataclass
 class CostConfig:
-    chars_per_token: float = _f(4.0, "token estimate without the provider's tokenizer (OpenAI: ~4 chars)")
-    safety_factor: float = _f(1.25, "multiplies every token estimate, so the estimate errs high")
-    message_overhead: int = _f(4, "tokens of chat formatting per message")
+    chars_per_token: float = setting(4.0, "token estimate without the provider's tokenizer (OpenAI: ~4 chars)")
+    safety_factor: float = setting(1.25, "multiplies every token estimate, so the estimate errs high")
+    message_overhead: int = setting(4, "tokens of chat formatting per message")
 
 
 @dataclass
 class FigureConfig:
-    k: int = _f(10, "precision@k of backdoored training examples for triggered queries")
-    n_show_triggered: int = _f(2, "triggered sample queries shown per access setting")
-    n_show_clean: int = _f(2, "clean sample queries shown per access setting")
-    top: int = _f(3, "retrieved training examples shown per sample query")
-    seed: int = _f(0, "seed choosing the sample queries")
+    k: int = setting(10, "precision@k of backdoored training examples for triggered queries")
+    n_show_triggered: int = setting(2, "triggered sample queries shown per access setting")
+    n_show_clean: int = setting(2, "clean sample queries shown per access setting")
+    top: int = setting(3, "retrieved training examples shown per sample query")
+    seed: int = setting(0, "seed choosing the sample queries")
 
 
 @dataclass
 class BlackboxConfig:
-    models: list = _f(["daunce-tiny"], "base models (endpoint names); one study per model")
-    backend: str = _f("local", "'local' (the loopback server, free) or 'openai' (any OpenAI-compatible URL)")
-    access: list = _f(["api", "strict"], "'api' (fine-tuning API) and/or 'strict' (BDPL, no fine-tuning)")
-    variant: str = _f("daunce_bb", "Table 2 objective; the API path supports only daunce_bb (plain NLL)")
-    measure: str = _f("correlation", "'correlation' (paper default) or 'covariance'")
-    K: int = _f(50, "perturbed models per access setting (Appendix D: 50)")
-    subset_size: int = _f(512, "|D^k| training examples per perturbed model (Appendix D: 512)")
-    seed: int = _f(0, "seed of D^k (model k uses default_rng([seed, k])) and of the jobs")
-    spend: bool = _f(False, "allow requests that cost money; false stops before any paid call")
-    max_spend_usd: float = _f(0.0, "refuse to start when the estimate of the whole config (all models) "
+    models: list = setting(["daunce-tiny"], "base models (endpoint names); one study per model")
+    backend: str = setting("local", "'local' (the loopback server, free) or 'openai' (any OpenAI-compatible URL)")
+    access: list = setting(["api", "strict"], "'api' (fine-tuning API) and/or 'strict' (BDPL, no fine-tuning)")
+    variant: str = setting("daunce_bb", "Table 2 objective; the API path supports only daunce_bb (plain NLL)")
+    measure: str = setting("correlation", "'correlation' (paper default) or 'covariance'")
+    K: int = setting(50, "perturbed models per access setting (Appendix D: 50)")
+    subset_size: int = setting(512, "|D^k| training examples per perturbed model (Appendix D: 512)")
+    seed: int = setting(0, "seed of D^k (model k uses default_rng([seed, k])) and of the jobs")
+    spend: bool = setting(False, "allow requests that cost money; false stops before any paid call")
+    max_spend_usd: float = setting(0.0, "refuse to start when the estimate of the whole config (all models) "
                                    "exceeds this (USD)")
-    prices: dict = _f({}, "USD per 1M tokens: {model: {training, input, output}}; unknown models are refused")
-    api: APIConfig = _nested(APIConfig, "endpoint and credentials (names of env variables only)")
-    data: DataConfig = _nested(DataConfig, "the backdoored multiple-choice data")
-    theta0: Theta0Config = _nested(Theta0Config, "how theta_0 is fine-tuned")
-    finetune: FinetuneConfig = _nested(FinetuneConfig, "API-based perturbed fine-tunes")
-    logprobs: LogprobConfig = _nested(LogprobConfig, "reading token NLL from chat completions")
-    bdpl: BDPLConfig = _nested(BDPLConfig, "strict black-box access: BDPL prompt learning")
-    local: LocalConfig = _nested(LocalConfig, "the local server (backend 'local')")
-    cost: CostConfig = _nested(CostConfig, "token and cost estimate")
-    figure: FigureConfig = _nested(FigureConfig, "Figure 4 table and precision@k")
+    prices: dict = setting({}, "USD per 1M tokens: {model: {training, input, output}}; unknown models are refused")
+    api: APIConfig = nested(APIConfig, "endpoint and credentials (names of env variables only)")
+    data: DataConfig = nested(DataConfig, "the backdoored multiple-choice data")
+    theta0: Theta0Config = nested(Theta0Config, "how theta_0 is fine-tuned")
+    finetune: FinetuneConfig = nested(FinetuneConfig, "API-based perturbed fine-tunes")
+    logprobs: LogprobConfig = nested(LogprobConfig, "reading token NLL from chat completions")
+    bdpl: BDPLConfig = nested(BDPLConfig, "strict black-box access: BDPL prompt learning")
+    local: LocalConfig = nested(LocalConfig, "the local server (backend 'local')")
+    cost: CostConfig = nested(CostConfig, "token and cost estimate")
+    figure: FigureConfig = nested(FigureConfig, "Figure 4 table and precision@k")
 
     @classmethod
     def from_dict(cls, cfg: dict | None) -> "BlackboxConfig":
         check_no_secrets(cfg or {}, "blackbox")
-        cfg = dict(cfg or {})
-        # Snakemake's --config 'blackbox={"spend": true, "max_spend_usd": 300}' delivers strings
-        if "spend" in cfg:
-            cfg["spend"] = _as_bool(cfg["spend"], "blackbox.spend")
-        if "max_spend_usd" in cfg:
-            cfg["max_spend_usd"] = _as_float(cfg["max_spend_usd"], "blackbox.max_spend_usd")
-        return _build(cls, cfg, "blackbox").validate()
+        # coerce: Snakemake's --config 'blackbox={"spend": true, "max_spend_usd": 300}' delivers strings
+        return build(cls, cfg, "blackbox", coerce=True)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     def validate(self) -> "BlackboxConfig":
         if self.backend not in ("local", "openai"):
@@ -210,21 +206,6 @@ class BlackboxConfig:
         return self.subset_size / self.data.n_train
 
 
-def _as_bool(v: Any, where: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
-        return v.strip().lower() == "true"
-    raise ConfigError(f"{where} must be true or false, got {v!r}")
-
-
-def _as_float(v: Any, where: str) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number, got {v!r}") from None
-
-
 _KEY_PATTERN = re.compile(r"^(sk-|sess-|Bearer\s)[A-Za-z0-9_\-]{12,}")
 
 
@@ -243,25 +224,3 @@ def check_no_secrets(obj: Any, where: str) -> None:
         raise ConfigError(f"{where}: looks like an API key; keys are never read from config files -- set "
                           "it in the environment variable named by blackbox.api.api_key_env")
 
-
-def _build(cls: type, cfg: Any, where: str) -> Any:
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(cfg).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{u}' for u in unknown)}; "
-                          f"known: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in cfg:
-            continue
-        value = cfg[name]
-        factory = f.default_factory
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            value = _build(factory, value, f"{where}.{name}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .client import APIClient, BlackboxError
+from .config import FinetuneConfig
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,6 @@ class FinetuneSpec:
                        for ex in self.examples).encode()
 
 
-@dataclass
-class FinetuneSettings:
-    max_active: int = 3  # jobs running on the endpoint at once
-    poll_interval: float = 30.0  # seconds between status checks
-    max_wait_s: float = 48 * 3600.0  # give up waiting (jobs stay recorded; a rerun adopts them)
-    max_attempts: int = 2  # attempts per entry when jobs fail
-
-
 def _job_dict(job: Any) -> dict:
     err = getattr(job, "error", None)
     if err is not None and not isinstance(err, dict):
@@ -70,7 +63,7 @@ def _job_dict(job: Any) -> dict:
 
 
 class _Runner:
-    def __init__(self, client: APIClient, manifest: Manifest, settings: FinetuneSettings,
+    def __init__(self, client: APIClient, manifest: Manifest, settings: FinetuneConfig,
                  sleep: Callable[[float], None]):
         self.c, self.m, self.s, self.sleep = client, manifest, settings, sleep
         self._remote_files: list | None = None
@@ -106,7 +99,7 @@ class _Runner:
                                     f"{getattr(obj, 'status_details', '')}")
             if time.monotonic() - t0 > 3600:
                 raise BlackboxError(f"{name}: file {obj.id} still '{obj.status}' after an hour; rerun later")
-            self.sleep(min(self.s.poll_interval, 10.0))
+            self.sleep(min(self.s.poll_interval_s, 10.0))
             obj = self.c.retrieve_file(obj.id)
 
     # --- jobs ---------------------------------------------------------------------------------
@@ -158,13 +151,15 @@ class _Runner:
 
 
 def run_finetunes(client: APIClient, manifest: Manifest, specs: Sequence[FinetuneSpec],
-                  settings: FinetuneSettings | None = None, *, sleep: Callable[[float], None] = time.sleep,
+                  settings: FinetuneConfig | None = None, *, sleep: Callable[[float], None] = time.sleep,
                   on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
     """Make sure every spec has a finished fine-tuned model; return ``{name: model id}``.
 
-    Safe to call again after any crash: see the module docstring.
+    ``settings`` is the ``blackbox.finetune`` section (its ``hyperparameters`` are the specs'
+    business, not read here). Safe to call again after any crash: see the module docstring.
     """
-    s = settings or FinetuneSettings()
+    s = settings or FinetuneConfig()
+    max_wait_s = s.max_wait_h * 3600.0
     r = _Runner(client, manifest, s, sleep)
     names = [sp.name for sp in specs]
     if len(set(names)) != len(names):
@@ -211,16 +206,16 @@ def run_finetunes(client: APIClient, manifest: Manifest, specs: Sequence[Finetun
             on_progress(len(done), len(specs))
         if not (pending or active):
             break
-        if time.monotonic() - t0 > s.max_wait_s:
+        if time.monotonic() - t0 > max_wait_s:
             raise BlackboxError(
-                f"fine-tunes still running after {s.max_wait_s:.0f} s ({len(active)} active, {len(pending)} "
+                f"fine-tunes still running after {max_wait_s:.0f} s ({len(active)} active, {len(pending)} "
                 f"waiting); they are recorded in {manifest.path} and a rerun adopts them")
         if active:
-            sleep(s.poll_interval)
+            sleep(s.poll_interval_s)
     if failed:
         raise BlackboxError(
             f"{len(failed)} fine-tune(s) failed after {s.max_attempts} attempt(s): "
             + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5])
             + f". The {len(done)} finished model(s) are kept in {manifest.path}; fix the cause and rerun "
-              "(raise blackbox.api.max_attempts to retry failed entries)")
+              "(raise blackbox.finetune.max_attempts to retry failed entries)")
     return {n: done[n] for n in names}

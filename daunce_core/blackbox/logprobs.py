@@ -29,7 +29,7 @@ losses (the label word's probability at the first position) are the special case
 targets.
 
 If the reply stops (budget exhausted) while still following the target, the request is repeated
-with twice the budget (up to ``max_budget_doublings`` times). If it ends (end of turn) before the
+with twice the budget (up to :data:`MAX_BUDGET_DOUBLINGS` times). If it ends (end of turn) before the
 target is complete, the end-of-turn position is not reported by the API and ``missing_floor`` is
 charged for the rest.
 """
@@ -45,18 +45,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .client import APIClient
+from .config import LogprobConfig
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class LogprobSettings:
-    top_logprobs: int = 20  # OpenAI's maximum
-    missing_floor: float = -30.0  # log-probability charged when nothing better is known
-    extra_tokens: int = 2  # reply budget beyond the target's estimated token count
-    max_budget_doublings: int = 2
-    seed: int | None = 0  # passed to the endpoint (best-effort determinism)
-    concurrency: int = 2  # requests in flight
+# a reply cut off while still following the target is asked again with twice the budget, at most
+# this many times: budget_for() already allows ~1 token per 2 bytes, so two doublings cover any BPE
+MAX_BUDGET_DOUBLINGS = 2
 
 
 @dataclass
@@ -129,11 +124,11 @@ def budget_for(target: str, extra: int) -> int:
 
 
 def score_target(client: APIClient, model: str, messages: Sequence[dict], target: str,
-                 settings: LogprobSettings | None = None) -> TargetScore:
+                 settings: LogprobConfig | None = None) -> TargetScore:
     """NLL of ``target`` as the assistant reply to ``messages`` under ``model`` (one request, usually)."""
-    s = settings or LogprobSettings()
+    s = settings or LogprobConfig()
     budget = budget_for(target, s.extra_tokens)
-    for _ in range(s.max_budget_doublings + 1):
+    for _ in range(MAX_BUDGET_DOUBLINGS + 1):
         kw: dict[str, Any] = dict(model=model, messages=list(messages), temperature=0, logprobs=True,
                                   top_logprobs=s.top_logprobs, max_completion_tokens=budget, n=1)
         if s.seed is not None:
@@ -161,10 +156,10 @@ class ScoredSet:
 
 
 def score_many(client: APIClient, model: str, items: Sequence[tuple[Sequence[dict], str]],
-               settings: LogprobSettings | None = None,
+               settings: LogprobConfig | None = None,
                progress: Callable[[int], None] | None = None) -> ScoredSet:
     """:func:`score_target` over ``(messages, target)`` pairs, ``settings.concurrency`` at a time."""
-    s = settings or LogprobSettings()
+    s = settings or LogprobConfig()
     N = len(items)
     nll, exact, missing = np.zeros(N), np.zeros(N, bool), np.zeros(N, bool)
     lock = threading.Lock()

@@ -9,8 +9,11 @@ any OpenAI-compatible endpoint (``backend: openai``): only the endpoint changes.
     write_estimate   -> the study's token and cost estimate (spends nothing)
     fit_theta0       -> theta_0 = fine_tune(base, all training data), its replies and metrics
     api_losses       -> K perturbed fine-tunes on D^k through the API; losses of all examples
+                        (the fitter :class:`daunce_core.fit.api.APIFitter`)
     strict_losses    -> K BDPL prompts learned on D^k (no fine-tuning); losses of all examples
-    score            -> DAUNCE scores (correlation or covariance across the K models)
+                        (the fitter :class:`daunce_core.fit.bdpl.BDPLFitter`)
+    score            -> DAUNCE scores (correlation or covariance across the K models), through
+                        the shared scorer (:func:`daunce_core.scoring.score_file`)
     fig4             -> precision@k for triggered queries and the Figure 4 table
 
 Every step that can cost money first estimates the whole study and calls
@@ -20,6 +23,7 @@ per-model loss files under the step's work folder), so a rerun never pays twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,17 +32,19 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import store
+from ..fit import _chunks_stub_bb as chunks  # TODO(merge): from ..fit import chunks
+from ..fit.api import APIFitter, configured_lr
+from ..fit.bdpl import BDPLFitter
 from ..perturb import subset_and_xi
 from . import backdoor as B
-from .bdpl import BDPL, BDPLSettings, candidate_ngrams, margin_from_nll, with_prompt
-from .client import APIClient, Credentials, RetryPolicy, credentials_from_env
+from .bdpl import candidate_ngrams
+from .client import APIClient, Credentials, credentials_from_env
 from .config import BlackboxConfig
 from .cost import CostItem, TokenEstimator, check_spend, format_estimate, priced, total_usd
-from .finetune import FinetuneSettings, FinetuneSpec, run_finetunes
-from .logprobs import LogprobSettings, budget_for, score_many
+from .finetune import FinetuneSpec, run_finetunes
+from .logprobs import budget_for
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -81,14 +87,14 @@ def make_data(cfg: BlackboxConfig, out_train: str | Path, out_query: str | Path)
 def make_local_base(cfg: BlackboxConfig, train_path: str | Path, out_dir: str | Path) -> None:
     """The local server's "pretrained" model: a tokenizer trained on the prompts and a tiny LM."""
     from ..tinylm import tiny_causal_lm, train_tokenizer
-    from .localmodel import render_chat
+    from ..localapi.model import render_chat
 
     train = B.read_jsonl(train_path)
     texts = ["".join(t for t, _ in render_chat(B.chat_example(r)["messages"])) for r in train]
     m = cfg.local.model
     tok = train_tokenizer(texts, m.vocab_size)
     model = tiny_causal_lm(tok, arch=m.arch, hidden_size=m.hidden_size, num_layers=m.num_layers, seed=m.seed,
-                           max_position_embeddings=max(256, int(cfg.local.train.get("max_len", 256))))
+                           max_position_embeddings=max(256, cfg.local.train.max_len))
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -108,11 +114,11 @@ def endpoint(cfg: BlackboxConfig, *, models: dict[str, str] | None = None, state
     """An :class:`APIClient` for the configured endpoint; for ``backend: local`` a server is started
     (serving ``models``: name -> folder) on a free loopback port and stopped on exit."""
     a = cfg.api
-    retry = RetryPolicy(a.retry.max_retries, a.retry.initial_delay, a.retry.max_delay, a.retry.max_retry_after)
+    retry = a.retry
     if cfg.backend == "local":
-        from .server import LocalServer, ServerConfig
+        from ..localapi import LocalServer, ServerConfig
 
-        scfg = ServerConfig(state_dir=str(state_dir), models=dict(models or {}), train=dict(cfg.local.train),
+        scfg = ServerConfig(state_dir=str(state_dir), models=dict(models or {}), train=cfg.local.train,
                             threads=cfg.local.threads, device=cfg.local.device)
         with LocalServer(scfg, log_path=log_path) as srv:
             yield APIClient(Credentials(srv.base_url, srv.api_key, "local server"), retry=retry, timeout=a.timeout_s)
@@ -120,18 +126,6 @@ def endpoint(cfg: BlackboxConfig, *, models: dict[str, str] | None = None, state
         creds = credentials_from_env(a.api_key_env, a.base_url_env, a.base_url)
         log.info("endpoint %s (key from %s)", creds.base_url or "https://api.openai.com/v1", creds.source)
         yield APIClient(creds, retry=retry, timeout=a.timeout_s)
-
-
-def _lp_settings(cfg: BlackboxConfig) -> LogprobSettings:
-    lp = cfg.logprobs
-    return LogprobSettings(top_logprobs=lp.top_logprobs, missing_floor=lp.missing_floor,
-                           extra_tokens=lp.extra_tokens, seed=lp.seed, concurrency=lp.concurrency)
-
-
-def _ft_settings(cfg: BlackboxConfig) -> FinetuneSettings:
-    f = cfg.finetune
-    return FinetuneSettings(max_active=f.max_active, poll_interval=f.poll_interval_s,
-                            max_wait_s=f.max_wait_h * 3600.0, max_attempts=f.max_attempts)
 
 
 def subsets(cfg: BlackboxConfig, n: int) -> list[np.ndarray]:
@@ -226,12 +220,12 @@ def fit_theta0(cfg: BlackboxConfig, model: str, train_path, query_path, out_json
                         seed=cfg.seed)
     models = {model: str(base_dir)} if base_dir else {}
     with endpoint(cfg, models=models, state_dir=work / "server", log_path=server_log) as client:
-        theta0 = run_finetunes(client, man, [spec], _ft_settings(cfg))["theta0"]
+        theta0 = run_finetunes(client, man, [spec], cfg.finetune)["theta0"]
         replies = _greedy_replies(client, theta0, query, cfg)
         man.set_usage("theta0", client.usage.as_dict())
     local_path = None
     if cfg.backend == "local":
-        from .server import registered_model_path
+        from ..localapi import registered_model_path
 
         local_path = registered_model_path(work / "server", theta0)
     trig = [r["triggered"] for r in query]
@@ -267,32 +261,9 @@ def _theta0_models(cfg: BlackboxConfig, theta0: dict) -> dict[str, str]:
 
 # --- losses of K perturbed models -----------------------------------------------------------------
 
-def _items(rows: Sequence[dict]) -> list[tuple[list[dict], str]]:
-    return [(r["messages"], r["target"]) for r in rows]
-
-
-def _write_losses(cfg: BlackboxConfig, out, train, query, L_train, L_query, access: str, extra: dict) -> None:
-    store.write_losses(out, store.Losses(
-        train=np.asarray(L_train, np.float32), query=np.asarray(L_query, np.float32),
-        model_index=np.arange(cfg.K, dtype=np.int64),
-        train_ids=np.array([r["id"] for r in train], np.int64), query_ids=np.array([r["id"] for r in query], np.int64),
-        attrs={"variant": cfg.variant, "signal": "loss" if cfg.variant != "daunce_t_bb" else "margin",
-               "seed": cfg.seed, "config": cfg.to_dict(), "access": access, **extra}))
-
-
-def _cached_row(path: Path, key: str) -> dict | None:
-    if not path.exists():
-        return None
-    z = np.load(path, allow_pickle=False)
-    if str(z["key"]) != key:
-        return None
-    return {k: z[k] for k in z.files}
-
-
-def _save_row(path: Path, key: str, **arrays: np.ndarray) -> None:
-    with store.atomic_path(path, suffix=".npz.tmp") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, key=np.array(key), **arrays)
+def _loss_attrs(cfg: BlackboxConfig, access: str, extra: dict) -> dict:
+    return {"variant": cfg.variant, "signal": "loss" if cfg.variant != "daunce_t_bb" else "margin",
+            "seed": cfg.seed, "config": cfg.to_dict(), "access": access, **extra}
 
 
 def api_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json, out_h5, *, work_dir,
@@ -306,41 +277,14 @@ def api_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_j
     man = Manifest(work / "manifest.json", {"endpoint": endpoint_id(cfg), "theta0": theta0["model"],
                                             "hyperparameters": hp, "subset_size": cfg.subset_size,
                                             "seed": cfg.seed, "data": _sha(train_path)})
-    specs = [FinetuneSpec(f"k{k}", theta0["model"], [B.chat_example(train[i]) for i in s], hp,
-                          seed=int(np.random.default_rng([cfg.seed, k, 4]).integers(2**31 - 1)))
-             for k, s in enumerate(subsets(cfg, len(train)))]
-    lp = _lp_settings(cfg)
-    rows = list(train) + list(query)
-    L = np.zeros((cfg.K, len(rows)))
-    stats = {"exact": 0, "missing": 0}
     with endpoint(cfg, models=_theta0_models(cfg, theta0), state_dir=work / "server", log_path=server_log) as client:
-        with tqdm(total=cfg.K, desc="fine-tunes", unit="model", mininterval=5) as bar:
-            last = [0]
-
-            def progress(done: int, total: int) -> None:
-                bar.update(done - last[0])
-                last[0] = done
-
-            fitted = run_finetunes(client, man, specs, _ft_settings(cfg), on_progress=progress)
-        for k in tqdm(range(cfg.K), desc="losses", unit="model", mininterval=5):
-            mk = fitted[f"k{k}"]
-            path = work / "losses" / f"k{k}.npz"
-            row = _cached_row(path, mk)
-            if row is None:
-                sc = score_many(client, mk, _items(rows), lp)
-                _save_row(path, mk, nll=sc.nll, exact=sc.exact, missing=sc.missing)
-                row = {"nll": sc.nll, "exact": sc.exact, "missing": sc.missing}
-            L[k] = row["nll"]
-            stats["exact"] += int(row["exact"].sum())
-            stats["missing"] += int(row["missing"].sum())
+        fitter = APIFitter(client, man, theta0=theta0["model"], train=train, query=query,
+                           training_examples=[B.chat_example(r) for r in train], subsets=subsets(cfg, len(train)),
+                           hyperparameters=hp, finetune=cfg.finetune, logprobs=cfg.logprobs, variant=cfg.variant,
+                           seed=cfg.seed, work_dir=work)
+        signals = fitter.fit(range(cfg.K), lr=configured_lr(hp))
         man.set_usage("api", client.usage.as_dict())
-    n = len(train)
-    log.info("API losses: %d of %d targets reproduced exactly by greedy decoding, %d scored with the "
-             "missing-token bound", stats["exact"], L.size, stats["missing"])
-    sig = L if cfg.variant != "daunce_t_bb" else margin_from_nll(L)
-    _write_losses(cfg, out_h5, train, query, sig[:, :n], sig[:, n:], "api",
-                  {"model": model, "theta0": theta0["model"], "n_exact": stats["exact"],
-                   "n_missing": stats["missing"], "models": [fitted[f"k{k}"] for k in range(cfg.K)]})
+    chunks.write_signals(out_h5, signals, _loss_attrs(cfg, "api", {"model": model, "theta0": theta0["model"]}))
 
 
 def strict_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json, out_h5, *, work_dir,
@@ -351,56 +295,29 @@ def strict_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta
     guard(cfg, model, train, query, f"strict (BDPL) perturbations of {model}")
     work = Path(work_dir)
     b = cfg.bdpl
-    bset = BDPLSettings(b.epochs, b.batch_size, b.prompt_length, b.lr, b.sample_size, b.search_space,
-                        b.grad_clip, b.placement)
     cands = candidate_ngrams([_user(r) for r in train], b.search_space, exclude=b.exclude)
+    # the fingerprint of manifests written before the settings layer: the learner's settings,
+    # without ``exclude`` (its effect is in ``candidates``)
+    learner = {k: v for k, v in dataclasses.asdict(b).items() if k != "exclude"}
     man = Manifest(work / "manifest.json", {"endpoint": endpoint_id(cfg), "theta0": theta0["model"],
-                                            "bdpl": dict(vars(bset)), "candidates": cands, "variant": cfg.variant,
+                                            "bdpl": learner, "candidates": cands, "variant": cfg.variant,
                                             "subset_size": cfg.subset_size, "seed": cfg.seed,
                                             "data": _sha(train_path)})
-    lp = _lp_settings(cfg)
-    rows = list(train) + list(query)
-    L = np.zeros((cfg.K, len(rows)))
-    subs = subsets(cfg, len(train))
-    prompts = []
     with endpoint(cfg, models=_theta0_models(cfg, theta0), state_dir=work / "server", log_path=server_log) as client:
-        learner = BDPL(client, theta0["model"], cands, bset, lp, cfg.variant)
-        bar = tqdm(total=cfg.K, desc="BDPL prompts", unit="model", mininterval=5)
-        for k in range(cfg.K):
-            e = man.entry(f"k{k}")
-            path = work / "losses" / f"k{k}.npz"
-            row = _cached_row(path, e.get("prompt", "\0")) if "prompt" in e else None
-            if row is None:
-                if "prompt" not in e:
-                    idx, hist = learner.fit([train[i] for i in subs[k]], cfg.seed, k,
-                                            checkpoint=work / "checkpoints" / f"k{k}.pt")
-                    e = man.update(f"k{k}", prompt=learner.prompt_text(idx), indices=[int(i) for i in idx],
-                                   history=hist)
-                items = [(with_prompt(r["messages"], e["prompt"], b.placement), r["target"]) for r in rows]
-                sc = score_many(client, theta0["model"], items, lp)
-                _save_row(path, e["prompt"], nll=sc.nll, exact=sc.exact, missing=sc.missing)
-                row = {"nll": sc.nll}
-            L[k] = row["nll"]
-            prompts.append(e["prompt"])
-            bar.update(1)
-        bar.close()
+        fitter = BDPLFitter(client, man, theta0=theta0["model"], candidates=cands, train=train, query=query,
+                            subsets=subsets(cfg, len(train)), bdpl=b, logprobs=cfg.logprobs, variant=cfg.variant,
+                            seed=cfg.seed, work_dir=work)
+        signals = fitter.fit(range(cfg.K), lr=b.lr)
         man.set_usage("strict", client.usage.as_dict())
-    n = len(train)
-    sig = L if cfg.variant != "daunce_t_bb" else margin_from_nll(L)
-    _write_losses(cfg, out_h5, train, query, sig[:, :n], sig[:, n:], "strict",
-                  {"model": model, "theta0": theta0["model"], "prompts": prompts})
+    chunks.write_signals(out_h5, signals, _loss_attrs(cfg, "strict", {"model": model, "theta0": theta0["model"]}))
 
 
 # --- scores and Figure 4 ----------------------------------------------------------------------------
 
 def score(losses_h5, out_h5, measure: str) -> None:
-    from ..scoring import pairwise_scores
-
-    L = store.read_losses(losses_h5)
-    S = pairwise_scores(L.train, L.query, measure=measure)
-    store.write_scores(out_h5, train_ids=L.train_ids, query_ids=L.query_ids, scores=S,
-                       attrs={"method": f"{L.attrs.get('variant')}_{L.attrs.get('access')}", "measure": measure,
-                              "threshold": "none", "lambda": 0.0})
+    """DAUNCE scores of one access setting's losses (method ``<variant>_<access>``)."""
+    attrs = store.read_losses(losses_h5).attrs
+    chunks.score(losses_h5, out_h5, measure, method=f"{attrs.get('variant')}_{attrs.get('access')}")
 
 
 def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str, str],

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import TrainSettings
+
 log = logging.getLogger(__name__)
 
 Messages = Sequence[dict]
@@ -194,19 +196,6 @@ def teacher_forced_nll(model, tokenizer, messages: Messages, target: str, max_le
 
 
 # --- supervised fine-tuning -----------------------------------------------------------------------
-
-@dataclass
-class TrainSettings:
-    """How the local server fine-tunes (what a hosted endpoint hides from its users)."""
-
-    learning_rate: float = 1e-3  # AdamW step size at learning_rate_multiplier = 1
-    batch_size: int = 8  # used when a job asks for batch_size "auto"
-    n_epochs: int = 1  # used when a job asks for n_epochs "auto"
-    weight_decay: float = 0.0
-    lr_schedule: str = "linear"  # "linear" decay to 0 or "constant"
-    max_len: int = 256
-    grad_clip: float = 1.0
-
 
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device):
     T = max(len(i) for i, _ in batch)

@@ -1,0 +1,51 @@
+"""A local OpenAI-compatible HTTP server backed by a small transformers model.
+
+Used offline and in tests in place of OpenAI (the black-box study, :mod:`daunce_core.blackbox`).
+
+It serves the endpoints the black-box path uses, with OpenAI's request and response shapes, so the
+real ``openai`` client talks to it unchanged and the same code runs against OpenAI by changing
+the base URL and key:
+
+==========================================  ==================================================
+``GET  /v1/models``, ``/v1/models/{id}``    base models and finished fine-tunes
+``POST /v1/files`` (multipart)              upload a JSONL training file (``purpose``)
+``GET  /v1/files``, ``/v1/files/{id}``,     list, retrieve, download, delete
+``/v1/files/{id}/content``, ``DELETE``
+``POST /v1/fine_tuning/jobs``               create a supervised job (``hyperparameters`` or
+                                            ``method.supervised.hyperparameters``, ``suffix``,
+                                            ``seed``, ``metadata``); it trains for real, in a
+                                            background thread, one job at a time
+``GET  /v1/fine_tuning/jobs``               list, newest first, ``after``/``limit`` paging and
+                                            ``metadata[key]=value`` filters
+``GET  /v1/fine_tuning/jobs/{id}``,         retrieve, cancel, events
+``POST .../cancel``, ``GET .../events``
+``POST /v1/chat/completions``               greedy or sampled reply with ``logprobs`` and
+                                            ``top_logprobs`` (0..20); ``n`` must be 1
+==========================================  ==================================================
+
+Requests need ``Authorization: Bearer <key>``; a wrong key gets OpenAI's 401. Errors use
+OpenAI's ``{"error": {...}}`` body. Everything the server learns (files, jobs, fine-tuned
+weights) lives under a state folder and survives a restart: a job that was queued or running
+when the server stopped is trained again when it starts, so a client may come back later and
+find its jobs, as it would with a hosted endpoint.
+
+For tests, *faults* make the server answer selected requests with an error status first (for
+example two 429s with ``Retry-After: 1`` on chat completions) before serving them normally; a
+fault with ``after: true`` serves the request and then loses the response (answers with the
+error), as a dropped connection would after a job was created.
+
+Run it with :class:`LocalServer` (a subprocess on a free loopback port, stopped on exit), in
+process with :func:`serve_in_thread`, or in the foreground with
+``python -m daunce_core.localapi --config server_config.json``. The API key is handed over in
+the environment variable ``DAUNCE_LOCAL_API_KEY`` and never written anywhere.
+
+Modules: :mod:`.config` (settings), :mod:`.model` (chat template, fine-tuning, generation with
+logprobs), :mod:`.state` (files, jobs, models; the training worker), :mod:`.http` (routes,
+authentication, faults, multipart uploads), :mod:`.server` (starting and stopping it).
+"""
+from .config import KEY_ENV, ServerConfig, TrainSettings
+from .server import LocalServer, build_server, registered_model_path, serve_in_thread
+from .state import APIErrorResponse, ServerState
+
+__all__ = ["KEY_ENV", "ServerConfig", "TrainSettings", "LocalServer", "build_server", "registered_model_path",
+           "serve_in_thread", "APIErrorResponse", "ServerState"]
