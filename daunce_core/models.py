@@ -24,8 +24,9 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def _conv_bn(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
+def _conv_bn(c_in: int, c_out: int, k: int = 3, stride: int = 1, padding: int | None = None) -> nn.Sequential:
+    padding = k // 2 if padding is None else padding
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, bias=False),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=False))
 
 
@@ -41,8 +42,14 @@ class _Residual(nn.Module):
 class ResNet9(nn.Module):
     """The CIFAR-10 ResNet-9 of the ffcv example, used by TRAK's and later LDS benchmarks.
 
-    conv(64) -> conv(128, k5, s2) -> res(128) -> conv(256) -> maxpool -> res(256) -> conv(128)
-    -> global max-pool -> linear, logits scaled by 0.2 (as in ffcv's recipe).
+    conv(64) -> conv(128, k5, s2) -> res(128) -> conv(256) -> maxpool -> res(256)
+    -> conv(128, padding 0) -> global max-pool -> linear, logits scaled by 0.2 (as in ffcv's recipe).
+
+    Layer for layer the ``construct_model`` of ffcv's ``examples/cifar/train_cifar.py``, which
+    TRAK's CIFAR-10 benchmark and the DAUNCE authors' ``construct_rn9`` also use: in particular
+    the last conv has no padding, so a 32x32 image reaches the global max-pool as a 6x6 map
+    (8x8 with padding 1). Inputs must be at least 11x11 (the last conv needs a 3x3 map).
+    tests/test_resnet9.py pins the parameter count and that shape.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
@@ -55,7 +62,7 @@ class ResNet9(nn.Module):
             _conv_bn(c(128), c(256)),
             nn.MaxPool2d(2),
             _Residual(nn.Sequential(_conv_bn(c(256), c(256)), _conv_bn(c(256), c(256)))),
-            _conv_bn(c(256), c(128), k=3),
+            _conv_bn(c(256), c(128), k=3, padding=0),  # ffcv: padding=0 (the 6x6 map above)
             nn.AdaptiveMaxPool2d((1, 1)),
             nn.Flatten(),
             nn.Linear(c(128), num_classes, bias=False),
