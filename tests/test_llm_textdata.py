@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from daunce_core import textdata
+from daunce_core.lm import data as textdata
 
 
 def test_synthetic_task_structure():
