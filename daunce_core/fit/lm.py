@@ -148,8 +148,8 @@ class LoraFitter:
                        signal=objectives.signal_of(cfg.variant), attrs=self.attrs(lr))
 
 
-def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[dict],
-                     ks: Sequence[int], cfg: LoraFitConfig, *, pad_id: int, device=None) -> tuple[np.ndarray, np.ndarray]:
+def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[dict], ks: Sequence[int],
+                     cfg: LoraFitConfig, *, pad_id: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Signals of every training and query example under perturbed models ``ks``: ([K, n], [K, m]).
 
     Raises:

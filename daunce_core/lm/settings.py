@@ -173,11 +173,13 @@ class RemovalSettings:
 class LLMSettings:
     """The ``llm`` section of the config (see the ``llm`` section of ``config/config.yaml`` for every key)."""
 
-    task: str = setting("synthetic", "synthetic (miniature), math (NuminaMath-CoT -> MATH) or ifeval (AutoIF -> IFEval)")
+    task: str = setting("synthetic", "synthetic (miniature), math (NuminaMath-CoT -> MATH) or ifeval "
+                                     "(AutoIF -> IFEval)")
     model: str = setting("tiny", "'tiny' (pre-trained in the workflow), a hub id or a local model folder")
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     template: str = setting("{prompt}", "text around each prompt ({prompt} is replaced); the response follows")
-    query_target: str = setting("reference", "a query's loss is on its 'reference' response or theta_0's 'generated' one")
+    query_target: str = setting("reference", "a query's loss is on its 'reference' response or theta_0's "
+                                             "'generated' one")
     seeds: int = setting(3, "full-data models and every removal retrain (Appendix C: 3)")
     data: DataSettings = nested(DataSettings)
     tiny: TinySettings = nested(TinySettings)
