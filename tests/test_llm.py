@@ -229,3 +229,27 @@ def test_saved_tiny_model_reloads_with_the_same_tokenizer(tiny, tmp_path):
     enc = sequences.encode_examples(tok, task["train"][:6], max_length=32)
     np.testing.assert_allclose(sequences.per_example_signal(m2, enc, pad_id=tok.pad_token_id),
                                sequences.per_example_signal(model, enc, pad_id=tok.pad_token_id), atol=1e-6)
+
+
+def test_select_lr_without_selection_queries_keeps_the_first_usable_lr_of_the_grid(tmp_path):
+    from daunce_core import store
+    from daunce_core.lm import steps
+
+    s = settings.LLMSettings.from_config({"llm": {"daunce": {"K": 2, "lr_grid": [1e-2, 3e-3, 1e-3]}}})
+    paths = []
+    for j, lr in enumerate(s.lr_grid):
+        attrs = {"variant": "daunce", "signal": "loss", "seed": 0, "config": {"lr": lr}}
+        p = tmp_path / f"lr{j}.h5"
+        if j == 0:
+            store.write_diverged(p, attrs, "too large")
+        else:
+            rng = np.random.default_rng(j)
+            store.write_losses(p, store.Losses(rng.random((2, 5)), rng.random((2, 3)), np.arange(2), np.arange(5),
+                                               np.arange(3), attrs))
+        paths.append(p)
+    (tmp_path / "eval.json").write_text('{"select_queries": [], "test_queries": [0, 1, 2]}')
+    lr = steps.select_lr(s, paths, s.lr_tags(), tmp_path / "eval.json", "unused", None, None,
+                         tmp_path / "losses.h5", tmp_path / "selection.json", "cpu")
+    assert lr == 3e-3  # no retraining: the grid's order decides, and the diverged 1e-2 is skipped
+    np.testing.assert_array_equal(store.read_losses(tmp_path / "losses.h5").train,
+                                  store.read_losses(paths[1]).train)

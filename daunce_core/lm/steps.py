@@ -178,7 +178,8 @@ def select_lr(s: LLMSettings, losses_paths: Sequence, lrs: Sequence[str], eval_j
     paths = {float(lr): p for lr, p in zip(lrs, losses_paths)}
     usable = [lr for lr in paths if not store.is_diverged(paths[lr])]
     ev = _json(eval_json)
-    if len(usable) > 1 and ev["select_queries"]:
+    judged = len(usable) > 1 and bool(ev["select_queries"])
+    if judged:
         train, queries = data.read_jsonl(train_jsonl), data.read_jsonl(queries_jsonl)
         pos = {q["id"]: j for j, q in enumerate(queries)}
         sel_cols = [pos[i] for i in ev["select_queries"]]
@@ -194,7 +195,9 @@ def select_lr(s: LLMSettings, losses_paths: Sequence, lrs: Sequence[str], eval_j
     else:
         def judge(L: store.Losses) -> float:  # nothing to judge on: prefer the grid's order
             return -usable.index(float(L.attrs["config"]["lr"]))
-    meta = {"criterion": "share of selection queries wrong after removing select.N (seed 0)",
+    meta = {"criterion": ("share of selection queries wrong after removing select.N (seed 0)" if judged else
+                          "none to judge on (one usable lr or no selection queries): minus the lr's position "
+                          "among the usable lrs of the grid"),
             "select_N": s.select.N, "measure": s.measure}
     return chunks.select_lr(paths, judge, out_losses, out_json, meta)
 
