@@ -182,6 +182,8 @@ def test_settings_are_typed_and_leave_resources_to_the_profiles():
         settings.LLMSettings.from_config({"llm": {"resources": {"gpu": 1}}})
     with pytest.raises(ConfigError, match="llm.removal.N must be a list"):
         settings.LLMSettings.from_config({"llm": {"removal": {"N": 3}}})
+    with pytest.raises(ConfigError, match="llm.daunce.lr_grid"):  # the grid sets each fit's lr
+        settings.LLMSettings.from_config({"llm": {"daunce": {"lr": 1e-3}}})
     with pytest.raises(ConfigError, match="llm.tiny.pretrain.epoch"):
         settings.LLMSettings.from_config({"llm": {"tiny": {"pretrain": {"epoch": 3}}}})
     s = settings.LLMSettings.from_config({"llm": {"daunce": {"alpha": 16, "K": 4}, "generation": {"batch_size": 2}}})

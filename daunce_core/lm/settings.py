@@ -65,10 +65,16 @@ class DaunceSettings(LoraFitConfig):
     """``llm.daunce``: the LoRA fit of every perturbed model, plus how many, in which chunks, at
     which learning rates, and how their losses become scores (equation 6)."""
 
+    lr: float | None = setting(None, "not set here: each chunk's learning rate comes from lr_grid")
     K: int = setting(100, "perturbed models (Appendix C: 100)")
     chunk_size: int = setting(10, "perturbed models per job")
     lr_grid: list = setting([1e-3, 3e-4, 1e-4], "LoRA learning rates tried; select_lr keeps one")
     measure: str = setting("correlation", "'correlation' or 'covariance' of the K losses")
+
+    def validate(self) -> None:
+        if self.lr is not None:
+            raise ConfigError("llm.daunce.lr: the LoRA learning rates are llm.daunce.lr_grid (one value "
+                              "for a single rate); remove llm.daunce.lr")
 
     def fit_config(self, lr: float, max_length: int) -> LoraFitConfig:
         """The fit of one learning rate; only :class:`LoraFitConfig`'s fields, as losses files record."""
