@@ -30,7 +30,7 @@ from .training import finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLMSettings", "device", "prepare_data", "pretrain_tiny", "full_models", "daunce_chunk", "gather",
+__all__ = ["LLMSettings", "device", "prepare_data", "pretrain_tiny", "full_models", "daunce_chunk",
            "select_lr", "daunce_scores", "logra_scores_file", "removal_job"]
 
 
@@ -140,13 +140,7 @@ def daunce_chunk(s: LLMSettings, theta0_dir, train_jsonl, queries_jsonl, lr: flo
     fitter = LoraFitter(model, encode_examples(tok, train, max_length=cfg.max_length, template=s.template),
                         encode_examples(tok, query, max_length=cfg.max_length, template=s.template), cfg,
                         pad_id=pad_id(tok), device=dev, train_ids=_ids(train), query_ids=_ids(query))
-    signals = fitter.fit(chunks.chunk_models(s.K, s.chunk_size, chunk), lr)
-    chunks.write_signals(out_h5, signals, signals.attrs)
-
-
-def gather(chunk_paths: Sequence, out) -> None:
-    """The chunks of one learning rate, concatenated along K."""
-    chunks.gather(list(chunk_paths), out)
+    chunks.write_signals(out_h5, fitter.fit(chunks.chunk_models(s.K, s.chunk_size, chunk), lr))
 
 
 def _retrainer(s: LLMSettings, base: str, train: list, queries: list, dev):
@@ -195,11 +189,13 @@ def select_lr(s: LLMSettings, losses_paths: Sequence, lrs: Sequence[str], eval_j
     else:
         def judge(L: store.Losses) -> float:  # nothing to judge on: prefer the grid's order
             return -usable.index(float(L.attrs["config"]["lr"]))
-    meta = {"criterion": ("share of selection queries wrong after removing select.N (seed 0)" if judged else
+    meta = {"variant": s.daunce.variant,
+            "criterion": ("share of selection queries wrong after removing select.N (seed 0)" if judged else
                           "none to judge on (one usable lr or no selection queries): minus the lr's position "
                           "among the usable lrs of the grid"),
             "select_N": s.select.N, "measure": s.measure}
-    return chunks.select_lr(paths, judge, out_losses, out_json, meta)
+    return chunks.select_lr(paths, judge, out_losses, out_json, meta, key="wrong_select",
+                            grid_option="llm.daunce.lr_grid")
 
 
 def daunce_scores(s: LLMSettings, losses_path, out) -> None:
