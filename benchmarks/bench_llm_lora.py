@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from daunce_core import llm
+from daunce_core.fit import lm as fit_lm
+from daunce_core.lm import settings
 from daunce_core.utils import pick_device
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -60,14 +61,14 @@ def main(argv=None) -> dict:
     for _ in range(n):
         ids = rng.integers(10, cfg.vocab_size, size=P + R).tolist()
         enc.append({"input_ids": ids, "labels": [-100] * P + ids[P:]})
-    fit = llm.LoraFitConfig(variant="daunce", lr=3e-4, steps=steps, batch_size=args.batch_size,
+    fit = settings.LoraFitConfig(variant="daunce", lr=3e-4, steps=steps, batch_size=args.batch_size,
                             micro_batch_size=micro, rank=args.rank, alpha=16, ratio=1.0, seed=0,
                             eval_batch_size=micro)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    llm.perturbed_fit(model, enc, 0, fit, pad_id=0, device=device, eval_sets=())
+    fit_lm.perturbed_fit(model, enc, 0, fit, pad_id=0, device=device, eval_sets=())
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

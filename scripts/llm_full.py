@@ -1,13 +1,13 @@
 """rule llm_full: theta_0 (seed 0) and the other full-data seeds; which queries they all solve."""
 import logging
 
-from daunce_core.llm import LLMSettings, _device, full_models
+from daunce_core.lm.steps import LLMSettings, device, full_models
 from daunce_core.runner import run_script
 
 
 def main(sm):
     info = full_models(LLMSettings.from_config(sm.config), sm.params.base, sm.input.train, sm.input.query,
-                       sm.output.theta_0, sm.output.eval, sm.output.queries, _device(sm.config))
+                       sm.output.theta_0, sm.output.eval, sm.output.queries, device(sm.config))
     logging.getLogger("daunce").info("full-data accuracy per seed %s; %d queries solved by all seeds",
                                      info["accuracy"], len(info["selected"]))
 

@@ -1,12 +1,12 @@
 """rule llm_removal: remove a method's top N training examples, retrain per seed, count flipped queries."""
-from daunce_core.llm import LLMSettings, _device, removal_job
+from daunce_core.lm.steps import LLMSettings, device, removal_job
 from daunce_core.runner import run_script
 
 
 def main(sm):
     scores = sm.input.get("scores") if hasattr(sm.input, "get") else getattr(sm.input, "scores", None)
     removal_job(LLMSettings.from_config(sm.config), sm.wildcards.method, int(sm.wildcards.N), scores,
-                sm.params.base, sm.input.train, sm.input.queries, sm.input.eval, sm.output[0], _device(sm.config))
+                sm.params.base, sm.input.train, sm.input.queries, sm.input.eval, sm.output[0], device(sm.config))
 
 
 run_script(snakemake, main)  # noqa: F821

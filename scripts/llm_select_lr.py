@@ -1,15 +1,15 @@
 """rule llm_select_lr: the LoRA learning rate, judged on the selection queries only."""
 import logging
 
-from daunce_core.llm import LLMSettings, _device, select_lr
+from daunce_core.lm.steps import LLMSettings, device, select_lr
 from daunce_core.runner import run_script
 
 
 def main(sm):
-    info = select_lr(LLMSettings.from_config(sm.config), list(sm.input.losses), sm.params.lrs, sm.input.eval,
-                     sm.params.base, sm.input.train, sm.input.queries, sm.output.losses, sm.output.selection,
-                     _device(sm.config))
-    logging.getLogger("daunce").info("selected lr %s (%s)", info["lr"], info["results"])
+    lr = select_lr(LLMSettings.from_config(sm.config), list(sm.input.losses), sm.params.lrs, sm.input.eval,
+                   sm.params.base, sm.input.train, sm.input.queries, sm.output.losses, sm.output.selection,
+                   device(sm.config))
+    logging.getLogger("daunce").info("selected lr %g (%s)", lr, sm.output.selection)
 
 
 run_script(snakemake, main)  # noqa: F821

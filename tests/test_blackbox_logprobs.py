@@ -70,7 +70,7 @@ def test_budget_is_generous():
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    from daunce_core.tinylm import tiny_causal_lm, train_tokenizer
+    from daunce_core.lm.tiny import tiny_causal_lm, train_tokenizer
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("lp")

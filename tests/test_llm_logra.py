@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from daunce_core import llm, textdata, tinylm
+from daunce_core.lm import data as textdata, sequences, settings, tiny as tinylm, training
 
 pytest.importorskip("dattri", reason="dattri (the LoGra implementation) is not installed")
 from daunce_core.baselines import logra_llm  # noqa: E402
@@ -21,9 +21,9 @@ def trained():
                                  vocab_size=280)
     model = tinylm.tiny_causal_lm(tok, arch="llama", hidden_size=32, num_layers=1, num_heads=2,
                                   max_position_embeddings=32, seed=0)
-    tr = llm.encode_examples(tok, task["train"], max_length=32)
-    qu = llm.encode_examples(tok, task["query"], max_length=32)
-    llm.finetune(model, tr, llm.FinetuneConfig(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=4,
+    tr = sequences.encode_examples(tok, task["train"], max_length=32)
+    qu = sequences.encode_examples(tok, task["query"], max_length=32)
+    training.finetune(model, tr, settings.FinetuneConfig(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=4,
                                                max_length=32), pad_id=tok.pad_token_id, seed=0)
     return task, tok, model, tr, qu
 

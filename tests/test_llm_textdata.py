@@ -1,10 +1,10 @@
-"""daunce_core.textdata: the synthetic task, hub loaders (offline errors, local files), answer checks."""
+"""daunce_core.lm.data: the synthetic task, hub loaders (offline errors, local files), answer checks."""
 import json
 
 import numpy as np
 import pytest
 
-from daunce_core import textdata
+from daunce_core.lm import data as textdata
 
 
 def test_synthetic_task_structure():

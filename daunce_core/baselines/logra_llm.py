@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..lm.sequences import collate, sequence_signal
+
 log = logging.getLogger(__name__)
 
 __all__ = ["logra_scores", "linear_layer_names"]
@@ -45,8 +47,6 @@ class _PerExampleLoss(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, labels):  # noqa: D401
-        from ..llm import sequence_signal
-
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
         return SimpleNamespace(loss=sequence_signal("loss", logits, labels).sum())
 
@@ -92,7 +92,7 @@ def logra_scores(
 
     Args:
         model: theta_0 (a ``transformers`` causal LM, plain or PEFT-wrapped).
-        train_enc / query_enc: examples from :func:`daunce_core.llm.encode_examples`.
+        train_enc / query_enc: examples from :func:`daunce_core.lm.sequences.encode_examples`.
         pad_id: padding token id.
         proj_dim: projected dimension per layer, a perfect square (4096 = LoRA rank 64).
         damping: damping of the Fisher inverse (None: dattri's default, 0.1 x mean eigenvalue).
@@ -103,8 +103,6 @@ def logra_scores(
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
     from torch.utils.data import DataLoader
-
-    from ..llm import collate
 
     device = str(device or next(model.parameters()).device)
     wrapped = _PerExampleLoss(model).to(device)

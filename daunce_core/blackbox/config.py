@@ -102,7 +102,7 @@ class BDPLConfig:
 
 @dataclass
 class LocalModelConfig:
-    arch: str = setting("llama", "'llama' or 'qwen2' (daunce_core.tinylm)")
+    arch: str = setting("llama", "'llama' or 'qwen2' (daunce_core.lm.tiny)")
     hidden_size: int = setting(64, "hidden size of the tiny causal LM")
     num_layers: int = setting(2, "transformer layers")
     vocab_size: int = setting(512, "byte-level BPE vocabulary trained on the training prompts")

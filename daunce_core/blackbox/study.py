@@ -86,7 +86,7 @@ def make_data(cfg: BlackboxConfig, out_train: str | Path, out_query: str | Path)
 
 def make_local_base(cfg: BlackboxConfig, train_path: str | Path, out_dir: str | Path) -> None:
     """The local server's "pretrained" model: a tokenizer trained on the prompts and a tiny LM."""
-    from ..tinylm import tiny_causal_lm, train_tokenizer
+    from ..lm.tiny import tiny_causal_lm, train_tokenizer
     from ..localapi.model import render_chat
 
     train = B.read_jsonl(train_path)

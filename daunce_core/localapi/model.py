@@ -11,7 +11,7 @@ Three things the server needs from a causal LM, and nothing else:
   completions API.
 
 Everything here works on any ``AutoModelForCausalLM`` + tokenizer saved with ``save_pretrained``:
-the embedded default uses :func:`daunce_core.tinylm.tiny_causal_lm`.
+the embedded default uses :func:`daunce_core.lm.tiny.tiny_causal_lm`.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 # dattri; each removal job retrains from llm.model for every seed.
 import math
 
-from daunce_core.llm import LLMSettings
+from daunce_core.lm.settings import LLMSettings
 
 LLM = LLMSettings.from_config(config)
 LLM_RES = config.get("llm", {}).get("resources", {})
@@ -74,8 +74,8 @@ def llm_removal_files(wildcards=None):
     return expand(
         "results/{experiment}/llm/removal/{method}/N{N}.json",
         experiment=EXP,
-        method=LLM.removal["methods"],
-        N=LLM.removal["N"],
+        method=LLM.removal.methods,
+        N=LLM.removal.N,
     )
 
 
@@ -169,7 +169,7 @@ rule llm_gather:
     log:
         "results/{experiment}/logs/llm/daunce/lr{lr}/gather.log",
     script:
-        "../../scripts/llm_gather.py"
+        "../../scripts/gather.py"
 
 
 rule llm_select_lr:

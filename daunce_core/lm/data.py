@@ -30,6 +30,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..store import atomic_path
+
 __all__ = [
     "DataUnavailable",
     "synthetic_task",
@@ -128,8 +130,6 @@ def pretrain_corpus(n: int = 3000, *, max_operand: int = 9, seed: int = 0) -> li
 # --- jsonl ------------------------------------------------------------------------------------
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
-    from .store import atomic_path
-
     with atomic_path(path, suffix=".jsonl.tmp") as tmp:
         with open(tmp, "w") as fh:
             for r in rows:

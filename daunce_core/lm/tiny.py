@@ -13,6 +13,10 @@ from typing import Iterable
 
 import torch
 
+from .sequences import encode_examples
+from .settings import FinetuneConfig
+from .training import finetune
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -88,8 +92,6 @@ def pretrain(tokenizer, corpus, *, arch: str = "llama", hidden_size: int = 64, n
     Measured: 2 layers, hidden 64, 4000 additions, 15 epochs -> ~95% on held-out additions in
     ~20 s on one thread.
     """
-    from .llm import FinetuneConfig, encode_examples, finetune
-
     model = tiny_causal_lm(tokenizer, arch=arch, hidden_size=hidden_size, num_layers=num_layers,
                            num_heads=num_heads, max_position_embeddings=max_position_embeddings, seed=seed)
     enc = encode_examples(tokenizer, corpus, max_length=max_position_embeddings)

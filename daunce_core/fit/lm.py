@@ -1,0 +1,163 @@
+"""DAUNCE's perturbed models as LoRA adapters on a causal LM (Section 4.2, Appendix C).
+
+:class:`LoraFitter` implements the fitter contract (:mod:`daunce_core.fit.contract`): each
+perturbed model ``k`` is a fresh LoRA adapter on theta_0 trained on the perturbed objective of
+Table 1 (equation 5) -- theta_0's logits come from the same PEFT model under
+``with model.disable_adapter():``, one micro-batch at a time, so they are never held for the
+dataset -- and its signal is every example's mean response-token NLL (or margin for
+``daunce_t``) under the adapter.
+
+Model ``k`` is bit-reproducible for a fixed seed: its subset and ``xi`` come from
+:func:`daunce_core.perturb.subset_and_xi`, its batch order from
+:func:`daunce_core.perturb.batch_order` keyed ``(seed, k)``, its LoRA initialisation from a torch
+seed derived from ``(seed, k)``; the base weights are frozen and restored after each fit
+(``unload``), so model k is the same whether trained alone or after others in a chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import objectives, perturb
+from ..lm import sequences
+from ..lm.settings import LoraFitConfig
+from ..lm.training import lr_lambda, micro_batches, torch_seed
+from .contract import Signals
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoraFitter", "perturbed_fit", "perturbed_losses"]
+
+
+def _lora_config(cfg: LoraFitConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def perturbed_fit(base_model, train_enc: Sequence[dict], k: int, cfg: LoraFitConfig, *, pad_id: int,
+                  device=None, eval_sets: Sequence[Sequence[dict]] = ()) -> list[np.ndarray]:
+    """Fit perturbed model ``k`` (a fresh LoRA adapter on theta_0) and record its signals.
+
+    Algorithm 1: subset ``D^k`` and ``xi^k`` from ``perturb.subset_and_xi(seed, k, n, ratio)``;
+    ``cfg.steps`` AdamW steps of ``cfg.batch_size`` examples drawn from ``D^k`` in the order of
+    ``perturb.batch_order((seed, k), ...)``, on the perturbed objective of ``cfg.variant`` with
+    theta_0's logits from the same model with its adapter disabled. Then the signal (loss or
+    margin) of every example of each of ``eval_sets``.
+
+    ``base_model`` is returned to its original state (adapter removed, weights untouched).
+    Returns one float32 array per evaluation set.
+    """
+    from peft import get_peft_model
+
+    device = device or next(base_model.parameters()).device
+    objectives.check_variant(cfg.variant)
+    signal = objectives.signal_of(cfg.variant)
+    n = len(train_enc)
+    subset, xi = perturb.subset_and_xi(cfg.seed, k, n, cfg.ratio)
+    bs = min(cfg.batch_size, len(subset))
+    per_epoch = len(subset) // bs
+    order = perturb.batch_order((cfg.seed, k), subset, math.ceil(cfg.steps / per_epoch), bs)[: cfg.steps]
+    xi_t = torch.as_tensor(xi, dtype=torch.float32)
+
+    for p in base_model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(torch_seed(cfg.seed, k))
+    model = get_peft_model(base_model, _lora_config(cfg))
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.steps))
+        model.train()
+        for idx in order:
+            opt.zero_grad(set_to_none=True)
+            for mb in micro_batches(idx, cfg.micro_batch_size):
+                batch = sequences.to_device(sequences.collate([train_enc[i] for i in mb], pad_id), device)
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                logits0 = None
+                if not objectives.is_black_box(cfg.variant):
+                    with torch.no_grad(), model.disable_adapter():
+                        logits0 = model(**inputs).logits
+                logits = model(**inputs).logits
+                obj = sequences.sequence_objective(cfg.variant, logits, batch["labels"], logits0=logits0,
+                                                   xi=xi_t[torch.as_tensor(mb)].to(device), rho=cfg.rho,
+                                                   gamma=cfg.gamma)
+                (obj.sum() / len(idx)).backward()
+                del logits, logits0
+            opt.step()
+            sched.step()
+        return [sequences.per_example_signal(model, es, pad_id=pad_id, signal=signal,
+                                             batch_size=cfg.eval_batch_size, device=device) for es in eval_sets]
+    finally:
+        model.unload()
+
+
+class LoraFitter:
+    """The fitter contract for LoRA on a causal LM: theta_0, the encoded examples and the fit.
+
+    Args:
+        model: theta_0, a ``transformers`` causal LM (its weights are never changed).
+        train_enc / query_enc: examples from :func:`daunce_core.lm.sequences.encode_examples`.
+        cfg: the LoRA fit; ``fit`` overrides its learning rate.
+        pad_id: padding token id.
+        train_ids / query_ids: the examples' ids (default ``0..n-1``, ``0..m-1``).
+    """
+
+    def __init__(self, model, train_enc: Sequence[dict], query_enc: Sequence[dict], cfg: LoraFitConfig, *,
+                 pad_id: int, device=None, train_ids=None, query_ids=None) -> None:
+        objectives.check_variant(cfg.variant)
+        self.model, self.train_enc, self.query_enc, self.cfg = model, train_enc, query_enc, cfg
+        self.pad_id, self.device = pad_id, device
+        self.train_ids = np.arange(len(train_enc)) if train_ids is None else np.asarray(train_ids)
+        self.query_ids = np.arange(len(query_enc)) if query_ids is None else np.asarray(query_ids)
+
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
+    def attrs(self, lr: float) -> dict[str, Any]:
+        """What a losses file records of the fit (the keys ``store.concat_losses`` guards)."""
+        cfg = dataclasses.replace(self.cfg, lr=float(lr))
+        return {"variant": cfg.variant, "signal": objectives.signal_of(cfg.variant), "seed": cfg.seed,
+                "config": {**dataclasses.asdict(cfg), "lr": float(lr)}}
+
+    def fit(self, ks: Sequence[int], lr: float) -> Signals:
+        """Fit perturbed models ``ks`` at ``lr``: response signals of train [K, n] and queries [K, m].
+
+        After the first model whose signals are not finite the chunk is lost (it will be recorded
+        as diverged), so the remaining models are not fitted and their rows stay NaN.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = dataclasses.replace(self.cfg, lr=float(lr))
+        tr = np.full((len(ks), len(self.train_enc)), np.nan, np.float32)
+        qu = np.full((len(ks), len(self.query_enc)), np.nan, np.float32)
+        for row, k in enumerate(tqdm(ks, desc=f"LoRA fits ({cfg.variant}, lr {cfg.lr:g})", disable=None)):
+            tr[row], qu[row] = perturbed_fit(self.model, self.train_enc, int(k), cfg, pad_id=self.pad_id,
+                                             device=self.device, eval_sets=(self.train_enc, self.query_enc))
+            if not (np.isfinite(tr[row]).all() and np.isfinite(qu[row]).all()):
+                log.warning("perturbed model k=%d diverged at lr %g (non-finite losses)", k, cfg.lr)
+                break
+        return Signals(tr, qu, np.asarray(ks, np.int64), self.train_ids, self.query_ids,
+                       signal=objectives.signal_of(cfg.variant), attrs=self.attrs(lr))
+
+
+def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[dict], ks: Sequence[int],
+                     cfg: LoraFitConfig, *, pad_id: int, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """Signals of every training and query example under perturbed models ``ks``: ([K, n], [K, m]).
+
+    Raises:
+        FloatingPointError: a model's signals are not finite (the learning rate is too large).
+    """
+    sig = LoraFitter(base_model, train_enc, query_enc, cfg, pad_id=pad_id, device=device).fit(ks, cfg.lr)
+    bad = sig.diverged()
+    if bad.any():
+        raise FloatingPointError(f"perturbed model k={int(sig.model_index[bad][0])} diverged at lr "
+                                 f"{cfg.lr:g} (non-finite losses)")
+    return sig.train, sig.query

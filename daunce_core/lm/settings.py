@@ -1,0 +1,247 @@
+"""The ``llm`` section of the config as typed settings (Section 4.2 / Appendix C).
+
+Every key of ``llm`` in ``config/config.yaml`` is a field below, with its default and a help text;
+:func:`daunce_core.settings.build` makes the tree, names unknown keys with their dotted names
+(``llm.daunce.rnk``) and raises :class:`daunce_core.settings.ConfigError`. Cluster resources are
+not experiment facts and have no key here: they live in the workflow's profiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import objectives
+from ..settings import ConfigError, build, nested, setting
+
+__all__ = ["FinetuneConfig", "LoraFitConfig", "DaunceSettings", "LLMSettings", "TASKS", "TASK_DATA"]
+
+TASKS = ("synthetic", "math", "ifeval")
+# The paper's data sources per task: (training set, query set).
+TASK_DATA = {"math": ("numinamath", "math"), "ifeval": ("autoif", "ifeval")}
+
+
+@dataclass
+class FinetuneConfig:
+    """Full fine-tuning (theta_0 and every removal retrain). Paper: lr 2e-5, batch 64, 1 epoch."""
+
+    lr: float = setting(2e-5, "peak learning rate of AdamW")
+    batch_size: int = setting(64, "examples per optimiser step")
+    micro_batch_size: int = setting(8, "examples per forward pass (gradient accumulation up to batch_size)")
+    epochs: int = setting(1, "passes over the training set")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.03, "share of the steps with a linear warm-up")
+    schedule: str = setting("cosine", "'constant', 'linear' or 'cosine' decay after the warm-up")
+    max_grad_norm: float = setting(1.0, "gradient clipping (0 = off)")
+    max_length: int = setting(1024, "tokens per example (prompt truncated from the left first)")
+    gradient_checkpointing: bool = setting(False, "trade compute for activation memory (large models)")
+
+
+@dataclass
+class LoraFitConfig:
+    """A LoRA perturbed fit (Appendix C: rank 64, alpha 16, AdamW, 30 steps, batch 64)."""
+
+    variant: str = setting("daunce", "DAUNCE variant (objectives.VARIANTS)")
+    lr: float = setting(3e-4, "initial learning rate of AdamW")
+    steps: int = setting(30, "optimiser steps per perturbed model")
+    batch_size: int = setting(64, "examples per step, drawn from the subset D^k")
+    micro_batch_size: int = setting(8, "examples per forward pass")
+    rank: int = setting(64, "LoRA rank")
+    alpha: float = setting(16.0, "LoRA alpha")
+    dropout: float = setting(0.0, "LoRA dropout (0 keeps the fit deterministic)")
+    target_modules: Any = setting("all-linear", "modules given adapters: 'all-linear' or a list of names")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    schedule: str = setting("linear", "'constant' or 'linear' decay to zero over the steps")
+    ratio: float = setting(0.3, "subset ratio r")
+    rho: float = setting(1.0, "perturbation scale (objectives.perturbed_objective)")
+    gamma: float = setting(1.0, "loss-term weight (objectives.perturbed_objective)")
+    seed: int = setting(0, "perturbation seed; model k uses default_rng([seed, k])")
+    max_length: int = setting(1024, "tokens per example")
+    eval_batch_size: int = setting(16, "examples per forward pass when recording losses")
+
+
+@dataclass
+class DaunceSettings(LoraFitConfig):
+    """``llm.daunce``: the LoRA fit of every perturbed model, plus how many, in which chunks, at
+    which learning rates, and how their losses become scores (equation 6)."""
+
+    lr: float | None = setting(None, "not set here: each chunk's learning rate comes from lr_grid")
+    K: int = setting(100, "perturbed models (Appendix C: 100)")
+    chunk_size: int = setting(10, "perturbed models per job")
+    lr_grid: list = setting([1e-3, 3e-4, 1e-4], "LoRA learning rates tried; select_lr keeps one")
+    measure: str = setting("correlation", "'correlation' or 'covariance' of the K losses")
+
+    def validate(self) -> None:
+        if self.lr is not None:
+            raise ConfigError("llm.daunce.lr: the LoRA learning rates are llm.daunce.lr_grid (one value "
+                              "for a single rate); remove llm.daunce.lr")
+
+    def fit_config(self, lr: float, max_length: int) -> LoraFitConfig:
+        """The fit of one learning rate; only :class:`LoraFitConfig`'s fields, as losses files record."""
+        keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoraFitConfig)}
+        return LoraFitConfig(**{**keep, "lr": float(lr), "max_length": int(max_length)})
+
+
+@dataclass
+class SyntheticData:
+    """``llm.data.synthetic``: the miniature's task (see :func:`daunce_core.lm.data.synthetic_task`)."""
+
+    n_ops: int = setting(8, "operator symbols")
+    n_train: int = setting(320, "training examples over all operators")
+    queries_per_op: int = setting(12, "query examples per operator")
+    skew: float = setting(0.8, "geometric ratio of the training examples per operator")
+    max_operand: int = setting(9, "largest operand")
+    seed: int = setting(0, "seed of the task (and of the pre-training corpus)")
+    pretrain_n: int = setting(4000, "additions in the tiny model's pre-training corpus")
+
+    def task_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "pretrain_n"}
+
+
+@dataclass
+class SourceData:
+    """``llm.data.train`` / ``llm.data.query``: a hub dataset or a local file."""
+
+    name: str | None = setting(None, "numinamath, math, autoif or ifeval (default: the task's)")
+    source: str | None = setting(None, "hub id or local .jsonl/.json/.parquet path (default: the name's hub id)")
+    n: int = setting(0, "examples sampled (0 = all)")
+    seed: int = setting(0, "sampling seed")
+
+
+@dataclass
+class DataSettings:
+    """``llm.data``: where the training and query sets come from."""
+
+    synthetic: SyntheticData = nested(SyntheticData)
+    train: SourceData = nested(SourceData, "the training set (math and ifeval tasks)")
+    query: SourceData = nested(SourceData, "the query set (math and ifeval tasks)")
+
+
+@dataclass
+class TinyPretrain:
+    """``llm.tiny.pretrain``: pre-training the miniature's model on additions."""
+
+    epochs: int = setting(15, "passes over the pre-training corpus")
+    batch_size: int = setting(64, "examples per step")
+    lr: float = setting(3e-3, "peak learning rate of AdamW")
+    seed: int = setting(0, "initialisation and data-order seed")
+
+
+@dataclass
+class TinySettings:
+    """``llm.tiny``: the miniature's pre-trained LM (when ``llm.model`` is ``tiny``)."""
+
+    arch: str = setting("llama", "'llama' or 'qwen2'")
+    vocab_size: int = setting(300, "byte-level BPE vocabulary (>= 260: bytes and specials)")
+    hidden_size: int = setting(64, "hidden width")
+    num_layers: int = setting(2, "transformer blocks")
+    num_heads: int = setting(4, "attention heads")
+    max_position_embeddings: int = setting(64, "longest sequence")
+    pretrain: TinyPretrain = nested(TinyPretrain)
+
+
+@dataclass
+class GenerationSettings:
+    """``llm.generation``: greedy decoding of the answers (the paper's evaluations are greedy)."""
+
+    max_new_tokens: int = setting(512, "tokens generated per answer")
+    batch_size: int = setting(16, "prompts per generate call")
+
+
+@dataclass
+class SelectSettings:
+    """``llm.select``: judging the LoRA learning rate on the selection queries."""
+
+    fraction: float = setting(0.3, "share of the solved queries used to pick the lr (only with several lrs)")
+    N: int = setting(500, "examples removed when judging an lr")
+
+
+@dataclass
+class LograSettings:
+    """``llm.logra``: the LoGra baseline (dattri)."""
+
+    proj_dim: int = setting(4096, "per-layer projection, a perfect square (4096 = LoRA rank 64)")
+    damping: float | None = setting(None, "damping of the Fisher inverse (null: dattri's default)")
+    hessian: str = setting("eFIM", "'eFIM' (LoGra) or 'Identity' (projected grad-dot)")
+    batch_size: int = setting(8, "examples per backward pass")
+
+
+@dataclass
+class RemovalSettings:
+    """``llm.removal``: the points of Figure 2."""
+
+    N: list = setting([500, 1000], "training examples removed, one point each")
+    methods: list = setting(["daunce", "logra", "random"], "daunce, logra and/or random")
+    seed: int = setting(0, "seed of random removal and of the selection/test split of the queries")
+
+
+@dataclass
+class LLMSettings:
+    """The ``llm`` section of the config (see the ``llm`` section of ``config/config.yaml`` for every key)."""
+
+    task: str = setting("synthetic", "synthetic (miniature), math (NuminaMath-CoT -> MATH) or ifeval "
+                                     "(AutoIF -> IFEval)")
+    model: str = setting("tiny", "'tiny' (pre-trained in the workflow), a hub id or a local model folder")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    template: str = setting("{prompt}", "text around each prompt ({prompt} is replaced); the response follows")
+    query_target: str = setting("reference", "a query's loss is on its 'reference' response or theta_0's "
+                                             "'generated' one")
+    seeds: int = setting(3, "full-data models and every removal retrain (Appendix C: 3)")
+    data: DataSettings = nested(DataSettings)
+    tiny: TinySettings = nested(TinySettings)
+    finetune: FinetuneConfig = nested(FinetuneConfig)
+    generation: GenerationSettings = nested(GenerationSettings)
+    daunce: DaunceSettings = nested(DaunceSettings)
+    select: SelectSettings = nested(SelectSettings)
+    logra: LograSettings = nested(LograSettings)
+    removal: RemovalSettings = nested(RemovalSettings)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "LLMSettings":
+        """Build from the workflow config (its ``llm`` key); :class:`ConfigError` names bad keys."""
+        return build(cls, config.get("llm"), "llm")
+
+    def validate(self) -> "LLMSettings":
+        if self.task not in TASKS:
+            raise ConfigError(f"llm.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.query_target not in ("reference", "generated"):
+            raise ConfigError(f"llm.query_target must be 'reference' or 'generated', got {self.query_target!r}")
+        if self.task == "ifeval" and self.query_target == "reference":
+            raise ConfigError("llm.query_target: IFEval has no reference responses; use 'generated' "
+                              "(theta_0's own correct answer is the query's target)")
+        if self.model == "tiny" and self.task != "synthetic":
+            raise ConfigError("llm.model 'tiny' is the miniature's pre-trained toy; the math and ifeval "
+                              "tasks need a hub model id or a local model folder")
+        if self.K < 2 or self.seeds < 1 or not self.lr_grid:
+            raise ConfigError("llm.daunce.K must be >= 2, llm.seeds >= 1 and llm.daunce.lr_grid non-empty")
+        try:
+            objectives.check_variant(self.daunce.variant)
+        except ValueError as exc:
+            raise ConfigError(f"llm.daunce.variant: {exc}") from exc
+        return self
+
+    # The run-level keys of llm.daunce, where the workflow reads them.
+    @property
+    def K(self) -> int:
+        return self.daunce.K
+
+    @property
+    def chunk_size(self) -> int:
+        return self.daunce.chunk_size
+
+    @property
+    def lr_grid(self) -> list:
+        return self.daunce.lr_grid
+
+    @property
+    def measure(self) -> str:
+        return self.daunce.measure
+
+    def lr_tags(self) -> list[str]:
+        """The learning rates as the workflow's ``{lr}`` wildcard spells them."""
+        return [f"{lr:g}" for lr in self.lr_grid]
+
+    def gen_kw(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`daunce_core.lm.generation.evaluate_answers`."""
+        return {"template": self.template, "max_new_tokens": self.generation.max_new_tokens,
+                "batch_size": self.generation.batch_size, "max_length": self.finetune.max_length}
