@@ -186,3 +186,47 @@ def test_public_api_is_lazy_and_versioned():
     assert daunce_core.Signals is Signals and daunce_core.read_losses is store.read_losses
     code = "import sys, daunce_core; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
+    """daunce_core modules imported by the file ``path`` (module ``module``)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("daunce_core")}
+
+
+def test_layers_point_one_way():
+    """No library module imports the workflow steps (pipeline), and module-level imports form no
+    circle (lazy imports inside functions may point back, e.g. a dispatcher to its adapters)."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "daunce_core").rglob("*.py")}
+    steps = [m for m, p in files.items() if m != "daunce_core.pipeline"
+             and "daunce_core.pipeline" in _imports(p, m, top_level_only=False)]
+    assert not steps, f"library modules import daunce_core.pipeline: {steps}"
+    graph = {m: _imports(p, m, top_level_only=True) & set(files) - {m} for m, p in files.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, f"import circle: {' -> '.join(path + [d])}"
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])

@@ -23,8 +23,9 @@ kronfluence's CIFAR example use), or the loss. Libraries are handed the measurem
 adapter's sign and orientation is tested against an independent computation
 (``tests/test_baselines.py``).
 
-Settings (config key ``baselines``) are read by :class:`BaselinesConfig`; unknown keys are refused
-by name.
+Settings (config key ``baselines``) are read by :class:`BaselinesConfig` through
+:func:`daunce_core.settings.build` (unknown keys and wrong types refused by name). It and the
+problem every adapter receives live in :mod:`.common`; this module re-exports them and dispatches.
 """
 from __future__ import annotations
 
