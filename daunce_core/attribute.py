@@ -10,15 +10,14 @@ theta_0's statistics (eval mode) during the perturbed fits.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import ensemble as E
-from . import objectives as obj
 from .config import DaunceConfig
+from .fit import chunks
+from .fit.ensemble import EnsembleFitter
 from .scoring import pairwise_scores
 from .utils import pick_device
 
@@ -51,16 +50,9 @@ def perturbed_losses(
     Xq, yq = (torch.as_tensor(t, device=dev) for t in query)
     cfg = DaunceConfig(K=K, ratio=ratio, epochs=epochs, batch_size=batch_size, rho=rho, gamma=gamma,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K])
-    signal = obj.signal_of(variant)
-    p0, b0 = E.split_state(net, theta_0)
-    logits0 = E.predict(net, E.stack_states([p0], dev), E.stack_states([b0], dev), X)[0]
-    tr, qu = [], []
-    for c in range(math.ceil(K / chunk_size)):
-        ks = list(range(c * chunk_size, min(K, (c + 1) * chunk_size)))
-        p, b = E.fit_perturbed(net, theta_0, X, y, ks, variant=variant, cfg=cfg, lr=lr, logits0=logits0)
-        tr.append(E.signals(E.predict(net, p, b, X), y, signal).cpu().numpy())
-        qu.append(E.signals(E.predict(net, p, b, Xq), yq, signal).cpu().numpy())
-    return np.concatenate(tr), np.concatenate(qu)
+    fitter = EnsembleFitter(net, theta_0, (X, y), (Xq, yq), variant=variant, cfg=cfg)
+    signals = chunks.fit_all(fitter, K, chunk_size, lr)
+    return signals.train, signals.query
 
 
 def daunce_scores(model: nn.Module, train, query, *, measure: str = "correlation", **kwargs) -> np.ndarray:

@@ -24,12 +24,12 @@ def _score(args: argparse.Namespace) -> None:
 
 def _lds(args: argparse.Namespace) -> None:
     from . import lds as L
-    from .pipeline import thresholded
+    from .scoring import apply_threshold
 
     scores, _ = store.dense_scores(args.scores)
     gt = store.read_ground_truth(args.ground_truth)
     th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}
-    res, _ = L.evaluate(thresholded(scores, th), gt, n_resamples=args.bootstrap)
+    res, _ = L.evaluate(apply_threshold(scores, th), gt, n_resamples=args.bootstrap)
     print(json.dumps({"lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high,
                       "n_queries": res.n_queries, "threshold": th}, indent=2))
 

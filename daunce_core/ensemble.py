@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from . import objectives as obj
 from .config import DaunceConfig, TrainConfig
+from .fit.contract import Plan
 from .models import has_batchnorm
-from .perturb import batch_order, subset_and_xi
+from .perturb import batch_order
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +211,14 @@ def fit_perturbed(
     lr: float,
     logits0: torch.Tensor | None = None,
     mode: str = "vmap",
+    plan: Plan | None = None,
 ) -> tuple[Stacked, Stacked]:
     """Algorithm 1, steps 2-4, for perturbed models ``ks`` trained together from ``theta_0``.
 
     ``logits0`` are theta_0's logits on the whole training set [n, classes] (computed once if
-    not given): the first-order term of equation (5) needs nothing else.
+    not given): the first-order term of equation (5) needs nothing else. ``plan`` draws each
+    model's subset, xi and batch order; by default ``Plan(cfg.seed, cfg.ratio)``, the paper's
+    independent draws keyed by ``(seed, k)``.
     """
     obj.check_variant(variant)
     n = len(y)
@@ -222,12 +226,12 @@ def fit_perturbed(
     if logits0 is None:
         p0, b0 = split_state(net, theta_0)
         logits0 = predict(net, stack_states([p0], device), stack_states([b0], device), X)[0]
-    subsets, xis, scheds = [], [], []
+    plan = plan if plan is not None else Plan(seed=cfg.seed, ratio=cfg.ratio)
+    xis, scheds = [], []
     for k in ks:
-        sub, xi = subset_and_xi(cfg.seed, k, n, cfg.ratio)
-        subsets.append(sub)
+        sub, xi = plan.subset_and_xi(k, n)
         xis.append(xi)
-        scheds.append(batch_order((cfg.seed, k), sub, cfg.epochs, cfg.batch_size))
+        scheds.append(batch_order(plan.batch_key(k), sub, cfg.epochs, cfg.batch_size))
     schedule = np.stack(scheds)
     xi_t = torch.as_tensor(np.stack(xis), dtype=torch.float32, device=device)  # [C, n]
 

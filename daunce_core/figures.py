@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import store  # noqa: E402
+from .lds import read_lds_table  # noqa: E402
 
 DISPLAY = {
     "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T",
@@ -78,21 +79,15 @@ def lds_bars(rows: list[dict], methods: list[str], out, title: str, daunce_measu
 
 
 def fig1a(lds_csv, out, methods: list[str], title: str = "LDS, white-box") -> None:
-    from .pipeline import read_lds_table
-
     lds_bars(read_lds_table(lds_csv), methods, out, title)
 
 
 def fig1b(lds_csv, out, white: list[str], black: list[str], title: str = "LDS, black-box vs white-box") -> None:
-    from .pipeline import read_lds_table
-
     lds_bars(read_lds_table(lds_csv), [*white, *black], out, title)
 
 
 def table3(lds_csv, out_md, out_csv, variants: list[str]) -> list[dict]:
     """Table 3: LDS with correlation vs covariance for each variant (thresholded and raw)."""
-    from .pipeline import read_lds_table
-
     rows = read_lds_table(lds_csv)
     table = []
     for measure in ("correlation", "covariance"):
@@ -167,9 +162,10 @@ def fig6(k_csv, out, label: str = "DAUNCE") -> tuple[float, float, float]:
 
 def fig5(cfg, split_path, scores_paths: dict[str, str], out, query: int = 0, top: int = 5) -> None:
     """A query image with its most positive and most negative training images (Figure 5)."""
-    from .pipeline import load_checked
+    from .data import load_dataset
 
-    ds = load_checked(cfg, split_path)
+    ds = load_dataset(cfg.data)
+    store.check_split(split_path, ds.train_ids, ds.query_ids)
     measures = list(scores_paths)
     fig, axes = plt.subplots(2 * len(measures), top + 1, figsize=(1.25 * (top + 1), 2.6 * len(measures)))
     qimg = ds.images(ds.X_query[query:query + 1])[0]

@@ -116,3 +116,50 @@ def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 
                          f"({gt['masks'].shape[1]} training examples, {gt['outputs'].shape[-1]} queries)")
     pq = per_query_lds(scores, gt["masks"], gt["outputs"])
     return summarize(pq, n_resamples, seed), pq
+
+
+# --- the LDS table: the rows of every evaluation in one csv ----------------------------------------
+
+LDS_COLUMNS = ["method", "measure", "threshold", "lds", "ci_low", "ci_high", "n_queries", "n_masks"]
+
+
+def threshold_label(th: dict) -> str:
+    """How a table names the thresholding ``lds.threshold``: ``none``, ``hard(q=0.9)``, ``topk(k=..)``."""
+    kind = th.get("kind", "none")
+    if kind == "none":
+        return "none"
+    if kind == "topk":
+        return f"topk(k={th['k']})"
+    return f"{kind}(q={th['quantile']})"
+
+
+def lds_table(json_paths: list, out_csv) -> list[dict]:
+    """Concatenate the rows of LDS evaluations (JSON lists) into one csv, floats to 4 decimals."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from . import store
+
+    rows = []
+    for p in json_paths:
+        rows.extend(json.loads(Path(p).read_text()))
+    with store.atomic_path(out_csv, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LDS_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in LDS_COLUMNS})
+    return rows
+
+
+def read_lds_table(path) -> list[dict]:
+    """Rows of a csv written by :func:`lds_table`, with ``lds`` and its CI as floats."""
+    import csv
+
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("lds", "ci_low", "ci_high"):
+            r[k] = float(r[k])
+    return rows

@@ -1,6 +1,8 @@
 """Models with one constructor interface: ``build_model(cfg, in_shape, num_classes)``."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -82,6 +84,14 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
     if cfg.arch == "resnet9":
         return ResNet9(num_classes, in_channels=int(in_shape[0]), width=cfg.width)
     raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose 'mlp' or 'resnet9'")
+
+
+def model_factory(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> Callable[[], nn.Module]:
+    """A constructor of fresh models of ``cfg`` (theta_0, every retrain, every perturbed fit).
+
+    Retrains seed torch before each call, so the factory (not a built model) is what they take.
+    """
+    return lambda: build_model(cfg, in_shape, num_classes)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

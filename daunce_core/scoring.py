@@ -705,3 +705,19 @@ def _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids, attr
             out.attrs[key] = json.dumps(value) if isinstance(value, list) else value
         out.attrs["daunce_version"] = store.VERSION
     return zero
+
+
+# --- the configured thresholding (``lds.threshold``), for every method alike --------------------
+
+__all__ += ["apply_threshold"]
+
+
+def apply_threshold(scores: np.ndarray, threshold: dict) -> np.ndarray:
+    """Apply a config's ``lds.threshold`` (``{"kind": none|soft|hard|topk, "quantile" | "k"}``) to
+    dense scores [n, m]; soft/hard use the per-query ``quantile`` of |scores| as lambda."""
+    kind = threshold.get("kind", "none")
+    if kind == "none":
+        return scores
+    if kind == "topk":
+        return threshold_scores(scores, "topk", k=int(threshold["k"]))
+    return threshold_scores(scores, kind, lam=quantile_lambda(scores, float(threshold["quantile"])))

@@ -17,6 +17,7 @@ The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) checks shap
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import field
 from typing import Any, TypeVar
@@ -63,8 +64,22 @@ def _declared(cls: type) -> dict[str, Any]:
         return {}
 
 
+def _optional_of(declared: Any) -> Any:
+    """``X`` for a declared ``X | None`` (``Optional[X]``), else ``None``."""
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(declared) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(declared)) == 2:
+            return args[0]
+    return None
+
+
 def _check_type(value: Any, declared: Any, where: str, coerce: bool) -> Any:
     """``value`` as the declared scalar type, or a ConfigError naming ``where``."""
+    inner = _optional_of(declared)
+    if inner is not None:  # ``X | None``: null stays null, anything else must be an X
+        if value is None or coerce and value in ("null", "None", "~"):
+            return None
+        return _check_type(value, inner, where, coerce)
     t = _SCALARS.get(getattr(declared, "__name__", ""), None)
     if t is None or value is None and declared is not bool:
         return value  # Any, unions, Optional: the tree's validate() decides
@@ -74,6 +89,11 @@ def _check_type(value: Any, declared: Any, where: str, coerce: bool) -> Any:
         import yaml
 
         value = yaml.safe_load(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if t is int and isinstance(value, float) and value.is_integer():

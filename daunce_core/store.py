@@ -389,3 +389,34 @@ def write_diverged(path: str | os.PathLike, attrs: dict[str, Any], reason: str) 
 def is_diverged(path: str | os.PathLike) -> bool:
     with _open(path) as f:
         return bool(f.attrs.get("diverged", False))
+
+
+# --- model states (safetensors) and the recorded split (npz) ------------------------------------
+
+__all__ += ["save_state", "load_state", "check_split"]
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a state dict of tensors (theta_0) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+
+
+def load_state(path: str | os.PathLike, device) -> dict[str, Any]:
+    """Read a state dict written by :func:`save_state` onto ``device``."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise StoreError(f"{path}: cannot read theta_0 ({exc}); rerun the base rule") from exc
+
+
+def check_split(path: str | os.PathLike, train_ids: np.ndarray, query_ids: np.ndarray) -> None:
+    """Refuse a dataset whose example ids differ from the split recorded at ``path`` (``.npz``)."""
+    rec = np.load(path)
+    if not (np.array_equal(rec["train_ids"], train_ids) and np.array_equal(rec["query_ids"], query_ids)):
+        raise StoreError(f"{path}: the recorded split differs from the dataset the config "
+                         "loads now (data settings changed?); delete results of this experiment")

@@ -1,5 +1,5 @@
 """rule lds_table: every LDS evaluation in one csv."""
-from daunce_core.pipeline import lds_table
+from daunce_core.lds import lds_table
 from daunce_core.runner import run_script
 
 

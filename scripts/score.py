@@ -1,11 +1,11 @@
 """rule score: covariance / correlation scores of a losses file."""
+from daunce_core.fit import chunks
 from daunce_core.runner import run_script
-from daunce_core.scoring import score_file
 
 
 def main(sm):
-    score_file(sm.input[0], sm.output[0], measure=sm.wildcards.measure,
-               memory_gb=float(sm.config.get("scoring", {}).get("memory_gb", 4.0)), threads=sm.threads)
+    chunks.score(sm.input[0], sm.output[0], sm.wildcards.measure,
+                 memory_gb=float(sm.config.get("scoring", {}).get("memory_gb", 4.0)), threads=sm.threads)
 
 
 run_script(snakemake, main)  # noqa: F821

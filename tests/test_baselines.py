@@ -20,7 +20,7 @@ from daunce_core.baselines import exact as X
 from daunce_core.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
 from daunce_core.data import Dataset
 from daunce_core.objectives import cross_entropy, margin
-from daunce_core.pipeline import _factory
+from daunce_core.models import model_factory
 
 torch.set_num_threads(1)
 
@@ -43,9 +43,10 @@ def problem():
     cfg = ExperimentConfig(model=ModelConfig(arch="mlp", hidden=[6]),
                            base=TrainConfig(epochs=15, batch_size=8, lr=0.05, weight_decay=1e-3))
     Xt, yt = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
-    net, p, b = E.fit_from_scratch(_factory(cfg, ds), Xt, yt, [np.arange(N)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+    factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
+    net, p, b = E.fit_from_scratch(factory, Xt, yt, [np.arange(N)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
     state = {**E.unstack(p, 0), **E.unstack(b, 0)}
-    model = _factory(cfg, ds)()
+    model = factory()
     model.load_state_dict(state)
     model.eval()
     return B.Problem(cfg, ds, model, state, torch.device("cpu"))

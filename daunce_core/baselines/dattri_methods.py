@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import BaselinesConfig, Problem, dir_bytes, query_value, train_loss
+from .common import BaselinesConfig, Problem, dir_bytes, query_value, train_loss
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,11 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int) -> tuple[list[dict]
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from .. import ensemble as E
+    from ..models import model_factory
     from ..perturb import batch_order
-    from ..pipeline import _factory
 
     cfg, ds = problem.cfg, problem.ds
-    key = (cfg.base.seed, 0, 0, 11)  # pipeline.train_base's key for theta_0
+    key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with
     total = batch_order(key, np.arange(ds.n), cfg.base.epochs, cfg.base.batch_size).shape[0]
     if n_checkpoints > total:
         raise ValueError(f"baselines.tracin.checkpoints={n_checkpoints} exceeds the {total} steps of the base recipe")
@@ -136,7 +136,7 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int) -> tuple[list[dict]
     X, y = problem.tensors("train")
     handle = register_optimizer_step_post_hook(hook)
     try:
-        net, params, buffers = E.fit_from_scratch(_factory(cfg, ds), X, y, [np.arange(ds.n)], [key], cfg.base,
+        net, params, buffers = E.fit_from_scratch(model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes), X, y, [np.arange(ds.n)], [key], cfg.base,
                                                   augment=cfg.base.augment)
     finally:
         handle.remove()

@@ -28,7 +28,7 @@ import logging
 
 import numpy as np
 
-from . import BaselinesConfig, Problem, query_value, train_loss
+from .common import BaselinesConfig, Problem, query_value, train_loss
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def influence(G_train: np.ndarray, G_query: np.ndarray, H: np.ndarray, damping: 
 def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
     from .. import lds as L
     from .. import store
-    from ..pipeline import thresholded
+    from ..scoring import apply_threshold
 
     ec = bcfg.exact_if
     p = problem.num_params()
@@ -178,7 +178,7 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
             continue
         v = None
         if gt is not None:
-            v = float(L.per_query_lds(thresholded(s.astype(np.float32), problem.cfg.lds.threshold),
+            v = float(L.per_query_lds(apply_threshold(s.astype(np.float32), problem.cfg.lds.threshold),
                                       gt["masks"], gt["outputs"]).mean())
             log.info("exact_if damping=%g: selection LDS %.4f", d, v)
         table.append({"damping": d, "lds_select": v})

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import BaselinesConfig, Problem, dir_bytes, query_value, train_loss
+from .common import BaselinesConfig, Problem, dir_bytes, query_value, train_loss
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import BaselinesConfig, Problem, dir_bytes
+from .common import BaselinesConfig, Problem, dir_bytes
 
 log = logging.getLogger(__name__)
 

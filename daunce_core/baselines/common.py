@@ -1,0 +1,246 @@
+"""What every baseline adapter shares: its settings, the problem it is handed, and its output.
+
+* :class:`BaselinesConfig` -- the config's ``baselines`` section, one dataclass per method, built
+  by :func:`daunce_core.settings.build` (unknown keys and wrong types refused by name);
+* :class:`Problem` / :func:`load_problem` -- theta_0 in its architecture with the data, checked
+  against the recorded split;
+* :func:`query_value` / :func:`train_loss` -- the query and training functions every gradient
+  method differentiates;
+* :func:`write_result` -- dense scores in the common layout, refused when transposed or NaN.
+
+It lives apart from ``baselines/__init__.py`` so the adapters import it without importing the
+dispatcher that imports them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from .. import store
+from ..config import ExperimentConfig
+from ..settings import ConfigError, build, nested, setting
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data import Dataset
+
+
+METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
+MEASUREMENTS = ("margin", "loss")
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+@dataclass
+class TrakConfig:
+    """``traker.TRAKer`` on theta_0 alone (no ensemble)."""
+
+    proj_dim: int = setting(512, "dimension of TRAK's random projection of the gradients")
+    seed: int = setting(0, "seed of the projection")
+    lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion")
+    half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
+
+
+@dataclass
+class EkfacConfig:
+    """``kronfluence`` EK-FAC influence on every supported layer."""
+
+    damping: float | None = setting(None, "damping of the inverse; null: kronfluence's heuristic, "
+                                          "0.1 x mean eigenvalue")
+    empirical_fisher: bool = setting(True, "the paper: \"the empirical Fisher information matrix\"")
+    strategy: str = setting("ekfac", "'ekfac', 'kfac', 'diagonal' or 'identity' (= grad-dot)")
+
+
+@dataclass
+class LograConfig:
+    """``dattri.LoGraAttributor``: gradients projected per layer, then an eFIM solve."""
+
+    rank: int = setting(128, "per-side rank r of LoGra's Kronecker projection: r*r numbers per layer")
+    damping: float | None = setting(None, "damping of the eFIM; null: dattri's default (1e-5 x mean eigenvalue)")
+    seed: int = setting(0, "seed of the projections")
+
+
+@dataclass
+class TracinConfig:
+    """``dattri.TracInAttributor`` over checkpoints of theta_0's own (replayed) run."""
+
+    checkpoints: int = setting(5, "evenly spaced over theta_0's training steps; the last one is theta_0")
+
+
+@dataclass
+class ExactIFConfig:
+    """Influence functions with the full curvature matrix, solved in float64 (ours)."""
+
+    curvature: str = setting("ggn", "'ggn' (Gauss-Newton = the model's Fisher, PSD) or 'hessian' "
+                                    "(full, indefinite)")
+    damping_grid: list = setting([1e-3, 1e-2, 1e-1, 1.0], "dampings tried; the best on the LDS "
+                                                          "selection masks is kept")
+    max_params: int = setting(20000, "refuse models with more parameters (the matrix is P x P)")
+
+
+@dataclass
+class BaselinesConfig:
+    """The ``baselines`` section of the config: which methods run, and each one's settings."""
+
+    methods: list = setting(list(METHODS), f"methods to run, from {', '.join(METHODS)}")
+    measurement: str = setting("margin", "query function of the gradient methods: 'margin' or 'loss'")
+    batch_size: int = setting(250, "examples per batch handed to the libraries")
+    trak: TrakConfig = nested(TrakConfig)
+    ekfac: EkfacConfig = nested(EkfacConfig)
+    logra: LograConfig = nested(LograConfig)
+    tracin: TracinConfig = nested(TracinConfig)
+    exact_if: ExactIFConfig = nested(ExactIFConfig)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BaselinesConfig":
+        """Read the top-level ``baselines`` section of a workflow config (absent: defaults)."""
+        return build(cls, config.get("baselines") or {}, "baselines")
+
+    def validate(self) -> "BaselinesConfig":
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        if self.measurement not in MEASUREMENTS:
+            raise ConfigError(f"baselines.measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
+        if self.trak.proj_dim < 1 or self.logra.rank < 1 or self.tracin.checkpoints < 1 or self.batch_size < 1:
+            raise ConfigError("baselines: trak.proj_dim, logra.rank, tracin.checkpoints and batch_size must be >= 1")
+        if self.exact_if.curvature not in ("hessian", "ggn"):
+            raise ConfigError(f"baselines.exact_if.curvature must be 'hessian' or 'ggn', "
+                              f"got {self.exact_if.curvature!r}")
+        if not self.exact_if.damping_grid or any(d < 0 for d in self.exact_if.damping_grid):
+            raise ConfigError("baselines.exact_if.damping_grid must be a non-empty list of values >= 0")
+        if self.ekfac.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
+            raise ConfigError(f"baselines.ekfac.strategy: unknown {self.ekfac.strategy!r}")
+        return self
+
+
+# --- the problem every method sees ---------------------------------------------------------------
+
+@dataclass
+class Problem:
+    """theta_0, its architecture and the data, as every baseline receives them."""
+
+    cfg: ExperimentConfig
+    ds: "Dataset"
+    model: "torch.nn.Module"  # theta_0 loaded, eval mode, on ``device``
+    state: dict  # theta_0's state dict (parameters and buffers) on ``device``
+    device: "torch.device"
+
+    @property
+    def n(self) -> int:
+        return self.ds.n
+
+    @property
+    def m(self) -> int:
+        return self.ds.m
+
+    def tensors(self, split: str, dtype=None):
+        import torch
+
+        X = self.ds.X_train if split == "train" else self.ds.X_query
+        y = self.ds.y_train if split == "train" else self.ds.y_query
+        return (torch.as_tensor(X, device=self.device, dtype=dtype or torch.float32),
+                torch.as_tensor(y, device=self.device))
+
+    def loader(self, split: str, batch_size: int):
+        """A non-shuffled DataLoader of ``(x, y)`` pairs (the form every library takes)."""
+        import torch
+
+        X, y = self.tensors(split)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch_size,
+                                           shuffle=False)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def load_problem(cfg: ExperimentConfig, split_path, theta0_path, device=None) -> Problem:
+    """Load the data (checked against the recorded split) and theta_0 into its architecture."""
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..utils import pick_device
+
+    device = device if device is not None else pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    store.check_split(split_path, ds.train_ids, ds.query_ids)
+    model = build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes).to(device)
+    state = store.load_state(theta0_path, device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # other keys or shapes: theta_0 is not of this config's model
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise store.StoreError(f"{theta0_path}: does not fit the model of the config ({cfg.model.arch}, "
+                               f"{first}); rerun the base rule") from exc
+    model.eval()
+    return Problem(cfg, ds, model, state, device)
+
+
+def query_value(logits: "torch.Tensor", y: "torch.Tensor", measurement: str) -> "torch.Tensor":
+    """The query function in its loss-like orientation (lower = better): ``-margin`` or the loss."""
+    from ..objectives import cross_entropy, margin
+
+    if measurement == "margin":
+        return -margin(logits, y)
+    if measurement == "loss":
+        return cross_entropy(logits, y)
+    raise ValueError(f"unknown measurement {measurement!r}; choose one of {MEASUREMENTS}")
+
+
+def train_loss(logits: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+    """Per-example training loss: the cross-entropy theta_0 was trained on."""
+    from ..objectives import cross_entropy
+
+    return cross_entropy(logits, y)
+
+
+# --- output --------------------------------------------------------------------------------------
+
+def check_scores(scores: np.ndarray, n: int, m: int, method: str) -> np.ndarray:
+    """Scores as float32 [n, m]; refuse wrong shapes (a transposed library output) and NaNs."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.shape != (n, m):
+        raise ValueError(f"{method}: scores have shape {scores.shape}, expected [n={n}, m={m}] "
+                         "(training examples x queries); the adapter's orientation is wrong")
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        cols = np.flatnonzero(bad.any(0))
+        raise ValueError(f"{method}: {int(bad.sum())} scores are NaN or infinite (queries {cols[:10].tolist()}"
+                         f"...); check the damping / regularisation settings of baselines.{method}")
+    return scores
+
+
+def write_result(out, scores: np.ndarray, problem: Problem, method: str, attrs: dict[str, Any]) -> None:
+    """Write dense scores with the method's settings and storage figures as attributes."""
+    scores = check_scores(scores, problem.n, problem.m, method)
+    store.write_scores(out, scores=scores, train_ids=problem.ds.train_ids, query_ids=problem.ds.query_ids,
+                       attrs={"method": method, "measure": "score", "threshold": "none", **attrs})
+
+
+@contextlib.contextmanager
+def workdir(near: str | os.PathLike, method: str) -> Iterator[Path]:
+    """A scratch folder beside ``near`` for a library's own files, removed afterwards."""
+    parent = Path(near).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{method}-work-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the regular files under ``path`` (what a library wrote to disk)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total

@@ -1,0 +1,176 @@
+"""What every fitter shares: chunks of models, chunk files, learning-rate selection and scoring.
+
+A fitter (:class:`~daunce_core.fit.contract.Fitter`) fits the perturbed models ``ks`` of one
+chunk at one learning rate. Around it, the same steps serve the classifier ensemble, the LoRA
+fitter and the black-box fitters alike:
+
+* :func:`chunk_models` / :func:`n_chunks` -- which k a job fits. Model k's randomness is keyed
+  by ``(seed, k)`` (:class:`~daunce_core.fit.contract.Plan`), so chunking changes no result;
+* :func:`run_chunk` / :func:`write_signals` -- fit a chunk for every lr of the grid and write
+  one losses file per lr (``store.write_losses``), or a diverged marker
+  (``store.write_diverged``) when a model's signal is non-finite: an expected outcome of a grid
+  search, which :func:`select_lr` skips;
+* :func:`fit_all` -- every chunk in memory, for the one-call library API;
+* :func:`gather` -- concatenate the chunk files along K (``store.concat_losses``, which refuses
+  mixed settings and repeated k);
+* :func:`select_lr` -- keep the grid's best learning rate by a judge the caller gives (LDS on the
+  selection masks for classifiers, removal on selection queries for LMs);
+* :func:`score` -- covariance / correlation scores of a losses file (equation 6) through the
+  streaming engine :func:`daunce_core.scoring.score_file`.
+
+No torch here: the gathering, selection and scoring steps start in well under a second.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from .. import store
+from .contract import Fitter, Signals
+
+__all__ = ["chunk_models", "n_chunks", "write_signals", "run_chunk", "fit_all", "gather", "select_lr",
+           "score"]
+
+log = logging.getLogger(__name__)
+
+
+def chunk_models(K: int, chunk_size: int, chunk: int) -> list[int]:
+    """The model indices k of chunk ``chunk``: ``chunk * chunk_size`` up to K (exclusive)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    ks = list(range(chunk * chunk_size, min(K, (chunk + 1) * chunk_size)))
+    if not ks:
+        raise ValueError(f"chunk {chunk} is empty for K={K} and chunk_size={chunk_size}")
+    return ks
+
+
+def n_chunks(total: int, chunk_size: int) -> int:
+    """How many chunks of ``chunk_size`` cover ``total`` models (at least one)."""
+    return max(1, math.ceil(total / chunk_size))
+
+
+def write_signals(out: str | os.PathLike, signals: Signals, attrs: Mapping[str, Any] | None = None) -> bool:
+    """Write the signals of one chunk as a losses file; ``attrs`` add to ``signals.attrs``.
+
+    When any model's signal is non-finite, a diverged marker is written instead (naming how many
+    models and the first k) and ``False`` is returned: the learning-rate selection skips it.
+    """
+    attrs = {**signals.attrs, **(attrs or {})}
+    bad = signals.diverged()
+    if bad.any():
+        ks = np.asarray(signals.model_index)
+        lr = attrs.get("lr")
+        reason = (f"{int(bad.sum())} of {len(ks)} models non-finite"
+                  + (f" at lr={lr:g}" if isinstance(lr, (int, float)) else "")
+                  + f" (first k={ks[int(np.argmax(bad))]})")
+        log.warning("%s %s", attrs.get("variant", "?"), reason)
+        store.write_diverged(out, attrs, reason)
+        return False
+    store.write_losses(out, store.Losses(signals.train, signals.query, np.asarray(signals.model_index),
+                                         signals.train_ids, signals.query_ids, attrs=attrs))
+    return True
+
+
+def run_chunk(fitter: Fitter, ks: Sequence[int], lrs: Sequence[float], outs: Sequence[str | os.PathLike],
+              attrs: Mapping[str, Any] | None = None) -> None:
+    """Fit models ``ks`` at each learning rate of ``lrs`` and write ``outs`` (one file per lr).
+
+    ``attrs`` (the setting: config slice, experiment) are recorded with each file, plus ``lr``.
+    A fitter that returns ``None`` (a non-zero rank of a distributed fit) writes nothing.
+    """
+    if len(lrs) != len(outs):
+        raise ValueError(f"{len(lrs)} learning rates but {len(outs)} output files")
+    for lr, out in zip(lrs, outs):
+        signals = fitter.fit(list(ks), lr)
+        if signals is not None:
+            write_signals(out, signals, {**(attrs or {}), "lr": lr})
+
+
+def fit_all(fitter: Fitter, K: int, chunk_size: int, lr: float) -> Signals:
+    """Fit all K models, ``chunk_size`` at a time, and join their signals in memory (k in order)."""
+    parts = [fitter.fit(chunk_models(K, chunk_size, c), lr) for c in range(n_chunks(K, chunk_size))]
+    if any(p is None for p in parts):
+        raise RuntimeError("fit_all needs the signals of every chunk; run it on rank 0 of a distributed fit")
+    first = parts[0]
+
+    def cat(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return Signals(train=cat("train"), query=cat("query"), model_index=cat("model_index"),
+                   train_ids=first.train_ids, query_ids=first.query_ids, signal=first.signal,
+                   attrs=dict(first.attrs), p0_train=first.p0_train, p0_query=first.p0_query)
+
+
+def gather(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> store.Losses | None:
+    """Concatenate chunk files of one setting along K (``None``: a chunk diverged, so does ``out``)."""
+    return store.concat_losses(list(paths), out)
+
+
+def select_lr(loss_paths: Mapping[float, str | os.PathLike], judge: Callable[[store.Losses], float],
+              out_losses: str | os.PathLike, out_json: str | os.PathLike, meta: Mapping[str, Any], *,
+              key: str = "judge", grid_option: str = "the lr grid") -> float:
+    """Keep the learning rate whose losses ``judge`` rates highest; diverged files are skipped.
+
+    Args:
+        loss_paths: lr -> losses file (or diverged marker) of the whole K at that lr.
+        judge: a losses file's quality, higher is better (e.g. LDS on the selection masks).
+        out_losses: where the selected losses file is copied (atomically).
+        out_json: the table ``{"variant", "selected_lr", "grid": [{"lr", key}...], **meta}``;
+            a diverged lr is ``{"lr", key: null, "diverged": true}``.
+        meta: recorded in the table; must name the ``variant``.
+        key: the name of the judge's value in the table (``"lds_select"`` for classifiers).
+        grid_option: the config key of the grid, named when every lr diverged.
+
+    Returns:
+        The selected learning rate.
+    """
+    if "variant" not in meta:
+        raise ValueError("select_lr: meta must name the 'variant'")
+    variant = meta["variant"]
+    table = []
+    for lr, path in sorted(loss_paths.items()):
+        if store.is_diverged(path):
+            table.append({"lr": lr, key: None, "diverged": True})
+            log.info("%s lr=%g: diverged, skipped", variant, lr)
+            continue
+        value = float(judge(store.read_losses(path)))
+        table.append({"lr": lr, key: value})
+        log.info("%s lr=%g: %s %.4f", variant, lr, key, value)
+    ok = [r for r in table if r[key] is not None]
+    if not ok:
+        raise ValueError(f"{variant}: every learning rate of the grid diverged "
+                         f"({sorted(loss_paths)}); add smaller values to {grid_option}")
+    best = max(ok, key=lambda r: r[key])
+    with store.atomic_path(out_losses, suffix=".h5") as tmp:
+        shutil.copyfile(loss_paths[best["lr"]], tmp)
+    doc = {"variant": variant, "selected_lr": best["lr"], "grid": table,
+           **{k: v for k, v in meta.items() if k != "variant"}}
+    with store.atomic_path(out_json, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=2))
+    return best["lr"]
+
+
+def score(losses_path: str | os.PathLike, out: str | os.PathLike, measure: str, method: str | None = None,
+          **score_file_kw: Any) -> str:
+    """Scores of a losses file (equation 6: covariance, or correlation) via ``scoring.score_file``.
+
+    Dense [n, m] when it fits ``memory_gb`` (``score_file_kw``), top-k per query otherwise.
+    ``method`` names the scores (default: the losses file's ``variant``); the file appears at
+    ``out`` only once complete.
+    """
+    from ..scoring import score_file
+
+    with store.atomic_path(out, suffix=".h5") as tmp:
+        score_file(losses_path, tmp, measure=measure, **score_file_kw)
+        if method is not None:
+            with h5py.File(tmp, "a") as f:
+                f.attrs["method"] = method
+    return str(out)

@@ -1,0 +1,146 @@
+"""The one settings helper: every config tree refuses unknown keys and wrong types by name, and
+the workflow's JSON schema stays in step with the dataclasses."""
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daunce_core import settings
+from daunce_core.baselines import BaselinesConfig
+from daunce_core.config import ExperimentConfig
+from daunce_core.settings import ConfigError, build, describe, nested, setting, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Inner:
+    """An inner section."""
+
+    rate: float = setting(0.1, "a rate")
+    maybe: float | None = setting(None, "optional")
+    names: list = setting(["a"], "a list")
+
+    def validate(self):
+        if self.rate < 0:
+            raise ConfigError(f"outer.inner.rate must be >= 0, got {self.rate}")
+
+
+@dataclass
+class Outer:
+    count: int = setting(3, "a count")
+    flag: bool = setting(False, "a flag")
+    inner: Inner = nested(Inner)
+
+
+def test_defaults_and_values():
+    o = build(Outer, None, "outer")
+    assert o == Outer() and o.inner.names == ["a"]
+    assert Outer().inner.names is not Outer().inner.names  # mutable defaults are copied
+    o = build(Outer, {"count": 5, "inner": {"rate": 2, "maybe": 0.5}}, "outer")
+    assert o.count == 5 and o.inner.rate == 2.0 and isinstance(o.inner.rate, float) and o.inner.maybe == 0.5
+    assert build(Outer, to_dict(o), "outer") == o
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"cuont": 1}, r"unknown key\(s\) outer\.cuont; known: count, flag, inner"),
+    ({"inner": {"rtae": 1}}, r"unknown key\(s\) outer\.inner\.rtae; known: maybe, names, rate"),
+    ({"count": "many"}, r"outer\.count must be a int, got 'many' \(str\)"),
+    ({"count": 2.5}, r"outer\.count must be a int"),
+    ({"count": True}, r"outer\.count must be a int"),
+    ({"flag": 1}, r"outer\.flag must be a bool"),
+    ({"inner": {"rate": "fast"}}, r"outer\.inner\.rate must be a float"),
+    ({"inner": {"maybe": "x"}}, r"outer\.inner\.maybe must be a float"),
+    ({"inner": {"names": "a"}}, r"outer\.inner\.names must be a list"),
+    ({"inner": 3}, r"outer\.inner must be a mapping"),
+    ({"inner": {"rate": -1.0}}, r"outer\.inner\.rate must be >= 0"),
+])
+def test_errors_name_the_dotted_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        build(Outer, raw, "outer")
+
+
+def test_coerce_parses_command_line_strings():
+    o = build(Outer, {"count": "7", "flag": "true", "inner": {"rate": "1e-3", "maybe": "null"}}, "outer",
+              coerce=True)
+    assert (o.count, o.flag, o.inner.rate, o.inner.maybe) == (7, True, 1e-3, None)
+    with pytest.raises(ConfigError, match="outer.count"):
+        build(Outer, {"count": "7"}, "outer")  # without coerce a string is not an int
+
+
+def test_ignore_and_validate_switch():
+    assert build(Outer, {"llm": {}}, "", ignore=("llm",)) == Outer()
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) llm"):
+        build(Outer, {"llm": {}}, "")
+    assert build(Outer, {"inner": {"rate": -1.0}}, "", validate=False).inner.rate == -1.0
+
+
+def test_describe_lists_every_leaf_with_help():
+    rows = {key: (default, help) for key, default, help in describe(Outer)}
+    assert rows["inner.rate"] == (0.1, "a rate") and rows["count"] == (3, "a count")
+    for tree in (ExperimentConfig, BaselinesConfig):
+        for key, _, help in describe(tree):
+            assert help, f"{tree.__name__}.{key} has no help text"
+
+
+def test_every_config_tree_uses_the_helper():
+    from daunce_core import config
+
+    assert config.ConfigError is settings.ConfigError
+    exp = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    ExperimentConfig.from_dict(exp).validate()
+    BaselinesConfig.from_config(exp)
+    with pytest.raises(ConfigError, match=r"daunce\.K must be a int"):
+        ExperimentConfig.from_dict({"daunce": {"K": "ten"}})
+    with pytest.raises(ConfigError, match=r"baselines\.ekfac\.damping must be a float"):
+        BaselinesConfig.from_config({"baselines": {"ekfac": {"damping": "high"}}})
+
+
+# --- the workflow schema and the dataclasses describe the same keys --------------------------
+
+_JSON_TYPES = {int: {"integer"}, float: {"number"}, bool: {"boolean"}, str: {"string"}, list: {"array"},
+               dict: {"object"}}
+
+
+def _schema_type(declared) -> set[str]:
+    args = typing.get_args(declared)
+    if args:  # X | None
+        return set().union(*(_schema_type(a) for a in args))
+    return {"null"} if declared is type(None) else _JSON_TYPES[declared]
+
+
+def _compare(cls, schema: dict, where: str) -> list[str]:
+    problems = []
+    props = schema.get("properties", {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    if set(props) != set(fields):
+        problems.append(f"{where}: schema-only {sorted(set(props) - set(fields))}, "
+                        f"dataclass-only {sorted(set(fields) - set(props))}")
+    if schema.get("additionalProperties") is not False:
+        problems.append(f"{where}: the schema does not refuse unknown keys (additionalProperties: false)")
+    for name in sorted(set(props) & set(fields)):
+        f = fields[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            problems += _compare(sub, props[name], f"{where}.{name}")
+            continue
+        want = props[name].get("type")
+        want = set(want) if isinstance(want, list) else {want}
+        if want != _schema_type(hints[name]):
+            problems.append(f"{where}.{name}: schema type {sorted(want)}, dataclass {hints[name]}")
+    return problems
+
+
+def test_schema_sections_match_the_dataclasses():
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]
+    problems = []
+    for f in dataclasses.fields(ExperimentConfig):
+        if isinstance(f.default_factory, type):
+            problems += _compare(f.default_factory, props[f.name], f.name)
+    problems += _compare(BaselinesConfig, props["baselines"], "baselines")
+    assert not problems, "\n".join(problems)
