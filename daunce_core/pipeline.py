@@ -156,12 +156,6 @@ def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str],
                             key="lds_select", grid_option="daunce.lr_grid")
 
 
-def score_losses(losses_path, out, measure: str, method: str | None = None, **score_file_kw) -> str:
-    """Scores of a losses file through ``scoring.score_file`` (kept for the LLM steps, which call
-    it by this name; new code calls :func:`daunce_core.fit.chunks.score`)."""
-    return chunks.score(losses_path, out, measure, method=method, **score_file_kw)
-
-
 def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, measure: str, out_json) -> dict:
     """LDS of one scores file, raw and thresholded, with bootstrap CIs."""
     scores, meta = store.dense_scores(scores_path)

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import store
-from ..fit import _chunks_stub_bb as chunks  # TODO(merge): from ..fit import chunks
+from ..fit import chunks
 from ..fit.api import APIFitter, configured_lr
 from ..fit.bdpl import BDPLFitter
 from ..perturb import subset_and_xi

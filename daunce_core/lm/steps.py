@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import removal, scoring, store
 from ..baselines.logra_llm import logra_scores
-from ..fit import _chunks_stub as chunks  # TO SWITCH AT MERGE: from ..fit import chunks
+from ..fit import chunks
 from ..fit.lm import LoraFitter
 from ..utils import pick_device
 from . import data, tiny
