@@ -188,6 +188,11 @@ def test_public_api_is_lazy_and_versioned():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def _is_module(name: str) -> bool:
+    rel = ROOT.joinpath(*name.split("."))
+    return rel.with_suffix(".py").exists() or (rel / "__init__.py").exists()
+
+
 def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
     """daunce_core modules imported by the file ``path`` (module ``module``)."""
     import ast
@@ -203,8 +208,12 @@ def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
             if node.level:
                 parent = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
+            # `from . import sub` loads the submodule (its package is already initialising);
+            # `from . import name` of a package-level name depends on the package itself
+            subs = {f"{base}.{a.name}" for a in node.names}
+            found.update(subs)
+            if not all(_is_module(s) for s in subs):
+                found.add(base)
     return {m for m in found if m.startswith("daunce_core")}
 
 
