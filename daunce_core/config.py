@@ -23,19 +23,27 @@ OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
 class DataConfig:
     """The dataset and its train/query split, with stable example ids."""
 
-    name: str = setting("digits", "dataset: 'digits' (sklearn, bundled) or 'cifar10' (torchvision)")
-    root: str = setting("resources/data", "folder datasets are downloaded to / read from")
+    name: str = setting("digits", "dataset: 'digits' (sklearn, bundled), 'cifar10', any torchvision dataset "
+                        "class ('MNIST', 'FashionMNIST', 'CIFAR100', 'SVHN', ...), 'imagefolder' "
+                        "(one sub-folder per class under root) or 'npz' (root is the .npz file)")
+    root: str = setting("resources/data", "folder datasets are downloaded to / read from; the image folder "
+                        "for 'imagefolder'; the .npz file for 'npz'")
     n_train: int = setting(1000, "training examples (0 = all)")
     n_query: int = setting(300, "query examples (the LDS validation queries; 0 = all)")
     split_seed: int = setting(0, "seed of the train/query split (digits)")
     download: bool = setting(True, "allow downloading the dataset when it is not under root")
+    image_size: int | list | None = setting(None, "resize every image to S or [H, W] (image folders with mixed sizes); "
+                              "null: sizes must agree")
+    manifest: str | None = setting(None, "image folder: the id manifest (relative path per id); null: "
+                            "<root>/daunce_manifest.csv. Adding files never renumbers the others")
 
 
 @dataclass
 class ModelConfig:
     """The architecture of theta_0, of every retrain and of the perturbed models."""
 
-    arch: str = setting("mlp", "'mlp' or 'resnet9'")
+    arch: str = setting("mlp", "'mlp', 'resnet9', a torchvision model name ('resnet18', ...) or a factory "
+                        "'package.module:function' called with (input shape, number of classes)")
     hidden: list = setting([64], "hidden layer widths of the MLP")
     width: float = setting(1.0, "channel multiplier of ResNet-9")
 

@@ -1,17 +1,54 @@
-"""Datasets by name with stable example ids: sklearn's bundled digits and CIFAR-10.
+"""Datasets by name with stable example ids.
 
-An example's id is its index in the original dataset (digits: ``load_digits`` order; CIFAR-10:
-the index in torchvision's train or test split), so every file of every stage can be joined on
-ids whatever subset or order a step used.
+``data.name`` chooses the source (``data.root`` says where it lies):
+
+* ``digits`` -- sklearn's bundled 8x8 digits, split by a permutation seeded by ``data.split_seed``;
+* ``cifar10`` (or ``CIFAR10``) -- torchvision's CIFAR-10, normalised with the usual constants;
+* any other ``torchvision.datasets`` class by its name (``MNIST``, ``FashionMNIST``, ``CIFAR100``,
+  ``SVHN``, ...), read from / downloaded to ``data.root`` (``data.download``); the train split
+  gives the training set and the test split the queries, whether the class takes
+  ``train=True/False`` or ``split='train'/'test'``;
+* ``imagefolder`` -- the folder ``data.root`` in torchvision's ``ImageFolder`` layout,
+  ``root/<class>/<image>``, split like digits; or ``root/train/<class>/...`` with
+  ``root/test/<class>/...`` (or ``root/val/...``) for a split of your own;
+* ``npz`` -- the arrays ``X_train``, ``y_train``, ``X_query``, ``y_query`` of the ``.npz`` file
+  ``data.root`` ([n, C, H, W], or [n, H, W] for grayscale; uint8 is read as 0..255), with
+  optional ``train_ids``/``query_ids`` and ``classes``.
+
+An example's id never changes: its index in the original dataset (digits: ``load_digits`` order;
+torchvision: the index in its train or test split; npz: ``train_ids``/``query_ids`` or the row),
+so every file of every stage can be joined on ids whatever subset or order a step used. An image
+folder gets a manifest, ``<root>/daunce_manifest.csv`` (or the file ``data.manifest`` names), of
+relative paths beside their ids: written on first use, with new files appended under new ids, so
+adding files never renumbers the others (nor their labels: classes keep the order in which they
+first appear there). With one folder the train/query split is a permutation of all ids, so it
+moves when files are added; ``train/`` and ``test/`` sub-folders keep it fixed.
+
+Images become float32 [N, C, H, W] in [0, 1] (one channel if every image is grayscale, else RGB),
+normalised per channel by the mean and standard deviation of the training examples. Images of
+different sizes are refused unless ``data.image_size`` (``S`` or ``[H, W]``) says what to resize
+them to.
 """
 from __future__ import annotations
 
+import csv
+import inspect
+import itertools
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "daunce_manifest.csv"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
 class DataError(RuntimeError):
@@ -51,9 +88,17 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Load the dataset named by ``cfg.name`` with its train/query split."""
     if cfg.name == "digits":
         return _digits(cfg)
-    if cfg.name == "cifar10":
+    if cfg.name in ("cifar10", "CIFAR10"):
         return _cifar10(cfg)
-    raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose 'digits' or 'cifar10'")
+    if cfg.name == "imagefolder":
+        return _image_folder(cfg)
+    if cfg.name == "npz":
+        return _npz(cfg)
+    tv_class = _torchvision_class(cfg.name)
+    if tv_class is not None:
+        return _torchvision(cfg, tv_class)
+    raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose 'digits', 'cifar10', 'imagefolder', "
+                    "'npz' or a torchvision.datasets class name (MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
 
 
 def _take(n_req: int, available: int, what: str) -> int:
@@ -105,3 +150,309 @@ def _cifar10(cfg: DataConfig) -> Dataset:
     return Dataset(prep(train, n), np.asarray(train.targets[:n], np.int64), np.arange(n, dtype=np.int64),
                    prep(test, m), np.asarray(test.targets[:m], np.int64), np.arange(m, dtype=np.int64),
                    10, list(train.classes), CIFAR_MEAN, CIFAR_STD)
+
+
+# --- sources beyond the paper's: torchvision classes, image folders, arrays ----------------------
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (torchvision's download errors span several)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _image_size(cfg: DataConfig) -> tuple[int, int] | None:
+    size = cfg.image_size
+    if size is None or size == 0 or size == []:
+        return None
+    if isinstance(size, int) and size > 0:
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size):
+        return int(size[0]), int(size[1])
+    raise DataError(f"data.image_size: expected a positive integer S or [H, W], got {size!r}")
+
+
+def _pixels(items: Any, size: tuple[int, int] | None, what: str) -> np.ndarray:
+    """Images as float32 [N, C, H, W] in [0, 1] from (name, PIL image) pairs.
+
+    One channel when every image is grayscale, else RGB for all (grayscale ones repeated), as
+    ``ImageFolder``'s loader would; images of different sizes need ``size`` [H, W].
+    """
+    from PIL import Image
+
+    arrays: list[np.ndarray] = []
+    first: tuple[str, tuple[int, int]] | None = None
+    for name, img in items:
+        img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        if first is None:
+            first = (name, img.size)
+        elif img.size != first[1]:
+            (w0, h0), (w1, h1) = first[1], img.size
+            raise DataError(f"{what}: {first[0]} is {h0}x{w0} (HxW) but {name} is {h1}x{w1}; "
+                            "set data.image_size: [H, W] to resize them all")
+        a = np.asarray(img, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    if not arrays:
+        raise DataError(f"{what}: no images to load")
+    if any(a.shape[0] == 3 for a in arrays):
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    return np.stack(arrays).astype(np.float32) / np.float32(255.0)
+
+
+def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.ndarray, y_q: np.ndarray,
+                ids_q: np.ndarray, classes: Sequence[str]) -> Dataset:
+    """A Dataset whose inputs are normalised per channel by the training examples' statistics."""
+    mean = X_tr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+    std = X_tr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+    std = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)  # a constant channel stays finite
+
+    def norm(a: np.ndarray) -> np.ndarray:
+        return ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+
+    return Dataset(norm(X_tr), y_tr.astype(np.int64), ids_tr.astype(np.int64), norm(X_q), y_q.astype(np.int64),
+                   ids_q.astype(np.int64), len(classes), list(classes), mean, std)
+
+
+def _torchvision_class(name: str) -> type | None:
+    if not name.isidentifier():
+        return None
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name, None)
+    if isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset):
+        return cls
+    return None
+
+
+def _torchvision(cfg: DataConfig, cls: type) -> Dataset:
+    """A torchvision dataset class: its train split for training, its test split for the queries."""
+    name = cls.__name__
+    params = inspect.signature(cls.__init__).parameters
+    if "train" in params:
+        split_kw = [{"train": True}, {"train": False}]
+    elif "split" in params:
+        split_kw = [{"split": "train"}, {"split": "test"}]
+    else:
+        raise DataError(f"data.name: torchvision.datasets.{name} takes neither train= nor split=; "
+                        "load it with data.name 'imagefolder' or 'npz'")
+    extra = {"download": bool(cfg.download)} if "download" in params else {}
+    root = Path(cfg.root)
+    try:
+        train, test = (cls(str(root), **kw, **extra) for kw in split_kw)
+    except (TypeError, ValueError) as exc:  # a required argument, a split the class lacks
+        raise DataError(f"data.name: torchvision.datasets.{name} does not load with {split_kw[0]}/{split_kw[1]} "
+                        f"({type(exc).__name__}: {_one_line(exc)}); use data.name 'imagefolder' or 'npz'") from exc
+    except Exception as exc:  # URLError, RuntimeError("Dataset not found"), ...
+        raise DataError(
+            f"{name} is not under {root} and could not be downloaded ({type(exc).__name__}: "
+            f"{_one_line(exc)}). On a machine with network run the workflow's data rule, or put "
+            f"torchvision's files of {name} under {root} (see torchvision.datasets.{name})."
+        ) from exc
+    n = _take(cfg.n_train, len(train), "n_train")
+    m = _take(cfg.n_query, len(test), "n_query")
+    labels: list[list[int]] = [[], []]
+
+    def items(ds: Any, k: int, s: int, split: str):
+        for i in range(k):
+            img, target = ds[i]
+            t = np.asarray(target)
+            if t.ndim != 0 or not np.issubdtype(t.dtype, np.integer):
+                raise DataError(f"data.name: {name} gives targets like {target!r}; only class labels are supported")
+            if not hasattr(img, "convert"):
+                raise DataError(f"data.name: {name} gives {type(img).__name__} inputs, not PIL images")
+            labels[s].append(int(target))
+            yield f"{name} {split}[{i}]", img
+
+    X = _pixels(itertools.chain(items(train, n, 0, "train"), items(test, m, 1, "test")), _image_size(cfg),
+                f"data.name {name}")
+    y_tr, y_q = np.asarray(labels[0], np.int64), np.asarray(labels[1], np.int64)
+    classes = [str(c) for c in getattr(train, "classes", None) or []]
+    if not classes:
+        classes = [str(i) for i in range(int(max(y_tr.max(), y_q.max(initial=0))) + 1)]
+    _check_labels({"train": y_tr, "test": y_q}, len(classes), f"data.name {name}")
+    return _normalised(X[:n], y_tr, np.arange(n), X[n:], y_q, np.arange(m), classes)
+
+
+def _check_labels(labels: dict[str, np.ndarray], num_classes: int, where: str) -> None:
+    for split, y in labels.items():
+        bad = (y < 0) | (y >= num_classes)
+        if bad.any():
+            raise DataError(f"{where}: {split} label {int(y[bad][0])} is out of range [0, {num_classes}) "
+                            f"(row {int(np.flatnonzero(bad)[0])})")
+
+
+def _scan_classes(root: Path, base: str) -> list[str]:
+    """Relative paths (posix) of the images under ``root/base/<class>/``, sorted."""
+    top = root / base if base else root
+    stray = sorted(p.name for p in top.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if stray:
+        raise DataError(f"data.root: {top / stray[0]} lies directly in {top}; the 'imagefolder' layout is "
+                        f"{top}/<class>/<image>")
+    found = []
+    for cdir in sorted(d for d in top.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for f in sorted(cdir.rglob("*")):
+            rel = f.relative_to(root)
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not any(p.startswith(".") for p in rel.parts):
+                found.append(rel.as_posix())
+    if not found:
+        raise DataError(f"data.root: no images in sub-folders of {top}; the 'imagefolder' layout is "
+                        f"{top}/<class>/<image> with suffix {', '.join(IMAGE_SUFFIXES)}")
+    return found
+
+
+def _update_manifest(path: Path, found: list[str]) -> dict[str, int]:
+    """Ids of all paths the manifest ``path`` lists, after appending ``found`` paths it lacks.
+
+    Entries are never removed: a file that comes back gets its old id, and no id is reused. New
+    paths are appended in sorted order, so jobs that meet the same new files at once all write
+    the same file (atomically).
+    """
+    ids: dict[str, int] = {}
+    if path.exists():
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh))
+        except OSError as exc:
+            raise DataError(f"data.manifest: cannot read {path} ({exc})") from exc
+        if not rows or rows[0] != ["id", "path"]:
+            raise DataError(f"data.manifest: {path} does not start with the header 'id,path'; "
+                            "move it away to write a new one (ids may change)")
+        taken: set[int] = set()
+        for ln, row in enumerate(rows[1:], start=2):
+            if len(row) != 2 or not row[0].lstrip("-").isdigit():
+                raise DataError(f"data.manifest: {path}:{ln}: expected 'id,path', got {','.join(row)!r}")
+            i = int(row[0])
+            if i in taken or row[1] in ids or i < 0:
+                raise DataError(f"data.manifest: {path}:{ln}: id {i} or path {row[1]!r} is negative or listed twice")
+            taken.add(i)
+            ids[row[1]] = i
+    new = [rel for rel in found if rel not in ids]
+    if new or not path.exists():
+        from .store import atomic_path
+
+        start = max(ids.values(), default=-1) + 1
+        ids.update({rel: start + j for j, rel in enumerate(new)})
+        try:
+            with atomic_path(path, suffix=".csv.tmp") as tmp, open(tmp, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["id", "path"])
+                writer.writerows((i, rel) for rel, i in sorted(ids.items(), key=lambda kv: kv[1]))
+        except OSError as exc:
+            raise DataError(f"data.manifest: cannot write {path} ({exc}); "
+                            "set data.manifest to a writable file") from exc
+        if start > 0 and new:
+            log.info("%s: %d new file(s) got ids %d..%d", path, len(new), start, start + len(new) - 1)
+    return ids
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: cannot read the image ({_one_line(exc)})") from exc
+
+
+def _image_folder(cfg: DataConfig) -> Dataset:
+    """``data.root`` in the ImageFolder layout, ids from its manifest (see the module docstring)."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder; data.name 'imagefolder' reads {root}/<class>/<image> "
+                        f"(or {root}/train/<class>/... with {root}/test/<class>/...)")
+    query_dir = next((d for d in ("test", "val") if (root / d).is_dir()), None)
+    split_layout = (root / "train").is_dir() and query_dir is not None
+    found = [rel for base in (("train", query_dir) if split_layout else ("",)) for rel in _scan_classes(root, base)]
+    manifest = Path(cfg.manifest or root / MANIFEST_NAME)
+    entries = sorted(_update_manifest(manifest, found).items(), key=lambda kv: kv[1])
+    present = set(found)
+    gone = [rel for rel, _ in entries if rel not in present]
+    if gone:
+        log.warning("%s: %d listed file(s) are gone (e.g. %s); their ids stay unused", manifest, len(gone), gone[0])
+    # listed paths of this layout (a manifest may outlive a reorganised folder); entries whose
+    # files are gone still count, so no class is ever renumbered
+    if split_layout:
+        listed = [rel for rel, _ in entries if rel.startswith(("train/", f"{query_dir}/")) and rel.count("/") >= 2]
+    else:
+        listed = [rel for rel, _ in entries if "/" in rel]
+
+    def class_of(rel: str) -> str:
+        return rel.split("/")[1 if split_layout else 0]
+
+    classes = list(dict.fromkeys(class_of(rel) for rel in listed))
+    label = {c: i for i, c in enumerate(classes)}
+    live = [(rel, i) for rel, i in entries if rel in present]
+
+    if split_layout:
+        tr = [e for e in live if e[0].startswith("train/")]
+        qu = [e for e in live if e[0].startswith(f"{query_dir}/")]
+        tr, qu = tr[:_take(cfg.n_train, len(tr), "n_train")], qu[:_take(cfg.n_query, len(qu), "n_query")]
+    else:
+        order = np.random.default_rng(cfg.split_seed).permutation(len(live))
+        n = _take(cfg.n_train, len(live), "n_train")
+        m = _take(cfg.n_query, len(live) - n, "n_query")
+        tr, qu = [live[j] for j in order[:n]], [live[j] for j in order[n:n + m]]
+    X = _pixels(((rel, _open_image(root / rel)) for rel, _ in tr + qu), _image_size(cfg), f"data.root {root}")
+    y = np.array([label[class_of(rel)] for rel, _ in tr + qu], np.int64)
+    ids = np.array([i for _, i in tr + qu], np.int64)
+    n = len(tr)
+    return _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes)
+
+
+NPZ_ARRAYS = ("X_train", "y_train", "X_query", "y_query")
+
+
+def _npz(cfg: DataConfig) -> Dataset:
+    """Arrays of the ``.npz`` file ``data.root`` (see the module docstring)."""
+    path = Path(cfg.root)
+    if not path.is_file():
+        raise DataError(f"data.root: {path} is not a file; data.name 'npz' reads {', '.join(NPZ_ARRAYS)} "
+                        "from the .npz file data.root names")
+    try:
+        z = dict(np.load(path, allow_pickle=False))
+    except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled objects), OSError
+        raise DataError(f"{path}: cannot read as .npz ({type(exc).__name__}: {_one_line(exc)})") from exc
+    missing = [k for k in NPZ_ARRAYS if k not in z]
+    if missing:
+        raise DataError(f"{path}: missing array(s) {', '.join(missing)}; data.name 'npz' needs "
+                        f"{', '.join(NPZ_ARRAYS)} (optional: train_ids, query_ids, classes)")
+    X, y, ids = {}, {}, {}
+    for split in ("train", "query"):
+        x = z[f"X_{split}"]
+        if x.ndim == 3:
+            x = x[:, None]  # grayscale [n, H, W]
+        if x.ndim != 4 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise DataError(f"{path}: X_{split} has shape {z[f'X_{split}'].shape} and dtype {x.dtype}; "
+                            "expected numbers of shape [n, C, H, W] (channels first) or [n, H, W]")
+        X[split] = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+        lab = z[f"y_{split}"]
+        if lab.ndim != 1 or len(lab) != len(x):
+            raise DataError(f"{path}: y_{split} has shape {lab.shape} but X_{split} has {len(x)} rows; "
+                            f"expected y_{split} of shape [{len(x)}]")
+        if not (np.issubdtype(lab.dtype, np.integer) or (np.issubdtype(lab.dtype, np.floating)
+                                                          and np.all(np.mod(lab, 1) == 0))):
+            raise DataError(f"{path}: y_{split} holds {lab.dtype} values; expected integer class labels")
+        y[split] = lab.astype(np.int64)
+        given = z.get(f"{split}_ids")
+        if given is None:
+            ids[split] = np.arange(len(x), dtype=np.int64)
+        elif given.shape != (len(x),) or not np.issubdtype(given.dtype, np.integer) or len(np.unique(given)) != len(x):
+            raise DataError(f"{path}: {split}_ids must be {len(x)} distinct integers (one per row of X_{split}), "
+                            f"got shape {given.shape} and dtype {given.dtype}")
+        else:
+            ids[split] = given.astype(np.int64)
+    if X["train"].shape[1:] != X["query"].shape[1:]:
+        raise DataError(f"{path}: X_train examples have shape {X['train'].shape[1:]} but X_query's have "
+                        f"{X['query'].shape[1:]}; they must match")
+    if "classes" in z:
+        classes = [str(c) for c in np.asarray(z["classes"]).ravel()]
+    else:
+        classes = [str(i) for i in range(int(max(y["train"].max(initial=0), y["query"].max(initial=0))) + 1)]
+    _check_labels({"y_train": y["train"], "y_query": y["query"]}, len(classes), str(path))
+    n = _take(cfg.n_train, len(y["train"]), "n_train")
+    m = _take(cfg.n_query, len(y["query"]), "n_query")
+    return _normalised(X["train"][:n], y["train"][:n], ids["train"][:n], X["query"][:m], y["query"][:m],
+                       ids["query"][:m], classes)

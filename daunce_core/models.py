@@ -1,6 +1,15 @@
-"""Models with one constructor interface: ``build_model(cfg, in_shape, num_classes)``."""
+"""Models with one constructor interface: ``build_model(cfg, in_shape, num_classes)``.
+
+``model.arch`` is ``mlp``, ``resnet9``, a torchvision classification model by name (``resnet18``,
+built untrained with the data's number of classes) or a factory by import path
+(``package.module:function``, called with the input shape (C, H, W) and the number of classes).
+Models with BatchNorm are trained from scratch one by one and fine-tuned with frozen statistics
+under vmap, whichever way they were named (see daunce_core/ensemble.py).
+"""
 from __future__ import annotations
 
+import importlib
+import re
 from typing import Callable
 
 import torch
@@ -74,6 +83,101 @@ class ResNet9(nn.Module):
         return self.net(x) * 0.2
 
 
+class ModelError(ValueError):
+    """``model.arch`` names no model that can be built; the message says why."""
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def from_import_path(path: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``package.module:function`` called as ``function(in_shape, num_classes)``; it returns the model.
+
+    The module must be importable by every job (installed, or on ``PYTHONPATH``).
+    """
+    if not _IMPORT_PATH.match(path):
+        raise ModelError(f"model.arch: {path!r} is not an import path 'package.module:function'")
+    module_name, attr = path.split(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as exc:  # ModuleNotFoundError, or an error inside the user's module
+        raise ModelError(f"model.arch: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+                         "is it installed or on PYTHONPATH?") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"model.arch: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"model.arch: {path} is a {type(obj).__name__}, not a callable factory")
+    model = obj(tuple(int(s) for s in in_shape), int(num_classes))
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.arch: {path}(in_shape, num_classes) returned a {type(model).__name__}, "
+                         "not a torch.nn.Module")
+    return model
+
+
+class _GrayToRGB(nn.Module):
+    """Feeds one-channel images to a model made for three (torchvision's classifiers)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.expand(-1, 3, -1, -1))
+
+
+def torchvision_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module | None:
+    """torchvision's classification model ``name`` (``resnet18``, ...), untrained, or None if unknown.
+
+    Grayscale inputs are repeated to three channels; the first layer then stays torchvision's.
+    """
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return None
+    channels = int(in_shape[0]) if len(in_shape) == 3 else 0
+    if channels not in (1, 3):
+        raise ModelError(f"model.arch: torchvision's {name} takes images [3, H, W]; the data have {tuple(in_shape)}")
+    model = torchvision.models.get_model(name, weights=None, num_classes=int(num_classes))
+    return _GrayToRGB(model) if channels == 1 else model
+
+
+def can_vmap(module: nn.Module, example: torch.Tensor | None = None, *,
+             train_mode: bool = False) -> tuple[bool, str]:
+    """Whether copies of ``module`` can be trained together under ``torch.func.vmap``.
+
+    Hooks and BatchNorm in train mode (running statistics updated in place) rule it out at
+    once; given ``example`` inputs [B, ...], two stacked copies also run forward and backward
+    under vmap, which catches in-place writes into unbatched tensors, ``.item()``, random ops and
+    the like. Returns (ok, reason); the reason is one line for a notice.
+    """
+    from torch.func import functional_call, vmap
+
+    for name, m in module.named_modules():
+        hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                             "_backward_pre_hooks") if getattr(m, h, None)]
+        if hooks:
+            return False, f"{name or type(m).__name__} has {hooks[0].strip('_').replace('_', ' ')}"
+    if train_mode and has_batchnorm(module):
+        return False, "BatchNorm in train mode updates its running statistics in place"
+    if example is None:
+        return True, "no hooks (not run on an input)"
+    was_training = module.training
+    module.train(train_mode)
+    try:
+        params = {k: torch.stack([v.detach()] * 2).requires_grad_(True) for k, v in module.named_parameters()}
+        buffers = {k: torch.stack([v.detach()] * 2) for k, v in module.named_buffers()}
+        xb = torch.stack([example] * 2)
+        out = vmap(lambda p, b, x: functional_call(module, (p, b), (x,)), in_dims=(0, 0, 0))(params, buffers, xb)
+        out.float().sum().backward()
+    except Exception as exc:  # noqa: BLE001 -- any failure means: fit one by one
+        return False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    finally:
+        module.train(was_training)
+    return True, "ran forward and backward under vmap"
+
+
 def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Construct the model named by ``cfg.arch`` for inputs of shape ``in_shape`` (C, H, W)."""
     if cfg.arch == "mlp":
@@ -83,7 +187,13 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
         return MLP(in_features, [int(h) for h in cfg.hidden], num_classes)
     if cfg.arch == "resnet9":
         return ResNet9(num_classes, in_channels=int(in_shape[0]), width=cfg.width)
-    raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose 'mlp' or 'resnet9'")
+    if ":" in cfg.arch:
+        return from_import_path(cfg.arch, in_shape, num_classes)
+    model = torchvision_model(cfg.arch, in_shape, num_classes)
+    if model is not None:
+        return model
+    raise ModelError(f"model.arch: unknown architecture {cfg.arch!r}; choose 'mlp', 'resnet9', a torchvision "
+                     "model name (resnet18, ...) or an import path 'package.module:function'")
 
 
 def model_factory(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> Callable[[], nn.Module]:

@@ -1,0 +1,159 @@
+"""Models by import path and by torchvision name, and the vmap check of the perturbed fits."""
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from daunce_core import ensemble as E
+from daunce_core.config import ModelConfig
+from daunce_core.models import ModelError, build_model, can_vmap, has_batchnorm
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module of the user's, importable as ``my_models`` (as if on PYTHONPATH)."""
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        calls = []
+
+        def small_cnn(in_shape, num_classes):
+            calls.append((in_shape, num_classes))
+            c, h, w = in_shape
+            return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(4 * h * w, num_classes))
+
+        class Zoo:
+            @staticmethod
+            def linear(in_shape, num_classes):
+                return nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], num_classes))
+
+        def not_a_model(in_shape, num_classes):
+            return "a string"
+
+        NUMBER = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_models
+
+    yield my_models
+    monkeypatch.delitem(__import__("sys").modules, "my_models")
+
+
+def test_factory_by_import_path(user_module):
+    model = build_model(ModelConfig(arch="my_models:small_cnn"), (2, 5, 4), 7)
+    assert user_module.calls == [((2, 5, 4), 7)]
+    assert model(torch.zeros(3, 2, 5, 4)).shape == (3, 7)
+    nested = build_model(ModelConfig(arch="my_models:Zoo.linear"), (1, 2, 2), 3)
+    assert nested(torch.zeros(1, 1, 2, 2)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("arch, pattern", [
+    ("no_such_package_xyz.models:f", r"model.arch: cannot import 'no_such_package_xyz.models' \(ModuleNotFoundError"),
+    ("my_models:missing", r"model.arch: 'my_models' has no attribute 'missing'"),
+    ("my_models:NUMBER", r"model.arch: my_models:NUMBER is a int, not a callable factory"),
+    ("my_models:not_a_model", r"returned a str, not a torch.nn.Module"),
+    ("my_models:a:b", r"model.arch: 'my_models:a:b' is not an import path 'package.module:function'"),
+    ("resnet_nineteen", r"model.arch: unknown architecture 'resnet_nineteen'; choose 'mlp', 'resnet9', a torchvision"),
+])
+def test_bad_model_names_are_one_line_errors(user_module, arch, pattern):
+    with pytest.raises(ModelError, match=pattern) as e:
+        build_model(ModelConfig(arch=arch), (1, 4, 4), 3)
+    assert "\n" not in str(e.value)
+
+
+def test_torchvision_resnet18_with_num_classes():
+    model = build_model(ModelConfig(arch="resnet18"), (3, 32, 32), 7)
+    assert model.fc.out_features == 7 and has_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 7)
+    # BatchNorm as for ResNet-9: frozen statistics under vmap for the perturbed fits, loop when
+    # training from scratch (running statistics change in place)
+    assert can_vmap(model, x) == (True, "ran forward and backward under vmap")
+    ok, why = can_vmap(model, x, train_mode=True)
+    assert not ok and "BatchNorm in train mode" in why
+    p, b = E.split_state(model, model.state_dict())
+    stacked = E.predict(model, E.stack_states([p, p], "cpu"), E.stack_states([b, b], "cpu"), x)
+    torch.testing.assert_close(stacked, torch.stack([out, out]), rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_model_on_grayscale_images():
+    model = build_model(ModelConfig(arch="resnet18"), (1, 8, 8), 10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ModelError, match=r"torchvision's resnet18 takes images \[3, H, W\]; the data have \(2, 8, 8\)"):
+        build_model(ModelConfig(arch="resnet18"), (2, 8, 8), 10)
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.lin.register_forward_hook(lambda m, i, o: None)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class WritesIntoFreshTensor(nn.Module):
+    """Copies its input into a tensor it creates: unbatched under vmap, so the write fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 4)
+        out.copy_(x)
+        return self.lin(out)
+
+
+class Dropping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return nn.functional.dropout(self.lin(x), 0.5, self.training)
+
+
+def test_can_vmap_reasons():
+    x = torch.randn(3, 4)
+    mlp = build_model(ModelConfig(arch="mlp", hidden=[8]), (4,), 2)
+    assert can_vmap(mlp, x)[0] and can_vmap(mlp, x, train_mode=True)[0]
+    assert can_vmap(Hooked(), x) == (False, "lin has forward hooks")
+    ok, why = can_vmap(WritesIntoFreshTensor(), x)
+    assert not ok and why.startswith("RuntimeError") and "\n" not in why
+    assert can_vmap(Dropping(), x)[0]  # eval mode: no randomness
+    ok, why = can_vmap(Dropping(), x, train_mode=True)
+    assert not ok and "random" in why
+    m = Dropping().train()
+    can_vmap(m, x)
+    assert m.training  # the trial leaves the module as it found it
+
+
+def test_torchvision_model_through_theta0_and_perturbed_fits():
+    """resnet18 takes the ResNet-9 path: trained one by one from scratch (BatchNorm in train
+    mode), then fine-tuned under vmap with theta_0's statistics, as the loop would do it."""
+    from daunce_core.config import DaunceConfig, TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
+    factory = lambda: build_model(ModelConfig(arch="resnet18"), (3, 16, 16), 3)  # noqa: E731
+    net, p, b = E.fit_from_scratch(factory, X, y, [torch.arange(16).numpy()], [(0,)],
+                                   TrainConfig(epochs=1, batch_size=8, lr=0.01))
+    theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
+    assert not torch.equal(theta0["bn1.running_mean"], torch.zeros(64))  # statistics were learnt
+    d = DaunceConfig(K=2, ratio=0.5, epochs=1, batch_size=4)
+    fits = {mode: E.fit_perturbed(net, theta0, X, y, [0, 1], variant="daunce", cfg=d, lr=0.01, mode=mode)
+            for mode in ("vmap", "loop")}
+    for k in fits["vmap"][0]:
+        torch.testing.assert_close(fits["vmap"][0][k], fits["loop"][0][k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fits["vmap"][1]["bn1.running_mean"][1], theta0["bn1.running_mean"])
+    assert not torch.equal(fits["vmap"][0]["fc.weight"][0], theta0["fc.weight"])
