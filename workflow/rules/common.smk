@@ -61,11 +61,6 @@ def get_final_output():
 # --- Section 4.1: DAUNCE, LDS, figures ---------------------------------------------------------
 
 
-def exp_config():
-    """The config as the library reads it (passed to every script)."""
-    return CFG
-
-
 def daunce_chunk_files(wildcards):
     n = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
     return expand(

@@ -3,8 +3,8 @@
 #   snakemake -n --configfile=config/paper/llm_math.yaml results/fig2.pdf   the paper-scale plan
 # theta_0 = a full fine-tune of llm.model; DAUNCE = K LoRA perturbed fits on theta_0; LoGra from
 # dattri; each removal job retrains from llm.model for every seed. Input functions: common.smk;
-# threads and GPU/memory/minutes: the profiles (one thread locally: tiny models on a shared CPU run
-# best on one, two threads spin-wait on each small op).
+# GPU, memory and minutes: profiles/slurm. One thread per job (tiny models on a shared CPU run best
+# on one; two spin-wait on each small op).
 rule llm_data:
     """Training and query sets as jsonl: the synthetic task, or the hub datasets (NuminaMath-CoT /
     MATH, AutoIF / IFEval) sampled with their seeds."""
