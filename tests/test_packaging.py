@@ -16,17 +16,31 @@ def _spec(req: str) -> str:
     return req.strip()[len(_name(req)):].replace(" ", "")
 
 
-def test_environment_yml_lists_the_same_requirements_as_pyproject():
-    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = py["dependencies"] + py["optional-dependencies"]["test"]
-    want = {_name(r): _spec(r) for r in reqs}
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+def _conda_requirements(path: Path) -> dict[str, str]:
+    env = yaml.safe_load(path.read_text())
     got = {}
     for dep in env["dependencies"]:
         for r in dep["pip"] if isinstance(dep, dict) else [dep]:
             if _name(r) not in ("python", "pip"):
                 got[_name(r)] = _spec(r)
-    assert got == want
+    return got
+
+
+def test_environment_yml_lists_the_same_requirements_as_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = py["dependencies"] + py["optional-dependencies"]["test"]
+    assert _conda_requirements(ROOT / "environment.yml") == {_name(r): _spec(r) for r in reqs}
+
+
+def test_the_rules_environment_lists_the_runtime_requirements_of_pyproject():
+    """workflow/envs/daunce.yaml (`snakemake --sdm conda`): what the jobs import, without test tools."""
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env_file = ROOT / "workflow" / "envs" / "daunce.yaml"
+    assert _conda_requirements(env_file) == {_name(r): _spec(r) for r in py["dependencies"]}
+    assert "python=3.11" in yaml.safe_load(env_file.read_text())["dependencies"]
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for path in re.findall(r"^    conda:\n\s+\"([^\"]+)\"", smk.read_text(), re.M):
+            assert (smk.parent / path).resolve() == env_file, (smk.name, path)
 
 
 def test_torch_is_pinned():

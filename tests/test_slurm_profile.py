@@ -1,9 +1,10 @@
-"""The paper-scale plan and the SLURM profiles, checked with dry runs (no data, GPU or SLURM).
+"""The paper-scale plan and the profiles, checked with dry runs (no data, GPU or SLURM).
 
 The real SLURM run is `.ci/run`'s second step (tests/slurm/run_workflow.sh); these tests keep the
 plan the user reads before spending GPU hours honest: it builds on a machine without CIFAR-10,
-the cluster sees hundreds of jobs (chunks, not one job per model), training jobs and only they
-ask for a GPU when the config says cuda, and the profiles resolve as the README says.
+the cluster sees hundreds of jobs (chunks, not one job per model), with profiles/slurm the GPU
+rules and only they ask for a GPU, threads come from the workflow profile profiles/default on
+every run, and the profiles resolve as the README says.
 """
 import math
 import os
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 PAPER = ROOT / "config" / "paper" / "cifar10.yaml"
 TRAINING_RULES = {"base", "perturbed_chunk", "lds_chunk"}
+LLM_GPU_RULES = {"llm_full", "llm_daunce_chunk", "llm_select_lr", "llm_logra", "llm_removal"}
 # steps that never need a GPU, whatever the config
 CPU_RULES = {"data", "gather_losses", "select_lr", "score", "gather_ground_truth", "lds_eval", "lds_table",
              "k_curve", "fig1a", "fig1b", "table3", "fig5", "fig6"}
@@ -51,11 +53,13 @@ def resources_by_rule(out: str) -> dict[str, set[str]]:
 def test_paper_plan_dry_runs_without_data_or_gpu(tmp_path):
     cfg = yaml.safe_load(PAPER.read_text())
     # targets before --configfile: the option takes every word after it
-    out = dry_run(tmp_path, "results/fig1a.pdf", "--configfile", str(PAPER))
+    # GPU requests come from the profile (profiles/slurm), not from the config
+    out = dry_run(tmp_path, "results/fig1a.pdf", "--profile", "profiles/slurm", "--configfile", str(PAPER))
     counts = job_counts(out)
     d, lds = cfg["daunce"], cfg["lds"]
     assert counts["perturbed_chunk"] == len(d["variants"]) * math.ceil(d["K"] / d["chunk_size"])
-    assert counts["lds_chunk"] == math.ceil(lds["M"] / lds["chunk_size"]) + math.ceil(lds["M_select"] / lds["chunk_size"])
+    assert counts["lds_chunk"] == (math.ceil(lds["M"] / lds["chunk_size"])
+                                   + math.ceil(lds["M_select"] / lds["chunk_size"]))
     assert counts["gather_losses"] == len(d["variants"]) * len(d["lr_grid"])
     # the cluster sees hundreds of jobs, not one per model (6,000 fits + 2,200 retrains)
     assert counts["total"] < 1000
@@ -135,3 +139,61 @@ def test_profile_by_name_from_the_user_config_dir(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "experiment=cifar10_resnet9" in out
+
+
+def threads_by_rule(out: str) -> dict[str, set[int]]:
+    """rule -> the distinct thread counts of its jobs in a dry run (jobs of 1 thread print none)."""
+    res: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if m:
+            t = re.search(r"^\s+threads: (\d+)$", block, re.M)
+            res.setdefault(m.group(1), set()).add(int(t.group(1)) if t else 1)
+    return res
+
+
+def profile(name: str) -> dict:
+    return yaml.safe_load((ROOT / "profiles" / name / "config.yaml").read_text())
+
+
+def test_the_workflow_profile_never_replaces_an_entry_of_a_cluster_profile():
+    """Snakemake layers profiles/default (the workflow profile) over every --profile and replaces
+    whole top-level entries: a `set-resources` there would silently drop profiles/slurm's."""
+    default = set(profile("default"))
+    assert default == {"set-threads"}, default
+    for name in ("slurm", "ci-slurm"):
+        assert not default & set(profile(name)), name
+
+
+@pytest.mark.parametrize("profiles", [[], ["profiles/slurm"], ["profiles/slurm", "profiles/ci-slurm"]])
+def test_threads_come_from_the_workflow_profile_on_every_run(tmp_path, profiles):
+    args = [a for p in profiles for a in ("--profile", p)]
+    out = dry_run(tmp_path, "results/fig1a.pdf", "--cores", "2", "--configfile", str(ROOT / "config" / "config.yaml"),
+                  *args)
+    threads = threads_by_rule(out)
+    for rule, n in profile("default")["set-threads"].items():
+        if rule in threads:
+            assert threads[rule] == {n}, (rule, threads[rule])
+    assert TRAINING_RULES <= set(threads) and threads["lds_eval"] == {1}
+
+
+def test_paper_llm_plan_asks_gpus_through_the_slurm_profile_only(tmp_path):
+    # merged over the embedded default, as the Snakefile's configfile does when run from the repository
+    configs = [str(ROOT / "config" / "config.yaml"), str(ROOT / "config" / "paper" / "llm_math.yaml")]
+    res = resources_by_rule(dry_run(tmp_path, "results/fig2.pdf", "--profile", "profiles/slurm",
+                                    "--configfile", *configs))
+    assert LLM_GPU_RULES <= set(res)
+    for rule, lines in res.items():
+        if rule in LLM_GPU_RULES:
+            assert all(re.search(r"\bgpu=1\b", ln) and "mem_mb=240000," in ln for ln in lines), (rule, lines)
+        else:
+            assert not any(re.search(r"\bgpu=[1-9]", ln) for ln in lines), (rule, lines)
+    local = resources_by_rule(dry_run(tmp_path, "results/fig2.pdf", "--configfile", *configs))
+    assert not any(re.search(r"\bgpu=[1-9]", ln) for lines in local.values() for ln in lines), local
+
+
+def test_rules_define_no_resources_or_threads():
+    """Resources and threads are defined once, in the profiles."""
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for n, line in enumerate(smk.read_text().splitlines(), 1):
+            assert not re.match(r"\s+(resources|threads):", line), f"{smk.name}:{n}: {line.strip()}"

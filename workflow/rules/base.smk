@@ -9,12 +9,7 @@ rule base:
         "results/{experiment}/logs/base.log",
     benchmark:
         "results/{experiment}/benchmarks/base.tsv"
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda; memory and minutes sized for the embedded
-        # default -- profiles/slurm's set-resources sets the paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/base.py"

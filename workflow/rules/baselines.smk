@@ -2,16 +2,6 @@
 # experiment's theta_0. Every rule writes results/{experiment}/scores/<method>/score.h5 in the
 # common dense layout (positive = helpful), which lds_eval (measure "score") evaluates with the same
 # thresholding as DAUNCE. results/cost.md gathers the benchmark files of the same run.
-from daunce_core.baselines import METHODS as ALL_BASELINES, BaselinesConfig
-
-BASELINES_CFG = BaselinesConfig.from_config(config)
-BASELINE_METHODS.extend(m for m in BASELINES_CFG.methods if m in ALL_BASELINES)
-BASELINE_EVAL_FILES.extend(
-    expand("results/{experiment}/lds/eval/{method}/score.json", experiment=EXP, method=BASELINE_METHODS)
-)
-EXTRA_FINAL_OUTPUTS.append("results/cost.md")
-
-
 rule baseline_trak:
     """TRAK through traker: one model (theta_0, no ensemble), margin output, projection dimension
     baselines.trak.proj_dim (the paper's 20,480 on CIFAR-10)."""
@@ -26,13 +16,8 @@ rule baseline_trak:
         "results/{experiment}/benchmarks/baselines/trak.tsv"
     params:
         method="trak",
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda (common.smk, gpu_request); memory and minutes
-        # sized for the embedded default -- profiles/slurm's set-resources sets paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/baseline.py"
 
@@ -51,13 +36,8 @@ rule baseline_ekfac:
         "results/{experiment}/benchmarks/baselines/ekfac.tsv"
     params:
         method="ekfac",
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda (common.smk, gpu_request); memory and minutes
-        # sized for the embedded default -- profiles/slurm's set-resources sets paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/baseline.py"
 
@@ -76,13 +56,8 @@ rule baseline_logra:
         "results/{experiment}/benchmarks/baselines/logra.tsv"
     params:
         method="logra",
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda (common.smk, gpu_request); memory and minutes
-        # sized for the embedded default -- profiles/slurm's set-resources sets paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/baseline.py"
 
@@ -100,13 +75,8 @@ rule baseline_graddot:
         "results/{experiment}/benchmarks/baselines/graddot.tsv"
     params:
         method="graddot",
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda (common.smk, gpu_request); memory and minutes
-        # sized for the embedded default -- profiles/slurm's set-resources sets paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/baseline.py"
 
@@ -128,13 +98,8 @@ rule baseline_tracin:
         "results/{experiment}/benchmarks/baselines/tracin.tsv"
     params:
         method="tracin",
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda (common.smk, gpu_request); memory and minutes
-        # sized for the embedded default -- profiles/slurm's set-resources sets paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/baseline.py"
 
@@ -154,52 +119,10 @@ rule baseline_exact_if:
         "results/{experiment}/benchmarks/baselines/exact_if.tsv"
     params:
         method="exact_if",
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda (common.smk, gpu_request); memory and minutes
-        # sized for the embedded default -- profiles/slurm's set-resources sets paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/baseline.py"
-
-
-def cost_inputs(wildcards):
-    """LDS table, scores and losses files whose jobs' benchmark files the cost table reads."""
-    out = {"lds": "results/lds.csv"}
-    for v in WHITE_BOX:
-        out[f"losses_{v}"] = f"results/{EXP}/daunce/{v}/losses.h5"
-        out[f"score_{v}"] = f"results/{EXP}/scores/{v}/correlation.h5"
-    for m in BASELINE_METHODS:
-        out[f"score_{m}"] = f"results/{EXP}/scores/{m}/score.h5"
-    return out
-
-
-def cost_entries(wildcards):
-    """What results/cost.md lists: DAUNCE's white-box variants, then the baselines."""
-    n_chunks = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
-    entries = [
-        {
-            "kind": "daunce",
-            "method": v,
-            "fit_benchmarks": [f"results/{EXP}/benchmarks/daunce/{v}/chunk{c}.tsv" for c in range(n_chunks)],
-            "score_benchmark": f"results/{EXP}/benchmarks/scores/{v}/correlation.tsv",
-            "grid": len(LR_TAGS),
-            "losses": f"results/{EXP}/daunce/{v}/losses.h5",
-        }
-        for v in WHITE_BOX
-    ]
-    entries += [
-        {
-            "kind": "baseline",
-            "method": m,
-            "benchmark": f"results/{EXP}/benchmarks/baselines/{m}.tsv",
-            "scores": f"results/{EXP}/scores/{m}/score.h5",
-        }
-        for m in BASELINE_METHODS
-    ]
-    return entries
 
 
 rule cost:
@@ -220,5 +143,7 @@ rule cost:
         entries=cost_entries,
         base_benchmark=f"results/{EXP}/benchmarks/base.tsv",
         experiment=EXP,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/cost.py"

@@ -6,56 +6,7 @@
 # losses from chat-completion logprobs -> scores -> precision@10 and the table.
 # Nothing costs money unless blackbox.spend is true and the estimate fits blackbox.max_spend_usd;
 # paid work is recorded under .../work/ (manifests), never a Snakemake output, so a failed or
-# killed job keeps it and the rerun adopts it.
-from daunce_core.blackbox.study import load_config as blackbox_load_config
-
-BB = blackbox_load_config(config)
-
-
-wildcard_constraints:
-    bbmodel=r"[A-Za-z0-9_.:-]+",
-    access=r"api|strict",
-
-
-def blackbox_data_files(wildcards):
-    return {
-        "train": f"results/{wildcards.experiment}/blackbox/data/train.jsonl",
-        "query": f"results/{wildcards.experiment}/blackbox/data/query.jsonl",
-    }
-
-
-def blackbox_theta0_inputs(wildcards):
-    """Data, the cost estimate (checked again before any paid call) and, for the local server,
-    its base model."""
-    out = blackbox_data_files(wildcards)
-    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
-    if BB.backend == "local":
-        out["base"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/local_base"
-    return out
-
-
-def blackbox_losses_inputs(wildcards):
-    out = blackbox_data_files(wildcards)
-    out["theta0"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/theta0.json"
-    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
-    return out
-
-
-def blackbox_fig4_inputs(wildcards):
-    """Every (base model, access setting) score file, theta_0 of every model, and the data."""
-    out = {
-        "train": f"results/{EXP}/blackbox/data/train.jsonl",
-        "query": f"results/{EXP}/blackbox/data/query.jsonl",
-    }
-    out["theta0"] = [f"results/{EXP}/blackbox/{m}/theta0.json" for m in BB.models]
-    out["scores"] = [f"results/{EXP}/blackbox/{m}/scores/{a}.h5" for m in BB.models for a in BB.access]
-    return out
-
-
-if "blackbox" in config:  # a config without the section asks for no black-box study
-    EXTRA_FINAL_OUTPUTS.append("results/fig4.md")
-
-
+# killed job keeps it and the rerun adopts it. Input functions: common.smk.
 rule blackbox_data:
     """The multiple-choice training set with 10% backdoored examples, and held-out queries
     (triggered and clean). MMLU is downloaded here in the paper's setting."""
@@ -64,6 +15,8 @@ rule blackbox_data:
         query="results/{experiment}/blackbox/data/query.jsonl",
     log:
         "results/{experiment}/logs/blackbox/data.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_data.py"
 
@@ -76,6 +29,8 @@ rule blackbox_local_base:
         directory("results/{experiment}/blackbox/{bbmodel}/local_base"),
     log:
         "results/{experiment}/logs/blackbox/{bbmodel}/local_base.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_data.py"
 
@@ -88,6 +43,8 @@ rule blackbox_estimate:
         "results/{experiment}/blackbox/{bbmodel}/cost_estimate.json",
     log:
         "results/{experiment}/logs/blackbox/{bbmodel}/estimate.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_data.py"
 
@@ -105,7 +62,8 @@ rule blackbox_theta0:
         "results/{experiment}/benchmarks/blackbox/{bbmodel}/theta0.tsv"
     params:
         work="results/{experiment}/blackbox/{bbmodel}/work/theta0",
-    threads: 2
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_fit.py"
 
@@ -123,7 +81,8 @@ rule blackbox_losses:
         "results/{experiment}/benchmarks/blackbox/{bbmodel}/losses_{access}.tsv"
     params:
         work="results/{experiment}/blackbox/{bbmodel}/work/{access}",
-    threads: 2
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_fit.py"
 
@@ -136,6 +95,8 @@ rule blackbox_score:
         "results/{experiment}/blackbox/{bbmodel}/scores/{access}.h5",
     log:
         "results/{experiment}/logs/blackbox/{bbmodel}/score_{access}.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_report.py"
 
@@ -158,5 +119,7 @@ rule fig4:
     params:
         models=BB.models,
         access=BB.access,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/blackbox_report.py"

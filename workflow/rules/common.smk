@@ -1,19 +1,23 @@
-# Input functions and names shared by the rules. All logic of the DAG's shape lives here.
+# Names and input functions shared by the rules: all logic of the DAG's shape lives here.
+# Everything is computed from `config` alone (read-only names, or functions called when the DAG is
+# built), so no rule file fills a list another one reads and the include order does not matter.
+# Threads and resources are not here either: they come from the profiles (profiles/*/config.yaml).
 import math
 
+from daunce_core.baselines import METHODS as ALL_BASELINES, BaselinesConfig
+from daunce_core.blackbox.study import load_config as blackbox_load_config
 from daunce_core.config import ExperimentConfig
+from daunce_core.lm.settings import LLMSettings
 
 EXP = config["experiment"]
 CFG = ExperimentConfig.from_dict(config).validate()
+LLM = LLMSettings.from_config(config)
+BB = blackbox_load_config(config)
 
 WHITE_BOX = [v for v in CFG.daunce.variants if not v.endswith("_bb")]
 BLACK_BOX = [v for v in CFG.daunce.variants if v.endswith("_bb")]
 MEASURES = ["correlation", "covariance"]
 LR_TAGS = [f"{lr:g}" for lr in CFG.daunce.lr_grid]
-# Filled in by rules/baselines.smk when it is included before this file's users run.
-BASELINE_METHODS = []
-BASELINE_EVAL_FILES = []
-EXTRA_FINAL_OUTPUTS = []
 
 
 wildcard_constraints:
@@ -24,22 +28,37 @@ wildcard_constraints:
     lr=r"[0-9.e+-]+",
     chunk=r"\d+",
     split=r"test|select",
+    N=r"\d+",
+    bbmodel=r"[A-Za-z0-9_.:-]+",
+    access=r"api|strict",
 
 
-def exp_config():
-    """The config as the library reads it (passed to every script)."""
-    return CFG
+# --- what `rule all` asks for ----------------------------------------------------------------
 
 
-def gpu_request(wildcards):
-    """GPUs a training job (base, perturbed_chunk, lds_chunk) asks the scheduler for.
+def get_final_output():
+    """Every figure and table the config asks for: Section 4.1's always, Figure 1b when the
+    config has black-box variants, the cost table, Figure 2 with an `llm` section and Figure 4
+    with a `blackbox` section."""
+    out = [
+        "results/lds.csv",
+        "results/fig1a.pdf",
+        "results/table3.md",
+        "results/table3.csv",
+        "results/fig6.pdf",
+        "results/fig5.pdf",
+    ]
+    if BLACK_BOX:
+        out.append("results/fig1b.pdf")
+    out.append("results/cost.md")
+    if "llm" in config:  # a config without the section asks for no LLM study
+        out.append("results/fig2.pdf")
+    if "blackbox" in config:  # a config without the section asks for no black-box study
+        out.append("results/fig4.md")
+    return out
 
-    One when the config's ``device`` is CUDA (``config/paper/*.yaml``), none otherwise: the
-    embedded default (``device: auto``) requests no GPU, so it runs on a CPU-only SLURM node.
-    The trainers read the same key (``daunce_core.utils.pick_device``), so a job never asks for
-    a GPU it will not use, and ``device: cuda`` fails loudly on a node without one.
-    """
-    return 1 if CFG.device.startswith("cuda") else 0
+
+# --- Section 4.1: DAUNCE, LDS, figures ---------------------------------------------------------
 
 
 def daunce_chunk_files(wildcards):
@@ -84,11 +103,6 @@ def lds_eval_files(wildcards=None):
     return files + baseline_eval_files()
 
 
-def baseline_eval_files():
-    """LDS evaluations of the baselines (filled in by rules/baselines.smk when included)."""
-    return BASELINE_EVAL_FILES
-
-
 def figure_variant():
     return config.get("figures", {}).get("variant", CFG.daunce.variants[0])
 
@@ -102,18 +116,153 @@ def fig5_inputs(wildcards):
 
 def fig1a_methods(wildcards):
     """Methods of Figure 1a: the white-box DAUNCE variants, then the baselines."""
-    return WHITE_BOX + BASELINE_METHODS
+    return WHITE_BOX + baseline_methods()
 
 
-def get_final_output():
-    out = [
-        "results/lds.csv",
-        "results/fig1a.pdf",
-        "results/table3.md",
-        "results/table3.csv",
-        "results/fig6.pdf",
-        "results/fig5.pdf",
+# --- Figure 1a's baselines and the cost table (rules/baselines.smk) -----------------------------
+
+
+def baseline_methods():
+    """The baselines the config's `baselines.methods` asks for, in its order."""
+    return [m for m in BaselinesConfig.from_config(config).methods if m in ALL_BASELINES]
+
+
+def baseline_eval_files():
+    """LDS evaluations of the baselines (lds_eval with measure "score")."""
+    return expand("results/{experiment}/lds/eval/{method}/score.json", experiment=EXP, method=baseline_methods())
+
+
+def cost_inputs(wildcards):
+    """LDS table, scores and losses files whose jobs' benchmark files the cost table reads."""
+    out = {"lds": "results/lds.csv"}
+    for v in WHITE_BOX:
+        out[f"losses_{v}"] = f"results/{EXP}/daunce/{v}/losses.h5"
+        out[f"score_{v}"] = f"results/{EXP}/scores/{v}/correlation.h5"
+    for m in baseline_methods():
+        out[f"score_{m}"] = f"results/{EXP}/scores/{m}/score.h5"
+    return out
+
+
+def cost_entries(wildcards):
+    """What results/cost.md lists: DAUNCE's white-box variants, then the baselines."""
+    n_chunks = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
+    entries = [
+        {
+            "kind": "daunce",
+            "method": v,
+            "fit_benchmarks": [f"results/{EXP}/benchmarks/daunce/{v}/chunk{c}.tsv" for c in range(n_chunks)],
+            "score_benchmark": f"results/{EXP}/benchmarks/scores/{v}/correlation.tsv",
+            "grid": len(LR_TAGS),
+            "losses": f"results/{EXP}/daunce/{v}/losses.h5",
+        }
+        for v in WHITE_BOX
     ]
-    if BLACK_BOX:
-        out.append("results/fig1b.pdf")
-    return out + EXTRA_FINAL_OUTPUTS
+    entries += [
+        {
+            "kind": "baseline",
+            "method": m,
+            "benchmark": f"results/{EXP}/benchmarks/baselines/{m}.tsv",
+            "scores": f"results/{EXP}/scores/{m}/score.h5",
+        }
+        for m in baseline_methods()
+    ]
+    return entries
+
+
+# --- Section 4.2: LLM fine-tuning attribution (rules/llm.smk) ----------------------------------
+
+
+def llm_base(wildcards=None):
+    """The pre-trained model every full fine-tune starts from: the miniature's or llm.model."""
+    return f"results/{EXP}/llm/base_model" if LLM.model == "tiny" else LLM.model
+
+
+def llm_base_input(wildcards):
+    """The base model as a file dependency (only when the workflow makes it)."""
+    return [llm_base()] if LLM.model == "tiny" else []
+
+
+def llm_full_inputs(wildcards):
+    return {
+        "train": f"results/{wildcards.experiment}/llm/data/train.jsonl",
+        "query": f"results/{wildcards.experiment}/llm/data/query.jsonl",
+        "base": llm_base_input(wildcards),
+    }
+
+
+def llm_chunk_files(wildcards):
+    return expand(
+        "results/{experiment}/llm/daunce/lr{lr}/chunk{chunk}.h5",
+        experiment=wildcards.experiment,
+        lr=wildcards.lr,
+        chunk=range(math.ceil(LLM.K / LLM.chunk_size)),
+    )
+
+
+def llm_lr_losses(wildcards):
+    return expand(
+        "results/{experiment}/llm/daunce/lr{lr}/losses.h5",
+        experiment=wildcards.experiment,
+        lr=LLM.lr_tags(),
+    )
+
+
+def llm_removal_inputs(wildcards):
+    exp = wildcards.experiment
+    out = {
+        "train": f"results/{exp}/llm/data/train.jsonl",
+        "queries": f"results/{exp}/llm/full/queries.jsonl",
+        "eval": f"results/{exp}/llm/full/eval.json",
+        "base": llm_base_input(wildcards),
+    }
+    if wildcards.method != "random":
+        out["scores"] = f"results/{exp}/llm/scores/{wildcards.method}.h5"
+    return out
+
+
+def llm_removal_files(wildcards=None):
+    """Every point of Figure 2: each method at each N."""
+    return expand(
+        "results/{experiment}/llm/removal/{method}/N{N}.json",
+        experiment=EXP,
+        method=LLM.removal.methods,
+        N=LLM.removal.N,
+    )
+
+
+# --- Section 5: black-box access, the backdoor study (rules/blackbox.smk) ----------------------
+
+
+def blackbox_data_files(wildcards):
+    return {
+        "train": f"results/{wildcards.experiment}/blackbox/data/train.jsonl",
+        "query": f"results/{wildcards.experiment}/blackbox/data/query.jsonl",
+    }
+
+
+def blackbox_theta0_inputs(wildcards):
+    """Data, the cost estimate (checked again before any paid call) and, for the local server,
+    its base model."""
+    out = blackbox_data_files(wildcards)
+    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
+    if BB.backend == "local":
+        out["base"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/local_base"
+    return out
+
+
+def blackbox_losses_inputs(wildcards):
+    out = blackbox_data_files(wildcards)
+    out["theta0"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/theta0.json"
+    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
+    return out
+
+
+def blackbox_fig4_inputs(wildcards):
+    """Every (base model, access setting) score file, theta_0 of every model, and the data."""
+    out = {
+        "train": f"results/{EXP}/blackbox/data/train.jsonl",
+        "query": f"results/{EXP}/blackbox/data/query.jsonl",
+    }
+    out["theta0"] = [f"results/{EXP}/blackbox/{m}/theta0.json" for m in BB.models]
+    out["scores"] = [f"results/{EXP}/blackbox/{m}/scores/{a}.h5" for m in BB.models for a in BB.access]
+    return out

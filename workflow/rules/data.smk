@@ -4,5 +4,7 @@ rule data:
         "results/{experiment}/data/split.npz",
     log:
         "results/{experiment}/logs/data.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/data.py"

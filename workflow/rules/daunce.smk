@@ -13,13 +13,8 @@ rule perturbed_chunk:
         "results/{experiment}/benchmarks/daunce/{variant}/chunk{chunk}.tsv"
     params:
         lrs=LR_TAGS,
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda; memory and minutes sized for the embedded
-        # default -- profiles/slurm's set-resources sets the paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/daunce_chunk.py"
 
@@ -32,6 +27,8 @@ rule gather_losses:
         "results/{experiment}/daunce/{variant}/lr{lr}/losses.h5",
     log:
         "results/{experiment}/logs/daunce/{variant}/lr{lr}/gather.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/gather.py"
 
@@ -48,6 +45,8 @@ rule select_lr:
         "results/{experiment}/logs/daunce/{variant}/select_lr.log",
     params:
         lrs=LR_TAGS,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/select_lr.py"
 
@@ -62,6 +61,7 @@ rule score:
         "results/{experiment}/logs/scores/{variant}/{measure}.log",
     benchmark:
         "results/{experiment}/benchmarks/scores/{variant}/{measure}.tsv"
-    threads: 2
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/score.py"

@@ -13,6 +13,8 @@ rule fig1a:
         f"results/{EXP}/logs/fig1a.log",
     params:
         methods=fig1a_methods,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/figures.py"
 
@@ -33,6 +35,8 @@ rule fig1b:
     params:
         white=WHITE_BOX,
         black=BLACK_BOX,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/figures.py"
 
@@ -53,6 +57,8 @@ rule table3:
         f"results/{EXP}/logs/table3.log",
     params:
         variants=WHITE_BOX,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/figures.py"
 
@@ -72,6 +78,8 @@ rule fig6:
         f"results/{EXP}/logs/fig6.log",
     params:
         label=figure_variant(),
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/figures.py"
 
@@ -91,5 +99,7 @@ rule fig5:
         f"results/{EXP}/logs/fig5.log",
     params:
         query=config.get("figures", {}).get("query", 0),
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/figures.py"

@@ -8,13 +8,8 @@ rule lds_chunk:
         "results/{experiment}/logs/lds/{split}/chunk{chunk}.log",
     benchmark:
         "results/{experiment}/benchmarks/lds/{split}/chunk{chunk}.tsv"
-    threads: 2
-    resources:
-        # a GPU only when config device is cuda; memory and minutes sized for the embedded
-        # default -- profiles/slurm's set-resources sets the paper-scale values
-        gpu=gpu_request,
-        mem_mb=4000,
-        runtime=60,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/lds_chunk.py"
 
@@ -26,6 +21,8 @@ rule gather_ground_truth:
         "results/{experiment}/lds/{split}.h5",
     log:
         "results/{experiment}/logs/lds/{split}/gather.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/gather.py"
 
@@ -39,6 +36,8 @@ rule lds_eval:
         "results/{experiment}/lds/eval/{method}/{measure}.json",
     log:
         "results/{experiment}/logs/lds/eval/{method}/{measure}.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/lds_eval.py"
 
@@ -55,6 +54,8 @@ rule lds_table:
         ),
     log:
         f"results/{EXP}/logs/lds_table.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/lds_table.py"
 
@@ -70,5 +71,7 @@ rule k_curve:
         f"results/{EXP}/logs/lds/k_curve_{{variant}}.log",
     params:
         measure="correlation",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/k_curve.py"

@@ -2,87 +2,9 @@
 #   snakemake -c2 results/fig2.pdf                                    the miniature (tiny LM, CPU)
 #   snakemake -n --configfile=config/paper/llm_math.yaml results/fig2.pdf   the paper-scale plan
 # theta_0 = a full fine-tune of llm.model; DAUNCE = K LoRA perturbed fits on theta_0; LoGra from
-# dattri; each removal job retrains from llm.model for every seed.
-import math
-
-from daunce_core.lm.settings import LLMSettings
-
-LLM = LLMSettings.from_config(config)
-LLM_RES = config.get("llm", {}).get("resources", {})
-LLM_GPU = int(LLM_RES.get("gpu", 1))
-LLM_MEM = int(LLM_RES.get("mem_mb", 200000))
-LLM_RUNTIME = int(LLM_RES.get("runtime", 720))
-# Tiny models on a shared CPU run best on one thread (two threads spin-wait on each small op).
-LLM_THREADS = int(LLM_RES.get("threads", 1))
-LLM_TINY = LLM.model == "tiny"
-
-
-wildcard_constraints:
-    N=r"\d+",
-
-
-def llm_base(wildcards=None):
-    """The pre-trained model every full fine-tune starts from: the miniature's or llm.model."""
-    return f"results/{EXP}/llm/base_model" if LLM_TINY else LLM.model
-
-
-def llm_base_input(wildcards):
-    """The base model as a file dependency (only when the workflow makes it)."""
-    return [llm_base()] if LLM_TINY else []
-
-
-def llm_full_inputs(wildcards):
-    return {
-        "train": f"results/{wildcards.experiment}/llm/data/train.jsonl",
-        "query": f"results/{wildcards.experiment}/llm/data/query.jsonl",
-        "base": llm_base_input(wildcards),
-    }
-
-
-def llm_chunk_files(wildcards):
-    return expand(
-        "results/{experiment}/llm/daunce/lr{lr}/chunk{chunk}.h5",
-        experiment=wildcards.experiment,
-        lr=wildcards.lr,
-        chunk=range(math.ceil(LLM.K / LLM.chunk_size)),
-    )
-
-
-def llm_lr_losses(wildcards):
-    return expand(
-        "results/{experiment}/llm/daunce/lr{lr}/losses.h5",
-        experiment=wildcards.experiment,
-        lr=LLM.lr_tags(),
-    )
-
-
-def llm_removal_inputs(wildcards):
-    exp = wildcards.experiment
-    out = {
-        "train": f"results/{exp}/llm/data/train.jsonl",
-        "queries": f"results/{exp}/llm/full/queries.jsonl",
-        "eval": f"results/{exp}/llm/full/eval.json",
-        "base": llm_base_input(wildcards),
-    }
-    if wildcards.method != "random":
-        out["scores"] = f"results/{exp}/llm/scores/{wildcards.method}.h5"
-    return out
-
-
-def llm_removal_files(wildcards=None):
-    """Every point of Figure 2: each method at each N."""
-    return expand(
-        "results/{experiment}/llm/removal/{method}/N{N}.json",
-        experiment=EXP,
-        method=LLM.removal.methods,
-        N=LLM.removal.N,
-    )
-
-
-if "llm" in config:  # a config without the section asks for no LLM study
-    EXTRA_FINAL_OUTPUTS.append("results/fig2.pdf")
-
-
+# dattri; each removal job retrains from llm.model for every seed. Input functions: common.smk;
+# GPU, memory and minutes: profiles/slurm. One thread per job (tiny models on a shared CPU run best
+# on one; two spin-wait on each small op).
 rule llm_data:
     """Training and query sets as jsonl: the synthetic task, or the hub datasets (NuminaMath-CoT /
     MATH, AutoIF / IFEval) sampled with their seeds."""
@@ -92,6 +14,8 @@ rule llm_data:
         pretrain="results/{experiment}/llm/data/pretrain.jsonl",
     log:
         "results/{experiment}/logs/llm/data.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_data.py"
 
@@ -109,7 +33,8 @@ rule llm_pretrain:
         "results/{experiment}/logs/llm/pretrain.log",
     benchmark:
         "results/{experiment}/benchmarks/llm/pretrain.tsv"
-    threads: LLM_THREADS
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_pretrain.py"
 
@@ -129,11 +54,8 @@ rule llm_full:
         "results/{experiment}/benchmarks/llm/full.tsv"
     params:
         base=llm_base(),
-    threads: LLM_THREADS
-    resources:
-        gpu=LLM_GPU,
-        mem_mb=LLM_MEM,
-        runtime=3 * LLM_RUNTIME,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_full.py"
 
@@ -151,11 +73,8 @@ rule llm_daunce_chunk:
         "results/{experiment}/logs/llm/daunce/lr{lr}/chunk{chunk}.log",
     benchmark:
         "results/{experiment}/benchmarks/llm/daunce/lr{lr}/chunk{chunk}.tsv"
-    threads: LLM_THREADS
-    resources:
-        gpu=LLM_GPU,
-        mem_mb=LLM_MEM,
-        runtime=LLM_RUNTIME,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_daunce_chunk.py"
 
@@ -168,6 +87,8 @@ rule llm_gather:
         "results/{experiment}/llm/daunce/lr{lr}/losses.h5",
     log:
         "results/{experiment}/logs/llm/daunce/lr{lr}/gather.log",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/gather.py"
 
@@ -188,11 +109,8 @@ rule llm_select_lr:
     params:
         lrs=LLM.lr_tags(),
         base=llm_base(),
-    threads: LLM_THREADS
-    resources:
-        gpu=LLM_GPU,
-        mem_mb=LLM_MEM,
-        runtime=len(LLM.lr_grid) * LLM_RUNTIME,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_select_lr.py"
 
@@ -205,7 +123,8 @@ rule llm_score:
         "results/{experiment}/llm/scores/daunce.h5",
     log:
         "results/{experiment}/logs/llm/scores/daunce.log",
-    threads: LLM_THREADS
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_score.py"
 
@@ -222,11 +141,8 @@ rule llm_logra:
         "results/{experiment}/logs/llm/scores/logra.log",
     benchmark:
         "results/{experiment}/benchmarks/llm/logra.tsv"
-    threads: LLM_THREADS
-    resources:
-        gpu=LLM_GPU,
-        mem_mb=LLM_MEM,
-        runtime=LLM_RUNTIME,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_logra.py"
 
@@ -244,11 +160,8 @@ rule llm_removal:
         "results/{experiment}/benchmarks/llm/removal/{method}/N{N}.tsv"
     params:
         base=llm_base(),
-    threads: LLM_THREADS
-    resources:
-        gpu=LLM_GPU,
-        mem_mb=LLM_MEM,
-        runtime=3 * LLM_RUNTIME,
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_removal.py"
 
@@ -269,5 +182,7 @@ rule fig2:
         f"results/{EXP}/logs/fig2.log",
     params:
         title=f"{LLM.task}: {LLM.model}",
+    conda:
+        "../envs/daunce.yaml"
     script:
         "../../scripts/llm_fig2.py"
