@@ -306,12 +306,18 @@ def test_score_file_dense_matches_reference(tmp_path, small_blocks):
     assert h["attrs"]["threshold"] == "hard" and h["attrs"]["lambda"] == [0.2] * 5
 
 
-def test_score_file_topk_when_dense_does_not_fit(tmp_path, monkeypatch, small_blocks):
+def test_score_file_refuses_dense_beyond_budget_and_gives_topk_when_asked(tmp_path, monkeypatch,
+                                                                          small_blocks):
     monkeypatch.setattr(scoring, "_RUNTIME_BYTES", 0)
     rng = np.random.default_rng(9)
     train, query = losses(rng, 4, 3000, 20)
     write_losses_file(tmp_path / "l.h5", train, query)
-    score_file(tmp_path / "l.h5", tmp_path / "s.h5", threshold="soft", lam=0.1, memory_gb=1e-4)
+    with pytest.raises(ValueError, match=r"need .* GiB but memory_gb.* 0.0001 GiB.*--topk N.*"
+                                         r"raise memory_gb"):
+        score_file(tmp_path / "l.h5", tmp_path / "s.h5", threshold="soft", lam=0.1, memory_gb=1e-4)
+    assert not (tmp_path / "s.h5").exists(), "no silent switch to top-k"
+    score_file(tmp_path / "l.h5", tmp_path / "s.h5", threshold="soft", lam=0.1, memory_gb=1e-4,
+               topk=100)
     s = store.read_scores(tmp_path / "s.h5")
     assert s["format"] == "topk" and s["attrs"]["k"] == 100  # 3000 x 20 floats exceed 1e-4 GiB
     R = ref_threshold(ref_scores(train, query), "soft", 0.1)
