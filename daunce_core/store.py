@@ -112,6 +112,11 @@ def check_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = 
     try:
         st = p.stat()  # follows a symlink: its target is what a reader would lose
     except FileNotFoundError:
+        # Not there yet, but "missing/../in.h5" becomes the input once mkdir makes "missing".
+        lexical = os.path.normpath(os.path.abspath(p))
+        for inp in inputs:
+            if lexical in (os.path.normpath(os.path.abspath(inp)), os.path.realpath(inp)):
+                raise _overwrites_input(path, inp) from None
         return p
     except NotADirectoryError as exc:
         raise StoreError(f"{path}: a part of this path is a file, not a folder; choose another "
@@ -125,9 +130,13 @@ def check_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = 
     for inp in inputs:
         with contextlib.suppress(OSError):
             if os.path.samefile(p, inp):
-                raise StoreError(f"{path}: is the input file {inp}; writing it would destroy "
-                                 "the input, so choose another output path")
+                raise _overwrites_input(path, inp)
     return p
+
+
+def _overwrites_input(path, inp) -> StoreError:
+    return StoreError(f"{path}: is the input file {inp}; writing it would destroy the input, so "
+                      "choose another output path")
 
 
 _TMP_TAG = ".daunce-tmp-"
@@ -707,7 +716,8 @@ def read_scores(path: str | os.PathLike) -> dict[str, Any]:
             n, m = _require(f, "train_ids", 1).shape[0], out["indices"].shape[0]
             of = ("'train_ids'", "the rows of 'indices'")
         else:
-            raise StoreError(f"{path}: attribute 'format' is {fmt!r}, expected 'dense' or 'topk'")
+            raise StoreError(f"{path}: attribute 'format' is {fmt!r}, expected 'dense' or 'topk': "
+                             "not a scores file")
         out["train_ids"], out["query_ids"], positional = _example_ids(f, n, m, *of)
     if positional:
         attrs["ids"] = "positional"
@@ -770,7 +780,7 @@ def _read_masks(f: h5py.File) -> np.ndarray:
     masks = _read_numbers(f, "masks", 2)
     outside = masks[(masks != 0) & (masks != 1)]
     if outside.size:
-        raise StoreError(f"{f.filename}: 'masks' holds {outside[0]!r}; a mask is 0/1 "
+        raise StoreError(f"{f.filename}: 'masks' holds {float(outside[0]):g}; a mask is 0/1 "
                          "(training example out of / in the subset)")
     return masks.astype(bool)
 
