@@ -1,88 +1,176 @@
 """The ``daunce`` command: scoring, LDS evaluation and file inspection without Snakemake.
 
     daunce score LOSSES.h5 -o SCORES.h5 [--measure correlation|covariance] [--topk N]
-                 [--threshold none|soft|hard --lambda X] [--memory-gb G]
-    daunce lds SCORES.h5 GROUND_TRUTH.h5 [--threshold hard --quantile 0.9]
+                 [--threshold none|soft|hard [--lambda X]] [--memory-gb G]
+    daunce lds SCORES.h5 GROUND_TRUTH.h5 [--threshold soft|hard [--quantile 0.9] |
+                 --threshold topk [--k 100]] [--bootstrap B]
     daunce info FILE.h5
+
+An error is one line naming the file, key or option, with exit status 1 (2 for a bad command
+line), and it leaves every file as it was: an output that is an input, a directory, a device or
+under a file is refused before any work, options that would do nothing are refused, and SIGTERM
+or Ctrl-C remove the temporary output (exit status 143 or 130). ``daunce lds`` pairs scores with
+ground truth on example ids, reordering (with a note on stderr) when only the order differs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from . import store
 
 
 def _score(args: argparse.Namespace) -> None:
+    store.check_output(args.output, inputs=[args.losses])  # before the slow imports and reads
     from .scoring import score_file
 
     path = score_file(args.losses, args.output, measure=args.measure, topk=args.topk,
-                      threshold=args.threshold, lam=args.lam, memory_gb=args.memory_gb)
+                      threshold=args.threshold, lam=0.0 if args.lam is None else args.lam,
+                      memory_gb=args.memory_gb)
     print(f"wrote {path}")
+
+
+def _check_score(args: argparse.Namespace) -> str | None:
+    if args.lam is not None and args.threshold not in ("soft", "hard"):
+        return (f"--lambda does nothing with --threshold {args.threshold}; add --threshold soft "
+                "or hard, or drop --lambda")
+    if args.threshold in ("soft", "hard") and args.lam is None:
+        return f"--threshold {args.threshold} needs --lambda X (the threshold on the scores)"
+    return None
 
 
 def _lds(args: argparse.Namespace) -> None:
     from . import lds as L
     from .scoring import apply_threshold
 
-    scores, _ = store.dense_scores(args.scores)
+    scores, meta = store.dense_scores(args.scores)
     gt = store.read_ground_truth(args.ground_truth)
+    scores, notices = store.align_scores(scores, meta, gt, args.scores, args.ground_truth)
+    for notice in notices:
+        print(f"daunce lds: note: {notice}", file=sys.stderr)
     th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}
     res, _ = L.evaluate(apply_threshold(scores, th), gt, n_resamples=args.bootstrap)
     print(json.dumps({"lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high,
                       "n_queries": res.n_queries, "threshold": th}, indent=2))
 
 
+def _check_lds(args: argparse.Namespace) -> str | None:
+    if args.quantile is not None and args.threshold not in ("soft", "hard"):
+        return (f"--quantile does nothing with --threshold {args.threshold}; add --threshold "
+                "soft or hard, or drop --quantile")
+    if args.k is not None and args.threshold != "topk":
+        return (f"--k does nothing with --threshold {args.threshold}; add --threshold topk, or "
+                "drop --k")
+    args.quantile = 0.9 if args.quantile is None else args.quantile
+    args.k = 100 if args.k is None else args.k
+    return None
+
+
 def _info(args: argparse.Namespace) -> None:
     import h5py
 
+    def show(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            print(f"  {name}: {obj.shape} {obj.dtype}")
+        else:
+            print(f"  {name}/ (group)")
+
     with store._open(args.file) as f:
         print(args.file)
-        for key, ds in f.items():
-            print(f"  {key}: {ds.shape} {ds.dtype}")
+        f.visititems(show)
         for key, value in store._attrs(f).items():
             print(f"  @{key} = {value}")
-    del h5py
+
+
+def _number(kind: type, low: float, *, above: bool = False, high: float | None = None):
+    """An argparse type: a finite ``kind`` >= ``low`` (> with ``above``), <= ``high`` if given."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if value < low or (above and value == low) or (high is not None and value > high):
+            bounds = (f"in [{low}, {high}]" if high is not None
+                      else f"{'>' if above else '>='} {low}")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other error of the command (argparse prints the usage too)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="daunce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="daunce", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="attribution scores from a losses file (train [K,n], query [K,m])")
     s.add_argument("losses", help="losses HDF5 file")
     s.add_argument("-o", "--output", required=True, help="scores HDF5 file to write (atomically)")
     s.add_argument("--measure", choices=["correlation", "covariance"], default="correlation")
-    s.add_argument("--topk", type=int, default=None, help="keep the N best training examples per query")
+    s.add_argument("--topk", type=_number(int, 1), default=None,
+                   help="keep the N best training examples per query (default: dense scores)")
     s.add_argument("--threshold", choices=["none", "soft", "hard"], default="none")
-    s.add_argument("--lambda", dest="lam", type=float, default=0.0, help="threshold for soft/hard")
-    s.add_argument("--memory-gb", type=float, default=4.0, help="peak memory budget of the scoring")
-    s.set_defaults(func=_score)
+    s.add_argument("--lambda", dest="lam", type=_number(float, 0.0), default=None,
+                   help="threshold for soft/hard (required by them)")
+    s.add_argument("--memory-gb", type=_number(float, 0.0, above=True), default=4.0,
+                   help="peak memory budget of the scoring; dense scores larger than it are "
+                        "refused (use --topk)")
+    s.set_defaults(func=_score, check=_check_score)
 
     q = sub.add_parser("lds", help="LDS of a scores file against LDS ground truth")
     q.add_argument("scores")
     q.add_argument("ground_truth")
     q.add_argument("--threshold", choices=["none", "soft", "hard", "topk"], default="none")
-    q.add_argument("--quantile", type=float, default=0.9)
-    q.add_argument("--k", type=int, default=100)
-    q.add_argument("--bootstrap", type=int, default=2000)
-    q.set_defaults(func=_lds)
+    q.add_argument("--quantile", type=_number(float, 0.0, high=1.0), default=None,
+                   help="per-query quantile of |scores| used as lambda by soft/hard (0.9)")
+    q.add_argument("--k", type=_number(int, 1), default=None,
+                   help="scores kept per query by topk (100)")
+    q.add_argument("--bootstrap", type=_number(int, 1), default=2000,
+                   help="bootstrap resamples of the 95%% confidence interval")
+    q.set_defaults(func=_lds, check=_check_lds)
 
     i = sub.add_parser("info", help="print the datasets and attributes of a daunce HDF5 file")
     i.add_argument("file")
-    i.set_defaults(func=_info)
+    i.set_defaults(func=_info, check=lambda args: None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; return its exit status (also for a bad command line: no SystemExit)."""
+    parser = build_parser()
     try:
-        args.func(args)
-    except (store.StoreError, ValueError, OSError) as exc:
-        print(f"daunce {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        args = parser.parse_args(argv)
+        problem = args.check(args)
+        if problem:
+            parser.exit(2, f"daunce {args.command}: error: {problem}\n")
+    except SystemExit as exc:  # argparse has printed its one line (or the help)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    with store.cleanup_on_signals():
+        try:
+            args.func(args)
+        except (store.StoreError, ValueError, OSError) as exc:
+            message = " ".join(str(exc).split())
+            print(f"daunce {args.command}: error: {message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"daunce {args.command}: interrupted; no output was written", file=sys.stderr)
+            return 130
+        except store.Terminated as exc:
+            print(f"daunce {args.command}: terminated by signal {exc.signum}; no output was "
+                  "written", file=sys.stderr)
+            return 128 + exc.signum
     return 0
 
 

@@ -98,8 +98,24 @@ class LDSResult:
 
 
 def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> LDSResult:
-    """Mean over queries with a percentile-bootstrap 95% CI over queries."""
+    """Mean over queries with a percentile-bootstrap 95% CI over queries.
+
+    Raises:
+        ValueError: no queries, non-finite per-query values, or ``n_resamples`` < 1.
+    """
+    try:
+        whole = int(n_resamples) == n_resamples and n_resamples >= 1
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise ValueError(f"n_resamples (--bootstrap) must be a whole number >= 1, "
+                         f"got {n_resamples!r}")
     per_query = np.asarray(per_query, np.float64)
+    if per_query.size == 0:
+        raise ValueError("LDS of no queries: the scores and ground truth have m=0 queries")
+    if not np.isfinite(per_query).all():
+        raise ValueError(f"{int((~np.isfinite(per_query)).sum())} per-query LDS value(s) are NaN "
+                         "or infinite; check the scores and ground truth for NaN")
     mean = float(per_query.mean())
     if len(per_query) < 2 or np.allclose(per_query, per_query[0]):
         return LDSResult(mean, mean, mean, len(per_query))
@@ -110,10 +126,22 @@ def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> 
 
 
 def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 0) -> tuple[LDSResult, np.ndarray]:
-    """LDS of dense scores [n, m] against ground truth ``gt`` (``store.read_ground_truth``)."""
+    """LDS of dense scores [n, m] against ground truth ``gt`` (``store.read_ground_truth``).
+
+    Positions are taken as they are: scores read from a file are first put in the ground
+    truth's order of ids with ``store.align_scores``. NaN or infinite scores or outputs, and
+    fewer than 2 subsets, are refused (a Spearman correlation needs two points).
+    """
     if scores.shape != (gt["masks"].shape[1], gt["outputs"].shape[-1]):
         raise ValueError(f"scores of shape {scores.shape} do not match the ground truth "
                          f"({gt['masks'].shape[1]} training examples, {gt['outputs'].shape[-1]} queries)")
+    if gt["masks"].shape[0] < 2:
+        raise ValueError(f"the ground truth has {gt['masks'].shape[0]} subset(s); the LDS needs "
+                         "at least 2 (lds.M in the config)")
+    for name, a in (("scores", scores), ("ground-truth outputs", gt["outputs"])):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{int((~np.isfinite(a)).sum())} {name} are NaN or infinite; "
+                             "the LDS of such values is meaningless")
     pq = per_query_lds(scores, gt["masks"], gt["outputs"])
     return summarize(pq, n_resamples, seed), pq
 

@@ -25,7 +25,12 @@ sign(s)*max(|s|-lambda, 0), ``hard`` s*(|s|>lambda), and ``topk`` (keep the k la
 
 Examples whose loss never moved across the K models (zero variance) have correlation 0 with
 everything, reported in one warning; NaN or infinite losses are refused with a
-:class:`~daunce_core.store.StoreError` naming the first offending example ids.
+:class:`~daunce_core.store.StoreError` naming the first offending example ids. Finite losses so
+large that covariance scores would overflow float32 are refused too (never written as inf).
+Float16 losses are upcast; strings and other non-numbers are refused.
+
+The kind of output never changes behind the user's back: :func:`score_file` writes dense scores
+unless top-k is asked for, and refuses (giving both ways out) when they do not fit the budget.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ _STAT_CHUNK = 512
 _SCAN_CHUNK = 64
 # Finite inputs only (checked first), so NaN-free maths is safe; not 'ninf': -inf is a sentinel.
 _FAST = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def default_threads() -> int:
@@ -229,6 +235,32 @@ def _check_measure(measure: str) -> None:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
 
 
+def _check_memory(memory_gb) -> float:
+    try:
+        gb = float(memory_gb)
+    except (TypeError, ValueError):
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise ValueError(f"memory_gb (--memory-gb) must be a finite number of GiB above 0, "
+                         f"got {memory_gb!r}")
+    return gb
+
+
+def _max_norm(z: np.ndarray) -> float:
+    """Largest column norm of a standardised block, in float64: it bounds every dot product."""
+    return float(np.sqrt(np.einsum("kb,kb->b", z, z, dtype=np.float64).max())) if z.size else 0.0
+
+
+def _guard_overflow(query_norm: float, z: np.ndarray, source: str) -> None:
+    """Refuse covariance scores that float32 cannot hold (Cauchy-Schwarz bound of the block)."""
+    bound = query_norm * _max_norm(z)
+    if not bound <= _F32_MAX:  # also true for inf and NaN
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}covariance scores could reach {bound:.3g}, beyond float32 "
+                         f"(max {_F32_MAX:.3g}): the losses are too large; rescale them or use "
+                         "the correlation measure (--measure correlation)")
+
+
 def _standardise(x: np.ndarray, measure: str, out: np.ndarray, ids: np.ndarray | None,
                  what: str, source: str = "") -> int:
     """Standardise ``x`` [K, b] into ``out``, refusing NaN/inf (naming ids); count zero variance."""
@@ -258,6 +290,8 @@ def _warn_zero(n_train: int, n_query: int, measure: str) -> None:
 
 def _as_2d(a, name: str) -> np.ndarray:
     a = np.asarray(a)
+    if a.dtype.kind not in "fiub" and a.dtype.name != "bfloat16":
+        raise ValueError(f"{name} holds {store._describe(a.dtype)}, expected numbers (losses)")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a [K, {'n' if name == 'train' else 'm'}] array, "
                          f"got shape {a.shape}")
@@ -294,7 +328,8 @@ def pairwise_scores(train, query, measure: str = "correlation") -> np.ndarray:
         float64 and rounded once. Zero-variance examples get correlation 0 (one warning).
 
     Raises:
-        ValueError: K differs between ``train`` and ``query`` or K < 2.
+        ValueError: K differs between ``train`` and ``query`` or K < 2, non-numeric losses,
+            or covariance scores beyond float32.
         store.StoreError: NaN or infinite losses (names the first offending positions).
     """
     _check_measure(measure)
@@ -302,6 +337,7 @@ def pairwise_scores(train, query, measure: str = "correlation") -> np.ndarray:
     K = _check_shapes(train, query)
     n, m = train.shape[1], query.shape[1]
     zq, zero_q = _standardised(query, measure, np.float64, what="query")
+    qnorm = _max_norm(zq) if measure == "covariance" else None
     out = np.empty((n, m), np.float32)
     block = max(1, min(n, _DENSE_TEMP_BYTES // (8 * max(K, m))))
     zbuf = np.empty(K * block)
@@ -310,6 +346,8 @@ def pairwise_scores(train, query, measure: str = "correlation") -> np.ndarray:
         hi = min(n, lo + block)
         zt = zbuf[:K * (hi - lo)].reshape(K, hi - lo)
         zero_t += _standardise(train[:, lo:hi], measure, zt, np.arange(lo, hi), "training")
+        if qnorm is not None:
+            _guard_overflow(qnorm, zt, "")
         out[lo:hi] = zt.T @ zq
     _warn_zero(zero_t, zero_q, measure)
     return out
@@ -384,27 +422,31 @@ def quantile_lambda(scores, q: float) -> np.ndarray:
 # --- streaming: blocks of training examples against all queries -----------------------------
 
 def plan_blocks(K: int, n: int, m: int, memory_gb: float, *, k: int | None = None,
-                threads: int | None = None) -> int:
+                threads: int | None = None, raw_itemsize: int = 4) -> int:
     """Width of the training blocks that keeps the scorer's peak memory within ``memory_gb``.
 
     ``memory_gb`` covers a fixed allowance for the interpreter and libraries
     (``_RUNTIME_BYTES``), the standardised queries (K*m float32) and, for top-k output (``k``
     given), the running top-k of each query (m*k values and positions, one copy per worker when
-    there are too few queries to share out); then, per block column, the raw losses and two
-    standardised copies (K float32 each: the next block is prepared while this one is scored)
+    there are too few queries to share out); then, per block column, the raw losses (K values
+    of ``raw_itemsize`` bytes: 8 for a float64 file) and two standardised copies (K float32
+    each: the next block is prepared while this one is scored)
     and the score tiles: one ``_QUERY_TILE`` rows high per worker for top-k, all m queries for
     dense output. n x m never enters. Losses already in memory (``topk_scores``) are not counted.
 
     Raises:
-        ValueError: the budget cannot hold even a narrow block; the message gives the minimum.
+        ValueError: ``memory_gb`` is not a finite positive number, or the budget cannot hold
+            even a narrow block; the message gives the minimum.
     """
+    memory_gb = _check_memory(memory_gb)
     threads = threads or default_threads()
     fixed = _RUNTIME_BYTES + 4 * K * m
+    per_col = (raw_itemsize + 8) * K
     if k:
         fixed += 12 * m * k * _lanes(m, threads)
-        per_col = 12 * K + 4 * threads * min(m, _QUERY_TILE)
+        per_col += 4 * threads * min(m, _QUERY_TILE)
     else:
-        per_col = 12 * K + 4 * m
+        per_col += 4 * m
     budget = int(memory_gb * 2**30)
     need = fixed + per_col * min(n, 64)
     if budget < need:
@@ -486,7 +528,8 @@ class _TopKScorer:
             self.free.put(buf)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        # On an interruption (SIGTERM, Ctrl-C) queued tiles are dropped, running ones finish.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``indices`` [m, k] int64 and ``values`` [m, k] float32, best first; ties: lower index."""
@@ -508,12 +551,15 @@ def _stream_topk(read: Callable[[int, int], np.ndarray], n: int, zq: np.ndarray,
     K = zq.shape[0]
     zbufs = [np.empty(K * block, np.float32) for _ in range(2)]
     zero = 0
+    qnorm = _max_norm(zq) if measure == "covariance" else None
 
     def prepare(t: int) -> np.ndarray:
         nonlocal zero
         lo, hi = t * block, min(n, (t + 1) * block)
         z = zbufs[t % 2][:K * (hi - lo)].reshape(K, hi - lo)
         zero += _standardise(read(lo, hi), measure, z, ids[lo:hi], "training", source)
+        if qnorm is not None:
+            _guard_overflow(qnorm, z, source)
         return z
 
     n_blocks = -(-n // block)
@@ -577,8 +623,9 @@ def topk_scores(train, query, k: int, measure: str = "correlation", threshold: s
     return indices, values
 
 
-def _h5_reader(ds: h5py.Dataset, block: int) -> Callable[[int, int], np.ndarray]:
-    buf = np.empty(ds.shape[0] * block, np.float32)
+def _h5_reader(ds: h5py.Dataset, block: int, dtype=np.float32) -> Callable[[int, int], np.ndarray]:
+    """Blocks of columns of ``ds``, converted by HDF5 to ``dtype`` (float64 keeps huge values)."""
+    buf = np.empty(ds.shape[0] * block, dtype)
 
     def read(lo: int, hi: int) -> np.ndarray:
         out = buf[:ds.shape[0] * (hi - lo)].reshape(ds.shape[0], hi - lo)
@@ -589,8 +636,13 @@ def _h5_reader(ds: h5py.Dataset, block: int) -> Callable[[int, int], np.ndarray]
 
 
 def _open_losses(f: h5py.File, src: str):
+    """Datasets and ids of an open losses file, checked without reading the losses."""
+    if f.attrs.get("diverged", False):
+        raise store.StoreError(f"{src}: the perturbed fits of this file diverged "
+                               f"({f.attrs.get('reason', '')}); lower the learning rate")
     ds = store._require(f, "train", 2)
     qds = store._require(f, "query", 2)
+    store._number_dtype(ds), store._number_dtype(qds)
     K, n = ds.shape
     m = qds.shape[1]
     if qds.shape[0] != K:
@@ -599,12 +651,8 @@ def _open_losses(f: h5py.File, src: str):
             "from the same K perturbed models")
     if K < 2:
         raise store.StoreError(f"{src}: scores need at least K=2 perturbed models, got K={K}")
-    train_ids = store._require(f, "train_ids", 1)[()]
-    query_ids = store._require(f, "query_ids", 1)[()]
-    if train_ids.shape != (n,) or query_ids.shape != (m,):
-        raise store.StoreError(f"{src}: 'train_ids' {train_ids.shape} / 'query_ids' "
-                               f"{query_ids.shape} do not match n={n}, m={m} of the losses")
-    return ds, qds, train_ids, query_ids
+    train_ids, query_ids, positional = store._example_ids(f, n, m, "'train'", "'query'")
+    return ds, qds, train_ids, query_ids, positional
 
 
 def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int | None = None,
@@ -612,33 +660,41 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
                threads: int | None = None) -> str:
     """Score a losses file into a scores file, streaming the training losses from disk.
 
-    The output is dense (``scores`` [n, m]) when n*m float32 fits in ``memory_gb`` and no
-    ``topk`` is asked; otherwise top-k per query (``indices``, ``values`` [m, k], best first;
-    ``topk`` defaults to 100 then). ``threshold`` ``"soft"``/``"hard"`` with ``lam`` is applied
-    to every score before top-k selection; ``"topk"`` means top-k output (read back with
+    The output is dense (``scores`` [n, m]) unless ``topk`` is given (or ``threshold`` is
+    ``"topk"``, with ``topk`` 100 by default): then top-k per query (``indices``, ``values``
+    [m, k], best first). Dense scores that do not fit ``memory_gb`` are refused, never
+    replaced by top-k. ``threshold`` ``"soft"``/``"hard"`` with ``lam`` is applied to every
+    score before top-k selection; ``"topk"`` means top-k output (read back with
     ``store.dense_scores`` it equals ``threshold_scores(scores, "topk", k=topk)``). The file is
-    written atomically: after any error (NaN/inf losses, mismatched K) no output appears.
+    written atomically: after any error (NaN/inf losses, mismatched K, an interruption) no
+    output appears. Losses of any float or integer type are read (float16 as float32); a file
+    without ids gets positional ids, and its scores are marked so (``ids="positional"``).
 
     Args:
         losses_path: HDF5 losses file (``train`` [K, n], ``query`` [K, m], ids; see store.py).
-        out_path: scores file to write.
+        out_path: scores file to write; refused before any work if it is the losses file, a
+            directory, a device or under a file (``store.check_output``).
         measure: ``"correlation"`` (default) or ``"covariance"``.
         topk: examples kept per query; forces top-k output.
         threshold: ``"none"``, ``"soft"``, ``"hard"`` or ``"topk"``.
         lam: threshold for soft/hard, a float or one value per query [m].
         memory_gb: peak working memory of the scorer, whatever n and m (see
-            :func:`plan_blocks`).
+            :func:`plan_blocks`); a finite number above 0.
         threads: worker threads (default: the cores this process may use).
 
     Returns:
         ``str(out_path)``.
 
     Raises:
-        store.StoreError: missing datasets, mismatched K or ids, NaN/inf losses (naming the
-            first offending example ids).
-        ValueError: bad arguments, or ``memory_gb`` too small for the queries and top-k.
+        store.StoreError: a bad output path, missing datasets, non-numeric data, mismatched K
+            or ids, NaN/inf losses (naming the first offending example ids).
+        ValueError: bad arguments, dense scores larger than ``memory_gb`` (the message gives
+            both sizes and the two ways out), or ``memory_gb`` too small for the queries and
+            top-k.
     """
+    store.check_output(out_path, inputs=[losses_path])
     _check_measure(measure)
+    memory_gb = _check_memory(memory_gb)
     if threshold not in THRESHOLDS:
         raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
     if threshold == "topk" and topk is None:
@@ -646,28 +702,40 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
     threads = threads or default_threads()
     src = str(losses_path)
     with store._open(losses_path) as f:
-        ds, qds, train_ids, query_ids = _open_losses(f, src)
+        ds, qds, train_ids, query_ids, positional = _open_losses(f, src)
         K, n = ds.shape
         m = qds.shape[1]
+        if topk is None and 4 * n * m > memory_gb * 2**30:
+            raise ValueError(
+                f"{src}: dense scores of {n} x {m} need {4 * n * m / 2**30:.3g} GiB but "
+                f"memory_gb (--memory-gb) is {memory_gb:g} GiB; keep the N best training "
+                f"examples per query with topk=N (--topk N), or raise memory_gb to at least "
+                f"{4 * n * m / 2**30:.3g}")
         kind = "none" if threshold == "topk" else threshold
         lam_v = _lam_vector(lam if kind != "none" else 0.0, m)
-        zq, zero_q = _standardised(qds[()], measure, np.float32, query_ids, "query", src)
+        raw = store._number_dtype(ds)
+        zq, zero_q = _standardised(store._read_numbers(f, "query", 2), measure, np.float32,
+                                   query_ids, "query", src)
         method = f.attrs.get("variant", "daunce")
         attrs = {"method": method.decode() if isinstance(method, bytes) else str(method),
                  "measure": measure, "threshold": threshold, "K": K,
                  "lambda": (0.0 if kind == "none" else float(lam_v[0]) if np.ndim(lam) == 0
                             else lam_v.tolist()),
                  "zero_variance_query": zero_q}
+        if positional:
+            attrs["ids"] = "positional"
         chunk = ds.chunks[1] if ds.chunks else None
-        if topk is None and 4 * n * m <= memory_gb * 2**30:
-            block = _align(plan_blocks(K, n, m, memory_gb, threads=threads), chunk, n)
+        if topk is None:
+            block = _align(plan_blocks(K, n, m, memory_gb, threads=threads,
+                                       raw_itemsize=raw.itemsize), chunk, n)
             zero_t = _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids,
-                                  attrs, out_path, src)
+                                  attrs, out_path, src, raw)
         else:
-            k = _validate_k(100 if topk is None else topk, n)
-            block = _align(plan_blocks(K, n, m, memory_gb, k=k, threads=threads), chunk, n)
-            indices, values, zero_t = _stream_topk(_h5_reader(ds, block), n, zq, measure, k, kind,
-                                                   lam_v, block, threads, train_ids, src)
+            k = _validate_k(topk, n)
+            block = _align(plan_blocks(K, n, m, memory_gb, k=k, threads=threads,
+                                       raw_itemsize=raw.itemsize), chunk, n)
+            indices, values, zero_t = _stream_topk(_h5_reader(ds, block, raw), n, zq, measure, k,
+                                                   kind, lam_v, block, threads, train_ids, src)
             attrs.update(k=k, zero_variance_train=zero_t)
             store.write_scores(out_path, train_ids=train_ids, query_ids=query_ids,
                                indices=indices, values=values, attrs=attrs)
@@ -676,11 +744,12 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
 
 
 def _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids, attrs, out_path,
-                 src) -> int:
+                 src, raw=np.float32) -> int:
     """Dense scores [n, m], block by block into the output file (same layout as write_scores)."""
     K, n = ds.shape
     m = zq.shape[1]
-    read = _h5_reader(ds, block)
+    read = _h5_reader(ds, block, raw)
+    qnorm = _max_norm(zq) if measure == "covariance" else None
     zbuf = np.empty(K * block, np.float32)
     sbuf = np.empty(block * m, np.float32)
     lam32 = lam_v.astype(np.float32)
@@ -693,6 +762,8 @@ def _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids, attr
             hi = min(n, lo + block)
             z = zbuf[:K * (hi - lo)].reshape(K, hi - lo)
             zero += _standardise(read(lo, hi), measure, z, train_ids[lo:hi], "training", src)
+            if qnorm is not None:
+                _guard_overflow(qnorm, z, src)
             tile = sbuf[:(hi - lo) * m].reshape(hi - lo, m)
             np.matmul(z.T, zq, out=tile)
             if kind != "none":

@@ -1,8 +1,17 @@
-"""HDF5 layouts of daunce: losses, scores and LDS ground truth, all written atomically.
+"""HDF5 layouts of daunce: losses, scores and LDS ground truth, joined on ids, written atomically.
 
-Every file is first written to a temporary name in the destination folder and renamed into
-place only once it is complete, so a crash or a bad input never leaves a half-written file
-behind and never overwrites a finished result with a broken one.
+Every file is first written to a temporary name beside it (``.<name>.daunce-tmp-<pid>@<host>.*``)
+and renamed into place only once it is complete, so a crash, a bad input or a SIGTERM/SIGINT
+(with :func:`cleanup_on_signals`) never leaves a half-written file behind and never overwrites a
+finished result with a broken one; a temporary left by a SIGKILLed run is removed by the next
+write of the same file once its process is gone. Outputs that would destroy something (an input,
+a directory, a device) are refused before any work (:func:`check_output`), and files are created
+with the user's umask (0644 under umask 022).
+
+Files are paired on example ids, never on positions (:func:`match_ids`, :func:`join`): the same
+ids in another order are reordered with a notice, different ids are refused. A file that carries
+no ids at all is read with positional ids 0..n-1 and marked ``attrs["ids"] == "positional"``.
+NaN or infinite values are refused wherever they are read.
 
 Layouts (see DESIGN.md):
 
@@ -17,14 +26,27 @@ Layouts (see DESIGN.md):
   ``threshold``, ``lambda``. Positive scores mean the training example helps the query.
 * ground truth (LDS) -- ``masks`` [M, n] bool, ``outputs`` [S, M, m] float32 (margins of the
   queries under the model retrained on each mask, one row per seed).
+
+Numbers may be stored as any float or integer type: float16 (and bfloat16) are read as float32,
+wider or integer types as float64; strings, objects, compounds and groups are refused.
+
+This module is longer than the usual 500 lines on purpose: it is the one contract for every file
+daunce reads or writes (layouts, joins on ids, safe writes), kept together so that no reader or
+writer can bypass a check.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import tempfile
-from dataclasses import dataclass
+import re
+import secrets
+import signal
+import socket
+import stat
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,6 +55,9 @@ import numpy as np
 
 __all__ = [
     "StoreError",
+    "check_output",
+    "clean_leftovers",
+    "cleanup_on_signals",
     "atomic_path",
     "atomic_h5",
     "Losses",
@@ -44,34 +69,155 @@ __all__ = [
     "write_ground_truth",
     "read_ground_truth",
     "check_finite",
+    "match_ids",
+    "join",
+    "Join",
+    "align_scores",
+    "is_positional",
 ]
 
 VERSION = "0.1.0"
+
+log = logging.getLogger(__name__)
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class StoreError(ValueError):
     """A file does not have the layout daunce expects; the message names the file and key."""
 
 
+# --- outputs: refuse what would destroy something, temporaries beside the output -------------
+
+def check_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse an output path that writing would destroy or cannot hold; return it as a Path.
+
+    Refused, with a :class:`StoreError` naming the path: an existing directory, a device, pipe
+    or socket (replacing ``/dev/null`` as root would delete it), a path under a regular file,
+    and the same file as one of ``inputs`` (also through a symlink, hard link or ``..``).
+    Called by every writer of this module and, before any computation, by the CLI commands.
+    """
+    if not str(path):
+        raise StoreError("empty output path: give a file name")
+    p = Path(path)
+    for folder in p.absolute().parents:
+        try:
+            st = folder.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # created later by mkdir, unless an ancestor is a file (checked next)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{path}: cannot be created because {folder} is a file, not a folder; "
+                             "choose another output path")
+        break
+    try:
+        st = p.stat()  # follows a symlink: its target is what a reader would lose
+    except FileNotFoundError:
+        # Not there yet, but "missing/../in.h5" becomes the input once mkdir makes "missing".
+        lexical = os.path.normpath(os.path.abspath(p))
+        for inp in inputs:
+            if lexical in (os.path.normpath(os.path.abspath(inp)), os.path.realpath(inp)):
+                raise _overwrites_input(path, inp) from None
+        return p
+    except NotADirectoryError as exc:
+        raise StoreError(f"{path}: a part of this path is a file, not a folder; choose another "
+                         "output path") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: is an existing directory; give a file name inside it "
+                         f"(e.g. {p / 'out.h5'})")
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: is a device, pipe or socket, not a regular file; daunce "
+                         "replaces its outputs, so choose a regular file path")
+    for inp in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(p, inp):
+                raise _overwrites_input(path, inp)
+    return p
+
+
+def _overwrites_input(path, inp) -> StoreError:
+    return StoreError(f"{path}: is the input file {inp}; writing it would destroy the input, so "
+                      "choose another output path")
+
+
+_TMP_TAG = ".daunce-tmp-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def clean_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` left by killed runs (SIGKILL, power loss); return them.
+
+    Only temporaries made on this host by a process that no longer exists are removed; those of
+    a live process (another run writing the same file) or of another host (a shared file
+    system) are left alone, and ignored: a write never reads them.
+    """
+    path = Path(path)
+    head = f".{path.name}{_TMP_TAG}"
+    pattern = re.compile(r"(\d+)@" + re.escape(_host()) + r"\.")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(head):
+            continue
+        m = pattern.match(entry.name, len(head))
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by a killed run", path, len(removed))
+    return removed
+
+
+def _new_temp(path: Path, suffix: str) -> Path:
+    """Create an empty temporary beside ``path``; mode 0666 minus the umask, like any new file."""
+    prefix = f".{path.name}{_TMP_TAG}{os.getpid()}@{_host()}."
+    for _ in range(100):
+        tmp = path.parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    ``path`` is checked first (:func:`check_output`) and temporaries of killed runs are cleaned
+    (:func:`clean_leftovers`). On any exception, KeyboardInterrupt and SystemExit included, the
+    temporary is removed and ``path`` is left untouched.
     """
-    path = Path(path)
+    path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp", dir=path.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
+    clean_leftovers(path)
+    tmp = None
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        tmp = _new_temp(path, ".tmp" if suffix is None else suffix)
+        yield tmp
+        os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
 
 
@@ -83,10 +229,50 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
             yield f
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by :func:`cleanup_on_signals` on SIGTERM (a BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Turn SIGTERM (scancel, SLURM time limits, Snakemake) into :class:`Terminated` and SIGINT
+    into KeyboardInterrupt, so that open atomic writes remove their temporaries on the way out.
+
+    A second signal while cleaning up gets the default action (the process dies at once). Only
+    the main thread can install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _open(path: str | os.PathLike) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such file")
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory, expected an HDF5 file")
+    if not path.is_file():  # opening a pipe would block forever
+        raise StoreError(f"{path}: is a device, pipe or socket, expected an HDF5 file")
     try:
         return h5py.File(path, "r")
     except OSError as exc:  # truncated or not HDF5 at all
@@ -96,20 +282,109 @@ def _open(path: str | os.PathLike) -> h5py.File:
         ) from exc
 
 
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn low-level read failures inside an open file into one StoreError naming it."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise StoreError(f"{path}: could not read the {what} ({exc}); the file may be truncated "
+                         "-- delete it and rerun the step that writes it") from exc
+
+
 def _require(f: h5py.File, key: str, ndim: int | None = None) -> h5py.Dataset:
     if key not in f:
         raise StoreError(f"{f.filename}: missing dataset '{key}' (has: {sorted(f.keys())})")
     ds = f[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise StoreError(f"{f.filename}: '{key}' is a group, expected a dataset")
+    if ds.shape is None:
+        raise StoreError(f"{f.filename}: dataset '{key}' is empty (no shape), expected an array")
     if ndim is not None and ds.ndim != ndim:
         raise StoreError(f"{f.filename}: dataset '{key}' has {ds.ndim} dimensions, expected {ndim}")
     return ds
 
 
-def check_finite(values: np.ndarray, ids: np.ndarray, what: str, source: str = "") -> None:
+def _describe(dt: np.dtype) -> str:
+    if h5py.check_string_dtype(dt) is not None or dt.kind in "SU":
+        return "strings"
+    return {"O": "objects (variable-length data or references)", "c": "complex numbers",
+            "V": "compound or opaque records"}.get(dt.kind, f"values of type {dt}")
+
+
+def _number_dtype(ds: h5py.Dataset) -> np.dtype:
+    """The dtype a numeric dataset is read as: float32 up to 4 bytes (float16, bfloat16), float64
+    for wider floats and integers, as the in-memory API does; anything else is refused."""
+    dt = ds.dtype
+    if dt.kind == "f" and h5py.check_string_dtype(dt) is None:
+        return np.dtype(np.float32 if dt.itemsize <= 4 else np.float64)
+    if dt.kind in "iub":
+        return np.dtype(np.float64)
+    raise StoreError(f"{ds.file.filename}: dataset '{ds.name.lstrip('/')}' holds {_describe(dt)}, "
+                     "expected numbers (float32 or float64)")
+
+
+def _read_numbers(f: h5py.File, key: str, ndim: int) -> np.ndarray:
+    ds = _require(f, key, ndim)
+    target = _number_dtype(ds)
+    return ds[()] if ds.dtype == target else ds.astype(target)[()]
+
+
+def _read_ints(f: h5py.File, key: str, length: int | None = None, of: str = "",
+               ndim: int = 1) -> np.ndarray:
+    ds = _require(f, key, ndim)
+    if ds.dtype.kind not in "iu":
+        raise StoreError(f"{f.filename}: dataset '{key}' holds {_describe(ds.dtype)}, "
+                         "expected integers")
+    if length is not None and ds.shape[0] != length:
+        raise StoreError(f"{f.filename}: '{key}' has {ds.shape[0]} entries but {of} has {length}; "
+                         "they must describe the same examples")
+    return ds[()].astype(np.int64, copy=False)
+
+
+def _example_ids(f: h5py.File, n: int, m: int, of_n: str, of_m: str
+                 ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(train_ids, query_ids, positional): a file with neither id dataset gets 0..n-1, 0..m-1."""
+    has = {key: key in f for key in ("train_ids", "query_ids")}
+    if not any(has.values()):
+        return np.arange(n, dtype=np.int64), np.arange(m, dtype=np.int64), True
+    if not all(has.values()):
+        present, missing = sorted(has, key=lambda k: not has[k])
+        raise StoreError(f"{f.filename}: has '{present}' but no '{missing}'; store both id "
+                         "datasets, or neither for positional ids 0..n-1")
+    return (_read_ints(f, "train_ids", n, of_n), _read_ints(f, "query_ids", m, of_m), False)
+
+
+def is_positional(attrs: dict[str, Any]) -> bool:
+    """Whether a file's example ids are its positions (it carried no ids when first read)."""
+    return attrs.get("ids") == "positional"
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    # A float64 sum of float32 values cannot overflow, and NaN or inf propagate: one pass with
+    # no temporary. Only a non-finite sum (or a float64 overflow) needs the elementwise check.
+    if a.size == 0 or np.isfinite(a.sum(dtype=np.float64)):
+        return True
+    return bool(np.isfinite(a).all())
+
+
+def _refuse_nonfinite(path, key: str, a: np.ndarray, hint: str) -> None:
+    if not _all_finite(a):
+        bad = ~np.isfinite(a)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise StoreError(f"{path}: dataset '{key}' holds {int(bad.sum())} NaN or infinite "
+                         f"value(s), the first at position {first}; {hint}")
+
+
+def check_finite(values: np.ndarray, ids: np.ndarray, what: str, source: str = "",
+                 hint: str = "A perturbed fit diverged: lower the learning rate or check the "
+                             "data.") -> None:
     """Raise :class:`StoreError` naming the first example ids whose values are NaN or infinite.
 
     ``values`` is [K, n]: column ``i`` belongs to example ``ids[i]``.
     """
+    if _all_finite(values):
+        return
     bad_cols = np.flatnonzero(~np.isfinite(values).all(axis=0))
     if bad_cols.size:
         shown = ", ".join(str(ids[c]) for c in bad_cols[:10])
@@ -117,9 +392,102 @@ def check_finite(values: np.ndarray, ids: np.ndarray, what: str, source: str = "
         where = f"{source}: " if source else ""
         raise StoreError(
             f"{where}{bad_cols.size} {what} example(s) have NaN or infinite values, first ids: "
-            f"{shown}{more}. A perturbed fit diverged: lower the learning rate or check the data."
+            f"{shown}{more}. {hint}"
         )
 
+
+def _check_numeric(a: np.ndarray, key: str, source: str) -> None:
+    if a.dtype.kind not in "fiub":
+        raise StoreError(f"{source}: '{key}' holds {_describe(a.dtype)}, expected numbers")
+
+
+# --- joining files on example ids ------------------------------------------------------------
+
+def match_ids(ids: np.ndarray, ref: np.ndarray, key: str, path, ref_path) -> np.ndarray | None:
+    """Positions ``p`` with ``ids[p] == ref``, or ``None`` when ``ids`` already equal ``ref``.
+
+    Refuses (naming both files and ``key``) ids of another length, repeated ids, and sets that
+    differ; the same ids in another order are fine: the caller reorders with ``p``.
+    """
+    ids, ref = np.asarray(ids), np.asarray(ref)
+    if ids.shape == ref.shape and np.array_equal(ids, ref):
+        return None
+    if len(ids) != len(ref):
+        raise StoreError(f"{path}: '{key}' holds {len(ids)} ids but {ref_path} holds {len(ref)}; "
+                         "the files describe different examples")
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    for arr, where in ((s, path), (np.sort(ref), ref_path)):
+        dup = arr[1:][arr[1:] == arr[:-1]]
+        if dup.size:
+            raise StoreError(f"{where}: '{key}' repeats id {dup[0]}; each example needs its own id")
+    pos = np.minimum(np.searchsorted(s, ref), len(s) - 1)
+    found = s[pos] == ref
+    if not found.all():
+        missing = ref[~found]
+        raise StoreError(
+            f"{path}: '{key}' differ from {ref_path}: {missing.size} of its {len(ref)} ids are "
+            f"missing (first: {', '.join(str(i) for i in missing[:5])}); pair files made from the "
+            "same examples")
+    return order[pos]
+
+
+@dataclass
+class Join:
+    """How to reorder one file's examples onto a reference file's (see :func:`join`)."""
+
+    train: np.ndarray | None  # a[train] lists the reference's training examples; None: as is
+    query: np.ndarray | None
+    notices: list[str] = field(default_factory=list)
+
+    def take(self, a: np.ndarray, train_axis: int | None = None,
+             query_axis: int | None = None) -> np.ndarray:
+        """``a`` with its training / query axes put in the reference's order."""
+        if train_axis is not None and self.train is not None:
+            a = np.take(a, self.train, axis=train_axis)
+        if query_axis is not None and self.query is not None:
+            a = np.take(a, self.query, axis=query_axis)
+        return a
+
+
+def join(path, train_ids, query_ids, ref_path, ref_train_ids, ref_query_ids, *,
+         positional: bool = False, ref_positional: bool = False) -> Join:
+    """Pair the examples of ``path`` with those of ``ref_path`` on ids, never on positions.
+
+    Equal id sets in another order give the orders to apply and a notice for the user (the
+    caller prints or logs ``Join.notices``); different sets raise :class:`StoreError` naming the file and key. Files that carry no ids
+    (``positional``) are joined by position, and the notice says so.
+    """
+    notices = []
+    if positional and ref_positional:
+        notices.append(f"{path} and {ref_path} carry no example ids: joined by position")
+    elif positional or ref_positional:
+        notices.append(f"{path if positional else ref_path} carries no example ids: its "
+                       "positions 0..n-1 are taken as ids")
+    orders = {}
+    for key, ids, ref in (("train_ids", train_ids, ref_train_ids),
+                          ("query_ids", query_ids, ref_query_ids)):
+        try:
+            orders[key] = match_ids(ids, ref, key, path, ref_path)
+        except StoreError as exc:
+            raise StoreError(f"{exc}{' (' + notices[0] + ')' if notices else ''}") from None
+        if orders[key] is not None:
+            notices.append(f"{path}: '{key}' list the examples of {ref_path} in another order; "
+                           "reordered to match")
+    return Join(orders["train_ids"], orders["query_ids"], notices)
+
+
+def align_scores(scores: np.ndarray, meta: dict[str, Any], gt: dict[str, Any], scores_path,
+                 gt_path) -> tuple[np.ndarray, list[str]]:
+    """Dense scores [n, m] (with ``meta`` from :func:`dense_scores`) put in the order of the
+    ground truth ``gt``'s training and query ids; returns them and the notices of :func:`join`."""
+    j = join(scores_path, meta["train_ids"], meta["query_ids"], gt_path, gt["train_ids"],
+             gt["query_ids"], positional=is_positional(meta["attrs"]),
+             ref_positional=is_positional(gt["attrs"]))
+    return j.take(scores, 0, 1), j.notices
+
+
+# --- losses ----------------------------------------------------------------------------------
 
 @dataclass
 class Losses:
@@ -137,6 +505,10 @@ class Losses:
         return int(self.train.shape[0])
 
     def validate(self, source: str = "") -> "Losses":
+        for key in ("train", "query"):
+            _check_numeric(np.asarray(getattr(self, key)), key, source)
+        if self.train.ndim != 2:
+            raise StoreError(f"{source}: 'train' has shape {self.train.shape}, expected [K, n]")
         K, n = self.train.shape
         if self.query.ndim != 2 or self.query.shape[0] != K:
             raise StoreError(
@@ -152,8 +524,16 @@ class Losses:
 
 
 def write_losses(path: str | os.PathLike, losses: Losses) -> None:
-    """Validate ``losses`` and write them atomically (refuses NaN/inf, leaves no file then)."""
+    """Validate ``losses`` and write them atomically (refuses NaN/inf, leaves no file then).
+
+    Values beyond the float32 range of the layout are refused rather than stored as inf.
+    """
     losses.validate(str(path))
+    for key in ("train", "query"):
+        a = getattr(losses, key)
+        if a.size and a.dtype.itemsize > 4 and (big := float(np.abs(a).max())) > _F32_MAX:
+            raise StoreError(f"{path}: '{key}' holds values up to {big:.3g}, beyond the float32 of "
+                             f"the losses layout (max {_F32_MAX:.3g}); rescale the losses")
     with atomic_h5(path) as f:
         chunk_n = max(1, min(losses.train.shape[1], 4096))
         f.create_dataset("train", data=losses.train.astype(np.float32),
@@ -188,15 +568,15 @@ def read_losses(path: str | os.PathLike) -> Losses:
         if f.attrs.get("diverged", False):
             raise StoreError(f"{path}: the perturbed fits of this file diverged "
                              f"({f.attrs.get('reason', '')}); lower the learning rate")
-        try:
-            train = _require(f, "train", 2)[()]
-            query = _require(f, "query", 2)[()]
-            model_index = _require(f, "model_index", 1)[()]
-            train_ids = _require(f, "train_ids", 1)[()]
-            query_ids = _require(f, "query_ids", 1)[()]
-        except (OSError, KeyError) as exc:
-            raise StoreError(f"{path}: could not read the losses ({exc}); the file may be truncated") from exc
-        attrs = _attrs(f)
+        with _reading(path, "losses"):
+            train = _read_numbers(f, "train", 2)
+            query = _read_numbers(f, "query", 2)
+            model_index = _read_ints(f, "model_index")
+            train_ids, query_ids, positional = _example_ids(
+                f, train.shape[1], query.shape[1], "'train'", "'query'")
+            attrs = _attrs(f)
+    if positional:
+        attrs["ids"] = "positional"
     return Losses(train, query, model_index, train_ids, query_ids, attrs).validate(str(path))
 
 
@@ -206,10 +586,12 @@ _GUARDED_ATTRS = ("variant", "signal", "seed", "config")
 def concat_losses(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Losses | None:
     """Concatenate chunk files of one setting along K, refusing to mix settings or repeat a k.
 
-    If any chunk diverged, the output is a diverged marker too (and ``None`` is returned).
+    Chunks are joined on ids (:func:`join`): the first chunk's order is kept. If any chunk
+    diverged, the output is a diverged marker too (and ``None`` is returned).
     """
     if not paths:
         raise StoreError(f"{out}: no chunk files to gather")
+    check_output(out, inputs=paths)
     diverged = [p for p in paths if is_diverged(p)]
     if diverged:
         with _open(diverged[0]) as f:
@@ -227,9 +609,11 @@ def concat_losses(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
                     f"({part.attrs.get(key)!r} vs {first.attrs.get(key)!r}); "
                     "these chunks come from different settings and cannot be combined"
                 )
-        for key in ("train_ids", "query_ids"):
-            if not np.array_equal(getattr(part, key), getattr(first, key)):
-                raise StoreError(f"{p}: '{key}' differ from {paths[0]}")
+        j = join(p, part.train_ids, part.query_ids, paths[0], first.train_ids, first.query_ids,
+                 positional=is_positional(part.attrs), ref_positional=is_positional(first.attrs))
+        part.train, part.query = j.take(part.train, 1), j.take(part.query, query_axis=1)
+        for notice in j.notices:
+            log.warning("%s", notice)
     model_index = np.concatenate([p.model_index for p in parts])
     if np.unique(model_index).size != model_index.size:
         raise StoreError(f"{out}: the chunks repeat some model indices k; each k must occur once")
@@ -246,6 +630,23 @@ def concat_losses(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     return merged
 
 
+# --- scores ----------------------------------------------------------------------------------
+
+_SCORES_HINT = "the step that wrote these scores failed: rerun it or check its inputs"
+
+
+def _check_topk(path, indices: np.ndarray, values: np.ndarray, n: int, m: int) -> None:
+    if indices.ndim != 2 or indices.shape[0] != m:
+        raise StoreError(f"{path}: 'indices' has shape {indices.shape}, expected [m={m}, k]")
+    if values.shape != indices.shape:
+        raise StoreError(f"{path}: 'values' has shape {values.shape} but 'indices' "
+                         f"{indices.shape}; they must match")
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        bad = indices[(indices < 0) | (indices >= n)][0]
+        raise StoreError(f"{path}: 'indices' holds position {bad}, outside the {n} training "
+                         f"examples (0..{n - 1}); the file is corrupt: rerun the scoring")
+
+
 def write_scores(
     path: str | os.PathLike,
     *,
@@ -256,17 +657,30 @@ def write_scores(
     values: np.ndarray | None = None,
     attrs: dict[str, Any] | None = None,
 ) -> None:
-    """Write scores (dense [n, m], or top-k ``indices``/``values`` [m, k]) atomically."""
+    """Write scores (dense [n, m], or top-k ``indices``/``values`` [m, k]) atomically.
+
+    Scores that are NaN or infinite, or top-k positions outside the training set, are refused.
+    """
+    n, m = len(train_ids), len(query_ids)
+    if scores is not None:
+        scores = np.asarray(scores)
+        _check_numeric(scores, "scores", str(path))
+        if scores.shape != (n, m):
+            raise StoreError(f"{path}: scores of shape {scores.shape} do not match "
+                             f"{n} training and {m} query ids")
+        _refuse_nonfinite(path, "scores", scores, _SCORES_HINT)
+    else:
+        if indices is None or values is None:
+            raise StoreError(f"{path}: give either dense scores or top-k indices and values")
+        indices, values = np.asarray(indices), np.asarray(values)
+        _check_numeric(values, "values", str(path))
+        _check_topk(path, indices, values, n, m)
+        _refuse_nonfinite(path, "values", values, _SCORES_HINT)
     with atomic_h5(path) as f:
         if scores is not None:
-            if scores.shape != (len(train_ids), len(query_ids)):
-                raise StoreError(f"{path}: scores of shape {scores.shape} do not match "
-                                 f"{len(train_ids)} training and {len(query_ids)} query ids")
             f.attrs["format"] = "dense"
             f.create_dataset("scores", data=np.asarray(scores, np.float32))
         else:
-            if indices is None or values is None:
-                raise StoreError(f"{path}: give either dense scores or top-k indices and values")
             f.attrs["format"] = "topk"
             f.create_dataset("indices", data=np.asarray(indices, np.int64))
             f.create_dataset("values", data=np.asarray(values, np.float32))
@@ -279,20 +693,39 @@ def write_scores(
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a scores file into a dict with ``format``, arrays and ``attrs``."""
-    with _open(path) as f:
+    """Read a scores file into a dict with ``format``, arrays and ``attrs``.
+
+    Refuses NaN or infinite scores and top-k positions outside the training set. A dense file
+    without ids gets positional ids (``attrs["ids"] == "positional"``); a top-k file needs
+    ``train_ids`` to know the size of the training set.
+    """
+    with _open(path) as f, _reading(path, "scores"):
         attrs = _attrs(f)
         fmt = attrs.get("format")
-        out: dict[str, Any] = {"format": fmt, "attrs": attrs,
-                               "train_ids": _require(f, "train_ids", 1)[()],
-                               "query_ids": _require(f, "query_ids", 1)[()]}
+        out: dict[str, Any] = {"format": fmt, "attrs": attrs}
         if fmt == "dense":
-            out["scores"] = _require(f, "scores", 2)[()]
+            out["scores"] = _read_numbers(f, "scores", 2)
+            n, m = out["scores"].shape
+            of = ("the rows of 'scores'", "the columns of 'scores'")
         elif fmt == "topk":
-            out["indices"] = _require(f, "indices", 2)[()]
-            out["values"] = _require(f, "values", 2)[()]
+            out["indices"] = _read_ints(f, "indices", ndim=2)
+            out["values"] = _read_numbers(f, "values", 2)
+            if "train_ids" not in f:
+                raise StoreError(f"{path}: a top-k scores file needs 'train_ids' (the training "
+                                 "set's size and ids); rewrite it with ids")
+            n, m = _require(f, "train_ids", 1).shape[0], out["indices"].shape[0]
+            of = ("'train_ids'", "the rows of 'indices'")
         else:
-            raise StoreError(f"{path}: attribute 'format' is {fmt!r}, expected 'dense' or 'topk'")
+            raise StoreError(f"{path}: attribute 'format' is {fmt!r}, expected 'dense' or 'topk': "
+                             "not a scores file")
+        out["train_ids"], out["query_ids"], positional = _example_ids(f, n, m, *of)
+    if positional:
+        attrs["ids"] = "positional"
+    if fmt == "dense":
+        _refuse_nonfinite(path, "scores", out["scores"], _SCORES_HINT)
+    else:
+        _check_topk(path, out["indices"], out["values"], n, m)
+        _refuse_nonfinite(path, "values", out["values"], _SCORES_HINT)
     return out
 
 
@@ -308,6 +741,11 @@ def dense_scores(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return dense, s
 
 
+# --- LDS ground truth ------------------------------------------------------------------------
+
+_GT_HINT = "a retrain of the LDS ground truth diverged: rerun it or lower its learning rate"
+
+
 def write_ground_truth(
     path: str | os.PathLike,
     *,
@@ -321,7 +759,8 @@ def write_ground_truth(
     """Write LDS ground truth: ``masks`` [M, n] and ``outputs`` [S, M, m] margins."""
     if outputs.ndim != 3 or outputs.shape[1] != masks.shape[0]:
         raise StoreError(f"{path}: outputs {outputs.shape} do not match masks {masks.shape}")
-    check_finite(outputs.reshape(-1, outputs.shape[-1]), query_ids, "query", str(path))
+    check_finite(outputs.reshape(-1, outputs.shape[-1]), query_ids, "query", str(path),
+                 hint=_GT_HINT)
     with atomic_h5(path) as f:
         f.create_dataset("masks", data=np.asarray(masks, bool))
         f.create_dataset("outputs", data=np.asarray(outputs, np.float32))
@@ -334,27 +773,53 @@ def write_ground_truth(
         f.attrs["daunce_version"] = VERSION
 
 
+def _read_masks(f: h5py.File) -> np.ndarray:
+    ds = _require(f, "masks", 2)
+    if ds.dtype.kind == "b":
+        return ds[()]
+    masks = _read_numbers(f, "masks", 2)
+    outside = masks[(masks != 0) & (masks != 1)]
+    if outside.size:
+        raise StoreError(f"{f.filename}: 'masks' holds {float(outside[0]):g}; a mask is 0/1 "
+                         "(training example out of / in the subset)")
+    return masks.astype(bool)
+
+
 def read_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
-    with _open(path) as f:
-        return {
-            "masks": _require(f, "masks", 2)[()],
-            "outputs": _require(f, "outputs", 3)[()],
-            "mask_index": _require(f, "mask_index", 1)[()],
-            "train_ids": _require(f, "train_ids", 1)[()],
-            "query_ids": _require(f, "query_ids", 1)[()],
-            "attrs": _attrs(f),
-        }
+    """Read LDS ground truth; refuses NaN/inf outputs and shapes that do not agree."""
+    with _open(path) as f, _reading(path, "LDS ground truth"):
+        masks = _read_masks(f)
+        outputs = _read_numbers(f, "outputs", 3)
+        M, n = masks.shape
+        if outputs.shape[1] != M:
+            raise StoreError(f"{path}: 'outputs' {outputs.shape} has {outputs.shape[1]} subsets "
+                             f"but 'masks' {masks.shape} has {M}; expected [seeds, M, m]")
+        mask_index = _read_ints(f, "mask_index", M, "'masks'")
+        train_ids, query_ids, positional = _example_ids(
+            f, n, outputs.shape[2], "the columns of 'masks'", "the last axis of 'outputs'")
+        attrs = _attrs(f)
+    if positional:
+        attrs["ids"] = "positional"
+    check_finite(outputs.reshape(-1, outputs.shape[-1]), query_ids, "query", str(path),
+                 hint=_GT_HINT)
+    return {"masks": masks, "outputs": outputs, "mask_index": mask_index,
+            "train_ids": train_ids, "query_ids": query_ids, "attrs": attrs}
 
 
 def concat_ground_truth(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
-    """Gather LDS ground-truth chunks (split along M) into one file."""
-    parts = [read_ground_truth(p) for p in paths]
-    if not parts:
+    """Gather LDS ground-truth chunks (split along M) into one file, joined on ids."""
+    if not paths:
         raise StoreError(f"{out}: no ground-truth chunks to gather")
+    check_output(out, inputs=paths)
+    parts = [read_ground_truth(p) for p in paths]
     for p, part in zip(paths[1:], parts[1:]):
-        if not np.array_equal(part["train_ids"], parts[0]["train_ids"]) or not np.array_equal(
-                part["query_ids"], parts[0]["query_ids"]):
-            raise StoreError(f"{p}: example ids differ from {paths[0]}")
+        j = join(p, part["train_ids"], part["query_ids"], paths[0], parts[0]["train_ids"],
+                 parts[0]["query_ids"], positional=is_positional(part["attrs"]),
+                 ref_positional=is_positional(parts[0]["attrs"]))
+        part["masks"], part["outputs"] = j.take(part["masks"], 1), j.take(part["outputs"],
+                                                                          query_axis=2)
+        for notice in j.notices:
+            log.warning("%s", notice)
         if part["outputs"].shape[0] != parts[0]["outputs"].shape[0]:
             raise StoreError(f"{p}: number of seeds differs from {paths[0]}")
     mask_index = np.concatenate([p["mask_index"] for p in parts])

@@ -54,3 +54,23 @@ def test_test_and_selection_masks_are_disjoint_streams():
 def test_shape_mismatch_is_explained():
     with pytest.raises(ValueError, match="do not match the ground truth"):
         L.evaluate(np.zeros((3, 2)), {"masks": np.ones((4, 5), bool), "outputs": np.zeros((1, 4, 2))})
+
+
+def test_nan_scores_few_subsets_and_bad_bootstrap_are_refused():
+    masks = lds_masks(0, 10, 20, 0.5)
+    gt = {"masks": masks, "outputs": np.random.default_rng(0).normal(size=(1, 10, 3))}
+    scores = np.random.default_rng(1).normal(size=(20, 3))
+    bad = scores.copy()
+    bad[4, 1] = np.nan
+    with pytest.raises(ValueError, match="1 scores are NaN or infinite"):
+        L.evaluate(bad, gt)
+    nan_gt = {"masks": masks, "outputs": np.where(np.eye(10, 3)[None] > 0, np.inf, gt["outputs"])}
+    with pytest.raises(ValueError, match="ground-truth outputs are NaN or infinite"):
+        L.evaluate(scores, nan_gt)
+    with pytest.raises(ValueError, match="at least 2"):
+        L.evaluate(scores, {"masks": masks[:1], "outputs": gt["outputs"][:, :1]})
+    for n_resamples in (0, -5, 2.5):
+        with pytest.raises(ValueError, match=r"n_resamples \(--bootstrap\)"):
+            L.evaluate(scores, gt, n_resamples=n_resamples)
+    with pytest.raises(ValueError, match="no queries"):
+        L.summarize(np.array([]))

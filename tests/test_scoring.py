@@ -306,12 +306,18 @@ def test_score_file_dense_matches_reference(tmp_path, small_blocks):
     assert h["attrs"]["threshold"] == "hard" and h["attrs"]["lambda"] == [0.2] * 5
 
 
-def test_score_file_topk_when_dense_does_not_fit(tmp_path, monkeypatch, small_blocks):
+def test_score_file_refuses_dense_beyond_budget_and_gives_topk_when_asked(tmp_path, monkeypatch,
+                                                                          small_blocks):
     monkeypatch.setattr(scoring, "_RUNTIME_BYTES", 0)
     rng = np.random.default_rng(9)
     train, query = losses(rng, 4, 3000, 20)
     write_losses_file(tmp_path / "l.h5", train, query)
-    score_file(tmp_path / "l.h5", tmp_path / "s.h5", threshold="soft", lam=0.1, memory_gb=1e-4)
+    with pytest.raises(ValueError, match=r"need .* GiB but memory_gb.* 0.0001 GiB.*--topk N.*"
+                                         r"raise memory_gb"):
+        score_file(tmp_path / "l.h5", tmp_path / "s.h5", threshold="soft", lam=0.1, memory_gb=1e-4)
+    assert not (tmp_path / "s.h5").exists(), "no silent switch to top-k"
+    score_file(tmp_path / "l.h5", tmp_path / "s.h5", threshold="soft", lam=0.1, memory_gb=1e-4,
+               topk=100)
     s = store.read_scores(tmp_path / "s.h5")
     assert s["format"] == "topk" and s["attrs"]["k"] == 100  # 3000 x 20 floats exceed 1e-4 GiB
     R = ref_threshold(ref_scores(train, query), "soft", 0.1)
@@ -371,3 +377,82 @@ def test_score_file_mismatched_k(tmp_path):
     assert not (tmp_path / "s.h5").exists()
     with pytest.raises(store.StoreError, match="no such file"):
         score_file(tmp_path / "missing.h5", tmp_path / "s.h5")
+
+
+# --- bad values and arguments (issue 11) ------------------------------------------------------
+
+def test_covariance_that_would_overflow_float32_is_refused_not_written_as_inf(tmp_path):
+    rng = np.random.default_rng(12)
+    train, query = losses(rng, 4, 300, 3)
+    train, query = train * np.float32(1e20), query * np.float32(1e20)  # scores ~1e40
+    with pytest.raises(ValueError, match="beyond float32.*--measure correlation"):
+        pairwise_scores(train, query, "covariance")
+    with pytest.raises(ValueError, match="beyond float32"):
+        topk_scores(train, query, 3, "covariance")
+    write_losses_file(tmp_path / "l.h5", train, query)
+    for topk in (None, 3):
+        with pytest.raises(ValueError, match=r"l\.h5: covariance scores could reach"):
+            score_file(tmp_path / "l.h5", tmp_path / "s.h5", measure="covariance", topk=topk)
+    assert sorted(os.listdir(tmp_path)) == ["l.h5"]
+    # The correlation of the same finite losses is well defined.
+    np.testing.assert_allclose(pairwise_scores(train, query), ref_scores(train, query), atol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 5])
+def test_score_file_reads_float64_files_in_float64_and_float16_as_float32(tmp_path, topk):
+    rng = np.random.default_rng(13)
+    train, query = losses(rng, 5, 400, 3, dtype=np.float64)
+    with store.atomic_h5(tmp_path / "l.h5") as f:
+        f["train"] = train * 1e100  # beyond float32: read as float32 these would be inf
+        f["query"] = query
+        f["model_index"] = np.arange(5)
+    score_file(tmp_path / "l.h5", tmp_path / "s.h5", topk=topk)
+    dense, meta = store.dense_scores(tmp_path / "s.h5")
+    R = ref_scores(train, query)
+    if topk:
+        assert_topk(meta["indices"], meta["values"], R, topk, tol=1e-5)
+    else:
+        np.testing.assert_allclose(dense, R, atol=1e-5)
+    assert meta["attrs"]["ids"] == "positional"
+    with store.atomic_h5(tmp_path / "h.h5") as f:
+        f["train"] = train.astype(np.float16)
+        f["query"] = query.astype(np.float16)
+        f["model_index"] = np.arange(5)
+    score_file(tmp_path / "h.h5", tmp_path / "s16.h5", topk=topk)
+    half = ref_scores(train.astype(np.float16), query.astype(np.float16))
+    dense16, meta16 = store.dense_scores(tmp_path / "s16.h5")
+    if topk:
+        assert_topk(meta16["indices"], meta16["values"], half, topk, tol=1e-5)
+    else:
+        np.testing.assert_allclose(dense16, half, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_gb", [float("nan"), float("inf"), 0.0, -1.0, "4"])
+def test_memory_budget_must_be_a_positive_finite_number(tmp_path, memory_gb):
+    rng = np.random.default_rng(14)
+    train, query = losses(rng, 3, 20, 2)
+    if memory_gb == "4":  # a numeric string is a number
+        assert scoring.plan_blocks(3, 20, 2, memory_gb) >= 1
+        return
+    with pytest.raises(ValueError, match="memory_gb.*finite number of GiB above 0"):
+        topk_scores(train, query, 2, memory_gb=memory_gb)
+    write_losses_file(tmp_path / "l.h5", train, query)
+    with pytest.raises(ValueError, match="memory_gb"):
+        score_file(tmp_path / "l.h5", tmp_path / "s.h5", memory_gb=memory_gb)
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_score_file_refuses_to_overwrite_its_input(tmp_path):
+    rng = np.random.default_rng(15)
+    write_losses_file(tmp_path / "l.h5", *losses(rng, 3, 20, 2))
+    before = (tmp_path / "l.h5").read_bytes()
+    with pytest.raises(store.StoreError, match="is the input file"):
+        score_file(tmp_path / "l.h5", tmp_path / "l.h5")
+    assert (tmp_path / "l.h5").read_bytes() == before
+
+
+def test_non_numeric_losses_are_refused():
+    with pytest.raises(ValueError, match="train holds strings"):
+        pairwise_scores(np.array([["1", "2"], ["3", "4"]]), np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="query holds complex numbers"):
+        pairwise_scores(np.zeros((2, 2)), np.zeros((2, 1), complex))

@@ -1,4 +1,11 @@
 """HDF5 round trips, atomic writes and clear errors on bad files."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -113,3 +120,156 @@ def test_scores_and_ground_truth_round_trip(tmp_path):
                              train_ids=np.arange(5), query_ids=np.arange(3), attrs={"split": "test"})
     gt = store.read_ground_truth(tmp_path / "g.h5")
     assert gt["outputs"].shape == (1, 2, 3) and gt["attrs"]["split"] == "test"
+
+
+# --- destroying nothing: output checks, temporaries, umask, signals (issue 11) ----------------
+
+def test_outputs_that_would_destroy_something_are_refused_before_writing(tmp_path):
+    store.write_losses(tmp_path / "l.h5", make_losses())
+    before = (tmp_path / "l.h5").read_bytes()
+    (tmp_path / "dir.h5").mkdir()
+    os.mkfifo(tmp_path / "pipe.h5")
+    cases = {tmp_path / "dir.h5": "existing directory", tmp_path / "pipe.h5": "device, pipe",
+             tmp_path / "l.h5" / "x.h5": "is a file, not a folder"}
+    for out, message in cases.items():
+        with pytest.raises(store.StoreError, match=message):
+            store.write_scores(out, scores=np.zeros((2, 1)), train_ids=np.arange(2),
+                               query_ids=np.arange(1))
+    with pytest.raises(store.StoreError, match="is the input file"):
+        store.check_output(tmp_path / "sub" / ".." / "l.h5", inputs=[tmp_path / "l.h5"])
+    with pytest.raises(store.StoreError, match="is the input file"):
+        store.concat_losses([tmp_path / "l.h5"], tmp_path / "l.h5")
+    assert (tmp_path / "l.h5").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.h5", "l.h5", "pipe.h5"]
+
+
+def test_temporaries_are_named_beside_the_output_and_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with store.atomic_path(tmp_path / "out.json", suffix=".json") as tmp:
+            assert tmp.parent == tmp_path
+            assert tmp.name.startswith(f".out.json.daunce-tmp-{os.getpid()}@")
+            assert tmp.name.endswith(".json")
+            tmp.write_text("{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "out.json").st_mode) == 0o640
+        os.umask(0o022)
+        store.write_losses(tmp_path / "l.h5", make_losses())
+        assert stat.S_IMODE(os.stat(tmp_path / "l.h5").st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, store.Terminated(15), OSError])
+def test_an_interrupted_write_removes_its_temporary(tmp_path, exc):
+    (tmp_path / "s.h5").write_bytes(b"earlier result")
+    with pytest.raises(type(exc) if isinstance(exc, BaseException) else exc):
+        with store.atomic_h5(tmp_path / "s.h5") as f:
+            f["x"] = np.zeros(10)
+            raise exc
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]
+    assert (tmp_path / "s.h5").read_bytes() == b"earlier result"
+
+
+def test_leftovers_of_dead_processes_are_cleaned_and_live_ones_ignored(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: its pid no longer exists (unless reused at once, very unlikely)
+    host = store._host()
+    dead = tmp_path / f".s.h5.daunce-tmp-{proc.pid}@{host}.abcd1234.h5.tmp"
+    live = tmp_path / f".s.h5.daunce-tmp-{os.getppid()}@{host}.abcd1234.h5.tmp"
+    other_host = tmp_path / f".s.h5.daunce-tmp-{proc.pid}@elsewhere-{host}.abcd1234.h5.tmp"
+    other_file = tmp_path / f".t.h5.daunce-tmp-{proc.pid}@{host}.abcd1234.h5.tmp"
+    for p in (dead, live, other_host, other_file):
+        p.write_bytes(b"partial")
+    store.write_scores(tmp_path / "s.h5", scores=np.ones((2, 1)), train_ids=np.arange(2),
+                       query_ids=np.arange(1))
+    assert not dead.exists()
+    assert live.exists() and other_host.exists() and other_file.exists()
+    assert store.read_scores(tmp_path / "s.h5")["scores"].shape == (2, 1)
+
+
+def test_cleanup_on_signals_turns_sigterm_into_an_exception_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(store.Terminated) as info:
+        with store.cleanup_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- joining on ids ---------------------------------------------------------------------------
+
+def test_match_ids_reorders_equal_sets_and_refuses_different_ones():
+    ref = np.array([10, 11, 12, 13])
+    assert store.match_ids(ref.copy(), ref, "train_ids", "a.h5", "b.h5") is None
+    ids = np.array([12, 10, 13, 11])
+    order = store.match_ids(ids, ref, "train_ids", "a.h5", "b.h5")
+    np.testing.assert_array_equal(ids[order], ref)
+    with pytest.raises(store.StoreError, match=r"a\.h5: 'train_ids' differ from b\.h5: 1 of its 4 "
+                                               r"ids are missing \(first: 13\)"):
+        store.match_ids(np.array([10, 11, 12, 99]), ref, "train_ids", "a.h5", "b.h5")
+    with pytest.raises(store.StoreError, match="holds 3 ids but b.h5 holds 4"):
+        store.match_ids(ref[:3], ref, "train_ids", "a.h5", "b.h5")
+    with pytest.raises(store.StoreError, match="a.h5: 'query_ids' repeats id 10"):
+        store.match_ids(np.array([10, 10, 12, 13]), ref, "query_ids", "a.h5", "b.h5")
+
+
+def test_join_notices_and_positional_files():
+    j = store.join("s.h5", [2, 1, 0], [5, 6], "g.h5", [0, 1, 2], [5, 6])
+    np.testing.assert_array_equal(j.train, [2, 1, 0])
+    assert j.query is None
+    assert j.notices == ["s.h5: 'train_ids' list the examples of g.h5 in another order; "
+                         "reordered to match"]
+    a = np.arange(6).reshape(3, 2)
+    np.testing.assert_array_equal(j.take(a, 0, 1), a[::-1])
+    j = store.join("s.h5", [0, 1], [0], "g.h5", [0, 1], [0], positional=True, ref_positional=True)
+    assert j.notices == ["s.h5 and g.h5 carry no example ids: joined by position"]
+    with pytest.raises(store.StoreError, match=r"differ from g\.h5.*\(s\.h5 carries no example ids"):
+        store.join("s.h5", [0, 1], [0], "g.h5", [7, 8], [0], positional=True)
+
+
+def test_concat_joins_chunks_listed_in_another_order(tmp_path, caplog):
+    a, b = make_losses(K=2, start=0, seed=1), make_losses(K=2, start=2, seed=2)
+    p = np.array([5, 3, 0, 1, 4, 2])
+    b_perm = store.Losses(b.train[:, p], b.query[:, ::-1], b.model_index, b.train_ids[p],
+                          b.query_ids[::-1], b.attrs)
+    store.write_losses(tmp_path / "a.h5", a)
+    store.write_losses(tmp_path / "b.h5", b_perm)
+    with caplog.at_level("WARNING"):
+        out = store.concat_losses([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "all.h5")
+    np.testing.assert_array_equal(out.train, np.concatenate([a.train, b.train]))
+    np.testing.assert_array_equal(out.query, np.concatenate([a.query, b.query]))
+    assert "reordered to match" in caplog.text
+
+
+def test_files_without_ids_get_positional_ids_and_a_marker(tmp_path):
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        f["train"] = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float16)
+        f["query"] = np.ones((3, 2), np.float32)
+        f["model_index"] = np.arange(3)
+    L = store.read_losses(tmp_path / "l.h5")
+    assert L.train.dtype == np.float32 and L.attrs["ids"] == "positional"
+    np.testing.assert_array_equal(L.train_ids, np.arange(5))
+    with h5py.File(tmp_path / "l.h5", "a") as f:
+        f["query_ids"] = np.arange(2)
+    with pytest.raises(store.StoreError, match="has 'query_ids' but no 'train_ids'"):
+        store.read_losses(tmp_path / "l.h5")
+
+
+def test_huge_float64_losses_are_refused_by_name_not_stored_as_inf(tmp_path):
+    L = make_losses()
+    L.train = L.train.astype(np.float64) * 1e300
+    with pytest.raises(store.StoreError, match=r"'train' holds values up to .*e\+300, beyond the "
+                                               "float32"):
+        store.write_losses(tmp_path / "l.h5", L)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scores_with_nan_or_bad_topk_positions_are_refused(tmp_path):
+    with pytest.raises(store.StoreError, match="'scores' holds 1 NaN or infinite value"):
+        store.write_scores(tmp_path / "s.h5", scores=np.array([[1.0], [np.nan]]),
+                           train_ids=np.arange(2), query_ids=np.arange(1))
+    with pytest.raises(store.StoreError, match="'indices' holds position 2, outside the 2"):
+        store.write_scores(tmp_path / "s.h5", indices=np.array([[2]]), values=np.ones((1, 1)),
+                           train_ids=np.arange(2), query_ids=np.arange(1))
+    assert list(tmp_path.iterdir()) == []
