@@ -59,7 +59,8 @@ class FaultInjector:
             if f.get("count", 1) > 0 and f.get("method", method) == method and path.startswith(f["path"]):
                 f["count"] = f.get("count", 1) - 1
                 if f.get("drop"):
-                    return Fault("drop", drop=True, after=bool(f.get("after", False)))
+                    after = bool(f.get("after", False))
+                    return Fault("drop after" if after else "drop", drop=True, after=after)
                 status = int(f.get("status", 500))
                 return Fault(str(status), status=status, after=bool(f.get("after", False)),
                              headers=dict(f.get("headers", {})), message=f.get("message", f"injected fault {status}"),
