@@ -68,7 +68,7 @@ def check_jobs(man: dict, reg: dict, entries: list[str]) -> tuple[int, int]:
     assert sorted(j["metadata"]["daunce_entry"] for j in ok.values()) == entries  # one model per entry
     assert all(j["status"] in ("succeeded", "failed") for j in jobs)
     assert sorted(man["entries"]) == entries
-    for name, e in man["entries"].items():
+    for e in man["entries"].values():
         assert e["job"]["id"] in ok and e["model"] == ok[e["job"]["id"]]["fine_tuned_model"]
     failed = [j for j in jobs if j["status"] == "failed"]
     # the ledger: every finished job once, by id; the succeeded ones billed with their tokens

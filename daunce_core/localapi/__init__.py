@@ -43,13 +43,14 @@ process with :func:`serve_in_thread`, or in the foreground with
 ``python -m daunce_core.localapi --config server_config.json``. The API key is handed over in
 the environment variable ``DAUNCE_LOCAL_API_KEY`` and never written anywhere.
 
-Modules: :mod:`.config` (settings), :mod:`.faults` (which request fails how), :mod:`.model` (chat template, fine-tuning, generation with
-logprobs), :mod:`.state` (files, jobs, models; the training worker), :mod:`.http` (routes,
-authentication, faults, multipart uploads), :mod:`.server` (starting and stopping it).
+Modules: :mod:`.config` (settings), :mod:`.faults` (which request fails how), :mod:`.model` (chat
+template, fine-tuning, generation with logprobs), :mod:`.state` (files, jobs, models; the training
+worker), :mod:`.http` (routes, authentication, faults, multipart uploads), :mod:`.server`
+(starting and stopping it).
 """
 from .config import KEY_ENV, FaultSettings, ServerConfig, TrainSettings
 from .server import LocalServer, build_server, registered_model_path, serve_in_thread
 from .state import APIErrorResponse, ServerState
 
-__all__ = ["KEY_ENV", "FaultSettings", "ServerConfig", "TrainSettings", "LocalServer", "build_server", "registered_model_path",
-           "serve_in_thread", "APIErrorResponse", "ServerState"]
+__all__ = ["KEY_ENV", "FaultSettings", "ServerConfig", "TrainSettings", "LocalServer", "build_server",
+           "registered_model_path", "serve_in_thread", "APIErrorResponse", "ServerState"]

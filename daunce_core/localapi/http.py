@@ -3,9 +3,9 @@
 :func:`make_handler` binds a :class:`~.state.ServerState` and the key into a
 ``BaseHTTPRequestHandler`` class for ``ThreadingHTTPServer``: it checks ``Authorization: Bearer``
 (OpenAI's 401 otherwise), carries out injected faults (:mod:`.faults`: an error status, a
-connection closed without a response, a delay; before the request takes effect or after), routes ``/v1/...`` to the state, and turns every error into
-OpenAI's ``{"error": {...}}`` body. Uploads arrive as ``multipart/form-data``
-(:func:`parse_multipart`).
+connection closed without a response, a delay; before the request takes effect or after), routes
+``/v1/...`` to the state, and turns every error into OpenAI's ``{"error": {...}}`` body. Uploads
+arrive as ``multipart/form-data`` (:func:`parse_multipart`).
 """
 from __future__ import annotations
 
