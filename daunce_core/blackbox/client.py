@@ -295,8 +295,10 @@ class APIClient:
             self._count(prompt_tokens=u.prompt_tokens or 0, completion_tokens=u.completion_tokens or 0)
         return resp
 
-    def upload(self, filename: str, data: bytes, purpose: str = "fine-tune"):
-        obj = self.call(f"upload {filename}", self.raw.files.create, file=(filename, data), purpose=purpose)
+    def upload(self, filename: str, data: bytes, purpose: str = "fine-tune",
+               before_retry: Callable[[], Any] | None = None):
+        obj = self.call(f"upload {filename}", self.raw.files.create, file=(filename, data), purpose=purpose,
+                        before_retry=before_retry)
         self._count(uploads=1)
         return obj
 

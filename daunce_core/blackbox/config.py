@@ -10,8 +10,8 @@ holds a key: ``api.api_key_env`` names the environment variable to read it from,
 The runners take these dataclasses directly: :class:`RetryConfig` is the client's retry policy
 (:class:`.client.APIClient`), :class:`FinetuneConfig` the job runner's (:func:`.finetune.run_finetunes`),
 :class:`LogprobConfig` the loss reader's (:mod:`.logprobs`), :class:`BDPLConfig` the prompt
-learner's (:class:`.bdpl.BDPL`); ``local.train`` is the local server's
-:class:`daunce_core.localapi.config.TrainSettings`.
+learner's (:class:`.bdpl.BDPL`); ``local.train`` and ``local.faults`` are the local server's
+:class:`daunce_core.localapi.config.TrainSettings` and :class:`~daunce_core.localapi.config.FaultSettings`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..localapi.config import TrainSettings
+from ..localapi.config import FaultSettings, TrainSettings
 from ..objectives import BLACK_BOX
 from ..settings import ConfigError, build, nested, setting, to_dict
 
@@ -115,6 +115,8 @@ class LocalConfig:
     train: TrainSettings = nested(TrainSettings, "how the local server fine-tunes (learning_rate at multiplier 1)")
     threads: int = setting(1, "torch threads of the server process")
     device: str = setting("auto", "'auto', 'cpu' or 'cuda' for the server's model")
+    faults: FaultSettings = nested(FaultSettings, "injected 429s, 500s, dropped connections, slow replies and "
+                                                  "failed jobs, to test the API path (off by default)")
 
 
 @dataclass

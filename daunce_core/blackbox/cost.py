@@ -105,6 +105,18 @@ def format_estimate(items: Sequence[CostItem]) -> str:
     return "\n".join(lines)
 
 
+def ledger_items(ledger: dict, prices: dict, stage: str = "fine-tunes (ledger)") -> list[CostItem]:
+    """The spend ledger of a manifest (:meth:`.manifest.Manifest.record_job`) as priced cost items,
+    one per base model: billed jobs and their trained tokens (what the endpoint reported)."""
+    by_model: dict[str, CostItem] = {}
+    for row in ledger.values():
+        if row["billed"]:
+            item = by_model.setdefault(row["base_model"], CostItem(stage, row["base_model"]))
+            item.requests += 1
+            item.training_tokens += int(row["trained_tokens"])
+    return [priced(i, prices) for i in by_model.values()]
+
+
 def check_spend(items: Sequence[CostItem], *, spend: bool, max_spend_usd: float, what: str = "this step") -> float:
     """Raise :class:`SpendNotAllowed` unless the estimate may be spent; return the estimate (USD)."""
     table = format_estimate(items)

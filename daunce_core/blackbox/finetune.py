@@ -12,7 +12,15 @@ one successful fine-tuning job exists and records its model in the :class:`~.man
   wait in the manifest, not on the endpoint;
 * a job that fails is recorded with its error; a new attempt is made while fewer than
   ``max_attempts`` have been made for that entry (the endpoint does not bill failed jobs);
-  otherwise the run stops with a clear error after every other entry has finished.
+  otherwise the run stops with a clear error after every other entry has finished;
+* every job that finishes is entered once, by its id, in the manifest's spend ledger
+  (:meth:`.manifest.Manifest.record_job`: succeeded jobs billed, failed ones not).
+
+A lost response (a dropped connection, a timeout, a 5xx sent after the work was done) is why
+creation is guarded so: the ``openai`` client's own retries (off here, see :mod:`.client`) would
+send the same ``POST /fine_tuning/jobs`` again -- it sends no idempotency key to OpenAI -- and
+the endpoint would train and bill a second job. Uploads are guarded the same way (a retry first
+looks for the file under its name and size).
 
 Interrupting a run does not cancel its jobs on the endpoint: they finish (and are billed once) and
 the next run adopts their models. Cancel them yourself (``APIClient.cancel_job``) if you abandon
@@ -84,11 +92,16 @@ class _Runner:
                 log.info("%s: reusing uploaded file %s", spec.name, obj.id)
                 self.m.update(spec.name, file={"id": obj.id, "sha256": sha, "filename": filename, "bytes": len(data)})
                 return obj.id
-        obj = self.c.upload(filename, data)
+        obj = self.c.upload(filename, data, before_retry=lambda: self._find_upload(filename, len(data)))
         log.info("%s: uploaded %s (%d examples, %d bytes)", spec.name, obj.id, len(spec.examples), len(data))
         self.m.update(spec.name, file={"id": obj.id, "sha256": sha, "filename": filename, "bytes": len(data)})
         self._wait_processed(spec.name, obj)
         return obj.id
+
+    def _find_upload(self, filename: str, size: int):
+        """An upload whose response was lost: the endpoint's file of that name and size, if any."""
+        return next((o for o in self.c.list_files("fine-tune") if o.filename == filename
+                     and int(o.bytes or -1) == size), None)
 
     def _wait_processed(self, name: str, obj: Any) -> None:
         """Hosted endpoints validate an upload before a job may use it."""
@@ -141,6 +154,8 @@ class _Runner:
         if d["status"] != e["job"].get("status"):
             log.info("%s: job %s %s", spec.name, job.id, d["status"])
             self.m.update(spec.name, job=d)
+        if d["status"] in TERMINAL:
+            self.m.record_job(spec.name, d, base_model=spec.base_model, attempt=int(e["job"].get("attempt", 1)))
         if d["status"] == "succeeded":
             if not d["model"]:
                 raise BlackboxError(f"{spec.name}: job {job.id} succeeded without a fine_tuned_model")

@@ -13,6 +13,12 @@ A rerun that finds ``"creating"`` without an id (the process died between 1 and 
 the endpoint's jobs with that metadata and adopts the job it finds; only when there is none is a
 job created. A finished model, once recorded, is never replaced.
 
+The manifest keeps the *spend ledger* of the run's fine-tuning jobs: one row per job id, entered
+when the endpoint reports the job finished (:meth:`Manifest.record_job`), whatever the number of
+polls, adoptions, retries or reruns that saw it -- so each job is counted once. Only succeeded
+jobs are billed (hosted endpoints do not bill failed jobs); failed and cancelled ones are
+listed unbilled. :func:`daunce_core.blackbox.cost.ledger_items` prices it.
+
 The manifest also holds the *fingerprint* of the settings that determine the jobs (base model,
 hyperparameters, seed, data hash, subset size). A rerun with different settings is refused rather
 than mixing two runs' models; ``run_id`` (a hash of the fingerprint) tags the jobs and files.
@@ -106,6 +112,32 @@ class Manifest:
     def append(self, name: str, key: str, item: Any) -> None:
         with self._lock:
             self.data["entries"].setdefault(name, {}).setdefault(key, []).append(item)
+            self._write()
+
+    def record_job(self, entry: str, job: dict, *, base_model: str, attempt: int) -> bool:
+        """Enter finished ``job`` (``id``, ``status``, ``trained_tokens``) of ``entry`` in the spend
+        ledger, once per job id; return whether it was new. Billed: status ``succeeded`` only."""
+        with self._lock:
+            ledger = self.data.setdefault("ledger", {})
+            if job["id"] in ledger:
+                return False
+            billed = job["status"] == "succeeded"
+            ledger[job["id"]] = {"entry": entry, "attempt": int(attempt), "base_model": base_model,
+                                 "status": job["status"], "billed": billed,
+                                 "trained_tokens": int(job.get("trained_tokens") or 0) if billed else 0,
+                                 "recorded_at": time.time()}
+            self._write()
+            return True
+
+    def ledger(self) -> dict[str, dict]:
+        """The spend ledger: job id -> row (see :meth:`record_job`)."""
+        with self._lock:
+            return copy.deepcopy(self.data.get("ledger", {}))
+
+    def set_spend(self, spend: dict) -> None:
+        """Record the priced ledger (``cost.ledger_items``) next to it."""
+        with self._lock:
+            self.data["spend"] = spend
             self._write()
 
     def set_usage(self, stage: str, usage: dict) -> None:

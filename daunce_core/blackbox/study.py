@@ -42,7 +42,7 @@ from . import backdoor as B
 from .bdpl import candidate_ngrams
 from .client import APIClient, Credentials, credentials_from_env
 from .config import BlackboxConfig
-from .cost import CostItem, TokenEstimator, check_spend, format_estimate, priced, total_usd
+from .cost import CostItem, TokenEstimator, check_spend, format_estimate, ledger_items, priced, total_usd
 from .finetune import FinetuneSpec, run_finetunes
 from .logprobs import budget_for
 from .manifest import Manifest
@@ -119,7 +119,7 @@ def endpoint(cfg: BlackboxConfig, *, models: dict[str, str] | None = None, state
         from ..localapi import LocalServer, ServerConfig
 
         scfg = ServerConfig(state_dir=str(state_dir), models=dict(models or {}), train=cfg.local.train,
-                            threads=cfg.local.threads, device=cfg.local.device)
+                            threads=cfg.local.threads, device=cfg.local.device, faults=cfg.local.faults)
         with LocalServer(scfg, log_path=log_path) as srv:
             yield APIClient(Credentials(srv.base_url, srv.api_key, "local server"), retry=retry, timeout=a.timeout_s)
     else:
@@ -205,6 +205,15 @@ def guard(cfg: BlackboxConfig, model: str, train, query, what: str) -> float:
                        what=what)
 
 
+def _record_spend(man: Manifest, cfg: BlackboxConfig) -> None:
+    """Price the manifest's spend ledger (each finished job once) and record it beside the ledger."""
+    items = ledger_items(man.ledger(), cfg.prices)
+    usd = total_usd(items)
+    man.set_spend({"usd": usd, "items": [i.as_dict() for i in items]})
+    log.info("fine-tuning spend recorded in %s: %d billed job(s), %s", man.path, sum(i.requests for i in items),
+             "unknown USD (no price)" if usd is None else f"${usd:,.2f}")
+
+
 # --- theta_0 --------------------------------------------------------------------------------------
 
 def fit_theta0(cfg: BlackboxConfig, model: str, train_path, query_path, out_json, *, work_dir,
@@ -223,6 +232,7 @@ def fit_theta0(cfg: BlackboxConfig, model: str, train_path, query_path, out_json
         theta0 = run_finetunes(client, man, [spec], cfg.finetune)["theta0"]
         replies = _greedy_replies(client, theta0, query, cfg)
         man.set_usage("theta0", client.usage.as_dict())
+    _record_spend(man, cfg)
     local_path = None
     if cfg.backend == "local":
         from ..localapi import registered_model_path
@@ -284,6 +294,7 @@ def api_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_j
                            seed=cfg.seed, work_dir=work)
         signals = fitter.fit(range(cfg.K), lr=configured_lr(hp))
         man.set_usage("api", client.usage.as_dict())
+    _record_spend(man, cfg)
     chunks.write_signals(out_h5, signals, _loss_attrs(cfg, "api", {"model": model, "theta0": theta0["model"]}))
 
 

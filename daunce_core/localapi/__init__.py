@@ -29,23 +29,28 @@ weights) lives under a state folder and survives a restart: a job that was queue
 when the server stopped is trained again when it starts, so a client may come back later and
 find its jobs, as it would with a hosted endpoint.
 
-For tests, *faults* make the server answer selected requests with an error status first (for
-example two 429s with ``Retry-After: 1`` on chat completions) before serving them normally; a
-fault with ``after: true`` serves the request and then loses the response (answers with the
-error), as a dropped connection would after a job was created.
+For tests, *faults* (:class:`FaultSettings`, the ``faults`` section of :class:`ServerConfig` and
+``blackbox.local.faults`` of the workflow config; off by default) make the server behave like a
+busy hosted endpoint: a seeded share of requests is answered 429 with ``Retry-After``, or 500, or
+has its connection closed without a response (half of these after the request took effect, e.g.
+a job was created), replies are slowed down, and chosen fine-tuning jobs end ``failed``. Scripted
+faults answer exactly the requests a test names (for example two 429s with ``Retry-After: 1`` on
+chat completions; ``after: true`` serves the request and then loses the response). The counts of
+requests and faults are written to ``stats.json`` in the state folder when the server stops.
 
 Run it with :class:`LocalServer` (a subprocess on a free loopback port, stopped on exit), in
 process with :func:`serve_in_thread`, or in the foreground with
 ``python -m daunce_core.localapi --config server_config.json``. The API key is handed over in
 the environment variable ``DAUNCE_LOCAL_API_KEY`` and never written anywhere.
 
-Modules: :mod:`.config` (settings), :mod:`.model` (chat template, fine-tuning, generation with
-logprobs), :mod:`.state` (files, jobs, models; the training worker), :mod:`.http` (routes,
-authentication, faults, multipart uploads), :mod:`.server` (starting and stopping it).
+Modules: :mod:`.config` (settings), :mod:`.faults` (which request fails how), :mod:`.model` (chat
+template, fine-tuning, generation with logprobs), :mod:`.state` (files, jobs, models; the training
+worker), :mod:`.http` (routes, authentication, faults, multipart uploads), :mod:`.server`
+(starting and stopping it).
 """
-from .config import KEY_ENV, ServerConfig, TrainSettings
+from .config import KEY_ENV, FaultSettings, ServerConfig, TrainSettings
 from .server import LocalServer, build_server, registered_model_path, serve_in_thread
 from .state import APIErrorResponse, ServerState
 
-__all__ = ["KEY_ENV", "ServerConfig", "TrainSettings", "LocalServer", "build_server", "registered_model_path",
-           "serve_in_thread", "APIErrorResponse", "ServerState"]
+__all__ = ["KEY_ENV", "FaultSettings", "ServerConfig", "TrainSettings", "LocalServer", "build_server",
+           "registered_model_path", "serve_in_thread", "APIErrorResponse", "ServerState"]

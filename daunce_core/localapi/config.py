@@ -1,9 +1,10 @@
-"""Settings of the local OpenAI-compatible server: how it fine-tunes, and what it serves.
+"""Settings of the local OpenAI-compatible server: how it fine-tunes, what it serves, how it fails.
 
-Both are typed settings (:mod:`daunce_core.settings`): :class:`TrainSettings` is also the
-``blackbox.local.train`` section of the workflow config, so a typo there is refused by name when
-the config is loaded rather than when the server starts; :class:`ServerConfig` is what a parent
-process writes to ``server_config.json`` for the server it starts (it never holds the key).
+All are typed settings (:mod:`daunce_core.settings`): :class:`TrainSettings` and
+:class:`FaultSettings` are also the ``blackbox.local.train`` and ``blackbox.local.faults``
+sections of the workflow config, so a typo there is refused by name when the config is loaded
+rather than when the server starts; :class:`ServerConfig` is what a parent process writes to
+``server_config.json`` for the server it starts (it never holds the key).
 """
 from __future__ import annotations
 
@@ -34,6 +35,55 @@ class TrainSettings:
 
 
 @dataclass
+class FaultSettings:
+    """Faults the local server injects, to test a client against what hosted endpoints do.
+
+    Off by default. Each authenticated ``/v1`` request (``paths``: only those under these
+    prefixes) draws once from a seeded RNG: with probability ``rate_limit`` it is answered 429
+    with ``Retry-After``, with ``server_error`` 500, with ``drop`` it is *served* and then its
+    connection is closed without a response (the case where a client cannot know whether a job
+    was created); independently, with ``slow`` the reply is delayed by ``slow_s``. Fine-tuning
+    jobs fail (status ``failed``, nothing trained, nothing billed) when they are among the first
+    ``fail_jobs`` the server creates, or with probability ``fail_job_share``. The draws happen in
+    the order requests arrive, so concurrent requests may see another sequence from run to run;
+    a correct client's results do not depend on it. ``scripted`` lists exact faults for tests.
+    """
+
+    seed: int = setting(0, "seed of the fault draws")
+    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After")
+    retry_after_s: float = setting(1.0, "the Retry-After of those 429s, in seconds (also sent as retry-after-ms)")
+    server_error: float = setting(0.0, "share of requests answered 500")
+    drop: float = setting(0.0, "share of requests served, then their connection closed without a response")
+    slow: float = setting(0.0, "share of requests whose reply is delayed by slow_s (independent of the above)")
+    slow_s: float = setting(1.0, "delay of a slow reply, in seconds")
+    fail_jobs: int = setting(0, "the first N fine-tuning jobs the server creates end in status 'failed'")
+    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'")
+    paths: list = setting([], "only requests whose path starts with one of these (e.g. /v1/chat); [] for all")
+    scripted: list = setting([], "exact faults for tests: {path, method, status, count, headers, after, drop}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rate_limit or self.server_error or self.drop or self.slow or self.fail_jobs
+                    or self.fail_job_share or self.scripted)
+
+    def validate(self) -> None:
+        for name in ("rate_limit", "server_error", "drop", "slow", "fail_job_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"local.faults.{name} must be a share in [0, 1], got {getattr(self, name)!r}")
+        if self.rate_limit + self.server_error + self.drop > 1.0:
+            raise ConfigError("local.faults: rate_limit + server_error + drop must be at most 1 (one fault per "
+                              f"request), got {self.rate_limit + self.server_error + self.drop:g}")
+        for name in ("retry_after_s", "slow_s", "fail_jobs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"local.faults.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not all(isinstance(p, str) and p.startswith("/") for p in self.paths):
+            raise ConfigError(f"local.faults.paths must list path prefixes starting with '/', got {self.paths!r}")
+        if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in self.scripted):
+            raise ConfigError("local.faults.scripted must list mappings with a 'path' (and optionally method, "
+                              "status, count, headers, after, drop)")
+
+
+@dataclass
 class ServerConfig:
     """Settings of one local server (written next to its state; never holds the key)."""
 
@@ -45,7 +95,8 @@ class ServerConfig:
     threads: int = setting(1, "torch threads of the server process")
     device: str = setting("auto", "'auto', 'cpu' or 'cuda' for the served models")
     cache_models: int = setting(8, "fine-tuned models kept loaded")
-    faults: list = setting([], "injected errors for tests: {path, method, status, count, headers, after}")
+    faults: FaultSettings = nested(FaultSettings, "injected faults (429, 500, dropped connections, slow "
+                                                  "replies, failed jobs); off by default")
     owner: str = setting("daunce-local", "owned_by / organisation of the models it makes")
 
     def write(self, path: str | Path) -> None:

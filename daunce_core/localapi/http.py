@@ -2,10 +2,10 @@
 
 :func:`make_handler` binds a :class:`~.state.ServerState` and the key into a
 ``BaseHTTPRequestHandler`` class for ``ThreadingHTTPServer``: it checks ``Authorization: Bearer``
-(OpenAI's 401 otherwise), applies injected faults (answer with an error first, or serve the
-request and then lose the response), routes ``/v1/...`` to the state, and turns every error into
-OpenAI's ``{"error": {...}}`` body. Uploads arrive as ``multipart/form-data``
-(:func:`parse_multipart`).
+(OpenAI's 401 otherwise), carries out injected faults (:mod:`.faults`: an error status, a
+connection closed without a response, a delay; before the request takes effect or after), routes
+``/v1/...`` to the state, and turns every error into OpenAI's ``{"error": {...}}`` body. Uploads
+arrive as ``multipart/form-data`` (:func:`parse_multipart`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 import traceback
 import uuid
 from email.parser import BytesParser
@@ -107,17 +108,26 @@ def make_handler(state: ServerState, api_key: str):
                         401, "Incorrect API key provided. You can obtain an API key from whoever runs this "
                              "server (the workflow passes it in an environment variable).",
                         code="invalid_api_key")
-                fault = state.take_fault(method, path)
-                if fault is not None and not fault.after:
-                    raise fault
-                if fault is not None:  # the request takes effect, but its response is lost
+                fault = state.injector.request(method, path)
+                if fault is None:
+                    return self._route(method, path, query, body)
+                state.count(f"fault {fault.kind}")
+                log.info("injected fault %s on %s %s", fault.kind, method, path)
+                if fault.delay:
+                    time.sleep(fault.delay)
+                if fault.after:  # the request takes effect, but its response is lost
                     self._swallow = True
                     try:
                         self._route(method, path, query, body)
                     finally:
                         self._swallow = False
-                    raise fault
-                self._route(method, path, query, body)
+                if fault.drop:  # close the connection without a response
+                    self.close_connection = True
+                    return
+                if fault.status is not None:
+                    raise APIErrorResponse(fault.status, fault.message, fault.type, fault.code, headers=fault.headers)
+                if not fault.after:
+                    self._route(method, path, query, body)
             except APIErrorResponse as err:
                 self._send(err.status, err.body(), headers=err.headers)
             except BrokenPipeError:

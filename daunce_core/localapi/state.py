@@ -5,7 +5,8 @@ the way OpenAI does (raising :class:`APIErrorResponse`, OpenAI's error shape), k
 (``registry.json``, rewritten atomically after every change) so that a restarted server finds its
 files, jobs and models again, trains queued jobs one at a time in a background thread with
 :func:`.model.train_chat`, and answers chat completions with :func:`.model.generate`. Test
-*faults* (see the package docstring) are taken from here too.
+*faults* (:mod:`.faults`) are decided by its :attr:`ServerState.injector`; the failed jobs they
+ask for fail here. :meth:`ServerState.stop` writes the request and fault counts to ``stats.json``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any
 from .. import store
 from . import model as lm
 from .config import ServerConfig
+from .faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,10 @@ MIN_TRAINING_EXAMPLES = 10  # as OpenAI requires
 
 class APIErrorResponse(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, headers: dict | None = None,
-                 after: bool = False):
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
-        self.after = after  # fault injection: serve the request, then answer with this error
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -71,7 +71,9 @@ class ServerState:
         self.device = pick_device(cfg.device)
         self.train_settings = cfg.train
         self.lock = threading.RLock()
-        self.faults = [dict(f) for f in cfg.faults]
+        self.injector = FaultInjector(cfg.faults)
+        self.faults = self.injector.scripted  # tests append scripted faults here
+        self._doomed: set[str] = set()  # jobs an injected fault makes fail
         self.stats: dict[str, int] = {}
         self._cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self._load_lock = threading.Lock()
@@ -105,18 +107,6 @@ class ServerState:
     def count(self, key: str) -> None:
         with self.lock:
             self.stats[key] = self.stats.get(key, 0) + 1
-
-    def take_fault(self, method: str, path: str) -> APIErrorResponse | None:
-        with self.lock:
-            for f in self.faults:
-                if f.get("count", 1) > 0 and f.get("method", method) == method and path.startswith(f["path"]):
-                    f["count"] = f.get("count", 1) - 1
-                    status = int(f.get("status", 500))
-                    return APIErrorResponse(
-                        status, f.get("message", f"injected fault {status}"),
-                        f.get("type", "requests" if status == 429 else "server_error"),
-                        f.get("code"), headers=f.get("headers", {}), after=bool(f.get("after", False)))
-        return None
 
     # --- models ---------------------------------------------------------------------------------
     def model_object(self, name: str) -> dict:
@@ -206,6 +196,8 @@ class ServerState:
                "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
                "events": [{"created_at": _now(), "level": "info", "message": "Created fine-tuning job"}]}
         with self.lock:
+            if self.injector.job_fails():
+                self._doomed.add(job["id"])
             self.reg["jobs"][job["id"]] = job
             self._queue.append(job["id"])
             self._save()
@@ -260,6 +252,8 @@ class ServerState:
         with self.lock:
             self._stopping = True
             self._queue_cv.notify_all()
+            with contextlib.suppress(OSError), store.atomic_path(self.dir / "stats.json") as tmp:
+                tmp.write_text(json.dumps(self.stats, indent=1, sort_keys=True))
 
     def _work(self) -> None:
         while True:
@@ -320,6 +314,11 @@ class ServerState:
             self._event(job, f"Fine-tuning started on {len(examples)} examples")
             self._save()
             parent = self.reg["models"][job["model"]]
+            if jid in self._doomed:  # an injected fault: the job fails before training anything
+                self._finish(job, "failed", {"code": "injected_fault", "param": None,
+                                             "message": "the job failed (injected fault: local.faults.fail_jobs "
+                                                        "or fail_job_share)"})
+                return
         model, tok = lm.load_model(parent["path"], self.device)
         stats = lm.train_chat(model, tok, examples, n_epochs=ep, batch_size=bs,
                               learning_rate=s.learning_rate * mult, seed=job["seed"], settings=s,
