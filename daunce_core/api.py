@@ -39,6 +39,9 @@ a logged notice. :class:`ClassificationTask` on tensors takes the classifier fit
 **Language models.** :class:`LMTask` runs a Hugging Face causal LM on prompt/response pairs
 (a JSONL path or a list of dicts) through the same calls, each perturbed model a LoRA adapter
 (:class:`daunce_core.fit.lm.LoraFitter`, Section 4.2).
+
+This module is longer than the usual 500 lines on purpose: it is the whole user-facing surface
+(the Task, data adapters, the generic fitter and the calls), read together by its users.
 """
 from __future__ import annotations
 
