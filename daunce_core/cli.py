@@ -73,27 +73,51 @@ def _fit(args: argparse.Namespace) -> None:
         lr = float(cfg.daunce.lr_grid[0])
     out = args.output or f"{cfg.experiment}.{variant}.losses.h5"
     store.check_output(out, inputs=inputs)  # before the slow imports and the fits
-    import tempfile
-    from pathlib import Path
-
-    from . import pipeline
-    from .fit import chunks
-
-    with tempfile.TemporaryDirectory(prefix="daunce-fit-") as tmp:
-        theta0 = args.theta0
-        if theta0 is None:
-            theta0 = Path(tmp) / "theta0.safetensors"
-            metrics = pipeline.train_base(cfg, None, theta0, Path(tmp) / "metrics.json")
-            print(f"daunce fit: note: trained theta_0 ({json.dumps(metrics)})", file=sys.stderr)
-        fitter = pipeline.ensemble_fitter(cfg, None, theta0, variant)
-        signals = chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
+    signals = _perturbed_fits(cfg, variant, lr, args.theta0)
     bad = signals.diverged()
     if bad.any():
         raise ValueError(f"{int(bad.sum())} of {cfg.daunce.K} perturbed models diverged at lr={lr:g} "
                          "(non-finite losses); nothing written, lower --lr")
-    chunks.write_signals(out, signals, {"config": pipeline._daunce_attrs(cfg), "experiment": cfg.experiment,
-                                        "lr": lr})
+    d = cfg.daunce
+    setting = {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
+               "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch}
+    from .fit import chunks
+
+    chunks.write_signals(out, signals, {"config": setting, "experiment": cfg.experiment, "lr": lr})
     print(f"wrote {out}")
+
+
+def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
+    """The K perturbed fits of the workflow's ``perturbed`` rule at one lr, theta_0 loaded or
+    trained as its ``base`` rule trains it (library calls only: the CLI is no workflow step;
+    tests/test_cli.py checks both against daunce_core/pipeline.py)."""
+    import numpy as np
+    import torch
+
+    from . import ensemble as E
+    from .data import load_dataset
+    from .fit import chunks
+    from .fit.ensemble import EnsembleFitter
+    from .models import build_model, model_factory
+    from .utils import pick_device
+
+    device = pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    X, y = torch.as_tensor(ds.X_train, device=device), torch.as_tensor(ds.y_train, device=device)
+    in_shape = ds.X_train.shape[1:]
+    if theta0_path is None:
+        # the base rule's key of theta_0's initialisation and data order
+        _, p, b = E.fit_from_scratch(model_factory(cfg.model, in_shape, ds.num_classes), X, y, [np.arange(ds.n)],
+                                     [(cfg.base.seed, 0, 0, 11)], cfg.base, augment=cfg.base.augment)
+        theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
+        print(f"daunce fit: note: trained theta_0 with the base recipe ({cfg.base.epochs} epochs); pass "
+              "--theta0 to reuse one", file=sys.stderr)
+    else:
+        theta0 = store.load_state(theta0_path, device)
+    query = (torch.as_tensor(ds.X_query, device=device), torch.as_tensor(ds.y_query, device=device))
+    fitter = EnsembleFitter(build_model(cfg.model, in_shape, ds.num_classes).to(device), theta0, (X, y), query,
+                            variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids)
+    return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
 
 
 def _check_fit(args: argparse.Namespace) -> str | None:

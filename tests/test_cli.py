@@ -104,7 +104,7 @@ def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
             "--lr", "0.03"]
     assert main(args + ["-o", str(tmp_path / "l.h5")]) == 0
     out, err = capsys.readouterr()
-    assert "wrote" in out and "trained theta_0" in err
+    assert "wrote" in out and "trained theta_0 with the base recipe (3 epochs)" in err
     L = store.read_losses(tmp_path / "l.h5")
     cfg = ExperimentConfig.from_dict(yaml.safe_load(SMALL))
     ds = load_dataset(cfg.data)
@@ -118,6 +118,13 @@ def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
     assert main(args + ["--theta0", str(tmp_path / "theta0.safetensors"), "-o", str(tmp_path / "l2.h5")]) == 0
     assert "trained theta_0" not in capsys.readouterr().err
     np.testing.assert_array_equal(store.read_losses(tmp_path / "l2.h5").train, L.train)
+    # ... and the same models as the workflow's perturbed step
+    from daunce_core.fit import chunks
+
+    cfg5 = ExperimentConfig.from_dict(yaml.safe_load(SMALL) | {"daunce": {**yaml.safe_load(SMALL)["daunce"], "K": 5}})
+    ref = chunks.fit_all(pipeline.ensemble_fitter(cfg5, None, tmp_path / "theta0.safetensors", "daunce_t"), 5, 3, 0.03)
+    np.testing.assert_array_equal(ref.train, L.train)
+    np.testing.assert_array_equal(ref.query, L.query)
     # the default output name, then scoring it
     import os
 
