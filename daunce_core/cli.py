@@ -132,14 +132,14 @@ def _score(args: argparse.Namespace) -> None:
     store.check_output(args.output, inputs=[args.losses])  # before the slow imports and reads
     from .scoring import score_file
 
-    with store._open(args.losses) as f:
-        if "train_ids" not in f and "query_ids" not in f:
-            print(f"daunce score: note: {args.losses} carries no example ids; scored with default ids "
-                  "0..n-1 (training) and 0..m-1 (queries), marked ids=positional", file=sys.stderr)
 
     path = score_file(args.losses, args.output, measure=args.measure, topk=args.topk,
                       threshold=args.threshold, lam=0.0 if args.lam is None else args.lam,
                       memory_gb=args.memory_gb)
+    with store._open(path) as f:
+        if f.attrs.get("ids") == "positional":
+            print(f"daunce score: note: {args.losses} carries no example ids; scored with default ids "
+                  "0..n-1 (training) and 0..m-1 (queries), marked ids=positional", file=sys.stderr)
     print(f"wrote {path}")
 
 
