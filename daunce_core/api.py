@@ -51,8 +51,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -400,7 +401,7 @@ class TaskFitter:
         for lo in range(0, data.n, self.eval_batch_size):
             batch = data.batch(np.arange(lo, min(data.n, lo + self.eval_batch_size)), self.device)
             if self.mode == "vmap":
-                out.append(vmap(lambda q: self._call(fn, q, batch))(p))
+                out.append(vmap(lambda q, b=batch: self._call(fn, q, b))(p))
             else:
                 out.append(torch.stack([self._call(fn, {k: v[c] for k, v in p.items()}, batch)
                                         for c in range(C)]))

@@ -216,7 +216,8 @@ def _schedule(fitter):
 
 def test_a_causal_lm_on_a_jsonl_of_prompt_response_pairs(tmp_path):
     from daunce_core.fit import lm as fit_lm
-    from daunce_core.lm import data as textdata, sequences, tiny
+    from daunce_core.lm import data as textdata
+    from daunce_core.lm import sequences, tiny
     from daunce_core.lm.settings import LoraFitConfig
 
     task = textdata.synthetic_task(n_ops=3, n_train=24, queries_per_op=2, skew=0.8)

@@ -2,7 +2,6 @@
 import textwrap
 
 import numpy as np
-
 import pytest
 import torch
 from torch import nn
@@ -190,7 +189,7 @@ def test_models_that_cannot_be_vmapped_are_fitted_one_by_one_with_the_same_rando
     Xq, yq = X[:5] + 0.1, y[:5]
     out = {}
     for vmappable in (True, False):
-        factory = lambda: WritesInPlace(vmappable)  # noqa: E731
+        factory = lambda v=vmappable: WritesInPlace(v)  # noqa: E731
         with caplog.at_level("WARNING", logger="daunce_core.models"):
             caplog.clear()
             net, p, b = E.fit_from_scratch(factory, X, y, [torch.arange(40).numpy()], [(0,)],

@@ -38,7 +38,8 @@ def classifier_namespace() -> dict:
 
 def lm_namespace(folder: Path) -> dict:
     """The tiny causal LM and tokenizer, and JSONL files of prompt/response pairs in ``folder``."""
-    from daunce_core.lm import data as textdata, tiny
+    from daunce_core.lm import data as textdata
+    from daunce_core.lm import tiny
 
     task = textdata.synthetic_task(n_ops=3, n_train=24, queries_per_op=2, skew=0.8)
     tok = tiny.train_tokenizer([e["prompt"] + e["response"] for e in task["train"] + task["query"]], 280)
