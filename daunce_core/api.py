@@ -334,9 +334,10 @@ class TaskFitter:
         ok, reason = can_vmap(self.net)  # hooks
         if ok:
             try:
-                batch = self.train.batch(np.arange(min(2, self.train.n)), self.device)
+                idx = np.arange(min(2, self.train.n))
+                batch = self.train.batch(idx, self.device)
                 p = {k: torch.stack([v, v]).requires_grad_(True) for k, v in self.p0.items()}
-                xi = torch.full((2, len(np.arange(min(2, self.train.n)))), 0.5, device=self.device)
+                xi = torch.full((2, len(idx)), 0.5, device=self.device)
                 vmap(self._objective)(p, _stack([batch, batch]), xi).sum().backward()
                 return "vmap"
             except Exception as exc:  # noqa: BLE001 -- any failure means: fit one by one
