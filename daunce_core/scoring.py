@@ -642,7 +642,8 @@ def _open_losses(f: h5py.File, src: str):
                                f"({f.attrs.get('reason', '')}); lower the learning rate")
     ds = store._require(f, "train", 2)
     qds = store._require(f, "query", 2)
-    store._number_dtype(ds), store._number_dtype(qds)
+    for d in (ds, qds):  # strings, objects and records are refused before anything is read
+        store._number_dtype(d)
     K, n = ds.shape
     m = qds.shape[1]
     if qds.shape[0] != K:
