@@ -258,8 +258,8 @@ def part_h5(args) -> None:
                          .stdout.strip().splitlines()[-1])
         limit = K * n * 4 + m * K * 4 + GiB
         cache = "warm" if args.warm else "cold"
-        print(f"score_file: {res['wall']:.1f} s wall ({cache} page cache), "
-              f"THROUGHPUT {n / res['wall']:,.0f} training examples/s")
+        print(f"score_file: {res['wall']:.1f} s wall, {res['cpu']:.1f} s cpu ({cache} page "
+              f"cache), THROUGHPUT {n / res['wall']:,.0f} training examples/s")
         print(f"PEAK memory of the scoring process (VmHWM): {res['peak'] / GiB:.2f} GiB "
               f"(memory_gb {args.memory_gb}; limit losses + 1 GiB = {limit / GiB:.2f} GiB: "
               f"{'met' if res['peak'] <= limit else 'MISSED'}); file {size / 1e9:.1f} GB")
@@ -275,10 +275,11 @@ def part_h5(args) -> None:
 def child_score(args) -> None:
     losses, scores = args.child_score
     scoring.topk_scores(random_losses(args.K, 300, 1), random_losses(args.K, 5, 2), 3)  # JIT
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scoring.score_file(losses, scores, measure=args.measure, topk=args.k,
                        memory_gb=args.memory_gb, threads=args.threads)
-    print(json.dumps({"wall": time.perf_counter() - t0, "peak": maxrss()}))
+    print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                      "peak": maxrss()}))
 
 
 def part_storage(K_values=(200, 100)) -> None:
