@@ -58,6 +58,7 @@ __all__ = [
     "check_output",
     "clean_leftovers",
     "cleanup_on_signals",
+    "Terminated",
     "atomic_path",
     "atomic_h5",
     "Losses",
