@@ -272,6 +272,9 @@ class Diagnostics:
         lines.append(f"  split-half reliability {a['half_reliability']:.3f} -> all K={self.K} "
                      f"(Spearman-Brown) {a['reliability']:.3f} (queries 10%-90% "
                      f"{a['reliability_q10']:.3f}-{a['reliability_q90']:.3f})")
+        if self.half < 10:  # a correlation across 2-5 models is nearly +-1 whatever the signal
+            lines.append(f"  caution: halves of {self.half} models are too few for a stable "
+                         "estimate; use K >= 20")
         need = a["K_needed"]
         lines.append(f"  K for reliability {self.target:g}: "
                      + (f"{math.ceil(need)}" if need is not None else

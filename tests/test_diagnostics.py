@@ -115,9 +115,12 @@ def test_streaming_equals_one_block_and_splits_are_halvings():
                                [np.corrcoef(sa[:, j], sb[:, j])[0, 1] for j in range(7)], atol=1e-5)
 
 
-def test_too_few_models_are_refused():
+def test_too_few_models_are_refused_and_few_are_flagged():
     with pytest.raises(ValueError, match="K=4"):
         D.diagnose(np.zeros((3, 5)), np.zeros((3, 2)))
+    a, b = ensemble(np.random.default_rng(0), K=40, n=30, m=3)
+    assert "caution" in D.diagnose(a[:18], b[:18]).report()
+    assert "caution" not in D.diagnose(a, b).report()
 
 
 def losses_file(path, K=30, positional=False):
