@@ -147,6 +147,7 @@ def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str],
                                f"{gt['attrs'].get('split')!r}); refusing to select on test masks")
 
     def selection_lds(losses: store.Losses) -> float:
+        losses, _ = store.align_losses(losses, gt, gt_select_path, notify=log.warning)  # join on ids
         scores = apply_threshold(scores_from_losses(losses, cfg.daunce.select_measure), cfg.lds.threshold)
         return L.evaluate(scores, gt, n_resamples=200)[0].lds
 
@@ -162,8 +163,7 @@ def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, me
     gt = store.read_ground_truth(gt_path)
     if gt["attrs"].get("split") != "test":
         raise store.StoreError(f"{gt_path}: LDS is reported on the test masks only")
-    if not np.array_equal(meta["train_ids"], gt["train_ids"]) or not np.array_equal(meta["query_ids"], gt["query_ids"]):
-        raise store.StoreError(f"{scores_path}: example ids differ from the ground truth {gt_path}")
+    scores, _ = store.align_scores(scores, meta, gt, scores_path, gt_path, notify=log.warning)  # join on ids
     rows = []
     th = cfg.lds.threshold
     for label, s in (("none", scores), (L.threshold_label(th), apply_threshold(scores, th))):
@@ -180,6 +180,7 @@ def k_curve(cfg: ExperimentConfig, losses_path, gt_path, measure: str, out_csv) 
     """LDS of the first K' perturbed models for each K' in ``daunce.k_curve`` (Figure 6)."""
     losses = store.read_losses(losses_path)
     gt = store.read_ground_truth(gt_path)
+    losses, _ = store.align_losses(losses, gt, gt_path, notify=log.warning)  # join on ids
     rows = []
     for k in sorted(set(int(v) for v in cfg.daunce.k_curve) | {losses.K}):
         if k > losses.K:

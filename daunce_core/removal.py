@@ -85,9 +85,18 @@ def ranking_from_scores(scores: np.ndarray, query_cols: Sequence[int]) -> np.nda
     return np.argsort(-total, kind="stable")
 
 
-def ranking_from_file(path, query_ids: Sequence[int]) -> np.ndarray:
-    """:func:`ranking_from_scores` of a scores file, selecting queries by their ids."""
+def ranking_from_file(path, query_ids: Sequence[int], train_ids: Sequence[int] | None = None,
+                      train_path="the training set") -> np.ndarray:
+    """:func:`ranking_from_scores` of a scores file, selecting queries by their ids.
+
+    With ``train_ids`` (those of ``train_path``), the ranking lists positions in that training
+    set: the file's training examples are joined on ids (``store.align_scores``), never taken by
+    position.
+    """
     dense, meta = store.dense_scores(path)
+    if train_ids is not None:
+        dense, _ = store.align_scores(dense, meta, {"train_ids": train_ids, "query_ids": meta["query_ids"]},
+                                      path, train_path, notify=log.warning)
     pos = {int(q): j for j, q in enumerate(meta["query_ids"])}
     missing = [int(q) for q in query_ids if int(q) not in pos]
     if missing:

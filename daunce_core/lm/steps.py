@@ -181,6 +181,8 @@ def select_lr(s: LLMSettings, losses_paths: Sequence, lrs: Sequence[str], eval_j
         N = min(s.select.N, len(train) - 1)
 
         def judge(L: store.Losses) -> float:
+            L, _ = store.align_losses(L, {"train_ids": _ids(train), "query_ids": _ids(queries)},
+                                      f"{train_jsonl} / {queries_jsonl}", notify=log.warning)  # join on ids
             rank = removal.ranking_from_scores(scoring.pairwise_scores(L.train, L.query, s.measure), sel_cols)
             wrong = removal.removal_effect(rank, N, [0], retrain)["mean"]
             log.info("lr %g: %.3f of the selection queries wrong after removing %d", L.attrs["config"]["lr"],
@@ -226,7 +228,7 @@ def removal_job(s: LLMSettings, method: str, N: int, scores_path, base: str, tra
     if method == "random":
         ranking = removal.random_ranking(len(train), s.removal.seed)
     else:
-        ranking = removal.ranking_from_file(scores_path, test_ids)
+        ranking = removal.ranking_from_file(scores_path, test_ids, _ids(train), train_jsonl)
     pos = {q["id"]: j for j, q in enumerate(queries)}
     retrain = _retrainer(s, base, train, [queries[pos[i]] for i in test_ids], dev)
     res = removal.removal_effect(ranking, int(N), list(range(s.seeds)), retrain)
