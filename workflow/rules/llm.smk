@@ -64,19 +64,15 @@ def llm_removal_inputs(wildcards):
         "eval": f"results/{exp}/llm/full/eval.json",
         "base": llm_base_input(wildcards),
     }
-    if wildcards.method != "random":
+    if wildcards.method not in ("random", "none"):
         out["scores"] = f"results/{exp}/llm/scores/{wildcards.method}.h5"
     return out
 
 
 def llm_removal_files(wildcards=None):
-    """Every point of Figure 2: each method at each N."""
-    return expand(
-        "results/{experiment}/llm/removal/{method}/N{N}.json",
-        experiment=EXP,
-        method=LLM.removal.methods,
-        N=LLM.removal.N,
-    )
+    """Every point of Figure 2: each method at each N > 0, and the full-data retrain (N = 0,
+    method 'none') that measures the retraining noise for all methods."""
+    return [f"results/{EXP}/llm/removal/{m}/N{N}.json" for m, N in LLM.removal_points()]
 
 
 if "llm" in config:  # a config without the section asks for no LLM study
@@ -233,7 +229,10 @@ rule llm_logra:
 
 rule llm_removal:
     """One point of Figure 2: remove the method's top N (summed scores over the solved test
-    queries), fine-tune again from the base model for every seed, share of queries now wrong."""
+    queries; random: a fresh ranking per seed; none: N = 0), fine-tune again from the base model
+    for every removal seed (the same seeds for every point), share of queries now wrong."""
+    wildcard_constraints:
+        method=r"[a-z_]+",
     input:
         unpack(llm_removal_inputs),
     output:
@@ -254,7 +253,8 @@ rule llm_removal:
 
 
 rule fig2:
-    """Figure 2: most-influential-subset removal, DAUNCE and LoGra against random removal."""
+    """Figure 2: most-influential-subset removal, DAUNCE and LoGra against random removal, and the
+    paired differences over the retrain seeds with 95% t-intervals (the table holds both)."""
     input:
         llm_removal_files,
     output:
