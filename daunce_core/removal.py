@@ -204,7 +204,7 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
 
 def _by_seed(r: dict[str, Any]) -> dict[int, float]:
-    return dict(zip(r.get("seeds", range(len(r["wrong"]))), r["wrong"]))
+    return dict(zip(r.get("seeds", range(len(r["wrong"]))), r["wrong"], strict=True))
 
 
 def _row(kind: str, method: str, N: int, values: Sequence[float], queries: Any, level: float) -> dict[str, Any]:
@@ -311,7 +311,7 @@ def plot_removal(rows: Sequence[dict[str, Any]], out, *, title: str = "", n_trai
         ax2.set_xlabel(xlabel)
         ax2.set_ylabel("paired difference (percentage points)")
         seeds = max((r["seeds"] for r in diff), default=0)
-        ax2.set_title(f"paired over {seeds} retrain seeds", fontsize=10)
+        ax2.set_title(f"paired over {seeds} retrain seeds (bands: 95% t-intervals)", fontsize=10)
     for a in axes.ravel():
         a.grid(alpha=0.3)
         a.legend(frameon=False)
