@@ -134,11 +134,7 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         train = torchvision.datasets.CIFAR10(root, train=True, download=cfg.download)
         test = torchvision.datasets.CIFAR10(root, train=False, download=cfg.download)
     except Exception as exc:  # URLError, RuntimeError("Dataset not found"), ...
-        raise DataError(
-            f"CIFAR-10 is not under {root} and could not be downloaded ({type(exc).__name__}: "
-            f"{exc}). On a machine with network run the workflow's data rule, or put "
-            f"'cifar-10-batches-py' under {root}."
-        ) from exc
+        raise _not_downloaded("CIFAR-10", root, exc, f"'cifar-10-batches-py' under {root}") from exc
     n = _take(cfg.n_train, len(train.targets), "n_train")
     m = _take(cfg.n_query, len(test.targets), "n_query")
 
@@ -157,6 +153,13 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (torchvision's download errors span several)."""
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _not_downloaded(name: str, root: Path, exc: BaseException, put: str) -> DataError:
+    """The error for a torchvision dataset neither under ``root`` nor downloadable; ``put`` says
+    which files to put where."""
+    return DataError(f"{name} is not under {root} and could not be downloaded ({type(exc).__name__}: "
+                     f"{_one_line(exc)}). On a machine with network run the workflow's data rule, or put {put}.")
 
 
 def _image_size(cfg: DataConfig) -> tuple[int, int] | None:
@@ -232,11 +235,8 @@ def _torchvision(cfg: DataConfig, cls: type) -> Dataset:
         raise DataError(f"data.name: torchvision.datasets.{name} does not load with {split_kw[0]}/{split_kw[1]} "
                         f"({type(exc).__name__}: {_one_line(exc)}); use data.name 'imagefolder' or 'npz'") from exc
     except Exception as exc:  # URLError, RuntimeError("Dataset not found"), ...
-        raise DataError(
-            f"{name} is not under {root} and could not be downloaded ({type(exc).__name__}: "
-            f"{_one_line(exc)}). On a machine with network run the workflow's data rule, or put "
-            f"torchvision's files of {name} under {root} (see torchvision.datasets.{name})."
-        ) from exc
+        raise _not_downloaded(name, root, exc, f"torchvision's files of {name} under {root} "
+                                               f"(see torchvision.datasets.{name})") from exc
     n = _take(cfg.n_train, len(train), "n_train")
     m = _take(cfg.n_query, len(test), "n_query")
     labels: list[list[int]] = [[], []]

@@ -15,8 +15,8 @@ with single-threaded BLAS and, while the tile is still in its core's cache, thre
 folds it into the running top-k of those queries (``_fold_topk``, Numba, GIL released). The main
 thread meanwhile reads and standardises the next block. One pool for both steps, rather than
 multi-threaded BLAS followed by a parallel Numba loop, avoids two thread pools spinning against
-each other and a round trip of every score through main memory; it keeps the whole run within a
-few percent of the bare GEMM (benchmarks/README.md). Peak memory is set by the block size
+each other and a round trip of every score through main memory, so the run costs little beside
+the bare GEMM (``benchmarks/bench_scoring.py`` prints the ratio). Peak memory is set by the block size
 (``memory_gb``), never by n x m.
 
 Thresholding (the paper applies it but does not define it; DESIGN.md): ``soft``

@@ -179,27 +179,7 @@ def test_fault_settings_reach_the_server_process(tmp_path):
     assert isinstance(back, FaultSettings) and back.drop == 0.25 and back.fail_jobs == 1
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    import torch
-
-    from daunce_core.lm.tiny import tiny_causal_lm, train_tokenizer
-
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("base")
-    tok = train_tokenizer(["<|user|>\nhello there\n<|assistant|>\nB\n"] * 10, 300)
-    m = tiny_causal_lm(tok, hidden_size=32, num_layers=1)
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-def _examples(n=12):
-    return "".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
-                                            {"role": "assistant", "content": "B"}]}) + "\n" for i in range(n)).encode()
-
-
-def test_a_dropped_create_makes_the_openai_clients_own_retry_launch_a_second_job(tmp_path, base):
+def test_a_dropped_create_makes_the_openai_clients_own_retry_launch_a_second_job(tmp_path, base, chat_jsonl):
     """Why daunce switches the openai client's retries off: after a connection is dropped once
     the server has created a job, the client's retry sends the same POST again (it sends OpenAI
     no idempotency key) and a second job is trained and billed. daunce's retry looks first."""
@@ -208,7 +188,7 @@ def test_a_dropped_create_makes_the_openai_clients_own_retry_launch_a_second_job
                        faults=FaultSettings(scripted=[dict(drop_after)]))
     with serve_in_thread(cfg, KEY) as (url, st):
         raw = openai.OpenAI(base_url=url, api_key=KEY, max_retries=2)
-        f = raw.files.create(file=("t.jsonl", _examples()), purpose="fine-tune")
+        f = raw.files.create(file=("t.jsonl", chat_jsonl), purpose="fine-tune")
         raw.fine_tuning.jobs.create(model="tiny", training_file=f.id, metadata={"who": "openai"})
         assert len(raw.fine_tuning.jobs.list(metadata={"who": "openai"}).data) == 2  # the duplicate
         with pytest.raises(openai.APIConnectionError):  # the drop itself, without retries

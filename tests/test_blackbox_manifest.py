@@ -38,18 +38,9 @@ FP = {"test": 1}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    import torch
-
-    from daunce_core.lm.tiny import tiny_causal_lm, train_tokenizer
-
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("base")
-    tok = train_tokenizer(["<|user|>\nquestion 1 2\n<|assistant|>\nA\n"] * 10, 300)
-    m = tiny_causal_lm(tok, hidden_size=32, num_layers=1)
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+def base(tiny_lm):
+    """The tiny LM, its tokenizer trained on this module's questions (tests/conftest.py)."""
+    return tiny_lm("<|user|>\nquestion 1 2\n<|assistant|>\nA\n")
 
 
 @pytest.fixture()

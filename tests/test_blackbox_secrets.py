@@ -16,24 +16,7 @@ from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
 KEY = "sk-proj-SECRETdaunceTEST-7f3a9c1e5b2d4f60a8c3e1b7d9f2a4c6"
 
 
-def tiny_config(**over) -> dict:
-    cfg = {
-        "models": ["tiny-x"], "backend": "openai", "access": ["api", "strict"], "K": 2, "subset_size": 12,
-        "prices": {"tiny-x": {"training": 0, "input": 0, "output": 0}},
-        "api": {"retry": {"initial_delay": 0.01, "max_delay": 0.05}},
-        "data": {"source": "synthetic", "n_train": 30, "n_query_triggered": 3, "n_query_clean": 3},
-        "theta0": {"hyperparameters": {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 3}},
-        "finetune": {"hyperparameters": {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1},
-                     "poll_interval_s": 0.05},
-        "bdpl": {"epochs": 1, "batch_size": 4, "prompt_length": 3, "sample_size": 2, "search_space": 5},
-        "local": {"model": {"hidden_size": 32, "num_layers": 1, "vocab_size": 300}, "train": {"max_len": 384}},
-        "figure": {"k": 3, "n_show_triggered": 1, "n_show_clean": 1, "top": 2},
-    }
-    cfg.update(over)
-    return cfg
-
-
-def test_key_never_written_to_logs_or_files(tmp_path, monkeypatch, caplog):
+def test_key_never_written_to_logs_or_files(tmp_path, monkeypatch, caplog, tiny_study):
     import torch
 
     torch.set_num_threads(1)
@@ -48,7 +31,10 @@ def test_key_never_written_to_logs_or_files(tmp_path, monkeypatch, caplog):
         logging.getLogger(name).setLevel(logging.DEBUG)
     caplog.set_level(logging.DEBUG)
     try:
-        cfg = BlackboxConfig.from_dict(tiny_config())
+        # the miniature study (tests/conftest.py) through the OpenAI code path, K=2, fast retries
+        cfg = BlackboxConfig.from_dict(tiny_study | {
+            "backend": "openai", "K": 2, "api": {"retry": {"initial_delay": 0.01, "max_delay": 0.05}},
+            "theta0": {"hyperparameters": {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 3}}})
         W = tmp_path / "results"
         study.make_data(cfg, W / "train.jsonl", W / "query.jsonl")
         study.make_local_base(cfg, W / "train.jsonl", W / "base")

@@ -11,26 +11,6 @@ from daunce_core.localapi import LocalServer, ServerConfig, TrainSettings, build
 KEY = "sk-server-test-abcdef0123456789"
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    import torch
-
-    from daunce_core.lm.tiny import tiny_causal_lm, train_tokenizer
-
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("base")
-    tok = train_tokenizer(["<|user|>\nhello there\n<|assistant|>\nB\n"] * 10, 300)
-    m = tiny_causal_lm(tok, hidden_size=32, num_layers=1)
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-def _examples(n=12):
-    return "".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
-                                            {"role": "assistant", "content": "B"}]}) + "\n" for i in range(n)).encode()
-
-
 def _wait(c, job_id, timeout=60):
     t = time.time()
     while time.time() - t < timeout:
@@ -41,14 +21,14 @@ def _wait(c, job_id, timeout=60):
     raise TimeoutError(job_id)
 
 
-def test_endpoints_with_the_openai_client(tmp_path, base):
+def test_endpoints_with_the_openai_client(tmp_path, base, chat_jsonl):
     cfg = ServerConfig(state_dir=str(tmp_path / "s"), models={"tiny": base}, train=TrainSettings(max_len=64))
     with serve_in_thread(cfg, KEY) as (url, st):
         c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
         assert [m.id for m in c.models.list()] == ["tiny"]
-        f = c.files.create(file=("t.jsonl", _examples()), purpose="fine-tune")
+        f = c.files.create(file=("t.jsonl", chat_jsonl), purpose="fine-tune")
         assert f.status == "processed" and c.files.retrieve(f.id).filename == "t.jsonl"
-        assert c.files.content(f.id).content == _examples()
+        assert c.files.content(f.id).content == chat_jsonl
         assert [x.id for x in c.files.list(purpose="fine-tune")] == [f.id]
         job = c.fine_tuning.jobs.create(
             model="tiny", training_file=f.id, suffix="s1", seed=1, metadata={"run": "r", "k": "0"},
@@ -91,12 +71,12 @@ def test_endpoints_with_the_openai_client(tmp_path, base):
         assert c.files.delete(bad.id).deleted
 
 
-def test_state_survives_a_restart_and_unfinished_jobs_resume(tmp_path, base):
+def test_state_survives_a_restart_and_unfinished_jobs_resume(tmp_path, base, chat_jsonl):
     state = str(tmp_path / "s")
     cfg = ServerConfig(state_dir=state, models={"tiny": base}, train=TrainSettings(max_len=64))
     with serve_in_thread(cfg, KEY) as (url, st):
         c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
-        f = c.files.create(file=("t.jsonl", _examples()), purpose="fine-tune")
+        f = c.files.create(file=("t.jsonl", chat_jsonl), purpose="fine-tune")
         done = _wait(c, c.fine_tuning.jobs.create(model="tiny", training_file=f.id).id)
     # a job recorded as running when the server went away
     reg = json.loads((tmp_path / "s" / "registry.json").read_text())

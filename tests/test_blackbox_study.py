@@ -20,22 +20,6 @@ from daunce_core.localapi import ServerConfig, serve_in_thread
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(**over) -> dict:
-    cfg = {
-        "models": ["tiny-x"], "backend": "local", "access": ["api", "strict"], "K": 3, "subset_size": 12,
-        "prices": {"tiny-x": {"training": 0, "input": 0, "output": 0}},
-        "data": {"source": "synthetic", "n_train": 30, "n_query_triggered": 3, "n_query_clean": 3},
-        "theta0": {"hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 3}},
-        "finetune": {"hyperparameters": {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1},
-                     "poll_interval_s": 0.05},
-        "bdpl": {"epochs": 1, "batch_size": 4, "prompt_length": 3, "sample_size": 2, "search_space": 5},
-        "local": {"model": {"hidden_size": 32, "num_layers": 1, "vocab_size": 300}, "train": {"max_len": 384}},
-        "figure": {"k": 3, "n_show_triggered": 1, "n_show_clean": 1, "top": 2},
-    }
-    cfg.update(over)
-    return cfg
-
-
 def test_backdoored_data():
     cfg = BlackboxConfig.from_dict({"K": 2, "subset_size": 10, "data": {
         "source": "synthetic", "n_train": 200, "n_query_triggered": 20, "n_query_clean": 20}}).data
@@ -63,11 +47,11 @@ def test_precision_at_k():
     assert B.top_retrieved(S, 1, 2) == [(5, 5.0), (4, 4.0)]
 
 
-def test_end_to_end_on_the_local_server(tmp_path):
+def test_end_to_end_on_the_local_server(tmp_path, tiny_study):
     import torch
 
     torch.set_num_threads(1)
-    cfg = BlackboxConfig.from_dict(tiny())
+    cfg = BlackboxConfig.from_dict(tiny_study)
     W = tmp_path
     study.make_data(cfg, W / "train.jsonl", W / "query.jsonl")
     study.make_local_base(cfg, W / "train.jsonl", W / "base")

@@ -276,12 +276,21 @@ def _loss_attrs(cfg: BlackboxConfig, access: str, extra: dict) -> dict:
             "seed": cfg.seed, "config": cfg.to_dict(), "access": access, **extra}
 
 
+def _perturbation_inputs(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json,
+                         what: str) -> tuple[list[dict], list[dict], dict]:
+    """What both access settings start from: the training and query rows and theta_0's record,
+    once the spend guard has let ``what`` (the priced work, named in its refusal) go ahead."""
+    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
+    theta0 = json.loads(Path(theta0_json).read_text())
+    guard(cfg, model, train, query, what)
+    return train, query, theta0
+
+
 def api_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json, out_h5, *, work_dir,
                server_log=None) -> None:
     """API-based access: K fine-tunes of theta_0 on D^k, then every example's NLL under each."""
-    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
-    theta0 = json.loads(Path(theta0_json).read_text())
-    guard(cfg, model, train, query, f"API-based perturbed fine-tunes of {model}")
+    train, query, theta0 = _perturbation_inputs(cfg, model, train_path, query_path, theta0_json,
+                                                f"API-based perturbed fine-tunes of {model}")
     work = Path(work_dir)
     hp = dict(cfg.finetune.hyperparameters)
     man = Manifest(work / "manifest.json", {"endpoint": endpoint_id(cfg), "theta0": theta0["model"],
@@ -301,9 +310,8 @@ def api_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_j
 def strict_losses(cfg: BlackboxConfig, model: str, train_path, query_path, theta0_json, out_h5, *, work_dir,
                   server_log=None) -> None:
     """Strict access: K BDPL prompts learned on D^k against theta_0; every example's NLL under each."""
-    train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
-    theta0 = json.loads(Path(theta0_json).read_text())
-    guard(cfg, model, train, query, f"strict (BDPL) perturbations of {model}")
+    train, query, theta0 = _perturbation_inputs(cfg, model, train_path, query_path, theta0_json,
+                                                f"strict (BDPL) perturbations of {model}")
     work = Path(work_dir)
     b = cfg.bdpl
     cands = candidate_ngrams([_user(r) for r in train], b.search_space, exclude=b.exclude)
