@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from daunce_core.fit.lm import LoraFitter
-from daunce_core.lm import data as textdata, distributed, sequences, settings, tiny as tinylm, training
+from daunce_core.lm import data as textdata
+from daunce_core.lm import distributed, sequences, settings, training
+from daunce_core.lm import tiny as tinylm
 
 torch.set_num_threads(1)
 
@@ -118,3 +120,15 @@ def test_lora_fits_split_over_two_ranks_gather_the_one_process_signals(tmp_path)
     np.testing.assert_allclose(two["train"], one.train, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(two["query"], one.query, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(two["total"], one.trace["total"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_slurm_job_with_several_gpus_reruns_its_script_under_torchrun():
+    cmd = distributed.torchrun_command("job.py", {"SLURM_GPUS_ON_NODE": "8"})
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8", "job.py"]
+    assert distributed.torchrun_command("job.py", {"SLURM_GPUS_ON_NODE": "1"}) is None  # one GPU: as it is
+    assert distributed.torchrun_command("job.py", {}) is None  # outside SLURM
+    # a rank of that torchrun does not launch another one
+    assert distributed.torchrun_command("job.py", {"SLURM_GPUS_ON_NODE": "8", "WORLD_SIZE": "8"}) is None
+    with pytest.raises(ValueError, match="SLURM_GPUS_ON_NODE"):
+        distributed.gpus_on_node({"SLURM_GPUS_ON_NODE": "a100:2"})
+    assert distributed.world() == (0, 1) and distributed.init_from_env("cpu") == "cpu"  # alone: unchanged

@@ -20,13 +20,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "init_from_env", "rank_slice", "shard_model", "full_state_dict", "barrier",
+__all__ = ["world", "init_from_env", "rank_slice", "shard_model", "unsharded", "full_state_dict", "barrier",
            "all_sum", "gather_rows", "gpus_on_node", "torchrun_command", "relaunch"]
 
 
@@ -69,14 +70,14 @@ def shard_model(model, device) -> Any:
     """``fully_shard`` every decoder layer (the classes of the model's ``_no_split_modules``), then
     the root; bf16 compute over fp32 master weights on CUDA, plain fp32 on CPU.
 
-    The model must hold fp32 weights: they are the master copy the optimiser updates.
+    A model loaded in bf16 (``llm.dtype: bfloat16``, half the host memory per rank) is cast to
+    fp32 on its device first: the sharded fp32 weights are the master copy the optimiser updates.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("FSDP fine-tuning keeps fp32 master weights: load the model with llm.dtype: float32 "
-                         "(the forward and backward still compute in bf16 on CUDA)")
     dev = torch.device(device)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model.to(device=dev, dtype=torch.float32)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if dev.type == "cuda" else MixedPrecisionPolicy())
     layers = _layer_classes(model)
@@ -88,6 +89,18 @@ def shard_model(model, device) -> Any:
             fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def unsharded(model, load_base) -> Any:
+    """After FSDP fine-tuning: on rank 0 a plain model (``load_base()``, then the gathered weights)
+    for evaluation and saving; None on the other ranks. Every rank must call it."""
+    sd = full_state_dict(model)
+    if sd is None:
+        return None
+    plain = load_base()
+    dtype = next(plain.parameters()).dtype
+    plain.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    return plain
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:
