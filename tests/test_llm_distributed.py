@@ -132,3 +132,18 @@ def test_a_slurm_job_with_several_gpus_reruns_its_script_under_torchrun():
     with pytest.raises(ValueError, match="SLURM_GPUS_ON_NODE"):
         distributed.gpus_on_node({"SLURM_GPUS_ON_NODE": "a100:2"})
     assert distributed.world() == (0, 1) and distributed.init_from_env("cpu") == "cpu"  # alone: unchanged
+
+
+def test_generation_falls_back_to_hugging_face_without_vllm_or_cuda(monkeypatch):
+    import importlib.util
+
+    from daunce_core.lm import generation
+
+    assert "vllm" not in sys.modules  # imported lazily, on the vLLM branch only
+    assert generation.generation_backend("cpu") == "hf"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    assert generation.generation_backend("cpu") == "hf"  # vLLM needs CUDA
+    assert generation.generation_backend("cuda") == "vllm"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert generation.generation_backend("cuda") == "hf"
