@@ -1,5 +1,6 @@
 """rule llm_daunce_chunk: one chunk of LoRA perturbed fits from theta_0 and their per-example losses."""
-from daunce_core.lm.steps import LLMSettings, device, daunce_chunk
+from daunce_core.lm.distributed import relaunch
+from daunce_core.lm.steps import LLMSettings, daunce_chunk, device
 from daunce_core.runner import run_script
 
 
@@ -8,4 +9,6 @@ def main(sm):
                  float(sm.wildcards.lr), int(sm.wildcards.chunk), sm.output[0], device(sm.config))
 
 
-run_script(snakemake, main)  # noqa: F821
+# a SLURM job with several GPUs on its node runs this script again under torchrun, one rank per GPU
+if not relaunch():
+    run_script(snakemake, main)  # noqa: F821

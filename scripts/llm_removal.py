@@ -1,4 +1,5 @@
 """rule llm_removal: remove a method's top N training examples, retrain per seed, count flipped queries."""
+from daunce_core.lm.distributed import relaunch
 from daunce_core.lm.steps import LLMSettings, device, removal_job
 from daunce_core.runner import run_script
 
@@ -9,4 +10,6 @@ def main(sm):
                 sm.params.base, sm.input.train, sm.input.queries, sm.input.eval, sm.output[0], device(sm.config))
 
 
-run_script(snakemake, main)  # noqa: F821
+# a SLURM job with several GPUs on its node runs this script again under torchrun, one rank per GPU
+if not relaunch():
+    run_script(snakemake, main)  # noqa: F821

@@ -1,6 +1,7 @@
 """rule llm_select_lr: the LoRA learning rate, judged on the selection queries only."""
 import logging
 
+from daunce_core.lm.distributed import relaunch
 from daunce_core.lm.steps import LLMSettings, device, select_lr
 from daunce_core.runner import run_script
 
@@ -12,4 +13,6 @@ def main(sm):
     logging.getLogger("daunce").info("selected lr %g (%s)", lr, sm.output.selection)
 
 
-run_script(snakemake, main)  # noqa: F821
+# a SLURM job with several GPUs on its node runs this script again under torchrun, one rank per GPU
+if not relaunch():
+    run_script(snakemake, main)  # noqa: F821

@@ -124,3 +124,30 @@ def test_miniature_records_its_protocol(miniature):
     assert tr["total"].shape == (16, 30) and np.isfinite(tr["total"]).all()
     # the first-order term starts at 0 (theta = theta_0) and moves once the adapter does
     assert np.abs(tr["first_order"][:, 0]).max() < 1e-5 and np.abs(tr["first_order"][:, -1]).min() > 0
+
+
+# GPUs per job of the LLM rules in profiles/slurm: one job is one torchrun on one node
+SLURM_GPUS = {"llm_full": 8, "llm_select_lr": 8, "llm_removal": 8, "llm_daunce_chunk": 2, "llm_logra": 1}
+
+
+@pytest.mark.parametrize("name", ["llm_math", "llm_ifeval"])
+def test_paper_llm_configs_plan_multi_gpu_jobs_on_slurm(tmp_path, name):
+    """``snakemake -n --profile profiles/slurm`` on the paper configs: the fine-tuning jobs take a
+    node's 8 GPUs (FSDP), a LoRA chunk 2 (its models split between them), LoGra 1."""
+    configs = [str(ROOT / "config" / "config.yaml"), str(ROOT / "config" / "paper" / f"{name}.yaml")]
+    plan = subprocess.run([SNAKEMAKE, "-n", "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path),
+                           "results/fig2.pdf", "--profile", "profiles/slurm", "--configfile", *configs],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = plan.stdout + plan.stderr
+    assert plan.returncode == 0, out[-3000:]
+    seen = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        r = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if m and r and m.group(1) in SLURM_GPUS:
+            seen.setdefault(m.group(1), set()).add(r.group(1))
+    assert set(seen) == set(SLURM_GPUS), seen
+    for rule, lines in seen.items():
+        for ln in lines:
+            assert re.search(rf"\bgpu={SLURM_GPUS[rule]}\b", ln), (rule, ln)
+            assert (re.search(r"\bnodes=1\b", ln) is not None) == (SLURM_GPUS[rule] > 1), (rule, ln)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import objectives, perturb
-from ..lm import sequences
+from ..lm import distributed, sequences
 from ..lm.settings import LoraFitConfig
 from ..lm.training import lr_lambda, micro_batches, torch_seed
 from .contract import Signals
@@ -146,15 +146,40 @@ class LoraFitter:
         return {"variant": cfg.variant, "signal": objectives.signal_of(cfg.variant), "seed": cfg.seed,
                 "config": {**dataclasses.asdict(cfg), "lr": float(lr)}}
 
-    def fit(self, ks: Sequence[int], lr: float) -> Signals:
+    def fit(self, ks: Sequence[int], lr: float) -> Signals | None:
         """Fit perturbed models ``ks`` at ``lr``: response signals of train [K, n] and queries [K, m].
 
         After the first model whose signals are not finite the chunk is lost (it will be recorded
         as diverged), so the remaining models are not fitted and their rows stay NaN.
+
+        Under torchrun the models are split, not sharded (a LoRA fit is small): rank ``r`` fits
+        ``ks[r::world]`` on its own device, and rank 0 gathers the rows into the order of ``ks``
+        and returns the Signals; the other ranks return None (the fitter contract). Each model
+        is the same as in one process (its randomness is keyed by ``(seed, k)``); after a
+        divergence each rank stops its own share.
         """
+        cfg = dataclasses.replace(self.cfg, lr=float(lr))
+        rank, world_size = distributed.world()
+        if world_size == 1:
+            tr, qu, trace = self._fit_rows(ks, cfg)
+        else:
+            parts = distributed.gather_rows(self._fit_rows(list(ks)[rank::world_size], cfg))
+            if rank != 0:
+                return None
+            tr = np.full((len(ks), len(self.train_enc)), np.nan, np.float32)
+            qu = np.full((len(ks), len(self.query_enc)), np.nan, np.float32)
+            trace = {"step": parts[0][2]["step"], **{t: np.full((len(ks), cfg.steps), np.nan) for t in TRACE_TERMS}}
+            for r, (tr_r, qu_r, trace_r) in enumerate(parts):
+                tr[r::world_size], qu[r::world_size] = tr_r, qu_r
+                for t in TRACE_TERMS:
+                    trace[t][r::world_size] = trace_r[t]
+        return Signals(tr, qu, np.asarray(ks, np.int64), self.train_ids, self.query_ids,
+                       signal=objectives.signal_of(cfg.variant), attrs=self.attrs(lr), trace=trace)
+
+    def _fit_rows(self, ks: Sequence[int], cfg: LoraFitConfig):
+        """(train [K, n], query [K, m], trace) of models ``ks`` fitted one after the other."""
         from tqdm.auto import tqdm
 
-        cfg = dataclasses.replace(self.cfg, lr=float(lr))
         tr = np.full((len(ks), len(self.train_enc)), np.nan, np.float32)
         qu = np.full((len(ks), len(self.query_enc)), np.nan, np.float32)
         trace = {"step": np.arange(1, cfg.steps + 1)}
@@ -169,8 +194,7 @@ class LoraFitter:
             if not (np.isfinite(tr[row]).all() and np.isfinite(qu[row]).all()):
                 log.warning("perturbed model k=%d diverged at lr %g (non-finite losses)", k, cfg.lr)
                 break
-        return Signals(tr, qu, np.asarray(ks, np.int64), self.train_ids, self.query_ids,
-                       signal=objectives.signal_of(cfg.variant), attrs=self.attrs(lr), trace=trace)
+        return tr, qu, trace
 
 
 def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[dict], ks: Sequence[int],
@@ -181,6 +205,9 @@ def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[
         FloatingPointError: a model's signals are not finite (the learning rate is too large).
     """
     sig = LoraFitter(base_model, train_enc, query_enc, cfg, pad_id=pad_id, device=device).fit(ks, cfg.lr)
+    if sig is None:
+        raise RuntimeError("perturbed_losses runs in one process; under torchrun use LoraFitter.fit, whose "
+                           "signals rank 0 receives")
     bad = sig.diverged()
     if bad.any():
         raise FloatingPointError(f"perturbed model k={int(sig.model_index[bad][0])} diverged at lr "

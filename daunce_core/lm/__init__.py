@@ -8,7 +8,8 @@ One module per concept; the imports point one way (``steps`` -> ``training``, ``
 * :mod:`.sequences` -- templates, encoding, batches, per-example signals and the perturbed
   objective of a sequence in logit space;
 * :mod:`.training` -- full fine-tuning and the learning-rate schedules;
-* :mod:`.generation` -- greedy generation and answer checking;
+* :mod:`.generation` -- greedy generation (vLLM on CUDA when installed) and answer checking;
+* :mod:`.distributed` -- torchrun: FSDP2 sharding, rank slices, gathering, SLURM's re-exec;
 * :mod:`.hub` -- loading and saving models and tokenizers, with one-line offline errors;
 * :mod:`.tiny` -- the tiny models and tokenizers made on the spot for offline runs and tests;
 * :mod:`.steps` -- the workflow steps of ``workflow/rules/llm.smk``.

@@ -21,7 +21,7 @@ from ..baselines.logra_llm import logra_scores
 from ..fit import chunks
 from ..fit.lm import LoraFitter, write_trace
 from ..utils import pick_device
-from . import data, tiny
+from . import data, distributed, tiny
 from .generation import evaluate_answers
 from .hub import load_causal_lm, load_tokenizer, save_model
 from .sequences import encode_examples, pad_id
@@ -35,8 +35,20 @@ __all__ = ["LLMSettings", "device", "prepare_data", "pretrain_tiny", "full_model
 
 
 def device(config: dict[str, Any]):
-    """The torch device of the workflow config's ``device`` key (``auto`` by default)."""
-    return pick_device(config.get("device", "auto"))
+    """The torch device of the workflow config's ``device`` key (``auto`` by default); under
+    torchrun this rank's (``cuda:LOCAL_RANK``), after joining the process group."""
+    return distributed.init_from_env(pick_device(config.get("device", "auto")))
+
+
+def _fine_tuned(base: str, s: LLMSettings, dev, train: list, seed: int, desc: str):
+    """(model, tokenizer) fully fine-tuned from ``base`` on ``train``; under torchrun the model is
+    FSDP-sharded for training and then gathered into a plain model on rank 0 (None elsewhere)."""
+    model, tok = _load(base, s, dev)
+    enc = encode_examples(tok, train, max_length=s.finetune.max_length, template=s.template)
+    info = finetune(model, enc, s.finetune, pad_id=pad_id(tok), seed=seed, desc=desc)
+    if distributed.world()[1] > 1:
+        model = distributed.unsharded(model, lambda: _load(base, s, dev)[0])
+    return model, tok, info
 
 
 def _load(path: str, s: LLMSettings, dev):
@@ -103,9 +115,10 @@ def full_models(s: LLMSettings, base: str, train_jsonl, query_jsonl, theta0_dir,
     train, query = data.read_jsonl(train_jsonl), data.read_jsonl(query_jsonl)
     correct, logs, responses0 = [], [], None
     for seed in range(s.seeds):
-        model, tok = _load(base, s, dev)
-        enc = encode_examples(tok, train, max_length=s.finetune.max_length, template=s.template)
-        logs.append(finetune(model, enc, s.finetune, pad_id=pad_id(tok), seed=seed, desc=f"full fine-tune seed {seed}"))
+        model, tok, info = _fine_tuned(base, s, dev, train, seed, f"full fine-tune seed {seed}")
+        logs.append(info)
+        if model is None:  # a rank > 0 of torchrun: rank 0 evaluates and writes
+            continue
         c, resp = evaluate_answers(model, tok, s.task, query, **s.gen_kw())
         correct.append(c)
         log.info("full-data model, seed %d: %.3f of %d queries correct", seed, c.mean(), len(query))
@@ -113,6 +126,8 @@ def full_models(s: LLMSettings, base: str, train_jsonl, query_jsonl, theta0_dir,
             save_model(model, tok, theta0_dir)
             responses0 = resp
         del model
+    if distributed.world()[0] != 0:
+        return {}
     correct = np.stack(correct)
     selected = removal.select_queries(correct)
     frac = s.select.fraction if len(s.lr_grid) > 1 else 0.0
@@ -149,6 +164,8 @@ def daunce_chunk(s: LLMSettings, theta0_dir, train_jsonl, queries_jsonl, lr: flo
                         encode_examples(tok, query, max_length=cfg.max_length, template=s.template), cfg,
                         pad_id=pad_id(tok), device=dev, train_ids=_ids(train), query_ids=_ids(query))
     sig = fitter.fit(chunks.chunk_models(s.K, s.chunk_size, chunk), lr)
+    if sig is None:  # a rank > 0 of torchrun: its fits went to rank 0
+        return
     if chunks.write_signals(out_h5, sig):
         write_trace(out_h5, sig)
 
@@ -156,9 +173,9 @@ def daunce_chunk(s: LLMSettings, theta0_dir, train_jsonl, queries_jsonl, lr: flo
 def _retrainer(s: LLMSettings, base: str, train: list, queries: list, dev):
     """``retrain(keep, seed) -> correct`` for the removal harness: full fine-tune from ``base``."""
     def retrain(keep: np.ndarray, seed: int) -> np.ndarray:
-        model, tok = _load(base, s, dev)
-        enc = encode_examples(tok, [train[i] for i in keep], max_length=s.finetune.max_length, template=s.template)
-        finetune(model, enc, s.finetune, pad_id=pad_id(tok), seed=seed, desc=f"retrain seed {seed}")
+        model, tok, _ = _fine_tuned(base, s, dev, [train[i] for i in keep], seed, f"retrain seed {seed}")
+        if model is None:  # a rank > 0 of torchrun: placeholders, rank 0 alone writes the result
+            return np.zeros(len(queries), bool)
         correct, _ = evaluate_answers(model, tok, s.task, queries, **s.gen_kw())
         return correct
 
@@ -206,6 +223,12 @@ def select_lr(s: LLMSettings, losses_paths: Sequence, lrs: Sequence[str], eval_j
                           "none to judge on (one usable lr or no selection queries): minus the lr's position "
                           "among the usable lrs of the grid"),
             "select_N": s.select.N, "measure": s.measure}
+    if distributed.world()[0] != 0:  # a rank > 0 of torchrun retrains with rank 0; rank 0 alone writes
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return chunks.select_lr(paths, judge, Path(tmp) / "losses.h5", Path(tmp) / "lr.json", meta,
+                                    key="wrong_select", grid_option="llm.daunce.lr_grid")
     return chunks.select_lr(paths, judge, out_losses, out_json, meta, key="wrong_select",
                             grid_option="llm.daunce.lr_grid")
 
@@ -253,5 +276,7 @@ def removal_job(s: LLMSettings, method: str, N: int, scores_path, base: str, tra
     pos = {q["id"]: j for j, q in enumerate(queries)}
     retrain = _retrainer(s, base, train, [queries[pos[i]] for i in test_ids], dev)
     res = removal.removal_effect(ranking, int(N), s.removal_seeds(), retrain)
+    if distributed.world()[0] != 0:  # a rank > 0 of torchrun: rank 0 holds the answers and writes
+        return res
     removal.write_result(out, res, method=method, queries=len(test_ids), n_train=len(train))
     return res
