@@ -169,7 +169,8 @@ rule llm_removal:
 rule fig2:
     """Figure 2: most-influential-subset removal, DAUNCE and LoGra against random removal."""
     input:
-        llm_removal_files,
+        results=llm_removal_files,
+        config=EFFECTIVE_CONFIG,
     output:
         pdf=report(
             "results/fig2.pdf",
