@@ -4,7 +4,7 @@
 # Threads and resources are not here either: they come from the profiles (profiles/*/config.yaml).
 import json
 import math
-from pathlib import Path
+import os
 
 import yaml
 
@@ -57,15 +57,18 @@ def effective_config_text():
 
 
 rule effective_config:
-    """The effective config (the text is a param: a changed config rewrites it, the same one does
-    not); every final target depends on it, so every run that makes one writes it."""
+    """The effective config (its text is a param: a changed config rewrites it, the same one does
+    not); every final target depends on it, so every run that makes one writes it. A template
+    rule, rendered inside the driver: no job process, no second parse of the workflow."""
+    input:
+        os.path.join(workflow.basedir, "report", "effective_config.yaml.j2"),
     output:
         report(EFFECTIVE_CONFIG, caption="../report/config.rst", category="Configuration"),
     params:
         text=lambda wildcards: effective_config_text(),  # a function: "{prompt}" is no wildcard
     localrule: True
-    run:
-        Path(output[0]).write_text(params.text)
+    template_engine:
+        "jinja2"
 
 
 # --- what `rule all` asks for ----------------------------------------------------------------
