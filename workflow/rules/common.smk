@@ -4,7 +4,6 @@
 # Threads and resources are not here either: they come from the profiles (profiles/*/config.yaml).
 import json
 import math
-import os
 
 import yaml
 
@@ -48,27 +47,12 @@ def effective_config_text():
     it (dicts key by key, lists replaced whole), then --config, then the schema's defaults."""
     plain = json.loads(json.dumps(config))  # OrderedDicts (JSON configs) -> dicts, for safe_dump
     return (
-        "# The effective config of the last run of this experiment (written by rule effective_config):\n"
+        "# The effective config of the last run of this experiment (step effective_config):\n"
         "# config/config.yaml with every --configfile merged onto it (lists replaced whole, sections\n"
         "# kept), then --config and the schema's defaults. Rerun it alone with\n"
         "#   snakemake --replace-workflow-config --configfile <this file>\n"
         + yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, width=100)
     )
-
-
-rule effective_config:
-    """The effective config (its text is a param: a changed config rewrites it, the same one does
-    not); every final target depends on it, so every run that makes one writes it. A template
-    rule, rendered inside the driver: no job process, no second parse of the workflow."""
-    input:
-        os.path.join(workflow.basedir, "report", "effective_config.yaml.j2"),
-    output:
-        report(EFFECTIVE_CONFIG, caption="../report/config.rst", category="Configuration"),
-    params:
-        text=lambda wildcards: effective_config_text(),  # a function: "{prompt}" is no wildcard
-    localrule: True
-    template_engine:
-        "jinja2"
 
 
 # --- what `rule all` asks for ----------------------------------------------------------------
