@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .settings import ConfigError, build, nested, setting
@@ -159,5 +160,138 @@ class ExperimentConfig:
             raise ConfigError(f"lds.alpha must be in (0, 1), got {self.lds.alpha}")
         if any(k > d.K or k < 2 for k in d.k_curve):
             raise ConfigError(f"daunce.k_curve values must lie in [2, K={d.K}], got {d.k_curve}")
+        check_cross_fields(self)
         return self
 
+
+
+# --- cross-field checks, run at parse time so a bad config fails before any job (issue 11) ------
+
+# (train, query) pool sizes known without a download. digits is one pool of 1797 examples that the
+# split divides; the others draw train from their train split and queries from their test split.
+KNOWN_SIZES: dict[str, tuple[int, int | None]] = {
+    "digits": (1797, None),
+    "cifar10": (50000, 10000), "CIFAR10": (50000, 10000), "CIFAR100": (50000, 10000),
+    "MNIST": (60000, 10000), "FashionMNIST": (60000, 10000), "KMNIST": (60000, 10000),
+}
+THRESHOLD_NEEDS = {"none": (), "soft": ("quantile",), "hard": ("quantile",), "topk": ("k",)}
+
+
+def known_split_sizes(data: DataConfig) -> tuple[int, int] | None:
+    """(n_train, n_query) the data rule will produce, when the dataset's size is known offline;
+    None for folders, npz files and datasets of unknown size. 0 in the config means all."""
+    sizes = KNOWN_SIZES.get(data.name)
+    if sizes is None:
+        return None
+    train_pool, query_pool = sizes
+    if query_pool is None:  # one pool: the queries come from what the training set leaves
+        n = data.n_train or train_pool
+        if n > train_pool:
+            raise ConfigError(f"data.n_train={data.n_train} but {data.name} has only {train_pool} examples; "
+                              f"lower data.n_train")
+        m = data.n_query or train_pool - n
+        if n + m > train_pool or m == 0:
+            raise ConfigError(f"data.n_train + data.n_query = {n} + {data.n_query or 'all'} but {data.name} has "
+                              f"{train_pool} examples in total; lower one of them (n_train + n_query <= "
+                              f"{train_pool - 1} with at least one query)")
+        return n, m
+    for key, asked, pool in (("n_train", data.n_train, train_pool), ("n_query", data.n_query, query_pool)):
+        if asked > pool:
+            raise ConfigError(f"data.{key}={asked} but {data.name} has only {pool} examples in that split; "
+                              f"lower data.{key} (0 = all)")
+    return data.n_train or train_pool, data.n_query or query_pool
+
+
+def check_cross_fields(cfg: ExperimentConfig) -> None:
+    """Checks that involve several keys (called by :meth:`ExperimentConfig.validate`)."""
+    if cfg.data.n_train < 0 or cfg.data.n_query < 0:
+        raise ConfigError(f"data.n_train and data.n_query must be >= 0 (0 = all), got {cfg.data.n_train} "
+                          f"and {cfg.data.n_query}")
+    sizes = known_split_sizes(cfg.data)
+    d, lds = cfg.daunce, cfg.lds
+    for key in ("M", "M_select"):
+        if getattr(lds, key) < 2:
+            raise ConfigError(f"lds.{key} must be at least 2 (a Spearman correlation over masks needs two), "
+                              f"got {getattr(lds, key)}")
+    for key in ("seeds", "chunk_size", "bootstrap"):
+        if getattr(lds, key) < 1:
+            raise ConfigError(f"lds.{key} must be at least 1, got {getattr(lds, key)}")
+    if not d.lr_grid:
+        raise ConfigError("daunce.lr_grid is empty; give at least one learning rate")
+    tags = [f"{lr:g}" for lr in d.lr_grid]  # the workflow's file names (lr{tag}/)
+    if len(set(tags)) != len(tags):
+        raise ConfigError(f"daunce.lr_grid has learning rates that print alike ({tags}); every rate gets "
+                          f"its folder lr<rate>/, so make them distinct")
+    if not d.variants:
+        raise ConfigError("daunce.variants is empty; name at least one of daunce, daunce_e, daunce_t (+ _bb)")
+    if d.select_measure not in ("correlation", "covariance"):
+        raise ConfigError(f"daunce.select_measure must be 'correlation' or 'covariance', got {d.select_measure!r}")
+    th = lds.threshold
+    kind = th.get("kind", "none") if isinstance(th, dict) else None
+    if kind not in THRESHOLD_NEEDS:
+        raise ConfigError(f"lds.threshold.kind must be one of {', '.join(THRESHOLD_NEEDS)}, got {kind!r}")
+    for key in THRESHOLD_NEEDS[kind]:
+        if th.get(key) is None:
+            what = ("k, the number of largest |scores| kept per query" if key == "k"
+                    else "quantile, the per-query |score| quantile below which scores are cut")
+            raise ConfigError(f"lds.threshold: kind {kind!r} needs {what} (lds.threshold.{key})")
+    if kind == "topk":
+        k = th["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"lds.threshold.k must be a positive integer, got {k!r}")
+        if sizes is not None and k > sizes[0]:
+            raise ConfigError(f"lds.threshold.k={k} exceeds the {sizes[0]} training examples; lower it")
+    if kind in ("soft", "hard"):
+        q = th["quantile"]
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < 1:
+            raise ConfigError(f"lds.threshold.quantile must be in [0, 1), got {q!r}")
+
+
+def check_figures(figures: dict | None, cfg: ExperimentConfig) -> dict:
+    """The config's ``figures`` section with its defaults, checked against the experiment:
+    ``variant`` (of Figures 5 and 6) must be run, ``query`` (Figure 5) must be a query index."""
+    out = {"variant": cfg.daunce.variants[0], "query": 0, **(figures or {})}
+    if out["variant"] not in cfg.daunce.variants:
+        raise ConfigError(f"figures.variant {out['variant']!r} is not among daunce.variants {cfg.daunce.variants}; "
+                          f"choose one of them or add it to daunce.variants")
+    q = out["query"]
+    if isinstance(q, bool) or not isinstance(q, int) or q < 0:
+        raise ConfigError(f"figures.query must be a query index >= 0, got {q!r}")
+    sizes = known_split_sizes(cfg.data)
+    n_query = sizes[1] if sizes is not None else (cfg.data.n_query or None)
+    if n_query is not None and q >= n_query:
+        raise ConfigError(f"figures.query={q} but there are {n_query} queries (data.n_query); choose 0..{n_query - 1}")
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file as a dict; a syntax error names the file, line and column.
+
+    (Snakemake's own message for a bad ``--configfile`` names neither, and PyYAML's spans lines.)
+    """
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem:
+            started = f" started at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+            what += f" ({exc.context}{started})"
+        if "\\t" in what:
+            what += "; indent with spaces, not tabs"
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML syntax error: {' '.join(str(exc).split())}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of keys (experiment: ..., data: ...), "
+                          f"got a {type(data).__name__}")
+    return data

@@ -13,7 +13,7 @@ def main(sm):
     elif sm.rule == "fig6":
         figures.fig6(sm.input[0], sm.output[0], label=sm.params.label)
     elif sm.rule == "fig5":
-        scores = {k: v for k, v in sm.input.items() if k != "split"}
+        scores = {k: v for k, v in sm.input.items() if k not in ("split", "config")}
         figures.fig5(experiment_config(sm), sm.input.split, scores, sm.output[0], query=int(sm.params.query))
     else:
         raise ValueError(f"scripts/figures.py does not draw rule {sm.rule!r}")

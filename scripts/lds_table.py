@@ -4,7 +4,7 @@ from daunce_core.runner import run_script
 
 
 def main(sm):
-    lds_table(list(sm.input), sm.output[0])
+    lds_table(list(sm.input.evals), sm.output[0])
 
 
 run_script(snakemake, main)  # noqa: F821

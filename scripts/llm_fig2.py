@@ -4,7 +4,7 @@ from daunce_core.runner import run_script
 
 
 def main(sm):
-    results = removal.read_results(list(sm.input))
+    results = removal.read_results(list(sm.input.results))
     rows = removal.summarise(results)
     removal.write_table(rows, sm.output.csv)
     removal.plot_removal(rows, sm.output.pdf, title=sm.params.title, n_train=results[0].get("n_train"),

@@ -19,16 +19,14 @@ import json
 import os
 import sys
 
-import yaml
-
 from ..utils import set_threads
 
 
 def _config(path: str, overrides: argparse.Namespace):
+    from ..config import read_config_file
     from .study import load_config
 
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+    raw = read_config_file(path)  # a syntax error names the file and the line
     bb = dict(raw.get("blackbox", {}))
     if getattr(overrides, "spend", False):
         bb["spend"] = True
@@ -91,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         serve_main(["--config", cfg_path])
         return 0
 
+    from ..settings import ConfigError
     from .cost import SpendNotAllowed, check_spend, format_estimate, total_usd
     from .study import estimate
 
     set_threads(1)
-    cfg = _config(args.configfile, args)
+    try:
+        cfg = _config(args.configfile, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     train, query, what = _rows(cfg, args.nominal, args.prompt_chars)
     report: dict = {}
     everything = []

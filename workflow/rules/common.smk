@@ -2,15 +2,19 @@
 # Everything is computed from `config` alone (read-only names, or functions called when the DAG is
 # built), so no rule file fills a list another one reads and the include order does not matter.
 # Threads and resources are not here either: they come from the profiles (profiles/*/config.yaml).
+import json
 import math
+
+import yaml
 
 from daunce_core.baselines import METHODS as ALL_BASELINES, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
-from daunce_core.config import ExperimentConfig
+from daunce_core.config import ExperimentConfig, check_figures
 from daunce_core.lm.settings import LLMSettings
 
 EXP = config["experiment"]
 CFG = ExperimentConfig.from_dict(config).validate()
+FIGURES = check_figures(config.get("figures"), CFG)  # variant run, query in range
 LLM = LLMSettings.from_config(config)
 BB = blackbox_load_config(config)
 
@@ -31,6 +35,24 @@ wildcard_constraints:
     N=r"\d+",
     bbmodel=r"[A-Za-z0-9_.:-]+",
     access=r"api|strict",
+
+
+# --- the effective config: what this run uses, written beside its results --------------------
+
+EFFECTIVE_CONFIG = f"results/{EXP}/config.yaml"
+
+
+def effective_config_text():
+    """The config as the workflow sees it: config/config.yaml, then each --configfile merged onto
+    it (dicts key by key, lists replaced whole), then --config, then the schema's defaults."""
+    plain = json.loads(json.dumps(config))  # OrderedDicts (JSON configs) -> dicts, for safe_dump
+    return (
+        "# The effective config of the last run of this experiment (step effective_config):\n"
+        "# config/config.yaml with every --configfile merged onto it (lists replaced whole, sections\n"
+        "# kept), then --config and the schema's defaults. Rerun it alone with\n"
+        "#   snakemake --replace-workflow-config --configfile <this file>\n"
+        + yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, width=100)
+    )
 
 
 # --- what `rule all` asks for ----------------------------------------------------------------
@@ -104,12 +126,12 @@ def lds_eval_files(wildcards=None):
 
 
 def figure_variant():
-    return config.get("figures", {}).get("variant", CFG.daunce.variants[0])
+    return FIGURES["variant"]
 
 
 def fig5_inputs(wildcards):
     """The data split and the scores (per measure) of the variant Figure 5 shows."""
-    out = {"split": f"results/{EXP}/data/split.npz"}
+    out = {"split": f"results/{EXP}/data/split.npz", "config": EFFECTIVE_CONFIG}
     out.update({m: f"results/{EXP}/scores/{figure_variant()}/{m}.h5" for m in MEASURES})
     return out
 
@@ -258,6 +280,7 @@ def blackbox_fig4_inputs(wildcards):
     out = {
         "train": f"results/{EXP}/blackbox/data/train.jsonl",
         "query": f"results/{EXP}/blackbox/data/query.jsonl",
+        "config": EFFECTIVE_CONFIG,
     }
     out["theta0"] = [f"results/{EXP}/blackbox/{m}/theta0.json" for m in BB.models]
     out["scores"] = [f"results/{EXP}/blackbox/{m}/scores/{a}.h5" for m in BB.models for a in BB.access]

@@ -67,6 +67,7 @@ rule fig6:
     """Figure 6: LDS against K with the fitted y = a exp(-b K) + c."""
     input:
         f"results/{EXP}/lds/k_curve/{figure_variant()}.csv",
+        config=EFFECTIVE_CONFIG,
     output:
         report(
             "results/fig6.pdf",
@@ -98,7 +99,7 @@ rule fig5:
     log:
         f"results/{EXP}/logs/fig5.log",
     params:
-        query=config.get("figures", {}).get("query", 0),
+        query=FIGURES["query"],
     conda:
         "../envs/daunce.yaml"
     script:

@@ -44,7 +44,8 @@ rule lds_eval:
 
 rule lds_table:
     input:
-        lds_eval_files,
+        evals=lds_eval_files,
+        config=EFFECTIVE_CONFIG,
     output:
         report(
             "results/lds.csv",

@@ -173,7 +173,8 @@ rule fig2:
     """Figure 2: most-influential-subset removal, DAUNCE and LoGra against random removal, and the
     paired differences over the retrain seeds with 95% t-intervals (the table holds both)."""
     input:
-        llm_removal_files,
+        results=llm_removal_files,
+        config=EFFECTIVE_CONFIG,
     output:
         pdf=report(
             "results/fig2.pdf",
