@@ -18,7 +18,7 @@ from . import store  # noqa: E402
 from .lds import read_lds_table  # noqa: E402
 
 DISPLAY = {
-    "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T",
+    "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_t_q": "DAUNCE-T (Q)",
     "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
     "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
     "tracin": "TracIn", "exact_if": "Exact IF",

@@ -22,6 +22,8 @@ TINY = {
     "lds": {"alpha": 0.5, "M": 30, "M_select": 12, "seeds": 1, "chunk_size": 20, "bootstrap": 200,
             "threshold": {"kind": "hard", "quantile": 0.8}},
     "figures": {"variant": "daunce", "query": 1},
+    # the budget rule: no method tries more settings than DAUNCE's 2 learning rates
+    "baselines": {"exact_if": {"damping_grid": [0.01, 0.1]}},
 }
 
 

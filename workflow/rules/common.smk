@@ -6,7 +6,7 @@ import math
 
 from daunce_core.baselines import METHODS as ALL_BASELINES, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
-from daunce_core.config import ExperimentConfig
+from daunce_core.config import ExperimentConfig, fit_variant
 from daunce_core.lm.settings import LLMSettings
 
 EXP = config["experiment"]
@@ -22,7 +22,7 @@ LR_TAGS = [f"{lr:g}" for lr in CFG.daunce.lr_grid]
 
 wildcard_constraints:
     experiment=r"[A-Za-z0-9_.-]+",
-    variant=r"daunce(_e|_t)?(_bb)?",
+    variant=r"daunce(_e|_t)?(_bb|_q)?",
     measure=r"correlation|covariance|score",
     method=r"[a-z0-9_]+",
     lr=r"[0-9.e+-]+",
@@ -73,10 +73,11 @@ def daunce_chunk_files(wildcards):
 
 
 def lr_grid_losses(wildcards):
+    """The grid's losses files of the variant's fits (daunce_t_q is scored from daunce_t's)."""
     return expand(
         "results/{experiment}/daunce/{variant}/lr{lr}/losses.h5",
         experiment=wildcards.experiment,
-        variant=wildcards.variant,
+        variant=fit_variant(wildcards.variant),
         lr=LR_TAGS,
     )
 
@@ -90,6 +91,19 @@ def lds_chunk_files(wildcards):
         split=wildcards.split,
         chunk=range(n),
     )
+
+
+def lds_eval_inputs(wildcards):
+    """Scores and the test ground truth; for a DAUNCE variant also its learning-rate selection
+    (the baselines carry theirs in the scores file)."""
+    exp = wildcards.experiment
+    out = {
+        "scores": f"results/{exp}/scores/{wildcards.method}/{wildcards.measure}.h5",
+        "ground_truth": f"results/{exp}/lds/test.h5",
+    }
+    if wildcards.method in CFG.daunce.variants:
+        out["selection"] = f"results/{exp}/daunce/{wildcards.method}/selection.json"
+    return out
 
 
 def lds_eval_files(wildcards=None):
@@ -124,7 +138,7 @@ def fig1a_methods(wildcards):
 
 def baseline_methods():
     """The baselines the config's `baselines.methods` asks for, in its order."""
-    return [m for m in BaselinesConfig.from_config(config).methods if m in ALL_BASELINES]
+    return [m for m in BaselinesConfig.from_config(config).validate().methods if m in ALL_BASELINES]
 
 
 def baseline_eval_files():
@@ -135,12 +149,20 @@ def baseline_eval_files():
 def cost_inputs(wildcards):
     """LDS table, scores and losses files whose jobs' benchmark files the cost table reads."""
     out = {"lds": "results/lds.csv"}
+    out["select"] = f"results/{EXP}/lds/select.h5"
     for v in WHITE_BOX:
         out[f"losses_{v}"] = f"results/{EXP}/daunce/{v}/losses.h5"
         out[f"score_{v}"] = f"results/{EXP}/scores/{v}/correlation.h5"
     for m in baseline_methods():
         out[f"score_{m}"] = f"results/{EXP}/scores/{m}/score.h5"
     return out
+
+
+def selection_benchmarks(wildcards=None):
+    """Benchmark files of the selection ground truth's retrain jobs: tuning cost shared by every
+    tuned method (results/cost.md)."""
+    n = math.ceil(CFG.lds.M_select / CFG.lds.chunk_size)
+    return [f"results/{EXP}/benchmarks/lds/select/chunk{c}.tsv" for c in range(n)]
 
 
 def cost_entries(wildcards):
@@ -150,10 +172,12 @@ def cost_entries(wildcards):
         {
             "kind": "daunce",
             "method": v,
-            "fit_benchmarks": [f"results/{EXP}/benchmarks/daunce/{v}/chunk{c}.tsv" for c in range(n_chunks)],
+            "fit_benchmarks": [f"results/{EXP}/benchmarks/daunce/{fit_variant(v)}/chunk{c}.tsv" for c in range(n_chunks)],
             "score_benchmark": f"results/{EXP}/benchmarks/scores/{v}/correlation.tsv",
             "grid": len(LR_TAGS),
             "losses": f"results/{EXP}/daunce/{v}/losses.h5",
+            "select_benchmark": f"results/{EXP}/benchmarks/daunce/{v}/select_lr.tsv",
+            "selection": f"results/{EXP}/daunce/{v}/selection.json",
         }
         for v in WHITE_BOX
     ]
