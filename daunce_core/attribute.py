@@ -5,21 +5,18 @@
     # scores[i, j] > 0: training example i helps query j
 
 ``model`` is theta_0 (trained already); its weights are not modified. BatchNorm layers keep
-theta_0's statistics (eval mode) during the perturbed fits.
+theta_0's statistics (eval mode) during the perturbed fits. These are shortcuts of
+:mod:`daunce_core.api` with its :class:`~daunce_core.api.ClassificationTask`; any other model,
+loss, dataset or a causal LM goes through that module.
 """
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import DaunceConfig
-from .fit import chunks
-from .fit.ensemble import EnsembleFitter
+from .api import ClassificationTask, fit_losses
 from .scoring import pairwise_scores
-from .utils import pick_device
 
 
 def perturbed_losses(
@@ -41,17 +38,9 @@ def perturbed_losses(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return the per-example signals
     (loss, or margin for ``daunce_t``) of the training and query sets: ([K, n], [K, m])."""
-    if K < 2:
-        raise ValueError(f"K must be at least 2 (a covariance needs two models), got {K}")
-    dev = pick_device(device)
-    net = copy.deepcopy(model).to(dev)
-    theta_0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    X, y = (torch.as_tensor(t, device=dev) for t in train)
-    Xq, yq = (torch.as_tensor(t, device=dev) for t in query)
-    cfg = DaunceConfig(K=K, ratio=ratio, epochs=epochs, batch_size=batch_size, rho=rho, gamma=gamma,
-                       seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K])
-    fitter = EnsembleFitter(net, theta_0, (X, y), (Xq, yq), variant=variant, cfg=cfg)
-    signals = chunks.fit_all(fitter, K, chunk_size, lr)
+    signals = fit_losses(model, ClassificationTask(), train, query, variant=variant, K=K, ratio=ratio,
+                         epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma, seed=seed,
+                         chunk_size=chunk_size, device=device)
     return signals.train, signals.query
 
 

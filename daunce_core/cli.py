@@ -1,7 +1,9 @@
-"""The ``daunce`` command: scoring, LDS evaluation and file inspection without Snakemake.
+"""The ``daunce`` command: perturbed fits, scoring, LDS evaluation and file inspection without Snakemake.
 
+    daunce fit --configfile CONFIG.yaml [--configfile MORE.yaml] [-o LOSSES.h5] [--variant V]
+               [--lr X] [--theta0 STATE.safetensors]
     daunce score LOSSES.h5 -o SCORES.h5 [--measure correlation|covariance] [--topk N]
-                 [--threshold none|soft|hard [--lambda X]] [--memory-gb G]
+                 [--threshold none|soft|hard [--lambda X]] [--memory-gb G] [--reliability]
     daunce lds SCORES.h5 GROUND_TRUTH.h5 [--threshold soft|hard [--quantile 0.9] |
                  --threshold topk [--k 100]] [--bootstrap B]
     daunce info FILE.h5
@@ -11,24 +13,143 @@ line), and it leaves every file as it was: an output that is an input, a directo
 under a file is refused before any work, options that would do nothing are refused, and SIGTERM
 or Ctrl-C remove the temporary output (exit status 143 or 130). ``daunce lds`` pairs scores with
 ground truth on example ids, reordering (with a note on stderr) when only the order differs.
+A losses file without ids (written by another tool) is scored with ids 0..n-1 and 0..m-1, with
+a note on stderr.
+
+``daunce fit`` runs the K perturbed fits of an experiment config (the workflow's: several
+``--configfile`` are merged in order, as Snakemake merges them over its default) and writes the
+losses file, for users who only want scores: theta_0 is loaded from ``--theta0`` (the workflow's
+``base`` output) or trained with the config's ``base`` recipe and not kept.
+
+``daunce score --reliability`` also tells whether K is large enough, without retraining: the
+Monte Carlo standard error of each score and the split-K reliability of the scores
+(daunce_core/diagnostics.py), printed and stored in the scores file.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 
 from . import store
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, nested dicts key by key (Snakemake's merge of config files)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _experiment(paths: list[str]):
+    import yaml
+
+    from .config import ExperimentConfig
+
+    raw: dict = {}
+    for path in paths:
+        with open(path) as fh:
+            try:
+                doc = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(doc).__name__}")
+        raw = _merge(raw, doc)
+    return ExperimentConfig.from_dict(raw).validate()
+
+
+def _fit(args: argparse.Namespace) -> None:
+    inputs = [*args.configfile, *([args.theta0] if args.theta0 else [])]
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file")
+    cfg = _experiment(args.configfile)
+    variant = args.variant or cfg.daunce.variants[0]
+    lr = args.lr
+    if lr is None:
+        if len(cfg.daunce.lr_grid) != 1:
+            raise ValueError(f"daunce.lr_grid holds {len(cfg.daunce.lr_grid)} learning rates "
+                             f"{cfg.daunce.lr_grid}; choose one with --lr (the workflow selects it by LDS)")
+        lr = float(cfg.daunce.lr_grid[0])
+    out = args.output or f"{cfg.experiment}.{variant}.losses.h5"
+    store.check_output(out, inputs=inputs)  # before the slow imports and the fits
+    signals = _perturbed_fits(cfg, variant, lr, args.theta0)
+    bad = signals.diverged()
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {cfg.daunce.K} perturbed models diverged at lr={lr:g} "
+                         "(non-finite losses); nothing written, lower --lr")
+    d = cfg.daunce
+    setting = {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
+               "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch}
+    from .fit import chunks
+
+    chunks.write_signals(out, signals, {"config": setting, "experiment": cfg.experiment, "lr": lr})
+    print(f"wrote {out}")
+
+
+def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
+    """The K perturbed fits of the workflow's ``perturbed`` rule at one lr, theta_0 loaded or
+    trained as its ``base`` rule trains it (library calls only: the CLI is no workflow step;
+    tests/test_cli.py checks both against daunce_core/pipeline.py)."""
+    import numpy as np
+    import torch
+
+    from . import ensemble as E
+    from .data import load_dataset
+    from .fit import chunks
+    from .fit.ensemble import EnsembleFitter
+    from .models import build_model, model_factory
+    from .utils import pick_device
+
+    device = pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    X, y = torch.as_tensor(ds.X_train, device=device), torch.as_tensor(ds.y_train, device=device)
+    in_shape = ds.X_train.shape[1:]
+    if theta0_path is None:
+        # the base rule's key of theta_0's initialisation and data order
+        _, p, b = E.fit_from_scratch(model_factory(cfg.model, in_shape, ds.num_classes), X, y, [np.arange(ds.n)],
+                                     [(cfg.base.seed, 0, 0, 11)], cfg.base, augment=cfg.base.augment)
+        theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
+        print(f"daunce fit: note: trained theta_0 with the base recipe ({cfg.base.epochs} epochs); pass "
+              "--theta0 to reuse one", file=sys.stderr)
+    else:
+        theta0 = store.load_state(theta0_path, device)
+    query = (torch.as_tensor(ds.X_query, device=device), torch.as_tensor(ds.y_query, device=device))
+    fitter = EnsembleFitter(build_model(cfg.model, in_shape, ds.num_classes).to(device), theta0, (X, y), query,
+                            variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids)
+    return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
+
+
+def _check_fit(args: argparse.Namespace) -> str | None:
+    from .objectives import VARIANTS  # torch: only for this command
+
+    if args.variant is not None and args.variant not in VARIANTS:
+        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(VARIANTS)})"
+    return None
 
 
 def _score(args: argparse.Namespace) -> None:
     store.check_output(args.output, inputs=[args.losses])  # before the slow imports and reads
     from .scoring import score_file
 
-    path = score_file(args.losses, args.output, measure=args.measure, topk=args.topk,
-                      threshold=args.threshold, lam=0.0 if args.lam is None else args.lam,
-                      memory_gb=args.memory_gb)
+
+    kwargs = dict(measure=args.measure, topk=args.topk, threshold=args.threshold,
+                  lam=0.0 if args.lam is None else args.lam, memory_gb=args.memory_gb)
+    if args.reliability:
+        from .diagnostics import score_file_with_diagnostics
+
+        path, diag = score_file_with_diagnostics(args.losses, args.output, **kwargs)
+        print(diag.report())
+    else:
+        path = score_file(args.losses, args.output, **kwargs)
+    with store._open(path) as f:
+        if f.attrs.get("ids") == "positional":
+            print(f"daunce score: note: {args.losses} carries no example ids; scored with default ids "
+                  "0..n-1 (training) and 0..m-1 (queries), marked ids=positional", file=sys.stderr)
     print(f"wrote {path}")
 
 
@@ -117,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
+    t = sub.add_parser("fit", help="the K perturbed fits of an experiment config -> a losses file")
+    t.add_argument("--configfile", action="append", required=True,
+                   help="experiment config (YAML); repeat to merge several, later ones winning")
+    t.add_argument("-o", "--output", default=None,
+                   help="losses HDF5 file to write (default: EXPERIMENT.VARIANT.losses.h5)")
+    t.add_argument("--variant", default=None,
+                   help="perturbed objective (default: the first of daunce.variants)")
+    t.add_argument("--lr", type=_number(float, 0.0, above=True), default=None,
+                   help="learning rate of the perturbed fits (default: daunce.lr_grid when it holds one)")
+    t.add_argument("--theta0", default=None,
+                   help="theta_0 (safetensors, the workflow's base output); default: train it")
+    t.set_defaults(func=_fit, check=_check_fit)
+
     s = sub.add_parser("score", help="attribution scores from a losses file (train [K,n], query [K,m])")
     s.add_argument("losses", help="losses HDF5 file")
     s.add_argument("-o", "--output", required=True, help="scores HDF5 file to write (atomically)")
@@ -129,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-gb", type=_number(float, 0.0, above=True), default=4.0,
                    help="peak memory budget of the scoring; dense scores larger than it are "
                         "refused (use --topk)")
+    s.add_argument("--reliability", action="store_true",
+                   help="also the Monte Carlo standard error of each score and the split-K "
+                        "reliability (is K large enough?), printed and stored in the scores file; "
+                        "about 5x the scoring's arithmetic")
     s.set_defaults(func=_score, check=_check_score)
 
     q = sub.add_parser("lds", help="LDS of a scores file against LDS ground truth")
@@ -162,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     with store.cleanup_on_signals():
         try:
             args.func(args)
-        except (store.StoreError, ValueError, OSError) as exc:
+        except (store.StoreError, ValueError, OSError, RuntimeError) as exc:  # DataError too
             message = " ".join(str(exc).split())
             print(f"daunce {args.command}: error: {message}", file=sys.stderr)
             return 1

@@ -33,6 +33,28 @@ def q_weighted(variant: str) -> bool:
 OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
 
 
+BUILTIN_DATASETS = ("digits", "cifar10", "imagefolder", "npz")
+DATASETS_HELP = ("'digits', 'cifar10', 'imagefolder', 'npz' or a torchvision.datasets class name "
+                 "(MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
+
+
+def torchvision_dataset(name: str) -> type | None:
+    """The torchvision dataset class called ``name``, or None (imports torchvision only then)."""
+    if not name.isidentifier() or name in BUILTIN_DATASETS:
+        return None
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name, None)
+    if isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset):
+        return cls
+    return None
+
+
+def known_dataset(name: str) -> bool:
+    """Whether ``data.name`` names a dataset :func:`daunce_core.data.load_dataset` can load."""
+    return name in BUILTIN_DATASETS or name == "CIFAR10" or torchvision_dataset(name) is not None
+
+
 @dataclass
 class DataConfig:
     """The dataset and its train/query split, with stable example ids."""
@@ -144,6 +166,8 @@ class ExperimentConfig:
         return build(cls, cfg, "", ignore=ignore, validate=False)
 
     def validate(self) -> "ExperimentConfig":
+        if not known_dataset(self.data.name):
+            raise ConfigError(f"data.name: unknown dataset {self.data.name!r}; choose {DATASETS_HELP}")
         d = self.daunce
         if not 0.0 < d.ratio <= 1.0:
             raise ConfigError(f"daunce.ratio must be in (0, 1], got {d.ratio}")

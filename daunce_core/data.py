@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DataConfig
+from .config import DATASETS_HELP, DataConfig, torchvision_dataset
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return _image_folder(cfg)
     if cfg.name == "npz":
         return _npz(cfg)
-    tv_class = _torchvision_class(cfg.name)
+    tv_class = torchvision_dataset(cfg.name)
     if tv_class is not None:
         return _torchvision(cfg, tv_class)
-    raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose 'digits', 'cifar10', 'imagefolder', "
-                    "'npz' or a torchvision.datasets class name (MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
+    raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose {DATASETS_HELP}")
 
 
 def _take(n_req: int, available: int, what: str) -> int:
@@ -212,17 +211,6 @@ def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.
 
     return Dataset(norm(X_tr), y_tr.astype(np.int64), ids_tr.astype(np.int64), norm(X_q), y_q.astype(np.int64),
                    ids_q.astype(np.int64), len(classes), list(classes), mean, std)
-
-
-def _torchvision_class(name: str) -> type | None:
-    if not name.isidentifier():
-        return None
-    import torchvision
-
-    cls = getattr(torchvision.datasets, name, None)
-    if isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset):
-        return cls
-    return None
 
 
 def _torchvision(cfg: DataConfig, cls: type) -> Dataset:

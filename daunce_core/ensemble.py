@@ -10,7 +10,8 @@ Models whose BatchNorm layers must update running statistics (ResNet-9 trained f
 cannot be vmapped (in-place buffer updates); ``mode="loop"`` trains them one after another with
 the very same schedule, objective and optimiser -- an equivalent batched ensemble, one model on
 the accelerator at a time. Perturbed fine-tuning keeps BatchNorm in eval mode (statistics of
-theta_0) and is vmapped.
+theta_0) and is vmapped. Any other model that fails ``models.can_vmap`` (hooks, in-place writes,
+random ops) takes the same loop, with a logged notice (``models.fit_mode``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from . import objectives as obj
 from .config import DaunceConfig, TrainConfig
 from .fit.contract import Plan
-from .models import has_batchnorm
+from .models import fit_mode, has_batchnorm
 from .perturb import batch_order
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,17 @@ def train_stacked(
 
 @torch.no_grad()
 def predict(net: nn.Module, params: Stacked, buffers: Stacked, X: torch.Tensor,
-            batch_size: int = 1024) -> torch.Tensor:
-    """Logits of C stacked models on X: [C, N, classes] (eval mode)."""
+            batch_size: int = 1024, mode: str = "vmap") -> torch.Tensor:
+    """Logits of C stacked models on X: [C, N, classes] (eval mode); ``mode="loop"`` runs the
+    models one at a time (for those that fail ``models.can_vmap``)."""
     net.eval()
-    f = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)), in_dims=(0, 0, None))
+    if mode == "loop":
+        C = next(iter(params.values())).shape[0]
+        f = lambda p, b, x: torch.stack([  # noqa: E731
+            functional_call(net, ({k: v[c] for k, v in p.items()}, {k: v[c] for k, v in b.items()}), (x,))
+            for c in range(C)])
+    else:
+        f = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)), in_dims=(0, 0, None))
     return torch.cat([f(params, buffers, X[i:i + batch_size]) for i in range(0, len(X), batch_size)], dim=1)
 
 
@@ -225,7 +233,7 @@ def fit_perturbed(
     device = X.device
     if logits0 is None:
         p0, b0 = split_state(net, theta_0)
-        logits0 = predict(net, stack_states([p0], device), stack_states([b0], device), X)[0]
+        logits0 = predict(net, stack_states([p0], device), stack_states([b0], device), X, mode=mode)[0]
     plan = plan if plan is not None else Plan(seed=cfg.seed, ratio=cfg.ratio)
     xis, scheds = [], []
     for k in ks:
@@ -289,7 +297,7 @@ def fit_from_scratch(
             logits.reshape(C * B, nc), y[idx.reshape(-1)], reduction="none",
             label_smoothing=recipe.label_smoothing).reshape(C, B)
 
-    mode = "loop" if has_batchnorm(net) else "vmap"
+    mode = "loop" if has_batchnorm(net) else fit_mode(net, X[:2], train_mode=True, what="retrain")
     params, buffers = train_stacked(net, params, buffers, X, schedule, objective, OptimSpec.from_train(recipe),
                                     mode=mode, train_mode=True,
                                     augment_keys=keys if augment else None, desc="retrain")

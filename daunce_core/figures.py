@@ -6,6 +6,7 @@ loses, the figure and the table show it.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,8 @@ import numpy as np  # noqa: E402
 
 from . import store  # noqa: E402
 from .lds import read_lds_table  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 DISPLAY = {
     "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_t_q": "DAUNCE-T (Q)",
@@ -170,7 +173,9 @@ def fig5(cfg, split_path, scores_paths: dict[str, str], out, query: int = 0, top
     fig, axes = plt.subplots(2 * len(measures), top + 1, figsize=(1.25 * (top + 1), 2.6 * len(measures)))
     qimg = ds.images(ds.X_query[query:query + 1])[0]
     for mi, measure in enumerate(measures):
-        scores, _ = store.dense_scores(scores_paths[measure])
+        scores, meta = store.dense_scores(scores_paths[measure])
+        scores, _ = store.align_scores(scores, meta, {"train_ids": ds.train_ids, "query_ids": ds.query_ids},
+                                       scores_paths[measure], split_path, notify=log.warning)  # join on ids
         col = scores[:, query]
         order = np.argsort(col)
         for ri, (name, idx) in enumerate((("most positive", order[::-1][:top]), ("most negative", order[:top]))):

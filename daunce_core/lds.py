@@ -83,7 +83,7 @@ def restrict_queries(losses, gt: dict):
 
     keep = np.isin(losses.query_ids, gt["query_ids"])
     return store.Losses(losses.train, losses.query[:, keep], losses.model_index, losses.train_ids,
-                        losses.query_ids[keep], losses.attrs, p0_train=losses.p0_train,
+                        losses.query_ids[keep], losses.attrs, losses.source, p0_train=losses.p0_train,
                         p0_query=None if losses.p0_query is None else losses.p0_query[keep])
 
 

@@ -9,13 +9,16 @@ under vmap, whichever way they were named (see daunce_core/ensemble.py).
 from __future__ import annotations
 
 import importlib
+import logging
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class MLP(nn.Module):
@@ -176,6 +179,21 @@ def can_vmap(module: nn.Module, example: torch.Tensor | None = None, *,
     finally:
         module.train(was_training)
     return True, "ran forward and backward under vmap"
+
+
+def fit_mode(module: nn.Module, example: torch.Tensor | None = None, *, train_mode: bool = False,
+             what: str = "fit") -> str:
+    """``"vmap"`` when :func:`can_vmap` accepts ``module``, else ``"loop"`` with a logged notice.
+
+    The loop trains the same models with the same draws, schedule and optimiser, one at a time
+    (daunce_core/ensemble.py), so the choice changes the speed, not the randomness.
+    """
+    ok, reason = can_vmap(module, example, train_mode=train_mode)
+    if ok:
+        return "vmap"
+    log.warning("%s: %s cannot be vmapped (%s); fitting the models one by one, with the same "
+                "randomness", what, type(module).__name__, reason)
+    return "loop"
 
 
 def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:

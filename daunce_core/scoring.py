@@ -31,6 +31,10 @@ Float16 losses are upcast; strings and other non-numbers are refused.
 
 The kind of output never changes behind the user's back: :func:`score_file` writes dense scores
 unless top-k is asked for, and refuses (giving both ways out) when they do not fit the budget.
+
+The module is longer than 500 lines on purpose: the Numba kernels, the block scheduler and the
+file driver share buffers and invariants (standardised blocks, heaps, the memory plan) that a
+split would have to expose.
 """
 from __future__ import annotations
 
@@ -642,7 +646,8 @@ def _open_losses(f: h5py.File, src: str):
                                f"({f.attrs.get('reason', '')}); lower the learning rate")
     ds = store._require(f, "train", 2)
     qds = store._require(f, "query", 2)
-    store._number_dtype(ds), store._number_dtype(qds)
+    for d in (ds, qds):  # strings, objects and records are refused before anything is read
+        store._number_dtype(d)
     K, n = ds.shape
     m = qds.shape[1]
     if qds.shape[0] != K:

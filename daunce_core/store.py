@@ -48,7 +48,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -58,6 +58,7 @@ __all__ = [
     "check_output",
     "clean_leftovers",
     "cleanup_on_signals",
+    "Terminated",
     "atomic_path",
     "atomic_h5",
     "Losses",
@@ -73,6 +74,7 @@ __all__ = [
     "join",
     "Join",
     "align_scores",
+    "align_losses",
     "is_positional",
 ]
 
@@ -455,8 +457,9 @@ def join(path, train_ids, query_ids, ref_path, ref_train_ids, ref_query_ids, *,
     """Pair the examples of ``path`` with those of ``ref_path`` on ids, never on positions.
 
     Equal id sets in another order give the orders to apply and a notice for the user (the
-    caller prints or logs ``Join.notices``); different sets raise :class:`StoreError` naming the file and key. Files that carry no ids
-    (``positional``) are joined by position, and the notice says so.
+    caller prints or logs ``Join.notices``); different sets raise :class:`StoreError` naming the
+    file and key. Files that carry no ids (``positional``) are joined by position, and the notice
+    says so.
     """
     notices = []
     if positional and ref_positional:
@@ -477,14 +480,27 @@ def join(path, train_ids, query_ids, ref_path, ref_train_ids, ref_query_ids, *,
     return Join(orders["train_ids"], orders["query_ids"], notices)
 
 
-def align_scores(scores: np.ndarray, meta: dict[str, Any], gt: dict[str, Any], scores_path,
-                 gt_path) -> tuple[np.ndarray, list[str]]:
-    """Dense scores [n, m] (with ``meta`` from :func:`dense_scores`) put in the order of the
-    ground truth ``gt``'s training and query ids; returns them and the notices of :func:`join`."""
-    j = join(scores_path, meta["train_ids"], meta["query_ids"], gt_path, gt["train_ids"],
-             gt["query_ids"], positional=is_positional(meta["attrs"]),
-             ref_positional=is_positional(gt["attrs"]))
-    return j.take(scores, 0, 1), j.notices
+def _notify(notices: list[str], notify: Callable[[str], Any] | None) -> list[str]:
+    if notify is not None:
+        for notice in notices:
+            notify(notice)
+    return notices
+
+
+def align_scores(scores: np.ndarray, meta: dict[str, Any], ref: dict[str, Any], scores_path,
+                 ref_path, *, notify: Callable[[str], Any] | None = None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Dense scores [n, m] (with ``meta`` from :func:`dense_scores`) put in the order of
+    ``ref``'s ``train_ids`` and ``query_ids``; returns them and the notices of :func:`join`.
+
+    ``ref`` is LDS ground truth (:func:`read_ground_truth`) or any dict of the two id arrays (a
+    dataset's, with ``ref_path`` naming where they come from). Each notice is also passed to
+    ``notify`` (e.g. ``log.warning``) when given: steps note a reordering, the CLI prints it.
+    """
+    j = join(scores_path, meta["train_ids"], meta["query_ids"], ref_path, ref["train_ids"],
+             ref["query_ids"], positional=is_positional(meta["attrs"]),
+             ref_positional=is_positional(ref.get("attrs", {})))
+    return j.take(scores, 0, 1), _notify(j.notices, notify)
 
 
 # --- losses ----------------------------------------------------------------------------------
@@ -499,6 +515,7 @@ class Losses:
     train_ids: np.ndarray  # [n]
     query_ids: np.ndarray  # [m]
     attrs: dict[str, Any]
+    source: str = field(default="", compare=False)  # the file read (named by errors), not stored
     # theta_0's probability of each example's label (optional; DAUNCE-T's (1 - p) factor, TRAK's Q)
     p0_train: np.ndarray | None = None  # [n]
     p0_query: np.ndarray | None = None  # [m]
@@ -589,7 +606,28 @@ def read_losses(path: str | os.PathLike) -> Losses:
             p0 = {k: _read_numbers(f, k, 1).astype(np.float64) for k in ("p0_train", "p0_query") if k in f}
     if positional:
         attrs["ids"] = "positional"
-    return Losses(train, query, model_index, train_ids, query_ids, attrs, **p0).validate(str(path))
+    return Losses(train, query, model_index, train_ids, query_ids, attrs, str(path), **p0).validate(str(path))
+
+
+def align_losses(losses: Losses, ref: dict[str, Any], ref_path, *,
+                 notify: Callable[[str], Any] | None = None) -> tuple[Losses, list[str]]:
+    """``losses`` with their training and query columns in the order of ``ref``'s ids.
+
+    ``ref`` is LDS ground truth or any dict of ``train_ids`` and ``query_ids`` (named by
+    ``ref_path``); the same ids in another order are reordered (notices returned and passed to
+    ``notify``), different ids are refused naming ``losses.source`` and ``ref_path`` (:func:`join`).
+    """
+    j = join(losses.source or "the losses", losses.train_ids, losses.query_ids, ref_path,
+             ref["train_ids"], ref["query_ids"], positional=is_positional(losses.attrs),
+             ref_positional=is_positional(ref.get("attrs", {})))
+    if j.train is None and j.query is None:
+        return losses, _notify(j.notices, notify)
+    aligned = Losses(j.take(losses.train, 1), j.take(losses.query, query_axis=1), losses.model_index,
+                     j.take(losses.train_ids, 0), j.take(losses.query_ids, query_axis=0),
+                     dict(losses.attrs), losses.source,
+                     p0_train=None if losses.p0_train is None else j.take(losses.p0_train, 0),
+                     p0_query=None if losses.p0_query is None else j.take(losses.p0_query, query_axis=0))
+    return aligned, _notify(j.notices, notify)
 
 
 _GUARDED_ATTRS = ("variant", "signal", "seed", "config")

@@ -5,6 +5,7 @@ losses file, scores file, ground truth and an earlier output, and asserts the ex
 message (a substring naming the file, key or option) and that no file changed and none appeared
 (hashes before and after), except the output of the few cases that must succeed. A few cases
 run through a subprocess for real exit codes; SIGTERM/SIGINT/SIGKILL tests interrupt a scoring.
+The file is over 500 lines because the catalogue is one table of cases, easier to read whole.
 """
 from __future__ import annotations
 

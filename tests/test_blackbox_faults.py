@@ -183,7 +183,7 @@ def test_fault_settings_reach_the_server_process(tmp_path):
 def base(tmp_path_factory):
     import torch
 
-    from daunce_core.tinylm import tiny_causal_lm, train_tokenizer
+    from daunce_core.lm.tiny import tiny_causal_lm, train_tokenizer
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("base")

@@ -76,3 +76,105 @@ def test_options_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert not (tmp_path / "s.h5").exists()
     assert main(args + ["--threshold", "hard", "--lambda", "0.2"]) == 0
     assert store.read_scores(tmp_path / "s.h5")["attrs"]["lambda"] == 0.2
+
+
+# --- daunce fit: the perturbed fits of an experiment config, without Snakemake ------------------
+
+SMALL = """
+experiment: tiny_cli
+device: cpu
+data: {name: digits, n_train: 120, n_query: 12}
+model: {arch: mlp, hidden: [8]}
+base: {epochs: 3, batch_size: 32, lr: 0.05}
+daunce: {K: 4, ratio: 0.5, epochs: 2, batch_size: 16, chunk_size: 3, lr_grid: [0.03, 0.01],
+         variants: [daunce_t, daunce], k_curve: [2, 4]}
+"""
+
+
+def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
+    import yaml
+
+    from daunce_core import pipeline
+    from daunce_core.config import ExperimentConfig
+    from daunce_core.data import load_dataset
+
+    (tmp_path / "c.yaml").write_text(SMALL)
+    (tmp_path / "more.yaml").write_text("daunce: {K: 5}\n")
+    args = ["fit", "--configfile", str(tmp_path / "c.yaml"), "--configfile", str(tmp_path / "more.yaml"),
+            "--lr", "0.03"]
+    assert main(args + ["-o", str(tmp_path / "l.h5")]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote" in out and "trained theta_0 with the base recipe (3 epochs)" in err
+    L = store.read_losses(tmp_path / "l.h5")
+    cfg = ExperimentConfig.from_dict(yaml.safe_load(SMALL))
+    ds = load_dataset(cfg.data)
+    assert L.train.shape == (5, 120) and L.query.shape == (5, 12)  # K from the second file
+    np.testing.assert_array_equal(L.train_ids, ds.train_ids)
+    np.testing.assert_array_equal(L.query_ids, ds.query_ids)
+    assert L.attrs["variant"] == "daunce_t" and L.attrs["signal"] == "margin" and L.attrs["lr"] == 0.03
+    assert L.attrs["experiment"] == "tiny_cli" and L.attrs["config"]["arch"] == "mlp"
+    # theta_0 loaded instead of trained: the workflow's base step gives the same theta_0, so the same losses
+    pipeline.train_base(cfg, None, tmp_path / "theta0.safetensors", tmp_path / "m.json")
+    assert main(args + ["--theta0", str(tmp_path / "theta0.safetensors"), "-o", str(tmp_path / "l2.h5")]) == 0
+    assert "trained theta_0" not in capsys.readouterr().err
+    np.testing.assert_array_equal(store.read_losses(tmp_path / "l2.h5").train, L.train)
+    # ... and the same models as the workflow's perturbed step
+    from daunce_core.fit import chunks
+
+    cfg5 = ExperimentConfig.from_dict(yaml.safe_load(SMALL) | {"daunce": {**yaml.safe_load(SMALL)["daunce"], "K": 5}})
+    ref = chunks.fit_all(pipeline.ensemble_fitter(cfg5, None, tmp_path / "theta0.safetensors", "daunce_t"), 5, 3, 0.03)
+    np.testing.assert_array_equal(ref.train, L.train)
+    np.testing.assert_array_equal(ref.query, L.query)
+    # the default output name, then scoring it
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert main(["fit", "--configfile", "c.yaml", "--lr", "0.03", "--variant", "daunce_bb",
+                     "--theta0", "theta0.safetensors"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "tiny_cli.daunce_bb.losses.h5").exists()
+    assert main(["score", str(tmp_path / "tiny_cli.daunce_bb.losses.h5"), "-o", str(tmp_path / "s.h5")]) == 0
+
+
+def test_fit_command_bad_inputs_are_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(SMALL)
+    (tmp_path / "typo.yaml").write_text("daunce: {Kay: 3}\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    c = str(tmp_path / "c.yaml")
+    cases = [
+        (["fit", "--configfile", c], 1, "choose one with --lr"),
+        (["fit", "--configfile", str(tmp_path / "nope.yaml"), "--lr", "0.1"], 1, "nope.yaml: no such file"),
+        (["fit", "--configfile", c, "--lr", "0.1", "-o", c], 1, "is the input file"),
+        (["fit", "--configfile", c, "--lr", "0.1", "--variant", "dance"], 2, "invalid choice 'dance'"),
+        (["fit", "--configfile", c, "--lr", "-1"], 2, "argument --lr: must be > 0.0"),
+        (["fit", "--configfile", c, "--configfile", str(tmp_path / "typo.yaml"), "--lr", "0.1"], 1, "daunce.Kay"),
+        (["fit", "--configfile", str(tmp_path / "list.yaml"), "--lr", "0.1"], 1, "expected a mapping"),
+        (["fit", "--configfile", c, "--lr", "0.1", "--theta0", str(tmp_path / "none.safetensors")], 1,
+         "none.safetensors: no such file"),
+        (["fit", "--lr", "0.1"], 2, "--configfile"),
+    ]
+    for argv, code, message in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "list.yaml", "typo.yaml"]
+
+
+def test_score_command_notes_default_ids_of_a_file_without_ids(tmp_path, capsys):
+    import h5py
+
+    rng = np.random.default_rng(2)
+    with h5py.File(tmp_path / "other.h5", "w") as f:  # another tool's file: no ids, no model_index
+        f["train"] = rng.normal(size=(8, 20))
+        f["query"] = rng.normal(size=(8, 3))
+    assert main(["score", str(tmp_path / "other.h5"), "-o", str(tmp_path / "s.h5")]) == 0
+    assert "carries no example ids; scored with default ids 0..n-1" in capsys.readouterr().err
+    s = store.read_scores(tmp_path / "s.h5")
+    np.testing.assert_array_equal(s["train_ids"], np.arange(20))
+    assert s["attrs"]["ids"] == "positional"
+    losses_file(tmp_path / "l.h5")
+    assert main(["score", str(tmp_path / "l.h5"), "-o", str(tmp_path / "s2.h5")]) == 0
+    assert "note" not in capsys.readouterr().err

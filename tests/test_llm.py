@@ -130,13 +130,13 @@ def test_theta0_logits_come_from_the_disabled_adapter(tiny, monkeypatch):
     task, tok, model = tiny
     tr = sequences.encode_examples(tok, task["train"], max_length=32)
     seen = []
-    orig = sequences.sequence_objective
+    orig = sequences.sequence_objective_terms
 
     def spy(variant, logits, labels, **kw):
         seen.append((logits.detach().clone(), kw["logits0"].clone()))
         return orig(variant, logits, labels, **kw)
 
-    monkeypatch.setattr(sequences, "sequence_objective", spy)
+    monkeypatch.setattr(sequences, "sequence_objective_terms", spy)
     fit_lm.perturbed_fit(model, tr, 0, _fit_cfg(steps=2), pad_id=tok.pad_token_id)
     first, first0 = seen[0]
     torch.testing.assert_close(first, first0)
@@ -255,3 +255,48 @@ def test_select_lr_without_selection_queries_keeps_the_first_usable_lr_of_the_gr
     assert lr == 3e-3  # no retraining: the grid's order decides, and the diverged 1e-2 is skipped
     np.testing.assert_array_equal(store.read_losses(tmp_path / "losses.h5").train,
                                   store.read_losses(paths[1]).train)
+
+
+def test_lora_fit_traces_the_objective_terms_per_step(tiny, tmp_path):
+    """Figure 3's data: per-step batch means of the full objective, the ERM term and the first-order
+    term. At step 1 the adapter is still zero (theta = theta_0), so the first-order term is 0 and the
+    ERM term is theta_0's mean loss over the first batch; afterwards theta has moved."""
+    from daunce_core import perturb, store
+
+    task, tok, model = tiny
+    tr = sequences.encode_examples(tok, task["train"], max_length=32)
+    cfg = _fit_cfg(steps=4)
+    sig = fit_lm.LoraFitter(model, tr, tr[:5], cfg, pad_id=tok.pad_token_id).fit([0, 1], cfg.lr)
+    t = sig.trace
+    np.testing.assert_array_equal(t["step"], [1, 2, 3, 4])
+    for term in fit_lm.TRACE_TERMS:
+        assert t[term].shape == (2, 4) and np.isfinite(t[term]).all(), term
+    np.testing.assert_allclose(t["total"], t["erm"] + t["first_order"], rtol=1e-12)
+    np.testing.assert_allclose(t["first_order"][:, 0], 0.0, atol=1e-6)
+    assert np.abs(t["first_order"][:, 1:]).max() > 1e-6
+    theta0 = sequences.per_example_signal(model, tr, pad_id=tok.pad_token_id)
+    for row, k in enumerate([0, 1]):
+        subset, _ = perturb.subset_and_xi(cfg.seed, k, len(tr), cfg.ratio)
+        first = perturb.batch_order((cfg.seed, k), subset, 1, min(cfg.batch_size, len(subset)))[0]
+        assert t["erm"][row, 0] == pytest.approx(theta0[first].mean(), rel=1e-5)
+
+    # written beside the signals in the chunk's losses file, read back stacked along K
+    paths = []
+    for j, ks in enumerate(([0, 1], [2])):
+        s = sig if j == 0 else fit_lm.LoraFitter(model, tr, tr[:5], cfg, pad_id=tok.pad_token_id).fit(ks, cfg.lr)
+        p = tmp_path / f"chunk{j}.h5"
+        store.write_losses(p, store.Losses(s.train, s.query, s.model_index, s.train_ids, s.query_ids, s.attrs))
+        fit_lm.write_trace(p, s)
+        paths.append(p)
+    back = fit_lm.read_trace(paths)
+    np.testing.assert_array_equal(back["model_index"], [0, 1, 2])
+    np.testing.assert_array_equal(back["erm"][:2], t["erm"])
+    assert back["total"].shape == (3, 4)
+    assert store.read_losses(paths[0]).K == 2  # the trace group leaves the losses readable
+    store.write_losses(tmp_path / "bare.h5", store.read_losses(paths[1]))
+    with pytest.raises(ValueError, match="no per-step trace"):
+        fit_lm.read_trace(tmp_path / "bare.h5")
+
+    bb = fit_lm.LoraFitter(model, tr, tr[:5], _fit_cfg(variant="daunce_bb", steps=2), pad_id=tok.pad_token_id)
+    tb = bb.fit([0], 1e-2).trace
+    assert (tb["first_order"] == 0).all() and np.array_equal(tb["total"], tb["erm"])

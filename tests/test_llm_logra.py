@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from daunce_core.baselines import logra_llm
 from daunce_core.lm import data as textdata, sequences, settings, tiny as tinylm, training
-
-pytest.importorskip("dattri", reason="dattri (the LoGra implementation) is not installed")
-from daunce_core.baselines import logra_llm  # noqa: E402
 
 torch.set_num_threads(1)
 

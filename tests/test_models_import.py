@@ -1,6 +1,7 @@
 """Models by import path and by torchvision name, and the vmap check of the perturbed fits."""
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -157,3 +158,54 @@ def test_torchvision_model_through_theta0_and_perturbed_fits():
         torch.testing.assert_close(fits["vmap"][0][k], fits["loop"][0][k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fits["vmap"][1]["bn1.running_mean"][1], theta0["bn1.running_mean"])
     assert not torch.equal(fits["vmap"][0]["fc.weight"][0], theta0["fc.weight"])
+
+
+class WritesInPlace(nn.Module):
+    """An MLP whose forward writes into a tensor it creates (cannot be vmapped), and the same
+    model written so that it can: both compute the same function of the same parameters."""
+
+    def __init__(self, vmappable: bool = False):
+        super().__init__()
+        self.vmappable = vmappable
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if not self.vmappable:
+            out = torch.zeros(x.shape[0], 6)
+            out.copy_(x)
+            x = out
+        return self.net(x)
+
+
+def test_models_that_cannot_be_vmapped_are_fitted_one_by_one_with_the_same_randomness(caplog):
+    """The fallback (issue 15, item 2): theta_0 from scratch, the perturbed fits and the signals
+    of a model that fails can_vmap equal those of its vmappable twin, and a notice is logged."""
+    from daunce_core.config import DaunceConfig, TrainConfig
+    from daunce_core.fit.ensemble import EnsembleFitter
+
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(40, 1, 2, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    Xq, yq = X[:5] + 0.1, y[:5]
+    out = {}
+    for vmappable in (True, False):
+        factory = lambda v=vmappable: WritesInPlace(v)  # noqa: E731
+        with caplog.at_level("WARNING", logger="daunce_core.models"):
+            caplog.clear()
+            net, p, b = E.fit_from_scratch(factory, X, y, [torch.arange(40).numpy()], [(0,)],
+                                           TrainConfig(epochs=2, batch_size=10, lr=0.05))
+            theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
+            sig = EnsembleFitter(net, theta0, (X, y), (Xq, yq), variant="daunce",
+                                 cfg=DaunceConfig(K=3, ratio=0.5, epochs=2, batch_size=5)).fit([0, 1, 2], 0.05)
+        notices = [r.getMessage() for r in caplog.records]
+        out[vmappable] = (theta0, sig)
+        if vmappable:
+            assert not notices
+        else:
+            assert len(notices) == 2 and all("one by one, with the same randomness" in n for n in notices)
+            assert "retrain" in notices[0] and "daunce perturbed fits" in notices[1]
+    for k, v in out[True][0].items():
+        torch.testing.assert_close(out[False][0][k], v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[False][1].train, out[True][1].train, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[False][1].query, out[True][1].query, rtol=1e-4, atol=1e-5)
+    assert out[False][1].query.shape == (3, 5)

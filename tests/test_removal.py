@@ -79,14 +79,64 @@ def test_results_table_and_figure(tmp_path):
             removal.write_result(p, {"N": N, "removed": [], "wrong": [effect * N / 10] * 3,
                                      "mean": effect * N / 10, "std": 0.0}, method=m, queries=7, n_train=40)
             paths.append(p)
-    rows = removal.summarise(removal.read_results(paths))
-    assert [(r["method"], r["N"]) for r in rows] == [("daunce", 0), ("daunce", 5), ("daunce", 10),
-                                                     ("random", 0), ("random", 5), ("random", 10)]
+    p = tmp_path / "none0.json"  # the measured full-data retrain gives every method its N = 0 row
+    removal.write_result(p, {"N": 0, "removed": [], "wrong": [0.0, 0.1, 0.0], "mean": 0.1 / 3, "std": 0.0},
+                         method=removal.NOISE_METHOD, queries=7, n_train=40)
+    rows = removal.summarise(removal.read_results([*paths, p]))
+    assert [(r["method"], r["N"]) for r in rows if r["kind"] == "wrong"] == [
+        ("daunce", 0), ("daunce", 5), ("daunce", 10), ("random", 0), ("random", 5), ("random", 10)]
+    assert [r["mean"] for r in rows if r["N"] == 0] == pytest.approx([0.1 / 3] * 2)
     removal.write_table(rows, tmp_path / "t.csv")
-    assert (tmp_path / "t.csv").read_text().splitlines()[0] == "method,N,mean,std,seeds,queries"
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("method,N,mean,std,seeds,queries")
+    back = removal.read_table(tmp_path / "t.csv")
+    assert [(r["method"], r["N"]) for r in back] == [(r["method"], r["N"]) for r in rows]
     removal.plot_removal(rows, tmp_path / "f.pdf", title="t", n_train=40, n_queries=7)
     assert (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(store.StoreError, match="rerun"):
         removal.read_results([tmp_path / "bad.json"])
     assert json.loads(paths[0].read_text())["method"] == "daunce"
+
+
+def test_removal_seeds_pair_methods_and_random_ranks_afresh_per_seed():
+    seen = {}
+
+    def retrain(keep, seed):
+        seen.setdefault(seed, []).append(keep.copy())
+        return np.array([0 in keep, 1 in keep])
+
+    rand = removal.removal_effect(lambda s: removal.random_ranking(20, (0, s)), 5, [3, 4, 5], retrain)
+    assert rand["seeds"] == [3, 4, 5] and len(rand["removed"]) == 3
+    assert len({tuple(r) for r in rand["removed"]}) == 3  # a fresh random ranking per seed
+    full = removal.removal_effect(np.arange(20), 0, [3, 4, 5], retrain)
+    assert full["removed"] == [] and full["wrong"] == [0.0, 0.0, 0.0]
+    for keep in (k for ks in seen.values() for k in ks[1:]):
+        assert len(keep) == 20
+
+
+def test_paired_differences_use_common_seeds_and_t_intervals():
+    from scipy import stats
+
+    a = {"method": "daunce", "N": 8, "seeds": [0, 1, 2, 3], "wrong": [0.5, 0.6, 0.4, 0.7]}
+    b = {"method": "random", "N": 8, "seeds": [1, 2, 3, 0], "wrong": [0.1, 0.2, 0.3, 0.0]}
+    rows = removal.summarise([a, b])
+    d = [r for r in rows if r["kind"] == "difference"]
+    assert [(r["method"], r["N"], r["seeds"]) for r in d] == [("daunce - random", 8, 4)]
+    diffs = np.array([0.5 - 0.0, 0.6 - 0.1, 0.4 - 0.2, 0.7 - 0.3])
+    lo, hi = stats.t.interval(0.95, 3, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert d[0]["mean"] == pytest.approx(diffs.mean())
+    assert (d[0]["ci_low"], d[0]["ci_high"]) == pytest.approx((lo, hi))
+    assert not any(r["N"] == 0 for r in rows)  # no measured full-data retrain, no N = 0 row
+    assert np.isnan(removal.t_interval([0.3])[1])
+
+
+def test_cap_queries_is_a_seeded_subset():
+    q = np.arange(100, 150)
+    c = removal.cap_queries(q, 20, seed=0)
+    assert len(c) == 20 and set(c) <= set(q) and list(c) == sorted(c)
+    np.testing.assert_array_equal(c, removal.cap_queries(q, 20, seed=0))
+    assert not np.array_equal(c, removal.cap_queries(q, 20, seed=1))
+    np.testing.assert_array_equal(removal.cap_queries(q, 0, seed=0), q)
+    np.testing.assert_array_equal(removal.cap_queries(q, 500, seed=0), q)
+    with pytest.raises(ValueError, match="cap"):
+        removal.cap_queries(q, -1, seed=0)

@@ -218,8 +218,8 @@ def test_join_notices_and_positional_files():
     j = store.join("s.h5", [2, 1, 0], [5, 6], "g.h5", [0, 1, 2], [5, 6])
     np.testing.assert_array_equal(j.train, [2, 1, 0])
     assert j.query is None
-    assert j.notices == ["s.h5: 'train_ids' list the examples of g.h5 in another order; "
-                         "reordered to match"]
+    assert j.notices == [("s.h5: 'train_ids' list the examples of g.h5 in another order; "
+                          "reordered to match")]
     a = np.arange(6).reshape(3, 2)
     np.testing.assert_array_equal(j.take(a, 0, 1), a[::-1])
     j = store.join("s.h5", [0, 1], [0], "g.h5", [0, 1], [0], positional=True, ref_positional=True)

@@ -345,11 +345,10 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
 
     show_t, show_c = pick(trig, cfg.figure.n_show_triggered), pick(clean, cfg.figure.n_show_clean)
     summary, samples, csv_rows = [], {}, []
+    ids = {"train_ids": [r["id"] for r in train], "query_ids": [r["id"] for r in query]}
     for (model, access), path in scores.items():
         S, meta = store.dense_scores(path)
-        if not (np.array_equal(meta["train_ids"], [r["id"] for r in train])
-                and np.array_equal(meta["query_ids"], [r["id"] for r in query])):
-            raise store.StoreError(f"{path}: example ids differ from {train_path} / {query_path}")
+        S, _ = store.align_scores(S, meta, ids, path, f"{train_path} / {query_path}", notify=log.warning)  # on ids
         t0 = json.loads(Path(theta0_jsons[model]).read_text())
         replies = t0["replies"]
         fired = [j for j in trig if replies[j].strip().startswith(cfg.data.refusal[:5])]

@@ -8,7 +8,8 @@ recorded under each model -- its loss, or its margin for DAUNCE-T (Table 1).
 
 ``mode="loop"`` trains the models one after another with the same draws, schedule and optimiser
 (for architectures that cannot be vmapped); it gives the same models up to floating-point
-summation order.
+summation order. The default ``mode="auto"`` takes it, with a logged notice, when
+:func:`daunce_core.models.can_vmap` rejects the model in eval mode.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from .. import ensemble as E
 from .. import objectives as obj
 from ..config import DaunceConfig
+from ..models import fit_mode
 from .contract import Plan, Signals
 
 __all__ = ["EnsembleFitter"]
@@ -40,16 +42,19 @@ class EnsembleFitter:
         train_ids, query_ids: example ids (default: positions).
         plan: the draws of each model (default ``Plan(cfg.seed, cfg.ratio)``: the paper's
             independent subsets, xi and batch orders keyed by ``(seed, k)``).
-        mode: ``"vmap"`` (all models of a chunk per step) or ``"loop"`` (one after another).
+        mode: ``"vmap"`` (all models of a chunk per step), ``"loop"`` (one after another) or
+            ``"auto"`` (vmap when ``models.can_vmap`` accepts the model, else loop with a notice).
     """
 
     def __init__(self, net: nn.Module, theta_0: dict[str, torch.Tensor],
                  train: tuple[torch.Tensor, torch.Tensor], query: tuple[torch.Tensor, torch.Tensor], *,
                  variant: str, cfg: DaunceConfig, train_ids: np.ndarray | None = None,
-                 query_ids: np.ndarray | None = None, plan: Plan | None = None, mode: str = "vmap"):
+                 query_ids: np.ndarray | None = None, plan: Plan | None = None, mode: str = "auto"):
         obj.check_variant(variant)
-        if mode not in ("vmap", "loop"):
-            raise ValueError(f"mode must be 'vmap' or 'loop', got {mode!r}")
+        if mode not in ("vmap", "loop", "auto"):
+            raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
+        if mode == "auto":
+            mode = fit_mode(net, train[0][:2], train_mode=False, what=f"{variant} perturbed fits")
         self.variant = variant
         self.signal = obj.signal_of(variant)
         self.net, self.theta_0, self.cfg, self.mode = net, theta_0, cfg, mode
@@ -63,8 +68,8 @@ class EnsembleFitter:
         p0, b0 = E.split_state(net, theta_0)
         p0s, b0s = E.stack_states([p0], device), E.stack_states([b0], device)
         # theta_0's logits: the first-order term of equation (5) needs nothing else of theta_0
-        self.logits0 = E.predict(net, p0s, b0s, self.X)[0]
-        logits0_q = E.predict(net, p0s, b0s, self.Xq)[0]
+        self.logits0 = E.predict(net, p0s, b0s, self.X, mode=mode)[0]
+        logits0_q = E.predict(net, p0s, b0s, self.Xq, mode=mode)[0]
         self.p0_train = _label_probability(self.logits0, self.y)
         self.p0_query = _label_probability(logits0_q, self.yq)
 
@@ -74,8 +79,10 @@ class EnsembleFitter:
         params, buffers = E.fit_perturbed(self.net, self.theta_0, self.X, self.y, ks, variant=self.variant,
                                           cfg=self.cfg, lr=lr, logits0=self.logits0, mode=self.mode,
                                           plan=self.plan)
-        train = E.signals(E.predict(self.net, params, buffers, self.X), self.y, self.signal).cpu().numpy()
-        query = E.signals(E.predict(self.net, params, buffers, self.Xq), self.yq, self.signal).cpu().numpy()
+        train = E.signals(E.predict(self.net, params, buffers, self.X, mode=self.mode), self.y,
+                          self.signal).cpu().numpy()
+        query = E.signals(E.predict(self.net, params, buffers, self.Xq, mode=self.mode), self.yq,
+                          self.signal).cpu().numpy()
         return Signals(train=train, query=query, model_index=np.asarray(ks), train_ids=self.train_ids,
                        query_ids=self.query_ids, signal=self.signal,
                        attrs={"variant": self.variant, "signal": self.signal, "seed": self.plan.seed},

@@ -7,6 +7,12 @@ Table 1 (equation 5) -- theta_0's logits come from the same PEFT model under
 dataset -- and its signal is every example's mean response-token NLL (or margin for
 ``daunce_t``) under the adapter.
 
+Each fit also logs, per optimiser step, the batch mean of the objective's terms (Figure 3: the
+full objective, the empirical-risk term and the first-order term; see
+:func:`daunce_core.lm.sequences.sequence_objective_terms`). They come from the forward pass that
+trains, so the log costs no extra pass: ``Signals.trace`` carries them and :func:`write_trace` /
+:func:`read_trace` keep them in a ``trace`` group of the chunk's losses file.
+
 Model ``k`` is bit-reproducible for a fixed seed: its subset and ``xi`` come from
 :func:`daunce_core.perturb.subset_and_xi`, its batch order from
 :func:`daunce_core.perturb.batch_order` keyed ``(seed, k)``, its LoRA initialisation from a torch
@@ -20,6 +26,7 @@ import logging
 import math
 from typing import Any, Sequence
 
+import h5py
 import numpy as np
 import torch
 
@@ -31,7 +38,10 @@ from .contract import Signals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoraFitter", "perturbed_fit", "perturbed_losses"]
+__all__ = ["LoraFitter", "perturbed_fit", "perturbed_losses", "TRACE_TERMS", "write_trace", "read_trace"]
+
+# The terms of the perturbed objective logged per step (Figure 3).
+TRACE_TERMS = ("total", "erm", "first_order")
 
 
 def _lora_config(cfg: LoraFitConfig):
@@ -42,14 +52,16 @@ def _lora_config(cfg: LoraFitConfig):
 
 
 def perturbed_fit(base_model, train_enc: Sequence[dict], k: int, cfg: LoraFitConfig, *, pad_id: int,
-                  device=None, eval_sets: Sequence[Sequence[dict]] = ()) -> list[np.ndarray]:
+                  device=None, eval_sets: Sequence[Sequence[dict]] = (),
+                  trace: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Fit perturbed model ``k`` (a fresh LoRA adapter on theta_0) and record its signals.
 
     Algorithm 1: subset ``D^k`` and ``xi^k`` from ``perturb.subset_and_xi(seed, k, n, ratio)``;
     ``cfg.steps`` AdamW steps of ``cfg.batch_size`` examples drawn from ``D^k`` in the order of
     ``perturb.batch_order((seed, k), ...)``, on the perturbed objective of ``cfg.variant`` with
     theta_0's logits from the same model with its adapter disabled. Then the signal (loss or
-    margin) of every example of each of ``eval_sets``.
+    margin) of every example of each of ``eval_sets``. When ``trace`` is a dict it receives, per
+    step, the batch mean of each of :data:`TRACE_TERMS` (``total = erm + first_order``), [steps].
 
     ``base_model`` is returned to its original state (adapter removed, weights untouched).
     Returns one float32 array per evaluation set.
@@ -75,7 +87,9 @@ def perturbed_fit(base_model, train_enc: Sequence[dict], k: int, cfg: LoraFitCon
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.steps))
         model.train()
+        logged = []  # per step: the batch sums of (erm, first_order), kept on the device until the end
         for idx in order:
+            sums = torch.zeros(2, device=device)
             opt.zero_grad(set_to_none=True)
             for mb in micro_batches(idx, cfg.micro_batch_size):
                 batch = sequences.to_device(sequences.collate([train_enc[i] for i in mb], pad_id), device)
@@ -85,13 +99,18 @@ def perturbed_fit(base_model, train_enc: Sequence[dict], k: int, cfg: LoraFitCon
                     with torch.no_grad(), model.disable_adapter():
                         logits0 = model(**inputs).logits
                 logits = model(**inputs).logits
-                obj = sequences.sequence_objective(cfg.variant, logits, batch["labels"], logits0=logits0,
-                                                   xi=xi_t[torch.as_tensor(mb)].to(device), rho=cfg.rho,
-                                                   gamma=cfg.gamma)
+                obj, erm, first = sequences.sequence_objective_terms(
+                    cfg.variant, logits, batch["labels"], logits0=logits0,
+                    xi=xi_t[torch.as_tensor(mb)].to(device), rho=cfg.rho, gamma=cfg.gamma)
                 (obj.sum() / len(idx)).backward()
+                sums += torch.stack([erm.detach().sum(), first.detach().sum()]) / len(idx)
                 del logits, logits0
             opt.step()
             sched.step()
+            logged.append(sums)
+        if trace is not None:
+            erm_s, first_s = torch.stack(logged).double().cpu().numpy().T if logged else (np.zeros(0),) * 2
+            trace.update(total=erm_s + first_s, erm=erm_s, first_order=first_s)
         return [sequences.per_example_signal(model, es, pad_id=pad_id, signal=signal,
                                              batch_size=cfg.eval_batch_size, device=device) for es in eval_sets]
     finally:
@@ -138,14 +157,20 @@ class LoraFitter:
         cfg = dataclasses.replace(self.cfg, lr=float(lr))
         tr = np.full((len(ks), len(self.train_enc)), np.nan, np.float32)
         qu = np.full((len(ks), len(self.query_enc)), np.nan, np.float32)
+        trace = {"step": np.arange(1, cfg.steps + 1)}
+        trace.update({t: np.full((len(ks), cfg.steps), np.nan) for t in TRACE_TERMS})
         for row, k in enumerate(tqdm(ks, desc=f"LoRA fits ({cfg.variant}, lr {cfg.lr:g})", disable=None)):
+            terms: dict[str, np.ndarray] = {}
             tr[row], qu[row] = perturbed_fit(self.model, self.train_enc, int(k), cfg, pad_id=self.pad_id,
-                                             device=self.device, eval_sets=(self.train_enc, self.query_enc))
+                                             device=self.device, eval_sets=(self.train_enc, self.query_enc),
+                                             trace=terms)
+            for t in TRACE_TERMS:
+                trace[t][row] = terms[t]
             if not (np.isfinite(tr[row]).all() and np.isfinite(qu[row]).all()):
                 log.warning("perturbed model k=%d diverged at lr %g (non-finite losses)", k, cfg.lr)
                 break
         return Signals(tr, qu, np.asarray(ks, np.int64), self.train_ids, self.query_ids,
-                       signal=objectives.signal_of(cfg.variant), attrs=self.attrs(lr))
+                       signal=objectives.signal_of(cfg.variant), attrs=self.attrs(lr), trace=trace)
 
 
 def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[dict], ks: Sequence[int],
@@ -161,3 +186,40 @@ def perturbed_losses(base_model, train_enc: Sequence[dict], query_enc: Sequence[
         raise FloatingPointError(f"perturbed model k={int(sig.model_index[bad][0])} diverged at lr "
                                  f"{cfg.lr:g} (non-finite losses)")
     return sig.train, sig.query
+
+
+def write_trace(path, signals: Signals) -> None:
+    """Add ``signals.trace`` to the losses file ``path`` as a ``trace`` group (``step`` [S],
+    ``model_index`` [K] and one [K, S] dataset per term of :data:`TRACE_TERMS`)."""
+    if signals.trace is None:
+        raise ValueError(f"{path}: these signals carry no trace (a fitter that logs none)")
+    with h5py.File(path, "a") as f:
+        if "trace" in f:
+            del f["trace"]
+        g = f.create_group("trace")
+        g.create_dataset("model_index", data=np.asarray(signals.model_index, np.int64))
+        for key, value in signals.trace.items():
+            g.create_dataset(key, data=np.asarray(value))
+
+
+def read_trace(paths) -> dict[str, np.ndarray]:
+    """The per-step terms of one or more losses files (chunks of one setting), stacked along K:
+    ``{"step": [S], "model_index": [K], "total"/"erm"/"first_order": [K, S]}``."""
+    paths = [paths] if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__") else list(paths)
+    parts = []
+    for p in paths:
+        try:
+            with h5py.File(p, "r") as f:
+                if "trace" not in f:
+                    raise KeyError("trace")
+                parts.append({k: f["trace"][k][()] for k in f["trace"]})
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"{p}: no per-step trace in this losses file ({exc}); rerun its "
+                             "llm_daunce_chunk rule") from exc
+    steps = parts[0]["step"]
+    if any(not np.array_equal(q["step"], steps) for q in parts[1:]):
+        raise ValueError(f"{paths}: the chunks' traces log different steps; they are not one setting")
+    out = {"step": steps, "model_index": np.concatenate([q["model_index"] for q in parts])}
+    for t in TRACE_TERMS:
+        out[t] = np.concatenate([q[t] for q in parts], axis=0)
+    return out

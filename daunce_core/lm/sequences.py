@@ -31,6 +31,7 @@ __all__ = [
     "pad_id",
     "sequence_signal",
     "sequence_signal_terms",
+    "sequence_objective_terms",
     "sequence_objective",
     "per_example_signal",
 ]
@@ -144,17 +145,39 @@ def sequence_signal_terms(signal: str, logits: torch.Tensor, logits0: torch.Tens
     return s, s0, lin
 
 
+def sequence_objective_terms(variant: str, logits: torch.Tensor, labels: torch.Tensor, *,
+                             logits0: torch.Tensor | None = None, xi: torch.Tensor | None = None,
+                             rho: float = 1.0, gamma: float = 1.0
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(objective, erm, first_order)`` of each sequence; [B] each (Figure 3's terms).
+
+    ``objective`` is :func:`objectives.perturbed_objective` (Table 1 / Table 2), what is minimised.
+    ``erm`` is the empirical-risk term: ``gamma * L_i(theta)`` for ``daunce`` (the loss itself, as
+    Figure 3 plots it), ``gamma / 2 * (s - s0)^2`` for the squared variants, the whole objective
+    for the black-box variants. ``first_order`` is the perturbation term, ``-(1 + sigma) * lin``
+    (``-2 xi <grad L_i(theta_0), theta - theta_0>`` at rho = 1) for ``daunce``, ``-sigma * lin``
+    for the squared variants, 0 for the black-box ones. ``erm + first_order`` equals the objective
+    up to the constant ``-gamma * s0`` of ``daunce``, which does not change the gradient.
+    """
+    signal = objectives.signal_of(variant)
+    if objectives.is_black_box(variant):
+        obj = objectives.perturbed_objective(variant, sequence_signal(signal, logits, labels), gamma=gamma)
+        return obj, obj, torch.zeros_like(obj)
+    if logits0 is None:
+        raise ValueError(f"variant {variant!r} needs theta_0's logits (logits0)")
+    s, s0, lin = sequence_signal_terms(signal, logits, logits0, labels)
+    obj = objectives.perturbed_objective(variant, s, s0=s0, lin=lin, xi=xi, rho=rho, gamma=gamma)
+    sigma = rho * (2.0 * xi - 1.0)
+    if variant == "daunce":
+        return obj, gamma * s, -(1.0 + sigma) * lin
+    return obj, 0.5 * gamma * (s - s0).square(), -sigma * lin
+
+
 def sequence_objective(variant: str, logits: torch.Tensor, labels: torch.Tensor, *,
                        logits0: torch.Tensor | None = None, xi: torch.Tensor | None = None,
                        rho: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
     """:func:`objectives.perturbed_objective` (Table 1 / Table 2) of each sequence; [B]."""
-    signal = objectives.signal_of(variant)
-    if objectives.is_black_box(variant):
-        return objectives.perturbed_objective(variant, sequence_signal(signal, logits, labels), gamma=gamma)
-    if logits0 is None:
-        raise ValueError(f"variant {variant!r} needs theta_0's logits (logits0)")
-    s, s0, lin = sequence_signal_terms(signal, logits, logits0, labels)
-    return objectives.perturbed_objective(variant, s, s0=s0, lin=lin, xi=xi, rho=rho, gamma=gamma)
+    return sequence_objective_terms(variant, logits, labels, logits0=logits0, xi=xi, rho=rho, gamma=gamma)[0]
 
 
 @torch.no_grad()

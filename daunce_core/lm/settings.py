@@ -170,9 +170,18 @@ class LograSettings:
 class RemovalSettings:
     """``llm.removal``: the points of Figure 2."""
 
-    N: list = setting([500, 1000], "training examples removed, one point each")
+    N: list = setting([500, 1000], "training examples removed, one point each (N = 0, a retrain on the "
+                                   "full data, is always added)")
     methods: list = setting(["daunce", "logra", "random"], "daunce, logra and/or random")
-    seed: int = setting(0, "seed of random removal and of the selection/test split of the queries")
+    seed: int = setting(0, "seed of random removal, of the selection/test split and of the query cap")
+    seeds: int = setting(3, "retrain seeds per point, shared by every method and N (Appendix C: 3); "
+                            "they follow the full-data seeds, so N = 0 measures the retraining noise")
+    queries: int = setting(0, "test queries evaluated, a seeded choice among the solved ones (0 = all; "
+                              "Appendix C: 2,000 MATH, 200 IFEval)")
+
+    def validate(self) -> None:
+        if self.seeds < 1 or self.queries < 0 or any(int(n) < 0 for n in self.N):
+            raise ConfigError("llm.removal: seeds must be >= 1, queries >= 0 (0 = all) and every N >= 0")
 
 
 @dataclass
@@ -236,6 +245,20 @@ class LLMSettings:
     @property
     def measure(self) -> str:
         return self.daunce.measure
+
+    def removal_seeds(self) -> list[int]:
+        """The retrain seeds of every removal point: after the full-data seeds ``0..seeds-1``
+        that chose the queries, so that the full-data retrain (N = 0) is not solved by selection."""
+        return list(range(self.seeds, self.seeds + self.removal.seeds))
+
+    def removal_N(self) -> list[int]:
+        """The removal sizes of Figure 2 other than 0 (N = 0 is one shared full-data retrain)."""
+        return sorted({int(n) for n in self.removal.N if int(n) > 0})
+
+    def removal_points(self) -> list[tuple[str, int]]:
+        """Every ``(method, N)`` of Figure 2: each method at each N > 0, and ``("none", 0)``, the
+        full-data retrain shared by all methods."""
+        return [(m, n) for m in self.removal.methods for n in self.removal_N()] + [("none", 0)]
 
     def lr_tags(self) -> list[str]:
         """The learning rates as the workflow's ``{lr}`` wildcard spells them."""

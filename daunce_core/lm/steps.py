@@ -19,7 +19,7 @@ import numpy as np
 from .. import removal, scoring, store
 from ..baselines.logra_llm import logra_scores
 from ..fit import chunks
-from ..fit.lm import LoraFitter
+from ..fit.lm import LoraFitter, write_trace
 from ..utils import pick_device
 from . import data, tiny
 from .generation import evaluate_answers
@@ -95,8 +95,10 @@ def full_models(s: LLMSettings, base: str, train_jsonl, query_jsonl, theta0_dir,
 
     Seed 0 is saved as theta_0. Each seed answers every query greedily; the queries correct in all
     seeds are kept, split into selection and test parts (the selection part judges the LoRA
-    learning rate when the grid has several values). The query targets for the losses are the
-    reference responses or theta_0's own (correct) generations (``query_target``).
+    learning rate when the grid has several values), and the test part is capped at
+    ``removal.queries`` by a seeded choice (Appendix C evaluates 2,000 MATH and 200 IFEval
+    queries). The query targets for the losses are the reference responses or theta_0's own
+    (correct) generations (``query_target``).
     """
     train, query = data.read_jsonl(train_jsonl), data.read_jsonl(query_jsonl)
     correct, logs, responses0 = [], [], None
@@ -114,7 +116,11 @@ def full_models(s: LLMSettings, base: str, train_jsonl, query_jsonl, theta0_dir,
     correct = np.stack(correct)
     selected = removal.select_queries(correct)
     frac = s.select.fraction if len(s.lr_grid) > 1 else 0.0
-    sel_q, test_q = removal.split_queries(selected, frac, s.removal.seed)
+    sel_q, solved_test = removal.split_queries(selected, frac, s.removal.seed)
+    test_q = removal.cap_queries(solved_test, s.removal.queries, s.removal.seed)
+    if s.removal.queries and len(solved_test) < s.removal.queries:
+        log.warning("only %d solved test queries, fewer than llm.removal.queries = %d", len(solved_test),
+                    s.removal.queries)
     ids = _ids(query)
     out_q = []
     for q, r in zip(query, responses0):
@@ -126,21 +132,25 @@ def full_models(s: LLMSettings, base: str, train_jsonl, query_jsonl, theta0_dir,
     data.write_jsonl(queries_out, out_q)
     info = {"accuracy": correct.mean(axis=1).tolist(), "correct": correct.astype(int).tolist(),
             "selected": ids[selected].tolist(), "select_queries": ids[sel_q].tolist(),
-            "test_queries": ids[test_q].tolist(), "fits": logs, "n_train": len(train)}
+            "test_queries": ids[test_q].tolist(), "solved_test_queries": len(solved_test),
+            "fits": logs, "n_train": len(train)}
     _write_json(eval_out, info)
     return info
 
 
 def daunce_chunk(s: LLMSettings, theta0_dir, train_jsonl, queries_jsonl, lr: float, chunk: int, out_h5,
                  dev) -> None:
-    """LoRA perturbed fits of chunk ``chunk`` at ``lr`` (Algorithm 1); a losses file (or a diverged marker)."""
+    """LoRA perturbed fits of chunk ``chunk`` at ``lr`` (Algorithm 1); a losses file (or a diverged marker)
+    with the fits' per-step objective terms in its ``trace`` group (:func:`daunce_core.fit.lm.read_trace`)."""
     train, query = data.read_jsonl(train_jsonl), data.read_jsonl(queries_jsonl)
     model, tok = _load(str(theta0_dir), s, dev)
     cfg = s.daunce.fit_config(lr, s.finetune.max_length)
     fitter = LoraFitter(model, encode_examples(tok, train, max_length=cfg.max_length, template=s.template),
                         encode_examples(tok, query, max_length=cfg.max_length, template=s.template), cfg,
                         pad_id=pad_id(tok), device=dev, train_ids=_ids(train), query_ids=_ids(query))
-    chunks.write_signals(out_h5, fitter.fit(chunks.chunk_models(s.K, s.chunk_size, chunk), lr))
+    sig = fitter.fit(chunks.chunk_models(s.K, s.chunk_size, chunk), lr)
+    if chunks.write_signals(out_h5, sig):
+        write_trace(out_h5, sig)
 
 
 def _retrainer(s: LLMSettings, base: str, train: list, queries: list, dev):
@@ -181,6 +191,8 @@ def select_lr(s: LLMSettings, losses_paths: Sequence, lrs: Sequence[str], eval_j
         N = min(s.select.N, len(train) - 1)
 
         def judge(L: store.Losses) -> float:
+            L, _ = store.align_losses(L, {"train_ids": _ids(train), "query_ids": _ids(queries)},
+                                      f"{train_jsonl} / {queries_jsonl}", notify=log.warning)  # join on ids
             rank = removal.ranking_from_scores(scoring.pairwise_scores(L.train, L.query, s.measure), sel_cols)
             wrong = removal.removal_effect(rank, N, [0], retrain)["mean"]
             log.info("lr %g: %.3f of the selection queries wrong after removing %d", L.attrs["config"]["lr"],
@@ -219,16 +231,27 @@ def logra_scores_file(s: LLMSettings, theta0_dir, train_jsonl, queries_jsonl, ou
 
 def removal_job(s: LLMSettings, method: str, N: int, scores_path, base: str, train_jsonl, queries_jsonl,
                 eval_json, out, dev) -> dict[str, Any]:
-    """One point of Figure 2: remove method's top N, retrain for every seed, share of test queries wrong."""
+    """One point of Figure 2: remove method's top N, retrain for every removal seed, share of test
+    queries wrong.
+
+    The seeds are :meth:`LLMSettings.removal_seeds`, the same for every method and N (paired).
+    ``random`` draws a fresh ranking per seed; :data:`removal.NOISE_METHOD` with N = 0 retrains on
+    the full data (the retraining noise).
+    """
     ev = _json(eval_json)
     train, queries = data.read_jsonl(train_jsonl), data.read_jsonl(queries_jsonl)
     test_ids = ev["test_queries"]
-    if method == "random":
-        ranking = removal.random_ranking(len(train), s.removal.seed)
+    if method == removal.NOISE_METHOD:
+        if int(N) != 0:
+            raise ValueError(f"removal method {removal.NOISE_METHOD!r} is the full-data retrain: N must be 0")
+        ranking = np.arange(len(train))
+    elif method == "random":
+        def ranking(seed: int) -> np.ndarray:
+            return removal.random_ranking(len(train), (s.removal.seed, seed))
     else:
-        ranking = removal.ranking_from_file(scores_path, test_ids)
+        ranking = removal.ranking_from_file(scores_path, test_ids, _ids(train), train_jsonl)
     pos = {q["id"]: j for j, q in enumerate(queries)}
     retrain = _retrainer(s, base, train, [queries[pos[i]] for i in test_ids], dev)
-    res = removal.removal_effect(ranking, int(N), list(range(s.seeds)), retrain)
+    res = removal.removal_effect(ranking, int(N), s.removal_seeds(), retrain)
     removal.write_result(out, res, method=method, queries=len(test_ids), n_train=len(train))
     return res

@@ -239,19 +239,15 @@ def llm_removal_inputs(wildcards):
         "eval": f"results/{exp}/llm/full/eval.json",
         "base": llm_base_input(wildcards),
     }
-    if wildcards.method != "random":
+    if wildcards.method not in ("random", "none"):
         out["scores"] = f"results/{exp}/llm/scores/{wildcards.method}.h5"
     return out
 
 
 def llm_removal_files(wildcards=None):
-    """Every point of Figure 2: each method at each N."""
-    return expand(
-        "results/{experiment}/llm/removal/{method}/N{N}.json",
-        experiment=EXP,
-        method=LLM.removal.methods,
-        N=LLM.removal.N,
-    )
+    """Every point of Figure 2: each method at each N > 0, and the full-data retrain (N = 0,
+    method 'none') that measures the retraining noise for all methods."""
+    return [f"results/{EXP}/llm/removal/{m}/N{N}.json" for m, N in LLM.removal_points()]
 
 
 # --- Section 5: black-box access, the backdoor study (rules/blackbox.smk) ----------------------

@@ -149,7 +149,10 @@ rule llm_logra:
 
 rule llm_removal:
     """One point of Figure 2: remove the method's top N (summed scores over the solved test
-    queries), fine-tune again from the base model for every seed, share of queries now wrong."""
+    queries; random: a fresh ranking per seed; none: N = 0), fine-tune again from the base model
+    for every removal seed (the same seeds for every point), share of queries now wrong."""
+    wildcard_constraints:
+        method=r"[a-z_]+",
     input:
         unpack(llm_removal_inputs),
     output:
@@ -167,7 +170,8 @@ rule llm_removal:
 
 
 rule fig2:
-    """Figure 2: most-influential-subset removal, DAUNCE and LoGra against random removal."""
+    """Figure 2: most-influential-subset removal, DAUNCE and LoGra against random removal, and the
+    paired differences over the retrain seeds with 95% t-intervals (the table holds both)."""
     input:
         llm_removal_files,
     output:

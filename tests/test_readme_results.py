@@ -1,0 +1,38 @@
+"""scripts/readme_results.py: the README's results block is built from result files only."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "readme_results.py"
+
+LDS = """method,measure,threshold,lds,ci_low,ci_high,n_queries,n_masks
+daunce,correlation,none,0.2950,0.2851,0.3065,300,100
+daunce,correlation,hard(q=0.9),0.3357,0.3260,0.3468,300,100
+ekfac,score,hard(q=0.9),0.5823,0.5667,0.5974,300,100
+"""
+
+
+def test_block_is_read_from_the_results(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "lds.csv").write_text(LDS)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nstale 0.999\n<!-- results:end -->\noutro\n")
+    run = [sys.executable, str(SCRIPT), "--results", str(results), "--readme", str(readme)]
+    assert subprocess.run(run + ["--check"], capture_output=True).returncode == 1
+    subprocess.run(run, check=True)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    # best first, thresholded rows only, with their CIs
+    assert text.index("| EK-FAC | 0.582 | [0.567, 0.597] |") < text.index("| DAUNCE | 0.336 | [0.326, 0.347] |")
+    assert "0.295" not in text
+    assert subprocess.run(run + ["--check"], capture_output=True).returncode == 0
+
+
+def test_missing_results_is_one_clear_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path / "nope"), "--readme", str(readme)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "lds.csv: missing" in r.stderr

@@ -1,0 +1,61 @@
+"""``runner.run_script``: the glue of every workflow script (one-line errors, signals)."""
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A script-like job: run_script with a stand-in for Snakemake's ``snakemake`` object, whose main
+# writes a large output atomically, slowly enough to be caught in the middle.
+JOB = textwrap.dedent("""
+    import sys, time
+    from types import SimpleNamespace
+    from daunce_core import store
+    from daunce_core.runner import run_script
+
+    out, log = sys.argv[1], sys.argv[2]
+    snakemake = SimpleNamespace(rule="big_output", threads=1, log=[log], output=[out], config={})
+
+    def main(sm):
+        with store.atomic_path(sm.output[0]) as tmp:
+            with open(tmp, "wb") as fh:
+                for _ in range(600):  # up to 600 MiB: far more than the test waits for
+                    fh.write(b"x" * (1 << 20))
+                    fh.flush()
+                    time.sleep(0.01)
+
+    run_script(snakemake, main)
+""")
+
+
+def _start(tmp_path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path / "big.bin"), str(tmp_path / "job.log")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:  # wait until the job is writing: a temporary of a few MiB exists
+        temps = list(tmp_path.glob(".big.bin.daunce-tmp-*"))
+        if temps and temps[0].stat().st_size >= 4 << 20:
+            return proc
+        assert proc.poll() is None, f"the job ended before it could be signalled: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no temporary file appeared"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated by signal 15"),
+                                           (signal.SIGINT, 130, "interrupted")])
+def test_a_signalled_job_removes_its_temporary_at_once(tmp_path, sig, code, word):
+    proc = _start(tmp_path)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10, "the job did not stop promptly"
+    assert proc.returncode == code, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log"], "a temporary or an output was left"
+    assert "rule big_output" in err and word in err and "temporary files were removed" in err
+    assert "Traceback" not in err
+    assert word in (tmp_path / "job.log").read_text()
