@@ -122,6 +122,9 @@ class DaunceConfig:
                              "training side")
     k_curve: list = setting([5, 10, 20, 50, 100], "K values of Figure 6 (prefixes of the K models)")
     select_measure: str = setting("correlation", "measure used to select the learning rate")
+    trace_every: int = setting(10, "Figure 3: log each model's gradient norm of the full objective, its ERM "
+                               "term and its first-order term every N steps (and at the last); one extra "
+                               "backward pass per logged step. 0 = off")
 
 
 @dataclass
@@ -175,6 +178,8 @@ class ExperimentConfig:
             raise ConfigError(f"daunce.K must be at least 2 (a covariance needs two models), got {d.K}")
         if d.chunk_size < 1:
             raise ConfigError(f"daunce.chunk_size must be at least 1, got {d.chunk_size}")
+        if d.trace_every < 0:
+            raise ConfigError(f"daunce.trace_every must be 0 (off) or a number of steps, got {d.trace_every}")
         if not 0.0 < self.lds.alpha < 1.0:
             raise ConfigError(f"lds.alpha must be in (0, 1), got {self.lds.alpha}")
         if not 0.0 < self.lds.select_fraction < 1.0:

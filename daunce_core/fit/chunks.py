@@ -80,6 +80,12 @@ def write_signals(out: str | os.PathLike, signals: Signals, attrs: Mapping[str, 
     store.write_losses(out, store.Losses(signals.train, signals.query, np.asarray(signals.model_index),
                                          signals.train_ids, signals.query_ids, attrs=attrs,
                                          p0_train=signals.p0_train, p0_query=signals.p0_query))
+    if signals.trace:  # Figure 3's per-step log: a 'trace' group (step [S], model_index [K], term [K, S])
+        with h5py.File(out, "a") as f:
+            g = f.create_group("trace")
+            g.create_dataset("model_index", data=np.asarray(signals.model_index, np.int64))
+            for key, value in signals.trace.items():
+                g.create_dataset(key, data=np.asarray(value))
     return True
 
 

@@ -51,6 +51,8 @@ def get_final_output():
     if BLACK_BOX:
         out.append("results/fig1b.pdf")
     out.append("results/cost.md")
+    if CFG.daunce.trace_every > 0:  # Figure 3 needs the per-step log of the perturbed fits
+        out.append("results/fig3.pdf")
     if "llm" in config:  # a config without the section asks for no LLM study
         out.append("results/fig2.pdf")
     if "blackbox" in config:  # a config without the section asks for no black-box study
@@ -125,6 +127,33 @@ def fig5_inputs(wildcards):
     """The data split and the scores (per measure) of the variant Figure 5 shows."""
     out = {"split": f"results/{EXP}/data/split.npz"}
     out.update({m: f"results/{EXP}/scores/{figure_variant()}/{m}.h5" for m in MEASURES})
+    return out
+
+
+def fig3_vision_chunks():
+    """Chunk files of every lr of the figure variant's fits ({lr tag: [files]}); Figure 3 reads the
+    selected lr's (its trace group)."""
+    n = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
+    v = fit_variant(figure_variant())
+    return {lr: [f"results/{EXP}/daunce/{v}/lr{lr}/chunk{c}.h5" for c in range(n)] for lr in LR_TAGS}
+
+
+def fig3_llm_chunks():
+    """The LLM's chunk files per lr ({} without an llm section)."""
+    if "llm" not in config:
+        return {}
+    n = math.ceil(LLM.K / LLM.chunk_size)
+    return {lr: [f"results/{EXP}/llm/daunce/lr{lr}/chunk{c}.h5" for c in range(n)] for lr in LLM.lr_tags()}
+
+
+def fig3_inputs(wildcards):
+    out = {
+        "vision_selection": f"results/{EXP}/daunce/{figure_variant()}/selection.json",
+        "vision": [f for files in fig3_vision_chunks().values() for f in files],
+    }
+    if "llm" in config:
+        out["llm_selection"] = f"results/{EXP}/llm/daunce/selection.json"
+        out["llm"] = [f for files in fig3_llm_chunks().values() for f in files]
     return out
 
 
