@@ -168,7 +168,9 @@ def _lds(args: argparse.Namespace) -> None:
 
     scores, meta = store.dense_scores(args.scores)
     gt = store.read_ground_truth(args.ground_truth)
-    scores, notices = store.align_scores(scores, meta, gt, args.scores, args.ground_truth)
+    # the ground truth may hold a subset of the queries (the test or the selection queries)
+    scores, notices = L.align_to_ground_truth(scores, meta["train_ids"], meta["query_ids"], gt, args.scores,
+                                              args.ground_truth, meta["attrs"])
     for notice in notices:
         print(f"daunce lds: note: {notice}", file=sys.stderr)
     th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}

@@ -14,7 +14,21 @@ from typing import Any
 from .settings import ConfigError, build, nested, setting
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
-           "ExperimentConfig", "OTHER_STAGES"]
+           "ExperimentConfig", "OTHER_STAGES", "Q_FORMS", "fit_variant", "q_weighted"]
+
+# Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
+# (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).
+Q_FORMS = {"daunce_t_q": "daunce_t"}
+
+
+def fit_variant(variant: str) -> str:
+    """The variant whose perturbed fits a method uses (``daunce_t`` for ``daunce_t_q``)."""
+    return Q_FORMS.get(variant, variant)
+
+
+def q_weighted(variant: str) -> bool:
+    """Whether a method's scores carry TRAK's Q on the training side."""
+    return variant in Q_FORMS
 
 # Top-level config keys of stages with their own settings (validated by the workflow schema).
 OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
@@ -104,9 +118,14 @@ class DaunceConfig:
     prox: float = setting(0.0, "L2 pull towards theta_0 (weight decay centred at theta_0)")
     seed: int = setting(0, "seed of the perturbations; model k uses default_rng([seed, k])")
     chunk_size: int = setting(50, "perturbed models trained together in one job")
-    variants: list = setting(["daunce", "daunce_e", "daunce_t"], "variants to run")
+    variants: list = setting(["daunce", "daunce_e", "daunce_t"], "variants to run (Tables 1 and 2), and "
+                             "daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the "
+                             "training side")
     k_curve: list = setting([5, 10, 20, 50, 100], "K values of Figure 6 (prefixes of the K models)")
     select_measure: str = setting("correlation", "measure used to select the learning rate")
+    trace_every: int = setting(10, "Figure 3: log each model's gradient norm of the full objective, its ERM "
+                               "term and its first-order term every N steps (and at the last); one extra "
+                               "backward pass per logged step. 0 = off")
 
 
 @dataclass
@@ -115,7 +134,11 @@ class LDSConfig:
 
     alpha: float = setting(0.5, "subset fraction of each LDS mask")
     M: int = setting(100, "number of test masks (reported)")
-    M_select: int = setting(50, "number of selection masks (learning-rate search only; disjoint from the test masks)")
+    M_select: int = setting(50, "number of selection masks (every tuning: DAUNCE's learning rate, the "
+                            "baselines' knobs; a mask stream disjoint from the test masks)")
+    select_fraction: float = setting(0.3, "share of the queries kept for selection (a seeded choice); the "
+                                     "selection masks' ground truth holds only these, the reported LDS "
+                                     "only the others (the test queries)")
     seeds: int = setting(3, "retrains per mask, averaged")
     seed: int = setting(0, "seed of the masks and retrains")
     chunk_size: int = setting(100, "retrains per job")
@@ -156,8 +179,13 @@ class ExperimentConfig:
             raise ConfigError(f"daunce.K must be at least 2 (a covariance needs two models), got {d.K}")
         if d.chunk_size < 1:
             raise ConfigError(f"daunce.chunk_size must be at least 1, got {d.chunk_size}")
+        if d.trace_every < 0:
+            raise ConfigError(f"daunce.trace_every must be 0 (off) or a number of steps, got {d.trace_every}")
         if not 0.0 < self.lds.alpha < 1.0:
             raise ConfigError(f"lds.alpha must be in (0, 1), got {self.lds.alpha}")
+        if not 0.0 < self.lds.select_fraction < 1.0:
+            raise ConfigError(f"lds.select_fraction must be in (0, 1) (some queries for selection, the "
+                              f"rest for the reported LDS), got {self.lds.select_fraction}")
         if any(k > d.K or k < 2 for k in d.k_curve):
             raise ConfigError(f"daunce.k_curve values must lie in [2, K={d.K}], got {d.k_curve}")
         check_cross_fields(self)

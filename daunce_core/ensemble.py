@@ -122,6 +122,9 @@ def train_stacked(
     prox: float = 0.0,
     augment_keys: list[tuple[int, ...]] | None = None,
     desc: str = "train",
+    erm_objective: Objective | None = None,
+    trace_every: int = 0,
+    trace_out: dict | None = None,
 ) -> tuple[Stacked, Stacked]:
     """Optimise C stacked models on their own minibatch schedules.
 
@@ -136,6 +139,12 @@ def train_stacked(
         train_mode: put the network in train mode (BatchNorm batch statistics; loop only).
         prox_center, prox: optional pull ``prox/2 ||theta - theta_0||^2`` towards ``prox_center``.
         augment_keys: per-model keys of the augmentation random streams (None: no augmentation).
+        erm_objective, trace_every, trace_out: Figure 3's log. Every ``trace_every`` steps (and at
+            the last) each model's gradient norm of the full objective, of its ERM term
+            (``erm_objective``, same signature as ``objective``) and of the rest (the first-order
+            term) go into ``trace_out``: ``step`` [S] (1-based optimiser steps) and ``total``,
+            ``erm``, ``first_order`` [C, S]. Cost: one extra backward pass per logged step (the
+            first-order gradient is the difference of the two, by linearity).
     Returns:
         The trained (params, buffers), detached.
     """
@@ -153,6 +162,9 @@ def train_stacked(
 
     batched = vmap(fmodel, in_dims=(0, 0, 0))
     bar = tqdm(total=steps * len(groups), desc=desc, leave=False, mininterval=2.0)
+    tracing = trace_out is not None and erm_objective is not None and trace_every > 0
+    traced_steps = [t for t in range(steps) if t % trace_every == 0 or t == steps - 1] if tracing else []
+    norms: dict[str, list[np.ndarray]] = {t: [] for t in ("total", "erm", "first_order")}
     for group in groups:
         g = torch.as_tensor(group, device=device)
         p = {k: v[group].detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -173,8 +185,16 @@ def train_stacked(
             loss = objective(logits, idx, g).mean(dim=1).sum()
             if center is not None and prox > 0:
                 loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
+            traced = tracing and step in traced_steps
+            if traced:  # model c's row of each gradient is the gradient of model c's own objective
+                g_erm = torch.autograd.grad(erm_objective(logits, idx, g).mean(dim=1).sum(), list(p.values()),
+                                            retain_graph=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if traced:
+                g_obj = [p[k].grad - (prox * (p[k] - center[k]) if center is not None and prox > 0 else 0.0)
+                         for k in p]
+                _log_norms(norms, g_obj, g_erm, len(group))
             opt.step()
             sched.step()
             bar.update(1)
@@ -186,7 +206,23 @@ def train_stacked(
         for k in b:
             out_b[k].append(b[k].detach())
     bar.close()
+    if tracing:
+        S = len(traced_steps)
+        trace_out["step"] = np.asarray(traced_steps) + 1
+        for t, rows in norms.items():  # [S * groups] blocks of [c] -> [C, S]
+            blocks = [np.stack(rows[i * S:(i + 1) * S], axis=1) for i in range(len(groups))]
+            trace_out[t] = np.concatenate(blocks, axis=0)
     return ({k: torch.cat(v) for k, v in out_p.items()}, {k: torch.cat(v) for k, v in out_b.items()})
+
+
+def _log_norms(norms: dict, g_obj: list, g_erm: tuple, c: int) -> None:
+    """Per-model L2 norms [c] of the objective's gradient, its ERM part and the rest."""
+    def norm(gs):
+        return torch.sqrt(sum((x.detach().reshape(c, -1).double() ** 2).sum(1) for x in gs)).cpu().numpy()
+
+    norms["total"].append(norm(g_obj))
+    norms["erm"].append(norm(g_erm))
+    norms["first_order"].append(norm([a - e for a, e in zip(g_obj, g_erm)]))
 
 
 @torch.no_grad()
@@ -220,8 +256,14 @@ def fit_perturbed(
     logits0: torch.Tensor | None = None,
     mode: str = "vmap",
     plan: Plan | None = None,
+    trace_out: dict | None = None,
 ) -> tuple[Stacked, Stacked]:
     """Algorithm 1, steps 2-4, for perturbed models ``ks`` trained together from ``theta_0``.
+
+    With ``trace_out`` (a dict) and ``cfg.trace_every > 0`` the per-term gradient norms of
+    Figure 3 are logged into it (:func:`train_stacked`): the ERM term is the variant's loss term,
+    ``gamma (s - s_0)`` or ``gamma/2 (s - s_0)^2`` (the whole objective for the black-box forms),
+    the first-order term the rest of equation (5).
 
     ``logits0`` are theta_0's logits on the whole training set [n, classes] (computed once if
     not given): the first-order term of equation (5) needs nothing else. ``plan`` draws each
@@ -251,6 +293,17 @@ def fit_perturbed(
             xi=xi_t[models[:, None], idx].reshape(-1), rho=cfg.rho, gamma=cfg.gamma,
         ).reshape(C, B)
 
+    signal = obj.signal_of(variant)
+
+    def erm_objective(logits, idx, models):
+        C, B, nc = logits.shape
+        flat = idx.reshape(-1)
+        s = obj.signal_value(signal, logits.reshape(C * B, nc), y[flat])
+        if obj.is_black_box(variant):
+            return obj.perturbed_objective(variant, s, gamma=cfg.gamma).reshape(C, B)
+        d = s - obj.signal_value(signal, logits0[flat], y[flat])
+        return (cfg.gamma * d if variant == "daunce" else 0.5 * cfg.gamma * d.square()).reshape(C, B)
+
     p0, b0 = split_state(net, theta_0)
     C = len(ks)
     params = stack_states([p0] * C, device)
@@ -258,7 +311,8 @@ def fit_perturbed(
     center = stack_states([p0] * C, device) if cfg.prox > 0 else None
     return train_stacked(net, params, buffers, X, schedule, objective, OptimSpec.from_daunce(cfg, lr),
                          mode=mode, train_mode=False, prox_center=center, prox=cfg.prox,
-                         desc=f"{variant} k={ks[0]}..{ks[-1]}")
+                         desc=f"{variant} k={ks[0]}..{ks[-1]}", erm_objective=erm_objective,
+                         trace_every=cfg.trace_every, trace_out=trace_out)
 
 
 def fit_from_scratch(

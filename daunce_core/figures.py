@@ -21,7 +21,7 @@ from .lds import read_lds_table  # noqa: E402
 log = logging.getLogger(__name__)
 
 DISPLAY = {
-    "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T",
+    "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_t_q": "DAUNCE-T (Q)",
     "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
     "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
     "tracin": "TracIn", "exact_if": "Exact IF",
@@ -192,3 +192,79 @@ def fig5(cfg, split_path, scores_paths: dict[str, str], out, query: int = 0, top
                 a.set_yticks([])
     fig.suptitle("Query and its most influential training examples (DAUNCE)", fontsize=9)
     _save(fig, out)
+
+
+# --- Figure 3: the terms of the perturbed objective during training --------------------------------
+
+TRACE_TERMS = ("total", "erm", "first_order")  # the ``trace`` group of a chunk's losses file
+_TERM_LABEL = {"total": "full perturbed objective", "erm": "ERM term", "first_order": "first-order term"}
+
+
+def read_trace(paths: list) -> dict[str, np.ndarray] | None:
+    """The ``trace`` groups of a setting's chunk files stacked along K (``step`` [S], terms [K, S]);
+    ``None`` when a file has none (a fitter or a run that logged nothing)."""
+    import h5py
+
+    parts = []
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            if "trace" not in f:
+                return None
+            parts.append({k: f["trace"][k][()] for k in f["trace"]})
+    out = {"step": parts[0]["step"]}
+    for t in TRACE_TERMS:
+        out[t] = np.concatenate([q[t] for q in parts], axis=0)
+    return out
+
+
+def _selected_chunks(selection_json, chunks_by_lr: dict[str, list]) -> tuple[str, list]:
+    """The chunk files of the learning rate a selection chose (``selected_lr`` of its json)."""
+    import json
+
+    lr = json.loads(Path(selection_json).read_text())["selected_lr"]
+    for tag, files in chunks_by_lr.items():
+        if float(tag) == float(lr):
+            return tag, list(files)
+    raise ValueError(f"{selection_json}: the selected lr {lr} is none of the grid's {sorted(chunks_by_lr)}")
+
+
+def _trace_panel(ax, trace: dict, ylabel: str, log_y: bool) -> None:
+    for i, t in enumerate(TRACE_TERMS):
+        v = trace[t]
+        med = np.nanmedian(v, axis=0)
+        lo, hi = np.nanquantile(v, 0.1, axis=0), np.nanquantile(v, 0.9, axis=0)
+        ax.plot(trace["step"], med, color=f"C{i}", label=_TERM_LABEL[t])
+        ax.fill_between(trace["step"], lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, frameon=False)
+
+
+def fig3(vision: dict | None, llm: dict | None, out) -> list[str]:
+    """Figure 3: the terms of the perturbed objective over the training steps of the perturbed fits
+    at the selected learning rate -- gradient norms (vision) and batch values (LLM), each for the full
+    objective, the ERM term and the first-order term; median over the K models, 10-90% band.
+
+    ``vision`` / ``llm``: ``{"selection": selection.json, "chunks": {lr tag: [chunk files]},
+    "label": ...}`` or ``None``. A side whose chunk files carry no ``trace`` group is drawn as an
+    empty panel that says so. Returns the panels drawn.
+    """
+    sides = [(k, v) for k, v in (("vision", vision), ("llm", llm)) if v]
+    fig, axes = plt.subplots(1, max(1, len(sides)), figsize=(4.4 * max(1, len(sides)), 3.2), squeeze=False)
+    drawn = []
+    for ax, (kind, side) in zip(axes[0], sides):
+        tag, files = _selected_chunks(side["selection"], side["chunks"])
+        trace = read_trace(files)
+        title = f"{side.get('label', kind)}, lr={tag}"
+        if trace is None:
+            ax.text(0.5, 0.5, "no per-step trace in these losses files", ha="center", transform=ax.transAxes)
+            ax.set_axis_off()
+        else:
+            _trace_panel(ax, trace, "gradient norm" if kind == "vision" else "batch mean of the term",
+                         log_y=kind == "vision")
+            drawn.append(kind)
+        ax.set_title(title, fontsize=9)
+    _save(fig, out)
+    return drawn

@@ -1,5 +1,11 @@
 """Linear datamodeling score (Appendix B, equations 8-9).
 
+Selection is kept apart from test twice over (issue 12, item 7): the selection masks come from a
+mask stream disjoint from the test masks (:func:`masks_for`), and the queries are split (seeded,
+:func:`query_split`) into selection queries and test queries. The selection ground truth holds
+only the selection queries, the test ground truth only the test queries, so every tuning (DAUNCE's
+learning rate, the baselines' knobs) sees neither a test mask nor a test query.
+
 Ground truth: M random subsets of size ceil(alpha n); a model retrained from scratch with the
 base recipe on each (several seeds); the margin of every query under each retrain. It is stored
 once (``store.write_ground_truth``) and every method is evaluated against the same file.
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SELECT_OFFSET = 1_000_000  # selection masks come from a stream disjoint from the test masks
+QUERY_SPLIT_KEY = 7_919  # key of the query split's stream, apart from the masks' and the retrains'
 
 
 def masks_for(cfg: ExperimentConfig, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +49,62 @@ def masks_for(cfg: ExperimentConfig, split: str, n: int) -> tuple[np.ndarray, np
     else:
         raise ValueError(f"unknown LDS split {split!r}; 'test' or 'select'")
     return offset + np.arange(M), lds_masks(lc.seed, M, n, lc.alpha, offset=offset)
+
+
+def query_split(m: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (ascending) of the selection and the test queries among ``m``: a seeded random
+    choice of ``round(fraction * m)`` selection queries, the rest for test.
+
+    Raises:
+        ConfigError: one side would be empty (``lds.select_fraction`` too small or large for m).
+    """
+    from .settings import ConfigError
+
+    n_select = int(round(fraction * m))
+    if not 0 < n_select < m:
+        raise ConfigError(f"lds.select_fraction={fraction:g} of {m} queries leaves {n_select} selection and "
+                          f"{m - n_select} test queries; both need at least one")
+    perm = np.random.default_rng([seed, QUERY_SPLIT_KEY]).permutation(m)
+    return np.sort(perm[:n_select]), np.sort(perm[n_select:])
+
+
+def query_positions(cfg: ExperimentConfig, split: str, m: int) -> np.ndarray:
+    """Positions of the queries of LDS split ``"select"`` or ``"test"`` (:func:`query_split`)."""
+    if split not in ("select", "test"):
+        raise ValueError(f"unknown LDS split {split!r}; 'test' or 'select'")
+    sel, test = query_split(m, cfg.lds.select_fraction, cfg.lds.seed)
+    return sel if split == "select" else test
+
+
+def restrict_queries(losses, gt: dict):
+    """``losses`` (``store.Losses``) with only the queries the ground truth ``gt`` holds; scoring
+    fewer queries gives the same columns (every measure and threshold is per query)."""
+    from . import store
+
+    keep = np.isin(losses.query_ids, gt["query_ids"])
+    return store.Losses(losses.train, losses.query[:, keep], losses.model_index, losses.train_ids,
+                        losses.query_ids[keep], losses.attrs, losses.source, p0_train=losses.p0_train,
+                        p0_query=None if losses.p0_query is None else losses.p0_query[keep])
+
+
+def align_to_ground_truth(scores: np.ndarray, train_ids, query_ids, gt: dict, scores_path="scores",
+                          gt_path="ground truth", attrs: dict | None = None) -> tuple[np.ndarray, list[str]]:
+    """Dense scores [n, m] put in the order of ``gt``'s training examples and queries.
+
+    The scores may cover more queries than the ground truth (all queries, against the selection or
+    the test queries): the others are dropped. Otherwise :func:`daunce_core.store.align_scores`
+    joins on ids and refuses examples the scores lack.
+    """
+    from . import store
+
+    query_ids = np.asarray(query_ids)
+    attrs = attrs or {}
+    if not (store.is_positional(attrs) or store.is_positional(gt["attrs"] if "attrs" in gt else {})) \
+            and len(query_ids) > len(gt["query_ids"]):
+        keep = np.isin(query_ids, gt["query_ids"])
+        scores, query_ids = scores[:, keep], query_ids[keep]
+    meta = {"train_ids": train_ids, "query_ids": query_ids, "attrs": attrs}
+    return store.align_scores(scores, meta, gt, scores_path, gt_path)
 
 
 def retrain_outputs(cfg: ExperimentConfig, ds: Dataset, masks: np.ndarray, mask_index: np.ndarray,
@@ -148,7 +211,29 @@ def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 
 
 # --- the LDS table: the rows of every evaluation in one csv ----------------------------------------
 
-LDS_COLUMNS = ["method", "measure", "threshold", "lds", "ci_low", "ci_high", "n_queries", "n_masks"]
+LDS_COLUMNS = ["method", "measure", "threshold", "lds", "ci_low", "ci_high", "n_queries", "n_masks", "tuned",
+               "on_edge"]
+
+
+def tuning_label(tuning: dict | None) -> tuple[str, str]:
+    """(``tuned``, ``on_edge``) columns of the LDS table from a selection record.
+
+    ``tuning`` is DAUNCE's ``selection.json`` or a baseline's ``tuning`` attribute: ``selected``
+    (the chosen knob values) and ``on_edge`` (the choice sits at the end of a grid axis, so a
+    wider grid might do better). No record: the method was not tuned, both columns empty.
+    """
+    if not tuning or not tuning.get("selected"):
+        return "", ""
+    sel = tuning["selected"]
+    tuned = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sel.items())
+    return tuned, "true" if tuning.get("on_edge") else "false"
+
+
+def on_edge(grid: list, best) -> bool:
+    """Whether ``best`` is the smallest or largest number of ``grid`` (of two or more numbers);
+    ``None`` (a library's heuristic default) is no point of the axis."""
+    nums = sorted(v for v in grid if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return len(nums) > 1 and best in (nums[0], nums[-1])
 
 
 def threshold_label(th: dict) -> str:
@@ -177,7 +262,8 @@ def lds_table(json_paths: list, out_csv) -> list[dict]:
             w = csv.DictWriter(fh, fieldnames=LDS_COLUMNS)
             w.writeheader()
             for r in rows:
-                w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in LDS_COLUMNS})
+                w.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, ""))
+                            for k in LDS_COLUMNS})
     return rows
 
 

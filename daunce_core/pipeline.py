@@ -17,7 +17,7 @@ import numpy as np
 
 from . import lds as L
 from . import store
-from .config import ExperimentConfig
+from .config import ExperimentConfig, q_weighted
 from .data import Dataset, load_dataset
 from .fit import chunks
 from .scoring import apply_threshold, pairwise_scores
@@ -117,6 +117,7 @@ def _daunce_attrs(cfg: ExperimentConfig) -> dict:
 # --- LDS ground truth ----------------------------------------------------------------------------
 
 def ground_truth_chunk(cfg: ExperimentConfig, split_path, split: str, chunk: int, out: str | Path) -> None:
+    """Retrain on one chunk of the masks of ``split``; keep the margins of that split's queries only."""
     from .utils import pick_device
 
     device = pick_device(cfg.device)
@@ -126,16 +127,47 @@ def ground_truth_chunk(cfg: ExperimentConfig, split_path, split: str, chunk: int
     if not len(mask_index[sl]):
         raise ValueError(f"LDS chunk {chunk} of split {split!r} is empty")
     outputs = L.retrain_outputs(cfg, ds, masks[sl], mask_index[sl], device)
-    store.write_ground_truth(out, masks=masks[sl], outputs=outputs, train_ids=ds.train_ids,
-                             query_ids=ds.query_ids, mask_index=mask_index[sl],
-                             attrs={"split": split, "alpha": cfg.lds.alpha, "experiment": cfg.experiment})
+    q = L.query_positions(cfg, split, ds.m)  # selection queries for "select", test queries for "test"
+    store.write_ground_truth(out, masks=masks[sl], outputs=outputs[:, :, q], train_ids=ds.train_ids,
+                             query_ids=ds.query_ids[q], mask_index=mask_index[sl],
+                             attrs={"split": split, "alpha": cfg.lds.alpha, "experiment": cfg.experiment,
+                                    "select_fraction": cfg.lds.select_fraction, "n_queries_all": ds.m})
 
 
 # --- scoring, learning-rate selection, LDS -------------------------------------------------------
 
-def scores_from_losses(losses: store.Losses, measure: str) -> np.ndarray:
-    """Dense scores [n, m] of losses already in memory (the selection and K-curve steps)."""
-    return pairwise_scores(losses.train, losses.query, measure=measure)
+def scores_from_losses(losses: store.Losses, measure: str, variant: str | None = None) -> np.ndarray:
+    """Dense scores [n, m] of losses already in memory (the selection and K-curve steps); a
+    ``daunce_t_q`` form gets TRAK's Q on the training side (:func:`q_train`)."""
+    scores = pairwise_scores(losses.train, losses.query, measure=measure)
+    if variant is not None and q_weighted(variant):
+        scores *= q_train(losses)[:, None]
+    return scores
+
+
+def q_train(losses: store.Losses, source="losses") -> np.ndarray:
+    """TRAK's Q on the training side: ``1 - p_i(theta_0)`` per training example, [n] float32.
+
+    Applied to the scores *after* normalising (correlation divides each example's centred signals
+    by their norm, which would cancel any per-example factor applied before; see
+    docs/daunce_t_factor.md). ``p0_train`` is stored in float64 by the perturbed-fit step.
+    """
+    if losses.p0_train is None:
+        raise store.StoreError(f"{source}: no 'p0_train' dataset (theta_0's label probabilities) for TRAK's "
+                               "(1 - p) factor; rerun the perturbed_chunk step with this version")
+    return (1.0 - losses.p0_train).astype(np.float32)
+
+
+def score_variant(variant: str, losses_path, out, measure: str, **score_file_kw) -> str:
+    """Scores of one method's losses file (equation 6) streamed through ``scoring.score_file``;
+    for ``daunce_t_q`` each training example's row is then multiplied by ``1 - p_i(theta_0)``."""
+    chunks.score(losses_path, out, measure, method=variant, **score_file_kw)
+    if q_weighted(variant):
+        scores, meta = store.dense_scores(out)
+        q = q_train(store.read_losses(losses_path), losses_path)
+        store.write_scores(out, scores=scores * q[:, None], train_ids=meta["train_ids"],
+                           query_ids=meta["query_ids"], attrs={**meta["attrs"], "q_weight": "train"})
+    return str(out)
 
 
 def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str], gt_select_path,
@@ -147,48 +179,67 @@ def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str],
                                f"{gt['attrs'].get('split')!r}); refusing to select on test masks")
 
     def selection_lds(losses: store.Losses) -> float:
-        losses, _ = store.align_losses(losses, gt, gt_select_path, notify=log.warning)  # join on ids
-        scores = apply_threshold(scores_from_losses(losses, cfg.daunce.select_measure), cfg.lds.threshold)
-        return L.evaluate(scores, gt, n_resamples=200)[0].lds
+        return selection_score(cfg, losses, gt, cfg.daunce.select_measure, gt_select_path, variant)
 
     return chunks.select_lr(loss_paths, selection_lds, out_losses, out_json,
-                            {"variant": variant, "selected_on": "select masks",
+                            {"variant": variant, "selected_on": "select masks and select queries",
+                             "n_select_queries": len(gt["query_ids"]), "n_select_masks": len(gt["masks"]),
                              "measure": cfg.daunce.select_measure},
                             key="lds_select", grid_option="daunce.lr_grid")
 
 
-def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, measure: str, out_json) -> dict:
-    """LDS of one scores file, raw and thresholded, with bootstrap CIs."""
+def selection_score(cfg: ExperimentConfig, losses: store.Losses, gt: dict, measure: str, gt_path="select",
+                    variant: str | None = None) -> float:
+    """Mean LDS of ``losses``' scores (thresholded as ``lds.threshold``) on the selection ground
+    truth ``gt``: its masks and its queries only."""
+    sub = L.restrict_queries(losses, gt)
+    scores, _ = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids, sub.query_ids, gt,
+                                        "losses", gt_path, sub.attrs)
+    return L.evaluate(apply_threshold(scores, cfg.lds.threshold), gt, n_resamples=200)[0].lds
+
+
+def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, measure: str, out_json,
+                    tuning: dict | None = None) -> dict:
+    """LDS of one scores file on the test masks and test queries, raw and thresholded, with
+    bootstrap CIs. ``tuning`` (a selection record: ``selected``, ``on_edge``; default: the scores
+    file's ``tuning`` attribute, which the baselines write) labels the rows."""
     scores, meta = store.dense_scores(scores_path)
     gt = store.read_ground_truth(gt_path)
     if gt["attrs"].get("split") != "test":
         raise store.StoreError(f"{gt_path}: LDS is reported on the test masks only")
-    scores, _ = store.align_scores(scores, meta, gt, scores_path, gt_path, notify=log.warning)  # join on ids
+    scores, notices = L.align_to_ground_truth(scores, meta["train_ids"], meta["query_ids"], gt, scores_path,
+                                              gt_path, meta["attrs"])
+    for notice in notices:
+        log.info("%s", notice)
+    tuned, on_edge = L.tuning_label(tuning if tuning is not None else meta["attrs"].get("tuning"))
     rows = []
     th = cfg.lds.threshold
     for label, s in (("none", scores), (L.threshold_label(th), apply_threshold(scores, th))):
         res, pq = L.evaluate(s, gt, n_resamples=cfg.lds.bootstrap, seed=cfg.lds.seed)
         rows.append({"method": method, "measure": measure, "threshold": label, "lds": res.lds,
                      "ci_low": res.ci_low, "ci_high": res.ci_high, "n_queries": res.n_queries,
-                     "n_masks": int(gt["masks"].shape[0])})
+                     "n_masks": int(gt["masks"].shape[0]), "tuned": tuned, "on_edge": on_edge})
     with store.atomic_path(out_json, suffix=".json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     return {"rows": rows}
 
 
-def k_curve(cfg: ExperimentConfig, losses_path, gt_path, measure: str, out_csv) -> list[dict]:
-    """LDS of the first K' perturbed models for each K' in ``daunce.k_curve`` (Figure 6)."""
-    losses = store.read_losses(losses_path)
+def k_curve(cfg: ExperimentConfig, losses_path, gt_path, measure: str, out_csv,
+            variant: str | None = None) -> list[dict]:
+    """LDS of the first K' perturbed models for each K' in ``daunce.k_curve`` (Figure 6), on the
+    test masks and test queries."""
     gt = store.read_ground_truth(gt_path)
-    losses, _ = store.align_losses(losses, gt, gt_path, notify=log.warning)  # join on ids
+    losses = L.restrict_queries(store.read_losses(losses_path), gt)
     rows = []
     for k in sorted(set(int(v) for v in cfg.daunce.k_curve) | {losses.K}):
         if k > losses.K:
             raise ValueError(f"daunce.k_curve asks for K={k} but {losses_path} has only {losses.K} models")
         sub = store.Losses(losses.train[:k], losses.query[:k], losses.model_index[:k], losses.train_ids,
-                           losses.query_ids, losses.attrs)
-        s = apply_threshold(scores_from_losses(sub, measure), cfg.lds.threshold)
-        res, _ = L.evaluate(s, gt, n_resamples=cfg.lds.bootstrap, seed=cfg.lds.seed)
+                           losses.query_ids, losses.attrs, p0_train=losses.p0_train)
+        s, _ = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids, sub.query_ids, gt,
+                                       losses_path, gt_path, sub.attrs)
+        res, _ = L.evaluate(apply_threshold(s, cfg.lds.threshold), gt, n_resamples=cfg.lds.bootstrap,
+                            seed=cfg.lds.seed)
         rows.append({"K": k, "lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high})
     with store.atomic_path(out_csv, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:

@@ -516,6 +516,9 @@ class Losses:
     query_ids: np.ndarray  # [m]
     attrs: dict[str, Any]
     source: str = field(default="", compare=False)  # the file read (named by errors), not stored
+    # theta_0's probability of each example's label (optional; DAUNCE-T's (1 - p) factor, TRAK's Q)
+    p0_train: np.ndarray | None = None  # [n]
+    p0_query: np.ndarray | None = None  # [m]
 
     @property
     def K(self) -> int:
@@ -537,6 +540,11 @@ class Losses:
             raise StoreError(f"{source}: example ids do not match the loss matrices")
         check_finite(self.train, self.train_ids, "training", source)
         check_finite(self.query, self.query_ids, "query", source)
+        for key, ids in (("p0_train", self.train_ids), ("p0_query", self.query_ids)):
+            p0 = getattr(self, key)
+            if p0 is not None and (np.shape(p0) != ids.shape or not _all_finite(np.asarray(p0, np.float64))):
+                raise StoreError(f"{source}: '{key}' has shape {np.shape(p0)} or non-finite values; expected "
+                                 f"{ids.shape} probabilities")
         return self
 
 
@@ -560,6 +568,9 @@ def write_losses(path: str | os.PathLike, losses: Losses) -> None:
         f.create_dataset("model_index", data=np.asarray(losses.model_index, np.int64))
         f.create_dataset("train_ids", data=np.asarray(losses.train_ids, np.int64))
         f.create_dataset("query_ids", data=np.asarray(losses.query_ids, np.int64))
+        for key in ("p0_train", "p0_query"):  # float64: 1 - p0 stays exact for well-fitted examples
+            if getattr(losses, key) is not None:
+                f.create_dataset(key, data=np.asarray(getattr(losses, key), np.float64))
         for key, value in losses.attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         f.attrs["daunce_version"] = VERSION
@@ -592,9 +603,10 @@ def read_losses(path: str | os.PathLike) -> Losses:
             train_ids, query_ids, positional = _example_ids(
                 f, train.shape[1], query.shape[1], "'train'", "'query'")
             attrs = _attrs(f)
+            p0 = {k: _read_numbers(f, k, 1).astype(np.float64) for k in ("p0_train", "p0_query") if k in f}
     if positional:
         attrs["ids"] = "positional"
-    return Losses(train, query, model_index, train_ids, query_ids, attrs, str(path)).validate(str(path))
+    return Losses(train, query, model_index, train_ids, query_ids, attrs, str(path), **p0).validate(str(path))
 
 
 def align_losses(losses: Losses, ref: dict[str, Any], ref_path, *,
@@ -612,7 +624,9 @@ def align_losses(losses: Losses, ref: dict[str, Any], ref_path, *,
         return losses, _notify(j.notices, notify)
     aligned = Losses(j.take(losses.train, 1), j.take(losses.query, query_axis=1), losses.model_index,
                      j.take(losses.train_ids, 0), j.take(losses.query_ids, query_axis=0),
-                     dict(losses.attrs), losses.source)
+                     dict(losses.attrs), losses.source,
+                     p0_train=None if losses.p0_train is None else j.take(losses.p0_train, 0),
+                     p0_query=None if losses.p0_query is None else j.take(losses.p0_query, query_axis=0))
     return aligned, _notify(j.notices, notify)
 
 
@@ -661,6 +675,8 @@ def concat_losses(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         train_ids=first.train_ids,
         query_ids=first.query_ids,
         attrs=dict(first.attrs),
+        p0_train=first.p0_train,  # theta_0's, the same in every chunk
+        p0_query=first.p0_query,
     )
     write_losses(out, merged)
     return merged

@@ -5,7 +5,8 @@ from daunce_core.runner import run_script
 
 def main(sm):
     write_cost_table(list(sm.params.entries), sm.input.lds, sm.params.base_benchmark, sm.output[0],
-                     experiment=sm.params.experiment, startup=startup_baseline())
+                     experiment=sm.params.experiment, startup=startup_baseline(),
+                     selection_benchmarks=list(sm.params.selection_benchmarks))
 
 
 run_script(snakemake, main)  # noqa: F821

@@ -1,11 +1,14 @@
 """rule lds_eval: LDS of one scores file."""
+import json
+
 from daunce_core.pipeline import evaluate_scores
 from daunce_core.runner import experiment_config, run_script
 
 
 def main(sm):
+    tuning = json.loads(open(sm.input.selection).read()) if "selection" in sm.input.keys() else None
     evaluate_scores(experiment_config(sm), sm.input.scores, sm.input.ground_truth, sm.wildcards.method,
-                    sm.wildcards.measure, sm.output[0])
+                    sm.wildcards.measure, sm.output[0], tuning=tuning)
 
 
 run_script(snakemake, main)  # noqa: F821

@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = {"daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_bb": "DAUNCE (black-box)",
+NAMES = {"daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_t_q": "DAUNCE-T (TRAK's Q)",
+         "daunce_bb": "DAUNCE (black-box)",
          "daunce_e_bb": "DAUNCE-E (black-box)", "daunce_t_bb": "DAUNCE-T (black-box)", "trak": "TRAK",
          "ekfac": "EK-FAC", "logra": "LoGra", "graddot": "Grad-Dot", "tracin": "TracIn", "exact_if": "exact IF"}
 
@@ -44,9 +45,15 @@ def lds_lines(path: Path) -> list[str]:
            f"{rows[0]['threshold']}, correlation for DAUNCE, 95% bootstrap CI over "
            f"{rows[0]['n_queries']} queries, {rows[0]['n_masks']} masks), best first:", "",
            "| method | LDS | 95% CI |", "|---|---:|---|"]
+    tuned = "tuned" in rows[0]  # tables since issue 12, item 7: the chosen setting, flagged at a grid's end
+    if tuned:
+        out[-2:] = ["| method | LDS | 95% CI | chosen on the selection masks |", "|---|---:|---|---|"]
     for r in rows:
         name = NAMES.get(r["method"], r["method"])
-        out.append(f"| {name} | {float(r['lds']):.3f} | [{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] |")
+        line = f"| {name} | {float(r['lds']):.3f} | [{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] |"
+        if tuned:
+            line += f" {r['tuned'] or '–'}{' (**at the end of its grid**)' if r.get('on_edge') == 'true' else ''} |"
+        out.append(line)
     return out + [""]
 
 

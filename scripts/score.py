@@ -1,11 +1,11 @@
 """rule score: covariance / correlation scores of a losses file."""
-from daunce_core.fit import chunks
+from daunce_core.pipeline import score_variant
 from daunce_core.runner import run_script
 
 
 def main(sm):
-    chunks.score(sm.input[0], sm.output[0], sm.wildcards.measure,
-                 memory_gb=float(sm.config.get("scoring", {}).get("memory_gb", 4.0)), threads=sm.threads)
+    score_variant(sm.wildcards.variant, sm.input[0], sm.output[0], sm.wildcards.measure,
+                  memory_gb=float(sm.config.get("scoring", {}).get("memory_gb", 4.0)), threads=sm.threads)
 
 
 run_script(snakemake, main)  # noqa: F821

@@ -344,3 +344,61 @@ def test_run_baseline_end_to_end_on_digits(tmp_path):
         B.load_problem(wrong, split, theta0)
     with pytest.raises(ValueError, match="unknown baseline"):
         B.run_baseline("datamodels", cfg, c, split, theta0, out)
+
+
+# --- tuning on equal footing (issue 12, item 6) ------------------------------------------------------
+
+def test_tune_grid_budget_and_unknown_knobs_are_checked():
+    c = B.BaselinesConfig.from_config({"daunce": {"lr_grid": [0.1, 0.01, 0.001]},
+                                       "baselines": {"tune": {"trak": {"proj_dim": [64, 128], "lambda_reg": [0.0, 1.0]},
+                                                              "ekfac": {"damping": [None, 1e-3]}}}})
+    assert c.max_settings == 3  # null: as many settings as DAUNCE's lr grid
+    assert c.grid("ekfac") == [{"damping": None}, {"damping": 1e-3}] and c.grid("graddot") == [{}]
+    assert len(c.grid("trak")) == 4
+    assert c.with_setting("trak", {"proj_dim": 64}).trak.proj_dim == 64 and c.trak.proj_dim == 512
+    with pytest.raises(ConfigError, match=r"baselines.tune.trak: 4 settings exceed the budget"):
+        c.validate()
+    with pytest.raises(ConfigError, match=r"baselines.tune.logra.rnk: unknown knob"):
+        bcfg(tune={"logra": {"rnk": [8]}}).validate()
+    with pytest.raises(ConfigError, match=r"baselines.tune.graddot: not a tunable method"):
+        bcfg(tune={"graddot": {"x": [1]}}).validate()
+    with pytest.raises(ConfigError, match=r"baselines.exact_if.damping_grid: 5 settings exceed"):
+        bcfg(max_settings=4, exact_if={"damping_grid": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}).validate()
+
+
+def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_path):
+    """Every setting is judged on the selection ground truth (its queries only); the best setting's
+    scores are written with the table, and a test-split ground truth is refused."""
+    from daunce_core.lds import per_query_lds
+    from daunce_core.pipeline import prepare_data, train_base
+    from daunce_core.scoring import apply_threshold
+
+    cfg = ExperimentConfig.from_dict({
+        "data": {"name": "digits", "n_train": 60, "n_query": 9},
+        "model": {"arch": "mlp", "hidden": [8]},
+        "base": {"epochs": 3, "batch_size": 16, "lr": 0.05},
+        "device": "cpu"}).validate()
+    split, theta0 = tmp_path / "split.npz", tmp_path / "theta_0.safetensors"
+    ds = prepare_data(cfg, split)
+    train_base(cfg, split, theta0, tmp_path / "metrics.json")
+    rng = np.random.default_rng(0)
+    q = np.array([1, 4, 6])  # the selection queries
+    gt = {"masks": rng.random((20, 60)) < 0.5, "outputs": rng.normal(size=(1, 20, len(q))),
+          "train_ids": ds.train_ids, "query_ids": ds.query_ids[q], "attrs": {"split": "select"}}
+    grid = [1e-3, 1e-1, 10.0]
+    c = bcfg(tune={"ekfac": {"damping": grid}})
+    out = tmp_path / "ekfac.h5"
+    attrs = B.run_baseline("ekfac", cfg, c, split, theta0, out, select_gt=gt)
+    t = attrs["tuning"]
+    assert [r["damping"] for r in t["grid"]] == grid and t["selected_on"] == "select masks and select queries"
+    best = max(t["grid"], key=lambda r: r["lds_select"])
+    assert t["selected"] == {"damping": best["damping"]} and t["on_edge"] == (best["damping"] != 1e-1)
+    dense, meta = store.dense_scores(out)
+    assert meta["attrs"]["tuning"]["selected"] == t["selected"] and meta["attrs"]["damping"] == best["damping"]
+    # the recorded judge is the LDS on the selection queries' columns of the written scores
+    own = per_query_lds(apply_threshold(dense[:, q], cfg.lds.threshold), gt["masks"], gt["outputs"]).mean()
+    assert own == pytest.approx(best["lds_select"])
+    with pytest.raises(store.StoreError, match="selection split"):
+        B.run_baseline("ekfac", cfg, c, split, theta0, out, select_gt={**gt, "attrs": {"split": "test"}})
+    with pytest.raises(ValueError, match="no selection ground truth"):
+        B.run_baseline("ekfac", cfg, c, split, theta0, out)

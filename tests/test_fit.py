@@ -83,13 +83,39 @@ def test_select_lr_skips_diverged_and_keeps_the_best(tmp_path):
                             {"variant": "daunce", "measure": "correlation"}, key="lds_select")
     assert best == 0.01 and sorted(judged) == [0.001, 0.01]
     doc = json.loads((tmp_path / "sel.json").read_text())
-    assert list(doc) == ["variant", "selected_lr", "grid", "measure"]
+    # issue 12, item 7: the choice and whether it is an end of the grid are recorded
+    assert list(doc) == ["variant", "selected_lr", "selected", "on_edge", "grid", "measure"]
+    assert doc["selected"] == {"lr": 0.01} and doc["on_edge"] is False
     assert doc["grid"][-1] == {"lr": 0.1, "lds_select": None, "diverged": True}
     assert store.read_losses(tmp_path / "sel.h5").attrs["lr"] == 0.01
     with pytest.raises(ValueError, match="every learning rate of the grid diverged.*daunce.lr_grid"):
         chunks.select_lr({0.1: paths[0.1]}, judge, tmp_path / "x.h5", tmp_path / "x.json",
                          {"variant": "daunce"}, grid_option="daunce.lr_grid")
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_select_lr_flags_a_choice_at_an_end_of_the_grid(tmp_path, caplog):
+    """Issue 12, item 7: a best lr at the grid's smallest or largest value is on_edge (logged);
+    a diverged larger lr bounds the search, so the best below it is interior."""
+    paths = {}
+    for lr in (0.1, 0.01, 0.001):
+        paths[lr] = tmp_path / f"lr{lr}.h5"
+        s = signals([0, 1, 2], seed=0)
+        if lr == 0.1:
+            s.train[0, 0] = np.inf
+        chunks.write_signals(paths[lr], s, {"lr": lr})
+
+    def judge_for(best):
+        return lambda losses: -abs(np.log10(losses.attrs["lr"]) - np.log10(best))
+
+    for best, edge in ((0.001, True), (0.01, False)):
+        with caplog.at_level("WARNING"):
+            chunks.select_lr(paths, judge_for(best), tmp_path / "s.h5", tmp_path / "s.json",
+                             {"variant": "daunce"}, key="lds_select", grid_option="daunce.lr_grid")
+        doc = json.loads((tmp_path / "s.json").read_text())
+        assert doc["selected_lr"] == best and doc["on_edge"] is edge
+        assert ("a wider daunce.lr_grid" in caplog.text) is edge
+        caplog.clear()
 
 
 @pytest.mark.parametrize("measure", ["correlation", "covariance"])

@@ -74,3 +74,49 @@ def test_nan_scores_few_subsets_and_bad_bootstrap_are_refused():
             L.evaluate(scores, gt, n_resamples=n_resamples)
     with pytest.raises(ValueError, match="no queries"):
         L.summarize(np.array([]))
+
+
+# --- selection kept apart from test (issue 12, item 7) ---------------------------------------
+
+def test_query_split_is_seeded_disjoint_and_complete():
+    from daunce_core.config import ConfigError
+
+    sel, test = L.query_split(300, 0.3, 0)
+    assert len(sel) == 90 and len(test) == 210 and not set(sel) & set(test)
+    assert sorted([*sel, *test]) == list(range(300))
+    assert (np.diff(sel) > 0).all() and (np.diff(test) > 0).all()
+    again, _ = L.query_split(300, 0.3, 0)
+    other, _ = L.query_split(300, 0.3, 1)
+    assert np.array_equal(sel, again) and not np.array_equal(sel, other)
+    assert not np.array_equal(sel, np.arange(90))  # a random choice, not the first queries
+    with pytest.raises(ConfigError, match="lds.select_fraction"):
+        L.query_split(3, 0.1, 0)
+
+
+def test_scores_of_all_queries_are_evaluated_on_the_ground_truths_queries_only():
+    from daunce_core import store
+
+    rng = np.random.default_rng(0)
+    n, m, M = 30, 12, 20
+    masks = lds_masks(0, M, n, 0.5)
+    a = rng.normal(size=(n, m))
+    qids = np.arange(m) + 100
+    sel, test = L.query_split(m, 0.25, 0)
+    gt = {"masks": masks, "outputs": (masks @ a[:, test])[None], "train_ids": np.arange(n),
+          "query_ids": qids[test], "attrs": {"split": "test"}}
+    scores = a.copy()
+    scores[:, sel] = rng.normal(size=(n, len(sel)))  # garbage on the selection queries: never looked at
+    aligned, _ = L.align_to_ground_truth(scores, np.arange(n), qids, gt)
+    assert aligned.shape == (n, len(test))
+    assert L.evaluate(aligned, gt)[0].lds == pytest.approx(1.0)
+    with pytest.raises(store.StoreError, match="query_ids"):  # a ground-truth query the scores lack
+        L.align_to_ground_truth(scores[:, 1:], np.arange(n), qids[1:], {**gt, "query_ids": qids})
+
+
+def test_on_edge_and_tuning_label():
+    assert L.on_edge([0.1, 0.01, 0.001], 0.001) and L.on_edge([0.1, 0.01, 0.001], 0.1)
+    assert not L.on_edge([0.1, 0.01, 0.001], 0.01) and not L.on_edge([0.1], 0.1)
+    assert not L.on_edge([None, 1e-3, 1e-2, 1e-1], None) and L.on_edge([None, 1e-3, 1e-2], 1e-3)
+    assert L.tuning_label(None) == ("", "")
+    assert L.tuning_label({"selected": {"proj_dim": 4096, "lambda_reg": 1000.0}, "on_edge": True}) == \
+        ("proj_dim=4096, lambda_reg=1000", "true")

@@ -23,8 +23,9 @@ TINY = {
             "threshold": {"kind": "hard", "quantile": 0.8}},
     "figures": {"variant": "daunce", "query": 1},
     # config/config.yaml is not read under --directory: without this, LoGra's default rank 128 makes
-    # two 16,384-dim eFIMs that Cholesky cannot factor at n=240 (minutes and 7 GB for a direct inverse)
-    "baselines": {"logra": {"rank": 16}},
+    # two 16,384-dim eFIMs that Cholesky cannot factor at n=240 (minutes and 7 GB for a direct inverse).
+    # The budget rule: no method tries more settings than DAUNCE's 2 learning rates.
+    "baselines": {"logra": {"rank": 16}, "exact_if": {"damping_grid": [0.01, 0.1]}},
 }
 
 

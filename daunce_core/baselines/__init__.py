@@ -35,11 +35,11 @@ import time
 from typing import Any
 
 from ..config import ExperimentConfig
-from .common import (METHODS, MEASUREMENTS, BaselinesConfig, EkfacConfig, ExactIFConfig, LograConfig, Problem,
-                     TracinConfig, TrakConfig, check_scores, dir_bytes, load_problem, query_value, train_loss,
-                     workdir, write_result)
+from .common import (METHODS, MEASUREMENTS, TUNABLE, BaselinesConfig, EkfacConfig, ExactIFConfig, LograConfig,
+                     Problem, TracinConfig, TrakConfig, check_scores, dir_bytes, load_problem, query_value,
+                     read_selection, selection_lds, train_loss, workdir, write_result)
 
-__all__ = ["METHODS", "MEASUREMENTS", "BaselinesConfig", "TrakConfig", "EkfacConfig", "LograConfig",
+__all__ = ["METHODS", "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig", "EkfacConfig", "LograConfig",
            "TracinConfig", "ExactIFConfig", "Problem", "load_problem", "query_value", "train_loss",
            "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline"]
 
@@ -52,36 +52,81 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
                  select_gt=None) -> dict[str, Any]:
     """Fit ``method`` on theta_0 and write its dense scores to ``out``; returns the attributes.
 
-    ``select_gt``: the LDS *selection* ground truth, used only by ``exact_if`` to pick its damping
-    (never the test masks).
+    Tuning on equal footing with DAUNCE (issue 12, item 6): every setting of ``bcfg.grid(method)``
+    (``baselines.tune``; at most ``baselines.max_settings``, the size of DAUNCE's lr grid) is
+    scored on the LDS *selection* ground truth ``select_gt`` -- its masks and its queries only,
+    never the test masks -- and the best is written. exact IF tunes its damping the same way
+    (``baselines.exact_if.damping_grid``). The record (``attrs["tuning"]``: every setting's
+    selection LDS and seconds, the choice, and ``on_edge`` when it sits at an end of a grid axis)
+    goes into the scores file, for ``results/lds.csv`` and ``results/cost.md``.
     """
+    from ..lds import on_edge
+
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     t0 = time.perf_counter()
     problem = load_problem(cfg, split_path, theta0_path)
     log.info("%s on theta_0 (%d parameters): %d training examples, %d queries, measurement=%s",
              method, problem.num_params(), problem.n, problem.m, bcfg.measurement)
-    if method == "trak":
-        from .trak import trak_scores
-
-        with workdir(out, method) as wd:
-            scores, attrs = trak_scores(problem, bcfg, wd)
-    elif method == "ekfac":
-        from .kronfluence_ekfac import ekfac_scores
-
-        with workdir(out, method) as wd:
-            scores, attrs = ekfac_scores(problem, bcfg, wd)
-    elif method in ("graddot", "tracin", "logra"):
-        from . import dattri_methods as D
-
-        with workdir(out, method) as wd:
-            scores, attrs = getattr(D, f"{method}_scores")(problem, bcfg, wd)
-    else:
-        from .exact import exact_if_scores
-
-        scores, attrs = exact_if_scores(problem, bcfg, select_gt=select_gt)
+    grid = bcfg.grid(method) if method != "exact_if" else [{}]
+    gt = None
+    if len(grid) > 1:
+        if select_gt is None:
+            raise ValueError(f"baselines.tune.{method} has {len(grid)} settings but no selection ground truth "
+                             "was given to choose among them (the rule's input 'select')")
+        gt = read_selection(select_gt)
+    table, best = [], None
+    with workdir(out, method) as wd:
+        for i, setting_ in enumerate(grid):
+            t = time.perf_counter()
+            try:
+                scores, attrs = _one(method, problem, bcfg.with_setting(method, setting_), wd / f"s{i}", select_gt)
+                scores = check_scores(scores, problem.n, problem.m, method)
+            except ValueError as exc:  # e.g. a singular solve: NaN scores at this setting
+                if gt is None:
+                    raise
+                log.warning("%s %s: failed (%s), skipped", method, setting_, exc)
+                table.append({**setting_, "lds_select": None, "failed": str(exc).splitlines()[0]})
+                continue
+            v = selection_lds(problem, scores, gt) if gt is not None else None
+            table.append({**setting_, "lds_select": v, "seconds": time.perf_counter() - t})
+            if gt is not None:
+                log.info("%s %s: selection LDS %.4f (%.1f s)", method, setting_, v, table[-1]["seconds"])
+            if best is None or (v is not None and v > best[0]):
+                best = (v, setting_, scores, attrs)
+    if best is None:
+        raise ValueError(f"{method}: every setting of baselines.tune.{method} failed; see the log")
+    _, chosen, scores, attrs = best
+    if gt is not None:
+        edge = any(on_edge(list((bcfg.tune or {})[method][k]), v) for k, v in chosen.items())
+        if edge:
+            log.warning("%s: the chosen %s is at an end of a baselines.tune.%s axis; a wider grid might do "
+                        "better", method, chosen, method)
+        attrs = {**attrs, "tuning": {"selected": chosen, "on_edge": edge, "grid": table,
+                                     "selected_on": "select masks and select queries",
+                                     "budget": bcfg.max_settings}}
     attrs = {"measurement": bcfg.measurement, **attrs, "seconds_in_process": time.perf_counter() - t0}
     write_result(out, scores, problem, method, attrs)
     log.info("%s: wrote %s (%s)", method, out, json.dumps({k: v for k, v in attrs.items()
                                                             if not isinstance(v, (list, dict))}))
     return attrs
+
+
+def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt) -> tuple[Any, dict]:
+    """One setting of one method: (scores [n, m], attributes)."""
+    wd.mkdir(parents=True, exist_ok=True)
+    if method == "trak":
+        from .trak import trak_scores
+
+        return trak_scores(problem, bcfg, wd)
+    if method == "ekfac":
+        from .kronfluence_ekfac import ekfac_scores
+
+        return ekfac_scores(problem, bcfg, wd)
+    if method in ("graddot", "tracin", "logra"):
+        from . import dattri_methods as D
+
+        return getattr(D, f"{method}_scores")(problem, bcfg, wd)
+    from .exact import exact_if_scores
+
+    return exact_if_scores(problem, bcfg, select_gt=select_gt)

@@ -17,7 +17,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 
 METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
+TUNABLE = ("trak", "ekfac", "logra", "tracin")  # knobs tuned by baselines.tune (exact_if: its damping_grid)
 MEASUREMENTS = ("margin", "loss")
 
 
@@ -98,11 +99,38 @@ class BaselinesConfig:
     logra: LograConfig = nested(LograConfig)
     tracin: TracinConfig = nested(TracinConfig)
     exact_if: ExactIFConfig = nested(ExactIFConfig)
+    tune: dict = setting({}, "grids of each method's knobs, {method: {knob: [values]}} (e.g. trak: {proj_dim: "
+                             "[...], lambda_reg: [...]}); every combination is scored on the LDS selection masks "
+                             "and queries and the best kept. Knobs not listed keep their value above")
+    max_settings: int | None = setting(None, "the budget rule: the most settings (grid combinations) one method "
+                                             "may try; null: as many as daunce.lr_grid has values, what DAUNCE "
+                                             "tries")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "BaselinesConfig":
-        """Read the top-level ``baselines`` section of a workflow config (absent: defaults)."""
-        return build(cls, config.get("baselines") or {}, "baselines")
+        """Read the top-level ``baselines`` section of a workflow config (absent: defaults); a null
+        ``max_settings`` becomes the size of ``daunce.lr_grid``."""
+        out = build(cls, config.get("baselines") or {}, "baselines")
+        if out.max_settings is None:
+            from ..config import DaunceConfig
+
+            out.max_settings = len((config.get("daunce") or {}).get("lr_grid") or DaunceConfig().lr_grid)
+        return out
+
+    def grid(self, method: str) -> list[dict[str, Any]]:
+        """The settings ``method`` tries: every combination of ``tune[method]`` (``[{}]``: untuned).
+        exact IF tunes its damping itself (``exact_if.damping_grid``)."""
+        axes = (self.tune or {}).get(method) or {}
+        combos: list[dict[str, Any]] = [{}]
+        for knob, values in axes.items():
+            combos = [{**c, knob: v} for c in combos for v in values]
+        return combos
+
+    def with_setting(self, method: str, setting_: dict[str, Any]) -> "BaselinesConfig":
+        """A copy whose ``method`` section has the knob values of ``setting_``."""
+        from dataclasses import replace
+
+        return replace(self, **{method: replace(getattr(self, method), **setting_)}) if setting_ else self
 
     def validate(self) -> "BaselinesConfig":
         bad = [m for m in self.methods if m not in METHODS]
@@ -119,6 +147,27 @@ class BaselinesConfig:
             raise ConfigError("baselines.exact_if.damping_grid must be a non-empty list of values >= 0")
         if self.ekfac.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
             raise ConfigError(f"baselines.ekfac.strategy: unknown {self.ekfac.strategy!r}")
+        from dataclasses import fields
+
+        for method, axes in (self.tune or {}).items():
+            if method not in TUNABLE:
+                raise ConfigError(f"baselines.tune.{method}: not a tunable method; choose from "
+                                  f"{', '.join(TUNABLE)} (exact_if: baselines.exact_if.damping_grid)")
+            known = {f.name for f in fields(getattr(self, method))}
+            for knob, values in (axes or {}).items():
+                if knob not in known:
+                    raise ConfigError(f"baselines.tune.{method}.{knob}: unknown knob; {method} has "
+                                      f"{', '.join(sorted(known))}")
+                if not isinstance(values, list) or not values:
+                    raise ConfigError(f"baselines.tune.{method}.{knob} must be a non-empty list of values")
+        budget = self.max_settings
+        sizes = {m: len(self.grid(m)) for m in TUNABLE} | {"exact_if": len(self.exact_if.damping_grid)}
+        over = {m: k for m, k in sizes.items() if budget is not None and k > budget}
+        if over:
+            m, k = next(iter(over.items()))
+            key = "baselines.exact_if.damping_grid" if m == "exact_if" else f"baselines.tune.{m}"
+            raise ConfigError(f"{key}: {k} settings exceed the budget baselines.max_settings={budget} (every "
+                              "method tries at most as many settings as DAUNCE's lr grid); shrink the grid")
         return self
 
 
@@ -133,6 +182,7 @@ class Problem:
     model: "torch.nn.Module"  # theta_0 loaded, eval mode, on ``device``
     state: dict  # theta_0's state dict (parameters and buffers) on ``device``
     device: "torch.device"
+    cache: dict = field(default_factory=dict)  # work shared by the settings of a grid (TracIn's replay)
 
     @property
     def n(self) -> int:
@@ -199,6 +249,29 @@ def train_loss(logits: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
     from ..objectives import cross_entropy
 
     return cross_entropy(logits, y)
+
+
+def selection_lds(problem: Problem, scores: np.ndarray, gt: dict) -> float:
+    """Mean LDS of dense scores [n, m] on the selection ground truth ``gt`` (its masks and queries
+    only), thresholded as ``lds.threshold``: the judge of every baseline's tuning."""
+    from .. import lds as L
+    from ..scoring import apply_threshold
+
+    if "query_ids" in gt:
+        scores, _ = L.align_to_ground_truth(scores, problem.ds.train_ids, problem.ds.query_ids, gt,
+                                            "scores", "the selection ground truth")
+    scores = apply_threshold(np.asarray(scores, np.float32), problem.cfg.lds.threshold)
+    return float(L.per_query_lds(scores, gt["masks"], gt["outputs"]).mean())
+
+
+def read_selection(select_gt) -> dict:
+    """The selection ground truth (a path or an already read dict), refused unless its split is
+    ``select``: no tuning ever sees the test masks."""
+    gt = store.read_ground_truth(select_gt) if not isinstance(select_gt, dict) else select_gt
+    if gt.get("attrs", {}).get("split") != "select":
+        raise store.StoreError(f"{select_gt if not isinstance(select_gt, dict) else 'ground truth'}: not the "
+                               "selection split; refusing to tune on test masks")
+    return gt
 
 
 # --- output --------------------------------------------------------------------------------------

@@ -105,12 +105,20 @@ def graddot_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tu
     }
 
 
-def replay_checkpoints(problem: Problem, n_checkpoints: int) -> tuple[list[dict], list[float], dict]:
+def _checkpoint_ends(total: int, n_checkpoints: int) -> list[int]:
+    if n_checkpoints > total:
+        raise ValueError(f"baselines.tracin.checkpoints={n_checkpoints} exceeds the {total} steps of the base recipe")
+    return sorted({max(1, round(total * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)})
+
+
+def replay_checkpoints(problem: Problem, n_checkpoints: int, also: tuple[int, ...] = ()) -> tuple[list[dict], list[float], dict]:
     """Re-run the base recipe of theta_0 and snapshot the parameters at evenly spaced steps.
 
     Returns ``(states, weights, info)``: ``n_checkpoints`` state dicts (the last is the end of
     training), the mean learning rate of the steps each snapshot closes, and the replay's
     agreement with theta_0 on disk. Raises if the replay does not reproduce theta_0.
+    ``also``: other checkpoint counts (a tuning grid) snapshotted in the same replay; the replay is
+    kept in ``problem.cache``, so each count of the grid costs no second replay.
     """
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -122,32 +130,37 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int) -> tuple[list[dict]
     cfg, ds = problem.cfg, problem.ds
     key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with
     total = batch_order(key, np.arange(ds.n), cfg.base.epochs, cfg.base.batch_size).shape[0]
-    if n_checkpoints > total:
-        raise ValueError(f"baselines.tracin.checkpoints={n_checkpoints} exceeds the {total} steps of the base recipe")
-    ends = sorted({max(1, round(total * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)})
-    lrs: list[float] = []
-    snaps: dict[int, list[torch.Tensor]] = {}
+    ends = _checkpoint_ends(total, n_checkpoints)
+    cached = problem.cache.get("tracin_replay")
+    if cached is None or not set(ends) <= set(cached["snaps"]):
+        want = sorted(set(ends).union(*(_checkpoint_ends(total, c) for c in also if c <= total)))
+        lrs: list[float] = []
+        snaps: dict[int, list[torch.Tensor]] = {}
 
-    def hook(optimizer, args, kwargs):
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
-        if len(lrs) in ends:
-            snaps[len(lrs)] = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+        def hook(optimizer, args, kwargs):
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            if len(lrs) in want:
+                snaps[len(lrs)] = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
 
-    X, y = problem.tensors("train")
-    handle = register_optimizer_step_post_hook(hook)
-    try:
-        net, params, buffers = E.fit_from_scratch(model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes), X, y, [np.arange(ds.n)], [key], cfg.base,
-                                                  augment=cfg.base.augment)
-    finally:
-        handle.remove()
-    if len(lrs) != total or set(snaps) != set(ends):
-        raise RuntimeError(f"tracin: the replay took {len(lrs)} optimiser steps, expected {total}")
-    names = list(params)  # the optimiser's parameter order (ensemble.train_stacked keeps it)
-    final = snaps[ends[-1]]
-    if len(final) != len(names) or not all(torch.equal(a, params[k]) for a, k in zip(final, names)):
-        raise RuntimeError("tracin: the optimiser's parameters do not match the trained model's; "
-                           "ensemble.train_stacked changed how it builds its optimiser")
-    buf = {k: v[0] for k, v in buffers.items()}
+        X, y = problem.tensors("train")
+        handle = register_optimizer_step_post_hook(hook)
+        try:
+            net, params, buffers = E.fit_from_scratch(model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes),
+                                                      X, y, [np.arange(ds.n)], [key], cfg.base,
+                                                      augment=cfg.base.augment)
+        finally:
+            handle.remove()
+        if len(lrs) != total or set(snaps) != set(want):
+            raise RuntimeError(f"tracin: the replay took {len(lrs)} optimiser steps, expected {total}")
+        names = list(params)  # the optimiser's parameter order (ensemble.train_stacked keeps it)
+        final = snaps[want[-1]]
+        if len(final) != len(names) or not all(torch.equal(a, params[k]) for a, k in zip(final, names)):
+            raise RuntimeError("tracin: the optimiser's parameters do not match the trained model's; "
+                               "ensemble.train_stacked changed how it builds its optimiser")
+        del net
+        cached = problem.cache["tracin_replay"] = {
+            "lrs": lrs, "snaps": snaps, "names": names, "buf": {k: v[0] for k, v in buffers.items()}}
+    lrs, snaps, names, buf = cached["lrs"], cached["snaps"], cached["names"], cached["buf"]
     states, weights, start = [], [], 0
     for end in ends:
         states.append({**{k: t[0].detach().clone() for k, t in zip(names, snaps[end])}, **buf})
@@ -165,12 +178,12 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int) -> tuple[list[dict]
             "batchnorm_buffers": "final" if buf else "none"}
     log.info("tracin: replayed %d steps; checkpoints after steps %s; lr weights %s; |replay - theta_0|/|theta_0| = %.1e",
              total, ends, [f"{w:.4g}" for w in weights], rel)
-    del net
     return states, weights, info
 
 
 def tracin_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
-    states, weights, info = replay_checkpoints(problem, bcfg.tracin.checkpoints)
+    grid = tuple((bcfg.tune or {}).get("tracin", {}).get("checkpoints", ()))
+    states, weights, info = replay_checkpoints(problem, bcfg.tracin.checkpoints, also=grid)
     scores = _tracin(problem, bcfg, states, weights)
     p = problem.num_params()
     C = len(states)

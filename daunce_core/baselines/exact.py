@@ -15,7 +15,7 @@ with ``H`` the full Hessian of J (``curvature: hessian``) or its Gauss-Newton / 
 ``1/n sum_i J_i^T (diag p_i - p_i p_i^T) J_i + wd I`` (``curvature: ggn``), built exactly in float64
 from per-example Jacobians and Hessian-vector products: no projection, no Kronecker factoring, no
 iterative solver. The damping ``lambda`` is picked from ``baselines.exact_if.damping_grid`` by LDS on
-the *selection* masks (never the test masks), as DAUNCE's learning rate is: a network's Hessian at
+the *selection* masks and queries (never the test masks or queries), as DAUNCE's learning rate is: a network's Hessian at
 an SGD solution is indefinite (FACTS.md), so no single damping is right a priori. The whole grid
 costs one Cholesky factorisation per value.
 
@@ -28,7 +28,7 @@ import logging
 
 import numpy as np
 
-from .common import BaselinesConfig, Problem, query_value, train_loss
+from .common import BaselinesConfig, Problem, query_value, read_selection, selection_lds, train_loss
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,7 @@ def influence(G_train: np.ndarray, G_query: np.ndarray, H: np.ndarray, damping: 
 
 
 def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
-    from .. import lds as L
-    from .. import store
-    from ..scoring import apply_threshold
+    from ..lds import on_edge
 
     ec = bcfg.exact_if
     p = problem.num_params()
@@ -166,9 +164,7 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
         if select_gt is None:
             raise ValueError("exact_if: several dampings in baselines.exact_if.damping_grid but no selection "
                              "ground truth to choose among them; pass select_gt or give a single damping")
-        gt = store.read_ground_truth(select_gt) if not isinstance(select_gt, dict) else select_gt
-        if gt["attrs"].get("split") != "select":
-            raise store.StoreError(f"{select_gt}: not the selection split; refusing to tune on test masks")
+        gt = read_selection(select_gt)
     table, best, best_scores = [], None, None
     for d in grid:
         s = influence(G_train, G_query, H, d)
@@ -178,8 +174,7 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
             continue
         v = None
         if gt is not None:
-            v = float(L.per_query_lds(apply_threshold(s.astype(np.float32), problem.cfg.lds.threshold),
-                                      gt["masks"], gt["outputs"]).mean())
+            v = selection_lds(problem, s, gt)
             log.info("exact_if damping=%g: selection LDS %.4f", d, v)
         table.append({"damping": d, "lds_select": v})
         if best is None or (v is not None and v > best[1]):
@@ -191,6 +186,8 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
         "library": "daunce (torch.func + scipy.linalg Cholesky, float64)",
         "curvature": ec.curvature, "weight_decay": wd, "damping": best[0],
         "damping_grid": table, "selected_on": "select masks" if gt is not None else "single value",
+        **({"tuning": {"selected": {"damping": best[0]}, "on_edge": on_edge(grid, best[0]), "grid": table,
+                       "selected_on": "select masks and select queries"}} if gt is not None else {}),
         "num_params": p,
         "bytes_per_example": 8 * p, "shared_bytes": 8 * p * p,
         "storage": f"the exact training gradient ({p} float64) per example and the {p}x{p} float64 "

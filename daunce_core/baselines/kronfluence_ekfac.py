@@ -58,8 +58,12 @@ def ekfac_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tupl
     task = _task(bcfg.measurement)
     model = prepare_model(model, task)
     tracked = [n for n, mod in model.named_modules() if type(mod).__name__.startswith("Tracked")]
+    # the factors do not depend on the damping: a damping grid fits them once (problem.cache)
+    fkey = ("ekfac_factors", ec.strategy, ec.empirical_fisher, bcfg.batch_size)
+    fitted = problem.cache.get(fkey)  # (folder, bytes of the factors)
+    out_dir = fitted[0] if fitted else workdir
     analyzer = Analyzer(analysis_name="daunce", model=model, task=task, cpu=problem.device.type == "cpu",
-                        output_dir=str(workdir), disable_tqdm=True, disable_model_save=True,
+                        output_dir=str(out_dir), disable_tqdm=True, disable_model_save=True,
                         log_level=logging.WARNING)
     Xtr, ytr = problem.tensors("train")
     Xq, yq = problem.tensors("query")
@@ -71,9 +75,11 @@ def ekfac_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tupl
     with warnings.catch_warnings():
         # kronfluence 1.0.1 builds a disabled torch.cuda.amp.GradScaler, deprecated in torch 2.x
         warnings.filterwarnings("ignore", message=r".*GradScaler.*is deprecated", category=FutureWarning)
-        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=bcfg.batch_size,
-                                 factor_args=factor_args, overwrite_output_dir=True)
-        factor_bytes = dir_bytes(workdir)
+        if fitted is None:
+            analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=bcfg.batch_size,
+                                     factor_args=factor_args, overwrite_output_dir=True)
+            problem.cache[fkey] = (workdir, dir_bytes(workdir))
+        factor_bytes = problem.cache[fkey][1]
         analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=query,
                                          train_dataset=train, per_device_query_batch_size=bcfg.batch_size,
                                          per_device_train_batch_size=bcfg.batch_size, score_args=score_args,
@@ -87,7 +93,7 @@ def ekfac_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tupl
         "tracked_modules": tracked,
         "bytes_per_example": 0,
         "shared_bytes": factor_bytes,
-        "disk_bytes": dir_bytes(workdir),
+        "disk_bytes": dir_bytes(out_dir),
         "storage": "nothing per training example (training gradients are recomputed for every query "
                    f"batch); EK-FAC factors of {len(tracked)} layers stored once",
     }

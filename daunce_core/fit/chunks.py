@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from .. import store
+from ..lds import on_edge
 from .contract import Fitter, Signals
 
 __all__ = ["chunk_models", "n_chunks", "write_signals", "run_chunk", "fit_all", "gather", "select_lr",
@@ -59,6 +60,9 @@ def n_chunks(total: int, chunk_size: int) -> int:
 def write_signals(out: str | os.PathLike, signals: Signals, attrs: Mapping[str, Any] | None = None) -> bool:
     """Write the signals of one chunk as a losses file; ``attrs`` add to ``signals.attrs``.
 
+    theta_0's label probabilities (``signals.p0_train`` / ``p0_query``), when the fitter gives them,
+    are stored as ``p0_train`` / ``p0_query`` (float64) for DAUNCE-T's (1 - p) factor.
+
     When any model's signal is non-finite, a diverged marker is written instead (naming how many
     models and the first k) and ``False`` is returned: the learning-rate selection skips it.
     """
@@ -74,7 +78,14 @@ def write_signals(out: str | os.PathLike, signals: Signals, attrs: Mapping[str, 
         store.write_diverged(out, attrs, reason)
         return False
     store.write_losses(out, store.Losses(signals.train, signals.query, np.asarray(signals.model_index),
-                                         signals.train_ids, signals.query_ids, attrs=attrs))
+                                         signals.train_ids, signals.query_ids, attrs=attrs,
+                                         p0_train=signals.p0_train, p0_query=signals.p0_query))
+    if signals.trace:  # Figure 3's per-step log: a 'trace' group (step [S], model_index [K], term [K, S])
+        with h5py.File(out, "a") as f:
+            g = f.create_group("trace")
+            g.create_dataset("model_index", data=np.asarray(signals.model_index, np.int64))
+            for key, value in signals.trace.items():
+                g.create_dataset(key, data=np.asarray(value))
     return True
 
 
@@ -123,8 +134,10 @@ def select_lr(loss_paths: Mapping[float, str | os.PathLike], judge: Callable[[st
         loss_paths: lr -> losses file (or diverged marker) of the whole K at that lr.
         judge: a losses file's quality, higher is better (e.g. LDS on the selection masks).
         out_losses: where the selected losses file is copied (atomically).
-        out_json: the table ``{"variant", "selected_lr", "grid": [{"lr", key}...], **meta}``;
-            a diverged lr is ``{"lr", key: null, "diverged": true}``.
+        out_json: the table ``{"variant", "selected_lr", "selected": {"lr"}, "on_edge", "grid":
+            [{"lr", key}...], **meta}``; a diverged lr is ``{"lr", key: null, "diverged": true}``.
+            ``on_edge`` is true when the choice is the grid's smallest or largest lr (logged as a
+            warning: extend the grid), and is flagged in the LDS table.
         meta: recorded in the table; must name the ``variant``.
         key: the name of the judge's value in the table (``"lds_select"`` for classifiers).
         grid_option: the config key of the grid, named when every lr diverged.
@@ -149,10 +162,15 @@ def select_lr(loss_paths: Mapping[float, str | os.PathLike], judge: Callable[[st
         raise ValueError(f"{variant}: every learning rate of the grid diverged "
                          f"({sorted(loss_paths)}); add smaller values to {grid_option}")
     best = max(ok, key=lambda r: r[key])
+    # a diverged lr still bounds the search: only the grid's own ends can hide a better value
+    edge = on_edge([r["lr"] for r in table], best["lr"])
+    if edge:
+        log.warning("%s: the selected lr=%g is at an end of the grid %s; a wider %s might do better",
+                    variant, best["lr"], sorted(loss_paths), grid_option)
     with store.atomic_path(out_losses, suffix=".h5") as tmp:
         shutil.copyfile(loss_paths[best["lr"]], tmp)
-    doc = {"variant": variant, "selected_lr": best["lr"], "grid": table,
-           **{k: v for k, v in meta.items() if k != "variant"}}
+    doc = {"variant": variant, "selected_lr": best["lr"], "selected": {"lr": best["lr"]}, "on_edge": edge,
+           "grid": table, **{k: v for k, v in meta.items() if k != "variant"}}
     with store.atomic_path(out_json, suffix=".json") as tmp:
         tmp.write_text(json.dumps(doc, indent=2))
     return best["lr"]

@@ -4,7 +4,10 @@
 :mod:`daunce_core.ensemble`: the models of a chunk start from theta_0, are stacked along a leading
 axis and trained together on the perturbed objective of their variant (Algorithm 1, equation 5;
 :func:`daunce_core.ensemble.fit_perturbed`), then every training and query example's signal is
-recorded under each model -- its loss, or its margin for DAUNCE-T (Table 1).
+recorded under each model -- its loss, or its margin for DAUNCE-T (Table 1). With
+``daunce.trace_every`` > 0 each fit also logs, every that many steps, the gradient norm of the full
+perturbed objective, of its ERM term and of its first-order term for every model (Figure 3;
+``Signals.trace``), at the cost of one extra backward pass per logged step.
 
 ``mode="loop"`` trains the models one after another with the same draws, schedule and optimiser
 (for architectures that cannot be vmapped); it gives the same models up to floating-point
@@ -76,9 +79,10 @@ class EnsembleFitter:
     def fit(self, ks: Sequence[int], lr: float) -> Signals:
         """Fit models ``ks`` at learning rate ``lr``; their signals on every example."""
         ks = [int(k) for k in ks]
+        trace = {} if self.cfg.trace_every > 0 else None  # Figure 3: per-term gradient norms
         params, buffers = E.fit_perturbed(self.net, self.theta_0, self.X, self.y, ks, variant=self.variant,
                                           cfg=self.cfg, lr=lr, logits0=self.logits0, mode=self.mode,
-                                          plan=self.plan)
+                                          plan=self.plan, trace_out=trace)
         train = E.signals(E.predict(self.net, params, buffers, self.X, mode=self.mode), self.y,
                           self.signal).cpu().numpy()
         query = E.signals(E.predict(self.net, params, buffers, self.Xq, mode=self.mode), self.yq,
@@ -86,7 +90,7 @@ class EnsembleFitter:
         return Signals(train=train, query=query, model_index=np.asarray(ks), train_ids=self.train_ids,
                        query_ids=self.query_ids, signal=self.signal,
                        attrs={"variant": self.variant, "signal": self.signal, "seed": self.plan.seed},
-                       p0_train=self.p0_train, p0_query=self.p0_query)
+                       p0_train=self.p0_train, p0_query=self.p0_query, trace=trace or None)
 
 
 def _label_probability(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -1,13 +1,16 @@
 # Figure 1a's baselines (issue 4): one rule per method, each through its authors' library, on the
-# experiment's theta_0. Every rule writes results/{experiment}/scores/<method>/score.h5 in the
+# experiment's theta_0. Each method's knobs are tuned like DAUNCE's learning rate (issue 12, item 6):
+# the grid baselines.tune.<method> (at most baselines.max_settings settings, the size of DAUNCE's lr
+# grid), judged on the LDS selection masks and selection queries (input "select"). Every rule writes results/{experiment}/scores/<method>/score.h5 in the
 # common dense layout (positive = helpful), which lds_eval (measure "score") evaluates with the same
 # thresholding as DAUNCE. results/cost.md gathers the benchmark files of the same run.
 rule baseline_trak:
-    """TRAK through traker: one model (theta_0, no ensemble), margin output, projection dimension
-    baselines.trak.proj_dim (the paper's 20,480 on CIFAR-10)."""
+    """TRAK through traker: one model (theta_0, no ensemble), margin output; projection dimension
+    and ridge lambda tuned over baselines.tune.trak on the selection masks (the paper's 20,480)."""
     input:
         split="results/{experiment}/data/split.npz",
         theta_0="results/{experiment}/base/theta_0.safetensors",
+        select="results/{experiment}/lds/select.h5",
     output:
         "results/{experiment}/scores/trak/score.h5",
     log:
@@ -24,10 +27,12 @@ rule baseline_trak:
 
 rule baseline_ekfac:
     """The EK-FAC influence function through kronfluence: empirical-Fisher EK-FAC factors on every
-    Linear/Conv2d layer, margin measurement, kronfluence's heuristic damping."""
+    Linear/Conv2d layer, margin measurement; damping tuned over baselines.tune.ekfac (null:
+    kronfluence's heuristic) on the selection masks."""
     input:
         split="results/{experiment}/data/split.npz",
         theta_0="results/{experiment}/base/theta_0.safetensors",
+        select="results/{experiment}/lds/select.h5",
     output:
         "results/{experiment}/scores/ekfac/score.h5",
     log:
@@ -44,10 +49,12 @@ rule baseline_ekfac:
 
 rule baseline_logra:
     """LoGra through dattri's LoGraAttributor: each layer's gradient projected to rank x rank
-    (baselines.logra.rank; the paper's 128), preconditioned by its empirical Fisher."""
+    (the paper's 128), preconditioned by its damped empirical Fisher; rank and damping tuned over
+    baselines.tune.logra on the selection masks."""
     input:
         split="results/{experiment}/data/split.npz",
         theta_0="results/{experiment}/base/theta_0.safetensors",
+        select="results/{experiment}/lds/select.h5",
     output:
         "results/{experiment}/scores/logra/score.h5",
     log:
@@ -82,14 +89,15 @@ rule baseline_graddot:
 
 
 rule baseline_tracin:
-    """TracIn through dattri over baselines.tracin.checkpoints checkpoints of theta_0's own training,
-    weighted by their learning rates. The base rule keeps no checkpoints, so this job replays the
+    """TracIn through dattri over checkpoints of theta_0's own training, weighted by their learning
+    rates; the number of checkpoints tuned over baselines.tune.tracin on the selection masks. The base rule keeps no checkpoints, so this job replays the
     base recipe (same seed and data order: the same trajectory), snapshots the parameters at evenly
     spaced steps and checks that the last snapshot equals theta_0 on disk; the replay is part of
     TracIn's measured cost."""
     input:
         split="results/{experiment}/data/split.npz",
         theta_0="results/{experiment}/base/theta_0.safetensors",
+        select="results/{experiment}/lds/select.h5",
     output:
         "results/{experiment}/scores/tracin/score.h5",
     log:
@@ -142,6 +150,7 @@ rule cost:
     params:
         entries=cost_entries,
         base_benchmark=f"results/{EXP}/benchmarks/base.tsv",
+        selection_benchmarks=selection_benchmarks(),
         experiment=EXP,
     conda:
         "../envs/daunce.yaml"

@@ -9,7 +9,7 @@ import yaml
 
 from daunce_core.baselines import METHODS as ALL_BASELINES, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
-from daunce_core.config import ExperimentConfig, check_figures
+from daunce_core.config import ExperimentConfig, check_figures, fit_variant
 from daunce_core.lm.settings import LLMSettings
 
 EXP = config["experiment"]
@@ -26,7 +26,7 @@ LR_TAGS = [f"{lr:g}" for lr in CFG.daunce.lr_grid]
 
 wildcard_constraints:
     experiment=r"[A-Za-z0-9_.-]+",
-    variant=r"daunce(_e|_t)?(_bb)?",
+    variant=r"daunce(_e|_t)?(_bb|_q)?",
     measure=r"correlation|covariance|score",
     method=r"[a-z0-9_]+",
     lr=r"[0-9.e+-]+",
@@ -73,6 +73,8 @@ def get_final_output():
     if BLACK_BOX:
         out.append("results/fig1b.pdf")
     out.append("results/cost.md")
+    if CFG.daunce.trace_every > 0:  # Figure 3 needs the per-step log of the perturbed fits
+        out.append("results/fig3.pdf")
     if "llm" in config:  # a config without the section asks for no LLM study
         out.append("results/fig2.pdf")
     if "blackbox" in config:  # a config without the section asks for no black-box study
@@ -95,10 +97,11 @@ def daunce_chunk_files(wildcards):
 
 
 def lr_grid_losses(wildcards):
+    """The grid's losses files of the variant's fits (daunce_t_q is scored from daunce_t's)."""
     return expand(
         "results/{experiment}/daunce/{variant}/lr{lr}/losses.h5",
         experiment=wildcards.experiment,
-        variant=wildcards.variant,
+        variant=fit_variant(wildcards.variant),
         lr=LR_TAGS,
     )
 
@@ -112,6 +115,19 @@ def lds_chunk_files(wildcards):
         split=wildcards.split,
         chunk=range(n),
     )
+
+
+def lds_eval_inputs(wildcards):
+    """Scores and the test ground truth; for a DAUNCE variant also its learning-rate selection
+    (the baselines carry theirs in the scores file)."""
+    exp = wildcards.experiment
+    out = {
+        "scores": f"results/{exp}/scores/{wildcards.method}/{wildcards.measure}.h5",
+        "ground_truth": f"results/{exp}/lds/test.h5",
+    }
+    if wildcards.method in CFG.daunce.variants:
+        out["selection"] = f"results/{exp}/daunce/{wildcards.method}/selection.json"
+    return out
 
 
 def lds_eval_files(wildcards=None):
@@ -136,6 +152,33 @@ def fig5_inputs(wildcards):
     return out
 
 
+def fig3_vision_chunks():
+    """Chunk files of every lr of the figure variant's fits ({lr tag: [files]}); Figure 3 reads the
+    selected lr's (its trace group)."""
+    n = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
+    v = fit_variant(figure_variant())
+    return {lr: [f"results/{EXP}/daunce/{v}/lr{lr}/chunk{c}.h5" for c in range(n)] for lr in LR_TAGS}
+
+
+def fig3_llm_chunks():
+    """The LLM's chunk files per lr ({} without an llm section)."""
+    if "llm" not in config:
+        return {}
+    n = math.ceil(LLM.K / LLM.chunk_size)
+    return {lr: [f"results/{EXP}/llm/daunce/lr{lr}/chunk{c}.h5" for c in range(n)] for lr in LLM.lr_tags()}
+
+
+def fig3_inputs(wildcards):
+    out = {
+        "vision_selection": f"results/{EXP}/daunce/{figure_variant()}/selection.json",
+        "vision": [f for files in fig3_vision_chunks().values() for f in files],
+    }
+    if "llm" in config:
+        out["llm_selection"] = f"results/{EXP}/llm/daunce/selection.json"
+        out["llm"] = [f for files in fig3_llm_chunks().values() for f in files]
+    return out
+
+
 def fig1a_methods(wildcards):
     """Methods of Figure 1a: the white-box DAUNCE variants, then the baselines."""
     return WHITE_BOX + baseline_methods()
@@ -146,7 +189,7 @@ def fig1a_methods(wildcards):
 
 def baseline_methods():
     """The baselines the config's `baselines.methods` asks for, in its order."""
-    return [m for m in BaselinesConfig.from_config(config).methods if m in ALL_BASELINES]
+    return [m for m in BaselinesConfig.from_config(config).validate().methods if m in ALL_BASELINES]
 
 
 def baseline_eval_files():
@@ -157,12 +200,20 @@ def baseline_eval_files():
 def cost_inputs(wildcards):
     """LDS table, scores and losses files whose jobs' benchmark files the cost table reads."""
     out = {"lds": "results/lds.csv"}
+    out["select"] = f"results/{EXP}/lds/select.h5"
     for v in WHITE_BOX:
         out[f"losses_{v}"] = f"results/{EXP}/daunce/{v}/losses.h5"
         out[f"score_{v}"] = f"results/{EXP}/scores/{v}/correlation.h5"
     for m in baseline_methods():
         out[f"score_{m}"] = f"results/{EXP}/scores/{m}/score.h5"
     return out
+
+
+def selection_benchmarks(wildcards=None):
+    """Benchmark files of the selection ground truth's retrain jobs: tuning cost shared by every
+    tuned method (results/cost.md)."""
+    n = math.ceil(CFG.lds.M_select / CFG.lds.chunk_size)
+    return [f"results/{EXP}/benchmarks/lds/select/chunk{c}.tsv" for c in range(n)]
 
 
 def cost_entries(wildcards):
@@ -172,10 +223,12 @@ def cost_entries(wildcards):
         {
             "kind": "daunce",
             "method": v,
-            "fit_benchmarks": [f"results/{EXP}/benchmarks/daunce/{v}/chunk{c}.tsv" for c in range(n_chunks)],
+            "fit_benchmarks": [f"results/{EXP}/benchmarks/daunce/{fit_variant(v)}/chunk{c}.tsv" for c in range(n_chunks)],
             "score_benchmark": f"results/{EXP}/benchmarks/scores/{v}/correlation.tsv",
             "grid": len(LR_TAGS),
             "losses": f"results/{EXP}/daunce/{v}/losses.h5",
+            "select_benchmark": f"results/{EXP}/benchmarks/daunce/{v}/select_lr.tsv",
+            "selection": f"results/{EXP}/daunce/{v}/selection.json",
         }
         for v in WHITE_BOX
     ]

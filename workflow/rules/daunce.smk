@@ -34,7 +34,8 @@ rule gather_losses:
 
 
 rule select_lr:
-    """Appendix B's learning-rate grid search, judged on the LDS *selection* masks only."""
+    """Appendix B's learning-rate grid search, judged on the LDS *selection* masks and selection
+    queries only; selection.json records on_edge when the choice is an end of the grid."""
     input:
         losses=lr_grid_losses,
         ground_truth="results/{experiment}/lds/select.h5",
@@ -43,6 +44,8 @@ rule select_lr:
         selection="results/{experiment}/daunce/{variant}/selection.json",
     log:
         "results/{experiment}/logs/daunce/{variant}/select_lr.log",
+    benchmark:
+        "results/{experiment}/benchmarks/daunce/{variant}/select_lr.tsv"
     params:
         lrs=LR_TAGS,
     conda:

@@ -104,3 +104,27 @@ rule fig5:
         "../envs/daunce.yaml"
     script:
         "../../scripts/figures.py"
+
+
+rule fig3:
+    """Figure 3: per-term gradient norms (vision, the figure variant) and batch values (LLM, when the
+    config has an llm section) of the perturbed objective over training, at the selected lr."""
+    input:
+        unpack(fig3_inputs),
+    output:
+        report(
+            "results/fig3.pdf",
+            caption="../report/fig3.rst",
+            category="Figures",
+            labels={"figure": "3"},
+        ),
+    log:
+        f"results/{EXP}/logs/fig3.log",
+    params:
+        vision_chunks=fig3_vision_chunks(),
+        llm_chunks=fig3_llm_chunks(),
+        label=figure_variant(),
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/figures.py"

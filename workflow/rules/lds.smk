@@ -1,5 +1,6 @@
 rule lds_chunk:
-    """LDS ground truth: retrain from scratch on a chunk of the subset masks, over seeds."""
+    """LDS ground truth: retrain from scratch on a chunk of the subset masks, over seeds; keep the
+    margins of the split's own queries (lds.select_fraction: selection queries, the rest test)."""
     input:
         split="results/{experiment}/data/split.npz",
     output:
@@ -28,10 +29,10 @@ rule gather_ground_truth:
 
 
 rule lds_eval:
-    """LDS of one method's scores on the test masks, raw and thresholded, with bootstrap CIs."""
+    """LDS of one method's scores on the test masks and test queries, raw and thresholded, with
+    bootstrap CIs; DAUNCE's rows name the learning rate its selection chose."""
     input:
-        scores="results/{experiment}/scores/{method}/{measure}.h5",
-        ground_truth="results/{experiment}/lds/test.h5",
+        unpack(lds_eval_inputs),
     output:
         "results/{experiment}/lds/eval/{method}/{measure}.json",
     log:
@@ -62,7 +63,7 @@ rule lds_table:
 
 
 rule k_curve:
-    """Figure 6's data: LDS of the first K' perturbed models."""
+    """Figure 6's data: LDS of the first K' perturbed models (test masks, test queries)."""
     input:
         losses=f"results/{EXP}/daunce/{{variant}}/losses.h5",
         ground_truth=f"results/{EXP}/lds/test.h5",
