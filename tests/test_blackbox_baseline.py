@@ -73,7 +73,8 @@ def test_fig4_reports_daunce_and_the_response_matching_baseline(tmp_path, refusa
     assert got[0]["backdoor fired (theta_0)"] == got[1]["backdoor fired (theta_0)"] == "20"
     md = (tmp_path / "fig4.md").read_text()
     assert "| response_match | tiny-x | none |" in md and "| daunce_bb | tiny-x | api |" in md
-    text = rows[1]["precision@5 (fired)"]
+    assert [r["method"] for r in rows] == ["daunce_bb"]  # the return value: DAUNCE's rows
+    text = float(got[1]["precision@5 (fired)"])
     if not refusals:  # one refusal text: the exact matches are exactly the backdoored examples
         assert text == 1.0
     else:  # each paraphrase is drawn by ~1/8 of the 20 backdoored examples: fewer than 5 exact matches

@@ -342,7 +342,10 @@ def score(losses_h5, out_h5, measure: str) -> None:
 
 def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str, str],
          scores: dict[tuple[str, str], str], out_md, out_csv) -> list[dict]:
-    """precision@k of backdoored examples for triggered queries, and the Figure 4 table."""
+    """precision@k of backdoored examples for triggered queries, and the Figure 4 table.
+
+    ``out_csv`` and ``out_md`` hold a row per (model, access) for DAUNCE and, per model, one for the
+    response-matching baseline (method ``response_match``); the DAUNCE rows are returned."""
     train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
     is_bd = np.array([r["backdoor"] for r in train])
     trig = [j for j, r in enumerate(query) if r["triggered"]]
@@ -380,6 +383,7 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
         items = [{"query": query[j], "reply": replies[j], "top": B.top_retrieved(S, j, cfg.figure.top)}
                  for j in show_t + show_c]
         samples[f"{model} — {ACCESS_LABEL[access]}"] = items
+    daunce_rows = list(summary)
     summary += baselines.values()
     t0metrics = {m: json.loads(Path(p).read_text())["metrics"] for m, p in theta0_jsons.items()}
     notes = [
@@ -414,5 +418,5 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
             w = csv.DictWriter(fh, fieldnames=list(summary[0]))
             w.writeheader()
             w.writerows(summary)
-    return summary
+    return daunce_rows
 
