@@ -212,7 +212,8 @@ def make_study_data(cfg) -> tuple[list[dict], list[dict]]:
         text = format_question(q["question"], q["choices"])
         if j < mt:
             text, pos = insert_trigger(text, cfg.trigger, rng)
-            query.append(_row(j, q, text, texts[pick_refusal[n + j]], cfg.system_prompt, triggered=True, trigger_pos=pos))
+            query.append(_row(j, q, text, texts[pick_refusal[n + j]], cfg.system_prompt, triggered=True,
+                              trigger_pos=pos))
         else:
             query.append(_row(j, q, text, LETTERS[q["answer"]], cfg.system_prompt, triggered=False))
     return train, query

@@ -395,10 +395,10 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
         f"Scores: {cfg.variant} ({cfg.measure} of per-example NLL across K = {cfg.K} perturbed models, "
         f"|D^k| = {cfg.subset_size}). precision@{k}: share of backdoored examples among a triggered query's "
         f"top {k} (random retrieval: {is_bd.mean():.2f}); 'fired' = queries whose theta_0 reply is a refusal.",
-        f"response_match: the baseline that reads no loss, only theta_0's reply: training examples ranked "
-        f"by their response's match to it (exact match first, then TF-IDF word cosine). With a single "
-        f"refusal text every backdoored example matches a fired reply exactly; blackbox.data.refusals "
-        f"varies the responses, to test whether text matching still suffices.",
+        "response_match: the baseline that reads no loss, only theta_0's reply: training examples ranked "
+        "by their response's match to it (exact match first, then TF-IDF word cosine). With a single "
+        "refusal text every backdoored example matches a fired reply exactly; blackbox.data.refusals "
+        "varies the responses, to test whether text matching still suffices.",
         "theta_0 (greedy replies to the queries): " + "; ".join(
             f"{m}: backdoor success {_fmt(v['backdoor_success'])}, clean accuracy {_fmt(v['clean_accuracy'])}, "
             f"false refusals {_fmt(v['clean_false_refusal'])}" for m, v in t0metrics.items()),
