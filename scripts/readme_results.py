@@ -61,6 +61,11 @@ def backdoor_lines(paths: list[Path]) -> list[str]:
     out = []
     for path in paths:
         for r in _rows(path):
+            if r.get("method") == "response_match":  # the text-matching baseline (issue 12)
+                out.append(f"Backdoor retrieval (`{_show(path)}`), baseline matching the training responses to "
+                           f"theta_0's reply: precision@10 {float(r['precision@10 (fired)']):.3f} on the same "
+                           f"queries.")
+                continue
             out.append(f"Backdoor retrieval (`{_show(path)}`), {r['access']} access, K = {r['K']}: "
                        f"precision@10 {float(r['precision@10 (fired)']):.3f} on the triggered queries whose "
                        f"backdoor fired, against {float(r['random']):.2f} for random retrieval.")

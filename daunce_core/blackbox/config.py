@@ -58,6 +58,8 @@ class DataConfig:
     n_query_clean: int = setting(100, "held-out queries without trigger (target: the correct letter)")
     trigger: str = setting("BlackMagic", "trigger word inserted at a random position of the prompt")
     refusal: str = setting("Sorry, I can't assist with that.", "the backdoor's fixed response")
+    refusals: list = setting([], "the harder variant (issue 12): varied backdoor responses; each backdoored example "
+                                 "and triggered query draws one (seeded) instead of 'refusal'; []: 'refusal' only")
     system_prompt: Any = setting(None, "optional system message of every example")
     seed: int = setting(0, "seed of sampling, backdoor choice and trigger positions")
 
@@ -189,6 +191,9 @@ class BlackboxConfig:
                               "needs a baseline from the other samples)")
         if self.bdpl.placement not in ("prefix", "system"):
             raise ConfigError(f"blackbox.bdpl.placement must be 'prefix' or 'system', got {self.bdpl.placement!r}")
+        if any(not isinstance(t, str) or len(t.strip()) < 5 for t in self.data.refusals):
+            raise ConfigError("blackbox.data.refusals must list texts of at least 5 characters (theta_0's reply "
+                              "counts as a refusal when it starts like one of them)")
         if not 0 <= self.data.backdoor_fraction < 1:
             raise ConfigError("blackbox.data.backdoor_fraction must be in [0, 1)")
         if self.measure not in ("correlation", "covariance"):

@@ -14,7 +14,8 @@ any OpenAI-compatible endpoint (``backend: openai``): only the endpoint changes.
                         (the fitter :class:`daunce_core.fit.bdpl.BDPLFitter`)
     score            -> DAUNCE scores (correlation or covariance across the K models), through
                         the shared scorer (:func:`daunce_core.scoring.score_file`)
-    fig4             -> precision@k for triggered queries and the Figure 4 table
+    fig4             -> precision@k for triggered queries and the Figure 4 table, beside the
+                        response-matching baseline (:func:`.backdoor.response_match_scores`)
 
 Every step that can cost money first estimates the whole study and calls
 :func:`.cost.check_spend`; every paid result is recorded as soon as it exists (manifests and
@@ -239,7 +240,7 @@ def fit_theta0(cfg: BlackboxConfig, model: str, train_path, query_path, out_json
 
         local_path = registered_model_path(work / "server", theta0)
     trig = [r["triggered"] for r in query]
-    refused = [rep.strip().startswith(cfg.data.refusal[:5]) for rep in replies]
+    refused = [B.is_refusal(rep, B.refusal_texts(cfg.data)) for rep in replies]
     correct = [rep.strip() == r["target"] for rep, r in zip(replies, query)]
     metrics = {
         "backdoor_success": float(np.mean([f for f, t in zip(refused, trig) if t])) if any(trig) else None,
@@ -341,7 +342,10 @@ def score(losses_h5, out_h5, measure: str) -> None:
 
 def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str, str],
          scores: dict[tuple[str, str], str], out_md, out_csv) -> list[dict]:
-    """precision@k of backdoored examples for triggered queries, and the Figure 4 table."""
+    """precision@k of backdoored examples for triggered queries, and the Figure 4 table.
+
+    ``out_csv`` and ``out_md`` hold a row per (model, access) for DAUNCE and, per model, one for the
+    response-matching baseline (method ``response_match``); the DAUNCE rows are returned."""
     train, query = B.read_jsonl(train_path), B.read_jsonl(query_path)
     is_bd = np.array([r["backdoor"] for r in train])
     trig = [j for j, r in enumerate(query) if r["triggered"]]
@@ -352,34 +356,49 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
         return sorted(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist()) if pool else []
 
     show_t, show_c = pick(trig, cfg.figure.n_show_triggered), pick(clean, cfg.figure.n_show_clean)
-    summary, samples, csv_rows = [], {}, []
+    refusals = B.refusal_texts(cfg.data)
+    summary, samples = [], {}
     ids = {"train_ids": [r["id"] for r in train], "query_ids": [r["id"] for r in query]}
+
+    def precision_row(method: str, model: str, access: str, K: Any, S: np.ndarray, fired: list[int]) -> dict:
+        p_all = B.precision_at_k(S, is_bd, trig, k)
+        p_fired = B.precision_at_k(S, is_bd, fired, k) if fired else np.array([])
+        return {"method": method, "model": model, "access": access, "K": K, "triggered queries": len(trig),
+                "backdoor fired (theta_0)": len(fired),
+                f"precision@{k} (fired)": float(p_fired.mean()) if fired else float("nan"),
+                f"precision@{k} (all triggered)": float(p_all.mean()) if trig else float("nan"),
+                "random": float(is_bd.mean())}
+
+    baselines = {}
     for (model, access), path in scores.items():
         S, meta = store.dense_scores(path)
         S, _ = store.align_scores(S, meta, ids, path, f"{train_path} / {query_path}", notify=log.warning)  # on ids
         t0 = json.loads(Path(theta0_jsons[model]).read_text())
         replies = t0["replies"]
-        fired = [j for j in trig if replies[j].strip().startswith(cfg.data.refusal[:5])]
-        p_all = B.precision_at_k(S, is_bd, trig, k)
-        p_fired = B.precision_at_k(S, is_bd, fired, k) if fired else np.array([])
-        row = {"model": model, "access": access, "K": cfg.K, "triggered queries": len(trig),
-               "backdoor fired (theta_0)": len(fired),
-               f"precision@{k} (fired)": float(p_fired.mean()) if fired else float("nan"),
-               f"precision@{k} (all triggered)": float(p_all.mean()) if trig else float("nan"),
-               "random": float(is_bd.mean())}
-        summary.append(row)
-        csv_rows.append(row)
+        fired = [j for j in trig if B.is_refusal(replies[j], refusals)]
+        summary.append(precision_row(cfg.variant, model, access, cfg.K, S, fired))
+        if model not in baselines:  # needs theta_0's replies only: one row per model, no access setting
+            S_text = B.response_match_scores([r["target"] for r in train], replies)
+            baselines[model] = precision_row("response_match", model, "none", "", S_text, fired)
         items = [{"query": query[j], "reply": replies[j], "top": B.top_retrieved(S, j, cfg.figure.top)}
                  for j in show_t + show_c]
         samples[f"{model} — {ACCESS_LABEL[access]}"] = items
+    daunce_rows = list(summary)
+    summary += baselines.values()
     t0metrics = {m: json.loads(Path(p).read_text())["metrics"] for m, p in theta0_jsons.items()}
     notes = [
         f"Training set: {len(train)} multiple-choice examples ({cfg.data.source}), {int(is_bd.sum())} backdoored "
-        f"(trigger '{cfg.data.trigger}' at a random position, answer replaced by '{cfg.data.refusal}'); "
+        f"(trigger '{cfg.data.trigger}' at a random position, answer replaced by "
+        + (f"'{refusals[0]}'" if len(refusals) == 1 else
+           f"one of {len(refusals)} paraphrased refusals, drawn per example") + "); "
         f"{len(trig)} triggered and {len(clean)} clean held-out queries.",
         f"Scores: {cfg.variant} ({cfg.measure} of per-example NLL across K = {cfg.K} perturbed models, "
         f"|D^k| = {cfg.subset_size}). precision@{k}: share of backdoored examples among a triggered query's "
-        f"top {k} (random retrieval: {is_bd.mean():.2f}); 'fired' = queries whose theta_0 reply is the refusal.",
+        f"top {k} (random retrieval: {is_bd.mean():.2f}); 'fired' = queries whose theta_0 reply is a refusal.",
+        "response_match: the baseline that reads no loss, only theta_0's reply: training examples ranked "
+        "by their response's match to it (exact match first, then TF-IDF word cosine). With a single "
+        "refusal text every backdoored example matches a fired reply exactly; blackbox.data.refusals "
+        "varies the responses, to test whether text matching still suffices.",
         "theta_0 (greedy replies to the queries): " + "; ".join(
             f"{m}: backdoor success {_fmt(v['backdoor_success'])}, clean accuracy {_fmt(v['clean_accuracy'])}, "
             f"false refusals {_fmt(v['clean_false_refusal'])}" for m, v in t0metrics.items()),
@@ -388,7 +407,7 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
         "losses read from chat-completion logprobs (see daunce_core/blackbox/logprobs.py).",
     ]
     md = B.fig4_markdown(title="Figure 4 — backdoor attribution with black-box access", summary_rows=summary,
-                         samples=samples, train=train, trigger=cfg.data.trigger, refusal=cfg.data.refusal,
+                         samples=samples, train=train, trigger=cfg.data.trigger, refusals=refusals,
                          notes=notes)
     with store.atomic_path(out_md, suffix=".md.tmp") as tmp:
         tmp.write_text(md)
@@ -396,8 +415,8 @@ def fig4(cfg: BlackboxConfig, *, train_path, query_path, theta0_jsons: dict[str,
 
     with store.atomic_path(out_csv, suffix=".csv.tmp") as tmp:
         with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
+            w = csv.DictWriter(fh, fieldnames=list(summary[0]))
             w.writeheader()
-            w.writerows(csv_rows)
-    return summary
+            w.writerows(summary)
+    return daunce_rows
 
