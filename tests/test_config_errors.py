@@ -145,7 +145,8 @@ def test_effective_config_is_written_once_per_config(tmp_path):
     assert eff["daunce"]["lr_grid"] == DEFAULT["daunce"]["lr_grid"]       # the rest of the section kept
     assert "llm" in eff and "blackbox" in eff                             # sections cannot be deleted
     stamp = target.stat().st_mtime_ns
-    rep = snakemake(d, "--report", str(d / "report.html"), "results/eff/config.yaml", "--configfile", str(d / "my.yaml"))
+    rep = snakemake(d, "--report", str(d / "report.html"), "results/eff/config.yaml",
+                    "--configfile", str(d / "my.yaml"))
     assert rep.returncode == 0, (rep.stdout + rep.stderr)[-3000:]
     html = (d / "report.html").read_text()
     assert "The effective config of this run" in html and "Configuration" in html
