@@ -162,7 +162,10 @@ class BaselinesConfig:
                 if not isinstance(values, list) or not values:
                     raise ConfigError(f"baselines.tune.{method}.{knob} must be a non-empty list of values")
         budget = self.max_settings
-        sizes = {m: len(self.grid(m)) for m in TUNABLE} | {"exact_if": len(self.exact_if.damping_grid)}
+        # the budget binds the methods that run (a grid of a method left out costs nothing)
+        sizes = {m: len(self.grid(m)) for m in TUNABLE if m in self.methods}
+        if "exact_if" in self.methods:
+            sizes["exact_if"] = len(self.exact_if.damping_grid)
         over = {m: k for m, k in sizes.items() if budget is not None and k > budget}
         if over:
             m, k = next(iter(over.items()))
