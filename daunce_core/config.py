@@ -161,7 +161,7 @@ class ExperimentConfig:
     lds: LDSConfig = nested(LDSConfig)
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], *, ignore: tuple[str, ...] = OTHER_STAGES) -> "ExperimentConfig":
+    def from_dict(cls, cfg: dict[str, Any], *, ignore: tuple[str, ...] = OTHER_STAGES) -> ExperimentConfig:
         """Build from a config dict; keys of other stages (``ignore``) are passed over.
 
         Range checks are :meth:`validate`'s (called by the workflow's steps), so a partial
@@ -169,7 +169,7 @@ class ExperimentConfig:
         """
         return build(cls, cfg, "", ignore=ignore, validate=False)
 
-    def validate(self) -> "ExperimentConfig":
+    def validate(self) -> ExperimentConfig:
         if not known_dataset(self.data.name):
             raise ConfigError(f"data.name: unknown dataset {self.data.name!r}; choose {DATASETS_HELP}")
         d = self.daunce

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -49,11 +49,11 @@ class OptimSpec:
     schedule: str = "constant"
 
     @classmethod
-    def from_train(cls, t: TrainConfig) -> "OptimSpec":
+    def from_train(cls, t: TrainConfig) -> OptimSpec:
         return cls(t.optimizer, t.lr, t.momentum, t.nesterov, t.weight_decay, t.lr_schedule)
 
     @classmethod
-    def from_daunce(cls, d: DaunceConfig, lr: float) -> "OptimSpec":
+    def from_daunce(cls, d: DaunceConfig, lr: float) -> OptimSpec:
         return cls(d.optimizer, lr, d.momentum, False, 0.0, "constant")
 
 

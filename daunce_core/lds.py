@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -108,12 +107,12 @@ def align_to_ground_truth(scores: np.ndarray, train_ids, query_ids, gt: dict, sc
 
 
 def retrain_outputs(cfg: ExperimentConfig, ds: Dataset, masks: np.ndarray, mask_index: np.ndarray,
-                    device: "torch.device") -> np.ndarray:
+                    device: torch.device) -> np.ndarray:
     """Margins of the queries under models retrained on each mask: [seeds, M, m]."""
     import torch
 
-    from .models import build_model
     from . import ensemble as E
+    from .models import build_model
     from .objectives import margin
 
     X = torch.as_tensor(ds.X_train, device=device)

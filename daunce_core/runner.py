@@ -5,7 +5,8 @@ import logging
 import signal
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .store import Terminated, cleanup_on_signals
 from .utils import set_threads

@@ -43,8 +43,8 @@ import math
 import os
 import queue
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable
 
 import h5py
 import numpy as np

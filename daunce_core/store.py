@@ -46,9 +46,10 @@ import signal
 import socket
 import stat
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -524,7 +525,7 @@ class Losses:
     def K(self) -> int:
         return int(self.train.shape[0])
 
-    def validate(self, source: str = "") -> "Losses":
+    def validate(self, source: str = "") -> Losses:
         for key in ("train", "query"):
             _check_numeric(np.asarray(getattr(self, key)), key, source)
         if self.train.ndim != 2:

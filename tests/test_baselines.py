@@ -19,8 +19,8 @@ from daunce_core import store
 from daunce_core.baselines import exact as X
 from daunce_core.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
 from daunce_core.data import Dataset
-from daunce_core.objectives import cross_entropy, margin
 from daunce_core.models import model_factory
+from daunce_core.objectives import cross_entropy, margin
 
 torch.set_num_threads(1)
 
@@ -95,7 +95,7 @@ def reference_curvature(problem, curvature, wd):
     else:
         H = np.zeros((len(theta), len(theta)))
         for x in Xt:
-            J = torch.autograd.functional.jacobian(lambda th: logits(th, x[None])[0], theta).numpy()
+            J = torch.autograd.functional.jacobian(lambda th, x=x: logits(th, x[None])[0], theta).numpy()
             p = torch.softmax(logits(theta, x[None])[0], -1).detach().numpy()
             H += J.T @ (np.diag(p) - np.outer(p, p)) @ J
         H /= len(Xt)
@@ -295,8 +295,9 @@ def test_write_result_and_cost_table(problem, tmp_path):
     head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     for name, s, rss in (("ex", 7.5, 900.0), ("fit", 8.0, 1100.0), ("score", 2.0, 950.0), ("base", 3.0, 800.0)):
         (tmp_path / f"{name}.tsv").write_text(head + f"{s}\t0:00:0{int(s)}\t{rss}\t1\t1\t1\t0\t0\t90\t{s}\n")
-    store.write_losses(tmp_path / "losses.h5", store.Losses(np.zeros((25, N), np.float32), np.zeros((25, M), np.float32),
-                                                           np.arange(25), np.arange(N), np.arange(M), {"variant": "daunce"}))
+    zeros = store.Losses(np.zeros((25, N), np.float32), np.zeros((25, M), np.float32), np.arange(25), np.arange(N),
+                         np.arange(M), {"variant": "daunce"})
+    store.write_losses(tmp_path / "losses.h5", zeros)
     (tmp_path / "lds.csv").write_text("method,measure,threshold,lds,ci_low,ci_high,n_queries,n_masks\n"
                                       "daunce,correlation,hard(q=0.9),0.3000,0.2900,0.3100,7,30\n"
                                       "daunce,correlation,none,0.2500,0.2400,0.2600,7,30\n"

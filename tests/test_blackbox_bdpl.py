@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from daunce_core.blackbox.bdpl import (BDPL, argmax_random_ties, candidate_ngrams, margin_from_nll,
-                                       project_simplex, with_prompt)
+from daunce_core.blackbox.bdpl import (
+    BDPL,
+    argmax_random_ties,
+    candidate_ngrams,
+    margin_from_nll,
+    project_simplex,
+    with_prompt,
+)
 from daunce_core.blackbox.config import BDPLConfig, LogprobConfig
 
 

@@ -4,8 +4,16 @@ import time
 
 import pytest
 
-from daunce_core.blackbox.client import (APIClient, APIRequestError, AuthError, Credentials, QuotaError,
-                                         RetriesExhausted, credentials_from_env, parse_retry_after)
+from daunce_core.blackbox.client import (
+    APIClient,
+    APIRequestError,
+    AuthError,
+    Credentials,
+    QuotaError,
+    RetriesExhausted,
+    credentials_from_env,
+    parse_retry_after,
+)
 from daunce_core.blackbox.config import RetryConfig
 from daunce_core.localapi import ServerConfig, serve_in_thread
 

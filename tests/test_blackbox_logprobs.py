@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from daunce_core.localapi import model as lm
 from daunce_core.blackbox.client import APIClient, Credentials
 from daunce_core.blackbox.config import LogprobConfig
-from daunce_core.blackbox.logprobs import (budget_for, missing_logprob, score_many,
-                                           score_target, walk_target)
+from daunce_core.blackbox.logprobs import budget_for, missing_logprob, score_many, score_target, walk_target
 from daunce_core.localapi import ServerConfig, serve_in_thread
+from daunce_core.localapi import model as lm
 
 
 def E(tok, lp, top=()):

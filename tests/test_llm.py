@@ -7,7 +7,9 @@ import torch
 from daunce_core import objectives
 from daunce_core.fit import Fitter, Signals
 from daunce_core.fit import lm as fit_lm
-from daunce_core.lm import data as textdata, generation, hub, sequences, settings, tiny as tinylm, training
+from daunce_core.lm import data as textdata
+from daunce_core.lm import generation, hub, sequences, settings, training
+from daunce_core.lm import tiny as tinylm
 from daunce_core.settings import ConfigError
 
 torch.set_num_threads(1)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from daunce_core.baselines import logra_llm
-from daunce_core.lm import data as textdata, sequences, settings, tiny as tinylm, training
+from daunce_core.lm import data as textdata
+from daunce_core.lm import sequences, settings, training
+from daunce_core.lm import tiny as tinylm
 
 torch.set_num_threads(1)
 

@@ -11,9 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daunce_core import scoring, store
-from daunce_core.scoring import (pairwise_scores, quantile_lambda, score_file, threshold_scores,
-                                 topk_scores)
-
+from daunce_core.scoring import pairwise_scores, quantile_lambda, score_file, threshold_scores, topk_scores
 
 # --- references ------------------------------------------------------------------------------
 

@@ -1,5 +1,4 @@
 """Figure 3's log (issue 12, item 3, vision): per-term gradient norms of the perturbed fits."""
-import dataclasses
 
 import h5py
 import numpy as np

@@ -35,13 +35,33 @@ import time
 from typing import Any
 
 from ..config import ExperimentConfig
-from .common import (METHODS, MEASUREMENTS, TUNABLE, BaselinesConfig, EkfacConfig, ExactIFConfig, LograConfig,
-                     Problem, TracinConfig, TrakConfig, check_scores, dir_bytes, load_problem, query_value,
-                     read_selection, selection_lds, train_loss, workdir, write_result)
+from .common import (
+    MEASUREMENTS,
+    METHODS,
+    TUNABLE,
+    BaselinesConfig,
+    EkfacConfig,
+    ExactIFConfig,
+    LograConfig,
+    Problem,
+    TracinConfig,
+    TrakConfig,
+    check_scores,
+    dir_bytes,
+    load_problem,
+    query_value,
+    read_selection,
+    selection_lds,
+    train_loss,
+    workdir,
+    write_result,
+)
 
-__all__ = ["METHODS", "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig", "EkfacConfig", "LograConfig",
-           "TracinConfig", "ExactIFConfig", "Problem", "load_problem", "query_value", "train_loss",
-           "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline"]
+__all__ = [
+    "METHODS", "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig",
+    "EkfacConfig", "LograConfig", "TracinConfig", "ExactIFConfig", "Problem", "load_problem", "query_value",
+    "train_loss", "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline"
+]
 
 log = logging.getLogger(__name__)
 

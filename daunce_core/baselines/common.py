@@ -17,9 +17,10 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class BaselinesConfig:
                                              "tries")
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "BaselinesConfig":
+    def from_config(cls, config: dict[str, Any]) -> BaselinesConfig:
         """Read the top-level ``baselines`` section of a workflow config (absent: defaults); a null
         ``max_settings`` becomes the size of ``daunce.lr_grid``."""
         out = build(cls, config.get("baselines") or {}, "baselines")
@@ -126,13 +127,13 @@ class BaselinesConfig:
             combos = [{**c, knob: v} for c in combos for v in values]
         return combos
 
-    def with_setting(self, method: str, setting_: dict[str, Any]) -> "BaselinesConfig":
+    def with_setting(self, method: str, setting_: dict[str, Any]) -> BaselinesConfig:
         """A copy whose ``method`` section has the knob values of ``setting_``."""
         from dataclasses import replace
 
         return replace(self, **{method: replace(getattr(self, method), **setting_)}) if setting_ else self
 
-    def validate(self) -> "BaselinesConfig":
+    def validate(self) -> BaselinesConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(METHODS)}")
@@ -178,10 +179,10 @@ class Problem:
     """theta_0, its architecture and the data, as every baseline receives them."""
 
     cfg: ExperimentConfig
-    ds: "Dataset"
-    model: "torch.nn.Module"  # theta_0 loaded, eval mode, on ``device``
+    ds: Dataset
+    model: torch.nn.Module  # theta_0 loaded, eval mode, on ``device``
     state: dict  # theta_0's state dict (parameters and buffers) on ``device``
-    device: "torch.device"
+    device: torch.device
     cache: dict = field(default_factory=dict)  # work shared by the settings of a grid (TracIn's replay)
 
     @property
@@ -233,7 +234,7 @@ def load_problem(cfg: ExperimentConfig, split_path, theta0_path, device=None) ->
     return Problem(cfg, ds, model, state, device)
 
 
-def query_value(logits: "torch.Tensor", y: "torch.Tensor", measurement: str) -> "torch.Tensor":
+def query_value(logits: torch.Tensor, y: torch.Tensor, measurement: str) -> torch.Tensor:
     """The query function in its loss-like orientation (lower = better): ``-margin`` or the loss."""
     from ..objectives import cross_entropy, margin
 
@@ -244,7 +245,7 @@ def query_value(logits: "torch.Tensor", y: "torch.Tensor", measurement: str) -> 
     raise ValueError(f"unknown measurement {measurement!r}; choose one of {MEASUREMENTS}")
 
 
-def train_loss(logits: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+def train_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example training loss: the cross-entropy theta_0 was trained on."""
     from ..objectives import cross_entropy
 

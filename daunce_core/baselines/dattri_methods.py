@@ -111,7 +111,8 @@ def _checkpoint_ends(total: int, n_checkpoints: int) -> list[int]:
     return sorted({max(1, round(total * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)})
 
 
-def replay_checkpoints(problem: Problem, n_checkpoints: int, also: tuple[int, ...] = ()) -> tuple[list[dict], list[float], dict]:
+def replay_checkpoints(problem: Problem, n_checkpoints: int,
+                       also: tuple[int, ...] = ()) -> tuple[list[dict], list[float], dict]:
     """Re-run the base recipe of theta_0 and snapshot the parameters at evenly spaced steps.
 
     Returns ``(states, weights, info)``: ``n_checkpoints`` state dicts (the last is the end of
@@ -176,7 +177,8 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int, also: tuple[int, ..
                            "the base rule with the current code and config")
     info = {"steps": total, "checkpoint_steps": ends, "replay_rel_diff": rel,
             "batchnorm_buffers": "final" if buf else "none"}
-    log.info("tracin: replayed %d steps; checkpoints after steps %s; lr weights %s; |replay - theta_0|/|theta_0| = %.1e",
+    log.info("tracin: replayed %d steps; checkpoints after steps %s; lr weights %s; "
+             "|replay - theta_0|/|theta_0| = %.1e",
              total, ends, [f"{w:.4g}" for w in weights], rel)
     return states, weights, info
 

@@ -15,7 +15,8 @@ with ``H`` the full Hessian of J (``curvature: hessian``) or its Gauss-Newton / 
 ``1/n sum_i J_i^T (diag p_i - p_i p_i^T) J_i + wd I`` (``curvature: ggn``), built exactly in float64
 from per-example Jacobians and Hessian-vector products: no projection, no Kronecker factoring, no
 iterative solver. The damping ``lambda`` is picked from ``baselines.exact_if.damping_grid`` by LDS on
-the *selection* masks and queries (never the test masks or queries), as DAUNCE's learning rate is: a network's Hessian at
+the *selection* masks and queries (never the test masks or queries),
+as DAUNCE's learning rate is: a network's Hessian at
 an SGD solution is indefinite (FACTS.md), so no single damping is right a priori. The whole grid
 costs one Cholesky factorisation per value.
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -30,7 +30,8 @@ Safety with money and keys:
 :mod:`daunce_core.localapi` is a local OpenAI-compatible server (stdlib HTTP on loopback, a small
 transformers model that fine-tunes for real) so the whole path runs offline with the real
 ``openai`` client; pointing it at OpenAI is a matter of base URL and key. :mod:`.config` holds the
-typed settings (``blackbox`` config section) that every runner here takes directly. :mod:`.study` holds the workflow's steps,
+typed settings (``blackbox`` config section) that every runner here takes directly.
+:mod:`.study` holds the workflow's steps,
 :mod:`.backdoor` the backdoored multiple-choice data and the Figure 4 table.
 
 Command line (no Snakemake): ``python -m daunce_core.blackbox estimate --configfile FILE``.

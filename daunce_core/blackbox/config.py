@@ -162,7 +162,7 @@ class BlackboxConfig:
     figure: FigureConfig = nested(FigureConfig, "Figure 4 table and precision@k")
 
     @classmethod
-    def from_dict(cls, cfg: dict | None) -> "BlackboxConfig":
+    def from_dict(cls, cfg: dict | None) -> BlackboxConfig:
         check_no_secrets(cfg or {}, "blackbox")
         # coerce: Snakemake's --config 'blackbox={"spend": true, "max_spend_usd": 300}' delivers strings
         return build(cls, cfg, "blackbox", coerce=True)
@@ -170,7 +170,7 @@ class BlackboxConfig:
     def to_dict(self) -> dict:
         return to_dict(self)
 
-    def validate(self) -> "BlackboxConfig":
+    def validate(self) -> BlackboxConfig:
         if self.backend not in ("local", "openai"):
             raise ConfigError(f"blackbox.backend must be 'local' or 'openai', got {self.backend!r}")
         bad = [a for a in self.access if a not in ("api", "strict")]

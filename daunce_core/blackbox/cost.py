@@ -26,8 +26,8 @@ must then be the fine-tuned inference prices, which is how the table in
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from .client import BlackboxError
 

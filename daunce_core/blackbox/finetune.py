@@ -35,8 +35,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .client import APIClient, BlackboxError
 from .config import FinetuneConfig

@@ -20,8 +20,8 @@ another rate, change ``blackbox.bdpl.lr`` (a new manifest).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm

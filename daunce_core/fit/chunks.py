@@ -27,7 +27,8 @@ import logging
 import math
 import os
 import shutil
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np

@@ -16,7 +16,7 @@ summation order. The default ``mode="auto"`` takes it, with a logged notice, whe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ vLLM is imported only on that branch, so it stays an optional dependency.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -13,7 +13,7 @@ Conventions (Section 4.2 of the paper):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -206,11 +206,11 @@ class LLMSettings:
     removal: RemovalSettings = nested(RemovalSettings)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "LLMSettings":
+    def from_config(cls, config: dict[str, Any]) -> LLMSettings:
         """Build from the workflow config (its ``llm`` key); :class:`ConfigError` names bad keys."""
         return build(cls, config.get("llm"), "llm")
 
-    def validate(self) -> "LLMSettings":
+    def validate(self) -> LLMSettings:
         if self.task not in TASKS:
             raise ConfigError(f"llm.task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.query_target not in ("reference", "generated"):

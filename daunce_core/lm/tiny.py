@@ -9,7 +9,7 @@ is the one used at paper scale.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -8,7 +8,8 @@ runs with FSDP2 (:mod:`daunce_core.lm.distributed`); alone it runs as a plain Py
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -107,5 +107,5 @@ class ServerConfig:
             tmp.write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def read(cls, path: str | Path) -> "ServerConfig":
+    def read(cls, path: str | Path) -> ServerConfig:
         return build(cls, json.loads(Path(path).read_text()), str(path))

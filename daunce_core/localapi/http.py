@@ -87,7 +87,7 @@ def make_handler(state: ServerState, api_key: str):
             try:
                 obj = json.loads(body or b"{}")
             except ValueError as exc:
-                raise APIErrorResponse(400, f"We could not parse the JSON body of your request ({exc}).")
+                raise APIErrorResponse(400, f"We could not parse the JSON body of your request ({exc}).") from exc
             if not isinstance(obj, dict):
                 raise APIErrorResponse(400, "The request body must be a JSON object.")
             return obj

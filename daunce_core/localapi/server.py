@@ -84,7 +84,7 @@ class LocalServer:
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         state = Path(self.cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         cfg_path = state / "server_config.json"
@@ -127,7 +127,7 @@ class LocalServer:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
