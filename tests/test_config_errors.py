@@ -6,6 +6,7 @@ writes its effective config (config/config.yaml with the ``--configfile`` merged
 results/<experiment>/config.yaml.
 """
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,31 @@ def test_effective_config_is_written_once_per_config(tmp_path):
     plan = snakemake(d, "-n", "results/eff/config.yaml", "--configfile", str(d / "my.yaml"))
     assert "effective_config" in plan.stdout and "params" in plan.stdout.lower(), plan.stdout[-3000:]
     assert target.stat().st_mtime_ns == stamp
+
+
+def test_every_final_target_depends_on_the_effective_config(tmp_path):
+    """So a run that makes any final table or figure (not only `rule all`) writes the config."""
+    d = user_folder(tmp_path)
+    plan = snakemake(d, "-n", "--forceall")
+    assert plan.returncode == 0, (plan.stdout + plan.stderr)[-3000:]
+    inputs, final = {}, None
+    for block in re.split(r"^\[[^\]]+\]\n|\n\n", plan.stdout + plan.stderr, flags=re.M):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        ins = re.search(r"^\s+input: (.*)$", block, re.M)
+        outs = re.search(r"^\s+output: (.*)$", block, re.M)
+        if rule and rule.group(1) == "all":
+            final = ins.group(1).split(", ")
+        elif rule and outs:
+            for f in outs.group(1).split(", "):
+                inputs[f] = ins.group(1).split(", ") if ins else []
+    assert final and "results/fig2.pdf" in final and "results/fig4.md" in final
+
+    def upstream(f, seen):
+        for i in inputs.get(f, []):
+            if i not in seen:
+                seen.add(i)
+                upstream(i, seen)
+        return seen
+
+    config = f"results/{DEFAULT['experiment']}/config.yaml"
+    assert [f for f in final if config not in upstream(f, set())] == []

@@ -172,6 +172,7 @@ def fig3_inputs(wildcards):
     out = {
         "vision_selection": f"results/{EXP}/daunce/{figure_variant()}/selection.json",
         "vision": [f for files in fig3_vision_chunks().values() for f in files],
+        "config": EFFECTIVE_CONFIG,
     }
     if "llm" in config:
         out["llm_selection"] = f"results/{EXP}/llm/daunce/selection.json"
