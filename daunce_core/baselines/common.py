@@ -163,6 +163,7 @@ class BaselinesConfig:
                     raise ConfigError(f"baselines.tune.{method}.{knob} must be a non-empty list of values")
         budget = self.max_settings
         sizes = {m: len(self.grid(m)) for m in TUNABLE} | {"exact_if": len(self.exact_if.damping_grid)}
+        sizes = {m: k for m, k in sizes.items() if m in self.methods}  # a method not run spends nothing
         over = {m: k for m, k in sizes.items() if budget is not None and k > budget}
         if over:
             m, k = next(iter(over.items()))
