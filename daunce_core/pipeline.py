@@ -193,8 +193,11 @@ def selection_score(cfg: ExperimentConfig, losses: store.Losses, gt: dict, measu
     """Mean LDS of ``losses``' scores (thresholded as ``lds.threshold``) on the selection ground
     truth ``gt``: its masks and its queries only."""
     sub = L.restrict_queries(losses, gt)
-    scores, _ = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids, sub.query_ids, gt,
-                                        "losses", gt_path, sub.attrs)
+    scores, notices = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids,
+                                              sub.query_ids, gt, getattr(losses, "source", None) or "losses",
+                                              gt_path, sub.attrs)
+    for notice in notices:
+        log.warning("%s", notice)
     return L.evaluate(apply_threshold(scores, cfg.lds.threshold), gt, n_resamples=200)[0].lds
 
 
@@ -210,7 +213,7 @@ def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, me
     scores, notices = L.align_to_ground_truth(scores, meta["train_ids"], meta["query_ids"], gt, scores_path,
                                               gt_path, meta["attrs"])
     for notice in notices:
-        log.info("%s", notice)
+        log.warning("%s", notice)
     tuned, on_edge = L.tuning_label(tuning if tuning is not None else meta["attrs"].get("tuning"))
     rows = []
     th = cfg.lds.threshold
@@ -236,8 +239,10 @@ def k_curve(cfg: ExperimentConfig, losses_path, gt_path, measure: str, out_csv,
             raise ValueError(f"daunce.k_curve asks for K={k} but {losses_path} has only {losses.K} models")
         sub = store.Losses(losses.train[:k], losses.query[:k], losses.model_index[:k], losses.train_ids,
                            losses.query_ids, losses.attrs, p0_train=losses.p0_train)
-        s, _ = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids, sub.query_ids, gt,
-                                       losses_path, gt_path, sub.attrs)
+        s, notices = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids,
+                                             sub.query_ids, gt, losses_path, gt_path, sub.attrs)
+        for notice in notices if k == losses.K else ():  # the same join for every prefix: say it once
+            log.warning("%s", notice)
         res, _ = L.evaluate(apply_threshold(s, cfg.lds.threshold), gt, n_resamples=cfg.lds.bootstrap,
                             seed=cfg.lds.seed)
         rows.append({"K": k, "lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high})
