@@ -216,14 +216,17 @@ def project(exp: ExperimentConfig, *, base: dict, lds: dict, perturbed: dict | N
         per_lr = fit_images / perturbed["fit_images_per_s"] + d.chunk_size * (n + m) / perturbed["predict_images_per_s"]
         job_s = len(d.lr_grid) * per_lr
         jobs = math.ceil(d.K / d.chunk_size)
-        wb = [v for v in d.variants if not v.endswith("_bb")]
-        bb = [v for v in d.variants if v.endswith("_bb")]
-        out.update(perturbed_chunk_job_min=job_s / 60, perturbed_chunk_jobs=jobs * len(d.variants))
+        from daunce_core.config import fit_variant
+
+        fitted = list(dict.fromkeys(fit_variant(v) for v in d.variants))  # daunce_t_q reuses daunce_t's fits
+        wb = [v for v in fitted if not v.endswith("_bb")]
+        bb = [v for v in fitted if v.endswith("_bb")]
+        out.update(perturbed_chunk_job_min=job_s / 60, perturbed_chunk_jobs=jobs * len(fitted))
         hours[f"DAUNCE white-box {wb} x {len(d.lr_grid)} lr"] = len(wb) * jobs * job_s * h
         hours[f"DAUNCE black-box {bb} x {len(d.lr_grid)} lr"] = len(bb) * jobs * job_s * h
         shared = hours["theta_0 (base)"] + hours["LDS ground truth (test + selection masks)"]
         hours["Figure 1a (baselines not included)"] = shared + len(wb) * jobs * job_s * h
-        hours["whole config (baselines not included)"] = shared + len(d.variants) * jobs * job_s * h
+        hours["whole config (baselines not included)"] = shared + len(fitted) * jobs * job_s * h
     out["device_hours"] = hours
     return out
 
