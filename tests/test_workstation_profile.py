@@ -26,7 +26,8 @@ def _gpu_rules(profile: dict) -> dict[str, int]:
 
 def test_workstation_asks_one_gpu_for_the_rules_slurm_does():
     ws, slurm = _profile("workstation"), _profile("slurm")
-    assert _gpu_rules(ws) == _gpu_rules(slurm)
+    # the same GPU rules; a cluster job may take several GPUs (torchrun), a workstation job its one
+    assert set(_gpu_rules(ws)) == set(_gpu_rules(slurm))
     assert set(_gpu_rules(ws).values()) == {1}
     # nothing else per rule: threads are profiles/default's, memory is not managed on a workstation
     assert all(set(res) == {"gpu"} for res in ws["set-resources"].values())
