@@ -19,7 +19,7 @@ each other and a round trip of every score through main memory, so the run costs
 the bare GEMM (``benchmarks/bench_scoring.py`` prints the ratio). Peak memory is set by the block size
 (``memory_gb``), never by n x m.
 
-Thresholding (the paper applies it but does not define it; DESIGN.md): ``soft``
+Thresholding (the paper applies it but does not define it; docs/facts.md): ``soft``
 sign(s)*max(|s|-lambda, 0), ``hard`` s*(|s|>lambda), and ``topk`` (keep the k largest per query).
 ``lambda`` is a float or one value per query; :func:`quantile_lambda` makes it scale-free.
 

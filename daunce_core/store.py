@@ -13,7 +13,7 @@ ids in another order are reordered with a notice, different ids are refused. A f
 no ids at all is read with positional ids 0..n-1 and marked ``attrs["ids"] == "positional"``.
 NaN or infinite values are refused wherever they are read.
 
-Layouts (see DESIGN.md):
+Layouts (see docs/facts.md):
 
 * losses  -- ``train`` [K, n] and ``query`` [K, m] float32 (the per-example signal of each
   perturbed model: the loss, or the margin for ``daunce_t``), ``model_index`` [K] int64

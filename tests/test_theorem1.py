@@ -7,7 +7,7 @@ covariance of losses across the K models estimates
 
     (rho^2 / 3n) g_i^T H^-1 F H^-1 g_j          (F = mean of per-example gradient outer products)
 
-which equals the influence function g_i^T H^-1 g_j / n when F = H (DESIGN.md, "What Theorem 1
+which equals the influence function g_i^T H^-1 g_j / n when F = H (docs/facts.md, "What Theorem 1
 really promises"). We check the sandwich form tightly and report the influence-function
 agreement beside it. Measured here (K = 1500): per-query Pearson 0.998 with the sandwich form, 0.957 with
 the influence function.

@@ -20,7 +20,7 @@ For graddot and TracIn the training function is the per-example cross-entropy an
 ``baselines.measurement`` in loss-like orientation (:func:`~daunce_core.baselines.query_value`),
 so dattri's positive scores mean "helpful" (tested). dattri returns [n_train, n_test]: our layout.
 
-dattri pitfalls handled (FACTS.md): ``TracInAttributor`` merges its ``projector_kwargs`` into a
+dattri pitfalls handled (docs/facts.md): ``TracInAttributor`` merges its ``projector_kwargs`` into a
 module-level dict that leaks into later instances -- the adapter restores it; LoGra writes
 ``batch_metadata.json`` to the working folder unless given a ``cache_dir`` -- it gets the rule's
 scratch folder.

@@ -17,7 +17,7 @@ from per-example Jacobians and Hessian-vector products: no projection, no Kronec
 iterative solver. The damping ``lambda`` is picked from ``baselines.exact_if.damping_grid`` by LDS on
 the *selection* masks and queries (never the test masks or queries),
 as DAUNCE's learning rate is: a network's Hessian at
-an SGD solution is indefinite (FACTS.md), so no single damping is right a priori. The whole grid
+an SGD solution is indefinite (docs/facts.md), so no single damping is right a priori. The whole grid
 costs one Cholesky factorisation per value.
 
 Memory is p^2 float64 numbers (p = number of parameters): the rule refuses models above

@@ -8,7 +8,7 @@ the measurement ``-margin`` (or the loss, ``baselines.measurement``), so a posit
 score means the training example helps the query.
 
 Damping: ``baselines.ekfac.damping`` null uses kronfluence's heuristic (0.1 x the mean eigenvalue);
-its 1e-8 default measured poorly on the MLP (FACTS.md). With the true Fisher
+its 1e-8 default measured poorly on the MLP (docs/facts.md). With the true Fisher
 (``empirical_fisher: false``) kronfluence samples labels; the torch seed is fixed so runs repeat.
 
 kronfluence returns [n_query, n_train]; the adapter transposes it to our [n, m] (tested).

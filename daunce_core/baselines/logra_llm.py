@@ -1,7 +1,7 @@
 """LoGra for causal LMs through dattri's ``LoGraAttributor`` -- the LLM baseline of Figure 2.
 
 Why dattri: it is the maintained home of LoGra (LogIX, the authors' library, is not on PyPI;
-FACTS.md), it is already a dependency of the project's other baselines, and its gradient hooks
+docs/facts.md), it is already a dependency of the project's other baselines, and its gradient hooks
 work on any ``torch.nn.Linear`` -- including the ``lora_A``/``lora_B``/``base_layer`` Linear
 modules PEFT inserts, so it runs on plain and PEFT models alike on this torch (checked in
 ``tests/test_llm_logra.py``). bergson (EleutherAI) also handles PEFT models but would be one more
@@ -19,7 +19,7 @@ ones).
 The gradient is that of the same per-example loss DAUNCE records: the mean token NLL over the
 response tokens, so a query's gradient does not depend on which other queries share its batch.
 dattri's influence is the *negative* of a loss change; its sign convention, like ours, is
-positive = helpful (FACTS.md), so scores are written as they come.
+positive = helpful (docs/facts.md), so scores are written as they come.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ independently trained models is left out on purpose -- with the projection dimen
 ``image_classification`` output: the margin ``log p / (1 - p)`` for both the training features
 and the targets, with its out-to-loss reweighting ``Q = 1 - p``.
 
-Pitfalls handled here (measured, see FACTS.md): on a CPU traker uses its ``BasicProjector`` with a
+Pitfalls handled here (measured, see docs/facts.md): on a CPU traker uses its ``BasicProjector`` with a
 normal projection, and ``use_half_precision=True`` (its default) ruins the scores on a CPU, so
 ``baselines.trak.half_precision`` defaults to false. ``XᵀX`` is singular when ``proj_dim`` exceeds
 the number of training examples; ``lambda_reg`` (traker's ridge term) must then be positive.
