@@ -302,3 +302,20 @@ def test_lora_fit_traces_the_objective_terms_per_step(tiny, tmp_path):
     bb = fit_lm.LoraFitter(model, tr, tr[:5], _fit_cfg(variant="daunce_bb", steps=2), pad_id=tok.pad_token_id)
     tb = bb.fit([0], 1e-2).trace
     assert (tb["first_order"] == 0).all() and np.array_equal(tb["total"], tb["erm"])
+
+
+def test_lora_schedule_cosine_with_warmup_is_the_authors_and_changes_the_fit(tiny):
+    """The authors' LoRA schedule (cosine, 3% warm-up) ramps up in its first step, decays to zero,
+    and is what the fit runs: the losses differ from the default linear schedule's."""
+    f = training.lr_lambda("cosine", 30, training.warmup_steps(0.03, 30))
+    assert training.warmup_steps(0.03, 30) == 1 and training.warmup_steps(0.0, 30) == 0
+    assert f(0) == 1.0 and f(1) == 1.0 and f(29) < 0.01 and f(15) < f(5)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        training.warmup_steps(1.0, 30)
+    task, tok, model = tiny
+    tr = sequences.encode_examples(tok, task["train"], max_length=32)
+    qu = sequences.encode_examples(tok, task["query"], max_length=32)
+    lin, _ = fit_lm.perturbed_losses(model, tr, qu, [0], _fit_cfg(), pad_id=tok.pad_token_id)
+    cos, _ = fit_lm.perturbed_losses(model, tr, qu, [0], _fit_cfg(schedule="cosine", warmup_ratio=0.03),
+                                     pad_id=tok.pad_token_id)
+    assert np.abs(lin - cos).max() > 1e-6

@@ -34,7 +34,7 @@ import torch
 from .. import objectives, perturb
 from ..lm import distributed, sequences
 from ..lm.settings import LoraFitConfig
-from ..lm.training import lr_lambda, micro_batches, torch_seed
+from ..lm.training import lr_lambda, micro_batches, torch_seed, warmup_steps
 from .contract import Signals
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def perturbed_fit(base_model, train_enc: Sequence[dict], k: int, cfg: LoraFitCon
     try:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.steps))
+        warm = warmup_steps(cfg.warmup_ratio, cfg.steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.steps, warm))
         model.train()
         logged = []  # per step: the batch sums of (erm, first_order), kept on the device until the end
         for idx in order:

@@ -51,7 +51,9 @@ class LoraFitConfig:
     dropout: float = setting(0.0, "LoRA dropout (0 keeps the fit deterministic)")
     target_modules: Any = setting("all-linear", "modules given adapters: 'all-linear' or a list of names")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    schedule: str = setting("linear", "'constant' or 'linear' decay to zero over the steps")
+    schedule: str = setting("linear", "'constant', or 'linear' or 'cosine' decay to zero over the steps "
+                            "after the warm-up (the authors' code: cosine, 3% warm-up)")
+    warmup_ratio: float = setting(0.0, "share of the steps with a linear warm-up (at least one step when > 0)")
     ratio: float = setting(0.3, "subset ratio r")
     rho: float = setting(1.0, "perturbation scale (objectives.perturbed_objective)")
     gamma: float = setting(1.0, "loss-term weight (objectives.perturbed_objective)")

@@ -37,6 +37,14 @@ def lr_lambda(schedule: str, total: int, warmup: int = 0):
     return f
 
 
+def warmup_steps(ratio: float, total: int) -> int:
+    """Warm-up steps of a LoRA fit: ``ratio`` of ``total``, at least one when ``ratio > 0`` (the
+    authors' 3% of 30 steps rounds to one step, not none)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"warmup_ratio must lie in [0, 1), got {ratio}")
+    return max(1, int(round(ratio * total))) if ratio > 0 else 0
+
+
 def micro_batches(idx: np.ndarray, micro: int) -> Iterator[np.ndarray]:
     for lo in range(0, len(idx), micro):
         yield idx[lo: lo + micro]
