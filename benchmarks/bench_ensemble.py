@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
+from _embedded import embedded_theta0  # noqa: E402  (benchmarks/, next to this script)
 
 from daunce_core import ensemble as E
-from daunce_core.config import ExperimentConfig
-from daunce_core.data import load_dataset
-from daunce_core.models import build_model
 from daunce_core.utils import pick_device, set_threads
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -35,14 +28,8 @@ def main() -> None:
     ap.add_argument("--variant", default="daunce")
     args = ap.parse_args()
     set_threads(args.threads)
-    cfg = ExperimentConfig.from_dict(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())).validate()
     device = pick_device(args.device)
-    ds = load_dataset(cfg.data)
-    X = torch.as_tensor(ds.X_train, device=device)
-    y = torch.as_tensor(ds.y_train, device=device)
-    factory = lambda: build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes)  # noqa: E731
-    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [(0,)], cfg.base)
-    theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
+    cfg, X, y, net, theta0 = embedded_theta0(device)
     lr = cfg.daunce.lr_grid[1]
     ks = list(range(args.K))
 
@@ -57,9 +44,9 @@ def main() -> None:
     single = losses(*E.fit_perturbed(net, theta0, X, y, ks, variant=args.variant, cfg=cfg.daunce, lr=lr,
                                      mode="loop"))
     t_single = time.perf_counter() - t0
-    steps = len(range(0, int(round(cfg.daunce.ratio * ds.n)) // cfg.daunce.batch_size)) * cfg.daunce.epochs
+    steps = len(range(0, int(round(cfg.daunce.ratio * len(y))) // cfg.daunce.batch_size)) * cfg.daunce.epochs
     print(f"device={device} threads={args.threads} K={args.K} variant={args.variant} "
-          f"n={ds.n} epochs={cfg.daunce.epochs} steps/model={steps} lr={lr}")
+          f"n={len(y)} epochs={cfg.daunce.epochs} steps/model={steps} lr={lr}")
     print(f"batched (one vmapped chunk of {args.K}): {t_batched:8.3f} s")
     print(f"one by one (loop over {args.K} models):  {t_single:8.3f} s")
     ratio = t_single / t_batched

@@ -13,19 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
+from _embedded import embedded_theta0  # noqa: E402  (benchmarks/, next to this script)
 
 from daunce_core import ensemble as E
-from daunce_core.config import ExperimentConfig
-from daunce_core.data import load_dataset
-from daunce_core.models import build_model
 from daunce_core.utils import pick_device, set_threads
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -37,14 +30,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, nargs="+", default=[10, 2, 1])
     args = ap.parse_args()
     set_threads(args.threads)
-    cfg = ExperimentConfig.from_dict(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())).validate()
     device = pick_device(args.device)
-    ds = load_dataset(cfg.data)
-    X = torch.as_tensor(ds.X_train, device=device)
-    y = torch.as_tensor(ds.y_train, device=device)
-    factory = lambda: build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes)  # noqa: E731
-    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [(0,)], cfg.base)
-    theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
+    cfg, X, y, net, theta0 = embedded_theta0(device)
     ks = list(range(args.K))
     times: dict[int, list[float]] = {e: [] for e in [0, *args.every]}
     for _ in range(args.repeats):  # interleaved, so a change of machine load hits every setting alike
