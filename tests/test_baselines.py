@@ -320,8 +320,8 @@ def test_write_result_and_cost_table(problem, tmp_path):
     assert start["s"] > 0 and start["max_rss"] > 50  # MB: an interpreter with torch
 
 
-def test_run_baseline_end_to_end_on_digits(tmp_path):
-    """The rule's path: dataset from the config, theta_0 from disk, scores file with the split's ids."""
+def _tiny_digits_base(tmp_path):
+    """A 60-example digits split and its theta_0 on disk, through the rules' own steps."""
     from daunce_core.pipeline import prepare_data, train_base
 
     cfg = ExperimentConfig.from_dict({
@@ -332,6 +332,12 @@ def test_run_baseline_end_to_end_on_digits(tmp_path):
     split, theta0 = tmp_path / "split.npz", tmp_path / "theta_0.safetensors"
     ds = prepare_data(cfg, split)
     train_base(cfg, split, theta0, tmp_path / "metrics.json")
+    return cfg, ds, split, theta0
+
+
+def test_run_baseline_end_to_end_on_digits(tmp_path):
+    """The rule's path: dataset from the config, theta_0 from disk, scores file with the split's ids."""
+    cfg, ds, split, theta0 = _tiny_digits_base(tmp_path)
     out = tmp_path / "scores" / "exact_if" / "score.h5"
     c = bcfg(exact_if={"damping_grid": [0.1]})
     attrs = B.run_baseline("exact_if", cfg, c, split, theta0, out)
@@ -371,17 +377,9 @@ def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_
     """Every setting is judged on the selection ground truth (its queries only); the best setting's
     scores are written with the table, and a test-split ground truth is refused."""
     from daunce_core.lds import per_query_lds
-    from daunce_core.pipeline import prepare_data, train_base
     from daunce_core.scoring import apply_threshold
 
-    cfg = ExperimentConfig.from_dict({
-        "data": {"name": "digits", "n_train": 60, "n_query": 9},
-        "model": {"arch": "mlp", "hidden": [8]},
-        "base": {"epochs": 3, "batch_size": 16, "lr": 0.05},
-        "device": "cpu"}).validate()
-    split, theta0 = tmp_path / "split.npz", tmp_path / "theta_0.safetensors"
-    ds = prepare_data(cfg, split)
-    train_base(cfg, split, theta0, tmp_path / "metrics.json")
+    cfg, ds, split, theta0 = _tiny_digits_base(tmp_path)
     rng = np.random.default_rng(0)
     q = np.array([1, 4, 6])  # the selection queries
     gt = {"masks": rng.random((20, 60)) < 0.5, "outputs": rng.normal(size=(1, 20, len(q))),
