@@ -405,11 +405,10 @@ def math_equal(pred: str, ref: str, *, rel_tol: float = 1e-4, symbolic: bool = T
     fa, fb = _to_float(a), _to_float(b)
     if fa is not None and fb is not None:
         return any(abs(fa - x) <= rel_tol * max(1.0, abs(x)) for x in (fb, fb * 100, fb / 100))
-    for _brackets in (("(", ")"), ("[", "]")):
-        if a[:1] in "([" and b[:1] in "([" and a[-1:] in ")]" and b[-1:] in ")]":
-            pa, pb = a[1:-1].split(","), b[1:-1].split(",")
-            if len(pa) == len(pb) and len(pa) > 1 and a[0] == b[0] and a[-1] == b[-1]:
-                return all(math_equal(x, y, rel_tol=rel_tol, symbolic=symbolic) for x, y in zip(pa, pb))
+    if a[:1] in "([" and b[:1] in "([" and a[-1:] in ")]" and b[-1:] in ")]":  # tuples and intervals
+        pa, pb = a[1:-1].split(","), b[1:-1].split(",")
+        if len(pa) == len(pb) and len(pa) > 1 and a[0] == b[0] and a[-1] == b[-1]:
+            return all(math_equal(x, y, rel_tol=rel_tol, symbolic=symbolic) for x, y in zip(pa, pb))
     return symbolic and _symbolic_equal(a, b)
 
 
