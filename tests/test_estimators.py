@@ -212,3 +212,23 @@ def test_the_xi_half_control_fit_never_leaves_theta_0(problem, variant):
     assert step(1.0) < 1e-4 * float(perturbed)
     if variant == "daunce":
         assert step(2.0) > 1e-2 * float(perturbed)
+
+
+# --- the one-call API takes the same options ----------------------------------------------------
+
+def test_api_takes_the_options_and_antithetic_signals_mirror(problem):
+    import copy
+
+    from daunce_core.api import fit_losses
+
+    net, theta0, X, y = problem
+    model = copy.deepcopy(net)
+    model.load_state_dict(theta0)
+    kw = dict(variant="daunce_e", ratio=0.5, epochs=2, batch_size=16, lr=0.01, device="cpu")
+    with pytest.raises(ValueError, match="antithetic=True needs an even K"):
+        fit_losses(model, None, (X, y), (X[:10], y[:10]), K=3, antithetic=True, **kw)
+    sig = fit_losses(model, None, (X, y), (X[:10], y[:10]), K=4, antithetic=True, lr_schedule="cosine", **kw)
+    assert sig.attrs["config"]["antithetic"] and sig.attrs["config"]["lr_schedule"] == "cosine"
+    L0 = obj.cross_entropy(model(X), y).detach().numpy()
+    d = sig.train - L0  # [4, n]: to first order sigma-odd, so a pair's changes cancel
+    assert np.abs(d[0] + d[1]).sum() < 0.1 * np.abs(d[:2]).sum()

@@ -20,9 +20,12 @@ What the contract carries beyond the signals, for the evaluations that need it:
   ``(1 - p)`` factor (TRAK's Q matrix);
 * ``trace`` -- per-step logs of each term of the perturbed objective (Figure 3);
 * ``control`` -- the signals of an unperturbed control fit (same subsets and batches, xi = 1/2),
-  for control-variate estimators;
+  for control-variate estimators. No fitter fills it: for the white-box forms at the paper's
+  gamma = 1 that fit never leaves theta_0 (its minibatch gradient there is 0), so it would cancel
+  nothing (docs/differences.md, "Estimators beyond the paper");
 * ``Plan`` -- how models share randomness: common batch orders across k, antithetic pairs
-  (``xi`` and ``1 - xi`` on the same subset and batches);
+  (``xi`` and ``1 - xi`` on the same subset and batches); options ``daunce.common_batches`` and
+  ``daunce.antithetic`` (:meth:`Plan.from_daunce`);
 * distributed fitters run under ``torchrun``; only rank 0 returns signals (other ranks ``None``),
   and :func:`daunce_core.fit.chunks.run_chunk` writes only what it is given.
 """

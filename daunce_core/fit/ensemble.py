@@ -41,7 +41,9 @@ class EnsembleFitter:
         train: training inputs and labels ``(X [n, ...], y [n])`` on the device of the fit.
         query: query inputs and labels ``(Xq [m, ...], yq [m])`` on the same device.
         variant: the perturbed objective (``objectives.VARIANTS``).
-        cfg: epochs, batch size, optimiser, rho, gamma and prox of the perturbed fits.
+        cfg: epochs, batch size, optimiser, rho, gamma and prox of the perturbed fits, and the
+            estimator options ``antithetic``, ``common_batches`` (the default plan),
+            ``lr_schedule`` and ``first_order`` (:func:`daunce_core.ensemble.fit_perturbed`).
         train_ids, query_ids: example ids (default: positions).
         plan: the draws of each model (default ``Plan.from_daunce(cfg)``; with
             ``daunce.antithetic`` and ``daunce.common_batches`` off, the paper's independent
