@@ -53,7 +53,8 @@ def test_antithetic_pairs_share_subset_and_batches_with_mirrored_xi():
     for j in (0, 3):
         (sa, xa), (sb, xb) = plan.subset_and_xi(2 * j, 500), plan.subset_and_xi(2 * j + 1, 500)
         assert np.array_equal(sa, sb) and np.array_equal(xa + xb, np.ones(500))
-        assert np.array_equal(batch_order(plan.batch_key(2 * j), sa, 2, 16), batch_order(plan.batch_key(2 * j + 1), sb, 2, 16))
+        assert np.array_equal(batch_order(plan.batch_key(2 * j), sa, 2, 16),
+                              batch_order(plan.batch_key(2 * j + 1), sb, 2, 16))
     assert not np.array_equal(plan.subset_and_xi(0, 500)[0], plan.subset_and_xi(2, 500)[0])  # pairs differ
 
 
@@ -68,6 +69,12 @@ def test_antithetic_pairs_take_mirrored_steps(problem, optimizer, lr):
         assert torch.isfinite(d).all() and d.norm(dim=1).min() > 0
     rel = lambda d: float(((d[0] + d[1]).norm() + (d[2] + d[3]).norm()) / d.norm(dim=1).sum())  # noqa: E731
     assert rel(anti) < 0.1 and rel(plain) > 0.3, (rel(anti), rel(plain))
+
+
+def test_a_chunk_boundary_inside_an_antithetic_pair_changes_no_model(problem):
+    together = steps_of(problem, [0, 1, 2, 3], 0.01, antithetic=True)
+    split = torch.cat([steps_of(problem, ks, 0.01, antithetic=True) for ks in ([0], [1, 2], [3])])
+    torch.testing.assert_close(together, split, rtol=1e-5, atol=1e-7)
 
 
 def test_antithetic_needs_an_even_K():
