@@ -299,7 +299,10 @@ class TaskFitter:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to perturb")
         self.fixed = {**{k: v.detach() for k, v in self.net.named_parameters() if not v.requires_grad},
                       **{k: v.detach() for k, v in self.net.named_buffers()}}
-        self.plan = plan if plan is not None else Plan(seed=cfg.seed, ratio=cfg.ratio)
+        if variant == "daunce_t" and cfg.first_order != "margin":
+            raise ValueError(f"first_order={cfg.first_order!r} (daunce.first_order) is implemented for classifiers "
+                             "on (inputs, labels) tensors only; use first_order='margin' with a Task")
+        self.plan = plan if plan is not None else Plan.from_daunce(cfg)
         self.eval_batch_size = eval_batch_size
         self.mode = self._pick_mode() if mode == "auto" else mode
 
@@ -415,7 +418,8 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                K: int = 100, ratio: float = 0.3, epochs: int = 1, lr: float = 0.01,
                batch_size: int | None = None, rho: float = 1.0, gamma: float = 1.0, seed: int = 0,
                chunk_size: int = 50, device: str = "auto", out: str | os.PathLike | None = None,
-               train_ids: Any = None, query_ids: Any = None, mode: str = "auto") -> Signals:
+               train_ids: Any = None, query_ids: Any = None, mode: str = "auto", antithetic: bool = False,
+               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin") -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
     Args:
@@ -431,6 +435,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically.
         train_ids, query_ids: example ids (default: the dataset's ``ids``, else its indices).
         mode: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`TaskFitter`).
+        antithetic, common_batches, lr_schedule, first_order: the estimator options of the same
+            names in the config's ``daunce`` section (``config.DaunceConfig``); the defaults are the
+            paper's. ``antithetic`` needs an even K. LMs take none of them.
 
     Raises:
         FloatingPointError: with ``out``, a model's signals are not finite (lower ``lr``).
@@ -441,10 +448,18 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         store.check_output(out)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if antithetic and K % 2:
+        raise ValueError(f"antithetic=True needs an even K (models 2j, 2j+1 form a pair), got K={K}")
     dev = pick_device(device)
+    options = {"antithetic": antithetic, "common_batches": common_batches, "lr_schedule": lr_schedule,
+               "first_order": first_order}
     cfg = DaunceConfig(K=K, ratio=ratio, epochs=epochs, batch_size=batch_size or 64, rho=rho, gamma=gamma,
-                       seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K])
+                       seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
     if isinstance(task, LMTask):
+        if options != {"antithetic": False, "common_batches": False, "lr_schedule": "constant",
+                       "first_order": "margin"}:
+            raise ValueError(f"the LoRA fitter takes none of antithetic, common_batches, lr_schedule, first_order; "
+                             f"leave them at their defaults for an LMTask (got {options})")
         fitter = _lora_fitter(model, task, train, query, cfg, lr, dev, train_ids, query_ids)
     else:
         task = ClassificationTask() if task is None else task
@@ -456,7 +471,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
     signals = chunks.fit_all(fitter, K, chunk_size, lr)
     setting = {"ratio": ratio, "epochs": epochs, "batch_size": cfg.batch_size, "rho": rho, "gamma": gamma,
-               "lr": lr, "task": type(task).__name__}
+               "lr": lr, "task": type(task).__name__, **options}
     signals.attrs = {"config": setting, **signals.attrs, "lr": lr}
     bad = signals.diverged()
     if bad.any():

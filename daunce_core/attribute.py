@@ -35,12 +35,20 @@ def perturbed_losses(
     seed: int = 0,
     chunk_size: int = 50,
     device: str = "auto",
+    antithetic: bool = False,
+    common_batches: bool = False,
+    lr_schedule: str = "constant",
+    first_order: str = "margin",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return the per-example signals
-    (loss, or margin for ``daunce_t``) of the training and query sets: ([K, n], [K, m])."""
+    (loss, or margin for ``daunce_t``) of the training and query sets: ([K, n], [K, m]).
+
+    ``antithetic``, ``common_batches``, ``lr_schedule`` and ``first_order`` are the estimator
+    options of the config's ``daunce`` section (:func:`daunce_core.api.fit_losses`)."""
     signals = fit_losses(model, ClassificationTask(), train, query, variant=variant, K=K, ratio=ratio,
                          epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma, seed=seed,
-                         chunk_size=chunk_size, device=device)
+                         chunk_size=chunk_size, device=device, antithetic=antithetic,
+                         common_batches=common_batches, lr_schedule=lr_schedule, first_order=first_order)
     return signals.train, signals.query
 
 

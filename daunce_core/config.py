@@ -30,6 +30,10 @@ def q_weighted(variant: str) -> bool:
     """Whether a method's scores carry TRAK's Q on the training side."""
     return variant in Q_FORMS
 
+# choices of daunce.lr_schedule and daunce.first_order (the first of each is the default)
+LR_SCHEDULES = ("constant", "cosine")
+FIRST_ORDER = ("margin", "cross_entropy")
+
 # Top-level config keys of stages with their own settings (validated by the workflow schema).
 OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
 
@@ -116,6 +120,15 @@ class DaunceConfig:
     rho: float = setting(1.0, "perturbation scale: linear-term weight 1 + rho (2 xi - 1); rho=1 is the paper")
     gamma: float = setting(1.0, "weight of the loss term of the perturbed objective")
     prox: float = setting(0.0, "L2 pull towards theta_0 (weight decay centred at theta_0)")
+    antithetic: bool = setting(False, "antithetic pairs: models 2j and 2j+1 share subset and batch order, with xi "
+                               "and 1 - xi (issue 13; needs an even K). false: independent draws (the paper)")
+    common_batches: bool = setting(False, "common random numbers: every model takes the same positional batch "
+                                   "order of its subset. false: a batch order per model (the paper)")
+    lr_schedule: str = setting("constant", "learning-rate schedule of the perturbed fits: 'constant' or 'cosine' "
+                               "(annealed to 0 over the fit's steps, the authors' code)")
+    first_order: str = setting("margin", "DAUNCE-T's first-order term: 'margin' (the margin's logit gradient, "
+                               "Table 1) or 'cross_entropy' (the loss's, -(1 - p) times it: the authors' code); "
+                               "the loss-signal variants always use the loss's, the black-box forms have none")
     seed: int = setting(0, "seed of the perturbations; model k uses default_rng([seed, k])")
     chunk_size: int = setting(50, "perturbed models trained together in one job")
     variants: list = setting(["daunce", "daunce_e", "daunce_t"], "variants to run (Tables 1 and 2), and "
@@ -179,6 +192,12 @@ class ExperimentConfig:
             raise ConfigError(f"daunce.K must be at least 2 (a covariance needs two models), got {d.K}")
         if d.chunk_size < 1:
             raise ConfigError(f"daunce.chunk_size must be at least 1, got {d.chunk_size}")
+        if d.antithetic and d.K % 2:
+            raise ConfigError(f"daunce.K must be even with daunce.antithetic (models 2j, 2j+1 form a pair), got {d.K}")
+        if d.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"daunce.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {d.lr_schedule!r}")
+        if d.first_order not in FIRST_ORDER:
+            raise ConfigError(f"daunce.first_order must be one of {', '.join(FIRST_ORDER)}, got {d.first_order!r}")
         if d.trace_every < 0:
             raise ConfigError(f"daunce.trace_every must be 0 (off) or a number of steps, got {d.trace_every}")
         if not 0.0 < self.lds.alpha < 1.0:

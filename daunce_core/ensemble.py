@@ -54,7 +54,7 @@ class OptimSpec:
 
     @classmethod
     def from_daunce(cls, d: DaunceConfig, lr: float) -> OptimSpec:
-        return cls(d.optimizer, lr, d.momentum, False, 0.0, "constant")
+        return cls(d.optimizer, lr, d.momentum, False, 0.0, d.lr_schedule)
 
 
 def _optimizer(params: list[torch.Tensor], spec: OptimSpec, total_steps: int):
@@ -70,6 +70,8 @@ def _optimizer(params: list[torch.Tensor], spec: OptimSpec, total_steps: int):
         f = lambda s: 1.0  # noqa: E731
     elif spec.schedule == "linear":
         f = lambda s: max(0.0, 1.0 - s / total)  # noqa: E731
+    elif spec.schedule == "cosine":  # annealed to 0 over the fit (torch's CosineAnnealingLR, T_max = total)
+        f = lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
     elif spec.schedule == "triangle":
         peak = max(1, int(0.25 * total))
         f = lambda s: (s + 1) / peak if s < peak else max(0.0, (total - s) / (total - peak))  # noqa: E731
@@ -267,8 +269,11 @@ def fit_perturbed(
 
     ``logits0`` are theta_0's logits on the whole training set [n, classes] (computed once if
     not given): the first-order term of equation (5) needs nothing else. ``plan`` draws each
-    model's subset, xi and batch order; by default ``Plan(cfg.seed, cfg.ratio)``, the paper's
-    independent draws keyed by ``(seed, k)``.
+    model's subset, xi and batch order; by default ``Plan.from_daunce(cfg)``: with
+    ``cfg.antithetic`` and ``cfg.common_batches`` off, the paper's independent draws keyed by
+    ``(seed, k)``. ``cfg.lr_schedule`` and ``cfg.optimizer`` set the optimiser
+    (:meth:`OptimSpec.from_daunce`), ``cfg.first_order`` DAUNCE-T's first-order term
+    (:func:`daunce_core.objectives.first_order_grad`).
     """
     obj.check_variant(variant)
     n = len(y)
@@ -276,7 +281,7 @@ def fit_perturbed(
     if logits0 is None:
         p0, b0 = split_state(net, theta_0)
         logits0 = predict(net, stack_states([p0], device), stack_states([b0], device), X, mode=mode)[0]
-    plan = plan if plan is not None else Plan(seed=cfg.seed, ratio=cfg.ratio)
+    plan = plan if plan is not None else Plan.from_daunce(cfg)
     xis, scheds = [], []
     for k in ks:
         sub, xi = plan.subset_and_xi(k, n)
@@ -290,7 +295,7 @@ def fit_perturbed(
         flat = idx.reshape(-1)
         return obj.classifier_objective(
             variant, logits.reshape(C * B, nc), y[flat], logits0=logits0[flat],
-            xi=xi_t[models[:, None], idx].reshape(-1), rho=cfg.rho, gamma=cfg.gamma,
+            xi=xi_t[models[:, None], idx].reshape(-1), rho=cfg.rho, gamma=cfg.gamma, first_order=cfg.first_order,
         ).reshape(C, B)
 
     signal = obj.signal_of(variant)

@@ -32,6 +32,12 @@ variant         objective                                     signal
 
 The black-box forms (Table 2) have no first-order term and no ``xi``: only the subset perturbs.
 
+DAUNCE-T's first-order term takes one of two logit gradients (``daunce.first_order``, issue 12 item
+2): ``"margin"``, the margin's (Table 1, the default), or ``"cross_entropy"``, the loss's, as the
+authors' code does. Since ``grad_g L = -(1 - p) grad_g f``, the second puts TRAK's ``(1 - p_i)``
+inside the perturbation (docs/daunce_t_factor.md). The loss-signal variants' term is the loss's
+under either name, and the black-box forms have none: the option changes ``daunce_t`` only.
+
 Sign convention, kept everywhere in daunce: a positive attribution score means the training
 example helps the query (training on it lowers the query's loss / raises its margin). Covariances
 of losses and covariances of margins both have this sign.
@@ -41,6 +47,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from .config import FIRST_ORDER  # daunce.first_order's choices; the first is the default
 
 WHITE_BOX = ("daunce", "daunce_e", "daunce_t")
 BLACK_BOX = ("daunce_bb", "daunce_e_bb", "daunce_t_bb")
@@ -102,6 +110,22 @@ def signal_logit_grad(signal: Signal, logits0: torch.Tensor, y: torch.Tensor) ->
     return onehot - torch.softmax(others, dim=-1)
 
 
+def first_order_grad(variant: str, logits0: torch.Tensor, y: torch.Tensor,
+                     first_order: str = "margin") -> torch.Tensor:
+    """The logit gradient at ``theta_0`` that a white-box variant's first-order term uses; [B, C].
+
+    The variant's own signal's (:func:`signal_logit_grad`), except for ``daunce_t`` with
+    ``first_order="cross_entropy"``: the loss's, ``-(1 - p)`` times the margin's.
+    """
+    if first_order not in FIRST_ORDER:
+        raise ValueError(f"first_order must be one of {', '.join(FIRST_ORDER)} (daunce.first_order), "
+                         f"got {first_order!r}")
+    signal = signal_of(variant)
+    if first_order == "cross_entropy":
+        signal = "loss"
+    return signal_logit_grad(signal, logits0, y)
+
+
 def first_order_term(logits: torch.Tensor, logits0: torch.Tensor, grad0: torch.Tensor) -> torch.Tensor:
     """``<grad_g s(g_0), g - g_0>`` summed over every axis but the first (equation 5); [B].
 
@@ -157,8 +181,10 @@ def classifier_objective(
     xi: torch.Tensor | None = None,
     rho: float = 1.0,
     gamma: float = 1.0,
+    first_order: str = "margin",
 ) -> torch.Tensor:
-    """:func:`perturbed_objective` for a classifier, from logits; shape [B]."""
+    """:func:`perturbed_objective` for a classifier, from logits; shape [B]. ``first_order``
+    picks DAUNCE-T's logit gradient (:func:`first_order_grad`)."""
     signal = signal_of(variant)
     s = signal_value(signal, logits, y)
     if is_black_box(variant):
@@ -167,5 +193,5 @@ def classifier_objective(
         raise ValueError(f"variant {variant!r} needs theta_0's logits (logits0)")
     logits0 = logits0.detach()
     s0 = signal_value(signal, logits0, y)
-    lin = first_order_term(logits, logits0, signal_logit_grad(signal, logits0, y))
+    lin = first_order_term(logits, logits0, first_order_grad(variant, logits0, y, first_order))
     return perturbed_objective(variant, s, s0=s0, lin=lin, xi=xi, rho=rho, gamma=gamma)

@@ -35,13 +35,16 @@ def subset_and_xi(seed: int, k: int, n: int, ratio: float) -> tuple[np.ndarray, 
 def batch_order(key: tuple[int, ...], subset: np.ndarray, epochs: int, batch_size: int) -> np.ndarray:
     """Minibatch schedule of the model keyed ``key``: [steps, batch_size] training indices.
 
-    ``key`` is ``(seed, k)`` for perturbed model k (and longer tuples for retrains).
+    ``key`` is ``(seed, k)`` for perturbed model k, ``(seed, -1)`` for the batch order that every
+    model shares under common batches, and longer tuples for retrains.
 
     Each epoch is a fresh permutation of the subset; a last incomplete batch is dropped so that
     all models of a chunk take identically shaped steps (the subset is re-shuffled every epoch,
     so every example is seen).
     """
-    rng = np.random.default_rng([*(int(v) for v in key), 1])
+    # SeedSequence takes non-negative entries only; a negative tag (-1: the stream that every model
+    # shares under common batches, fit.contract.Plan) maps to 2**64 + v, no model's k
+    rng = np.random.default_rng([*(int(v) % 2**64 for v in key), 1])
     bs = min(batch_size, len(subset))
     per_epoch = len(subset) // bs
     steps = [rng.permutation(subset)[: per_epoch * bs].reshape(per_epoch, bs) for _ in range(epochs)]

@@ -111,7 +111,9 @@ def perturbed_chunk(cfg: ExperimentConfig, split_path, theta0_path, variant: str
 def _daunce_attrs(cfg: ExperimentConfig) -> dict:
     d = cfg.daunce
     return {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
-            "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch}
+            "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch,
+            "antithetic": d.antithetic, "common_batches": d.common_batches, "lr_schedule": d.lr_schedule,
+            "first_order": d.first_order}
 
 
 # --- LDS ground truth ----------------------------------------------------------------------------

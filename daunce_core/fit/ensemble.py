@@ -41,10 +41,13 @@ class EnsembleFitter:
         train: training inputs and labels ``(X [n, ...], y [n])`` on the device of the fit.
         query: query inputs and labels ``(Xq [m, ...], yq [m])`` on the same device.
         variant: the perturbed objective (``objectives.VARIANTS``).
-        cfg: epochs, batch size, optimiser, rho, gamma and prox of the perturbed fits.
+        cfg: epochs, batch size, optimiser, rho, gamma and prox of the perturbed fits, and the
+            estimator options ``antithetic``, ``common_batches`` (the default plan),
+            ``lr_schedule`` and ``first_order`` (:func:`daunce_core.ensemble.fit_perturbed`).
         train_ids, query_ids: example ids (default: positions).
-        plan: the draws of each model (default ``Plan(cfg.seed, cfg.ratio)``: the paper's
-            independent subsets, xi and batch orders keyed by ``(seed, k)``).
+        plan: the draws of each model (default ``Plan.from_daunce(cfg)``; with
+            ``daunce.antithetic`` and ``daunce.common_batches`` off, the paper's independent
+            subsets, xi and batch orders keyed by ``(seed, k)``).
         mode: ``"vmap"`` (all models of a chunk per step), ``"loop"`` (one after another) or
             ``"auto"`` (vmap when ``models.can_vmap`` accepts the model, else loop with a notice).
     """
@@ -63,7 +66,7 @@ class EnsembleFitter:
         self.net, self.theta_0, self.cfg, self.mode = net, theta_0, cfg, mode
         self.X, self.y = train
         self.Xq, self.yq = query
-        self.plan = plan if plan is not None else Plan(seed=cfg.seed, ratio=cfg.ratio)
+        self.plan = plan if plan is not None else Plan.from_daunce(cfg)
         n, m = len(self.y), len(self.yq)
         self.train_ids = np.arange(n) if train_ids is None else np.asarray(train_ids)
         self.query_ids = np.arange(m) if query_ids is None else np.asarray(query_ids)
