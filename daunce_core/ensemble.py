@@ -280,7 +280,7 @@ def train_stacked(
         opt, lr_sched = _optimizer(list(p.values()), spec, steps)
         gens = [np.random.default_rng([*augment_keys[c], 3]) for c in group] if augment_keys else None
         for step in range(steps):
-            idx = sched[:, step]  # [c, B]
+            idx = sched[:, step].contiguous()  # [c, B]
             xb = X[idx]  # [c, B, ...]
             if gens is not None:
                 xb = _augment_step(xb, gens, augment_pad, augment_padding)
