@@ -185,3 +185,16 @@ def test_speed_options_are_off_by_default_and_accepted(data, monkeypatch):
     E.fit_from_scratch(resnet9_factory(torch.float32), X32, y, subsets, keys,
                        TrainConfig(**{**recipe.__dict__, "compile": True}))
     assert len(compiled) == 1
+
+
+def test_config_keys_and_their_errors():
+    from daunce_core.config import ConfigError, ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict({"base": {"precision": "bf16", "channels_last": True, "compile": True},
+                                      "daunce": {"batchnorm": "train", "augment": True}}).validate()
+    assert E.Speed.from_train(cfg.base) == E.Speed("bf16", True, True)
+    assert (cfg.daunce.batchnorm, cfg.daunce.augment) == ("train", True)
+    with pytest.raises(ConfigError, match=r"daunce.batchnorm must be 'eval' or 'train', got 'frozen'"):
+        ExperimentConfig.from_dict({"daunce": {"batchnorm": "frozen"}}).validate()
+    with pytest.raises(ConfigError, match=r"base.precision must be 'fp32' or 'bf16', got 'fp16'"):
+        ExperimentConfig.from_dict({"base": {"precision": "fp16"}}).validate()
