@@ -16,7 +16,8 @@ same shapes (CUDA context, cuDNN autotuning):
 
 ``--precision bf16``, ``--channels-last`` and ``--compile`` set the trainer's speed options
 (``base.precision``, ``base.channels_last``, ``base.compile``; default: the config's) for the
-retrains and the perturbed fits alike; the figures record them.
+retrains and the perturbed fits alike; the figures record them. With ``--compile`` every timed
+call compiles again (as every job does), so its rates include one compilation.
 
 "images/s" is model-images per second of the device: C models x B images per step / step time.
 "per model" divides by the C models trained at once. The projection multiplies the images of

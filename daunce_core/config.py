@@ -106,7 +106,8 @@ class TrainConfig:
     channels_last: bool = setting(False, "lay images and convolution weights out channels-last (NHWC) in "
                                   "theta_0, the retrains and the perturbed fits (a GPU speed option)")
     compile: bool = setting(False, "torch.compile the vmapped forward of theta_0, the retrains and the "
-                            "perturbed fits (compiles once per job; a GPU speed option)")
+                            "perturbed fits (compiles at every trainer call: once per theta_0 or retrain job, once per "
+                            "learning rate of a perturbed job; a GPU speed option)")
 
 
 @dataclass
