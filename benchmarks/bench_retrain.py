@@ -8,11 +8,16 @@ same shapes (CUDA context, cuDNN autotuning):
 * ``retrain``: a chunk of ``--models`` ResNet-9s trained from scratch with the base recipe,
   ``daunce_core.ensemble.fit_from_scratch`` -- the call of every LDS chunk (``lds.retrain_outputs``)
   and, with one model, of theta_0. The trainer picks how the models share the device (the
-  ``mode`` it passed to ``train_stacked`` is recorded: ``loop`` while BatchNorm in train mode
-  cannot be vmapped, one model after another);
+  ``mode`` it passed to ``train_stacked`` is recorded: ``vmap``, BatchNorm in train mode
+  included, unless ``models.can_vmap`` refuses the model: then ``loop``, one after another);
 * ``perturbed``: a chunk of perturbed fits from one theta_0 (``ensemble.fit_perturbed``, vmapped,
-  BatchNorm frozen) and the chunk's logits on every example (``ensemble.predict``), the two steps
-  of ``fit.ensemble.EnsembleFitter.fit``.
+  BatchNorm as ``daunce.batchnorm`` says) and the chunk's logits on every example
+  (``ensemble.predict``), the two steps of ``fit.ensemble.EnsembleFitter.fit``.
+
+``--precision bf16``, ``--channels-last`` and ``--compile`` set the trainer's speed options
+(``base.precision``, ``base.channels_last``, ``base.compile``; default: the config's) for the
+retrains and the perturbed fits alike; the figures record them. With ``--compile`` every timed
+call compiles again (as every job does), so its rates include one compilation.
 
 "images/s" is model-images per second of the device: C models x B images per step / step time.
 "per model" divides by the C models trained at once. The projection multiplies the images of
@@ -21,6 +26,7 @@ holds only for the device, width and trainer measured: on a CPU, or at a width o
 figures are information about this machine, NOT GPU estimates, and the script says so.
 
     python benchmarks/bench_retrain.py --device cuda   # full width; paper-sized chunks (a few minutes)
+    python benchmarks/bench_retrain.py --device cuda --precision bf16 --channels-last --compile
     python benchmarks/bench_retrain.py --device cpu    # width 1/8, small sizes (seconds; information only)
 
 ``--json PATH`` also writes the figures. ``benchmarks/gpu_check.py`` calls the functions below.
@@ -143,15 +149,21 @@ def measure_retrain(device: torch.device, recipe: TrainConfig, *, width: float, 
                                                 augment=recipe.augment), device)
     images = models * epochs * (n // bs) * bs
     return {"models": models, "width": width, "n": n, "batch": bs, "epochs": epochs, "augment": recipe.augment,
-            "mode": spy.modes[0] if spy.modes else "?", "seconds": t, "images": images,
+            "mode": spy.modes[0] if spy.modes else "?", **speed_record(E.Speed.from_train(recipe)),
+            "seconds": t, "images": images,
             "images_per_s": images / t, "images_per_s_per_model": images / t / models,
             "peak_mb": peak_mb(device)}
 
 
+def speed_record(speed: E.Speed) -> dict[str, Any]:
+    return {"precision": speed.precision, "channels_last": speed.channels_last, "compile": speed.compile}
+
+
 def measure_perturbed(device: torch.device, daunce: DaunceConfig, *, width: float, models: int, n: int,
-                      n_eval: int) -> dict[str, Any]:
+                      n_eval: int, speed: E.Speed | None = None) -> dict[str, Any]:
     """One chunk of ``models`` perturbed fits (one epoch on ``ratio * n`` examples at the config's
-    batch, vmapped), then its logits on ``n_eval`` examples."""
+    batch, vmapped, with ``speed``: the trainer's options, default all off), then its logits on
+    ``n_eval`` examples."""
     quiet_trainers()
     net = build_model(ModelConfig(arch="resnet9", width=width), SHAPE, N_CLASSES).to(device)
     theta_0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -163,11 +175,12 @@ def measure_perturbed(device: torch.device, daunce: DaunceConfig, *, width: floa
     sub = int(round(d.ratio * n))
     bs = min(d.batch_size, sub)
     warm_n = min(n, math.ceil(2 * bs / d.ratio))
+    speed = speed or E.Speed()
     E.fit_perturbed(net, theta_0, X[:warm_n], y[:warm_n], ks, variant="daunce", cfg=d, lr=lr,
-                    logits0=logits0[:warm_n])
+                    logits0=logits0[:warm_n], speed=speed)
     reset_peak(device)
     (params, buffers), t_fit = timed(lambda: E.fit_perturbed(net, theta_0, X, y, ks, variant="daunce", cfg=d,
-                                                             lr=lr, logits0=logits0), device)
+                                                             lr=lr, logits0=logits0, speed=speed), device)
     fit_peak = peak_mb(device)
     fit_images = models * (sub // bs) * bs
     Xe = X[:n_eval]
@@ -175,6 +188,7 @@ def measure_perturbed(device: torch.device, daunce: DaunceConfig, *, width: floa
     reset_peak(device)
     _, t_pred = timed(lambda: E.predict(net, params, buffers, Xe), device)
     return {"models": models, "width": width, "n": n, "ratio": d.ratio, "batch": bs, "steps": sub // bs,
+            "batchnorm": d.batchnorm, "augment": d.augment, **speed_record(speed),
             "fit_seconds": t_fit, "fit_images_per_s": fit_images / t_fit,
             "fit_images_per_s_per_model": fit_images / t_fit / models, "fit_peak_mb": fit_peak,
             "predict_examples": len(Xe), "predict_seconds": t_pred,
@@ -244,14 +258,18 @@ def is_gpu_estimate(device: torch.device, width: float) -> bool:
     return device.type == "cuda" and width == 1.0
 
 
+def opts(r: dict[str, Any]) -> str:
+    return " ".join([r.get("precision", "fp32")] + [o.replace("_", "-") for o in ("channels_last", "compile") if r.get(o)])
+
+
 def print_rates(name: str, r: dict[str, Any]) -> None:
     if "fit_images_per_s" in r:
-        print(f"{name:<10s}: {r['models']} models x {r['steps']} steps x batch {r['batch']} (vmapped): "
+        print(f"{name:<10s}: {r['models']} models x {r['steps']} steps x batch {r['batch']} (vmapped, {opts(r)}): "
               f"{r['fit_images_per_s']:.0f} images/s, {r['fit_images_per_s_per_model']:.0f} per model, "
               f"peak {r['fit_peak_mb']:.0f} MB; predictions {r['predict_images_per_s']:.0f} images/s", flush=True)
     else:
         print(f"{name:<10s}: {r['models']} model(s) x {r['epochs']} epoch(s) x {r['n']} images, batch {r['batch']}, "
-              f"mode {r['mode']}: {r['images_per_s']:.0f} images/s, {r['images_per_s_per_model']:.0f} per model, "
+              f"mode {r['mode']}, {opts(r)}: {r['images_per_s']:.0f} images/s, {r['images_per_s_per_model']:.0f} per model, "
               f"peak {r['peak_mb']:.0f} MB", flush=True)
 
 
@@ -278,6 +296,9 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, help="retrain batch (default: base.batch_size on a GPU, 64 on a CPU)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of the timed retrains")
     ap.add_argument("--no-perturbed", action="store_true", help="measure only the retrains")
+    ap.add_argument("--precision", choices=E.PRECISIONS, help="base.precision (default: the config's)")
+    ap.add_argument("--channels-last", action="store_true", help="base.channels_last: NHWC images and conv weights")
+    ap.add_argument("--compile", action="store_true", help="base.compile: torch.compile the vmapped forward")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
@@ -291,10 +312,13 @@ def main(argv=None) -> dict[str, Any]:
     n = args.n or (int(math.ceil(exp.lds.alpha * n_full)) if gpu else 256)
     batch = args.batch or (exp.base.batch_size if gpu else 64)
     models = args.models or (exp.lds.chunk_size if gpu else 2)
-    recipe = dataclasses.replace(exp.base, batch_size=batch)
+    recipe = dataclasses.replace(exp.base, batch_size=batch, precision=args.precision or exp.base.precision,
+                                 channels_last=args.channels_last or exp.base.channels_last,
+                                 compile=args.compile or exp.base.compile)
     estimate = is_gpu_estimate(device, width)
     info = device_info(device)
-    print(f"{info['device']} {info['name']}, torch {info['torch']}; ResNet-9 width {width}, synthetic {SHAPE} data"
+    print(f"{info['device']} {info['name']}, torch {info['torch']}; ResNet-9 width {width}, synthetic {SHAPE} data, "
+          f"trainer {opts(speed_record(E.Speed.from_train(recipe)))}"
           + ("" if estimate else f"\n*** {NOT_GPU} ***"), flush=True)
 
     base = measure_retrain(device, recipe, width=width, models=1, n=n, epochs=args.epochs)
@@ -305,7 +329,8 @@ def main(argv=None) -> dict[str, Any]:
     if not args.no_perturbed:
         d = exp.daunce if gpu else dataclasses.replace(exp.daunce, batch_size=min(exp.daunce.batch_size, 32))
         pert = measure_perturbed(device, d, width=width, models=d.chunk_size if gpu else 2,
-                                 n=n_full if gpu else 256, n_eval=CIFAR_TEST if gpu else 128)
+                                 n=n_full if gpu else 256, n_eval=CIFAR_TEST if gpu else 128,
+                                 speed=E.Speed.from_train(recipe))
         print_rates("perturbed", pert)
     proj = project(exp, base=base, lds=lds, perturbed=pert)
     print_projection(proj, estimate)

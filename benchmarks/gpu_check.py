@@ -6,9 +6,13 @@ Vision, CIFAR-shaped synthetic data through ``daunce_core.ensemble`` (``benchmar
 
 * ``theta_0``: one full-width ResNet-9 from scratch with the paper's base recipe
   (``fit_from_scratch``, BatchNorm in train mode, augmentation), as the ``base`` rule trains it;
-* ``lds_chunk``: a chunk of retrains in one ``fit_from_scratch`` call, as ``lds_chunk`` jobs do;
+* ``lds_chunk``: a chunk of retrains in one ``fit_from_scratch`` call, as ``lds_chunk`` jobs do
+  (vmapped, BatchNorm in train mode included; the record names the mode);
 * ``perturbed``: a chunk of ``daunce.chunk_size`` perturbed fits (vmapped, ``fit_perturbed``)
   and its predictions (``predict``), the two steps of ``fit.ensemble.EnsembleFitter.fit``;
+
+On CUDA the trainers run with bf16 autocast and channels-last layout (``base.precision: bf16``,
+``base.channels_last: true``; ``--plain`` keeps the config's fp32); each record names its options.
 * ``projection``: device-hours of config/paper/cifar10.yaml at these rates (ESTIMATE).
 
 LLM, a randomly initialised ``transformers`` model with the layer shapes of the paper's models
@@ -242,6 +246,9 @@ def check_vision(args, device: torch.device, report: Report) -> None:
     else:
         width, n, n_eval, chunk, pert_models = 1.0, 10_000, 10_000, 4, exp.daunce.chunk_size
         recipe, daunce = exp.base, exp.daunce
+    if device.type == "cuda" and not args.plain:
+        recipe = dataclasses.replace(recipe, precision="bf16", channels_last=True)
+    speed = BR.E.Speed.from_train(recipe)
     v = report.doc["vision"]
     v["theta_0"] = guarded(report, args.budget_s, device,
                            lambda: BR.measure_retrain(device, recipe, width=width, models=1, n=n))
@@ -250,7 +257,7 @@ def check_vision(args, device: torch.device, report: Report) -> None:
                              lambda: BR.measure_retrain(device, recipe, width=width, models=chunk, n=n))
     report.write()
     v["perturbed"] = guarded(report, args.budget_s, device, lambda: BR.measure_perturbed(
-        device, daunce, width=width, models=pert_models, n=n, n_eval=n_eval))
+        device, daunce, width=width, models=pert_models, n=n, n_eval=n_eval, speed=speed))
     ok = all("seconds" in v[k] or "fit_seconds" in v[k] for k in ("theta_0", "lds_chunk", "perturbed"))
     v["projection"] = BR.project(exp, base=v["theta_0"], lds=v["lds_chunk"], perturbed=v["perturbed"]) if ok else None
     report.write()
@@ -281,7 +288,8 @@ def summary(doc: dict[str, Any]) -> str:
     for k in ("theta_0", "lds_chunk"):
         lines.append(f"  ResNet-9 {k:<12s} {fmt(v.get(k), 'images_per_s', 'images/s'):>22s}   "
                      f"per model {fmt(v.get(k), 'images_per_s_per_model', 'images/s'):>18s}   "
-                     f"peak {fmt(v.get(k), 'peak_mb', 'MB')}")
+                     f"peak {fmt(v.get(k), 'peak_mb', 'MB')}"
+                     + (f"   {v[k].get('mode')}, {v[k].get('precision')}" if v.get(k) and "mode" in v[k] else ""))
     p = v.get("perturbed")
     lines.append(f"  ResNet-9 perturbed   {fmt(p, 'fit_images_per_s', 'images/s'):>22s}   "
                  f"predict {fmt(p, 'predict_images_per_s', 'images/s'):>20s}   peak {fmt(p, 'fit_peak_mb', 'MB')}")
@@ -311,6 +319,8 @@ def main(argv=None) -> dict[str, Any]:
                     help=f"comma-separated layer shapes of: {', '.join(LLM_SHAPES)} ('' for none)")
     ap.add_argument("--llm-steps", type=int, default=2, help="timed optimiser steps per LLM fit")
     ap.add_argument("--no-vision", action="store_true", help="skip the ResNet-9 measurements")
+    ap.add_argument("--plain", action="store_true",
+                    help="ResNet-9 in the config's fp32 layout on CUDA too (default there: bf16 + channels_last)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="start no measurement after this many seconds (gpu_check.sh kills at 480)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")

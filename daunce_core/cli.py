@@ -120,7 +120,8 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
         theta0 = store.load_state(theta0_path, device)
     query = (torch.as_tensor(ds.X_query, device=device), torch.as_tensor(ds.y_query, device=device))
     fitter = EnsembleFitter(build_model(cfg.model, in_shape, ds.num_classes).to(device), theta0, (X, y), query,
-                            variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids)
+                            variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
+                            speed=E.Speed.from_train(cfg.base))
     return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
 
 

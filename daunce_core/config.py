@@ -104,6 +104,14 @@ class TrainConfig:
     lr_schedule: str = setting("linear", "'constant', 'linear' (decay to 0) or 'triangle' (warm-up then decay)")
     augment: bool = setting(False, "random flips and 2-pixel translations (images only)")
     seed: int = setting(0, "seed of theta_0's initialisation and data order")
+    precision: str = setting("fp32", "'fp32' or 'bf16': bf16 autocast of the forward (fp32 master weights, "
+                             "optimiser states and BatchNorm statistics) in theta_0, the retrains and the "
+                             "perturbed fits")
+    channels_last: bool = setting(False, "lay images and convolution weights out channels-last (NHWC) in "
+                                  "theta_0, the retrains and the perturbed fits (a GPU speed option)")
+    compile: bool = setting(False, "torch.compile the vmapped forward of theta_0, the retrains and the "
+                            "perturbed fits (compiles at every trainer call: once per theta_0 or retrain job, once per "
+                            "learning rate of a perturbed job; a GPU speed option)")
 
 
 @dataclass
@@ -139,6 +147,11 @@ class DaunceConfig:
     trace_every: int = setting(10, "Figure 3: log each model's gradient norm of the full objective, its ERM "
                                "term and its first-order term every N steps (and at the last); one extra "
                                "backward pass per logged step. 0 = off")
+    batchnorm: str = setting("eval", "BatchNorm in the perturbed fits: 'eval' (theta_0's statistics, frozen) or "
+                             "'train' (the authors' code: minibatch statistics; the running statistics are "
+                             "updated and used to compute the signals)")
+    augment: bool = setting(False, "augment the perturbed fits as the authors do: RandomCrop(32, padding=4) "
+                            "(zero padding) and horizontal flips, drawn per model (images only)")
 
 
 @dataclass
@@ -200,6 +213,10 @@ class ExperimentConfig:
             raise ConfigError(f"daunce.first_order must be one of {', '.join(FIRST_ORDER)}, got {d.first_order!r}")
         if d.trace_every < 0:
             raise ConfigError(f"daunce.trace_every must be 0 (off) or a number of steps, got {d.trace_every}")
+        if d.batchnorm not in ("eval", "train"):
+            raise ConfigError(f"daunce.batchnorm must be 'eval' or 'train', got {d.batchnorm!r}")
+        if self.base.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"base.precision must be 'fp32' or 'bf16', got {self.base.precision!r}")
         if not 0.0 < self.lds.alpha < 1.0:
             raise ConfigError(f"lds.alpha must be in (0, 1), got {self.lds.alpha}")
         if not 0.0 < self.lds.select_fraction < 1.0:

@@ -6,15 +6,26 @@ backward per step for all C models, on CPU or CUDA alike. Optimisers act element
 momentum, Adam, weight decay), so stacking never couples the models: model k's trajectory is
 the same in any chunk (tested).
 
-Models whose BatchNorm layers must update running statistics (ResNet-9 trained from scratch)
-cannot be vmapped (in-place buffer updates); ``mode="loop"`` trains them one after another with
-the very same schedule, objective and optimiser -- an equivalent batched ensemble, one model on
-the accelerator at a time. Perturbed fine-tuning keeps BatchNorm in eval mode (statistics of
-theta_0) and is vmapped. Any other model that fails ``models.can_vmap`` (hooks, in-place writes,
-random ops) takes the same loop, with a logged notice (``models.fit_mode``).
+BatchNorm in train mode (theta_0 and every retrain from scratch, and perturbed fits with
+``daunce.batchnorm: train``) is vmapped too: the buffers (running mean, variance,
+``num_batches_tracked``) are inputs of the vmapped step and its new values are outputs
+(:func:`forward_with_state`). Each step hands BatchNorm fresh per-model copies to update, so
+the state is carried from step to step by the trainer, never written into a shared tensor;
+the statistics are nn.BatchNorm's own (momentum, unbiased variance), equal to the loop's up to
+floating-point rounding (tests/test_bn_vmap.py). ``mode="loop"`` trains the models one after
+another with the very same schedule, objective and optimiser; models that fail
+``models.can_vmap`` (hooks, in-place writes into unbatched tensors, random ops, BatchNorm with
+``momentum=None``) take it, with a logged notice (``models.fit_mode``).
+
+Speed options (:class:`Speed`, from ``base.precision`` / ``channels_last`` / ``compile``, all off
+by default): bf16 autocast with fp32 master weights, channels-last images and convolution
+weights, ``torch.compile`` of the vmapped forward. Data stay on the device; each step's
+augmentation offsets and flips are drawn for all models at once from their own numpy streams
+(keyed as before) and applied with torch ops on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -29,7 +40,7 @@ from tqdm.auto import tqdm
 from . import objectives as obj
 from .config import DaunceConfig, TrainConfig
 from .fit.contract import Plan
-from .models import fit_mode, has_batchnorm
+from .models import fit_mode
 from .perturb import batch_order
 
 log = logging.getLogger(__name__)
@@ -95,18 +106,94 @@ def split_state(net: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, d
             {k: v for k, v in state.items() if k not in pnames})
 
 
-def augment_batch(x: torch.Tensor, gen: np.random.Generator, pad: int = 2) -> torch.Tensor:
-    """Random horizontal flips and translations by up to ``pad`` pixels of images [N, C, H, W]."""
+@dataclass(frozen=True)
+class Speed:
+    """How the trainer uses the device; all off = fp32, contiguous layout, eager (the default).
+
+    ``precision="bf16"``: forward under ``torch.autocast(dtype=bfloat16)`` (convolutions and
+    matmuls in bf16; BatchNorm statistics, the loss and the fp32 master weights and optimiser
+    states stay fp32). ``channels_last``: every model's images and 4-d convolution weights are
+    laid out NHWC. ``compile``: the vmapped forward goes through ``torch.compile``.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (base.precision), "
+                             f"got {self.precision!r}")
+
+    @classmethod
+    def from_train(cls, t: TrainConfig) -> Speed:
+        return cls(t.precision, t.channels_last, t.compile)
+
+    def autocast(self, device: torch.device):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """Stacked [C, N, ch, H, W] (images or conv weights) with each model's [N, ch, H, W] NHWC."""
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 else t
+
+
+def augment_draws(gen: np.random.Generator, n: int, pad: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One model's augmentation draws for a batch of ``n``: flips [n] bool, row and column
+    offsets [n] in [0, 2 pad], taken from ``gen`` in this order (the stream of every model)."""
+    flip = gen.random(n) < 0.5
+    dy = gen.integers(0, 2 * pad + 1, n)
+    dx = gen.integers(0, 2 * pad + 1, n)
+    return flip, dy, dx
+
+
+def shift_and_flip(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int = 2,
+                   padding: str = "reflect") -> torch.Tensor:
+    """Flip images [N, C, H, W] where ``flip``, then crop H x W at offsets (dy, dx) of the image
+    padded by ``pad`` pixels (``padding``: ``"reflect"``, or ``"constant"`` = zeros as
+    torchvision's ``RandomCrop(padding=pad)``). Pure torch: runs where ``x`` lives."""
     N, _, H, W = x.shape
-    flip = torch.as_tensor(gen.random(N) < 0.5, device=x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    dy = torch.as_tensor(gen.integers(0, 2 * pad + 1, N), device=x.device)
-    dx = torch.as_tensor(gen.integers(0, 2 * pad + 1, N), device=x.device)
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=padding)
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]  # [N, H, 1]
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]  # [N, 1, W]
     n_idx = torch.arange(N, device=x.device)[:, None, None]
     return xp.permute(0, 2, 3, 1)[n_idx, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def augment_batch(x: torch.Tensor, gen: np.random.Generator, pad: int = 2,
+                  padding: str = "reflect") -> torch.Tensor:
+    """Random horizontal flips and translations by up to ``pad`` pixels of images [N, C, H, W]."""
+    flip, dy, dx = (torch.as_tensor(a, device=x.device) for a in augment_draws(gen, len(x), pad))
+    return shift_and_flip(x, flip, dy, dx, pad, padding)
+
+
+def _augment_step(xb: torch.Tensor, gens: list[np.random.Generator], pad: int, padding: str) -> torch.Tensor:
+    """Augment one step's images [c, B, ...] of c models: each model draws from its own stream,
+    all draws go to the device in one copy, and one batched crop serves every model."""
+    c, B = xb.shape[:2]
+    draws = [augment_draws(g, B, pad) for g in gens]
+    flip, dy, dx = (torch.as_tensor(np.stack([d[i] for d in draws]).reshape(-1), device=xb.device)
+                    for i in range(3))
+    return shift_and_flip(xb.reshape(c * B, *xb.shape[2:]), flip, dy, dx, pad, padding).reshape(xb.shape)
+
+
+def forward_with_state(net: nn.Module, params: dict, buffers: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``net``'s output on ``x`` with ``params`` and ``buffers``, and the buffers after the call.
+
+    BatchNorm in train mode updates its running statistics in place (nn.BatchNorm's own momentum
+    update, unbiased variance, ``num_batches_tracked``); it gets copies, so the inputs stay as
+    they were and the new state is returned. Under ``vmap`` the copies are per-model (batched)
+    tensors, which in-place updates may write (unlike unbatched ones, the reason
+    ``torch.func.replace_all_batch_norm_modules_`` drops the running statistics altogether).
+    """
+    state = {k: v.clone() for k, v in buffers.items()}
+    return functional_call(net, (params, state), (x,)), state
 
 
 def train_stacked(
@@ -123,10 +210,13 @@ def train_stacked(
     prox_center: Stacked | None = None,
     prox: float = 0.0,
     augment_keys: list[tuple[int, ...]] | None = None,
+    augment_pad: int = 2,
+    augment_padding: str = "reflect",
     desc: str = "train",
     erm_objective: Objective | None = None,
     trace_every: int = 0,
     trace_out: dict | None = None,
+    speed: Speed | None = None,
 ) -> tuple[Stacked, Stacked]:
     """Optimise C stacked models on their own minibatch schedules.
 
@@ -138,52 +228,69 @@ def train_stacked(
         objective: per-example objective values [C, B] from logits [C, B, classes].
         spec: optimiser and learning-rate schedule.
         mode: ``"vmap"`` (all models per step) or ``"loop"`` (one model after another).
-        train_mode: put the network in train mode (BatchNorm batch statistics; loop only).
+        train_mode: put the network in train mode (BatchNorm: batch statistics, and the running
+            statistics are carried from step to step and returned; :func:`forward_with_state`).
         prox_center, prox: optional pull ``prox/2 ||theta - theta_0||^2`` towards ``prox_center``.
         augment_keys: per-model keys of the augmentation random streams (None: no augmentation).
+        augment_pad, augment_padding: translations by up to ``augment_pad`` pixels of the image
+            padded by reflection or zeros (``"constant"``); see :func:`shift_and_flip`.
         erm_objective, trace_every, trace_out: Figure 3's log. Every ``trace_every`` steps (and at
             the last) each model's gradient norm of the full objective, of its ERM term
             (``erm_objective``, same signature as ``objective``) and of the rest (the first-order
             term) go into ``trace_out``: ``step`` [S] (1-based optimiser steps) and ``total``,
             ``erm``, ``first_order`` [C, S]. Cost: one extra backward pass per logged step (the
             first-order gradient is the difference of the two, by linearity).
+        speed: precision, memory layout and compilation (:class:`Speed`; None: all off).
     Returns:
         The trained (params, buffers), detached.
     """
     C, steps, _ = schedule.shape
     device = X.device
-    if mode == "vmap" and train_mode and has_batchnorm(net):
-        raise ValueError("BatchNorm in train mode cannot be vmapped; use mode='loop'")
+    speed = speed or Speed()
     groups = [list(range(C))] if mode == "vmap" else [[c] for c in range(C)]
     out_p: dict[str, list[torch.Tensor]] = {k: [] for k in params}
     out_b: dict[str, list[torch.Tensor]] = {k: [] for k in buffers}
     net.train(train_mode)
+    stateful = train_mode and bool(buffers)  # BatchNorm's running statistics change
 
     def fmodel(p, b, x):
-        return functional_call(net, (p, b), (x,))
+        if stateful:
+            return forward_with_state(net, p, b, x)
+        return functional_call(net, (p, b), (x,)), b
 
-    batched = vmap(fmodel, in_dims=(0, 0, 0))
+    if mode == "vmap":
+        forward = vmap(fmodel, in_dims=(0, 0, 0))
+    else:
+        def forward(p, b, x):
+            out, state = fmodel({k: v[0] for k, v in p.items()}, {k: v[0] for k, v in b.items()}, x[0])
+            return out.unsqueeze(0), {k: v.unsqueeze(0) for k, v in state.items()}
+    if speed.compile:
+        forward = torch.compile(forward)
     bar = tqdm(total=steps * len(groups), desc=desc, leave=False, mininterval=2.0)
     tracing = trace_out is not None and erm_objective is not None and trace_every > 0
     traced_steps = [t for t in range(steps) if t % trace_every == 0 or t == steps - 1] if tracing else []
     norms: dict[str, list[np.ndarray]] = {t: [] for t in ("total", "erm", "first_order")}
     for group in groups:
         g = torch.as_tensor(group, device=device)
-        p = {k: v[group].detach().clone().requires_grad_(True) for k, v in params.items()}
+        sched = torch.as_tensor(schedule[group], device=device)  # [c, steps, B], on the device once
+        p = {k: v[group].detach().clone() for k, v in params.items()}
+        if speed.channels_last:
+            p = {k: _channels_last(v) for k, v in p.items()}
+        p = {k: v.requires_grad_(True) for k, v in p.items()}
         b = {k: v[group].detach().clone() for k, v in buffers.items()}
         center = {k: v[group].detach() for k, v in prox_center.items()} if prox_center else None
-        opt, sched = _optimizer(list(p.values()), spec, steps)
+        opt, lr_sched = _optimizer(list(p.values()), spec, steps)
         gens = [np.random.default_rng([*augment_keys[c], 3]) for c in group] if augment_keys else None
         for step in range(steps):
-            idx = torch.as_tensor(schedule[group, step], device=device)  # [c, B]
+            idx = sched[:, step].contiguous()  # [c, B]
             xb = X[idx]  # [c, B, ...]
             if gens is not None:
-                xb = torch.stack([augment_batch(xb[i], gens[i]) for i in range(len(group))])
-            if mode == "vmap":
-                logits = batched(p, b, xb)
-            else:
-                logits = fmodel({k: v[0] for k, v in p.items()}, {k: v[0] for k, v in b.items()},
-                                xb[0]).unsqueeze(0)
+                xb = _augment_step(xb, gens, augment_pad, augment_padding)
+            if speed.channels_last:
+                xb = _channels_last(xb)
+            with speed.autocast(device):
+                logits, new_b = forward(p, b, xb)
+            logits = logits.float()
             loss = objective(logits, idx, g).mean(dim=1).sum()
             if center is not None and prox > 0:
                 loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
@@ -198,13 +305,14 @@ def train_stacked(
                          for k in p]
                 _log_norms(norms, g_obj, g_erm, len(group))
             opt.step()
-            sched.step()
+            lr_sched.step()
+            b = {k: v.detach() for k, v in new_b.items()}
             bar.update(1)
             if (step % 50 == 0 or step == steps - 1) and not math.isfinite(loss.item()):
                 log.warning("%s: non-finite objective at step %d; the models diverged", desc, step)
                 break
         for k in p:
-            out_p[k].append(p[k].detach())
+            out_p[k].append(p[k].detach().contiguous())
         for k in b:
             out_b[k].append(b[k].detach())
     bar.close()
@@ -259,8 +367,17 @@ def fit_perturbed(
     mode: str = "vmap",
     plan: Plan | None = None,
     trace_out: dict | None = None,
+    speed: Speed | None = None,
 ) -> tuple[Stacked, Stacked]:
     """Algorithm 1, steps 2-4, for perturbed models ``ks`` trained together from ``theta_0``.
+
+    BatchNorm follows ``cfg.batchnorm``: ``eval`` keeps theta_0's statistics, ``train`` (the
+    authors' code) normalises by each minibatch's statistics and carries the running statistics,
+    which the returned buffers then hold (and ``predict`` uses). ``cfg.augment`` applies the
+    authors' ``RandomCrop(32, padding=4)`` and horizontal flips (zero padding, i.e. the mean pixel
+    of the normalised data), drawn from model k's stream keyed by ``plan.batch_key(k)``.
+    ``speed``: the trainer's precision, layout and compilation (:class:`Speed`; the workflow
+    passes ``base``'s).
 
     With ``trace_out`` (a dict) and ``cfg.trace_every > 0`` the per-term gradient norms of
     Figure 3 are logged into it (:func:`train_stacked`): the ERM term is the variant's loss term,
@@ -314,10 +431,20 @@ def fit_perturbed(
     params = stack_states([p0] * C, device)
     buffers = stack_states([b0] * C, device)
     center = stack_states([p0] * C, device) if cfg.prox > 0 else None
+    if cfg.batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"daunce.batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {cfg.batchnorm!r}")
+    train_mode = cfg.batchnorm == "train"
+    if train_mode and mode == "vmap":  # train mode may add random ops (dropout) that vmap refuses
+        mode = fit_mode(net, X[:2], train_mode=True, what=f"{variant} perturbed fits (daunce.batchnorm: train)")
     return train_stacked(net, params, buffers, X, schedule, objective, OptimSpec.from_daunce(cfg, lr),
-                         mode=mode, train_mode=False, prox_center=center, prox=cfg.prox,
+                         mode=mode, train_mode=train_mode, prox_center=center, prox=cfg.prox,
+                         augment_keys=[plan.batch_key(k) for k in ks] if cfg.augment else None,
+                         augment_pad=4, augment_padding="constant",
                          desc=f"{variant} k={ks[0]}..{ks[-1]}", erm_objective=erm_objective,
-                         trace_every=cfg.trace_every, trace_out=trace_out)
+                         trace_every=cfg.trace_every, trace_out=trace_out, speed=speed)
+
+
+BATCHNORM_MODES = ("eval", "train")
 
 
 def fit_from_scratch(
@@ -329,11 +456,15 @@ def fit_from_scratch(
     recipe: TrainConfig,
     *,
     augment: bool = False,
+    mode: str = "auto",
 ) -> tuple[nn.Module, Stacked, Stacked]:
     """Train one model per (subset, key) from a fresh initialisation with the base recipe.
 
     The initialisation and data order of each model come from its ``key`` only. Used for
-    theta_0 (one model on everything), LDS retrains and removal retrains.
+    theta_0 (one model on everything), LDS retrains and removal retrains. ``mode``: ``"auto"``
+    (vmap, BatchNorm in train mode included, unless ``models.can_vmap`` refuses the model: then
+    one by one with a notice), ``"vmap"`` or ``"loop"``. ``recipe``'s precision, channels_last
+    and compile set the trainer's :class:`Speed`.
     """
     device = X.device
     states = []
@@ -356,10 +487,13 @@ def fit_from_scratch(
             logits.reshape(C * B, nc), y[idx.reshape(-1)], reduction="none",
             label_smoothing=recipe.label_smoothing).reshape(C, B)
 
-    mode = "loop" if has_batchnorm(net) else fit_mode(net, X[:2], train_mode=True, what="retrain")
+    if mode not in ("auto", "vmap", "loop"):
+        raise ValueError(f"mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
+    if mode == "auto":
+        mode = fit_mode(net, X[:2], train_mode=True, what="retrain")
     params, buffers = train_stacked(net, params, buffers, X, schedule, objective, OptimSpec.from_train(recipe),
-                                    mode=mode, train_mode=True,
-                                    augment_keys=keys if augment else None, desc="retrain")
+                                    mode=mode, train_mode=True, augment_keys=keys if augment else None,
+                                    desc="retrain", speed=Speed.from_train(recipe))
     return net, params, buffers
 
 

@@ -3,8 +3,10 @@
 ``model.arch`` is ``mlp``, ``resnet9``, a torchvision classification model by name (``resnet18``,
 built untrained with the data's number of classes) or a factory by import path
 (``package.module:function``, called with the input shape (C, H, W) and the number of classes).
-Models with BatchNorm are trained from scratch one by one and fine-tuned with frozen statistics
-under vmap, whichever way they were named (see daunce_core/ensemble.py).
+Models with BatchNorm are trained under vmap from scratch too (BatchNorm in train mode, the
+running statistics carried as state) and fine-tuned with theta_0's statistics or, with
+``daunce.batchnorm: train``, minibatch statistics, whichever way they were named (see
+daunce_core/ensemble.py). A model that cannot be vmapped is trained one by one (:func:`fit_mode`).
 """
 from __future__ import annotations
 
@@ -150,10 +152,12 @@ def can_vmap(module: nn.Module, example: torch.Tensor | None = None, *,
              train_mode: bool = False) -> tuple[bool, str]:
     """Whether copies of ``module`` can be trained together under ``torch.func.vmap``.
 
-    Hooks and BatchNorm in train mode (running statistics updated in place) rule it out at
-    once; given ``example`` inputs [B, ...], two stacked copies also run forward and backward
-    under vmap, which catches in-place writes into unbatched tensors, ``.item()``, random ops and
-    the like. Returns (ok, reason); the reason is one line for a notice.
+    Hooks rule it out at once; given ``example`` inputs [B, ...], two stacked copies (parameters
+    and buffers) also run forward and backward under vmap, which catches in-place writes into
+    unbatched tensors, ``.item()``, random ops and the like. BatchNorm in train mode passes: its
+    running statistics are per-model buffers here as in the trainer
+    (``ensemble.forward_with_state``); with ``momentum=None`` it reads ``float()`` of a batched
+    counter and fails. Returns (ok, reason); the reason is one line for a notice.
     """
     from torch.func import functional_call, vmap
 
@@ -162,8 +166,6 @@ def can_vmap(module: nn.Module, example: torch.Tensor | None = None, *,
                              "_backward_pre_hooks") if getattr(m, h, None)]
         if hooks:
             return False, f"{name or type(m).__name__} has {hooks[0].strip('_').replace('_', ' ')}"
-    if train_mode and has_batchnorm(module):
-        return False, "BatchNorm in train mode updates its running statistics in place"
     if example is None:
         return True, "no hooks (not run on an input)"
     was_training = module.training

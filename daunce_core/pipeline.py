@@ -84,6 +84,7 @@ def ensemble_fitter(cfg: ExperimentConfig, split_path, theta0_path, variant: str
     """The classifier fitter of ``variant`` on the experiment's data and theta_0."""
     import torch
 
+    from .ensemble import Speed
     from .fit.ensemble import EnsembleFitter
     from .models import build_model
     from .utils import pick_device
@@ -94,7 +95,8 @@ def ensemble_fitter(cfg: ExperimentConfig, split_path, theta0_path, variant: str
     query = (torch.as_tensor(ds.X_query, device=device), torch.as_tensor(ds.y_query, device=device))
     net = build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes).to(device)
     return EnsembleFitter(net, store.load_state(theta0_path, device), train, query, variant=variant,
-                          cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids)
+                          cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
+                          speed=Speed.from_train(cfg.base))
 
 
 def perturbed_chunk(cfg: ExperimentConfig, split_path, theta0_path, variant: str, lrs: list[float], chunk: int,

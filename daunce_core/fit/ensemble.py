@@ -50,12 +50,15 @@ class EnsembleFitter:
             subsets, xi and batch orders keyed by ``(seed, k)``).
         mode: ``"vmap"`` (all models of a chunk per step), ``"loop"`` (one after another) or
             ``"auto"`` (vmap when ``models.can_vmap`` accepts the model, else loop with a notice).
+        speed: the trainer's precision, layout and compilation (``ensemble.Speed``; the workflow
+            passes ``base``'s; None: fp32, eager).
     """
 
     def __init__(self, net: nn.Module, theta_0: dict[str, torch.Tensor],
                  train: tuple[torch.Tensor, torch.Tensor], query: tuple[torch.Tensor, torch.Tensor], *,
                  variant: str, cfg: DaunceConfig, train_ids: np.ndarray | None = None,
-                 query_ids: np.ndarray | None = None, plan: Plan | None = None, mode: str = "auto"):
+                 query_ids: np.ndarray | None = None, plan: Plan | None = None, mode: str = "auto",
+                 speed: E.Speed | None = None):
         obj.check_variant(variant)
         if mode not in ("vmap", "loop", "auto"):
             raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
@@ -63,7 +66,7 @@ class EnsembleFitter:
             mode = fit_mode(net, train[0][:2], train_mode=False, what=f"{variant} perturbed fits")
         self.variant = variant
         self.signal = obj.signal_of(variant)
-        self.net, self.theta_0, self.cfg, self.mode = net, theta_0, cfg, mode
+        self.net, self.theta_0, self.cfg, self.mode, self.speed = net, theta_0, cfg, mode, speed
         self.X, self.y = train
         self.Xq, self.yq = query
         self.plan = plan if plan is not None else Plan.from_daunce(cfg)
@@ -85,7 +88,7 @@ class EnsembleFitter:
         trace = {} if self.cfg.trace_every > 0 else None  # Figure 3: per-term gradient norms
         params, buffers = E.fit_perturbed(self.net, self.theta_0, self.X, self.y, ks, variant=self.variant,
                                           cfg=self.cfg, lr=lr, logits0=self.logits0, mode=self.mode,
-                                          plan=self.plan, trace_out=trace)
+                                          plan=self.plan, trace_out=trace, speed=self.speed)
         train = E.signals(E.predict(self.net, params, buffers, self.X, mode=self.mode), self.y,
                           self.signal).cpu().numpy()
         query = E.signals(E.predict(self.net, params, buffers, self.Xq, mode=self.mode), self.yq,
