@@ -259,7 +259,8 @@ def is_gpu_estimate(device: torch.device, width: float) -> bool:
 
 
 def opts(r: dict[str, Any]) -> str:
-    return " ".join([r.get("precision", "fp32")] + [o.replace("_", "-") for o in ("channels_last", "compile") if r.get(o)])
+    flags = [o.replace("_", "-") for o in ("channels_last", "compile") if r.get(o)]
+    return " ".join([r.get("precision", "fp32"), *flags])
 
 
 def print_rates(name: str, r: dict[str, Any]) -> None:
@@ -269,7 +270,8 @@ def print_rates(name: str, r: dict[str, Any]) -> None:
               f"peak {r['fit_peak_mb']:.0f} MB; predictions {r['predict_images_per_s']:.0f} images/s", flush=True)
     else:
         print(f"{name:<10s}: {r['models']} model(s) x {r['epochs']} epoch(s) x {r['n']} images, batch {r['batch']}, "
-              f"mode {r['mode']}, {opts(r)}: {r['images_per_s']:.0f} images/s, {r['images_per_s_per_model']:.0f} per model, "
+              f"mode {r['mode']}, {opts(r)}: {r['images_per_s']:.0f} images/s, "
+              f"{r['images_per_s_per_model']:.0f} per model, "
               f"peak {r['peak_mb']:.0f} MB", flush=True)
 
 
