@@ -36,3 +36,28 @@ def test_missing_results_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path / "nope"), "--readme", str(readme)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "lds.csv: missing" in r.stderr
+
+
+def test_gpu_cost_block_is_generated_from_the_config_and_the_rates(tmp_path):
+    """README.md's GPU cost block is what scripts/readme_gpu_cost.py makes of config/paper/cifar10.yaml
+    and the rates (assumed until a GPU check is committed): a config change that moves a number
+    leaves it stale and fails here. Doubling the assumed rates halves every GPU-hour."""
+    gpu = ROOT / "scripts" / "readme_gpu_cost.py"
+    assert subprocess.run([sys.executable, str(gpu), "--check"], capture_output=True).returncode == 0, \
+        "README.md's GPU cost block is stale: run python scripts/readme_gpu_cost.py"
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_gpu_cost as G
+    import yaml
+
+    rates = yaml.safe_load(G.ASSUMED.read_text())
+    fast = {k: ({kk: 2 * vv for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in rates.items()}
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast))
+    slow_block = G.render(measured=tmp_path / "none.json")
+    fast_block = G.render(measured=tmp_path / "none.json", assumed=tmp_path / "fast.yaml")
+
+    def hours(block):
+        return [float(line.rsplit("|", 2)[1]) for line in block.splitlines()
+                if line.startswith("| ") and line.rstrip().endswith("|") and "GPU-hours" not in line]
+    assert "ESTIMATE" in slow_block and len(hours(slow_block)) >= 4
+    for s, f in zip(hours(slow_block), hours(fast_block)):
+        assert abs(f - s / 2) <= 0.01
