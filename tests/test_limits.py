@@ -174,3 +174,21 @@ def test_each_limit_beats_random_scores(problem):
         v = per_query_lds(limit(problem, variant, "correlation"), masks, outputs).mean()
         print(f"{variant}: LDS of the limit {v:.3f}, random {rand:.3f}")
         assert v > rand + 0.2
+
+
+def test_refused_above_max_params_and_configured_by_name():
+    from types import SimpleNamespace
+
+    from daunce_core.baselines import BaselinesConfig
+    from daunce_core.settings import ConfigError
+
+    bcfg = BaselinesConfig.from_config({"baselines": {"methods": ["exact_if", "limit_daunce", "lin_bb"]}}).validate()
+    big = SimpleNamespace(num_params=lambda: bcfg.exact_if.max_params + 1)
+    with pytest.raises(ValueError, match=r"limit_daunce: the model has \d+ parameters.*baselines.methods") as e:
+        Lim.reference_scores("limit_daunce", big, bcfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):
+        BaselinesConfig.from_config({"baselines": {"methods": ["lin_daunce"], "limits": {"damping_grid": [0.0]}}}).validate()
+    with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):  # the budget binds them too
+        BaselinesConfig.from_config({"daunce": {"lr_grid": [0.1]}, "baselines": {
+            "methods": ["lin_daunce"], "limits": {"damping_grid": [0.1, 1.0]}}}).validate()

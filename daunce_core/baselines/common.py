@@ -97,7 +97,7 @@ class ExactIFConfig:
 class LimitsConfig:
     """The Theorem-1 limits and linearised fits (:mod:`.limits`), one setting shared by all eight."""
 
-    damping_grid: list = setting([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], "dampings tried, relative to the "
+    damping_grid: list = setting([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "dampings tried, relative to the "
                                  "mean eigenvalue of each method's curvature; the best limit on the LDS "
                                  "selection masks is kept (and used by its lin_ method)")
     measure: str = setting("correlation", "'correlation' (DAUNCE's measure) or 'covariance' of the limit "
