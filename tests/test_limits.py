@@ -188,7 +188,8 @@ def test_refused_above_max_params_and_configured_by_name():
         Lim.reference_scores("limit_daunce", big, bcfg)
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):
-        BaselinesConfig.from_config({"baselines": {"methods": ["lin_daunce"], "limits": {"damping_grid": [0.0]}}}).validate()
+        BaselinesConfig.from_config({"baselines": {"methods": ["lin_daunce"],
+                                                   "limits": {"damping_grid": [0.0]}}}).validate()
     with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):  # the budget binds them too
         BaselinesConfig.from_config({"daunce": {"lr_grid": [0.1]}, "baselines": {
             "methods": ["lin_daunce"], "limits": {"damping_grid": [0.1, 1.0]}}}).validate()

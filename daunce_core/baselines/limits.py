@@ -256,6 +256,7 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
                          "indefinite; add larger values")
     d, _, PQ, scores = best
     attrs = {"library": "daunce (torch.func + numpy/scipy, float64)", "variant": variant,
+             "measurement": f"{signal} (the variant's signal, training and query side)",
              "measure_of_scores": lc.measure, "curvature": curvature, "damping": d,
              "damping_absolute": d * mean_eig, "prox": prox, "rho": rho, "gamma": gamma,
              "ratio": float(dc.ratio), "subset_size": N, "num_params": p,
