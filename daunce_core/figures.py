@@ -25,6 +25,10 @@ DISPLAY = {
     "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
     "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
     "tracin": "TracIn", "exact_if": "Exact IF",
+    # issue 13's references: each variant's Theorem-1 limit, and its linearised fits at the run's K
+    "limit_daunce": "limit: DAUNCE", "limit_daunce_e": "limit: DAUNCE-E", "limit_daunce_t": "limit: DAUNCE-T",
+    "limit_bb": "limit: DAUNCE (bb)", "lin_daunce": "linearised: DAUNCE", "lin_daunce_e": "linearised: DAUNCE-E",
+    "lin_daunce_t": "linearised: DAUNCE-T", "lin_bb": "linearised: DAUNCE (bb)",
 }
 
 

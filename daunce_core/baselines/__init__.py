@@ -13,7 +13,12 @@ logra       ``dattri.LoGraAttributor`` (rank x rank per layer, eFIM)      :mod:`
 graddot     ``dattri.TracInAttributor`` at theta_0, unit weight           :mod:`.dattri_methods`
 tracin      ``dattri.TracInAttributor`` over checkpoints of theta_0's run  :mod:`.dattri_methods`
 exact_if    full Hessian (or Gauss-Newton) solve in float64, ours          :mod:`.exact`
+limit_*     each DAUNCE variant's Theorem-1 limit (exact reference)        :mod:`.limits`
+lin_*       DAUNCE's scores of linearised perturbed fits at the run's K    :mod:`.limits`
 ==========  ==========================================================  ======================
+
+The ``limit_*`` / ``lin_*`` methods (``REFERENCE``) are not baselines of the paper but references
+for DAUNCE itself (issue 13): run them by listing them in ``baselines.methods``.
 
 The *training* function of every gradient method is the per-example cross-entropy that theta_0
 was trained on; the *query* function is ``baselines.measurement``: the margin
@@ -36,12 +41,15 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from .common import (
+    ALL_METHODS,
     MEASUREMENTS,
     METHODS,
+    REFERENCE,
     TUNABLE,
     BaselinesConfig,
     EkfacConfig,
     ExactIFConfig,
+    LimitsConfig,
     LograConfig,
     Problem,
     TracinConfig,
@@ -58,7 +66,8 @@ from .common import (
 )
 
 __all__ = [
-    "METHODS", "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig",
+    "METHODS", "REFERENCE", "ALL_METHODS", "LimitsConfig",
+    "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig",
     "EkfacConfig", "LograConfig", "TracinConfig", "ExactIFConfig", "Problem", "load_problem", "query_value",
     "train_loss", "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline"
 ]
@@ -82,13 +91,13 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
     """
     from ..lds import on_edge
 
-    if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(ALL_METHODS)}")
     t0 = time.perf_counter()
     problem = load_problem(cfg, split_path, theta0_path)
     log.info("%s on theta_0 (%d parameters): %d training examples, %d queries, measurement=%s",
              method, problem.num_params(), problem.n, problem.m, bcfg.measurement)
-    grid = bcfg.grid(method) if method != "exact_if" else [{}]
+    grid = bcfg.grid(method) if method not in ("exact_if", *REFERENCE) else [{}]  # they tune their damping
     gt = None
     if len(grid) > 1:
         if select_gt is None:
@@ -147,6 +156,10 @@ def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt) -> tuple[An
         from . import dattri_methods as D
 
         return getattr(D, f"{method}_scores")(problem, bcfg, wd)
+    if method in REFERENCE:
+        from .limits import reference_scores
+
+        return reference_scores(method, problem, bcfg, select_gt=select_gt)
     from .exact import exact_if_scores
 
     return exact_if_scores(problem, bcfg, select_gt=select_gt)

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 
 METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
+# exact references at exact IF's scale (issue 13): each DAUNCE variant's Theorem-1 limit and its
+# linearised fits (:mod:`.limits`); run only when listed in baselines.methods
+REFERENCE = ("limit_daunce", "limit_daunce_e", "limit_daunce_t", "limit_bb",
+             "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb")
+ALL_METHODS = METHODS + REFERENCE
 TUNABLE = ("trak", "ekfac", "logra", "tracin")  # knobs tuned by baselines.tune (exact_if: its damping_grid)
 MEASUREMENTS = ("margin", "loss")
 
@@ -89,10 +94,22 @@ class ExactIFConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """The Theorem-1 limits and linearised fits (:mod:`.limits`), one setting shared by all eight."""
+
+    damping_grid: list = setting([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "dampings tried, relative to the "
+                                 "mean eigenvalue of each method's curvature; the best limit on the LDS "
+                                 "selection masks is kept (and used by its lin_ method)")
+    measure: str = setting("correlation", "'correlation' (DAUNCE's measure) or 'covariance' of the limit "
+                                          "and of the linearised fits")
+
+
+@dataclass
 class BaselinesConfig:
     """The ``baselines`` section of the config: which methods run, and each one's settings."""
 
-    methods: list = setting(list(METHODS), f"methods to run, from {', '.join(METHODS)}")
+    methods: list = setting(list(METHODS), f"methods to run, from {', '.join(METHODS)}, and the exact "
+                                           f"references {', '.join(REFERENCE)}")
     measurement: str = setting("margin", "query function of the gradient methods: 'margin' or 'loss'")
     batch_size: int = setting(250, "examples per batch handed to the libraries")
     trak: TrakConfig = nested(TrakConfig)
@@ -100,6 +117,7 @@ class BaselinesConfig:
     logra: LograConfig = nested(LograConfig)
     tracin: TracinConfig = nested(TracinConfig)
     exact_if: ExactIFConfig = nested(ExactIFConfig)
+    limits: LimitsConfig = nested(LimitsConfig)
     tune: dict = setting({}, "grids of each method's knobs, {method: {knob: [values]}} (e.g. trak: {proj_dim: "
                              "[...], lambda_reg: [...]}); every combination is scored on the LDS selection masks "
                              "and queries and the best kept. Knobs not listed keep their value above")
@@ -134,9 +152,9 @@ class BaselinesConfig:
         return replace(self, **{method: replace(getattr(self, method), **setting_)}) if setting_ else self
 
     def validate(self) -> BaselinesConfig:
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad:
-            raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
         if self.measurement not in MEASUREMENTS:
             raise ConfigError(f"baselines.measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
         if self.trak.proj_dim < 1 or self.logra.rank < 1 or self.tracin.checkpoints < 1 or self.batch_size < 1:
@@ -146,6 +164,12 @@ class BaselinesConfig:
                               f"got {self.exact_if.curvature!r}")
         if not self.exact_if.damping_grid or any(d < 0 for d in self.exact_if.damping_grid):
             raise ConfigError("baselines.exact_if.damping_grid must be a non-empty list of values >= 0")
+        if not self.limits.damping_grid or any(not d > 0 for d in self.limits.damping_grid):
+            raise ConfigError("baselines.limits.damping_grid must be a non-empty list of values > 0 (F has "
+                              "rank <= n: the limits need damping)")
+        if self.limits.measure not in ("correlation", "covariance"):
+            raise ConfigError(f"baselines.limits.measure must be 'correlation' or 'covariance', "
+                              f"got {self.limits.measure!r}")
         if self.ekfac.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
             raise ConfigError(f"baselines.ekfac.strategy: unknown {self.ekfac.strategy!r}")
         from dataclasses import fields
@@ -166,10 +190,13 @@ class BaselinesConfig:
         sizes = {m: len(self.grid(m)) for m in TUNABLE if m in self.methods}
         if "exact_if" in self.methods:
             sizes["exact_if"] = len(self.exact_if.damping_grid)
+        if any(m in REFERENCE for m in self.methods):
+            sizes["limits"] = len(self.limits.damping_grid)
         over = {m: k for m, k in sizes.items() if budget is not None and k > budget}
         if over:
             m, k = next(iter(over.items()))
-            key = "baselines.exact_if.damping_grid" if m == "exact_if" else f"baselines.tune.{m}"
+            key = {"exact_if": "baselines.exact_if.damping_grid",
+                   "limits": "baselines.limits.damping_grid"}.get(m, f"baselines.tune.{m}")
             raise ConfigError(f"{key}: {k} settings exceed the budget baselines.max_settings={budget} (every "
                               "method tries at most as many settings as DAUNCE's lr grid); shrink the grid")
         return self

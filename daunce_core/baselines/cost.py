@@ -9,6 +9,8 @@ table gives the chosen setting's share (÷ grid size) and the whole tuning: ever
 grid plus the selection job. A baseline's job tries its whole grid (``baselines.tune``); its
 chosen setting alone is the job less the in-process seconds of the other settings. The selection
 ground truth's retrains, shared by every tuned method, are added to each method's total.
+The limits and linearised fits (``limit_*``, ``lin_*``) are counted as baselines: one job each,
+its whole damping grid inside.
 """
 from __future__ import annotations
 
@@ -112,7 +114,9 @@ def _grid_text(what: str, table: list[dict], chosen: dict | None, edge) -> str:
 
 
 SETTINGS = ("library", "measurement", "proj_dim", "lambda_reg", "half_precision", "ensemble", "strategy",
-            "empirical_fisher", "damping", "rank", "checkpoints", "weights", "curvature", "weight_decay")
+            "empirical_fisher", "damping", "rank", "checkpoints", "weights", "curvature", "weight_decay",
+            # the Theorem-1 limits and linearised fits (issue 13, :mod:`.limits`)
+            "variant", "measure_of_scores", "damping_absolute", "K")
 
 
 def _settings(attrs: dict) -> str:

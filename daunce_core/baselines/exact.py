@@ -63,11 +63,15 @@ def _forward(problem: Problem, unflatten, buffers):
 
 
 def per_example_grads(problem: Problem, which: str, measurement: str = "margin", chunk: int = 250,
-                      dtype=None) -> np.ndarray:
+                      dtype=None, signal: str | None = None) -> np.ndarray:
     """Per-example gradients at theta_0 in float64: ``which="train"`` -> grad L_i [n, p];
-    ``which="query"`` -> grad q_j [m, p] (q = loss-like measurement)."""
+    ``which="query"`` -> grad q_j [m, p] (q = loss-like measurement). ``signal`` (``"loss"`` or
+    ``"margin"``, DAUNCE's signals, :func:`daunce_core.objectives.signal_value`) overrides both:
+    the gradient of that signal on either split (the Theorem-1 limits, :mod:`.limits`)."""
     import torch
     from torch.func import grad, vmap
+
+    from ..objectives import signal_value
 
     dtype = dtype or torch.float64
     theta, unflatten, buffers = _flat(problem, dtype)
@@ -76,6 +80,8 @@ def per_example_grads(problem: Problem, which: str, measurement: str = "margin",
 
     def one(flat, x, t):
         out = logits(flat, x.unsqueeze(0))
+        if signal is not None:
+            return signal_value(signal, out, t.unsqueeze(0)).sum()
         if which == "train":
             return train_loss(out, t.unsqueeze(0)).sum()
         return query_value(out, t.unsqueeze(0), measurement).sum()

@@ -133,6 +133,30 @@ rule baseline_exact_if:
         "../../scripts/baseline.py"
 
 
+rule baseline_reference:
+    """Issue 13: each DAUNCE variant's Theorem-1 limit (limit_*) and DAUNCE's scores of its
+    linearised fits at the run's K with the real fits' subsets and xi (lin_*), exact at exact IF's
+    scale (daunce_core/baselines/limits.py); damping chosen on the LDS *selection* masks."""
+    input:
+        split="results/{experiment}/data/split.npz",
+        theta_0="results/{experiment}/base/theta_0.safetensors",
+        select="results/{experiment}/lds/select.h5",
+    output:
+        "results/{experiment}/scores/{method}/score.h5",
+    log:
+        "results/{experiment}/logs/baselines/{method}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/baselines/{method}.tsv"
+    wildcard_constraints:
+        method=REFERENCE_PATTERN,
+    params:
+        method=lambda wildcards: wildcards.method,
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/baseline.py"
+
+
 rule cost:
     """results/cost.md: wall time, CPU time, peak memory and storage per training example of every
     method on the same model, from the benchmark files of this run."""

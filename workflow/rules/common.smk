@@ -7,7 +7,7 @@ import math
 
 import yaml
 
-from daunce_core.baselines import METHODS as ALL_BASELINES, BaselinesConfig
+from daunce_core.baselines import ALL_METHODS as ALL_BASELINES, REFERENCE, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
 from daunce_core.config import ExperimentConfig, check_figures, fit_variant
 from daunce_core.lm.settings import LLMSettings
@@ -181,8 +181,9 @@ def fig3_inputs(wildcards):
 
 
 def fig1a_methods(wildcards):
-    """Methods of Figure 1a: the white-box DAUNCE variants, then the baselines."""
-    return WHITE_BOX + baseline_methods()
+    """Methods of Figure 1a: the white-box DAUNCE variants, then the baselines (not the limits and
+    linearised fits: references for DAUNCE, in results/lds.csv)."""
+    return WHITE_BOX + [m for m in baseline_methods() if m not in REFERENCE]
 
 
 # --- Figure 1a's baselines and the cost table (rules/baselines.smk) -----------------------------
@@ -191,6 +192,9 @@ def fig1a_methods(wildcards):
 def baseline_methods():
     """The baselines the config's `baselines.methods` asks for, in its order."""
     return [m for m in BaselinesConfig.from_config(config).validate().methods if m in ALL_BASELINES]
+
+
+REFERENCE_PATTERN = "|".join(REFERENCE)  # rule baseline_reference's methods (limit_*, lin_*)
 
 
 def baseline_eval_files():

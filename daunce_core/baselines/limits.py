@@ -1,0 +1,275 @@
+"""Each DAUNCE variant's Theorem-1 limit, and linearised perturbed fits: exact reference methods.
+
+Issue 13, items 1 and 2. For models small enough for exact IF (``baselines.exact_if.max_params``)
+these methods say how far each DAUNCE variant is from what its own estimator converges to, and why.
+
+**One linear response covers every variant.** Write ``Delta^k = theta_k - theta_0``, ``S^k`` the
+subset of model k (``N = round(r n)`` of the n training examples), ``sigma_i^k = rho (2 xi_i^k - 1)``
+(mean 0, variance rho^2/3), ``g_i`` the gradient at theta_0 of the variant's signal (the loss, or the
+margin for DAUNCE-T) and ``prox`` the fits' pull to theta_0 (``daunce.prox``; the perturbed fits
+carry no weight decay). Take the quadratic model of each objective of
+:mod:`daunce_core.objectives` around theta_0 (the paper's Section 3.2 and Appendix E.2-E.3 do the
+same, without the subset) and set its gradient to zero:
+
+====================  =============================================  ==================  ======
+variant               objective per example (mean over S^k)          curvature M         c
+====================  =============================================  ==================  ======
+DAUNCE (Hessian)      gamma (L - L0) - (1 + sigma) lin_L             gamma H + prox      1-gamma
+DAUNCE-E              gamma/2 (L - L0)^2 - sigma lin_L               gamma F + prox      0
+DAUNCE-T              gamma/2 (f - f0)^2 - sigma lin_f               gamma F_f + prox    0
+black box (Table 2)   gamma L   (no first-order term, no xi)          gamma H + prox      -gamma
+====================  =============================================  ==================  ======
+
+    Delta^k = M^-1 Z^T w^k,    w_i^k = (c + sigma_i^k) 1[i in S^k] / N      (sigma = 0: black box)
+
+with Z the rows g_i (n x p). For the Hessian form the gradient of gamma (L - L0) - (1 + sigma) lin at
+theta_0 is (gamma - 1 - sigma) g_i. Its curvature is gamma GGN + (gamma - 1 - sigma) R, R = the
+logits' own second derivatives weighted by dL/dg (the logit-space first-order term of equation 5
+is linear in the logits, so it carries R only): with gamma = 1 and up to the second-order sigma R
+term, exactly the Gauss-Newton matrix. ``H`` is exact IF's curvature of the ERM term
+(``baselines.exact_if.curvature``, ``ggn`` by default, the full Hessian on request), without
+weight decay. For DAUNCE-E/-T the
+square's Gauss-Newton part is ``F = Z^T Z / n`` (empirical Fisher of the loss / margin gradients,
+Appendix E.3, eq. 13), with the subset's own F replaced by the full data's. Replacing the subset's
+curvature by the full data's is the approximation Theorem 1 makes ("we omit the Subsample step").
+
+The signal of example a moves by ``s_a^T Delta^k`` (first order), so across k, with
+``P = Z M^-1 S^T`` (one column per scored example)::
+
+    Cov_k(s_a, s_b) = P_a^T Cov(w) P_b,    Cov(w) = alpha I + beta (I - 1 1^T / n),
+    alpha = rho^2 r / (3 N^2) = rho^2 / (3 N n),
+    beta  = c^2 r (1 - r) n / ((n - 1) N^2)         (sampling N of n without replacement).
+
+* ``limit_daunce`` (Theorem 1 with the subset): (rho^2 / 3Nn) g_a^T M^-1 (Z^T Z) M^-1 g_b =
+  (rho^2 / 3N) g_a^T M^-1 F M^-1 g_b (with gamma = 1; gamma != 1 adds the beta term). Equals
+  the influence function only when F = H (docs/facts.md, "What Theorem 1 really promises").
+* ``limit_daunce_e``: (rho^2 / 3N) g_a^T M^-1 F M^-1 g_b with M = gamma F + prox + lambda: with
+  lambda, prox -> 0 this is (rho^2 / 3 gamma^2 N) g_a^T F^+ g_b, the empirical-Fisher influence.
+* ``limit_daunce_t``: the same with margin gradients on both sides: unprojected TRAK on margins
+  without the (1 - p) factor (docs/daunce_t_factor.md, "Today (Table 1)").
+* ``limit_bb`` (``daunce_bb``, the black-box Hessian form): Delta^k = -gamma M^-1 gbar_{S^k} (one
+  Newton step of the subset loss from theta_0), so only the subsampling term remains: beta with
+  c = -gamma, i.e. gamma^2 (1 - r) / (N (n - 1)) times g_a^T M^-1 (Zc^T Zc) M^-1 g_b, Zc the
+  *centred* loss gradients (the covariance of a mean of N of n drawn without replacement). It is
+  of order (1 - r) and vanishes at r = 1. The squared black-box forms (E, T) weight g_i by L_i(theta_0) or
+  f_i(theta_0) and are not built here.
+
+Scores are the covariance above or, with ``baselines.limits.measure: correlation`` (the default,
+DAUNCE's measure), the same kernel divided by sqrt(Cov(s_a, s_a) Cov(s_b, s_b)): the limit of the
+correlation scores. Sign: positive = helpful, as DAUNCE's covariances of losses (or margins).
+
+**Linearised fits** (``lin_*``): the same Delta^k, computed per model with the *same* subsets and xi
+as the real fits (``fit.contract.Plan(daunce.seed, daunce.ratio)``, :mod:`daunce_core.perturb`) at
+the run's K, then scored exactly as DAUNCE scores (:func:`daunce_core.scoring.pairwise_scores`,
+the measure above) from the *linearised* signals ``s_a(theta_0) + g_a^T Delta^k`` (the constant
+``s_a(theta_0)`` cancels under centring). A lin method uses the damping its limit chooses on the
+selection masks, so ``lin_x`` differs from ``limit_x`` by Monte Carlo error only (finite K, the
+draws of subsets and xi), and the real fits differ from ``lin_x`` by optimisation error (fit
+length, SGD noise, the non-quadratic loss).
+
+**Damping.** F has rank <= n (< p here) and H, without weight decay, is near-singular, so every
+method adds lambda I to M. lambda = d x (mean eigenvalue of gamma H or gamma F, i.e. its trace / p)
+for d in ``baselines.limits.damping_grid``: one relative grid serves four matrices whose scales differ
+by orders of magnitude. d is chosen by the limit's LDS on the selection masks and queries
+(never the test masks), as exact IF's damping is. Cost: exact IF's per-example gradients and
+curvature (float64, :mod:`.exact`), one Cholesky of the p x p matrix per damping (Hessian forms) or
+one thin SVD of Z (Fisher forms).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .common import REFERENCE, BaselinesConfig, Problem, read_selection, selection_lds
+
+log = logging.getLogger(__name__)
+
+# method -> the DAUNCE variant whose estimator it is the limit (or linearised fit) of
+LIMITS = {"limit_daunce": "daunce", "limit_daunce_e": "daunce_e", "limit_daunce_t": "daunce_t",
+          "limit_bb": "daunce_bb"}
+LINEARISED = {"lin_daunce": "daunce", "lin_daunce_e": "daunce_e", "lin_daunce_t": "daunce_t",
+              "lin_bb": "daunce_bb"}
+assert set(LIMITS) | set(LINEARISED) == set(REFERENCE)  # the registry's list (common.py) names them all
+MEASURES = ("correlation", "covariance")
+
+
+def variant_of(method: str) -> str:
+    if method in LIMITS:
+        return LIMITS[method]
+    if method in LINEARISED:
+        return LINEARISED[method]
+    raise ValueError(f"unknown reference method {method!r}; choose one of {', '.join(REFERENCE)}")
+
+
+def fisher_form(variant: str) -> bool:
+    """Whether the variant's curvature is the empirical Fisher of its own signal (E and T forms)."""
+    return variant in ("daunce_e", "daunce_t")
+
+
+# --- the math, on plain arrays (tests/test_limits.py calls these directly) -------------------------
+
+def noise_constants(variant: str, n: int, N: int, rho: float, gamma: float) -> tuple[float, float, float]:
+    """``(c, alpha, beta)`` of the module docstring: ``w_i = (c + sigma_i) 1[i in S] / N`` and
+    ``Cov(w) = alpha I + beta (I - 1 1^T / n)``."""
+    r = N / n
+    c = {"daunce": 1.0 - gamma, "daunce_e": 0.0, "daunce_t": 0.0, "daunce_bb": -gamma}[variant]
+    alpha = 0.0 if variant == "daunce_bb" else rho**2 * r / (3.0 * N**2)
+    beta = c**2 * r * (1.0 - r) * n / ((n - 1) * N**2) if n > 1 else 0.0
+    return c, alpha, beta
+
+
+def noise_weights(variant: str, plan, K: int, n: int, rho: float, gamma: float) -> np.ndarray:
+    """``w^k`` of models ``k = 0..K-1`` as [n, K], from the same subsets and xi as the real fits."""
+    from ..perturb import subset_size
+
+    N = subset_size(n, plan.ratio)
+    c, _, _ = noise_constants(variant, n, N, rho, gamma)
+    W = np.zeros((n, K))
+    for k in range(K):
+        idx, xi = plan.subset_and_xi(k, n)
+        sigma = 0.0 if variant == "daunce_bb" else rho * (2.0 * xi[idx] - 1.0)
+        W[idx, k] = (c + sigma) / N
+    return W
+
+
+def hessian_response(Z: np.ndarray, S: np.ndarray, M: np.ndarray) -> np.ndarray | None:
+    """``P = Z M^-1 S^T`` [n_z, n_s] by a Cholesky solve; ``None`` when M is not positive definite."""
+    import scipy.linalg
+
+    try:
+        factor = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    return Z @ scipy.linalg.cho_solve(factor, S.T, check_finite=False)
+
+
+def fisher_svd(Z: np.ndarray):
+    """Thin SVD of Z [n, p] (F = Z^T Z / n): the whole damping grid of a Fisher form costs one."""
+    U, s, Vt = np.linalg.svd(Z, full_matrices=False)
+    return U, s, Vt
+
+
+def fisher_response(svd, S: np.ndarray, gamma: float, mu: float) -> np.ndarray:
+    """``P = Z (gamma Z^T Z / n + mu I)^-1 S^T`` for Z = U s Vt: Z's row space is Vt's, so the
+    part of S outside it never reaches P (exact, no p x p matrix)."""
+    U, s, Vt = svd
+    n = U.shape[0]
+    d = s / (gamma * s**2 / n + mu)
+    return (U * d) @ (Vt @ S.T)
+
+
+def limit_kernel(P: np.ndarray, Q: np.ndarray, alpha: float, beta: float, measure: str) -> np.ndarray:
+    """The limit scores [n, m] from ``P = Z M^-1 S_train^T`` and ``Q = Z M^-1 S_query^T``:
+    ``Cov = alpha P^T Q + beta Pc^T Qc`` (c: centred over Z's rows), divided by the standard
+    deviations under ``measure="correlation"``."""
+    cov = alpha * (P.T @ Q)
+    vp, vq = alpha * (P**2).sum(0), alpha * (Q**2).sum(0)
+    if beta:
+        Pc, Qc = P - P.mean(0), Q - Q.mean(0)
+        cov += beta * (Pc.T @ Qc)
+        vp += beta * (Pc**2).sum(0)
+        vq += beta * (Qc**2).sum(0)
+    if measure == "covariance":
+        return cov
+    if measure != "correlation":
+        raise ValueError(f"unknown measure {measure!r}; choose one of {MEASURES}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = cov / np.sqrt(np.outer(vp, vq))
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def linearised_scores(P: np.ndarray, Q: np.ndarray, W: np.ndarray, measure: str) -> np.ndarray:
+    """DAUNCE's scores of the linearised fits: signals ``g_a^T Delta^k = P_a^T w^k`` of every
+    example under every model ([K, n] and [K, m]), scored by :func:`scoring.pairwise_scores`."""
+    from ..scoring import pairwise_scores
+
+    return pairwise_scores(W.T @ P, W.T @ Q, measure=measure).astype(np.float64)
+
+
+# --- the method on a Problem ----------------------------------------------------------------------
+
+def _refuse_large(method: str, problem: Problem, bcfg: BaselinesConfig) -> None:
+    p, cap = problem.num_params(), bcfg.exact_if.max_params
+    if p > cap:
+        raise ValueError(f"{method}: the model has {p} parameters, above baselines.exact_if.max_params={cap} "
+                         f"({p}^2 float64 = {8 * p * p / 2**30:.1f} GiB); drop {method} from baselines.methods")
+
+
+def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
+    """Scores [n, m] of one limit or linearised method, its damping chosen on the selection masks."""
+    from ..fit.contract import Plan
+    from ..lds import on_edge
+    from ..objectives import signal_of
+    from ..perturb import subset_size
+    from .exact import curvature_matrix, per_example_grads
+
+    variant = variant_of(method)
+    _refuse_large(method, problem, bcfg)
+    lc, dc = bcfg.limits, problem.cfg.daunce
+    rho, gamma, prox = float(dc.rho), float(dc.gamma), float(dc.prox)
+    n = problem.n
+    N = subset_size(n, dc.ratio)
+    signal = signal_of(variant)
+    Z = per_example_grads(problem, "train", signal=signal)  # the noise rows are the training signals
+    Sq = per_example_grads(problem, "query", signal=signal)
+    S = np.concatenate([Z, Sq])
+    p = Z.shape[1]
+    _, alpha, beta = noise_constants(variant, n, N, rho, gamma)
+    if fisher_form(variant):
+        svd = fisher_svd(Z)
+        mean_eig = gamma * float((svd[1] ** 2).sum()) / n / p
+        curvature = f"empirical Fisher of the {signal} gradients (gamma F, F = Z^T Z / n)"
+    else:
+        M0 = gamma * curvature_matrix(problem, bcfg.exact_if.curvature, 0.0)
+        mean_eig = float(np.trace(M0)) / p
+        curvature = f"gamma x {bcfg.exact_if.curvature} of the ERM term, no weight decay"
+
+    def response(d: float) -> np.ndarray | None:
+        mu = prox + d * mean_eig
+        if fisher_form(variant):
+            return fisher_response(svd, S, gamma, mu)
+        M = M0.copy()
+        M[np.diag_indices(p)] += mu
+        return hessian_response(Z, S, M)
+
+    grid = sorted(float(d) for d in lc.damping_grid)
+    gt = read_selection(select_gt) if len(grid) > 1 or select_gt is not None else None
+    if len(grid) > 1 and gt is None:
+        raise ValueError(f"{method}: several dampings in baselines.limits.damping_grid but no selection ground "
+                         "truth to choose among them; pass select_gt or give a single damping")
+    table, best = [], None
+    for d in grid:
+        PQ = response(d)
+        if PQ is None:
+            table.append({"damping": d, "lds_select": None, "skipped": "M + damping I not positive definite"})
+            log.info("%s damping=%g: not positive definite, skipped", method, d)
+            continue
+        s = limit_kernel(PQ[:, :n], PQ[:, n:], alpha, beta, lc.measure)
+        v = selection_lds(problem, s, gt) if gt is not None else None
+        log.info("%s: limit at relative damping %g: selection LDS %s", method, d, v)
+        table.append({"damping": d, "lds_select": v})
+        if best is None or (v is not None and v > best[1]):
+            best = (d, v, PQ, s)
+    if best is None:
+        raise ValueError(f"{method}: every damping in baselines.limits.damping_grid={grid} leaves the curvature "
+                         "indefinite; add larger values")
+    d, _, PQ, scores = best
+    attrs = {"library": "daunce (torch.func + numpy/scipy, float64)", "variant": variant,
+             "measurement": f"{signal} (the variant's signal, training and query side)",
+             "measure_of_scores": lc.measure, "curvature": curvature, "damping": d,
+             "damping_absolute": d * mean_eig, "prox": prox, "rho": rho, "gamma": gamma,
+             "ratio": float(dc.ratio), "subset_size": N, "num_params": p,
+             "bytes_per_example": 8 * p, "shared_bytes": 8 * p * p,
+             "storage": f"the exact {signal} gradient ({p} float64) per example and the {p}x{p} curvature"}
+    if method in LINEARISED:
+        plan = Plan(seed=dc.seed, ratio=dc.ratio)
+        W = noise_weights(variant, plan, dc.K, n, rho, gamma)
+        scores = linearised_scores(PQ[:, :n], PQ[:, n:], W, lc.measure)
+        attrs.update({"K": int(dc.K), "signals": "linearised: s(theta_0) + g^T (theta_k - theta_0)",
+                      "plan": f"Plan(seed={dc.seed}, ratio={dc.ratio}): the real fits' subsets and xi"})
+    if gt is not None:
+        attrs["tuning"] = {"selected": {"damping": d}, "on_edge": on_edge(grid, d), "grid": table,
+                           "selected_on": "select masks and select queries"
+                           + (" (the limit's LDS)" if method in LINEARISED else "")}
+    return scores, attrs
