@@ -401,3 +401,18 @@ def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_
         B.run_baseline("ekfac", cfg, c, split, theta0, out, select_gt={**gt, "attrs": {"split": "test"}})
     with pytest.raises(ValueError, match="no selection ground truth"):
         B.run_baseline("ekfac", cfg, c, split, theta0, out)
+
+
+def test_a_choice_at_the_knobs_bound_is_not_on_the_edge_of_its_grid():
+    """TRAK's proj_dim at or past the parameter count, and LoGra's rank at every layer's width,
+    cannot usefully grow: choosing them at the top of a grid flags nothing. Below the bound, and
+    for other knobs, the top of a grid still counts as an edge."""
+    import types
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    problem = types.SimpleNamespace(model=model, num_params=lambda: sum(p.numel() for p in model.parameters()))
+    p = problem.num_params()
+    assert B.at_bound("trak", "proj_dim", p, problem) and B.at_bound("trak", "proj_dim", 2 * p, problem)
+    assert not B.at_bound("trak", "proj_dim", p - 1, problem)
+    assert B.at_bound("logra", "rank", 64, problem) and not B.at_bound("logra", "rank", 32, problem)
+    assert not B.at_bound("trak", "lambda_reg", 1e9, problem) and not B.at_bound("tracin", "checkpoints", 10**6, problem)

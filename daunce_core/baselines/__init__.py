@@ -75,6 +75,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def at_bound(method: str, knob: str, value, problem: Problem) -> bool:
+    """Whether a tuned ``value`` is at the largest value its knob can usefully take on this model,
+    so that a choice at the top of its grid is no reason to widen it (``on_edge`` stays false):
+
+    * TRAK's ``proj_dim`` at or above the parameter count: the projection keeps every direction;
+    * LoGra's ``rank`` at or above every projected layer's input and output width: nothing of a
+      layer's gradient is projected away.
+    """
+    import torch
+
+    if method == "trak" and knob == "proj_dim":
+        return int(value) >= problem.num_params()
+    if method == "logra" and knob == "rank":
+        widths = [w for m in problem.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                  for w in ((m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
+                            else (m.in_channels, m.out_channels))]
+        return bool(widths) and int(value) >= max(widths)
+    return False
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, split_path, theta0_path, out,
@@ -127,7 +147,8 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
         raise ValueError(f"{method}: every setting of baselines.tune.{method} failed; see the log")
     _, chosen, scores, attrs = best
     if gt is not None:
-        edge = any(on_edge(list((bcfg.tune or {})[method][k]), v) for k, v in chosen.items())
+        edge = any(on_edge(list((bcfg.tune or {})[method][k]), v) and not at_bound(method, k, v, problem)
+                   for k, v in chosen.items())
         if edge:
             log.warning("%s: the chosen %s is at an end of a baselines.tune.%s axis; a wider grid might do "
                         "better", method, chosen, method)
