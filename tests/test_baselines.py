@@ -415,4 +415,5 @@ def test_a_choice_at_the_knobs_bound_is_not_on_the_edge_of_its_grid():
     assert B.at_bound("trak", "proj_dim", p, problem) and B.at_bound("trak", "proj_dim", 2 * p, problem)
     assert not B.at_bound("trak", "proj_dim", p - 1, problem)
     assert B.at_bound("logra", "rank", 64, problem) and not B.at_bound("logra", "rank", 32, problem)
-    assert not B.at_bound("trak", "lambda_reg", 1e9, problem) and not B.at_bound("tracin", "checkpoints", 10**6, problem)
+    assert not B.at_bound("trak", "lambda_reg", 1e9, problem)
+    assert not B.at_bound("tracin", "checkpoints", 10**6, problem)
