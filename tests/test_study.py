@@ -108,7 +108,7 @@ def test_dry_runs_plan_the_study_only_when_switched_on(tmp_path):
     on = counts(snakemake(tmp_path, "results/quality.pdf", "--config", "study={enabled: true}"))
     # 3 groups x 1 variant, one extra theta_0, then the table and the figure
     assert (on["study_group"], on["study_theta0"], on["study_table"], on["quality_figure"]) == ("3", "1", "1", "1")
-    assert on["select_lr"] == "1"  # the default's choice centres the grids of daunce
+    assert on["lds_table"] == "1"  # the baselines and references come from results/lds.csv
 
 
 # --- one tiny real run ------------------------------------------------------------------------
