@@ -364,3 +364,33 @@ def quality_table(cfg: ExperimentConfig, group_jsons: list, lds_csv, split_path,
             w.writerows(r for d in docs for r in d["grid"])
     return rows
 
+
+
+def quality_markdown(quality_csv) -> str:
+    """``quality.csv`` as a Markdown table, best test LDS first within each variant (for reports:
+    ``python -m daunce_core.study results/<exp>/study/quality.csv``)."""
+    with open(quality_csv) as fh:
+        rows = list(csv.DictReader(fh))
+
+    def num(v, fmt):
+        return "" if v in (None, "") else format(float(v), fmt)
+
+    order = {"study": 0, "baseline": 1, "reference": 2}
+    rows.sort(key=lambda r: (order.get(r["kind"], 3), r["variant"], -float(r["lds_test"] or "nan")))
+    lines = ["| kind | variant | setting | K | lr (grid) | LDS select | LDS test [95% CI] | passes | CPU s |",
+             "|---|---|---|---:|---|---:|---|---:|---:|"]
+    for r in rows:
+        edge = " (edge)" if str(r["on_edge"]).lower() == "true" else ""
+        lr = f"{r['lr']} ({r['grid']}){edge}" if r["kind"] == "study" else f"{r['grid']}{edge}"
+        lines.append(f"| {r['kind']} | {r['variant']} | {r['setting']} | {r['K']} | {lr} | {num(r['lds_select'], '.3f')} | "
+                     f"{num(r['lds_test'], '.3f')} [{num(r['ci_low'], '.3f')}, {num(r['ci_high'], '.3f')}] | "
+                     f"{num(r['passes'], '.3g')} | {num(r['cpu_s'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m daunce_core.study results/<experiment>/study/quality.csv")
+    print(quality_markdown(sys.argv[1]), end="")

@@ -182,3 +182,5 @@ def test_study_run_agrees_with_the_workflow_selection(problem):
 
     figures.quality(d / "quality.csv", d / "quality.pdf")
     assert (d / "quality.pdf").stat().st_size > 1000
+    table = study.quality_markdown(d / "quality.csv").splitlines()
+    assert len(table) == 2 + 4 and "| study | daunce | default |" in "\n".join(table)
