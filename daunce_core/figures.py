@@ -325,6 +325,8 @@ def quality(quality_csv, out, title: str = "Quality against compute (test LDS, t
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both", lw=0.4)
+    axes[0].scatter([], [], marker="o", facecolors="none", edgecolors="0.4", s=26,
+                    label="hollow: lr at an end of its grid")
     axes[0].set_ylabel("LDS, test masks (95% CI)")
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
