@@ -7,14 +7,16 @@ silently falls back to a default.
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import ConfigError, build, nested, setting
+from .settings import ConfigError, build, nested, setting, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
-           "ExperimentConfig", "OTHER_STAGES", "Q_FORMS", "fit_variant", "q_weighted"]
+           "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS", "fit_variant", "q_weighted"]
 
 # Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
 # (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).
@@ -174,6 +176,74 @@ class LDSConfig:
                          "with a per-query |score| quantile (soft/hard) or k (topk)")
 
 
+STUDY_VARIANTS = ("daunce", "daunce_e", "daunce_t", "daunce_t_q")  # white-box forms (Table 1)
+
+
+@dataclass
+class StudySetting:
+    """One point of the quality study: ``daunce.*`` overrides of the experiment's defaults."""
+
+    name: str = setting("default", "the setting's name (letters, digits, '_', '.', '-'): its file and its "
+                        "row of quality.csv")
+    daunce: dict = setting({}, "overrides of daunce.* keys, each checked against the daunce section's "
+                           "schema (DaunceConfig); an lr_grid given here is searched whole")
+    theta0s: int = setting(1, "independently trained theta_0s (base.seed + s, s = 0..theta0s-1) the K models "
+                           "are spread over, K / theta0s each; the per-theta_0 scores are averaged")
+
+
+@dataclass
+class StudyConfig:
+    """The quality landscape (issue 13, item 3): results/quality.pdf; off unless ``enabled``."""
+
+    enabled: bool | str = setting(False, "run the study rules (results/quality.pdf); true/false, or its "
+                                  "string form, which snakemake --config delivers")
+    variants: list = setting(["daunce", "daunce_e", "daunce_t"], "white-box variants studied")
+    lr_around: int | None = setting(1, "learning rates searched: the default's choice (its "
+                                    "daunce/<variant>/selection.json) and this many neighbours each side "
+                                    "in daunce.lr_grid; null: all of daunce.lr_grid. A setting's own "
+                                    "lr_grid override is searched whole")
+    settings: list = setting([{"name": "default"}], "the settings studied: {name, daunce: {key: value}, "
+                             "theta0s}; settings that differ only in K share one fit (prefixes, as in "
+                             "Figure 6)")
+
+    def validate(self) -> StudyConfig:
+        if isinstance(self.enabled, str):  # --config study='{enabled: true}' delivers the string 'true'
+            if self.enabled.lower() not in ("true", "false"):
+                raise ConfigError(f"study.enabled must be true or false, got {self.enabled!r}")
+            self.enabled = self.enabled.lower() == "true"
+        bad = [v for v in self.variants if v not in STUDY_VARIANTS]
+        if bad or not self.variants:
+            raise ConfigError(f"study.variants: {bad or 'empty'}; choose among the white-box forms "
+                              f"{', '.join(STUDY_VARIANTS)}")
+        if self.lr_around is not None and self.lr_around < 0:
+            raise ConfigError(f"study.lr_around must be >= 0 or null (the whole lr grid), got {self.lr_around}")
+        if not self.settings:
+            raise ConfigError("study.settings is empty; give at least {name: default}")
+        names = [s.name for s in self.parsed()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"study.settings: the name(s) {', '.join(dup)} appear more than once; names "
+                              "must be unique (each is a file and a row)")
+        return self
+
+    def parsed(self) -> list[StudySetting]:
+        """The settings as :class:`StudySetting`; unknown keys and ``daunce.*`` keys refused by name."""
+        out = []
+        for i, raw in enumerate(self.settings):
+            label = f"study.settings[{i}]" + (f" ({raw.get('name')})" if isinstance(raw, dict) else "")
+            s = build(StudySetting, raw, label, coerce=True)
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
+                raise ConfigError(f"{label}.name must use letters, digits, '_', '.' or '-' (it names a "
+                                  f"file), got {s.name!r}")
+            if s.theta0s < 1:
+                raise ConfigError(f"{label}.theta0s must be at least 1, got {s.theta0s}")
+            # the override keys and types, against the daunce section's own schema (the dataclass)
+            s.daunce = to_dict(build(DaunceConfig, s.daunce, f"{label}.daunce", coerce=True, validate=False))
+            s.daunce = {k: v for k, v in s.daunce.items() if k in (raw.get("daunce") or {})}
+            out.append(s)
+        return out
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment of Section 4.1: every setting of its steps, by section."""
@@ -185,6 +255,7 @@ class ExperimentConfig:
     base: TrainConfig = nested(TrainConfig)
     daunce: DaunceConfig = nested(DaunceConfig)
     lds: LDSConfig = nested(LDSConfig)
+    study: StudyConfig = nested(StudyConfig)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, ignore: tuple[str, ...] = OTHER_STAGES) -> ExperimentConfig:
@@ -193,7 +264,12 @@ class ExperimentConfig:
         Range checks are :meth:`validate`'s (called by the workflow's steps), so a partial
         config can be built first and checked once complete.
         """
-        return build(cls, cfg, "", ignore=ignore, validate=False)
+        # the study is switched from the command line (--config study='{enabled: true}'), whose
+        # values arrive as strings: its section alone is parsed as command-line overrides
+        rest = {k: v for k, v in cfg.items() if k != "study"}
+        out = build(cls, rest, "", ignore=ignore, validate=False)
+        out.study = build(StudyConfig, cfg.get("study"), "study", coerce=True, validate=False)
+        return out
 
     def validate(self) -> ExperimentConfig:
         if not known_dataset(self.data.name):
@@ -225,8 +301,31 @@ class ExperimentConfig:
         if any(k > d.K or k < 2 for k in d.k_curve):
             raise ConfigError(f"daunce.k_curve values must lie in [2, K={d.K}], got {d.k_curve}")
         check_cross_fields(self)
+        self.study.validate()
+        if self.study.enabled:
+            for s in self.study.parsed():
+                study_setting_config(self, s)
         return self
 
+
+
+def study_setting_config(cfg: ExperimentConfig, s: StudySetting) -> ExperimentConfig:
+    """``cfg`` with the study setting ``s``'s ``daunce.*`` overrides applied, range-checked like the
+    experiment's own daunce section (the error names the setting). Figure 3's trace is off in
+    study fits unless the setting asks for it: it costs a backward pass and changes no model."""
+    d = {**to_dict(cfg.daunce), "trace_every": 0, **s.daunce}
+    d["k_curve"] = [k for k in d["k_curve"] if k <= d["K"]] or [d["K"]]  # Figure 6's K, unused here
+    label = f"study setting {s.name!r}"
+    daunce = build(DaunceConfig, d, f"{label}: daunce", coerce=True, validate=False)
+    if daunce.K % s.theta0s:
+        raise ConfigError(f"{label}: K={daunce.K} must be a multiple of theta0s={s.theta0s} (K / theta0s "
+                          "models per theta_0)")
+    out = dataclasses.replace(cfg, daunce=daunce, study=StudyConfig())
+    try:
+        out.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from exc
+    return out
 
 
 # --- cross-field checks, run at parse time so a bad config fails before any job (issue 11) ------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 
 import matplotlib
@@ -272,3 +273,66 @@ def fig3(vision: dict | None, llm: dict | None, out) -> list[str]:
         ax.set_title(title, fontsize=9)
     _save(fig, out)
     return drawn
+
+
+# --- the quality landscape (issue 13, item 3) ----------------------------------------------------
+
+_STUDY_MARKERS = {"daunce": "o", "daunce_e": "s", "daunce_t": "^", "daunce_t_q": "v"}
+_LINE_METHODS = ("exact_if",)  # drawn as a level as well as a point: the reference to reach
+
+
+def quality(quality_csv, out, title: str = "Quality against compute (test LDS, thresholded)") -> None:
+    """LDS on the test masks against compute, whole tuning grid included, in two panels: forward-pass
+    equivalents (hardware-independent) and measured CPU seconds (log x). One marker series per DAUNCE
+    variant over the study's settings (a setting chosen at an end of its lr grid is drawn hollow),
+    each baseline a labelled point, exact IF and every reference row without a cost of its own
+    (the limit_* and lin_* rows of results/lds.csv) a horizontal line. Error bars: 95% bootstrap CI."""
+    with open(quality_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # numbers as floats, nan where a kind has none
+        for k in ("lds_test", "ci_low", "ci_high", "passes", "cpu_s"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
+    study = [r for r in rows if r["kind"] == "study"]
+    points = [r for r in rows if r["kind"] == "baseline"]
+    levels = [r for r in rows if r["kind"] == "reference" or r["variant"] in _LINE_METHODS]
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.0), sharey=True)
+    for ax, key, xlabel in ((axes[0], "passes", "compute: forward-pass equivalents, whole tuning grid"),
+                            (axes[1], "cpu_s", "compute: CPU seconds, whole tuning grid")):
+        for v in dict.fromkeys(r["variant"] for r in study):
+            rs = sorted((r for r in study if r["variant"] == v and np.isfinite(r[key])), key=lambda r: r[key])
+            if not rs:
+                continue
+            x = np.array([r[key] for r in rs])
+            y = np.array([r["lds_test"] for r in rs])
+            err = np.array([[r["lds_test"] - r["ci_low"] for r in rs], [r["ci_high"] - r["lds_test"] for r in rs]])
+            color = f"C{list(_STUDY_MARKERS).index(v) if v in _STUDY_MARKERS else 4}"
+            ax.errorbar(x, y, yerr=err, fmt="none", ecolor=color, alpha=0.35, lw=0.8)
+            edge = np.array([str(r["on_edge"]).lower() == "true" for r in rs])
+            marker = _STUDY_MARKERS.get(v, "D")
+            ax.scatter(x[~edge], y[~edge], marker=marker, color=color, s=26, label=_label(v), zorder=3)
+            if edge.any():
+                ax.scatter(x[edge], y[edge], marker=marker, facecolors="none", edgecolors=color, s=26, zorder=3)
+            best = int(np.argmax(y))
+            ax.annotate(rs[best]["setting"], (x[best], y[best]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=6, color=color)
+        for r in points:
+            if not np.isfinite(r[key]):
+                continue
+            ax.errorbar([r[key]], [r["lds_test"]], yerr=[[r["lds_test"] - r["ci_low"]], [r["ci_high"] - r["lds_test"]]],
+                        fmt="X", color="C7", ms=6, lw=0.8, zorder=3)
+            ax.annotate(_label(r["variant"]), (r[key], r["lds_test"]), textcoords="offset points", xytext=(4, -9),
+                        fontsize=7, color="0.3")
+        for i, r in enumerate(levels):
+            ax.axhline(r["lds_test"], color="0.25" if r["variant"] in _LINE_METHODS else f"C{5 + i % 5}",
+                       ls="--" if r["variant"] in _LINE_METHODS else ":", lw=1.0,
+                       label=_label(r["variant"]) if ax is axes[0] else None)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    axes[0].scatter([], [], marker="o", facecolors="none", edgecolors="0.4", s=26,
+                    label="hollow: lr at an end of its grid")
+    axes[0].set_ylabel("LDS, test masks (95% CI)")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out)

@@ -343,3 +343,69 @@ def blackbox_fig4_inputs(wildcards):
     out["theta0"] = [f"results/{EXP}/blackbox/{m}/theta0.json" for m in BB.models]
     out["scores"] = [f"results/{EXP}/blackbox/{m}/scores/{a}.h5" for m in BB.models for a in BB.access]
     return out
+
+
+# --- the quality landscape study (rules/study.smk; issue 13, item 3) ----------------------------
+
+
+def study_groups():
+    """The study's groups of settings (daunce_core.study.groups); an error while the study is off."""
+    from daunce_core.study import groups
+
+    if not CFG.study.enabled:
+        raise ValueError(
+            "the quality study is off (study.enabled: false); run it with "
+            "--config study='{enabled: true}' (docs/quality.md)"
+        )
+    return groups(CFG)
+
+
+def study_group_inputs(wildcards):
+    """Data, theta_0 (and the group's extra theta_0s), both ground truths and, for a grid centred
+    on the default's choice, the default's selection record of the variant."""
+    from daunce_core.config import fit_variant
+    from daunce_core.study import group_of, needs_default_selection
+
+    study_groups()  # refuses while the study is off
+    exp = wildcards.experiment
+    group = group_of(CFG, wildcards.group)
+    extra = range(1, group.theta0s)
+    out = {
+        "split": f"results/{exp}/data/split.npz",
+        "theta0": [f"results/{exp}/base/theta_0.safetensors"]
+        + [f"results/{exp}/study/theta0/seed{s}/theta_0.safetensors" for s in extra],
+        "theta0_metrics": [f"results/{exp}/study/theta0/seed{s}/metrics.json" for s in extra],
+        "select": f"results/{exp}/lds/select.h5",
+        "test": f"results/{exp}/lds/test.h5",
+    }
+    if needs_default_selection(CFG, group):
+        out["selection"] = f"results/{exp}/daunce/{wildcards.variant}/selection.json"
+    return out
+
+
+def study_group_files(wildcards=None):
+    return [f"results/{EXP}/study/{v}/{g.name}.json" for v in CFG.study.variants for g in study_groups()]
+
+
+def study_baseline_sources(wildcards=None):
+    """{baseline: {benchmark, scores}}: where the quality table reads each baseline's compute."""
+    return {
+        m: {"benchmark": f"results/{EXP}/benchmarks/baselines/{m}.tsv", "scores": f"results/{EXP}/scores/{m}/score.h5"}
+        for m in baseline_methods()
+    }
+
+
+def study_table_inputs(wildcards):
+    sources = study_baseline_sources()
+    return {
+        "groups": study_group_files(),
+        "lds": "results/lds.csv",
+        "split": f"results/{EXP}/data/split.npz",
+        "scores": [s["scores"] for s in sources.values()],  # their benchmark files come with them
+        "config": EFFECTIVE_CONFIG,
+    }
+
+
+def study_figure_input(wildcards):
+    study_groups()  # refuses while the study is off
+    return f"results/{EXP}/study/quality.csv"
