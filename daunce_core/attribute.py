@@ -1,7 +1,7 @@
 """DAUNCE on your own PyTorch classifier in one call, no workflow needed.
 
     from daunce_core.attribute import daunce_scores
-    scores = daunce_scores(model, (X_train, y_train), (X_query, y_query), K=100, lr=0.03)
+    scores = daunce_scores(model, (X_train, y_train), (X_query, y_query))   # DAUNCE-T, K = 100
     # scores[i, j] > 0: training example i helps query j
 
 ``model`` is theta_0 (trained already); its weights are not modified. BatchNorm layers keep
@@ -24,11 +24,11 @@ def perturbed_losses(
     train: tuple[torch.Tensor, torch.Tensor],
     query: tuple[torch.Tensor, torch.Tensor],
     *,
-    variant: str = "daunce",
+    variant: str = "daunce_t",
     K: int = 100,
     ratio: float = 0.3,
-    epochs: int = 1,
-    lr: float = 0.01,
+    epochs: int = 10,
+    lr: float = 0.003,
     batch_size: int = 64,
     rho: float = 1.0,
     gamma: float = 1.0,
@@ -42,6 +42,12 @@ def perturbed_losses(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return the per-example signals
     (loss, or margin for ``daunce_t``) of the training and query sets: ([K, n], [K, m]).
+
+    The defaults are those the quality study supports (issue 13; ``docs/quality.md``): DAUNCE-T,
+    the best variant on the embedded default, with K = 100 models of 10 epochs at lr 0.003, the
+    study's setting ``api_default``. The learning rate depends on the model and data: where
+    selection masks exist, choose it on them (the workflow's ``daunce.lr_grid``); without them,
+    ``daunce score --reliability`` says whether K is large enough.
 
     ``antithetic``, ``common_batches``, ``lr_schedule`` and ``first_order`` are the estimator
     options of the config's ``daunce`` section (:func:`daunce_core.api.fit_losses`)."""

@@ -16,7 +16,8 @@ from typing import Any
 from .settings import ConfigError, build, nested, setting, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
-           "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS", "fit_variant", "q_weighted"]
+           "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS",
+           "fit_variant", "q_weighted"]
 
 # Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
 # (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).

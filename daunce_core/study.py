@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,7 +381,8 @@ def quality_markdown(quality_csv) -> str:
     for r in rows:
         edge = " (edge)" if str(r["on_edge"]).lower() == "true" else ""
         lr = f"{r['lr']} ({r['grid']}){edge}" if r["kind"] == "study" else f"{r['grid']}{edge}"
-        lines.append(f"| {r['kind']} | {r['variant']} | {r['setting']} | {r['K']} | {lr} | {num(r['lds_select'], '.3f')} | "
+        lines.append(f"| {r['kind']} | {r['variant']} | {r['setting']} | {r['K']} | {lr} | "
+                     f"{num(r['lds_select'], '.3f')} | "
                      f"{num(r['lds_test'], '.3f')} [{num(r['ci_low'], '.3f')}, {num(r['ci_high'], '.3f')}] | "
                      f"{num(r['passes'], '.3g')} | {num(r['cpu_s'], '.1f')} |")
     return "\n".join(lines) + "\n"
