@@ -47,7 +47,8 @@ def test_study_config_is_checked_by_name():
     bad = [
         ({"settings": [{"name": "a", "daunce": {"epochz": 3}}]}, r"study\.settings\[0\] \(a\)\.daunce\.epochz"),
         ({"settings": [{"name": "a", "thetas": 2}]}, r"unknown key\(s\) study\.settings\[0\] \(a\)\.thetas"),
-        ({"settings": [{"name": "a", "daunce": {"K": "many"}}]}, r"study\.settings\[0\] \(a\)\.daunce\.K must be a int"),
+        ({"settings": [{"name": "a", "daunce": {"K": "many"}}]},
+         r"study\.settings\[0\] \(a\)\.daunce\.K must be a int"),
         ({"settings": [{"name": "a/b"}]}, r"study\.settings\[0\] \(a/b\)\.name must use letters"),
         ({"settings": [{"name": "a"}, {"name": "a"}]}, r"the name\(s\) a appear more than once"),
         ({"variants": ["daunce_bb"]}, r"study\.variants"),
