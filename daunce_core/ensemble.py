@@ -291,13 +291,14 @@ def train_stacked(
             with speed.autocast(device):
                 logits, new_b = forward(p, b, xb)
             logits = logits.float()
-            loss = objective(logits, idx, g).mean(dim=1).sum()
+            inputs = {"xb": xb} if getattr(objective, "takes_inputs", False) else {}
+            loss = objective(logits, idx, g, **inputs).mean(dim=1).sum()
             if center is not None and prox > 0:
                 loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
             traced = tracing and step in traced_steps
             if traced:  # model c's row of each gradient is the gradient of model c's own objective
-                g_erm = torch.autograd.grad(erm_objective(logits, idx, g).mean(dim=1).sum(), list(p.values()),
-                                            retain_graph=True)
+                g_erm = torch.autograd.grad(erm_objective(logits, idx, g, **inputs).mean(dim=1).sum(),
+                                            list(p.values()), retain_graph=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if traced:
@@ -407,26 +408,44 @@ def fit_perturbed(
     schedule = np.stack(scheds)
     xi_t = torch.as_tensor(np.stack(xis), dtype=torch.float32, device=device)  # [C, n]
 
-    def objective(logits, idx, models):
+    p0, b0 = split_state(net, theta_0)
+    # With augmentation, the first-order term needs theta_0's logits on the same augmented images
+    # (g0 of equation 5 is theta_0's output on the input the model sees; the authors' code
+    # recomputes it every step): one extra forward of theta_0, eval mode, no gradient.
+    recompute = cfg.augment and not obj.is_black_box(variant)
+
+    def theta0_logits(idx, xb=None):
+        if not recompute or xb is None:
+            return logits0[idx.reshape(-1)]
+        C, B = idx.shape
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                return functional_call(net, (p0, b0), (xb.reshape(C * B, *xb.shape[2:]),)).float()
+        finally:
+            net.train(was_training)
+
+    def objective(logits, idx, models, xb=None):
         C, B, nc = logits.shape
         flat = idx.reshape(-1)
         return obj.classifier_objective(
-            variant, logits.reshape(C * B, nc), y[flat], logits0=logits0[flat],
+            variant, logits.reshape(C * B, nc), y[flat], logits0=theta0_logits(idx, xb),
             xi=xi_t[models[:, None], idx].reshape(-1), rho=cfg.rho, gamma=cfg.gamma, first_order=cfg.first_order,
         ).reshape(C, B)
 
     signal = obj.signal_of(variant)
 
-    def erm_objective(logits, idx, models):
+    def erm_objective(logits, idx, models, xb=None):
         C, B, nc = logits.shape
         flat = idx.reshape(-1)
         s = obj.signal_value(signal, logits.reshape(C * B, nc), y[flat])
         if obj.is_black_box(variant):
             return obj.perturbed_objective(variant, s, gamma=cfg.gamma).reshape(C, B)
-        d = s - obj.signal_value(signal, logits0[flat], y[flat])
+        d = s - obj.signal_value(signal, theta0_logits(idx, xb), y[flat])
         return (cfg.gamma * d if variant == "daunce" else 0.5 * cfg.gamma * d.square()).reshape(C, B)
 
-    p0, b0 = split_state(net, theta_0)
+    objective.takes_inputs = erm_objective.takes_inputs = recompute
     C = len(ks)
     params = stack_states([p0] * C, device)
     buffers = stack_states([b0] * C, device)

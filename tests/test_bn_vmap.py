@@ -9,6 +9,7 @@ steps at lr 0.05 (max-pool and ReLU switch branches), so a float32 comparison af
 could only use a tolerance too loose to catch a wrong statistic. In float64 both paths agree to
 about 1e-12.
 """
+import dataclasses
 import logging
 
 import numpy as np
@@ -198,3 +199,18 @@ def test_config_keys_and_their_errors():
         ExperimentConfig.from_dict({"daunce": {"batchnorm": "frozen"}}).validate()
     with pytest.raises(ConfigError, match=r"base.precision must be 'fp32' or 'bf16', got 'fp16'"):
         ExperimentConfig.from_dict({"base": {"precision": "fp16"}}).validate()
+
+
+def test_augmented_perturbed_fits_take_theta0s_logits_on_the_augmented_images(data, theta0):
+    """Equation 5's g0 is theta_0's output on the image the model sees. With rho = 0 and gamma = 1
+    DAUNCE's objective L - L0 - <grad L(g0), g - g0> has zero gradient at theta_0 (BatchNorm in
+    eval mode) exactly when g0 is recomputed on each augmented batch, so the models never leave
+    theta_0. Against the un-augmented g0 they move (checked by disabling the recomputation)."""
+    X, y = data
+    net, th = theta0
+    d = DaunceConfig(K=2, ratio=0.6, epochs=1, batch_size=8, rho=0.0, gamma=1.0, augment=True, trace_every=0)
+    p, _ = E.fit_perturbed(net, th, X, y, [0, 1], variant="daunce", cfg=d, lr=0.05)
+    assert max((p[k] - th[k]).abs().max().item() for k in p) < 1e-9
+    # a real perturbation (rho = 1) does move them, so the check above is not vacuous
+    p1, _ = E.fit_perturbed(net, th, X, y, [0, 1], variant="daunce", cfg=dataclasses.replace(d, rho=1.0), lr=0.05)
+    assert max((p1[k] - th[k]).abs().max().item() for k in p1) > 1e-6
