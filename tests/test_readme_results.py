@@ -61,3 +61,34 @@ def test_gpu_cost_block_is_generated_from_the_config_and_the_rates(tmp_path):
     assert "ESTIMATE" in slow_block and len(hours(slow_block)) >= 4
     for s, f in zip(hours(slow_block), hours(fast_block)):
         assert abs(f - s / 2) <= 0.01
+
+
+def test_quality_findings_are_read_from_the_study_table(tmp_path):
+    """docs/quality.md's findings block: the chosen setting is the best on the *selection* masks
+    (not the test masks), and the ratios to the limit and exact IF are computed from the file."""
+    import csv
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quality_summary as Q
+
+    from daunce_core.study import QUALITY_COLUMNS
+
+    def row(kind, variant, setting="", select="", test="", K=""):
+        r = dict.fromkeys(QUALITY_COLUMNS, "")
+        r.update(kind=kind, variant=variant, setting=setting, lds_select=select, lds_test=test, K=K,
+                 ci_low=test, ci_high=test, lr="0.01" if kind == "study" else "", grid="0.01")
+        return r
+    rows = [row("study", "daunce", "default", 0.30, 0.31, 100),
+            row("study", "daunce", "K200", 0.32, 0.30, 200),      # best on selection, not on test
+            row("study", "daunce", "antithetic", 0.29, 0.33, 100),
+            row("baseline", "exact_if", test=0.60), row("reference", "limit_daunce", test=0.40),
+            row("reference", "lin_daunce", test=0.35)]
+    q = tmp_path / "quality.csv"
+    with open(q, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=QUALITY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    block = Q.render(q)
+    line = next(x for x in block.splitlines() if x.startswith("| daunce | "))
+    assert "| K200 | 200 | 0.300 | 0.400 | 0.350 | 0.75 | 0.50 | 0.310 |" in line
+    assert "| daunce | antithetic | default | -0.010 | +0.020 |" in block
