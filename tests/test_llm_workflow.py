@@ -83,17 +83,17 @@ def test_miniature_removal_by_daunce_beats_random_removal_paired(miniature):
     """Removing DAUNCE's top 32 (of 160) flips more solved queries than removing 32 at random,
     paired over 8 retrain seeds.
 
-    Margin, from a measured run of this exact setting (CPU, one thread): the paired differences
-    DAUNCE - random had mean 0.19, std 0.05 and 95% t-interval [0.15, 0.23]; the full-data retrain
-    (N = 0) flipped 0.02. The test asks for a t-interval above 0 and a mean above 0.10 (about
-    half the measured mean, two seed stds below it), which random scores or a sign error in the
-    ranking cannot meet (their expected difference is 0 or negative).
+    Margin: the test asks for a t-interval above 0 and a mean above 0.10, about half the mean
+    that runs of this exact setting measured (`pytest -s` prints the difference row), which
+    random scores or a sign error in the ranking cannot meet (their expected difference is 0 or
+    negative).
     """
     from daunce_core import removal
 
     s, d, ev, paths = miniature
     rows = removal.summarise(removal.read_results(paths))
     diff = [r for r in rows if r["kind"] == "difference" and r["method"] == "daunce - random"]
+    print("daunce - random:", diff)
     assert len(diff) == 1 and diff[0]["seeds"] == 8 and diff[0]["N"] == 32
     assert diff[0]["ci_low"] > 0 and diff[0]["mean"] > 0.10, diff[0]
     noise = [r for r in rows if r["kind"] == "wrong" and r["N"] == 0]
