@@ -336,7 +336,10 @@ def quality_table(cfg: ExperimentConfig, group_jsons: list, lds_csv, split_path,
     n, m = len(split["train_ids"]), len(split["query_ids"])
     classes = int(max(split["y_train"].max(), split["y_query"].max())) + 1
     lds_rows = L.read_lds_table(lds_csv)
+    from .baselines.common import REFERENCE
+
     daunce_methods = set(cfg.daunce.variants)
+    baselines = {k: v for k, v in baselines.items() if k not in REFERENCE}  # exact references: no cost row
     for method in dict.fromkeys(r["method"] for r in lds_rows):
         if method in daunce_methods:
             continue
