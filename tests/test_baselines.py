@@ -404,16 +404,20 @@ def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_
 
 
 def test_a_choice_at_the_knobs_bound_is_not_on_the_edge_of_its_grid():
-    """TRAK's proj_dim at or past the parameter count, and LoGra's rank at every layer's width,
-    cannot usefully grow: choosing them at the top of a grid flags nothing. Below the bound, and
-    for other knobs, the top of a grid still counts as an edge."""
+    """TRAK's proj_dim at or past the parameter count, LoGra's rank at every layer's width and
+    TracIn's checkpoints at every step of theta_0's training cannot usefully grow: choosing them
+    at the top of a grid flags nothing. Below the bound, and for other knobs, the top of a grid
+    still counts as an edge."""
     import types
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    problem = types.SimpleNamespace(model=model, num_params=lambda: sum(p.numel() for p in model.parameters()))
+    base = types.SimpleNamespace(seed=0, epochs=3, batch_size=10)
+    problem = types.SimpleNamespace(model=model, num_params=lambda: sum(p.numel() for p in model.parameters()),
+                                    cfg=types.SimpleNamespace(base=base), ds=types.SimpleNamespace(n=50))
     p = problem.num_params()
     assert B.at_bound("trak", "proj_dim", p, problem) and B.at_bound("trak", "proj_dim", 2 * p, problem)
     assert not B.at_bound("trak", "proj_dim", p - 1, problem)
     assert B.at_bound("logra", "rank", 64, problem) and not B.at_bound("logra", "rank", 32, problem)
     assert not B.at_bound("trak", "lambda_reg", 1e9, problem)
-    assert not B.at_bound("tracin", "checkpoints", 10**6, problem)
+    assert B.at_bound("tracin", "checkpoints", 15, problem)  # 3 epochs x 5 steps: every step
+    assert not B.at_bound("tracin", "checkpoints", 14, problem)

@@ -81,7 +81,8 @@ def at_bound(method: str, knob: str, value, problem: Problem) -> bool:
 
     * TRAK's ``proj_dim`` at or above the parameter count: the projection keeps every direction;
     * LoGra's ``rank`` at or above every projected layer's input and output width: nothing of a
-      layer's gradient is projected away.
+      layer's gradient is projected away;
+    * TracIn's ``checkpoints`` at every step of theta_0's training (TracIn's ideal form).
     """
     import torch
 
@@ -92,6 +93,10 @@ def at_bound(method: str, knob: str, value, problem: Problem) -> bool:
                   for w in ((m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
                             else (m.in_channels, m.out_channels))]
         return bool(widths) and int(value) >= max(widths)
+    if method == "tracin" and knob == "checkpoints":
+        from .dattri_methods import base_steps
+
+        return int(value) >= base_steps(problem)
     return False
 
 

@@ -111,6 +111,15 @@ def _checkpoint_ends(total: int, n_checkpoints: int) -> list[int]:
     return sorted({max(1, round(total * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)})
 
 
+def base_steps(problem: Problem) -> int:
+    """The optimiser steps of theta_0's training (the base recipe on the whole training set)."""
+    from ..perturb import batch_order
+
+    cfg = problem.cfg
+    key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with
+    return int(batch_order(key, np.arange(problem.ds.n), cfg.base.epochs, cfg.base.batch_size).shape[0])
+
+
 def replay_checkpoints(problem: Problem, n_checkpoints: int,
                        also: tuple[int, ...] = ()) -> tuple[list[dict], list[float], dict]:
     """Re-run the base recipe of theta_0 and snapshot the parameters at evenly spaced steps.
@@ -126,11 +135,10 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int,
 
     from .. import ensemble as E
     from ..models import model_factory
-    from ..perturb import batch_order
 
     cfg, ds = problem.cfg, problem.ds
-    key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with
-    total = batch_order(key, np.arange(ds.n), cfg.base.epochs, cfg.base.batch_size).shape[0]
+    key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with (base_steps)
+    total = base_steps(problem)
     ends = _checkpoint_ends(total, n_checkpoints)
     cached = problem.cache.get("tracin_replay")
     if cached is None or not set(ends) <= set(cached["snaps"]):
