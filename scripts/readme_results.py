@@ -22,7 +22,12 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 NAMES = {"daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_t_q": "DAUNCE-T (TRAK's Q)",
          "daunce_bb": "DAUNCE (black-box)",
          "daunce_e_bb": "DAUNCE-E (black-box)", "daunce_t_bb": "DAUNCE-T (black-box)", "trak": "TRAK",
-         "ekfac": "EK-FAC", "logra": "LoGra", "graddot": "Grad-Dot", "tracin": "TracIn", "exact_if": "exact IF"}
+         "ekfac": "EK-FAC", "logra": "LoGra", "graddot": "Grad-Dot", "tracin": "TracIn", "exact_if": "exact IF",
+         "limit_daunce": "limit: DAUNCE", "limit_daunce_e": "limit: DAUNCE-E", "limit_daunce_t": "limit: DAUNCE-T",
+         "limit_bb": "limit: DAUNCE (black-box)", "lin_daunce": "linearised at K: DAUNCE",
+         "lin_daunce_e": "linearised at K: DAUNCE-E", "lin_daunce_t": "linearised at K: DAUNCE-T",
+         "lin_bb": "linearised at K: DAUNCE (black-box)"}
+REFERENCE_PREFIXES = ("limit_", "lin_")  # exact references of issue 13, not methods a user runs
 
 
 def _show(path: Path) -> str:
@@ -41,6 +46,8 @@ def lds_lines(path: Path) -> list[str]:
     if not rows:
         return []
     rows.sort(key=lambda r: -float(r["lds"]))
+    refs = [r for r in rows if r["method"].startswith(REFERENCE_PREFIXES)]
+    rows = [r for r in rows if not r["method"].startswith(REFERENCE_PREFIXES)]
     out = [f"LDS of the embedded default (`{_show(path)}`; thresholded "
            f"{rows[0]['threshold']}, correlation for DAUNCE, 95% bootstrap CI over "
            f"{rows[0]['n_queries']} queries, {rows[0]['n_masks']} masks), best first:", "",
@@ -54,6 +61,14 @@ def lds_lines(path: Path) -> list[str]:
         if tuned:
             line += f" {r['tuned'] or '–'}{' (**at the end of its grid**)' if r.get('on_edge') == 'true' else ''} |"
         out.append(line)
+    if refs:
+        out += ["", "Exact references of the same run (`daunce_core/baselines/limits.py`): each DAUNCE variant's "
+                "Theorem-1 limit (converged, linearised fits, K → ∞) and its linearised fits at the run's K; the "
+                "limits bound what DAUNCE can reach on this model (`docs/quality.md`):", "",
+                "| reference | LDS | 95% CI | damping chosen on the selection masks |", "|---|---:|---|---|"]
+        for r in refs:
+            out.append(f"| {NAMES.get(r['method'], r['method'])} | {float(r['lds']):.3f} | "
+                       f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] | {r.get('tuned') or '–'} |")
     return out + [""]
 
 
