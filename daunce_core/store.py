@@ -45,6 +45,7 @@ import secrets
 import signal
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         tmp = _new_temp(path, ".tmp" if suffix is None else suffix)
         yield tmp
+        raise_pending_signal()  # a signal whose exception was swallowed (see cleanup_on_signals)
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
@@ -256,16 +258,42 @@ def cleanup_on_signals() -> Iterator[None]:
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_DFL)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Terminated(signum)
+        _PENDING.append(signum)
+        _raise_for(signum)
+
+    def unraisable(u):  # a signal's exception swallowed in a __del__/weakref callback: _PENDING has it
+        if not isinstance(u.exc_value, (KeyboardInterrupt, Terminated)):
+            previous_hook(u)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
+        _PENDING.clear()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# Signals received by cleanup_on_signals' handler. Python runs a handler between bytecodes of
+# whatever frame is current; when that is a weakref callback or a __del__, the exception it
+# raises is printed as "Exception ignored" and dropped, and the program would go on to finish
+# (and rename its output into place). atomic_path checks this list before renaming, so a
+# swallowed signal still leaves no output.
+_PENDING: list[int] = []
+
+
+def _raise_for(signum: int):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def raise_pending_signal() -> None:
+    """Re-raise a signal whose exception was swallowed since the handler ran (see ``_PENDING``)."""
+    if _PENDING:
+        _raise_for(_PENDING[0])
 
 
 def _open(path: str | os.PathLike) -> h5py.File:
