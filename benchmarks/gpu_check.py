@@ -24,8 +24,9 @@ config (batch 64, micro-batch 4, gradient checkpointing for full fine-tuning):
 
 * ``lora``: one LoRA perturbed fit, ``daunce_core.fit.lm.perturbed_fit`` (rank 64, all linear
   layers; theta_0's logits from the disabled adapter at every micro-batch);
-* ``full``: full fine-tuning, ``daunce_core.lm.training.finetune`` (AdamW on the bf16 weights,
-  the recipe of theta_0 and every removal retrain);
+* ``full``: full fine-tuning, ``daunce_core.lm.training.finetune`` in one process (fp32 master
+  weights, gradients and AdamW states with bf16 autocast, ``finetune.master_weights``: the recipe
+  of theta_0 and every removal retrain; under torchrun FSDP shards those states over the GPUs);
 * ``signals``: per-example losses, ``daunce_core.lm.sequences.per_example_signal`` (2 layers).
 
 tokens/s counts every token of the trained (or scored) sequences. Peak memory is CUDA's
@@ -181,7 +182,8 @@ def measure_full(model, cfg, length: int, vocab: int, steps: int, device: torch.
     BR.reset_peak(device)
     _, t = BR.timed(lambda: finetune(model, enc, one, pad_id=0, seed=1, device=device), device)
     return {"steps": steps, "batch": cfg.batch_size, "micro_batch": cfg.micro_batch_size,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": "AdamW on the model's dtype",
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "optimizer": "AdamW, fp32 master weights, bf16 compute" if cfg.master_weights else "AdamW, model dtype",
             "seq_len": length, "seconds": t, "tokens_per_s": steps * cfg.batch_size * length / t,
             "peak_mb": BR.peak_mb(device)}
 

@@ -91,7 +91,72 @@ def render(config: Path = BR.PAPER_CONFIG, measured: Path = MEASURED, assumed: P
             lines.append(f"| {name} | {pk.get('lora', float('nan')):,.0f} | {pk.get('full', float('nan')):,.0f} |")
     else:
         lines += ["", "LLM jobs' per-GPU peak memory: not measured until `benchmarks/gpu_check.sh` runs on a GPU."]
+    lines += ["", *llm_state_lines()]
     return "\n".join(lines) + "\n"
+
+
+# --- LLM jobs: model state per GPU, computed from exact parameter counts ---------------------------
+
+PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
+# (rule, what it trains, how its state is held); the models of the paper configs (gpu_check.LLM_SHAPES)
+LLM_JOBS = (("llm_full", "θ₀, full fine-tuning", "fsdp"), ("llm_select_lr", "full fine-tuning per lr", "fsdp"),
+            ("llm_removal", "removal retrains, full fine-tuning", "fsdp"),
+            ("llm_daunce_chunk", "LoRA perturbed fits, split by model", "lora"),
+            ("llm_logra", "LoGra, frozen model", "frozen"))
+LLM_MODELS = ("qwen2.5-7b", "llama-3.1-8b")
+
+
+def llm_parameters(name: str) -> tuple[int, int]:
+    """(parameters, LoRA parameters) of a paper model, counted on the meta device (no weights, no
+    download): the model of ``gpu_check.LLM_SHAPES[name]`` at its real depth and the adapters of its
+    paper config (``daunce_core.fit.lm``'s LoRA config)."""
+    import gpu_check as GC
+    import torch
+    from peft import get_peft_model
+
+    from daunce_core.fit.lm import _lora_config
+    from daunce_core.lm.settings import LLMSettings
+
+    spec = GC.LLM_SHAPES[name]
+    s = LLMSettings.from_config(yaml.safe_load((ROOT / spec["paper_config"]).read_text()))
+    model = GC.build_lm(spec["arch"], spec["shapes"], spec["layers"], torch.bfloat16, torch.device("meta"))
+    total = sum(p.numel() for p in model.parameters())
+    lora, _ = get_peft_model(model, _lora_config(s.daunce.fit_config(s.lr_grid[0], s.finetune.max_length))
+                             ).get_nb_trainable_parameters()
+    return total, lora
+
+
+def llm_state_lines(profile: Path = PROFILE) -> list[str]:
+    """The per-GPU model state of each LLM rule at the GPUs ``profiles/slurm`` gives it: fp32 master
+    weights, gradients and AdamW's two moments (16 bytes per parameter) sharded by FSDP for full
+    fine-tuning; the frozen bf16 model (2 bytes) on every GPU plus the adapters' 16 bytes for LoRA."""
+    res = yaml.safe_load(profile.read_text())["set-resources"]
+    counts = {m: llm_parameters(m) for m in LLM_MODELS}
+
+    def gb(name: str, how: str, gpus: int) -> float:
+        p, lora = counts[name]
+        return {"fsdp": 16 * p / gpus, "lora": 2 * p + 16 * lora, "frozen": 2 * p}[how] / 1e9
+
+    head = " | ".join(f"{m} ({counts[m][0] / 1e9:.2f} B parameters)" for m in LLM_MODELS)
+    lines = [
+        "LLM jobs, model state per GPU in GB (10⁹ bytes), COMPUTED from the parameter counts (meta device, "
+        f"`{_rel(profile)}`'s GPUs per job), not measured: activations, logits, FSDP's gathered layers and "
+        "the allocator's slack come on top. Full fine-tuning keeps fp32 master weights, gradients and "
+        "AdamW states (16 bytes per parameter, `llm.finetune.master_weights`), sharded over the job's GPUs; "
+        "LoRA and LoGra hold the bf16 model whole on every GPU.",
+        "",
+        f"| rule | work | GPUs per job | {head} |",
+        "|---|---|---:|" + "---:|" * len(LLM_MODELS),
+    ]
+    for rule, what, how in LLM_JOBS:
+        gpus = int(res.get(rule, {}).get("gpu", 1))
+        lines.append(f"| `{rule}` | {what} | {gpus} | " + " | ".join(f"{gb(m, how, gpus):.1f}" for m in LLM_MODELS)
+                     + " |")
+    lines.append("| (one GPU) | full fine-tuning, `master_weights: true` | 1 | "
+                 + " | ".join(f"{gb(m, 'fsdp', 1):.1f}" for m in LLM_MODELS) + " |")
+    lines.append("| (one GPU) | full fine-tuning, `master_weights: false` (bf16 weights, gradients, AdamW) | 1 | "
+                 + " | ".join(f"{8 * counts[m][0] / 1e9:.1f}" for m in LLM_MODELS) + " |")
+    return lines
 
 
 def splice(readme: str, block: str) -> str:

@@ -56,11 +56,40 @@ def test_gpu_cost_block_is_generated_from_the_config_and_the_rates(tmp_path):
     fast_block = G.render(measured=tmp_path / "none.json", assumed=tmp_path / "fast.yaml")
 
     def hours(block):
+        block = block.split("LLM jobs", 1)[0]  # the GPU-hours table, not the LLM memory table
         return [float(line.rsplit("|", 2)[1]) for line in block.splitlines()
                 if line.startswith("| ") and line.rstrip().endswith("|") and "GPU-hours" not in line]
     assert "ESTIMATE" in slow_block and len(hours(slow_block)) >= 4
     for s, f in zip(hours(slow_block), hours(fast_block)):
         assert abs(f - s / 2) <= 0.01
+
+
+def test_llm_memory_table_counts_the_paper_models_and_follows_the_profile(tmp_path):
+    """The LLM rows of the GPU cost block: the typed-in layer shapes give the published parameter
+    counts (Qwen2.5-7B 7.61 B, Llama-3.1-8B 8.03 B on their model cards), and the FSDP rows shard
+    16 bytes per parameter over the GPUs the SLURM profile gives the rule."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_gpu_cost as G
+
+    assert round(G.llm_parameters("qwen2.5-7b")[0] / 1e9, 2) == 7.62
+    assert round(G.llm_parameters("llama-3.1-8b")[0] / 1e9, 2) == 8.03
+    # LoRA on the MLP at rank 64: r (d_in + d_out) per adapted matrix, 3 per layer
+    assert G.llm_parameters("qwen2.5-7b")[1] == 28 * 3 * 64 * (3584 + 18944)
+
+    def row(lines, rule):
+        cells = next(line for line in lines if line.startswith(f"| `{rule}`")).strip("| ").split(" | ")
+        return int(cells[2]), [float(c) for c in cells[3:]]
+
+    base = G.llm_state_lines()
+    prof = yaml.safe_load(G.PROFILE.read_text())
+    prof["set-resources"]["llm_full"]["gpu"] = 4
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prof))
+    four = G.llm_state_lines(tmp_path / "p.yaml")
+    (g8, gb8), (g4, gb4) = row(base, "llm_full"), row(four, "llm_full")
+    assert (g8, g4) == (8, 4) and all(abs(b - 2 * a) <= 0.15 for a, b in zip(gb8, gb4))  # 1-decimal rounding
+    assert row(base, "llm_daunce_chunk")[1] == row(four, "llm_daunce_chunk")[1]  # LoRA: not sharded
 
 
 def test_quality_findings_are_read_from_the_study_table(tmp_path):

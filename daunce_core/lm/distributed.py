@@ -66,20 +66,22 @@ def _layer_classes(model) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
 
-def shard_model(model, device) -> Any:
+def shard_model(model, device, *, master_weights: bool = True) -> Any:
     """``fully_shard`` every decoder layer (the classes of the model's ``_no_split_modules``), then
     the root; bf16 compute over fp32 master weights on CUDA, plain fp32 on CPU.
 
     A model loaded in bf16 (``llm.dtype: bfloat16``, half the host memory per rank) is cast to
     fp32 on its device first: the sharded fp32 weights are the master copy the optimiser updates.
+    ``master_weights=False`` (``llm.finetune.master_weights``) shards the loaded dtype as it is and
+    computes in it.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dev = torch.device(device)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
+    if master_weights and any(p.dtype != torch.float32 for p in model.parameters()):
         model.to(device=dev, dtype=torch.float32)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if dev.type == "cuda" else MixedPrecisionPolicy())
+          if master_weights and dev.type == "cuda" else MixedPrecisionPolicy())
     layers = _layer_classes(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); "

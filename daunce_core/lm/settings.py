@@ -35,6 +35,10 @@ class FinetuneConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping (0 = off)")
     max_length: int = setting(1024, "tokens per example (prompt truncated from the left first)")
     gradient_checkpointing: bool = setting(False, "trade compute for activation memory (large models)")
+    master_weights: bool = setting(True, "fp32 weights, gradients and AdamW states with bf16 compute on CUDA, "
+                                         "whatever llm.dtype loads, with or without torchrun; false trains the "
+                                         "loaded dtype as it is (half the memory with llm.dtype bfloat16, but "
+                                         "AdamW steps below bf16's resolution are lost)")
 
 
 @dataclass

@@ -7,6 +7,8 @@ runs with FSDP2 (:mod:`daunce_core.lm.distributed`); alone it runs as a plain Py
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -82,6 +84,16 @@ def finetune(model, encoded: Sequence[dict], cfg: FinetuneConfig, *, pad_id: int
     examples, not tokens (each example's loss is already its mean over its response tokens), so
     the global normaliser is the global number of examples, which every rank knows without a
     collective.
+
+    Precision (``cfg.master_weights``, on by default): AdamW updates fp32 weights with fp32
+    gradients and states, and the forward and backward compute in bf16 on CUDA, with or without
+    torchrun: sharded by FSDP's mixed-precision policy, or in one process the model cast to fp32
+    and run under ``torch.autocast(bfloat16)``. A model loaded in bf16 (``llm.dtype: bfloat16``)
+    is cast back to bf16 when training ends, as :func:`distributed.unsharded` does after FSDP. The
+    reason: at the paper's learning rate (2e-5) most AdamW steps are below the resolution of a
+    bf16 weight (8 significant bits) and would be rounded away. ``master_weights: false`` trains
+    the loaded dtype as it is (half the memory; one 80 GB GPU cannot hold an 8B model's fp32
+    weights, gradients and AdamW states).
     """
     from tqdm.auto import tqdm
 
@@ -97,16 +109,23 @@ def finetune(model, encoded: Sequence[dict], cfg: FinetuneConfig, *, pad_id: int
     total = steps_per_epoch * cfg.epochs
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
+    loaded = next(model.parameters()).dtype
+    autocast = contextlib.nullcontext
     if world_size > 1:
         from torch.distributed.fsdp import FSDPModule
 
-        distributed.shard_model(model, device)
+        distributed.shard_model(model, device, master_weights=cfg.master_weights)
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 # sum, not mean, and as a plain SUM collective (gloo has no PREMUL_SUM): the loss
                 # already carries the global normaliser
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
+    elif cfg.master_weights:
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            model.to(dtype=torch.float32)
+        if torch.device(device).type == "cuda":
+            autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -123,8 +142,9 @@ def finetune(model, encoded: Sequence[dict], cfg: FinetuneConfig, *, pad_id: int
             if world_size == 1:
                 for mb in micro_batches(idx, cfg.micro_batch_size):
                     batch = to_device(collate([encoded[i] for i in mb], pad_id), device)
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = sequence_signal("loss", logits, batch["labels"]).sum() / len(idx)
+                    with autocast():
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = sequence_signal("loss", logits.float(), batch["labels"]).sum() / len(idx)
                     loss.backward()
                     tot += loss.item()
             else:
@@ -145,6 +165,8 @@ def finetune(model, encoded: Sequence[dict], cfg: FinetuneConfig, *, pad_id: int
             losses.append(tot)
             bar.update(1)
     bar.close()
+    if world_size == 1 and next(model.parameters()).dtype != loaded:
+        model.to(dtype=loaded)  # the master weights' job is done: back to the loaded dtype
     model.eval()
     return {"steps": total, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch):])),
             "first_loss": float(losses[0])}
