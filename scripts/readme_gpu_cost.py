@@ -14,6 +14,7 @@ The device-hours of ``config/paper/cifar10.yaml`` come from ``benchmarks/bench_r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -106,6 +107,7 @@ LLM_JOBS = (("llm_full", "θ₀, full fine-tuning", "fsdp"), ("llm_select_lr", "
 LLM_MODELS = ("qwen2.5-7b", "llama-3.1-8b")
 
 
+@functools.cache
 def llm_parameters(name: str) -> tuple[int, int]:
     """(parameters, LoRA parameters) of a paper model, counted on the meta device (no weights, no
     download): the model of ``gpu_check.LLM_SHAPES[name]`` at its real depth and the adapters of its
