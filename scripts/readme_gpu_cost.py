@@ -92,7 +92,7 @@ def render(config: Path = BR.PAPER_CONFIG, measured: Path = MEASURED, assumed: P
             lines.append(f"| {name} | {pk.get('lora', float('nan')):,.0f} | {pk.get('full', float('nan')):,.0f} |")
     else:
         lines += ["", "LLM jobs' per-GPU peak memory: not measured until `benchmarks/gpu_check.sh` runs on a GPU."]
-    lines += ["", *llm_state_lines()]
+    lines += ["", *llm_state_lines(), "", *llm_generation_lines()]
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +161,30 @@ def llm_state_lines(profile: Path = PROFILE) -> list[str]:
     return lines
 
 
+LLM_CONFIGS = ("config/paper/llm_math.yaml", "config/paper/llm_ifeval.yaml")
+
+
+def llm_generation_lines(configs=LLM_CONFIGS) -> list[str]:
+    """The generation budget of Figure 2's removal points: every retrained model answers the test
+    queries greedily, at most ``generation.max_new_tokens`` tokens each (an upper bound; answers
+    stop at the end-of-sequence token)."""
+    from daunce_core.lm.settings import LLMSettings
+
+    lines = ["Figure 2's removal evaluations, generated tokens (COMPUTED upper bound from each config: "
+             "retrained models × test queries × `generation.max_new_tokens`; vLLM generates them when "
+             "installed on the GPU host, Hugging Face `generate` otherwise):", "",
+             "| config | retrained models | test queries | max new tokens | generated tokens (at most) |",
+             "|---|---:|---:|---:|---:|"]
+    for rel in configs:
+        s = LLMSettings.from_config(yaml.safe_load((ROOT / rel).read_text()))
+        r = s.removal
+        models = (len(s.removal_N()) * len(r.methods) + 1) * r.seeds  # N = 0 once, shared by the methods
+        q = f"{r.queries:,}" if r.queries else "all solved"
+        tokens = f"{models * r.queries * s.generation.max_new_tokens / 1e6:,.0f} M" if r.queries else "–"
+        lines.append(f"| `{rel}` | {models} | {q} | {s.generation.max_new_tokens:,} | {tokens} |")
+    return lines
+
+
 def splice(readme: str, block: str) -> str:
     if BEGIN not in readme or END not in readme:
         raise SystemExit(f"README.md: no {BEGIN} ... {END} markers; add them where the GPU cost table goes")
@@ -188,3 +212,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
