@@ -27,7 +27,12 @@ config (batch 64, micro-batch 4, gradient checkpointing for full fine-tuning):
 * ``full``: full fine-tuning, ``daunce_core.lm.training.finetune`` in one process (fp32 master
   weights, gradients and AdamW states with bf16 autocast, ``finetune.master_weights``: the recipe
   of theta_0 and every removal retrain; under torchrun FSDP shards those states over the GPUs);
-* ``signals``: per-example losses, ``daunce_core.lm.sequences.per_example_signal`` (2 layers).
+* ``signals``: per-example losses, ``daunce_core.lm.sequences.per_example_signal`` (2 layers);
+* ``generate``: greedy decoding with Hugging Face ``generate`` (the fallback of
+  ``daunce_core.lm.generation`` when vLLM is not installed), ``generation.batch_size`` prompts of
+  256 random tokens, 128 new tokens each (forced: no early stop). From the 1- and 2-layer times
+  the tokens/s of the real depth are PROJECTED (time linear in the layer count); the cost table
+  divides Figure 2's generation budget by it.
 
 tokens/s counts every token of the trained (or scored) sequences. Peak memory is CUDA's
 allocator high-water mark per measurement, weights included. From the 1- and 2-layer peaks the
@@ -173,6 +178,34 @@ def measure_signals(model, batch_size: int, length: int, vocab: int, device: tor
             "tokens_per_s": len(enc) * length / t, "peak_mb": BR.peak_mb(device)}
 
 
+@torch.no_grad()
+def measure_generate(model, batch: int, prompt: int, new: int, vocab: int, device: torch.device) -> dict[str, Any]:
+    ids = torch.as_tensor(np.random.default_rng(3).integers(10, vocab, size=(batch, prompt)), device=device)
+    mask = torch.ones_like(ids)
+    kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=new, max_new_tokens=new)
+    was_training = model.training
+    model.eval()
+    model.generate(input_ids=ids[:, :8], attention_mask=mask[:, :8], **{**kw, "min_new_tokens": 2,
+                                                                      "max_new_tokens": 2})  # warm-up
+    BR.reset_peak(device)
+    out, t = BR.timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **kw), device)
+    model.train(was_training)
+    made = out.shape[1] - prompt
+    return {"backend": "hf generate", "batch": batch, "prompt_len": prompt, "new_tokens": made, "seconds": t,
+            "tokens_per_s": batch * made / t, "peak_mb": BR.peak_mb(device)}
+
+
+def project_rate(measured: dict[str, dict], what: str, layers: int) -> float | None:
+    """tokens/s at the real depth: the seconds of one measurement are linear in the layer count."""
+    try:
+        a, b = measured["1"][what], measured["2"][what]
+        t1, t2 = a["seconds"], b["seconds"]
+    except (KeyError, TypeError):
+        return None
+    t = t2 + (layers - 2) * max(t2 - t1, 0.0)
+    return b["batch"] * b["new_tokens"] / t
+
+
 def measure_full(model, cfg, length: int, vocab: int, steps: int, device: torch.device) -> dict[str, Any]:
     from daunce_core.lm.training import finetune
 
@@ -212,6 +245,7 @@ def check_llm(name: str, args, device: torch.device, report: Report) -> None:
                              "paper_config": spec["paper_config"], "dtype": s.dtype, "measured": {}}
     report.doc["llm"][name] = entry
     vocab = shapes["vocab_size"]
+    gen_batch = 2 if args.tiny else s.generation.batch_size
     for layers in MEASURED_LAYERS:
         got: dict[str, Any] = {}
         entry["measured"][str(layers)] = got
@@ -224,6 +258,10 @@ def check_llm(name: str, args, device: torch.device, report: Report) -> None:
 
         got["lora"] = guarded(report, args.budget_s, device, lora_fit)
         report.write()
+        if "model" in held:
+            got["generate"] = guarded(report, args.budget_s, device, lambda held=held: measure_generate(
+                held["model"], gen_batch, 8 if args.tiny else 256, 4 if args.tiny else 128, vocab, device))
+            report.write()
         if layers == MEASURED_LAYERS[-1] and "model" in held:
             got["signals"] = guarded(report, args.budget_s, device, lambda held=held: measure_signals(
                 held["model"], lora.eval_batch_size, length, vocab, device))
@@ -234,6 +272,7 @@ def check_llm(name: str, args, device: torch.device, report: Report) -> None:
             build_lm(spec["arch"], shapes, layers, dtype, device), ft, length, vocab, args.llm_steps, device))
         report.write()
     entry["projected_peak_mb"] = {w: project_peak(entry["measured"], w, spec["layers"]) for w in ("lora", "full")}
+    entry["projected_generate_tokens_per_s"] = project_rate(entry["measured"], "generate", spec["layers"])
     report.write()
 
 
@@ -302,13 +341,15 @@ def summary(doc: dict[str, Any]) -> str:
                      + ("" if doc["gpu_estimate"] else "; NOT a GPU estimate") + ")")
     for name, e in doc["llm"].items():
         for layers, got in e["measured"].items():
-            for what in ("lora", "full", "signals"):
+            for what in ("lora", "full", "signals", "generate"):
                 if what in got:
                     rate, peak = fmt(got[what], "tokens_per_s", "tokens/s"), fmt(got[what], "peak_mb", "MB")
                     lines.append(f"  {name} {layers} layer(s) {what:<8s} {rate:>20s}   peak {peak}")
         pk = e.get("projected_peak_mb") or {}
         lines.append(f"  {name} at {e['real_layers']} layers, PROJECTED per-GPU peak: "
-                     + ", ".join(f"{w} {v / 1024:.1f} GiB" if v else f"{w} -" for w, v in pk.items()))
+                     + ", ".join(f"{w} {v / 1024:.1f} GiB" if v else f"{w} -" for w, v in pk.items())
+                     + (f"; generate {e['projected_generate_tokens_per_s']:,.0f} tokens/s"
+                        if e.get("projected_generate_tokens_per_s") else ""))
     return "\n".join(lines)
 
 

@@ -86,13 +86,13 @@ def render(config: Path = BR.PAPER_CONFIG, measured: Path = MEASURED, assumed: P
     llm = r.get("llm") if is_measured else None
     if llm:
         lines += ["", "LLM jobs, projected per-GPU peak memory at the real layer count (from the GPU check):", "",
-                  "| shape | LoRA fit (MB) | full fine-tuning (MB) |", "|---|---:|---:|"]
+                  "| shape | LoRA fit (MB) | full fine-tuning in one process, fp32 master weights (MB) |", "|---|---:|---:|"]
         for name, e in llm.items():
             pk = (e or {}).get("projected_peak_mb") or {}
             lines.append(f"| {name} | {pk.get('lora', float('nan')):,.0f} | {pk.get('full', float('nan')):,.0f} |")
     else:
         lines += ["", "LLM jobs' per-GPU peak memory: not measured until `benchmarks/gpu_check.sh` runs on a GPU."]
-    lines += ["", *llm_state_lines(), "", *llm_generation_lines()]
+    lines += ["", *llm_state_lines(), "", *llm_generation_lines(llm=llm)]
     return "\n".join(lines) + "\n"
 
 
@@ -164,24 +164,34 @@ def llm_state_lines(profile: Path = PROFILE) -> list[str]:
 LLM_CONFIGS = ("config/paper/llm_math.yaml", "config/paper/llm_ifeval.yaml")
 
 
-def llm_generation_lines(configs=LLM_CONFIGS) -> list[str]:
+def llm_generation_lines(configs=LLM_CONFIGS, llm: dict | None = None) -> list[str]:
     """The generation budget of Figure 2's removal points: every retrained model answers the test
     queries greedily, at most ``generation.max_new_tokens`` tokens each (an upper bound; answers
-    stop at the end-of-sequence token)."""
+    stop at the end-of-sequence token). With the GPU check's figures (``llm``), also the GPU-hours
+    of Hugging Face ``generate`` at its projected tokens/s for the config's model."""
+    import gpu_check as GC
+
     from daunce_core.lm.settings import LLMSettings
 
+    rate_of = {spec["paper_config"]: (llm or {}).get(name, {}).get("projected_generate_tokens_per_s")
+               for name, spec in GC.LLM_SHAPES.items() if name in LLM_MODELS}
     lines = ["Figure 2's removal evaluations, generated tokens (COMPUTED upper bound from each config: "
              "retrained models × test queries × `generation.max_new_tokens`; vLLM generates them when "
-             "installed on the GPU host, Hugging Face `generate` otherwise):", "",
-             "| config | retrained models | test queries | max new tokens | generated tokens (at most) |",
-             "|---|---:|---:|---:|---:|"]
+             "installed on the GPU host, Hugging Face `generate` otherwise; GPU-hours at the GPU check's "
+             "projected `generate` rate, once measured):", "",
+             "| config | retrained models | test queries | max new tokens | generated tokens (at most) "
+             "| GPU-hours with `generate` (at most) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for rel in configs:
         s = LLMSettings.from_config(yaml.safe_load((ROOT / rel).read_text()))
         r = s.removal
         models = (len(s.removal_N()) * len(r.methods) + 1) * r.seeds  # N = 0 once, shared by the methods
         q = f"{r.queries:,}" if r.queries else "all solved"
-        tokens = f"{models * r.queries * s.generation.max_new_tokens / 1e6:,.0f} M" if r.queries else "–"
-        lines.append(f"| `{rel}` | {models} | {q} | {s.generation.max_new_tokens:,} | {tokens} |")
+        n_tok = models * r.queries * s.generation.max_new_tokens
+        tokens = f"{n_tok / 1e6:,.0f} M" if r.queries else "–"
+        rate = rate_of.get(rel)
+        hours = f"{n_tok / rate / 3600:,.1f}" if rate and r.queries else "not measured"
+        lines.append(f"| `{rel}` | {models} | {q} | {s.generation.max_new_tokens:,} | {tokens} | {hours} |")
     return lines
 
 

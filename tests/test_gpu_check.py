@@ -51,10 +51,28 @@ def test_tiny_gpu_check_writes_every_figure(tmp_path):
         for what in ("lora", "full"):
             assert got[what]["tokens_per_s"] > 0 and got[what]["peak_mb"] > 0, (layers, what, got[what])
     assert llm["measured"]["2"]["signals"]["tokens_per_s"] > 0
+    for got in llm["measured"].values():
+        assert got["generate"]["new_tokens"] == 4 and got["generate"]["tokens_per_s"] > 0, got["generate"]
     assert set(llm["projected_peak_mb"]) == {"lora", "full"}
     assert all(v is not None for v in llm["projected_peak_mb"].values())
+    assert llm["projected_generate_tokens_per_s"] > 0
     # the printed summary names the same figures and says they are not GPU figures
     assert "NOT GPU figures" in proc.stdout and "tokens/s" in proc.stdout and "images/s" in proc.stdout
+
+    # the cost table reads such a report once a GPU made it (marked as one here to test the path)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_gpu_cost as G
+
+    doc["gpu_estimate"] = True
+    (tmp_path / "measured.json").write_text(json.dumps(doc))
+    block = G.render(measured=tmp_path / "measured.json")
+    assert "MEASURED rates" in block and "(ESTIMATE)" not in block
+    rate = llm["projected_generate_tokens_per_s"]
+    row = next(line for line in block.splitlines() if line.startswith("| `config/paper/llm_ifeval.yaml`"))
+    tokens, hours = (c.strip() for c in row.strip("|").split("|")[4:6])
+    assert hours != "not measured" and tokens.endswith(" M")
+    assert abs(float(hours.replace(",", "")) - 57 * 200 * 1280 / rate / 3600) <= 0.051  # Llama-3.1-8B's rate
+    assert "projected per-GPU peak memory" in block
 
 
 def test_gpu_check_refuses_full_sizes_on_a_cpu():
