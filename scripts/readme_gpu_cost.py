@@ -86,7 +86,8 @@ def render(config: Path = BR.PAPER_CONFIG, measured: Path = MEASURED, assumed: P
     llm = r.get("llm") if is_measured else None
     if llm:
         lines += ["", "LLM jobs, projected per-GPU peak memory at the real layer count (from the GPU check):", "",
-                  "| shape | LoRA fit (MB) | full fine-tuning in one process, fp32 master weights (MB) |", "|---|---:|---:|"]
+                  "| shape | LoRA fit (MB) | full fine-tuning in one process, fp32 master weights (MB) |",
+                  "|---|---:|---:|"]
         for name, e in llm.items():
             pk = (e or {}).get("projected_peak_mb") or {}
             lines.append(f"| {name} | {pk.get('lora', float('nan')):,.0f} | {pk.get('full', float('nan')):,.0f} |")
