@@ -196,9 +196,9 @@ def _lds(args: argparse.Namespace) -> None:
     scores, meta = store.dense_scores(args.scores)
     th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}
     th = {key: value for key, value in th.items() if key == "kind" or key in THRESHOLD_NEEDS[args.threshold]}
-    if meta["format"] == "topk":
-        scores, th = _topk_file(args, scores, meta, th)
     gt = store.read_ground_truth(args.ground_truth)
+    if meta["format"] == "topk":  # after every read: a note never precedes an error
+        scores, th = _topk_file(args, scores, meta, th)
     # the ground truth may hold a subset of the queries (the test or the selection queries)
     scores, notices = L.align_to_ground_truth(scores, meta["train_ids"], meta["query_ids"], gt, args.scores,
                                               args.ground_truth, meta["attrs"])
