@@ -12,14 +12,22 @@ An error is one line naming the file, key or option, with exit status 1 (2 for a
 line), and it leaves every file as it was: an output that is an input, a directory, a device or
 under a file is refused before any work, options that would do nothing are refused, and SIGTERM
 or Ctrl-C remove the temporary output (exit status 143 or 130). ``daunce lds`` pairs scores with
-ground truth on example ids, reordering (with a note on stderr) when only the order differs.
+ground truth on example ids, reordering (with a note on stderr) when only the order differs,
+and prints the LDS with the threshold options it applied. A top-k scores file (``daunce score
+--topk k``) counts the scores it lacks as 0; it takes ``--threshold topk`` with ``--k`` up to its k,
+not a quantile threshold (the quantile of all n scores of a query is not in it).
 A losses file without ids (written by another tool) is scored with ids 0..n-1 and 0..m-1, with
 a note on stderr.
 
-``daunce fit`` runs the K perturbed fits of an experiment config (the workflow's: several
-``--configfile`` are merged in order, as Snakemake merges them over its default) and writes the
-losses file, for users who only want scores: theta_0 is loaded from ``--theta0`` (the workflow's
-``base`` output) or trained with the config's ``base`` recipe and not kept.
+``daunce fit`` runs the K perturbed fits of an experiment config (the workflow's layout: several
+``--configfile`` are merged in order, nested keys one by one, later files winning) and writes the
+losses file, for users who only want scores. Keys that no file sets take the library defaults of
+daunce_core/config.py, not the workflow's config/config.yaml (which an installed ``daunce`` may
+not have): to start from the workflow's settings, pass that file first. The K, epochs and
+learning rate used are printed on stderr before the fits. theta_0 is loaded from ``--theta0``
+(the workflow's ``base`` output; its keys and shapes must be those of the config's model) or
+trained with the config's ``base`` recipe and not kept. ``-o`` may not name a config file,
+theta_0 or a data file of the config (``data.root``, ``data.manifest``).
 
 ``daunce score --reliability`` also tells whether K is large enough, without retraining: the
 Monte Carlo standard error of each score and the split-K reliability of the scores
@@ -62,12 +70,24 @@ def _experiment(paths: list[str]):
     return ExperimentConfig.from_dict(raw).validate()
 
 
+def _data_files(data) -> list[str]:
+    """The files the data config reads and -o must not replace: ``data.root`` (the .npz of
+    ``npz``; a folder is refused as an output anyway) and the id manifest of an image folder."""
+    files = [data.root]
+    if data.manifest or data.name == "imagefolder":
+        from .data import MANIFEST_NAME
+
+        files.append(data.manifest or os.path.join(data.root, MANIFEST_NAME))
+    return files
+
+
 def _fit(args: argparse.Namespace) -> None:
     inputs = [*args.configfile, *([args.theta0] if args.theta0 else [])]
     for path in inputs:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file")
     cfg = _experiment(args.configfile)
+    inputs += _data_files(cfg.data)
     variant = args.variant or cfg.daunce.variants[0]
     lr = args.lr
     if lr is None:
@@ -102,13 +122,20 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     from .data import load_dataset
     from .fit import chunks
     from .fit.ensemble import EnsembleFitter
-    from .models import build_model, model_factory
+    from .models import build_model, check_state, model_factory
     from .utils import pick_device
 
     device = pick_device(cfg.device)
     ds = load_dataset(cfg.data)
     X, y = torch.as_tensor(ds.X_train, device=device), torch.as_tensor(ds.y_train, device=device)
     in_shape = ds.X_train.shape[1:]
+    net = build_model(cfg.model, in_shape, ds.num_classes).to(device)
+    if theta0_path is not None:  # checked before any note or fit: a wrong file is one line
+        theta0 = check_state(net, store.load_state(theta0_path, device), theta0_path)
+    d = cfg.daunce
+    # the settings used, since keys the config files leave out take daunce_core/config.py's defaults
+    print(f"daunce fit: K={d.K} perturbed models of {d.epochs} epoch(s) (daunce.epochs) on r={d.ratio:g} of "
+          f"{ds.n} training examples, lr={lr:g}, variant {variant}, {cfg.model.arch}", file=sys.stderr)
     if theta0_path is None:
         # the base rule's key of theta_0's initialisation and data order
         _, p, b = E.fit_from_scratch(model_factory(cfg.model, in_shape, ds.num_classes), X, y, [np.arange(ds.n)],
@@ -116,10 +143,8 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
         theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
         print(f"daunce fit: note: trained theta_0 with the base recipe ({cfg.base.epochs} epochs); pass "
               "--theta0 to reuse one", file=sys.stderr)
-    else:
-        theta0 = store.load_state(theta0_path, device)
     query = (torch.as_tensor(ds.X_query, device=device), torch.as_tensor(ds.y_query, device=device))
-    fitter = EnsembleFitter(build_model(cfg.model, in_shape, ds.num_classes).to(device), theta0, (X, y), query,
+    fitter = EnsembleFitter(net, theta0, (X, y), query,
                             variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
                             speed=E.Speed.from_train(cfg.base))
     return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
@@ -165,19 +190,51 @@ def _check_score(args: argparse.Namespace) -> str | None:
 
 def _lds(args: argparse.Namespace) -> None:
     from . import lds as L
+    from .config import THRESHOLD_NEEDS
     from .scoring import apply_threshold
 
     scores, meta = store.dense_scores(args.scores)
+    th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}
+    th = {key: value for key, value in th.items() if key == "kind" or key in THRESHOLD_NEEDS[args.threshold]}
     gt = store.read_ground_truth(args.ground_truth)
+    if meta["format"] == "topk":  # after every read: a note never precedes an error
+        scores, th = _topk_file(args, scores, meta, th)
     # the ground truth may hold a subset of the queries (the test or the selection queries)
     scores, notices = L.align_to_ground_truth(scores, meta["train_ids"], meta["query_ids"], gt, args.scores,
                                               args.ground_truth, meta["attrs"])
     for notice in notices:
         print(f"daunce lds: note: {notice}", file=sys.stderr)
-    th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}
-    res, _ = L.evaluate(apply_threshold(scores, th), gt, n_resamples=args.bootstrap)
+    res, _ = L.evaluate(scores if meta["format"] == "topk" else apply_threshold(scores, th), gt,
+                        n_resamples=args.bootstrap)
     print(json.dumps({"lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high,
                       "n_queries": res.n_queries, "threshold": th}, indent=2))
+
+
+def _topk_file(args: argparse.Namespace, dense, meta: dict, th: dict):
+    """Scores and threshold of ``daunce lds`` on a top-k scores file [m, k] read as dense (zeros
+    elsewhere, i.e. the top-k thresholding of the dense scores). ``--threshold topk --k K`` keeps
+    the K best of the file's k (the top-K of the dense scores, which no zero may displace); K
+    above the file's k, or a quantile of all n scores (soft/hard), cannot be computed from it."""
+    import numpy as np
+
+    indices, values = meta["indices"], meta["values"]
+    k_file = indices.shape[1]
+    if args.threshold in ("soft", "hard"):
+        raise ValueError(f"{args.scores}: holds only the top {k_file} scores of each query, so the "
+                         f"--quantile of all its scores (--threshold {args.threshold}) is unknown; "
+                         "rescore without --topk, or use --threshold topk --k K or none")
+    if args.threshold == "topk":
+        if args.k > k_file:
+            raise ValueError(f"{args.scores}: holds only the top {k_file} scores of each query, fewer "
+                             f"than --k {args.k}; use --k {k_file} or less, or rescore with --topk {args.k}")
+        best = np.argsort(-values, axis=1, kind="stable")[:, :args.k]  # best first, whatever the writer
+        rows = np.arange(len(values))[:, None]
+        dense = np.zeros_like(dense)
+        dense[indices[rows, best], rows] = values[rows, best]
+        return dense, th
+    print(f"daunce lds: note: {args.scores} holds the top {k_file} scores of each query; the other "
+          "training examples count as 0", file=sys.stderr)
+    return dense, th
 
 
 def _check_lds(args: argparse.Namespace) -> str | None:
@@ -208,8 +265,9 @@ def _info(args: argparse.Namespace) -> None:
             print(f"  @{key} = {value}")
 
 
-def _number(kind: type, low: float, *, above: bool = False, high: float | None = None):
-    """An argparse type: a finite ``kind`` >= ``low`` (> with ``above``), <= ``high`` if given."""
+def _number(kind: type, low: float, *, above: bool = False, high: float | None = None, below: bool = False):
+    """An argparse type: a finite ``kind`` >= ``low`` (> with ``above``), <= ``high`` if given
+    (< with ``below``)."""
     what = "a whole number" if kind is int else "a number"
 
     def parse(text: str):
@@ -219,8 +277,9 @@ def _number(kind: type, low: float, *, above: bool = False, high: float | None =
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if value < low or (above and value == low) or (high is not None and value > high):
-            bounds = (f"in [{low}, {high}]" if high is not None
+        if (value < low or (above and value == low) or (high is not None and value > high)
+                or (below and value == high)):
+            bounds = (f"in [{low}, {high}{')' if below else ']'}" if high is not None
                       else f"{'>' if above else '>='} {low}")
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}")
         return value
@@ -241,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("fit", help="the K perturbed fits of an experiment config -> a losses file")
     t.add_argument("--configfile", action="append", required=True,
-                   help="experiment config (YAML); repeat to merge several, later ones winning")
+                   help="experiment config (YAML); repeat to merge several, later ones winning; "
+                        "keys that no file sets take daunce_core/config.py's defaults (pass "
+                        "config/config.yaml first for the workflow's)")
     t.add_argument("-o", "--output", default=None,
                    help="losses HDF5 file to write (default: EXPERIMENT.VARIANT.losses.h5)")
     t.add_argument("--variant", default=None,
@@ -274,10 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("scores")
     q.add_argument("ground_truth")
     q.add_argument("--threshold", choices=["none", "soft", "hard", "topk"], default="none")
-    q.add_argument("--quantile", type=_number(float, 0.0, high=1.0), default=None,
-                   help="per-query quantile of |scores| used as lambda by soft/hard (0.9)")
+    q.add_argument("--quantile", type=_number(float, 0.0, high=1.0, below=True), default=None,
+                   help="per-query quantile of |scores| in [0, 1) used as lambda by soft/hard "
+                        "(0.9); dense scores files only")
     q.add_argument("--k", type=_number(int, 1), default=None,
-                   help="scores kept per query by topk (100)")
+                   help="scores kept per query by topk (100); at most the k of a top-k scores file")
     q.add_argument("--bootstrap", type=_number(int, 1), default=2000,
                    help="bootstrap resamples of the 95%% confidence interval")
     q.set_defaults(func=_lds, check=_check_lds)

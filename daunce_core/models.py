@@ -226,3 +226,37 @@ def model_factory(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int)
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` (theta_0) checked against ``model``'s own state dict; float tensors cast to its dtypes.
+
+    Like ``model.load_state_dict(state, strict=True)``, a missing or extra key or another shape
+    is refused, so that no parameter silently keeps its random initialisation; also refused are
+    NaN or infinite values and numbers of another kind (floats for integer buffers or back).
+    Float tensors of another precision (a float64 theta_0) are cast to the model's, as
+    ``load_state_dict`` copies them. The :class:`ModelError` names ``source`` and the first
+    differing key, in the model's order.
+    """
+    ref = model.state_dict()
+    hint = "use the theta_0 trained for this config's model and data (the base rule's output)"
+    missing = [k for k in ref if k not in state]
+    extra = [k for k in state if k not in ref]
+    if missing or extra:
+        what = (f"lacks key {missing[0]!r} of the model" if missing
+                else f"has key {extra[0]!r}, which the model lacks")
+        raise ModelError(f"{source}: theta_0 does not fit the model ({type(model).__name__}; "
+                         f"{len(missing)} keys missing, {len(extra)} unknown): it {what}; {hint}")
+    out = {}
+    for key, want in ref.items():
+        have = state[key]
+        if tuple(have.shape) != tuple(want.shape):
+            raise ModelError(f"{source}: theta_0 key {key!r} has shape {list(have.shape)}, the model "
+                             f"{list(want.shape)} (another width or number of classes?); {hint}")
+        if have.dtype.is_floating_point != want.dtype.is_floating_point:
+            raise ModelError(f"{source}: theta_0 key {key!r} is {have.dtype}, the model's is {want.dtype}; {hint}")
+        if have.dtype.is_floating_point and not bool(torch.isfinite(have).all()):
+            raise ModelError(f"{source}: theta_0 key {key!r} holds NaN or infinite values (its training "
+                             "diverged?); retrain theta_0 with a lower base.lr")
+        out[key] = have.to(want.dtype)
+    return out

@@ -390,7 +390,7 @@ CASES = [
       lds(None, None, "--quantile", "0.5")),
     C("lds-k-without-topk", 2, "--k does nothing with --threshold hard",
       lds(None, None, "--threshold", "hard", "--k", "5")),
-    C("lds-quantile-above-one", 2, "argument --quantile: must be in [0.0, 1.0]",
+    C("lds-quantile-above-one", 2, "argument --quantile: must be in [0.0, 1.0)",
       lds(None, None, "--threshold", "hard", "--quantile", "1.5")),
     C("lds-k-zero", 2, "argument --k: must be >= 1", lds(None, None, "--threshold", "topk", "--k", "0")),
     # --- info ------------------------------------------------------------------------------

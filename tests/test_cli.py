@@ -105,6 +105,8 @@ def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
     assert main(args + ["-o", str(tmp_path / "l.h5")]) == 0
     out, err = capsys.readouterr()
     assert "wrote" in out and "trained theta_0 with the base recipe (3 epochs)" in err
+    # the settings used, whichever file (or daunce_core/config.py's default) set them
+    assert "K=5 perturbed models of 2 epoch(s) (daunce.epochs) on r=0.5 of 120 training examples, lr=0.03" in err
     L = store.read_losses(tmp_path / "l.h5")
     cfg = ExperimentConfig.from_dict(yaml.safe_load(SMALL))
     ds = load_dataset(cfg.data)
@@ -178,3 +180,129 @@ def test_score_command_notes_default_ids_of_a_file_without_ids(tmp_path, capsys)
     losses_file(tmp_path / "l.h5")
     assert main(["score", str(tmp_path / "l.h5"), "-o", str(tmp_path / "s2.h5")]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_fit_command_refuses_a_theta0_that_does_not_fit_the_model(tmp_path, capsys):
+    import torch
+
+    from daunce_core.config import ModelConfig
+    from daunce_core.models import build_model
+
+    (tmp_path / "c.yaml").write_text(SMALL)
+    torch.manual_seed(0)
+    good = build_model(ModelConfig(hidden=[8]), (1, 8, 8), 10).state_dict()  # SMALL's model on digits
+    last = list(good)[-1]
+    bad = {
+        "missing": ({k: v for k, v in good.items() if k != last}, f"lacks key {last!r}"),
+        "narrow": (build_model(ModelConfig(hidden=[4]), (1, 8, 8), 10).state_dict(),
+                   "key 'net.1.weight' has shape [4, 64], the model [8, 64]"),
+        "foreign": ({**good, "foo.weight": torch.zeros(2)}, "has key 'foo.weight', which the model lacks"),
+        "empty": ({}, "lacks key 'net.1.weight'"),
+        "nan": ({**good, last: torch.full_like(good[last], float("nan"))}, f"key {last!r} holds NaN"),
+        "int": ({**good, last: good[last].long()}, f"key {last!r} is torch.int64"),
+    }
+    for name, (state, message) in bad.items():
+        store.save_state(state, tmp_path / f"{name}.safetensors")
+        argv = ["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "0.03",
+                "--theta0", str(tmp_path / f"{name}.safetensors"), "-o", str(tmp_path / "l.h5")]
+        assert main(argv) == 1, name
+        err = capsys.readouterr().err
+        assert f"{name}.safetensors: theta_0" in err and message in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+    assert not (tmp_path / "l.h5").exists()
+    # a float64 theta_0 is cast to the model's float32: the same losses as the float32 one
+    store.save_state(good, tmp_path / "f32.safetensors")
+    store.save_state({k: v.double() for k, v in good.items()}, tmp_path / "f64.safetensors")
+    for name in ("f32", "f64"):
+        assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "0.03", "--theta0",
+                     str(tmp_path / f"{name}.safetensors"), "-o", str(tmp_path / f"{name}.h5")]) == 0
+    np.testing.assert_array_equal(store.read_losses(tmp_path / "f64.h5").train,
+                                  store.read_losses(tmp_path / "f32.h5").train)
+
+
+def test_fit_command_refuses_to_write_over_its_data(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mydata.npz", X_train=rng.normal(size=(30, 1, 4, 4)).astype("f4"),
+             y_train=rng.integers(0, 3, 30), X_query=rng.normal(size=(6, 1, 4, 4)).astype("f4"),
+             y_query=rng.integers(0, 3, 6))
+    before = (tmp_path / "mydata.npz").read_bytes()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "daunce_manifest.csv").write_text("id,path\n")
+    (tmp_path / "ids.csv").write_text("id,path\n")
+    configs = {
+        "npz.yaml": (f"data: {{name: npz, root: {tmp_path / 'mydata.npz'}}}\n", tmp_path / "mydata.npz"),
+        "folder.yaml": (f"data: {{name: imagefolder, root: {tmp_path / 'images'}}}\n",
+                        tmp_path / "images" / "daunce_manifest.csv"),
+        "manifest.yaml": (f"data: {{name: imagefolder, root: {tmp_path / 'images'}, "
+                          f"manifest: {tmp_path / 'ids.csv'}}}\n", tmp_path / "ids.csv"),
+    }
+    for name, (text, data_file) in configs.items():
+        (tmp_path / name).write_text(text + "daunce: {K: 4, k_curve: [4], lr_grid: [0.03], variants: [daunce]}\n")
+        assert main(["fit", "--configfile", str(tmp_path / name), "-o", str(data_file)]) == 1, name
+        err = capsys.readouterr().err
+        assert f"is the input file {data_file}" in err and len(err.strip().splitlines()) == 1, (name, err)
+    assert (tmp_path / "mydata.npz").read_bytes() == before
+    assert (tmp_path / "images" / "daunce_manifest.csv").read_text() == "id,path\n"
+
+
+def _lds_files(tmp_path, a):
+    """Ground truth of scores ``a`` [n, m], the dense scores and their top-3 file."""
+    from daunce_core.perturb import lds_masks
+
+    n, m = a.shape
+    masks = lds_masks(0, 20, n, 0.5)
+    noise = np.random.default_rng(3).normal(size=(20, m))
+    store.write_ground_truth(tmp_path / "g.h5", masks=masks, outputs=(masks @ a + noise)[None],
+                             train_ids=np.arange(n), query_ids=np.arange(m))
+    store.write_scores(tmp_path / "s.h5", scores=a, train_ids=np.arange(n), query_ids=np.arange(m))
+    top = np.argsort(-a, axis=0)[:3].T  # [m, 3], best first
+    store.write_scores(tmp_path / "t.h5", indices=top, values=np.take_along_axis(a.T, top, 1),
+                       train_ids=np.arange(n), query_ids=np.arange(m))
+    return [str(tmp_path / f) for f in ("s.h5", "t.h5", "g.h5")]
+
+
+def test_lds_on_a_topk_file_refuses_what_it_cannot_compute(tmp_path, capsys):
+    import json
+
+    a = np.random.default_rng(4).normal(size=(40, 5))
+    dense, topk, gt = _lds_files(tmp_path, a)
+    assert main(["lds", topk, gt, "--threshold", "topk", "--k", "10", "--bootstrap", "20"]) == 1
+    err = capsys.readouterr().err
+    assert "t.h5: holds only the top 3 scores" in err and "--k 10" in err and len(err.splitlines()) == 1
+    assert main(["lds", topk, gt, "--threshold", "hard", "--bootstrap", "20"]) == 1
+    err = capsys.readouterr().err
+    assert "--threshold hard" in err and "rescore without --topk" in err and len(err.splitlines()) == 1
+    for k in ("3", "2"):
+        assert main(["lds", topk, gt, "--threshold", "topk", "--k", k, "--bootstrap", "20"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert main(["lds", dense, gt, "--threshold", "topk", "--k", k, "--bootstrap", "20"]) == 0
+        assert got == json.loads(capsys.readouterr().out) and got["threshold"] == {"kind": "topk", "k": int(k)}
+    assert main(["lds", topk, gt, "--bootstrap", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["threshold"] == {"kind": "none"} and "holds the top 3 scores" in err
+
+
+def test_lds_topk_of_a_topk_file_with_negative_scores_keeps_them(tmp_path, capsys):
+    import json
+
+    # every score negative: the zeros the top-k file stands for must not displace its values
+    a = -np.abs(np.random.default_rng(5).normal(size=(40, 5))) - 0.1
+    dense, topk, gt = _lds_files(tmp_path, a)
+    assert main(["lds", topk, gt, "--threshold", "topk", "--k", "2", "--bootstrap", "20"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main(["lds", dense, gt, "--threshold", "topk", "--k", "2", "--bootstrap", "20"]) == 0
+    assert got == json.loads(capsys.readouterr().out)
+
+
+def test_lds_prints_only_the_options_it_applied_and_quantile_below_one(tmp_path, capsys):
+    import json
+
+    dense, _, gt = _lds_files(tmp_path, np.random.default_rng(6).normal(size=(40, 5)))
+    for extra, shown in (([], {"kind": "none"}),
+                         (["--threshold", "hard", "--quantile", "0.5"], {"kind": "hard", "quantile": 0.5}),
+                         (["--threshold", "soft"], {"kind": "soft", "quantile": 0.9}),
+                         (["--threshold", "topk"], {"kind": "topk", "k": 100})):
+        assert main(["lds", dense, gt, "--bootstrap", "20", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["threshold"] == shown
+    assert main(["lds", dense, gt, "--threshold", "hard", "--quantile", "1"]) == 2
+    assert "argument --quantile: must be in [0.0, 1.0), got '1'" in capsys.readouterr().err
