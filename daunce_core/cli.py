@@ -86,9 +86,15 @@ def _fit(args: argparse.Namespace) -> None:
     for path in inputs:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file")
+    from .config import Q_FORMS
+
     cfg = _experiment(args.configfile)
     inputs += _data_files(cfg.data)
     variant = args.variant or cfg.daunce.variants[0]
+    if variant in Q_FORMS:  # a scoring form (TRAK's Q), fitted as the workflow fits it
+        print(f"daunce fit: note: {variant} is scored from {Q_FORMS[variant]}'s fits, which this writes; "
+              "daunce score does not apply its Q", file=sys.stderr)
+        variant = Q_FORMS[variant]
     lr = args.lr
     if lr is None:
         if len(cfg.daunce.lr_grid) != 1:

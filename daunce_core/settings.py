@@ -10,19 +10,25 @@ turns a plain dict (YAML, JSON, a Snakemake ``config``) into that tree:
 * nested dataclass fields are built recursively, with dotted names in every message;
 * every error is a :class:`ConfigError` (a ``ValueError``), one line that names the key.
 
-Range and cross-field checks live in each tree's ``validate()`` method, called by ``build``.
-The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes only; the test
-``tests/test_settings.py`` keeps its keys in step with these dataclasses.
+A field may also declare its range and choices (``setting(30, "epochs", ge=1)``, ``choices=``,
+``items=`` for the type of a list's entries, ``pattern=``, ``mapping=`` for a dict checked
+against a settings dataclass); :func:`check_limits` applies them, with finite numbers only, and
+``build(validate=True)`` calls it. Cross-field checks live in each tree's ``validate()`` method.
+The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) states the same keys and
+limits for Snakemake; ``tests/test_settings.py`` keeps its keys and ``tests/test_config.py`` its
+limits in step with these dataclasses.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import field
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "setting", "nested", "build", "to_dict", "describe"]
+__all__ = ["ConfigError", "setting", "nested", "build", "check_limits", "to_dict", "describe"]
 
 T = TypeVar("T")
 
@@ -32,14 +38,30 @@ class ConfigError(ValueError):
     names the key and what to do."""
 
 
-def setting(default: Any, help: str, **kw: Any) -> Any:
+# the limits a setting may declare, by the JSON-schema keyword that states the same limit
+LIMITS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum",
+          "choices": "enum", "pattern": "pattern"}
+
+
+def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, choices: tuple | None = None,
+            pattern: str | None = None, items: type | None = None, mapping: type | None = None,
+            why: str = "", **kw: Any) -> Any:
     """A dataclass field with a default and a help text (``metadata["help"]``).
 
-    Mutable defaults (lists, dicts) are copied for each instance.
+    Mutable defaults (lists, dicts) are copied for each instance. The optional limits, checked by
+    :func:`check_limits` (on each entry of a list value): ``ge``/``gt``/``le``/``lt`` bounds (the
+    value must also be finite), ``choices``, a regular expression ``pattern`` the whole string
+    must match; ``items``: the type of a list's entries (checked by :func:`build`); ``mapping``: a
+    settings dataclass a dict value is checked against (its keys, types and limits; the value stays
+    a dict); ``why``: said in the message when a limit is not met.
     """
+    limits = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern).items()
+              if v is not None}
+    meta = {"help": help, "limits": limits, "items": items, "mapping": mapping, "why": why}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 def nested(cls: type, help: str = "") -> Any:
@@ -100,7 +122,10 @@ def _check_type(value: Any, declared: Any, where: str, coerce: bool) -> Any:
         return int(value)
     if isinstance(value, t) and not (t is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{where} must be a {t.__name__}, got {value!r} ({type(value).__name__})")
+    hint = ""
+    if t is float and isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value):
+        hint = f"; YAML reads a number without a dot as a string: write {value.replace('e', '.0e', 1)}"
+    raise ConfigError(f"{where} must be a {t.__name__}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def build(cls: type[T], raw: Any, where: str, *, ignore: tuple[str, ...] = (), coerce: bool = False,
@@ -136,15 +161,84 @@ def build(cls: type[T], raw: Any, where: str, *, ignore: tuple[str, ...] = (), c
         if sub is not None:
             kwargs[name] = build(sub, raw[name], key, coerce=coerce, validate=validate)
         else:
-            kwargs[name] = _check_type(raw[name], hints.get(name), key, coerce)
+            value = _check_type(raw[name], hints.get(name), key, coerce)
+            if f.metadata.get("items") is not None and isinstance(value, list):
+                value = [_check_type(v, f.metadata["items"], f"{key}[{i}]", coerce) for i, v in enumerate(value)]
+            kwargs[name] = value
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - a required field without default
         raise ConfigError(f"{where or 'config'}: {exc}") from exc
+    if validate:
+        check_limits(obj, where, nested=False)  # the nested ones were checked when built
     check = getattr(obj, "validate", None)
     if validate and callable(check):
         check()
     return obj
+
+
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _limit_error(value: Any, limits: dict[str, Any]) -> str | None:
+    """What ``value`` must be to meet ``limits`` (a phrase), or None when it meets them."""
+    if "choices" in limits:
+        c = limits["choices"]
+        if value in c and isinstance(value, str):
+            return None
+        return f"'{c[0]}' or '{c[1]}'" if len(c) == 2 else f"one of {', '.join(map(str, c))}"
+    if "pattern" in limits:
+        if isinstance(value, str) and re.fullmatch(limits["pattern"], value):
+            return None
+        return f"a string matching {limits['pattern']}"
+    low = ("ge", limits["ge"]) if "ge" in limits else ("gt", limits["gt"]) if "gt" in limits else None
+    high = ("le", limits["le"]) if "le" in limits else ("lt", limits["lt"]) if "lt" in limits else None
+    if low is None and high is None:
+        return None
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low is None or (value >= low[1] if low[0] == "ge" else value > low[1]))
+          and (high is None or (value <= high[1] if high[0] == "le" else value < high[1])))
+    if ok:
+        return None
+    if low and high:
+        phrase = (f"in {'[' if low[0] == 'ge' else '('}{_number(low[1])}, "
+                  f"{_number(high[1])}{']' if high[0] == 'le' else ')'}")
+    elif low:
+        phrase = (f"at least {low[1]}" if low[0] == "ge" and isinstance(low[1], int) and not isinstance(value, float)
+                  else f"{'>=' if low[0] == 'ge' else '>'} {_number(low[1])}")
+    else:
+        phrase = f"{'<=' if high[0] == 'le' else '<'} {_number(high[1])}"
+    finite = isinstance(value, float) and not math.isfinite(value)
+    return f"a finite number {phrase}" if finite else phrase
+
+
+def check_limits(obj: Any, where: str = "", *, nested: bool = True) -> None:
+    """Check every field of the settings tree ``obj`` against the limits its :func:`setting`
+    declares (each entry of a list value; ``None`` passes: a field that allows null says so in
+    its type). ``nested``: also the nested settings dataclasses.
+
+    Raises:
+        ConfigError: ``<dotted key> must be <limit> (<why>), got <value>`` for the first failure.
+    """
+    for f in dataclasses.fields(obj):
+        key = f"{where}.{f.name}" if where else f.name
+        value = getattr(obj, f.name)
+        if _nested_type(f) is not None:
+            if nested:
+                check_limits(value, key)
+            continue
+        if f.metadata.get("mapping") is not None and value is not None:
+            build(f.metadata["mapping"], value, key)  # its keys, types and limits
+        limits = f.metadata.get("limits") or {}
+        if not limits or value is None:
+            continue
+        entries = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for name, v in entries:
+            need = _limit_error(v, limits)
+            if need is not None:
+                why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
+                raise ConfigError(f"{name} must be {need}{why}, got {v!r}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Bad configuration: each mistake is a clear error naming the key, before any job runs."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,149 @@ def test_workflow_validates_the_config_before_any_job(tmp_path, mutate, match):
     assert proc.returncode != 0
     assert match in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+# --- the ranges and choices of the workflow schema, applied by validate() (daunce fit, the API) ---
+
+@pytest.mark.parametrize("override,match", [
+    ({"daunce": {"lr_grid": [0.03, 0]}}, r"^daunce\.lr_grid\[1\] must be > 0, got 0\.0$"),
+    ({"daunce": {"lr_grid": [float("nan")]}}, r"^daunce\.lr_grid\[0\] must be a finite number > 0, got nan$"),
+    ({"base": {"lr": float("inf")}}, r"^base\.lr must be a finite number > 0, got inf$"),
+    ({"base": {"lr": 0}}, r"^base\.lr must be > 0, got 0\.0$"),
+    ({"daunce": {"lr_grid": ["0.03"]}}, r"^daunce\.lr_grid\[0\] must be a float, got '0\.03' \(str\)$"),
+    ({"daunce": {"lr_grid": ["1e-3"]}}, r"daunce\.lr_grid\[0\] must be a float.*: write 1\.0e-3$"),
+    ({"model": {"hidden": [64, "a"]}}, r"^model\.hidden\[1\] must be a int, got 'a' \(str\)$"),
+    ({"model": {"hidden": [0]}}, r"^model\.hidden\[0\] must be at least 1, got 0$"),
+    ({"daunce": {"batch_size": 0}}, r"^daunce\.batch_size must be at least 1, got 0$"),
+    ({"daunce": {"epochs": 0}}, r"^daunce\.epochs must be at least 1, got 0$"),
+    ({"base": {"epochs": 0}}, r"^base\.epochs must be at least 1, got 0$"),
+    ({"daunce": {"optimizer": "adamw"}}, r"^daunce\.optimizer must be 'sgd' or 'adam', got 'adamw'$"),
+    ({"base": {"optimizer": "adamw"}}, r"^base\.optimizer must be 'sgd' or 'adam', got 'adamw'$"),
+    ({"base": {"lr_schedule": "cosine"}}, r"^base\.lr_schedule must be one of constant, linear, triangle"),
+    ({"daunce": {"momentum": -0.1}}, r"^daunce\.momentum must be >= 0, got -0\.1$"),
+    ({"daunce": {"variants": ["daunce", "dance"]}}, r"^daunce\.variants\[1\] must be one of daunce, "),
+    ({"daunce": {"k_curve": [1, 5]}}, r"^daunce\.k_curve\[0\] must be at least 2, got 1$"),
+    ({"daunce": {"select_measure": "spearman"}}, r"^daunce\.select_measure must be 'correlation' or"),
+    ({"lds": {"bootstrap": 50}}, r"^lds\.bootstrap must be at least 100, got 50$"),
+    ({"lds": {"threshold": {"kind": "hard", "quantile": 0.9, "qunatile": 0.8}}},
+     r"^unknown key\(s\) lds\.threshold\.qunatile; known: k, kind, quantile$"),
+    ({"lds": {"threshold": {"kind": "hard", "quantile": 1.0}}}, r"^lds\.threshold\.quantile must be in \[0, 1\)"),
+    ({"lds": {"threshold": {"kind": "hard", "quantile": "0.9"}}}, r"^lds\.threshold\.quantile must be a float"),
+    ({"lds": {"threshold": {"kind": "topk", "k": 0}}}, r"^lds\.threshold\.k must be at least 1, got 0$"),
+    ({"lds": {"threshold": {"kind": "top"}}}, r"^lds\.threshold\.kind must be one of none, soft, hard, topk"),
+    ({"data": {"n_train": -1}}, r"^data\.n_train must be at least 0 \(0 = all\), got -1$"),
+    ({"device": "gpu"}, r"^device must be a string matching"),
+    ({"experiment": "../elsewhere"}, r"^experiment must be a string matching .*it names a folder\), got"),
+], ids=lambda v: None if isinstance(v, str) else str(v))
+def test_validate_applies_the_schema_limits_naming_the_key(override, match):
+    """What the workflow's schema refuses, validate() refuses too, one line naming the key: the
+    ranges and choices are declared once, on each setting (audit finding 7)."""
+    from snakemake.utils import update_config
+
+    cfg = default()
+    update_config(cfg, override)
+    with pytest.raises(ConfigError, match=match) as err:
+        ExperimentConfig.from_dict(cfg).validate()
+    assert "\n" not in str(err.value)
+
+
+def test_threshold_values_are_typed_and_valid_input_unchanged():
+    cfg = default()
+    cfg["lds"]["threshold"] = {"kind": "topk", "k": 10.0}
+    assert ExperimentConfig.from_dict(cfg).validate().lds.threshold == {"kind": "topk", "k": 10}
+    assert ExperimentConfig.from_dict(default()).validate().lds.threshold == default()["lds"]["threshold"]
+
+
+def test_a_scoring_form_may_come_first_in_the_variants():
+    """daunce_t_q (DAUNCE-T's fits scored with TRAK's Q) is accepted in any position, as the
+    workflow's schema accepts it."""
+    cfg = default()
+    cfg["daunce"]["variants"] = ["daunce_t_q", "daunce"]
+    assert ExperimentConfig.from_dict(cfg).validate().daunce.variants == ["daunce_t_q", "daunce"]
+
+
+def test_the_variant_choices_are_the_objectives_and_the_scoring_forms():
+    from daunce_core.config import Q_FORMS, VARIANTS
+    from daunce_core.objectives import VARIANTS as OBJECTIVES
+
+    assert set(VARIANTS) == set(OBJECTIVES) | set(Q_FORMS)
+
+
+@pytest.mark.parametrize("K,curve", [(4, [4]), (30, [5, 10, 20, 30]), (100, [5, 10, 20, 50, 100]),
+                                     (200, [5, 10, 20, 50, 100])])
+def test_an_unset_k_curve_follows_K(K, curve):
+    """daunce: {K: 4} alone is a config: the default k_curve keeps its values <= K, plus K (audit
+    finding 8); a K the default fits leaves it as it was."""
+    assert ExperimentConfig.from_dict({"daunce": {"K": K}}).validate().daunce.k_curve == curve
+
+
+def test_a_k_curve_above_K_says_what_to_set():
+    cfg = default()
+    cfg["daunce"]["K"] = 4  # config/config.yaml sets k_curve up to 200
+    with pytest.raises(ConfigError, match=r"daunce\.k_curve values must lie in \[2, K=4\].*; set "
+                                          r"daunce\.k_curve to values <= 4, e\.g\. \[4\]$"):
+        ExperimentConfig.from_dict(cfg).validate()
+
+
+def _schema_limits(prop: dict) -> dict:
+    """The limits the workflow schema states for one key: its own, and its entries' as items.<kw>."""
+    from daunce_core.settings import LIMITS
+
+    out = {k: v for k, v in prop.items() if k in LIMITS.values()}
+    items = prop.get("items", {})
+    out |= {f"items.{k}": v for k, v in items.items() if k in LIMITS.values()}
+    if "type" in items:
+        out["items.type"] = items["type"]
+    return out
+
+
+def _declared_limits(f, hint) -> dict:
+    """The same, from a setting's declaration: on a list-only field the limits are its entries'."""
+    import typing
+
+    from daunce_core.settings import LIMITS
+
+    lim = {LIMITS[k]: list(v) if k == "choices" else v for k, v in f.metadata.get("limits", {}).items()}
+    kinds = set(typing.get_args(hint)) or {hint}
+    out = {} if kinds == {list} else dict(lim)
+    if list in kinds:
+        out |= {f"items.{k}": v for k, v in lim.items()}
+    if f.metadata.get("items") is not None:
+        out["items.type"] = {int: "integer", float: "number", str: "string"}[f.metadata["items"]]
+    return out
+
+
+def _compare_limits(cls, schema: dict, where: str) -> list[str]:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for f in dataclasses.fields(cls):
+        prop = schema["properties"].get(f.name, {})
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            problems += _compare_limits(f.default_factory, prop, f"{where}{f.name}.")
+            continue
+        if f.metadata.get("mapping") is not None:
+            problems += _compare_limits(f.metadata["mapping"], prop, f"{where}{f.name}.")
+        want, have = _schema_limits(prop), _declared_limits(f, hints[f.name])
+        if want != have:
+            problems.append(f"{where}{f.name}: schema {want}, setting {have}")
+    return problems
+
+
+def test_the_schema_states_the_limits_each_setting_declares():
+    """One source of truth, checked: every range, choice and pattern of the experiment's sections
+    of workflow/schemas/config.schema.yaml is the one its setting declares in daunce_core/config.py
+    (the study section keeps its own checks in StudyConfig.validate)."""
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    problems = []
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name == "study":
+            continue
+        if isinstance(f.default_factory, type):
+            problems += _compare_limits(f.default_factory, schema["properties"][f.name], f"{f.name}.")
+        else:
+            want, have = _schema_limits(schema["properties"][f.name]), _declared_limits(f, str)
+            if want != have:
+                problems.append(f"{f.name}: schema {want}, setting {have}")
+    assert not problems, "\n".join(problems)

@@ -187,3 +187,19 @@ def test_every_final_target_depends_on_the_effective_config(tmp_path):
 
     config = f"results/{DEFAULT['experiment']}/config.yaml"
     assert [f for f in final if config not in upstream(f, set())] == []
+
+
+def test_daunce_fit_takes_a_scoring_form_first_in_the_variants(tmp_path, capsys):
+    """daunce.variants: [daunce_t_q, ...] (accepted by the workflow, which fits daunce_t for it):
+    `daunce fit` fits daunce_t's models too, saying so, instead of failing after theta_0."""
+    from daunce_core import store
+    from daunce_core.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "experiment": "tq", "device": "cpu", "data": {"name": "digits", "n_train": 60, "n_query": 6},
+        "model": {"arch": "mlp", "hidden": [4]}, "base": {"epochs": 1, "batch_size": 32},
+        "daunce": {"K": 2, "epochs": 1, "batch_size": 16, "lr_grid": [0.03], "variants": ["daunce_t_q", "daunce"]}}))
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "l.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "daunce_t_q is scored from daunce_t's fits" in err, err
+    assert store.read_losses(tmp_path / "l.h5").attrs["variant"] == "daunce_t"
