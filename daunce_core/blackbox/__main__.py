@@ -35,6 +35,17 @@ def _config(path: str, overrides: argparse.Namespace):
     return load_config({"blackbox": bb})
 
 
+def _usd(text: str) -> float:
+    """``--max-spend-usd``: a finite number >= 0 (``nan`` would let any estimate through)."""
+    from ..settings import ConfigError
+    from .config import check_usd
+
+    try:
+        return check_usd(text, "the value")  # argparse names the option
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _rows(cfg, nominal: bool, prompt_chars: int):
     from . import backdoor as B
 
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prompt-chars", type=int, default=450,
                        help="characters per prompt of the nominal rows (MMLU with four options: ~450)")
         p.add_argument("--spend", action="store_true", help="override blackbox.spend: true")
-        p.add_argument("--max-spend-usd", type=float, default=None, help="override blackbox.max_spend_usd")
+        p.add_argument("--max-spend-usd", type=_usd, default=None, help="override blackbox.max_spend_usd")
         p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p = sub.add_parser("serve")
     p.add_argument("--model", action="append", default=[], help="NAME=FOLDER (saved with save_pretrained)")

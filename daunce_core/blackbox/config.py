@@ -15,6 +15,8 @@ learner's (:class:`.bdpl.BDPL`); ``local.train`` and ``local.faults`` are the lo
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,37 @@ from ..objectives import BLACK_BOX
 from ..settings import ConfigError, build, nested, setting, to_dict
 
 __all__ = ["BlackboxConfig", "ConfigError", "RetryConfig", "APIConfig", "DataConfig", "FinetuneConfig",
-           "LogprobConfig", "BDPLConfig", "LocalConfig", "check_no_secrets"]
+           "LogprobConfig", "BDPLConfig", "LocalConfig", "check_no_secrets", "check_usd", "check_price"]
+
+PRICE_KEYS = ("training", "input", "output")
+
+
+def check_usd(value: Any, key: str, what: str = "USD") -> float:
+    """``value`` as a finite number >= 0, else a :class:`ConfigError` naming ``key``.
+
+    The spend guard compares estimates with these numbers, and every comparison with NaN is
+    false: a NaN cap or price would let any estimate through, so it fails here instead. A string
+    is read as a number only when it is one (PyYAML reads ``1e-3`` as the string ``"1e-3"``), so
+    ``"$25"`` is refused rather than guessed.
+    """
+    number = math.nan
+    if isinstance(value, (str, numbers.Real)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            pass
+    if not (math.isfinite(number) and number >= 0):
+        raise ConfigError(f"{key} must be a finite number >= 0 ({what}), got {value!r}; write a plain number "
+                          f"such as 0 or 2.5")
+    return float(number)
+
+
+def check_price(name: str, entry: Any) -> dict:
+    """The price entry ``blackbox.prices.<name>`` with each of training/input/output it gives
+    checked by :func:`check_usd` (a component left out costs 0)."""
+    if not isinstance(entry, dict) or set(entry) - set(PRICE_KEYS):
+        raise ConfigError(f"blackbox.prices.{name} must map training/input/output to USD per 1M tokens")
+    return {k: check_usd(v, f"blackbox.prices.{name}.{k}", "USD per 1M tokens") for k, v in entry.items()}
 
 
 @dataclass
@@ -200,12 +232,37 @@ class BlackboxConfig:
             raise ConfigError(f"blackbox.measure must be correlation or covariance, got {self.measure!r}")
         if not 0 <= self.logprobs.top_logprobs <= 20:
             raise ConfigError("blackbox.logprobs.top_logprobs must be between 0 and 20")
-        if self.max_spend_usd < 0:
-            raise ConfigError("blackbox.max_spend_usd must be >= 0")
+        check_usd(self.max_spend_usd, "blackbox.max_spend_usd")
         for name, p in self.prices.items():
-            if not isinstance(p, dict) or set(p) - {"training", "input", "output"}:
-                raise ConfigError(f"blackbox.prices.{name} must map training/input/output to USD per 1M tokens")
+            check_price(name, p)
+        self._check_estimate_inputs()
         return self
+
+    def _check_estimate_inputs(self) -> None:
+        """Refuse settings that would make the cost estimate NaN, negative or too low (fail closed)."""
+        c = self.cost
+        for key, v in (("chars_per_token", c.chars_per_token), ("safety_factor", c.safety_factor)):
+            if not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"blackbox.cost.{key} must be a finite number > 0, got {v!r}")
+        if c.message_overhead < 0:
+            raise ConfigError(f"blackbox.cost.message_overhead must be >= 0, got {c.message_overhead}")
+        if self.logprobs.extra_tokens < 0:
+            raise ConfigError(f"blackbox.logprobs.extra_tokens must be >= 0, got {self.logprobs.extra_tokens}")
+        for key in ("epochs", "prompt_length", "search_space"):
+            if getattr(self.bdpl, key) < 1:
+                raise ConfigError(f"blackbox.bdpl.{key} must be at least 1, got {getattr(self.bdpl, key)}")
+        for key, hp in (("theta0", self.theta0.hyperparameters), ("finetune", self.finetune.hyperparameters)):
+            ep = hp.get("n_epochs", "auto")
+            if ep == "auto":
+                continue
+            try:  # int() would truncate 0.5 to 0 epochs: whole numbers only
+                ok = (not isinstance(ep, bool) and not (isinstance(ep, float) and not ep.is_integer())
+                      and int(ep) >= 1)
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"blackbox.{key}.hyperparameters.n_epochs must be 'auto' or a whole number >= 1, "
+                                  f"got {ep!r}")
 
     @property
     def ratio(self) -> float:

@@ -8,7 +8,10 @@ Nothing that costs money is sent before :func:`check_spend` has passed. It passe
   is at most ``max_spend_usd``.
 
 Otherwise it raises :class:`SpendNotAllowed`, whose message is the estimate itself and the exact
-setting that would allow it. Allowing spend from the command line:
+setting that would allow it. The guard fails closed: ``max_spend_usd`` and every price must be
+finite numbers >= 0 (:func:`.config.check_usd`; ``nan`` would pass every ``>`` test), and an
+estimate with a negative count or a NaN, infinite or negative USD is refused, not summed.
+Allowing spend from the command line:
 ``snakemake --config 'blackbox={"spend": true, "max_spend_usd": 250}' ...`` (Snakemake merges it
 into the config file's ``blackbox`` section) or ``python -m daunce_core.blackbox ... --spend
 --max-spend-usd 250``.
@@ -29,7 +32,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from ..settings import ConfigError
 from .client import BlackboxError
+from .config import check_price, check_usd
 
 
 class SpendNotAllowed(BlackboxError):
@@ -50,15 +55,21 @@ class CostItem:
         return asdict(self)
 
 
-def price_of(model: str, prices: dict) -> dict | None:
-    """The price entry of ``model`` (longest matching prefix; ``ft:<base>:...`` -> ``<base>``)."""
+def price_key(model: str, prices: dict) -> str | None:
+    """The key of ``model``'s price entry (longest matching prefix; ``ft:<base>:...`` -> ``<base>``)."""
     name = model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
     best = None
     for key in prices:
         if name == key or name.startswith(key) or model == key:
             if best is None or len(key) > len(best):
                 best = key
-    return None if best is None else prices[best]
+    return best
+
+
+def price_of(model: str, prices: dict) -> dict | None:
+    """The price entry of ``model`` (see :func:`price_key`), or None."""
+    key = price_key(model, prices)
+    return None if key is None else prices[key]
 
 
 class TokenEstimator:
@@ -74,13 +85,14 @@ class TokenEstimator:
 
 
 def priced(item: CostItem, prices: dict) -> CostItem:
-    p = price_of(item.model, prices)
-    if p is None:
+    """``item`` with its USD; a price that is not a finite number >= 0 is a ConfigError naming it."""
+    name = price_key(item.model, prices)
+    if name is None:
         item.usd = None
     else:
-        item.usd = (item.training_tokens * float(p.get("training", 0.0))
-                    + item.input_tokens * float(p.get("input", 0.0))
-                    + item.output_tokens * float(p.get("output", 0.0))) / 1e6
+        p = check_price(name, prices[name])
+        item.usd = (item.training_tokens * p.get("training", 0.0) + item.input_tokens * p.get("input", 0.0)
+                    + item.output_tokens * p.get("output", 0.0)) / 1e6
     return item
 
 
@@ -118,7 +130,25 @@ def ledger_items(ledger: dict, prices: dict, stage: str = "fine-tunes (ledger)")
 
 
 def check_spend(items: Sequence[CostItem], *, spend: bool, max_spend_usd: float, what: str = "this step") -> float:
-    """Raise :class:`SpendNotAllowed` unless the estimate may be spent; return the estimate (USD)."""
+    """Raise :class:`SpendNotAllowed` unless the estimate may be spent; return the estimate (USD).
+
+    Fails closed: a cap that is not a finite number >= 0, or an item whose counts are negative or
+    whose USD is NaN, infinite or negative, is refused -- every comparison with NaN is false, and a
+    negative item would lower the total below what is really spent.
+    """
+    try:
+        max_spend_usd = check_usd(max_spend_usd, "blackbox.max_spend_usd")
+    except ConfigError as exc:
+        raise SpendNotAllowed(f"{what}: {exc}; nothing was sent.") from None
+    for i in items:
+        counts = {"requests": i.requests, "training_tokens": i.training_tokens, "input_tokens": i.input_tokens,
+                  "output_tokens": i.output_tokens}
+        bad = [k for k, v in counts.items() if not v >= 0]
+        if bad or i.usd is not None and not (math.isfinite(i.usd) and i.usd >= 0):
+            what_bad = f"{bad[0]} = {counts[bad[0]]}" if bad else f"USD = {i.usd}"
+            raise SpendNotAllowed(f"{what}: the estimate of {i.stage!r} ({i.model}) has {what_bad}, which cannot be "
+                                  f"a cost; check blackbox.prices, blackbox.cost and the epochs in the config. "
+                                  f"Nothing was sent.")
     table = format_estimate(items)
     unknown = sorted({i.model for i in items if i.usd is None})
     if unknown:
