@@ -28,8 +28,10 @@ network; tests/test_api.py measures both).
 
 **Data** are map-style datasets (``len`` and indexing), ``DataLoader`` s (their dataset,
 ``collate_fn`` and ``batch_size`` are used; their sampler is not: Algorithm 1 draws each model's
-batches, keyed by ``(seed, k)``), or tuples of equally long tensors / arrays. Example ids are
-``train_ids`` / ``query_ids`` when given, else the dataset's ``ids`` attribute, else its indices.
+batches, keyed by ``(seed, k)``), or tuples of equally long tensors / arrays; the floating ones
+take the model's dtype (numpy's and sklearn's float64 arrays meet a float32 model). Example ids are
+``train_ids`` / ``query_ids`` when given, else the dataset's ``ids`` attribute, else its indices;
+they are unique int64. Bad arguments, labels and ids are refused in one line before any fit.
 
 **Speed.** The models of a chunk are trained together under ``torch.func.vmap`` when the Task's
 functions allow it (tried on two examples first); otherwise one by one with the same draws, with
@@ -49,6 +51,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -192,7 +195,9 @@ class _Data:
         return _to(self.collate([self.dataset[int(i)] for i in idx]), device)
 
 
-def _as_data(data: Any, name: str, ids: Any = None, device=None) -> _Data:
+def _as_data(data: Any, name: str, ids: Any = None, device=None, dtype: torch.dtype | None = None) -> _Data:
+    """``data`` as a :class:`_Data`; floating tensors of a tuple take the model's ``dtype`` (numpy's
+    and sklearn's float64 arrays meet a float32 model), other datasets are left as they are."""
     from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
     from torch.utils.data.dataloader import default_collate
 
@@ -214,6 +219,10 @@ def _as_data(data: Any, name: str, ids: Any = None, device=None) -> _Data:
     elif not (isinstance(data, Dataset) or (hasattr(data, "__len__") and hasattr(data, "__getitem__"))):
         raise TypeError(f"{name}: expected a Dataset, a DataLoader or a tuple of tensors, got "
                         f"{type(data).__name__}")
+    if tensors is not None and dtype is not None:
+        tensors = tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+        if isinstance(data, TensorDataset):
+            data = TensorDataset(*tensors)
     if tensors is not None and device is not None:
         tensors = tuple(t.to(device) for t in tensors)
     n = len(data)
@@ -232,8 +241,13 @@ def _check_ids(ids: Any, n: int, name: str) -> np.ndarray:
         raise ValueError(f"{name}_ids: {ids.shape} ids for {n} examples; give one id per example")
     if ids.dtype.kind not in "iu":
         raise ValueError(f"{name}_ids: ids must be integers (the losses layout stores int64), got {ids.dtype}")
-    if len(np.unique(ids)) != n:
-        raise ValueError(f"{name}_ids: ids repeat; each example needs its own id")
+    if ids.dtype.kind == "u" and (big := ids > np.iinfo(np.int64).max).any():
+        raise ValueError(f"{name}_ids: id {ids[big][0]} is beyond the int64 of the losses layout; "
+                         "give ids below 2**63")
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{name}_ids: ids repeat (first: {ids[first[counts > 1].min()]}); "
+                         "each example needs its own id")
     return ids.astype(np.int64)
 
 
@@ -432,22 +446,28 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
             ``batch_size`` defaults to the DataLoader's, else 64.
         chunk_size: models trained together (vmapped) at once.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-        out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically.
+        out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically;
+            refused before any fit if it is one of the JSONL inputs (``store.check_output``).
         train_ids, query_ids: example ids (default: the dataset's ``ids``, else its indices).
         mode: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`TaskFitter`).
         antithetic, common_batches, lr_schedule, first_order: the estimator options of the same
             names in the config's ``daunce`` section (``config.DaunceConfig``); the defaults are the
             paper's. ``antithetic`` needs an even K. LMs take none of them.
 
+    With :class:`ClassificationTask` on ``(inputs, labels)`` tensors, the labels must be integer
+    class indices [n] within the model's outputs; a [n, 1] column is refused, not squeezed.
+
     Raises:
+        ValueError: before any fit, a bad argument (K >= 2, epochs, chunk_size and batch_size >= 1
+            whole numbers, lr finite > 0, ratio in (0, 1], ...), labels or ids, in one line.
+        store.StoreError: ``out`` would replace an input or cannot be written.
         FloatingPointError: with ``out``, a model's signals are not finite (lower ``lr``).
     """
-    if K < 2:
-        raise ValueError(f"K must be at least 2 (a covariance needs two models), got {K}")
+    _check_fit_args(K=K, ratio=ratio, epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma,
+                    seed=seed, chunk_size=chunk_size, variant=variant, mode=mode, lr_schedule=lr_schedule,
+                    first_order=first_order)
     if out is not None:
-        store.check_output(out)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        store.check_output(out, inputs=_files(train, query))
     if antithetic and K % 2:
         raise ValueError(f"antithetic=True needs an even K (models 2j, 2j+1 form a pair), got K={K}")
     dev = pick_device(device)
@@ -465,7 +485,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         task = ClassificationTask() if task is None else task
         if not isinstance(task, Task):
             raise TypeError(f"task must be a daunce_core.api.Task or LMTask, got {type(task).__name__}")
-        tr, qu = _as_data(train, "train", train_ids, dev), _as_data(query, "query", query_ids, dev)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        tr = _as_data(train, "train", train_ids, dev, dtype)
+        qu = _as_data(query, "query", query_ids, dev, dtype)
         if batch_size is None and tr.batch_size:
             cfg = dataclasses.replace(cfg, batch_size=tr.batch_size)
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
@@ -491,10 +513,72 @@ def _fitter(model, task, tr: _Data, qu: _Data, variant, cfg, dev, mode):
 
     if type(task) is ClassificationTask and all(d.tensors is not None and len(d.tensors) == 2 for d in (tr, qu)):
         net = copy.deepcopy(model).to(dev)
+        tr, qu = _check_labels(net, tr, "train"), _check_labels(net, qu, "query")
         theta_0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
         return EnsembleFitter(net, theta_0, tr.tensors, qu.tensors, variant=variant, cfg=cfg,
                               train_ids=tr.ids, query_ids=qu.ids, mode=mode)
     return TaskFitter(model, task, tr, qu, variant=variant, cfg=cfg, device=dev, mode=mode)
+
+
+def _check_labels(net: nn.Module, data: _Data, name: str) -> _Data:
+    """``data`` with its labels as int64 class indices, refused (one line) unless they are integers,
+    one per example, in ``[0, C)`` for the C outputs of ``net`` -- before any fit, where cross
+    entropy and the margin would otherwise fail inside torch."""
+    X, y = data.tensors
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"{name}: the labels are {str(y.dtype).replace('torch.', '')}; ClassificationTask needs "
+                         "integer class indices (e.g. y.long(), or np.asarray(y, dtype=np.int64))")
+    if y.ndim != 1:
+        hint = " (pass y.reshape(-1))" if y.ndim == 2 and y.shape[1] == 1 else ""
+        raise ValueError(f"{name}: the labels have shape {tuple(y.shape)}; ClassificationTask needs one class "
+                         f"index per example, shape ({len(y)},){hint}")
+    was = net.training
+    with torch.no_grad():  # eval: a forward must not update theta_0's BatchNorm statistics
+        C = net.eval()(X[:1]).shape[-1]
+    net.train(was)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= C:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name}: label {bad} is outside the model's {C} classes (0..{C - 1}); "
+                         "check the labels or the model's output size")
+    return dataclasses.replace(data, tensors=(X, y.long()))
+
+
+def _files(*data: Any) -> list[str | os.PathLike]:
+    """The inputs of a call that are files (an LMTask's JSONL paths): no output may replace them."""
+    return [d for d in data if isinstance(d, (str, os.PathLike))]
+
+
+def _check_fit_args(*, K, ratio, epochs, lr, batch_size, rho, gamma, seed, chunk_size, variant, mode,
+                    lr_schedule, first_order) -> None:
+    """Refuse bad arguments of :func:`fit_losses` in one line each, before any model is fitted."""
+    from .config import FIRST_ORDER, LR_SCHEDULES
+
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def finite(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not whole(K) or K < 2:
+        raise ValueError(f"K must be at least 2 (a covariance needs two models) and a whole number, got {K!r}")
+    for name, value in (("epochs", epochs), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if not (value is None and name == "batch_size") and (not whole(value) or value < 1):
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if not finite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number above 0, got {lr!r}")
+    if not finite(ratio) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio (the subset ratio r of Algorithm 1) must be in (0, 1], got {ratio!r}")
+    for name, value in (("rho", rho), ("gamma", gamma)):
+        if not finite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not whole(seed):
+        raise ValueError(f"seed must be a whole number, got {seed!r}")
+    obj.check_variant(variant)
+    for name, value, allowed in (("mode", mode, ("vmap", "loop", "auto")), ("lr_schedule", lr_schedule, LR_SCHEDULES),
+                                 ("first_order", first_order, FIRST_ORDER)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _lm_examples(data: Any, name: str) -> list[dict]:
@@ -509,6 +593,13 @@ def _lm_examples(data: Any, name: str) -> list[dict]:
     return rows
 
 
+def _line_of(path: str | os.PathLike, i: int) -> int:
+    """The line number (from 1) of the ``i``-th example of a JSONL file, whose blank lines are skipped."""
+    with open(path) as fh:
+        rows = (n for n, line in enumerate(fh, 1) if line.strip())
+        return next(n for j, n in enumerate(rows) if j == i)
+
+
 def _lora_fitter(model, task: LMTask, train, query, cfg: DaunceConfig, lr: float, dev, train_ids, query_ids):
     from .fit.lm import LoraFitter
     from .lm.sequences import encode_examples, pad_id
@@ -516,9 +607,15 @@ def _lora_fitter(model, task: LMTask, train, query, cfg: DaunceConfig, lr: float
 
     tr, qu = _lm_examples(train, "train"), _lm_examples(query, "query")
     ids = []
-    for rows, given, name in ((tr, train_ids, "train"), (qu, query_ids, "query")):
-        if given is None and all("id" in r for r in rows):
+    for rows, given, name, src in ((tr, train_ids, "train", train), (qu, query_ids, "query", query)):
+        has = ["id" in r for r in rows]
+        if given is None and all(has):
             given = [r["id"] for r in rows]
+        elif given is None and any(has):  # positions in place of the ids the other rows carry: refused
+            i = has.index(False)
+            where = f"{src}, line {_line_of(src, i)}" if isinstance(src, (str, os.PathLike)) else f"{name}: example {i}"
+            raise ValueError(f"{where}: has no 'id' while other {name} examples have one; give every example "
+                             f"an 'id', or none (ids are then the positions), or pass {name}_ids")
         ids.append(_check_ids(given, len(rows), name))
     steps = task.steps
     if steps is None:
@@ -545,15 +642,23 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     (to ``losses_out``, or a temporary file) and streamed into the scores file ``out`` by
     :func:`daunce_core.scoring.score_file` -- top-k per query with ``topk``, dense otherwise
     within ``memory_gb`` -- and ``str(out)`` is returned. Other keywords are :func:`fit_losses`'s.
+    ``measure``, ``topk`` and ``memory_gb`` are checked before the fits; neither ``out`` nor
+    ``losses_out`` may be one of the input files.
     """
-    from .scoring import pairwise_scores, score_file
+    from .scoring import _check_measure, _check_memory, pairwise_scores, score_file
 
+    _check_measure(measure)  # the cheap arguments are checked before the K fits
     if out is None:
         if topk is not None:
             raise ValueError("scores: topk streams the best examples into a file; give out='scores.h5' too")
         sig = fit_losses(model, task, train, query, out=losses_out, **fit_kw)
         return pairwise_scores(sig.train, sig.query, measure=measure)
-    store.check_output(out, inputs=[losses_out] if losses_out else [])
+    if topk is not None and (not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1):
+        raise ValueError(f"topk must be a whole number of at least 1 (examples kept per query), got {topk!r}")
+    _check_memory(memory_gb)
+    if losses_out is not None:
+        store.check_output(losses_out, inputs=_files(train, query))
+    store.check_output(out, inputs=[losses_out, *_files(train, query)] if losses_out else _files(train, query))
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
         fit_losses(model, task, train, query, out=path, **fit_kw)

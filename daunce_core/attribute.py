@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .api import ClassificationTask, fit_losses
-from .scoring import pairwise_scores
+from .scoring import _check_measure, pairwise_scores
 
 
 def perturbed_losses(
@@ -64,5 +64,6 @@ def daunce_scores(model: nn.Module, train, query, *, measure: str = "correlation
     Keyword arguments are those of :func:`perturbed_losses`; ``measure`` is ``"correlation"``
     (the paper's default) or ``"covariance"`` (equation 6).
     """
+    _check_measure(measure)  # before the K fits, not after them
     train_sig, query_sig = perturbed_losses(model, train, query, **kwargs)
     return pairwise_scores(train_sig, query_sig, measure=measure)

@@ -17,7 +17,8 @@ Layouts (see docs/facts.md):
 
 * losses  -- ``train`` [K, n] and ``query`` [K, m] float32 (the per-example signal of each
   perturbed model: the loss, or the margin for ``daunce_t``), ``model_index`` [K] int64
-  (the k of each row), ``train_ids`` [n] and ``query_ids`` [m] int64, and attributes
+  (the k of each row; optional, 0..K-1 when absent), ``train_ids`` [n] and ``query_ids`` [m]
+  int64 (unique; both or neither, see above), and attributes
   ``variant``, ``signal`` (``"loss"`` or ``"margin"``), ``seed``, ``config`` (JSON),
   ``daunce_version``.
 * scores  -- ``format`` attribute ``"dense"``: ``scores`` [n, m] float32; ``format`` ``"topk"``:
@@ -85,6 +86,7 @@ VERSION = "0.1.0"
 log = logging.getLogger(__name__)
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_I64_MAX = np.iinfo(np.int64).max
 
 
 class StoreError(ValueError):
@@ -370,12 +372,29 @@ def _read_ints(f: h5py.File, key: str, length: int | None = None, of: str = "",
     if length is not None and ds.shape[0] != length:
         raise StoreError(f"{f.filename}: '{key}' has {ds.shape[0]} entries but {of} has {length}; "
                          "they must describe the same examples")
-    return ds[()].astype(np.int64, copy=False)
+    a = ds[()]
+    # uint64 values from 2**63 up would wrap to negative int64 numbers: another id than stored
+    if a.dtype.kind == "u" and a.size and (big := a > _I64_MAX).any():
+        raise StoreError(f"{f.filename}: dataset '{key}' holds uint64 value {a[big][0]}, beyond the "
+                         f"int64 of the layout (max {_I64_MAX}); store values below 2**63")
+    return a.astype(np.int64, copy=False)
+
+
+def _refuse_repeats(path, key: str, ids: np.ndarray) -> None:
+    """Refuse ids that repeat, naming ``key`` and the repeated id met first in the file."""
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        at = int(first[counts > 1].min())
+        raise StoreError(f"{path}: '{key}' repeats id {ids[at]} ({int((ids == ids[at]).sum())} times); "
+                         "each example needs its own id")
 
 
 def _example_ids(f: h5py.File, n: int, m: int, of_n: str, of_m: str
                  ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(train_ids, query_ids, positional): a file with neither id dataset gets 0..n-1, 0..m-1."""
+    """(train_ids, query_ids, positional): a file with neither id dataset gets 0..n-1, 0..m-1.
+
+    Repeated ids are refused here, where they are read, not only when two files are joined.
+    """
     has = {key: key in f for key in ("train_ids", "query_ids")}
     if not any(has.values()):
         return np.arange(n, dtype=np.int64), np.arange(m, dtype=np.int64), True
@@ -383,7 +402,10 @@ def _example_ids(f: h5py.File, n: int, m: int, of_n: str, of_m: str
         present, missing = sorted(has, key=lambda k: not has[k])
         raise StoreError(f"{f.filename}: has '{present}' but no '{missing}'; store both id "
                          "datasets, or neither for positional ids 0..n-1")
-    return (_read_ints(f, "train_ids", n, of_n), _read_ints(f, "query_ids", m, of_m), False)
+    ids = (_read_ints(f, "train_ids", n, of_n), _read_ints(f, "query_ids", m, of_m))
+    for key, a in zip(("train_ids", "query_ids"), ids):
+        _refuse_repeats(f.filename, key, a)
+    return (*ids, False)
 
 
 def is_positional(attrs: dict[str, Any]) -> bool:
@@ -628,7 +650,9 @@ def read_losses(path: str | os.PathLike) -> Losses:
         with _reading(path, "losses"):
             train = _read_numbers(f, "train", 2)
             query = _read_numbers(f, "query", 2)
-            model_index = _read_ints(f, "model_index")
+            # optional: a file written by another tool may hold only train and query (README)
+            model_index = (_read_ints(f, "model_index") if "model_index" in f
+                           else np.arange(train.shape[0], dtype=np.int64))
             train_ids, query_ids, positional = _example_ids(
                 f, train.shape[1], query.shape[1], "'train'", "'query'")
             attrs = _attrs(f)

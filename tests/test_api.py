@@ -182,7 +182,7 @@ def test_bad_inputs_are_one_line_errors(call, exc, pattern):
 
 def test_a_diverged_fit_writes_nothing(tmp_path):
     with pytest.raises(FloatingPointError, match="lower lr"):
-        fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=float("inf"), out=tmp_path / "l.h5", **KW)
+        fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=1e38, out=tmp_path / "l.h5", **KW)
     assert not list(tmp_path.iterdir())
 
 
@@ -244,3 +244,117 @@ def test_a_causal_lm_on_a_jsonl_of_prompt_response_pairs(tmp_path):
     np.testing.assert_array_equal(sig.query, ref_q)
     with pytest.raises(ValueError, match="example 0 is not a dict with 'prompt' and 'response'"):
         fit_losses(model, lm, [{"question": "1+1="}], task["query"], K=2, device="cpu")
+
+
+# --- bad arguments refused before any fit; inputs never overwritten (audit 4, 5, 6, 9) ---------
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """Fitting fails the test: an argument error must come before the K fits, not after them."""
+    from daunce_core.fit import chunks
+
+    def fit_all(*a, **kw):
+        raise AssertionError("the models were fitted before the bad argument was refused")
+
+    monkeypatch.setattr(chunks, "fit_all", fit_all)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(chunk_size=0), "chunk_size must be a whole number of at least 1, got 0"),
+    (dict(epochs=0), "epochs must be a whole number of at least 1, got 0"),
+    (dict(batch_size=0), "batch_size must be a whole number of at least 1, got 0"),
+    (dict(lr=float("nan")), "lr must be a finite number above 0, got nan"),
+    (dict(lr=0.0), "lr must be a finite number above 0, got 0.0"),
+    (dict(ratio=0.0), r"ratio \(the subset ratio r of Algorithm 1\) must be in \(0, 1\]"),
+    (dict(rho=float("inf")), "rho must be a finite number, got inf"),
+    (dict(K=4.5), "K must be at least 2"),
+    (dict(mode="fast"), "mode must be one of 'vmap', 'loop', 'auto', got 'fast'"),
+    (dict(lr_schedule="linear"), "lr_schedule must be one of 'constant', 'cosine'"),
+])
+def test_bad_fit_arguments_are_refused_before_any_fit(no_fit, kw, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        fit_losses(mlp(), None, (X, Y), (XQ, YQ), **{**KW, "lr": 0.1, **kw})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(measure="corr"), "measure must be one of"),
+    (dict(topk=0), "topk must be a whole number of at least 1"),
+    (dict(memory_gb=0), "memory_gb .* must be a finite number of GiB above 0"),
+])
+def test_bad_scores_arguments_are_refused_before_any_fit(no_fit, tmp_path, kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        scores(mlp(), None, (X, Y), (XQ, YQ), out=tmp_path / "s.h5", lr=0.1, **KW, **kw)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        scores(mlp(), None, (X, Y), (XQ, YQ), measure="corr", lr=0.1, **KW)
+    assert not list(tmp_path.iterdir())
+
+
+def test_numpy_float64_inputs_are_cast_to_the_models_float32():
+    """sklearn and numpy hand out float64 arrays; they are cast, not refused by torch."""
+    ref = fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, **KW)
+    got = fit_losses(mlp(), None, (X.double().numpy(), Y.numpy()), (XQ.double().numpy(), YQ.numpy()), lr=0.1, **KW)
+    np.testing.assert_array_equal(got.train, ref.train)
+    generic = fit_losses(mlp(), GenericClassification(), (X.double(), Y), (XQ.double(), YQ), lr=0.1, **KW)
+    same = fit_losses(mlp(), GenericClassification(), (X, Y), (XQ, YQ), lr=0.1, **KW)
+    np.testing.assert_array_equal(generic.train, same.train)
+    small = fit_losses(mlp(), None, (X, Y.to(torch.uint8)), (XQ, YQ.to(torch.uint8)), lr=0.1, **KW)
+    np.testing.assert_array_equal(small.train, ref.train)  # any integer labels: int64 class indices
+
+
+@pytest.mark.parametrize("y, yq, pattern", [
+    (Y.float(), YQ, "train: the labels are float32; ClassificationTask needs integer class indices"),
+    (Y[:, None], YQ, r"train: the labels have shape \(60, 1\); .* shape \(60,\) \(pass y.reshape\(-1\)\)"),
+    (Y, YQ + 3, r"query: label 5 is outside the model's 3 classes \(0..2\)"),
+    (Y - 1, YQ, r"train: label -1 is outside the model's 3 classes"),
+])
+def test_bad_labels_are_one_line_errors_before_any_fit(no_fit, y, yq, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        fit_losses(mlp(), None, (X, y), (XQ, yq), lr=0.1, **KW)
+    assert "\n" not in str(info.value)
+
+
+def test_ids_are_int64_and_unique_naming_the_first_repeat(no_fit):
+    with pytest.raises(ValueError, match=r"train_ids: id 18446744073709551615 is beyond the int64"):
+        big = np.append(np.arange(59, dtype=np.uint64), np.uint64(2**64 - 1))
+        fit_losses(mlp(), None, (X, Y), (XQ, YQ), train_ids=big, lr=0.1, **KW)
+    with pytest.raises(ValueError, match=r"query_ids: ids repeat \(first: 9\)"):
+        fit_losses(mlp(), None, (X, Y), (XQ, YQ), query_ids=[9, 4, 1, 4, 9, 2, 3], lr=0.1, **KW)
+
+
+def _jsonl(path, rows, blank_after=None):
+    import json
+
+    lines = [json.dumps(r) for r in rows]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_lm_rows_mixing_ids_and_none_are_refused_naming_the_line(tmp_path):
+    rows = [{"prompt": f"{i}+1=", "response": str(i + 1), "id": 1000 + i} for i in range(6)]
+    del rows[4]["id"]
+    train = _jsonl(tmp_path / "train.jsonl", rows, blank_after=2)  # line 6 holds example 4
+    query = _jsonl(tmp_path / "query.jsonl", rows[:2])
+    # refused before the tokenizer or the model is used
+    with pytest.raises(ValueError, match=r"train.jsonl, line 6: has no 'id' while other train examples have one"):
+        fit_losses(nn.Linear(1, 1), LMTask(None), train, query, K=2, device="cpu")
+    with pytest.raises(ValueError, match=r"query: example 1: has no 'id'"):
+        fit_losses(nn.Linear(1, 1), LMTask(None), rows[:4], [rows[0], rows[4]], K=2, device="cpu")
+
+
+def test_outputs_never_replace_the_jsonl_inputs(tmp_path):
+    rows = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(4)]
+    train, query = _jsonl(tmp_path / "train.jsonl", rows), _jsonl(tmp_path / "query.jsonl", rows[:2])
+    before = {p: p.read_bytes() for p in (train, query)}
+    lm = LMTask(None)
+    for call in (lambda: fit_losses(nn.Linear(1, 1), lm, train, query, K=2, device="cpu", out=query),
+                 lambda: scores(nn.Linear(1, 1), lm, train, query, K=2, device="cpu", out=tmp_path / "s.h5",
+                                losses_out=train),
+                 lambda: scores(nn.Linear(1, 1), lm, train, query, K=2, device="cpu", out=train),
+                 lambda: scores(nn.Linear(1, 1), lm, train, query, K=2, device="cpu", losses_out=query)):
+        with pytest.raises(store.StoreError, match="is the input file"):
+            call()
+    assert {p: p.read_bytes() for p in (train, query)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["query.jsonl", "train.jsonl"]

@@ -50,3 +50,17 @@ def test_the_api_defaults_are_the_study_setting_api_default():
     assert [defaults["lr"]] == d["lr_grid"]
     for k in ("K", "ratio", "epochs", "batch_size", "rho", "gamma", "seed"):
         assert defaults[k] == d[k], k
+
+
+def test_a_bad_measure_is_refused_before_the_fits(monkeypatch):
+    import pytest
+
+    from daunce_core.fit import chunks
+
+    def fit_all(*a, **kw):
+        raise AssertionError("the models were fitted before the bad measure was refused")
+
+    monkeypatch.setattr(chunks, "fit_all", fit_all)
+    X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    with pytest.raises(ValueError, match="measure must be one of .*got 'corr'"):
+        daunce_scores(torch.nn.Linear(4, 3), (X, y), (X[:3], y[:3]), K=4, measure="corr", device="cpu")

@@ -266,6 +266,12 @@ CASES = [
       score_bad(lambda d: losses(d, train_ids=None))),
     C("string-ids", 1, "'train_ids' holds strings",
       score_bad(lambda d: losses(d, train_ids=IDS_T.astype("S6")))),
+    C("repeated-train-ids", 1, "'train_ids' repeats id 1003 (2 times)",
+      score_bad(lambda d: losses(d, train_ids=np.where(IDS_T == 1009, 1003, IDS_T)))),
+    C("repeated-query-ids", 1, "'query_ids' repeats id 500",
+      score_bad(lambda d: losses(d, query_ids=np.r_[500, IDS_Q[1:-1], 500]))),
+    C("uint64-ids-beyond-int64", 1, "'train_ids' holds uint64 value 18446744073709551615, beyond the int64",
+      score_bad(lambda d: losses(d, train_ids=np.append(IDS_T[:-1].astype(np.uint64), np.uint64(2**64 - 1))))),
     C("nan-train", 1, "1 training example(s) have NaN or infinite values, first ids: 1003",
       score_bad(lambda d: losses(d, train=with_nan(TRAIN)))),
     C("inf-query", 1, "1 query example(s) have NaN or infinite values, first ids: 502",
@@ -309,6 +315,7 @@ CASES = [
         lambda d: losses(d, train=np.round(TRAIN * 100).astype(np.int32))), new=(NEW,)),
     C("no-ids-positional", 0, "wrote", score_bad(
         lambda d: losses(d, train_ids=None, query_ids=None)), new=(NEW,), check=positional_marker),
+    C("no-model-index", 0, "wrote", score_bad(lambda d: losses(d, model_index=None)), new=(NEW,)),
     C("huge-float32-values-correlation", 0, "wrote", _ref_then(
         lambda d: losses(d, train=TRAIN * np.float32(1e30))), new=(NEW, "ref.h5"),
       check=finite_scores),

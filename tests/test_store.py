@@ -273,3 +273,44 @@ def test_scores_with_nan_or_bad_topk_positions_are_refused(tmp_path):
         store.write_scores(tmp_path / "s.h5", indices=np.array([[2]]), values=np.ones((1, 1)),
                            train_ids=np.arange(2), query_ids=np.arange(1))
     assert list(tmp_path.iterdir()) == []
+
+
+def _raw(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            f[key] = value
+    return path
+
+
+def test_repeated_ids_are_refused_where_they_are_read_naming_key_and_id(tmp_path):
+    L = make_losses()
+    base = {"train": L.train, "query": L.query, "train_ids": L.train_ids, "query_ids": L.query_ids}
+    _raw(tmp_path / "l.h5", **{**base, "train_ids": np.array([100, 101, 102, 101, 104, 100])})
+    with pytest.raises(store.StoreError, match=r"l\.h5: 'train_ids' repeats id 100 \(2 times\)"):
+        store.read_losses(tmp_path / "l.h5")
+    _raw(tmp_path / "s.h5", scores=np.ones((6, 3)), train_ids=L.train_ids, query_ids=np.array([7, 8, 7]))
+    with h5py.File(tmp_path / "s.h5", "a") as f:
+        f.attrs["format"] = "dense"
+    with pytest.raises(store.StoreError, match=r"s\.h5: 'query_ids' repeats id 7"):
+        store.read_scores(tmp_path / "s.h5")
+
+
+def test_uint64_ids_beyond_int64_are_refused_not_wrapped(tmp_path):
+    L = make_losses(n=3)
+    ids = np.array([2**63 + 5, 7, 2**64 - 1], np.uint64)
+    _raw(tmp_path / "l.h5", train=L.train, query=L.query, train_ids=ids, query_ids=L.query_ids)
+    with pytest.raises(store.StoreError, match=r"'train_ids' holds uint64 value 9223372036854775813, beyond the int64"):
+        store.read_losses(tmp_path / "l.h5")
+    _raw(tmp_path / "ok.h5", train=L.train, query=L.query, train_ids=np.array([2**63 - 1, 7, 0], np.uint64),
+         query_ids=L.query_ids.astype(np.uint64))
+    np.testing.assert_array_equal(store.read_losses(tmp_path / "ok.h5").train_ids, [2**63 - 1, 7, 0])
+
+
+def test_a_losses_file_of_train_and_query_alone_reads_with_model_index_0_to_K(tmp_path):
+    """README and the tutorial describe a losses file as ``train`` [K, n] and ``query`` [K, m];
+    ``daunce score`` reads it, and so does ``read_losses``."""
+    L = make_losses()
+    R = store.read_losses(_raw(tmp_path / "l.h5", train=L.train, query=L.query))
+    np.testing.assert_array_equal(R.model_index, np.arange(4))
+    np.testing.assert_array_equal(R.train, L.train)
+    assert R.attrs["ids"] == "positional"
