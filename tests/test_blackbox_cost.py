@@ -98,3 +98,16 @@ def test_cli_refuses_max_spend_usd_that_is_not_a_finite_number_at_least_0(cap, c
     out = capsys.readouterr()
     assert exit_.value.code == 2 and "allowed" not in out.out
     assert "argument --max-spend-usd: the value must be a finite number >= 0" in out.err.splitlines()[-1]
+
+
+def test_a_price_the_item_needs_but_the_entry_lacks_is_refused_not_free():
+    prices = {"m": {"training": 2.0}}  # no input or output price
+    assert priced(CostItem("fine-tune", "m", 1, 1_000_000), prices).usd == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match=r"^blackbox.prices.m has no 'input' price"):
+        priced(CostItem("queries", "ft:m:org::x", 10, 0, 1000, 0), prices)
+
+
+def test_a_safety_factor_below_one_is_refused():
+    with pytest.raises(ConfigError, match=r"blackbox.cost.safety_factor must be a finite number >= 1"):
+        BlackboxConfig.from_dict({"cost": {"safety_factor": 0.5}})
+    assert BlackboxConfig.from_dict({"cost": {"safety_factor": 1.0}}).cost.safety_factor == 1.0

@@ -241,9 +241,11 @@ class BlackboxConfig:
     def _check_estimate_inputs(self) -> None:
         """Refuse settings that would make the cost estimate NaN, negative or too low (fail closed)."""
         c = self.cost
-        for key, v in (("chars_per_token", c.chars_per_token), ("safety_factor", c.safety_factor)):
-            if not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"blackbox.cost.{key} must be a finite number > 0, got {v!r}")
+        if not math.isfinite(c.chars_per_token) or c.chars_per_token <= 0:
+            raise ConfigError(f"blackbox.cost.chars_per_token must be a finite number > 0, got {c.chars_per_token!r}")
+        if not math.isfinite(c.safety_factor) or c.safety_factor < 1:
+            raise ConfigError(f"blackbox.cost.safety_factor must be a finite number >= 1 (it makes the estimate err "
+                              f"high, never low), got {c.safety_factor!r}")
         if c.message_overhead < 0:
             raise ConfigError(f"blackbox.cost.message_overhead must be >= 0, got {c.message_overhead}")
         if self.logprobs.extra_tokens < 0:

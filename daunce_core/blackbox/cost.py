@@ -85,12 +85,18 @@ class TokenEstimator:
 
 
 def priced(item: CostItem, prices: dict) -> CostItem:
-    """``item`` with its USD; a price that is not a finite number >= 0 is a ConfigError naming it."""
+    """``item`` with its USD; a price that is not a finite number >= 0, or none for a kind of token
+    the item uses, is a ConfigError naming it."""
     name = price_key(item.model, prices)
     if name is None:
         item.usd = None
     else:
         p = check_price(name, prices[name])
+        lacking = [k for k, n in (("training", item.training_tokens), ("input", item.input_tokens),
+                                  ("output", item.output_tokens)) if n and k not in p]
+        if lacking:  # a missing price is unknown, not free: fail closed
+            raise ConfigError(f"blackbox.prices.{name} has no {lacking[0]!r} price, but {item.stage!r} uses "
+                              f"{lacking[0]} tokens; add it (USD per 1M tokens, 0 for a free endpoint)")
         item.usd = (item.training_tokens * p.get("training", 0.0) + item.input_tokens * p.get("input", 0.0)
                     + item.output_tokens * p.get("output", 0.0)) / 1e6
     return item
