@@ -86,7 +86,7 @@ def ensemble_fitter(cfg: ExperimentConfig, split_path, theta0_path, variant: str
 
     from .ensemble import Speed
     from .fit.ensemble import EnsembleFitter
-    from .models import build_model
+    from .models import build_model, check_state
     from .utils import pick_device
 
     device = pick_device(cfg.device)
@@ -94,7 +94,8 @@ def ensemble_fitter(cfg: ExperimentConfig, split_path, theta0_path, variant: str
     train = (torch.as_tensor(ds.X_train, device=device), torch.as_tensor(ds.y_train, device=device))
     query = (torch.as_tensor(ds.X_query, device=device), torch.as_tensor(ds.y_query, device=device))
     net = build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes).to(device)
-    return EnsembleFitter(net, store.load_state(theta0_path, device), train, query, variant=variant,
+    theta0 = check_state(net, store.load_state(theta0_path, device), str(theta0_path))  # keys, shapes, finite
+    return EnsembleFitter(net, theta0, train, query, variant=variant,
                           cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
                           speed=Speed.from_train(cfg.base))
 

@@ -268,3 +268,23 @@ def test_layers_point_one_way():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_the_workflows_perturbed_fits_refuse_a_theta0_of_another_model(tmp_path):
+    """pipeline.ensemble_fitter (the perturbed_chunk rule) checks theta_0 against the config's model:
+    a missing or reshaped key would otherwise train from a partly random theta_0."""
+    from daunce_core import pipeline, store
+    from daunce_core.config import ExperimentConfig
+    from daunce_core.data import load_dataset
+    from daunce_core.models import ModelError
+
+    c = ExperimentConfig.from_dict({"device": "cpu", "data": {"name": "digits", "n_train": 40, "n_query": 5},
+                                    "model": {"arch": "mlp", "hidden": [16]}})
+    ds = load_dataset(c.data)
+    np.savez(tmp_path / "split.npz", train_ids=ds.train_ids, query_ids=ds.query_ids)
+    for hidden, name in (([8], "narrow"), ([16], "right")):
+        net = build_model(ModelConfig(arch="mlp", hidden=hidden), ds.X_train.shape[1:], ds.num_classes)
+        store.save_state(net.state_dict(), tmp_path / f"{name}.safetensors")
+    with pytest.raises(ModelError, match=r"narrow\.safetensors: theta_0 key .* has shape"):
+        pipeline.ensemble_fitter(c, tmp_path / "split.npz", tmp_path / "narrow.safetensors", "daunce")
+    assert pipeline.ensemble_fitter(c, tmp_path / "split.npz", tmp_path / "right.safetensors", "daunce") is not None
