@@ -173,13 +173,24 @@ def augment_batch(x: torch.Tensor, gen: np.random.Generator, pad: int = 2,
     return shift_and_flip(x, flip, dy, dx, pad, padding)
 
 
-def _augment_step(xb: torch.Tensor, gens: list[np.random.Generator], pad: int, padding: str) -> torch.Tensor:
-    """Augment one step's images [c, B, ...] of c models: each model draws from its own stream,
-    all draws go to the device in one copy, and one batched crop serves every model."""
+def _augment_plan(gens: list[np.random.Generator], steps: int, B: int, pad: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every step's augmentation draws of c models, on the device in one copy per trainer call:
+    flips [steps, c B] bool and offsets [steps, c B] int16. Model i draws step after step from its
+    own stream ``gens[i]``, so the draws are those of drawing at each step. One copy instead of one
+    per step: a copy from pageable host memory waits for the device to finish its queued work, so
+    a copy per step would stall the GPU while the host queues the next step."""
+    draws = [[augment_draws(g, B, pad) for _ in range(steps)] for g in gens]  # [c][steps] of (flip, dy, dx)
+    return tuple(torch.as_tensor(np.stack([np.concatenate([d[t][i] for d in draws]) for t in range(steps)])
+                                 .astype(bool if i == 0 else np.int16), device=device)
+                 for i in range(3))
+
+
+def _augment_step(xb: torch.Tensor, plan: tuple[torch.Tensor, ...], step: int, pad: int, padding: str) -> torch.Tensor:
+    """Augment one step's images [c, B, ...] of c models with the step's row of :func:`_augment_plan`:
+    one batched crop serves every model."""
     c, B = xb.shape[:2]
-    draws = [augment_draws(g, B, pad) for g in gens]
-    flip, dy, dx = (torch.as_tensor(np.stack([d[i] for d in draws]).reshape(-1), device=xb.device)
-                    for i in range(3))
+    flip, dy, dx = (t[step] for t in plan)
     return shift_and_flip(xb.reshape(c * B, *xb.shape[2:]), flip, dy, dx, pad, padding).reshape(xb.shape)
 
 
@@ -280,12 +291,13 @@ def train_stacked(
         b = {k: v[group].detach().clone() for k, v in buffers.items()}
         center = {k: v[group].detach() for k, v in prox_center.items()} if prox_center else None
         opt, lr_sched = _optimizer(list(p.values()), spec, steps)
-        gens = [np.random.default_rng([*augment_keys[c], 3]) for c in group] if augment_keys else None
+        plan = (_augment_plan([np.random.default_rng([*augment_keys[c], 3]) for c in group], steps,
+                              schedule.shape[2], augment_pad, device) if augment_keys else None)
         for step in range(steps):
             idx = sched[:, step].contiguous()  # [c, B]
             xb = X[idx]  # [c, B, ...]
-            if gens is not None:
-                xb = _augment_step(xb, gens, augment_pad, augment_padding)
+            if plan is not None:
+                xb = _augment_step(xb, plan, step, augment_pad, augment_padding)
             if speed.channels_last:
                 xb = _channels_last(xb)
             with speed.autocast(device):

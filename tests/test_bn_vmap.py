@@ -149,14 +149,17 @@ def test_perturbed_fits_default_keep_theta0_statistics(data, theta0):
 
 
 def test_augmentation_on_the_device_draws_each_models_own_stream():
-    """The batched step augmentation equals per-model ``augment_batch`` calls on the same streams."""
+    """The batched step augmentation, drawn for every step at once, equals per-model
+    ``augment_batch`` calls drawn step after step on the same streams."""
     x = torch.randn(2, 5, 3, 8, 8)
     keys = [(4, 0), (4, 1)]
-    gens = [np.random.default_rng([*k, 3]) for k in keys]
-    batched = E._augment_step(x, gens, 4, "constant")
-    ref = torch.stack([E.augment_batch(x[i], np.random.default_rng([*keys[i], 3]), 4, "constant") for i in range(2)])
-    assert torch.equal(batched, ref)
-    assert not torch.equal(batched[0], batched[1])
+    plan = E._augment_plan([np.random.default_rng([*k, 3]) for k in keys], 3, 5, 4, x.device)
+    ref_gens = [np.random.default_rng([*k, 3]) for k in keys]
+    for step in range(3):
+        batched = E._augment_step(x, plan, step, 4, "constant")
+        ref = torch.stack([E.augment_batch(x[i], ref_gens[i], 4, "constant") for i in range(2)])
+        assert torch.equal(batched, ref), step
+        assert not torch.equal(batched[0], batched[1])
 
 
 def test_speed_options_are_off_by_default_and_accepted(data, monkeypatch):
