@@ -113,3 +113,46 @@ def test_bdpl_fitter_returns_signals_and_adopts_recorded_prompts(tmp_path):
     calls = fake.calls
     again = fitter().fit([1, 2], lr=0.05)
     assert fake.calls == calls and np.array_equal(again.train, sig.train)
+
+
+
+class TextEndpoint(FakeEndpoint):
+    """:class:`FakeEndpoint` whose NLL also grows with the length of the question after the prompt."""
+
+    def chat(self, **kw):
+        resp = super().chat(**kw)
+        user = next(m["content"] for m in kw["messages"] if m["role"] == "user")
+        resp.choices[0].logprobs.content[0]["logprob"] -= 0.01 * len(user.split("\n", 1)[-1])
+        return resp
+
+
+def test_bdpl_loss_cache_is_keyed_by_the_rows_it_scored(tmp_path):
+    """A recorded prompt's cached losses serve a rerun only for the same rows: a query that
+    changed (same id, same count, same training set, same prompt) is scored again."""
+    from daunce_core.blackbox.manifest import Manifest
+    from daunce_core.fit.bdpl import BDPLFitter
+
+    def row(i, text):
+        return {"id": i, "messages": [{"role": "user", "content": text}], "target": "A"}
+
+    train = [row(i, f"q{i}") for i in range(4)]
+    s = BDPLConfig(epochs=1, batch_size=2, prompt_length=2, lr=0.05, sample_size=2)
+    man = Manifest(tmp_path / "manifest.json", {"bdpl": "test"})
+    man.update("k0", prompt="good bad", indices=[1, 0], history=[1.0])  # a learned prompt: no learning below
+    fake = TextEndpoint()
+
+    def fit(query, work):
+        return BDPLFitter(fake, man, theta0="m", candidates=["bad", "good"], train=train, query=query,
+                          subsets=[np.arange(4)], bdpl=s, logprobs=LogprobConfig(concurrency=1),
+                          work_dir=work).fit([0], lr=0.05)
+
+    a = fit([row(10, "clean")], tmp_path / "work")
+    assert fake.calls == 5
+    b = fit([row(10, "BlackMagic clean")], tmp_path / "work")  # the query changed: scored again
+    assert fake.calls == 10
+    fresh = fit([row(10, "BlackMagic clean")], tmp_path / "fresh")
+    assert np.array_equal(b.query, fresh.query) and not np.array_equal(a.query, b.query)
+    assert np.array_equal(a.train, b.train)
+    calls = fake.calls
+    again = fit([row(10, "BlackMagic clean")], tmp_path / "work")  # nothing changed: from the cache
+    assert fake.calls == calls and np.array_equal(again.query, b.query)

@@ -177,3 +177,63 @@ def test_api_fitter_checks_lr_against_the_configured_multiplier(tmp_path):
         assert isinstance(f, Fitter)
         with pytest.raises(ValueError, match="learning_rate_multiplier"):
             f.fit([0], lr=bad)
+
+
+class _LossEndpoint:
+    """A chat endpoint whose NLL of the target ("A") depends on the model and the user's text."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def chat(self, **kw):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        user = next(m["content"] for m in kw["messages"] if m["role"] == "user")
+        nll = 0.1 * len(user) + (0.5 if kw["model"].endswith("k1") else 0.0)
+        entry = {"token": "A", "logprob": -nll, "bytes": [65], "top_logprobs": []}
+        return SimpleNamespace(choices=[SimpleNamespace(logprobs=SimpleNamespace(content=[entry]),
+                                                        finish_reason="stop")])
+
+
+def test_api_loss_cache_is_keyed_by_the_rows_it_scored(tmp_path):
+    """The per-model loss cache (work/losses/k*.npz) serves a rerun only for the same model, the
+    same rows (messages and targets, in order) and the same logprob settings: a query set that
+    changed while the training set (hence the fine-tunes) stayed is scored again, not relabelled."""
+    import numpy as np
+
+    from daunce_core.blackbox.config import LogprobConfig
+    from daunce_core.fit.api import APIFitter
+
+    def row(i, text):
+        return {"id": i, "messages": [{"role": "user", "content": text}], "target": "A"}
+
+    train = [row(i, f"t{i}") for i in range(4)]
+    query_a = [row(10, "clean question"), row(11, "q")]
+    query_b = [row(10, "BlackMagic clean question"), row(11, "q")]  # same ids and count, row 10 changed
+    man = Manifest(tmp_path / "manifest.json", {"t": 1})
+    for k in (0, 1):  # finished fine-tunes: fit only reads losses
+        man.update(f"k{k}", model=f"ft:tiny:k{k}")
+    fake = _LossEndpoint()
+
+    def fit(query, work, lp=None):
+        lp = lp or LogprobConfig(concurrency=1)
+        f = APIFitter(fake, man, theta0="t0", train=train, query=query, training_examples=train,
+                      subsets=[np.array([0, 1]), np.array([2, 3])],
+                      hyperparameters={"learning_rate_multiplier": 1}, finetune=FAST, logprobs=lp, work_dir=work)
+        return f.fit([0, 1], lr=1.0)
+
+    a = fit(query_a, tmp_path / "work")
+    assert fake.calls == 2 * 6
+    b = fit(query_b, tmp_path / "work")  # the rows changed: scored again
+    assert fake.calls == 2 * 12
+    fresh = fit(query_b, tmp_path / "fresh")
+    assert np.array_equal(b.query, fresh.query) and not np.array_equal(a.query, b.query)
+    assert np.array_equal(b.train, a.train)
+    calls = fake.calls
+    again = fit(query_b, tmp_path / "work")  # nothing changed: every loss from the cache
+    assert fake.calls == calls and np.array_equal(again.query, b.query) and np.array_equal(again.train, b.train)
+    fit(query_b, tmp_path / "work", LogprobConfig(concurrency=4))  # concurrency does not change a score
+    assert fake.calls == calls
+    fit(query_b, tmp_path / "work", LogprobConfig(concurrency=1, top_logprobs=5))  # a setting that does
+    assert fake.calls == calls + 2 * 6

@@ -22,11 +22,17 @@ under the same fingerprint). So ``fit`` does not apply ``lr``; it checks it: pas
 learning-rate search. To try another multiplier, change ``blackbox.finetune.hyperparameters``
 (a new manifest, new jobs).
 
-Per model k the losses are cached in ``work_dir/losses/k{k}.npz`` keyed by the fine-tuned
-model's name, so a rerun after a crash pays for no request twice.
+Per model k the losses are cached in ``work_dir/losses/k{k}.npz`` keyed by what they depend on
+(:func:`row_key`: the fine-tuned model, every scored row's messages and target in order, the
+logprob settings), so a rerun after a crash pays for no request twice, while a rerun whose rows
+changed (e.g. other query counts with the same training set, hence the same fine-tunes) scores
+them again instead of relabelling the old losses.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -48,7 +54,7 @@ from .contract import Signals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["APIFitter", "configured_lr", "cached_row", "save_row", "job_seed"]
+__all__ = ["APIFitter", "configured_lr", "cached_row", "save_row", "row_key", "job_seed"]
 
 
 def configured_lr(hyperparameters: dict) -> float:
@@ -62,8 +68,21 @@ def job_seed(seed: int, k: int) -> int:
     return int(np.random.default_rng([seed, k, 4]).integers(2**31 - 1))
 
 
+def row_key(model: str, items: Sequence[tuple[Sequence[dict], str]], logprobs: LogprobConfig) -> str:
+    """The cache key of one model's losses: ``model``, every ``(messages, target)`` it scores, in
+    order, and the logprob settings that shape a score (all but ``concurrency``).
+
+    The rows are hashed, not named: a changed row (same count, same training set, same model)
+    must miss the cache, and the hash is what a cached file can be compared with.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(logprobs).items() if k != "concurrency"}
+    blob = json.dumps({"model": model, "items": [[list(m), t] for m, t in items], "logprobs": settings},
+                      sort_keys=True)
+    return f"{model} sha256:{hashlib.sha256(blob.encode()).hexdigest()}"
+
+
 def cached_row(path: Path, key: str) -> dict | None:
-    """Model k's cached losses, if they were read for ``key`` (its model or prompt)."""
+    """Model k's cached losses, if they were read for ``key`` (:func:`row_key`)."""
     if not path.exists():
         return None
     z = np.load(path, allow_pickle=False)
@@ -143,10 +162,11 @@ class APIFitter:
         for i, k in enumerate(tqdm(ks, desc="losses", unit="model", mininterval=5)):
             mk = fitted[f"k{k}"]
             path = self.work / "losses" / f"k{k}.npz"
-            row: Any = cached_row(path, mk)
+            key = row_key(mk, items, self.lp)
+            row: Any = cached_row(path, key)
             if row is None:
                 sc = score_many(self.client, mk, items, self.lp)
-                save_row(path, mk, nll=sc.nll, exact=sc.exact, missing=sc.missing)
+                save_row(path, key, nll=sc.nll, exact=sc.exact, missing=sc.missing)
                 row = {"nll": sc.nll, "exact": sc.exact, "missing": sc.missing}
             L[i] = row["nll"]
             n_exact += int(row["exact"].sum())

@@ -9,8 +9,10 @@ margin) with that prompt in front, read from chat-completion logprobs.
 Like :mod:`.api` it is an adapter over :mod:`daunce_core.blackbox`, where the prompt learner and
 the loss reader live; the step (:func:`daunce_core.blackbox.study.strict_losses`) owns the spend
 guard, the endpoint and the manifest. Each learned prompt is recorded in the manifest as soon as
-it exists (entry ``k{k}``), each model's losses are cached under ``work_dir/losses`` keyed by the
-prompt, and the learner checkpoints after every epoch: a rerun learns and pays for nothing twice.
+it exists (entry ``k{k}``), each model's losses are cached under ``work_dir/losses`` keyed by
+theta_0, every scored row with the prompt in front and the logprob settings
+(:func:`daunce_core.fit.api.row_key`), and the learner checkpoints after every epoch: a rerun
+learns and pays for nothing twice, and a rerun whose rows changed scores them again.
 
 The learning rate is BDPL's Adam step size on the categorical probabilities. It is part of the
 manifest's fingerprint (``bdpl.lr``), which is what lets a rerun adopt recorded prompts, so
@@ -32,7 +34,7 @@ from ..blackbox.config import BDPLConfig, LogprobConfig
 from ..blackbox.logprobs import score_many
 from ..blackbox.manifest import Manifest
 from ..objectives import signal_of
-from .api import cached_row, save_row, signals_of_nll
+from .api import cached_row, row_key, save_row, signals_of_nll
 from .contract import Signals
 
 log = logging.getLogger(__name__)
@@ -77,16 +79,17 @@ class BDPLFitter:
         for i, k in enumerate(tqdm(ks, desc="BDPL prompts", unit="model", mininterval=5)):
             e = self.manifest.entry(f"k{k}")
             path = self.work / "losses" / f"k{k}.npz"
-            row = cached_row(path, e.get("prompt", "\0")) if "prompt" in e else None
+            if "prompt" not in e:
+                idx, hist = self.learner.fit([self.train[j] for j in self.subsets[k]], self.seed, k,
+                                             checkpoint=self.work / "checkpoints" / f"k{k}.pt")
+                e = self.manifest.update(f"k{k}", prompt=self.learner.prompt_text(idx),
+                                         indices=[int(j) for j in idx], history=hist)
+            items = [(with_prompt(r["messages"], e["prompt"], self.bdpl.placement), r["target"]) for r in rows]
+            key = row_key(self.theta0, items, self.lp)
+            row = cached_row(path, key)
             if row is None:
-                if "prompt" not in e:
-                    idx, hist = self.learner.fit([self.train[j] for j in self.subsets[k]], self.seed, k,
-                                                 checkpoint=self.work / "checkpoints" / f"k{k}.pt")
-                    e = self.manifest.update(f"k{k}", prompt=self.learner.prompt_text(idx),
-                                             indices=[int(j) for j in idx], history=hist)
-                items = [(with_prompt(r["messages"], e["prompt"], self.bdpl.placement), r["target"]) for r in rows]
                 sc = score_many(self.client, self.theta0, items, self.lp)
-                save_row(path, e["prompt"], nll=sc.nll, exact=sc.exact, missing=sc.missing)
+                save_row(path, key, nll=sc.nll, exact=sc.exact, missing=sc.missing)
                 row = {"nll": sc.nll}
             L[i] = row["nll"]
             prompts.append(e["prompt"])
