@@ -156,3 +156,26 @@ def test_bdpl_loss_cache_is_keyed_by_the_rows_it_scored(tmp_path):
     calls = fake.calls
     again = fit([row(10, "BlackMagic clean")], tmp_path / "work")  # nothing changed: from the cache
     assert fake.calls == calls and np.array_equal(again.query, b.query)
+
+
+def test_a_checkpoint_of_other_rows_is_not_resumed(tmp_path, caplog):
+    """The per-epoch checkpoint resumes only the learning it was written for: after D^k changed
+    (e.g. the manifest moved away and the data remade) the prompt is learned afresh on the new rows."""
+    def rows(word):
+        return [{"messages": [{"role": "user", "content": f"{word}{i}"}], "target": "A"} for i in range(4)]
+
+    s = BDPLConfig(epochs=2, batch_size=2, prompt_length=2, lr=0.05, sample_size=2)
+    fake = FakeEndpoint()
+    learner = BDPL(fake, "m", ["bad", "good", "worse"], s, LogprobConfig(concurrency=1))
+    ck = tmp_path / "ck.pt"
+    learner.fit(rows("old"), seed=0, k=0, checkpoint=ck)
+    assert fake.calls == 2 * 4 * 2
+    learner.fit(rows("old"), seed=0, k=0, checkpoint=ck)  # the same rows: resumed, nothing to do
+    assert fake.calls == 2 * 4 * 2
+    new, hist = learner.fit(rows("new"), seed=0, k=0, checkpoint=ck)
+    assert fake.calls == 2 * (2 * 4 * 2) and "learning the prompt afresh" in caplog.text
+    fresh, fresh_hist = BDPL(FakeEndpoint(), "m", ["bad", "good", "worse"], s, LogprobConfig(concurrency=1)).fit(
+        rows("new"), seed=0, k=0, checkpoint=tmp_path / "fresh.pt")
+    assert new.tolist() == fresh.tolist() and hist == fresh_hist
+    learner.fit(rows("new"), seed=0, k=1, checkpoint=ck)  # another model k: its own learning
+    assert fake.calls == 3 * (2 * 4 * 2)

@@ -24,10 +24,15 @@ in positions a short run never updated, broken at random with model k's generato
 losses of every training and query example under the prompt are model k's row of the losses
 file, exactly as for a fine-tuned model. Random numbers of model k come from
 ``default_rng([seed, k, 3, epoch])``; the state is checkpointed after every epoch, so an
-interrupted run resumes at the last finished epoch of the model it was learning.
+interrupted run resumes at the last finished epoch of the model it was learning. A checkpoint
+records a hash of what its state depends on (:meth:`BDPL.checkpoint_key`); one written for other
+rows or settings is not resumed (the learning starts afresh, with a warning).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import re
@@ -159,6 +164,17 @@ class BDPL:
         s = torch.as_tensor(self.signal_of_nll(nll), dtype=torch.float64)
         return float(perturbed_objective(self.variant, s).mean())
 
+    def checkpoint_key(self, rows: Sequence[dict], seed: int, k: int) -> str:
+        """A hash of what the learning state of model k depends on: the model, the candidates, the
+        settings (but ``exclude``, whose effect is in the candidates), the logprob settings (but
+        ``concurrency``), the variant, the seed, ``k`` and every row of ``D^k``, in order."""
+        settings = {n: v for n, v in dataclasses.asdict(self.s).items() if n != "exclude"}
+        lp = {n: v for n, v in dataclasses.asdict(self.lp).items() if n != "concurrency"}
+        blob = json.dumps({"model": self.model, "candidates": self.cands, "bdpl": settings, "logprobs": lp,
+                           "variant": self.variant, "seed": int(seed), "k": int(k),
+                           "rows": [[r["messages"], r["target"]] for r in rows]}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def fit(self, rows: Sequence[dict], seed: int, k: int, checkpoint: Path | None = None,
             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[float]]:
         """Learn the prompt on ``rows`` (= D^k); returns (argmax candidate indices, mean objective per epoch)."""
@@ -168,13 +184,18 @@ class BDPL:
         probs.requires_grad_(True)
         opt = torch.optim.Adam([probs], lr=s.lr)
         start, history = 0, []
+        key = self.checkpoint_key(rows, seed, k)
         if checkpoint is not None and checkpoint.exists():
             ck = torch.load(checkpoint, weights_only=False)
-            with torch.no_grad():
-                probs.copy_(ck["probs"])
-            opt.load_state_dict(ck["opt"])
-            start, history = int(ck["epoch"]), list(ck["history"])
-            log.info("model %d: resuming BDPL after epoch %d", k, start)
+            if ck.get("key") != key:
+                log.warning("model %d: %s was written for other rows or settings; learning the prompt afresh "
+                            "(it is replaced after the first epoch)", k, checkpoint)
+            else:
+                with torch.no_grad():
+                    probs.copy_(ck["probs"])
+                opt.load_state_dict(ck["opt"])
+                start, history = int(ck["epoch"]), list(ck["history"])
+                log.info("model %d: resuming BDPL after epoch %d", k, start)
         with ThreadPoolExecutor(max_workers=max(1, self.lp.concurrency)) as pool:
             for epoch in range(start, s.epochs):
                 rng = np.random.default_rng([int(seed), int(k), 3, epoch])
@@ -207,5 +228,5 @@ class BDPL:
                 if checkpoint is not None:
                     with atomic_path(checkpoint, suffix=".pt.tmp") as tmp:
                         torch.save({"probs": probs.detach().clone(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                                    "history": history}, tmp)
+                                    "history": history, "key": key}, tmp)
         return argmax_random_ties(probs.detach().numpy(), np.random.default_rng([int(seed), int(k), 5])), history
