@@ -111,3 +111,26 @@ def test_a_safety_factor_below_one_is_refused():
     with pytest.raises(ConfigError, match=r"blackbox.cost.safety_factor must be a finite number >= 1"):
         BlackboxConfig.from_dict({"cost": {"safety_factor": 0.5}})
     assert BlackboxConfig.from_dict({"cost": {"safety_factor": 1.0}}).cost.safety_factor == 1.0
+
+
+def test_a_missing_n_epochs_is_estimated_as_the_endpoints_auto():
+    """A job without n_epochs is sent without it, so the endpoint applies its default ("auto"):
+    the estimate charges it as "auto" (theta_0 and the perturbed fine-tunes alike), never as 1 epoch."""
+    from daunce_core.blackbox import backdoor as B
+    from daunce_core.blackbox.study import estimate
+
+    prices = {"m": {"training": 25.0, "input": 3.75, "output": 15.0}}
+    base = {"models": ["m"], "access": ["api"], "K": 4, "subset_size": 12, "prices": prices,
+            "data": {"source": "synthetic", "n_train": 30, "n_query_triggered": 3, "n_query_clean": 3}}
+
+    def training_tokens(hp):
+        cfg = BlackboxConfig.from_dict({**base, "theta0": {"hyperparameters": hp},
+                                        "finetune": {"hyperparameters": hp}}).validate()
+        items = estimate(cfg, "m", *B.make_study_data(cfg.data))
+        return [i.training_tokens for i in items if i.training_tokens]
+
+    hp = {"batch_size": 8, "learning_rate_multiplier": 2}
+    missing, auto, one = (training_tokens(hp), training_tokens({**hp, "n_epochs": "auto"}),
+                          training_tokens({**hp, "n_epochs": 1}))
+    assert len(missing) == 2 and missing == auto
+    assert [a / b for a, b in zip(missing, one)] == pytest.approx([3.0, 3.0], rel=1e-3)

@@ -55,6 +55,13 @@ ACCESS_LABEL = {"api": "API-based access (fine-tuning API)", "strict": "strict a
 AUTO_EPOCHS = 3  # what the estimate assumes for n_epochs "auto"
 
 
+def estimated_epochs(hyperparameters: dict) -> int:
+    """The epochs the estimate charges for a job with ``hyperparameters``: a missing ``n_epochs``
+    is not sent, so the endpoint applies its default, ``"auto"`` (as config.validate reads it)."""
+    ep = hyperparameters.get("n_epochs", "auto")
+    return AUTO_EPOCHS if ep == "auto" else int(ep)
+
+
 def load_config(config: dict) -> BlackboxConfig:
     """The ``blackbox`` section of a (Snakemake) config as typed settings."""
     return BlackboxConfig.from_dict(config.get("blackbox", {}))
@@ -146,8 +153,7 @@ def estimate(cfg: BlackboxConfig, model: str, train: Sequence[dict], query: Sequ
     tok_in = np.array([te.messages(r["messages"]) for r in rows])
     tok_out = np.array([int(np.ceil(budget_for(r["target"], extra) * 1.0)) for r in rows])
     ft = f"ft:{model}:estimate"
-    ep0 = cfg.theta0.hyperparameters.get("n_epochs", "auto")
-    ep0 = AUTO_EPOCHS if ep0 == "auto" else int(ep0)
+    ep0 = estimated_epochs(cfg.theta0.hyperparameters)
     m = len(query)
     items = [CostItem("theta0 fine-tune", model, 1, int(tok_ex.sum() * ep0)),
              CostItem("theta0 replies to queries", ft, m, 0, int(tok_in[len(train):].sum()),
@@ -155,8 +161,7 @@ def estimate(cfg: BlackboxConfig, model: str, train: Sequence[dict], query: Sequ
     subs = subsets(cfg, len(train))
     n_all = len(rows)
     if "api" in cfg.access:
-        ep = cfg.finetune.hyperparameters.get("n_epochs", 1)
-        ep = AUTO_EPOCHS if ep == "auto" else int(ep)
+        ep = estimated_epochs(cfg.finetune.hyperparameters)
         items.append(CostItem(f"api: {cfg.K} fine-tunes", model, cfg.K,
                               int(sum(tok_ex[s].sum() for s in subs) * ep)))
         items.append(CostItem(f"api: losses ({cfg.K} x {n_all})", ft, cfg.K * n_all, 0,
