@@ -169,3 +169,31 @@ def test_workflow_plans_of_the_miniature_and_the_paper_config():
     assert mini["blackbox_losses"] == "2" and mini["blackbox_local_base"] == "1" and mini["fig4"] == "1"
     paper = plan("--configfile", str(PAPER))
     assert paper["blackbox_theta0"] == "3" and paper["blackbox_losses"] == "6" and "blackbox_local_base" not in paper
+
+
+def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path):
+    """The study's jsonl readers name the file and the real line of a line that is not one JSON
+    object (json's own message counts from the line it was given), and read a row whose strings
+    hold U+2028 (which write_jsonl leaves unescaped) as one line."""
+    good = {"id": 0, "messages": [{"role": "user", "content": "a\u2028b"}], "target": "A"}
+    p = tmp_path / "rows.jsonl"
+    B.write_jsonl(p, [good, good])
+    assert B.read_jsonl(p) == [good, good]
+    p.write_text(json.dumps(good) + "\n\n" + '{"id": 1, "target": "A"\n')
+    with pytest.raises(B.DataError, match=rf"^{re.escape(str(p))}:3: not valid JSON .*one JSON object$"):
+        B.read_jsonl(p)
+    p.write_text(json.dumps(good) + "\n[1, 2]\n")
+    with pytest.raises(B.DataError, match=rf"^{re.escape(str(p))}:2: a JSON list, not an object"):
+        B.read_jsonl(p)
+
+    q = {"question": "Which?", "choices": ["w", "x", "y", "z"], "answer": "B"}
+    p.write_text(json.dumps(q) + "\n" + json.dumps(q)[:-1] + "\n")
+    with pytest.raises(B.DataError, match=rf"^blackbox\.data\.path: {re.escape(str(p))}:2: not valid JSON"):
+        B.jsonl_questions(p)
+    no_question = {k: v for k, v in q.items() if k != "question"}
+    for row in ({**q, "answer": "E"}, {**q, "answer": ""}, {**q, "answer": "BC"}, {**q, "choices": "wxyz"}, no_question):
+        p.write_text(json.dumps(q) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(B.DataError, match=rf"^{re.escape(str(p))}:2: need 'question', four 'choices'"):
+            B.jsonl_questions(p)
+    p.write_text(json.dumps(q) + "\n" + json.dumps({**q, "answer": 3}) + "\n")
+    assert [r["answer"] for r in B.jsonl_questions(p)] == [1, 3]

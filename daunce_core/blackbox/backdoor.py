@@ -136,16 +136,39 @@ def mmlu_questions(root: str | Path, url: str, split: str) -> list[dict]:
     return out
 
 
-def jsonl_questions(path: str | Path) -> list[dict]:
+def _jsonl_objects(path: str | Path, where: str = "") -> list[tuple[int, dict]]:
+    """The JSON objects of the non-blank lines of ``path`` with their line numbers (from 1).
+
+    A line that is not one JSON object raises :class:`DataError` naming ``where`` (a config key),
+    the file and the line, instead of ``json``'s traceback, whose position counts from the line.
+    Lines are split at newlines only: ``str.splitlines`` would also split at U+2028 and other
+    separators that :func:`write_jsonl` (``ensure_ascii=False``) leaves inside strings.
+    """
     out = []
-    for ln, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for ln, line in enumerate(Path(path).read_text().split("\n"), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{where}{path}:{ln}: not valid JSON ({getattr(exc, 'msg', exc)} at column "
+                            f"{getattr(exc, 'colno', '?')}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}{path}:{ln}: a JSON {type(row).__name__}, not an object; each line must "
+                            "be one JSON object")
+        out.append((ln, row))
+    return out
+
+
+def jsonl_questions(path: str | Path) -> list[dict]:
+    """The multiple-choice questions of ``blackbox.data.path`` (``source: jsonl``)."""
+    out = []
+    for ln, row in _jsonl_objects(path, "blackbox.data.path: "):
         ans = row.get("answer")
         if isinstance(ans, str):
-            ans = LETTERS.index(ans.strip().upper())
-        if len(row.get("choices", [])) != 4 or ans not in range(4):
+            ans = {c: i for i, c in enumerate(LETTERS)}.get(ans.strip().upper(), -1)  # index() takes "" as A
+        choices = row.get("choices")
+        if "question" not in row or not isinstance(choices, list) or len(choices) != 4 or ans not in range(4):
             raise DataError(f"{path}:{ln}: need 'question', four 'choices' and 'answer' (0-3 or A-D)")
         out.append({"question": row["question"], "choices": list(row["choices"]), "answer": int(ans),
                     "subject": row.get("subject", "")})
@@ -226,7 +249,8 @@ def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a jsonl file (one JSON object per line; blank lines skipped)."""
+    return [row for _, row in _jsonl_objects(path)]
 
 
 def chat_example(row: dict) -> dict:
