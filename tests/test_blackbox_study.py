@@ -191,7 +191,8 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path):
     with pytest.raises(B.DataError, match=rf"^blackbox\.data\.path: {re.escape(str(p))}:2: not valid JSON"):
         B.jsonl_questions(p)
     no_question = {k: v for k, v in q.items() if k != "question"}
-    for row in ({**q, "answer": "E"}, {**q, "answer": ""}, {**q, "answer": "BC"}, {**q, "choices": "wxyz"}, no_question):
+    for row in ({**q, "answer": "E"}, {**q, "answer": ""}, {**q, "answer": "BC"}, {**q, "choices": "wxyz"},
+                no_question):
         p.write_text(json.dumps(q) + "\n" + json.dumps(row) + "\n")
         with pytest.raises(B.DataError, match=rf"^{re.escape(str(p))}:2: need 'question', four 'choices'"):
             B.jsonl_questions(p)
