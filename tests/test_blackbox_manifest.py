@@ -1,6 +1,7 @@
 """The fine-tuning manifest: a killed run is resumed without launching any job twice."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,3 +238,30 @@ def test_api_loss_cache_is_keyed_by_the_rows_it_scored(tmp_path):
     assert fake.calls == calls
     fit(query_b, tmp_path / "work", LogprobConfig(concurrency=1, top_logprobs=5))  # a setting that does
     assert fake.calls == calls + 2 * 6
+
+
+@pytest.mark.parametrize("text, what", [
+    ("[]", "a JSON array, not an object"),
+    ('"x"', "a JSON string, not an object"),
+    ("null", "a JSON null, not an object"),
+    ('{"fingerprint": {"a": 1}, "entries": {}}', "missing or malformed: run_id"),
+    ('{"run_id": "r", "fingerprint": {"a": 1}, "entries": []}', "missing or malformed: entries"),
+])
+def test_json_that_is_not_a_manifest_is_refused_naming_the_file(tmp_path, text, what):
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    msg = rf"^{re.escape(str(path))}: not a daunce manifest \({what}.*never overwritten"
+    with pytest.raises(ManifestError, match=msg):
+        Manifest(path, {"a": 1})
+    assert path.read_text() == text
+
+
+def test_a_manifest_without_usage_still_records_it(tmp_path):
+    path = tmp_path / "m.json"
+    Manifest(path, {"a": 1})
+    data = json.loads(path.read_text())
+    del data["usage"]
+    path.write_text(json.dumps(data))
+    m = Manifest(path, {"a": 1})
+    m.set_usage("api", {"requests": 1})
+    assert json.loads(path.read_text())["usage"] == {"api": {"requests": 1}}

@@ -107,3 +107,15 @@ def test_subprocess_server_starts_on_a_free_port_and_stops(tmp_path, base):
     assert srv.api_key not in saved and srv.api_key not in (tmp_path / "s" / "server.log").read_text()
     with pytest.raises(ValueError, match="no API key"):
         build_server(ServerConfig(state_dir=str(tmp_path / "t")), "")
+
+
+@pytest.mark.parametrize("bad", ["foo", "=folder", "foo="])
+def test_serve_refuses_a_model_without_its_folder_as_a_usage_error(bad, tmp_path, capsys):
+    """``serve --model NAME`` (no ``=FOLDER``) is a command-line error naming the option, not a traceback."""
+    from daunce_core.blackbox.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--state", str(tmp_path / "srv"), "--model", bad])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == 2 and "argument --model: expected NAME=FOLDER" in err and repr(bad) in err
+    assert not (tmp_path / "srv").exists()

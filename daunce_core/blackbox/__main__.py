@@ -46,6 +46,15 @@ def _usd(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _model_folder(text: str) -> tuple[str, str]:
+    """``--model NAME=FOLDER``: both parts non-empty (a bare name would serve nothing)."""
+    name, sep, folder = text.partition("=")
+    if not (sep and name and folder):
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER (a model name, '=', a folder saved with "
+                                         f"save_pretrained), got {text!r}")
+    return name, folder
+
+
 def _rows(cfg, nominal: bool, prompt_chars: int):
     from . import backdoor as B
 
@@ -80,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-spend-usd", type=_usd, default=None, help="override blackbox.max_spend_usd")
         p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p = sub.add_parser("serve")
-    p.add_argument("--model", action="append", default=[], help="NAME=FOLDER (saved with save_pretrained)")
+    p.add_argument("--model", action="append", default=[], type=_model_folder,
+                   help="NAME=FOLDER (saved with save_pretrained)")
     p.add_argument("--state", required=True, help="state folder (files, jobs, fine-tuned models)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get(KEY_ENV):
             print(f"set {KEY_ENV} to the key clients must send", file=sys.stderr)
             return 2
-        models = dict(m.split("=", 1) for m in args.model)
+        models = dict(args.model)
         cfg_path = os.path.join(args.state, "server_config.json")
         os.makedirs(args.state, exist_ok=True)
         ServerConfig(state_dir=args.state, models=models, port=args.port, threads=args.threads).write(cfg_path)

@@ -45,6 +45,19 @@ def fingerprint_id(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _check_layout(path: Path, data: Any) -> None:
+    """Refuse JSON that is not a manifest (an array, or an object without its keys) before any
+    key is read: a KeyError later, mid-run, would name neither the file nor the key."""
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+        raise ManifestError(f"{path}: not a daunce manifest (a JSON {kind}, not an object); it may record paid "
+                            "jobs -- repair or move it away deliberately, it is never overwritten automatically")
+    bad = [k for k, t in (("run_id", str), ("fingerprint", dict), ("entries", dict)) if not isinstance(data.get(k), t)]
+    if bad:
+        raise ManifestError(f"{path}: not a daunce manifest (missing or malformed: {', '.join(bad)}); it may record "
+                            "paid jobs -- repair or move it away deliberately, it is never overwritten automatically")
+
+
 class Manifest:
     """A JSON manifest at ``path`` bound to ``fingerprint``; thread-safe; every change is durable."""
 
@@ -60,6 +73,7 @@ class Manifest:
             except ValueError as exc:
                 raise ManifestError(f"{self.path}: not valid JSON ({exc}); it records paid jobs -- repair or "
                                     "move it away deliberately, it is never overwritten automatically") from exc
+            _check_layout(self.path, data)
             old = data.get("fingerprint")
             if old != fingerprint:
                 keys = sorted(k for k in set(old or {}) | set(fingerprint) if (old or {}).get(k) != fingerprint.get(k))
@@ -142,5 +156,5 @@ class Manifest:
 
     def set_usage(self, stage: str, usage: dict) -> None:
         with self._lock:
-            self.data["usage"][stage] = usage
+            self.data.setdefault("usage", {})[stage] = usage
             self._write()
