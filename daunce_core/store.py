@@ -210,7 +210,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     ``path`` is checked first (:func:`check_output`) and temporaries of killed runs are cleaned
     (:func:`clean_leftovers`). On any exception, KeyboardInterrupt and SystemExit included, the
-    temporary is removed and ``path`` is left untouched.
+    temporary is removed and ``path`` is left untouched. The output gets the temporary's first
+    mode (0666 minus the umask) even when the writer replaced the temporary by a file of its own
+    (safetensors' ``save_file`` renames a 0600 file onto it).
     """
     path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +220,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = None
     try:
         tmp = _new_temp(path, ".tmp" if suffix is None else suffix)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
         raise_pending_signal()  # a signal whose exception was swallowed (see cleanup_on_signals)
+        now = os.lstat(tmp)
+        if stat.S_ISREG(now.st_mode) and stat.S_IMODE(now.st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:

@@ -159,6 +159,23 @@ def test_temporaries_are_named_beside_the_output_and_outputs_follow_the_umask(tm
         os.umask(old)
 
 
+def test_files_a_library_recreates_in_our_temporary_still_follow_the_umask(tmp_path):
+    """safetensors' save_file writes its own 0600 temporary and renames it onto ours (audit 2,
+    finding 6): theta_0 must still get 0666 minus the umask."""
+    import torch
+
+    old = os.umask(0o002)
+    try:
+        store.save_state({"w": torch.zeros(3)}, tmp_path / "theta_0.safetensors")
+        assert stat.S_IMODE(os.stat(tmp_path / "theta_0.safetensors").st_mode) == 0o664
+        with store.atomic_path(tmp_path / "x.bin") as tmp:
+            tmp.unlink()
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))  # any library's private temporary
+        assert stat.S_IMODE(os.stat(tmp_path / "x.bin").st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, store.Terminated(15), OSError])
 def test_an_interrupted_write_removes_its_temporary(tmp_path, exc):
     (tmp_path / "s.h5").write_bytes(b"earlier result")
