@@ -13,7 +13,9 @@
   ``root/test/<class>/...`` (or ``root/val/...``) for a split of your own;
 * ``npz`` -- the arrays ``X_train``, ``y_train``, ``X_query``, ``y_query`` of the ``.npz`` file
   ``data.root`` ([n, C, H, W], or [n, H, W] for grayscale; uint8 is read as 0..255), with
-  optional ``train_ids``/``query_ids`` and ``classes``.
+  optional ``train_ids``/``query_ids`` and ``classes``. An array that can only be channels last,
+  [n, H, W, C] with C 1 or 3 and H, W > 4, is transposed with a warning; a NaN or infinite value
+  in a row that is read is refused (naming the array and the row), as are ids beyond int64.
 
 An example's id never changes: its index in the original dataset (digits: ``load_digits`` order;
 torchvision: the index in its train or test split; npz: ``train_ids``/``query_ids`` or the row),
@@ -47,6 +49,7 @@ from .config import DATASETS_HELP, DataConfig, torchvision_dataset
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "daunce_manifest.csv"
+I64_MAX = np.iinfo(np.int64).max
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -408,14 +411,22 @@ def _npz(cfg: DataConfig) -> Dataset:
         raise DataError(f"{path}: missing array(s) {', '.join(missing)}; data.name 'npz' needs "
                         f"{', '.join(NPZ_ARRAYS)} (optional: train_ids, query_ids, classes)")
     X, y, ids = {}, {}, {}
+    transposed = []
     for split in ("train", "query"):
         x = z[f"X_{split}"]
         if x.ndim == 3:
             x = x[:, None]  # grayscale [n, H, W]
-        if x.ndim != 4 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        if x.ndim != 4 or x.dtype.kind not in "biuf":  # complex would lose its imaginary part
             raise DataError(f"{path}: X_{split} has shape {z[f'X_{split}'].shape} and dtype {x.dtype}; "
                             "expected numbers of shape [n, C, H, W] (channels first) or [n, H, W]")
-        X[split] = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+        if split == "train" and not len(x):
+            raise DataError(f"{path}: X_train has no rows; daunce needs training examples")
+        if x.shape[3] in (1, 3) and x.shape[1] > 4 and x.shape[2] > 4:
+            # channels first, this would be more than 4 channels of images 1 or 3 pixels wide
+            x = x.transpose(0, 3, 1, 2)
+            transposed.append(f"X_{split}")
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+            X[split] = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
         lab = z[f"y_{split}"]
         if lab.ndim != 1 or len(lab) != len(x):
             raise DataError(f"{path}: y_{split} has shape {lab.shape} but X_{split} has {len(x)} rows; "
@@ -425,6 +436,10 @@ def _npz(cfg: DataConfig) -> Dataset:
             raise DataError(f"{path}: y_{split} holds {lab.dtype} values; expected integer class labels")
         y[split] = lab.astype(np.int64)
         given = z.get(f"{split}_ids")
+        # uint64 values from 2**63 up would wrap to negative int64 ids (as store refuses them)
+        if given is not None and given.dtype.kind == "u" and given.size and (big := given > I64_MAX).any():
+            raise DataError(f"{path}: {split}_ids holds uint64 value {given[big][0]}, beyond int64 "
+                            f"(max {I64_MAX}); store ids below 2**63")
         if given is None:
             ids[split] = np.arange(len(x), dtype=np.int64)
         elif given.shape != (len(x),) or not np.issubdtype(given.dtype, np.integer) or len(np.unique(given)) != len(x):
@@ -432,6 +447,10 @@ def _npz(cfg: DataConfig) -> Dataset:
                             f"got shape {given.shape} and dtype {given.dtype}")
         else:
             ids[split] = given.astype(np.int64)
+    if transposed:
+        log.warning("%s: %s of shape [n, %s] read as channels last ([n, H, W, C]) and transposed to "
+                    "[n, C, H, W]; store [n, C, H, W] to silence this", path, " and ".join(transposed),
+                    ", ".join(map(str, z[transposed[0]].shape[1:])))
     if X["train"].shape[1:] != X["query"].shape[1:]:
         raise DataError(f"{path}: X_train examples have shape {X['train'].shape[1:]} but X_query's have "
                         f"{X['query'].shape[1:]}; they must match")
@@ -442,5 +461,11 @@ def _npz(cfg: DataConfig) -> Dataset:
     _check_labels({"y_train": y["train"], "y_query": y["query"]}, len(classes), str(path))
     n = _take(cfg.n_train, len(y["train"]), "n_train")
     m = _take(cfg.n_query, len(y["query"]), "n_query")
+    for split, k in (("train", n), ("query", m)):
+        # one NaN would make every example NaN through the per-channel normalisation
+        bad = ~np.isfinite(X[split][:k]).all(axis=(1, 2, 3))
+        if bad.any():
+            raise DataError(f"{path}: X_{split} row {int(np.flatnonzero(bad)[0])} holds a NaN or infinite value "
+                            "(or one beyond float32's range); fix or drop that row")
     return _normalised(X["train"][:n], y["train"][:n], ids["train"][:n], X["query"][:m], y["query"][:m],
                        ids["query"][:m], classes)
