@@ -5,6 +5,7 @@ Each image is filled with one grey level (or one colour) of its own, so an examp
 recognised by its pixels after loading: ``ds.images`` undoes the normalisation.
 """
 import csv
+import re
 import struct
 
 import numpy as np
@@ -327,3 +328,61 @@ def test_unknown_or_unsupported_names(tmp_path, name, pattern):
     with pytest.raises(DataError, match=pattern) as e:
         load_dataset(cfg(name, tmp_path))
     one_line_error(e)
+
+
+# --- the recorded split: ids and a hash of the data (audit 2, finding 2) --------------------------
+
+def experiment(data_cfg):
+    from daunce_core.config import ExperimentConfig
+
+    c = ExperimentConfig()
+    c.data = data_cfg
+    return c
+
+
+@pytest.mark.parametrize("change", ["labels", "pixels"])
+def test_npz_replaced_under_the_same_ids_is_refused_by_the_recorded_split(tmp_path, change):
+    """Rewriting the npz with other labels (or inputs) and the same ids was never noticed: the
+    steps paired results of fits on the old data with the new."""
+    from daunce_core import pipeline, store
+
+    a = arrays(train_ids=np.arange(10) + 100)
+    np.savez(tmp_path / "d.npz", **a)
+    c = experiment(cfg("npz", tmp_path / "d.npz"))
+    split = tmp_path / "results" / "exp" / "data" / "split.npz"
+    ds = pipeline.prepare_data(c, split)
+    assert pipeline.load_checked(c, split).content_hash == ds.content_hash != ""
+    if change == "labels":
+        a["y_train"] = (a["y_train"] + 1) % 3
+    else:
+        a["X_train"] = a["X_train"].copy()
+        a["X_train"][4, 0, 0] ^= 1
+    np.savez(tmp_path / "d.npz", **a)
+    data, results = re.escape(str(tmp_path / "d.npz")), re.escape(str(tmp_path / "results" / "exp"))
+    with pytest.raises(store.StoreError, match=rf"split.npz: the data read from {data} changed since this split "
+                       rf"was recorded .*; delete {results} and rerun$") as e:
+        pipeline.load_checked(c, split)
+    one_line_error(e)
+
+
+def test_a_split_recorded_without_the_hash_is_checked_on_ids_alone(tmp_path):
+    from daunce_core import pipeline, store
+
+    np.savez(tmp_path / "d.npz", **arrays())
+    c = experiment(cfg("npz", tmp_path / "d.npz"))
+    ds = pipeline.load_checked(c)
+    np.savez(tmp_path / "old.npz", train_ids=ds.train_ids, query_ids=ds.query_ids, y_train=ds.y_train,
+             y_query=ds.y_query)  # the layout before the hash
+    pipeline.load_checked(c, tmp_path / "old.npz")
+    np.savez(tmp_path / "old.npz", train_ids=ds.train_ids[::-1], query_ids=ds.query_ids)
+    with pytest.raises(store.StoreError, match="the recorded split differs"):
+        pipeline.load_checked(c, tmp_path / "old.npz")
+
+
+def test_an_image_replaced_in_the_folder_changes_the_content_hash(folder):
+    before = load_dataset(cfg("imagefolder", folder))
+    assert load_dataset(cfg("imagefolder", folder)).content_hash == before.content_hash
+    write_image(folder / "dog" / "2.png", 200)
+    after = load_dataset(cfg("imagefolder", folder))
+    assert after.train_ids.tolist() == before.train_ids.tolist() and after.content_hash != before.content_hash
+    assert load_dataset(cfg("imagefolder", folder, image_size=4)).content_hash != after.content_hash
