@@ -132,7 +132,8 @@ def test_a_malformed_jsonl_line_is_one_line_naming_the_file_and_its_line(tmp_pat
     p = tmp_path / "train.jsonl"
     rows = [json.dumps({"id": i, "prompt": "p", "response": "r"}) for i in range(24)]
     p.write_text("\n".join(rows) + "\n\n" + '{"id": 99, "prompt": "1+1=", "response": "2"\n')  # line 26 lacks '}'
-    with pytest.raises(ValueError, match=r"^\S*train\.jsonl:26: not valid JSON \(.*\); fix or remove that line$"):
+    with pytest.raises(ValueError, match=r"^\S*train\.jsonl:26: not valid JSON \(Expecting ',' delimiter "
+                       r"at column 45\); fix or remove that line$"):
         textdata.read_jsonl(p)
 
 

@@ -147,8 +147,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:  # its own line/column count only this line
+                rows.append(json.loads(line.rstrip("\r\n")))  # without the newline, the column is the error's
+            except json.JSONDecodeError as exc:  # whose line number counts within this line only
                 raise ValueError(f"{path}:{ln}: not valid JSON ({exc.msg} at column {exc.colno}); "
                                  "fix or remove that line") from exc
     return rows
