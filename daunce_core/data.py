@@ -13,7 +13,9 @@
   ``root/test/<class>/...`` (or ``root/val/...``) for a split of your own;
 * ``npz`` -- the arrays ``X_train``, ``y_train``, ``X_query``, ``y_query`` of the ``.npz`` file
   ``data.root`` ([n, C, H, W], or [n, H, W] for grayscale; uint8 is read as 0..255), with
-  optional ``train_ids``/``query_ids`` and ``classes``.
+  optional ``train_ids``/``query_ids`` and ``classes``. An array that can only be channels last,
+  [n, H, W, C] with C 1 or 3 and H, W > 4, is transposed with a warning; a NaN or infinite value
+  in a row that is read is refused (naming the array and the row), as are ids beyond int64.
 
 An example's id never changes: its index in the original dataset (digits: ``load_digits`` order;
 torchvision: the index in its train or test split; npz: ``train_ids``/``query_ids`` or the row),
@@ -32,6 +34,7 @@ them to.
 from __future__ import annotations
 
 import csv
+import hashlib
 import inspect
 import itertools
 import logging
@@ -47,6 +50,7 @@ from .config import DATASETS_HELP, DataConfig, torchvision_dataset
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "daunce_manifest.csv"
+I64_MAX = np.iinfo(np.int64).max
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -69,6 +73,8 @@ class Dataset:
     classes: list[str]
     mean: np.ndarray  # per-channel normalisation, to show images again
     std: np.ndarray
+    content_hash: str = ""  # of the data as read (see content_hash); "" when unknown
+    source: str = "the dataset"  # what was read, for messages: the file, folder or dataset name
 
     @property
     def n(self) -> int:
@@ -82,6 +88,21 @@ class Dataset:
         """Undo the normalisation for display: [N, H, W, C] in [0, 1]."""
         img = X * self.std[None, :, None, None] + self.mean[None, :, None, None]
         return np.clip(img.transpose(0, 2, 3, 1), 0, 1)
+
+
+def content_hash(X_train: np.ndarray, y_train: np.ndarray, X_query: np.ndarray, y_query: np.ndarray) -> str:
+    """SHA-256 of the inputs as read (before the per-channel normalisation, whose float reductions
+    might round otherwise elsewhere) and labels, with their dtypes and shapes.
+
+    The workflow records it in the split (``store.save_split``), so that data replaced under the
+    same ids are refused instead of paired with results computed on the old ones.
+    """
+    h = hashlib.sha256()
+    for a in (X_train, y_train, X_query, y_query):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.data)
+    return "sha256:" + h.hexdigest()
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -119,7 +140,8 @@ def _digits(cfg: DataConfig) -> Dataset:
     mean, std = np.array([X[tr].mean()], np.float32), np.array([X[tr].std()], np.float32)
     norm = lambda a: (a - mean[None, :, None, None]) / std[None, :, None, None]  # noqa: E731
     return Dataset(norm(X[tr]), y[tr], tr.astype(np.int64), norm(X[qu]), y[qu], qu.astype(np.int64),
-                   10, [str(i) for i in range(10)], mean, std)
+                   10, [str(i) for i in range(10)], mean, std, content_hash(X[tr], y[tr], X[qu], y[qu]),
+                   "sklearn's digits")
 
 
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
@@ -142,9 +164,10 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         x = (ds.data[:k].astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
         return (x - CIFAR_MEAN[None, :, None, None]) / CIFAR_STD[None, :, None, None]
 
-    return Dataset(prep(train, n), np.asarray(train.targets[:n], np.int64), np.arange(n, dtype=np.int64),
-                   prep(test, m), np.asarray(test.targets[:m], np.int64), np.arange(m, dtype=np.int64),
-                   10, list(train.classes), CIFAR_MEAN, CIFAR_STD)
+    y_tr, y_q = np.asarray(train.targets[:n], np.int64), np.asarray(test.targets[:m], np.int64)
+    return Dataset(prep(train, n), y_tr, np.arange(n, dtype=np.int64), prep(test, m), y_q, np.arange(m, dtype=np.int64),
+                   10, list(train.classes), CIFAR_MEAN, CIFAR_STD,
+                   content_hash(train.data[:n], y_tr, test.data[:m], y_q), f"CIFAR-10 under {root}")
 
 
 # --- sources beyond the paper's: torchvision classes, image folders, arrays ----------------------
@@ -203,8 +226,9 @@ def _pixels(items: Any, size: tuple[int, int] | None, what: str) -> np.ndarray:
 
 
 def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.ndarray, y_q: np.ndarray,
-                ids_q: np.ndarray, classes: Sequence[str]) -> Dataset:
-    """A Dataset whose inputs are normalised per channel by the training examples' statistics."""
+                ids_q: np.ndarray, classes: Sequence[str], source: str) -> Dataset:
+    """A Dataset whose inputs are normalised per channel by the training examples' statistics;
+    ``source`` names what was read (the file or folder) in messages."""
     mean = X_tr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
     std = X_tr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
     std = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)  # a constant channel stays finite
@@ -212,8 +236,9 @@ def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.
     def norm(a: np.ndarray) -> np.ndarray:
         return ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
 
-    return Dataset(norm(X_tr), y_tr.astype(np.int64), ids_tr.astype(np.int64), norm(X_q), y_q.astype(np.int64),
-                   ids_q.astype(np.int64), len(classes), list(classes), mean, std)
+    y_tr, y_q = y_tr.astype(np.int64), y_q.astype(np.int64)
+    return Dataset(norm(X_tr), y_tr, ids_tr.astype(np.int64), norm(X_q), y_q, ids_q.astype(np.int64), len(classes),
+                   list(classes), mean, std, content_hash(X_tr, y_tr, X_q, y_q), source)
 
 
 def _torchvision(cfg: DataConfig, cls: type) -> Dataset:
@@ -259,7 +284,7 @@ def _torchvision(cfg: DataConfig, cls: type) -> Dataset:
     if not classes:
         classes = [str(i) for i in range(int(max(y_tr.max(), y_q.max(initial=0))) + 1)]
     _check_labels({"train": y_tr, "test": y_q}, len(classes), f"data.name {name}")
-    return _normalised(X[:n], y_tr, np.arange(n), X[n:], y_q, np.arange(m), classes)
+    return _normalised(X[:n], y_tr, np.arange(n), X[n:], y_q, np.arange(m), classes, f"{name} under {root}")
 
 
 def _check_labels(labels: dict[str, np.ndarray], num_classes: int, where: str) -> None:
@@ -387,7 +412,7 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     y = np.array([label[class_of(rel)] for rel, _ in tr + qu], np.int64)
     ids = np.array([i for _, i in tr + qu], np.int64)
     n = len(tr)
-    return _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes)
+    return _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes, f"the image folder {root}")
 
 
 NPZ_ARRAYS = ("X_train", "y_train", "X_query", "y_query")
@@ -408,14 +433,22 @@ def _npz(cfg: DataConfig) -> Dataset:
         raise DataError(f"{path}: missing array(s) {', '.join(missing)}; data.name 'npz' needs "
                         f"{', '.join(NPZ_ARRAYS)} (optional: train_ids, query_ids, classes)")
     X, y, ids = {}, {}, {}
+    transposed = []
     for split in ("train", "query"):
         x = z[f"X_{split}"]
         if x.ndim == 3:
             x = x[:, None]  # grayscale [n, H, W]
-        if x.ndim != 4 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        if x.ndim != 4 or x.dtype.kind not in "biuf":  # complex would lose its imaginary part
             raise DataError(f"{path}: X_{split} has shape {z[f'X_{split}'].shape} and dtype {x.dtype}; "
                             "expected numbers of shape [n, C, H, W] (channels first) or [n, H, W]")
-        X[split] = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+        if split == "train" and not len(x):
+            raise DataError(f"{path}: X_train has no rows; daunce needs training examples")
+        if x.shape[3] in (1, 3) and x.shape[1] > 4 and x.shape[2] > 4:
+            # channels first, this would be more than 4 channels of images 1 or 3 pixels wide
+            x = x.transpose(0, 3, 1, 2)
+            transposed.append(f"X_{split}")
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+            X[split] = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
         lab = z[f"y_{split}"]
         if lab.ndim != 1 or len(lab) != len(x):
             raise DataError(f"{path}: y_{split} has shape {lab.shape} but X_{split} has {len(x)} rows; "
@@ -425,6 +458,10 @@ def _npz(cfg: DataConfig) -> Dataset:
             raise DataError(f"{path}: y_{split} holds {lab.dtype} values; expected integer class labels")
         y[split] = lab.astype(np.int64)
         given = z.get(f"{split}_ids")
+        # uint64 values from 2**63 up would wrap to negative int64 ids (as store refuses them)
+        if given is not None and given.dtype.kind == "u" and given.size and (big := given > I64_MAX).any():
+            raise DataError(f"{path}: {split}_ids holds uint64 value {given[big][0]}, beyond int64 "
+                            f"(max {I64_MAX}); store ids below 2**63")
         if given is None:
             ids[split] = np.arange(len(x), dtype=np.int64)
         elif given.shape != (len(x),) or not np.issubdtype(given.dtype, np.integer) or len(np.unique(given)) != len(x):
@@ -432,6 +469,10 @@ def _npz(cfg: DataConfig) -> Dataset:
                             f"got shape {given.shape} and dtype {given.dtype}")
         else:
             ids[split] = given.astype(np.int64)
+    if transposed:
+        log.warning("%s: %s of shape [n, %s] read as channels last ([n, H, W, C]) and transposed to "
+                    "[n, C, H, W]; store [n, C, H, W] to silence this", path, " and ".join(transposed),
+                    ", ".join(map(str, z[transposed[0]].shape[1:])))
     if X["train"].shape[1:] != X["query"].shape[1:]:
         raise DataError(f"{path}: X_train examples have shape {X['train'].shape[1:]} but X_query's have "
                         f"{X['query'].shape[1:]}; they must match")
@@ -442,5 +483,11 @@ def _npz(cfg: DataConfig) -> Dataset:
     _check_labels({"y_train": y["train"], "y_query": y["query"]}, len(classes), str(path))
     n = _take(cfg.n_train, len(y["train"]), "n_train")
     m = _take(cfg.n_query, len(y["query"]), "n_query")
+    for split, k in (("train", n), ("query", m)):
+        # one NaN would make every example NaN through the per-channel normalisation
+        bad = ~np.isfinite(X[split][:k]).all(axis=(1, 2, 3))
+        if bad.any():
+            raise DataError(f"{path}: X_{split} row {int(np.flatnonzero(bad)[0])} holds a NaN or infinite value "
+                            "(or one beyond float32's range); fix or drop that row")
     return _normalised(X["train"][:n], y["train"][:n], ids["train"][:n], X["query"][:m], y["query"][:m],
-                       ids["query"][:m], classes)
+                       ids["query"][:m], classes, str(path))

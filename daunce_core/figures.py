@@ -173,7 +173,7 @@ def fig5(cfg, split_path, scores_paths: dict[str, str], out, query: int = 0, top
     from .data import load_dataset
 
     ds = load_dataset(cfg.data)
-    store.check_split(split_path, ds.train_ids, ds.query_ids)
+    store.check_split(split_path, ds.train_ids, ds.query_ids, ds.content_hash, ds.source)
     measures = list(scores_paths)
     fig, axes = plt.subplots(2 * len(measures), top + 1, figsize=(1.25 * (top + 1), 2.6 * len(measures)))
     qimg = ds.images(ds.X_query[query:query + 1])[0]

@@ -33,19 +33,16 @@ log = logging.getLogger(__name__)
 def prepare_data(cfg: ExperimentConfig, out: str | Path) -> Dataset:
     """Load (downloading if allowed) the dataset and record the example ids of the split."""
     ds = load_dataset(cfg.data)
-    with store.atomic_path(out, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, train_ids=ds.train_ids, query_ids=ds.query_ids,
-                     y_train=ds.y_train, y_query=ds.y_query)
+    store.save_split(out, ds.train_ids, ds.query_ids, ds.y_train, ds.y_query, ds.content_hash)
     log.info("dataset %s: %d training and %d query examples", cfg.data.name, ds.n, ds.m)
     return ds
 
 
 def load_checked(cfg: ExperimentConfig, split_path: str | Path | None = None) -> Dataset:
-    """Load the dataset and check it still matches the recorded split (its example ids)."""
+    """Load the dataset and check it still matches the recorded split (its example ids and data)."""
     ds = load_dataset(cfg.data)
     if split_path is not None:
-        store.check_split(split_path, ds.train_ids, ds.query_ids)
+        store.check_split(split_path, ds.train_ids, ds.query_ids, ds.content_hash, ds.source)
     return ds
 
 

@@ -210,7 +210,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     ``path`` is checked first (:func:`check_output`) and temporaries of killed runs are cleaned
     (:func:`clean_leftovers`). On any exception, KeyboardInterrupt and SystemExit included, the
-    temporary is removed and ``path`` is left untouched.
+    temporary is removed and ``path`` is left untouched. The output gets the temporary's first
+    mode (0666 minus the umask) even when the writer replaced the temporary by a file of its own
+    (safetensors' ``save_file`` renames a 0600 file onto it).
     """
     path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +220,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = None
     try:
         tmp = _new_temp(path, ".tmp" if suffix is None else suffix)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
         raise_pending_signal()  # a signal whose exception was swallowed (see cleanup_on_signals)
+        now = os.lstat(tmp)
+        if stat.S_ISREG(now.st_mode) and stat.S_IMODE(now.st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
@@ -963,7 +969,7 @@ def is_diverged(path: str | os.PathLike) -> bool:
 
 # --- model states (safetensors) and the recorded split (npz) ------------------------------------
 
-__all__ += ["save_state", "load_state", "check_split"]
+__all__ += ["save_state", "load_state", "save_split", "check_split"]
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -984,9 +990,31 @@ def load_state(path: str | os.PathLike, device) -> dict[str, Any]:
         raise StoreError(f"{path}: cannot read theta_0 ({exc}); rerun the base rule") from exc
 
 
-def check_split(path: str | os.PathLike, train_ids: np.ndarray, query_ids: np.ndarray) -> None:
-    """Refuse a dataset whose example ids differ from the split recorded at ``path`` (``.npz``)."""
+def save_split(path: str | os.PathLike, train_ids: np.ndarray, query_ids: np.ndarray, y_train: np.ndarray,
+               y_query: np.ndarray, content_hash: str = "") -> None:
+    """Record the split an experiment starts from (``.npz``): the example ids, the labels and
+    ``content_hash`` (``daunce_core.data.content_hash``) of the data, for :func:`check_split`."""
+    arrays = dict(train_ids=train_ids, query_ids=query_ids, y_train=y_train, y_query=y_query)
+    if content_hash:
+        arrays["content_hash"] = np.array(content_hash)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def check_split(path: str | os.PathLike, train_ids: np.ndarray, query_ids: np.ndarray, content_hash: str = "",
+                source: str = "the dataset") -> None:
+    """Refuse a dataset whose example ids differ from the split recorded at ``path`` (``.npz``), or
+    whose ``content_hash`` differs from the recorded one (``source`` names the data in the message).
+
+    A split recorded before the hash was (or a caller without one) is checked on its ids alone.
+    """
     rec = np.load(path)
     if not (np.array_equal(rec["train_ids"], train_ids) and np.array_equal(rec["query_ids"], query_ids)):
         raise StoreError(f"{path}: the recorded split differs from the dataset the config "
                          "loads now (data settings changed?); delete results of this experiment")
+    if content_hash and "content_hash" in rec.files and str(rec["content_hash"]) != content_hash:
+        results = Path(path).parent.parent if Path(path).parent.name == "data" else None
+        raise StoreError(f"{path}: the data read from {source} changed since this split was recorded (same ids, other "
+                         "inputs or labels), so the results so far come from the old data; delete "
+                         f"{results or 'the results of this experiment'} and rerun")

@@ -5,6 +5,7 @@ Each image is filled with one grey level (or one colour) of its own, so an examp
 recognised by its pixels after loading: ``ds.images`` undoes the normalisation.
 """
 import csv
+import re
 import struct
 
 import numpy as np
@@ -212,12 +213,45 @@ def test_npz_colour_float_with_ids_and_classes(tmp_path):
     (dict(y_train=np.arange(10) % 3, classes=np.array(["a", "b"])), r"d.npz: y_train label 2 is out of range \[0, 2\)"),
     (dict(y_train=np.linspace(0, 1, 10)), r"d.npz: y_train holds float64 values; expected integer class labels"),
     (dict(train_ids=np.zeros(10, int)), r"d.npz: train_ids must be 10 distinct integers"),
+    # audit 2, finding 5: one NaN made every normalised example NaN; uint64 ids wrapped to negative
+    (dict(X_train=np.where(np.arange(10)[:, None, None] == 3, np.nan, np.ones((10, 6, 5)))),
+     r"d.npz: X_train row 3 holds a NaN or infinite value \(or one beyond float32's range\); fix or drop that row"),
+    (dict(X_query=np.full((4, 6, 5), np.inf, np.float32)), r"d.npz: X_query row 0 holds a NaN or infinite value"),
+    (dict(X_train=np.where(np.arange(10)[:, None, None] == 7, 1e300, np.ones((10, 6, 5)))),
+     r"d.npz: X_train row 7 holds a NaN or infinite value \(or one beyond float32's range\)"),
+    (dict(X_train=np.ones((10, 6, 5), np.complex64)), r"d.npz: X_train has shape \(10, 6, 5\) and dtype complex64"),
+    (dict(X_train=np.ones((0, 6, 5)), y_train=np.zeros(0, int)), r"d.npz: X_train has no rows"),
+    (dict(train_ids=np.arange(10, dtype=np.uint64) + 2**63),
+     r"d.npz: train_ids holds uint64 value 9223372036854775808, beyond int64 \(max 9223372036854775807\)"),
 ])
 def test_npz_bad_inputs(tmp_path, over, pattern):
     np.savez(tmp_path / "d.npz", **arrays(**over))
     with pytest.raises(DataError, match=pattern) as e:
         load_dataset(cfg("npz", tmp_path / "d.npz"))
     one_line_error(e)
+
+
+def test_npz_nan_rows_beyond_n_train_are_not_read(tmp_path):
+    X = np.ones((10, 6, 5))
+    X[9] = np.nan
+    np.savez(tmp_path / "d.npz", **arrays(X_train=X))
+    assert np.isfinite(load_dataset(cfg("npz", tmp_path / "d.npz", n_train=9)).X_train).all()
+
+
+def test_npz_unambiguous_channels_last_is_transposed_with_a_warning(tmp_path, caplog):
+    """[n, H, W, C] with C 1 or 3 and H, W > 4 cannot be channels first (C = H > 4 channels of
+    W <= 3 pixels); it was read as such without a word (audit 2, finding 5)."""
+    rng = np.random.default_rng(2)
+    X = rng.random((10, 6, 5, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", **arrays(X_train=X, X_query=X[:4]))
+    with caplog.at_level("WARNING", logger="daunce_core.data"):
+        ds = load_dataset(cfg("npz", tmp_path / "d.npz"))
+    assert ds.X_train.shape == (10, 3, 6, 5) and ds.X_query.shape == (4, 3, 6, 5)
+    np.testing.assert_allclose(ds.images(ds.X_train), X, atol=1e-5)
+    assert "X_train and X_query of shape [n, 6, 5, 3] read as channels last" in caplog.text
+    # ambiguous shapes stay channels first, as documented
+    np.savez(tmp_path / "e.npz", **arrays(X_train=X[:, :4, :4], X_query=X[:4, :4, :4]))
+    assert load_dataset(cfg("npz", tmp_path / "e.npz")).X_train.shape == (10, 4, 4, 3)
 
 
 def test_npz_missing_or_unreadable_file(tmp_path):
@@ -294,3 +328,61 @@ def test_unknown_or_unsupported_names(tmp_path, name, pattern):
     with pytest.raises(DataError, match=pattern) as e:
         load_dataset(cfg(name, tmp_path))
     one_line_error(e)
+
+
+# --- the recorded split: ids and a hash of the data (audit 2, finding 2) --------------------------
+
+def experiment(data_cfg):
+    from daunce_core.config import ExperimentConfig
+
+    c = ExperimentConfig()
+    c.data = data_cfg
+    return c
+
+
+@pytest.mark.parametrize("change", ["labels", "pixels"])
+def test_npz_replaced_under_the_same_ids_is_refused_by_the_recorded_split(tmp_path, change):
+    """Rewriting the npz with other labels (or inputs) and the same ids was never noticed: the
+    steps paired results of fits on the old data with the new."""
+    from daunce_core import pipeline, store
+
+    a = arrays(train_ids=np.arange(10) + 100)
+    np.savez(tmp_path / "d.npz", **a)
+    c = experiment(cfg("npz", tmp_path / "d.npz"))
+    split = tmp_path / "results" / "exp" / "data" / "split.npz"
+    ds = pipeline.prepare_data(c, split)
+    assert pipeline.load_checked(c, split).content_hash == ds.content_hash != ""
+    if change == "labels":
+        a["y_train"] = (a["y_train"] + 1) % 3
+    else:
+        a["X_train"] = a["X_train"].copy()
+        a["X_train"][4, 0, 0] ^= 1
+    np.savez(tmp_path / "d.npz", **a)
+    data, results = re.escape(str(tmp_path / "d.npz")), re.escape(str(tmp_path / "results" / "exp"))
+    with pytest.raises(store.StoreError, match=rf"split.npz: the data read from {data} changed since this split "
+                       rf"was recorded .*; delete {results} and rerun$") as e:
+        pipeline.load_checked(c, split)
+    one_line_error(e)
+
+
+def test_a_split_recorded_without_the_hash_is_checked_on_ids_alone(tmp_path):
+    from daunce_core import pipeline, store
+
+    np.savez(tmp_path / "d.npz", **arrays())
+    c = experiment(cfg("npz", tmp_path / "d.npz"))
+    ds = pipeline.load_checked(c)
+    np.savez(tmp_path / "old.npz", train_ids=ds.train_ids, query_ids=ds.query_ids, y_train=ds.y_train,
+             y_query=ds.y_query)  # the layout before the hash
+    pipeline.load_checked(c, tmp_path / "old.npz")
+    np.savez(tmp_path / "old.npz", train_ids=ds.train_ids[::-1], query_ids=ds.query_ids)
+    with pytest.raises(store.StoreError, match="the recorded split differs"):
+        pipeline.load_checked(c, tmp_path / "old.npz")
+
+
+def test_an_image_replaced_in_the_folder_changes_the_content_hash(folder):
+    before = load_dataset(cfg("imagefolder", folder))
+    assert load_dataset(cfg("imagefolder", folder)).content_hash == before.content_hash
+    write_image(folder / "dog" / "2.png", 200)
+    after = load_dataset(cfg("imagefolder", folder))
+    assert after.train_ids.tolist() == before.train_ids.tolist() and after.content_hash != before.content_hash
+    assert load_dataset(cfg("imagefolder", folder, image_size=4)).content_hash != after.content_hash

@@ -125,3 +125,40 @@ def test_pretrain_corpus_is_correct_arithmetic():
     for e in textdata.pretrain_corpus(50):
         assert eval(e["prompt"][:-1]) == int(e["response"]) == int(e["answer"])
     assert np.mean(["+" in e["prompt"][2:] for e in textdata.pretrain_corpus(200)]) > 0.5
+
+
+def test_a_malformed_jsonl_line_is_one_line_naming_the_file_and_its_line(tmp_path):
+    """Audit 2, finding 7: json.loads of the bad line alone said 'line 2 column 1', no file."""
+    p = tmp_path / "train.jsonl"
+    rows = [json.dumps({"id": i, "prompt": "p", "response": "r"}) for i in range(24)]
+    p.write_text("\n".join(rows) + "\n\n" + '{"id": 99, "prompt": "1+1=", "response": "2"\n')  # line 26 lacks '}'
+    with pytest.raises(ValueError, match=r"^\S*train\.jsonl:26: not valid JSON \(Expecting ',' delimiter "
+                       r"at column 45\); fix or remove that line$"):
+        textdata.read_jsonl(p)
+
+
+def test_saved_model_folders_follow_the_umask(tmp_path):
+    """Audit 2, finding 6: mkdtemp's folder is 0700 and safetensors writes its weights 0600."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from daunce_core.lm.hub import save_model
+
+    class Writer:  # what save_pretrained does: weights through safetensors, the rest as JSON
+        def save_pretrained(self, folder):
+            save_file({"w": torch.zeros(2)}, f"{folder}/model.safetensors")
+            with open(f"{folder}/config.json", "w") as fh:
+                fh.write("{}")
+
+    old = os.umask(0o002)
+    try:
+        save_model(Writer(), Writer(), tmp_path / "model")
+    finally:
+        os.umask(old)
+    out = tmp_path / "model"
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o775
+    assert {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in out.iterdir()} == {
+        "model.safetensors": 0o664, "config.json": 0o664}

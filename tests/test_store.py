@@ -1,5 +1,6 @@
 """HDF5 round trips, atomic writes and clear errors on bad files."""
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -159,6 +160,23 @@ def test_temporaries_are_named_beside_the_output_and_outputs_follow_the_umask(tm
         os.umask(old)
 
 
+def test_files_a_library_recreates_in_our_temporary_still_follow_the_umask(tmp_path):
+    """safetensors' save_file writes its own 0600 temporary and renames it onto ours (audit 2,
+    finding 6): theta_0 must still get 0666 minus the umask."""
+    import torch
+
+    old = os.umask(0o002)
+    try:
+        store.save_state({"w": torch.zeros(3)}, tmp_path / "theta_0.safetensors")
+        assert stat.S_IMODE(os.stat(tmp_path / "theta_0.safetensors").st_mode) == 0o664
+        with store.atomic_path(tmp_path / "x.bin") as tmp:
+            tmp.unlink()
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))  # any library's private temporary
+        assert stat.S_IMODE(os.stat(tmp_path / "x.bin").st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, store.Terminated(15), OSError])
 def test_an_interrupted_write_removes_its_temporary(tmp_path, exc):
     (tmp_path / "s.h5").write_bytes(b"earlier result")
@@ -314,3 +332,19 @@ def test_a_losses_file_of_train_and_query_alone_reads_with_model_index_0_to_K(tm
     np.testing.assert_array_equal(R.model_index, np.arange(4))
     np.testing.assert_array_equal(R.train, L.train)
     assert R.attrs["ids"] == "positional"
+
+
+def test_check_split_compares_the_recorded_content_hash_when_both_sides_have_one(tmp_path):
+    split = tmp_path / "exp" / "data" / "split.npz"
+    ids = np.arange(3)
+    store.save_split(split, ids, ids, ids % 2, ids % 2, "sha256:aa")
+    store.check_split(split, ids, ids, "sha256:aa", "d.npz")
+    store.check_split(split, ids, ids)  # a caller without a hash: ids alone
+    with pytest.raises(store.StoreError, match=rf"split.npz: the data read from d.npz changed since this split was "
+                       rf"recorded .*; delete {re.escape(str(tmp_path / 'exp'))} and rerun$"):
+        store.check_split(split, ids, ids, "sha256:bb", "d.npz")
+    store.save_split(tmp_path / "old.npz", ids, ids, ids % 2, ids % 2)  # no hash: ids alone
+    assert "content_hash" not in np.load(tmp_path / "old.npz").files
+    store.check_split(tmp_path / "old.npz", ids, ids, "sha256:bb", "d.npz")
+    with pytest.raises(store.StoreError, match="the recorded split differs"):
+        store.check_split(split, ids[::-1], ids, "sha256:aa", "d.npz")

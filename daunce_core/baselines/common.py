@@ -251,7 +251,7 @@ def load_problem(cfg: ExperimentConfig, split_path, theta0_path, device=None) ->
 
     device = device if device is not None else pick_device(cfg.device)
     ds = load_dataset(cfg.data)
-    store.check_split(split_path, ds.train_ids, ds.query_ids)
+    store.check_split(split_path, ds.train_ids, ds.query_ids, ds.content_hash, ds.source)
     model = build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes).to(device)
     state = store.load_state(theta0_path, device)
     try:

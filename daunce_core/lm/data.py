@@ -141,8 +141,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    rows = []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for ln, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line.rstrip("\r\n")))  # without the newline, the column is the error's
+            except json.JSONDecodeError as exc:  # whose line number counts within this line only
+                raise ValueError(f"{path}:{ln}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                 "fix or remove that line") from exc
+    return rows
 
 
 # --- hub datasets -----------------------------------------------------------------------------

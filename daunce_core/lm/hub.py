@@ -81,17 +81,39 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device=None):
     return model
 
 
+def _new_folder(folder: Path) -> Path:
+    """An empty temporary folder beside ``folder``, mode 0777 minus the umask (``mkdtemp``'s is 0700)."""
+    import secrets
+
+    for _ in range(100):
+        tmp = folder.parent / f".{folder.name}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{folder}: could not create a temporary folder beside it")
+
+
 def save_model(model, tokenizer, folder: str | os.PathLike) -> None:
-    """``save_pretrained`` of model and tokenizer into ``folder``, atomically (temp folder, rename)."""
+    """``save_pretrained`` of model and tokenizer into ``folder``, atomically (temp folder, rename).
+
+    Files and folders get 0666/0777 minus the umask, like the outputs of ``daunce_core.store``:
+    safetensors writes the weights 0600 whatever the umask, so they are set after the save.
+    """
     import shutil
-    import tempfile
+    import stat
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = _new_folder(folder)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink() and stat.S_IMODE(f.stat().st_mode) != file_mode:
+                f.chmod(file_mode)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
