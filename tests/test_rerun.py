@@ -128,3 +128,25 @@ def test_a_replaced_image_reruns_the_data_step(tmp_path):
     image(root / "c0" / "3.png", 12345)  # another image under the same name
     jobs, text = plan(tmp_path, split)
     assert jobs == {"data": 1}, text[-3000:]
+
+
+# Rules without a settings digest, and why: they read no config key (gathering, the cost table
+# from benchmark files, scores whose only key is the memory budget), their params already hold
+# what they read (fig1a, fig1b, table3), or the effective config is one of their inputs, so any
+# changed config redraws them (seconds).
+NO_SETTINGS = {
+    "gather_losses", "gather_ground_truth", "llm_gather", "score", "cost", "quality_figure",
+    "fig1a", "fig1b", "table3",
+    "lds_table", "fig2", "fig3", "fig4", "fig5", "fig6", "study_table",
+}
+
+
+def test_every_step_carries_the_settings_it_reads():
+    rules = {}
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", smk.read_text(), re.S | re.M):
+            rules[name] = body
+    stepping = {name for name, body in rules.items() if "    script:" in body}
+    carrying = {name for name, body in rules.items() if re.search(r"^\s+settings=", body, re.M)}
+    assert stepping - carrying == NO_SETTINGS
+    assert carrying <= stepping
