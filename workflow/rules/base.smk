@@ -9,6 +9,8 @@ rule base:
         "results/{experiment}/logs/base.log",
     benchmark:
         "results/{experiment}/benchmarks/base.tsv"
+    params:
+        settings=step_settings("data", "model", "base"),
     conda:
         "../envs/daunce.yaml"
     script:

@@ -18,6 +18,7 @@ rule baseline_trak:
     benchmark:
         "results/{experiment}/benchmarks/baselines/trak.tsv"
     params:
+        settings=baseline_settings("trak"),
         method="trak",
     conda:
         "../envs/daunce.yaml"
@@ -40,6 +41,7 @@ rule baseline_ekfac:
     benchmark:
         "results/{experiment}/benchmarks/baselines/ekfac.tsv"
     params:
+        settings=baseline_settings("ekfac"),
         method="ekfac",
     conda:
         "../envs/daunce.yaml"
@@ -62,6 +64,7 @@ rule baseline_logra:
     benchmark:
         "results/{experiment}/benchmarks/baselines/logra.tsv"
     params:
+        settings=baseline_settings("logra"),
         method="logra",
     conda:
         "../envs/daunce.yaml"
@@ -81,6 +84,7 @@ rule baseline_graddot:
     benchmark:
         "results/{experiment}/benchmarks/baselines/graddot.tsv"
     params:
+        settings=baseline_settings("graddot"),
         method="graddot",
     conda:
         "../envs/daunce.yaml"
@@ -105,6 +109,7 @@ rule baseline_tracin:
     benchmark:
         "results/{experiment}/benchmarks/baselines/tracin.tsv"
     params:
+        settings=baseline_settings("tracin"),
         method="tracin",
     conda:
         "../envs/daunce.yaml"
@@ -126,6 +131,7 @@ rule baseline_exact_if:
     benchmark:
         "results/{experiment}/benchmarks/baselines/exact_if.tsv"
     params:
+        settings=baseline_settings("exact_if"),
         method="exact_if",
     conda:
         "../envs/daunce.yaml"
@@ -150,6 +156,7 @@ rule baseline_reference:
     wildcard_constraints:
         method=REFERENCE_PATTERN,
     params:
+        settings=lambda wildcards: baseline_settings(wildcards.method),
         method=lambda wildcards: wildcards.method,
     conda:
         "../envs/daunce.yaml"

@@ -10,11 +10,15 @@
 rule blackbox_data:
     """The multiple-choice training set with 10% backdoored examples, and held-out queries
     (triggered and clean). MMLU is downloaded here in the paper's setting."""
+    input:
+        blackbox_source_inputs,
     output:
         train="results/{experiment}/blackbox/data/train.jsonl",
         query="results/{experiment}/blackbox/data/query.jsonl",
     log:
         "results/{experiment}/logs/blackbox/data.log",
+    params:
+        settings=step_settings("blackbox.data"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -29,6 +33,8 @@ rule blackbox_local_base:
         directory("results/{experiment}/blackbox/{bbmodel}/local_base"),
     log:
         "results/{experiment}/logs/blackbox/{bbmodel}/local_base.log",
+    params:
+        settings=step_settings("blackbox.local.model", "blackbox.local.train"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -43,6 +49,8 @@ rule blackbox_estimate:
         "results/{experiment}/blackbox/{bbmodel}/cost_estimate.json",
     log:
         "results/{experiment}/logs/blackbox/{bbmodel}/estimate.log",
+    params:
+        settings=step_settings(*BLACKBOX_ESTIMATE),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -61,6 +69,7 @@ rule blackbox_theta0:
     benchmark:
         "results/{experiment}/benchmarks/blackbox/{bbmodel}/theta0.tsv"
     params:
+        settings=step_settings("blackbox.backend", "blackbox.api.base_url", "blackbox.local.train", "blackbox.seed", "blackbox.theta0", "blackbox.logprobs.extra_tokens", "blackbox.logprobs.seed", "blackbox.data"),
         work="results/{experiment}/blackbox/{bbmodel}/work/theta0",
     conda:
         "../envs/daunce.yaml"
@@ -80,6 +89,7 @@ rule blackbox_losses:
     benchmark:
         "results/{experiment}/benchmarks/blackbox/{bbmodel}/losses_{access}.tsv"
     params:
+        settings=blackbox_losses_settings,
         work="results/{experiment}/blackbox/{bbmodel}/work/{access}",
     conda:
         "../envs/daunce.yaml"
@@ -95,6 +105,8 @@ rule blackbox_score:
         "results/{experiment}/blackbox/{bbmodel}/scores/{access}.h5",
     log:
         "results/{experiment}/logs/blackbox/{bbmodel}/score_{access}.log",
+    params:
+        settings=step_settings("blackbox.measure"),
     conda:
         "../envs/daunce.yaml"
     script:

@@ -2,15 +2,20 @@
 # Everything is computed from `config` alone (read-only names, or functions called when the DAG is
 # built), so no rule file fills a list another one reads and the include order does not matter.
 # Threads and resources are not here either: they come from the profiles (profiles/*/config.yaml).
+import hashlib
 import json
 import math
+import os
 
 import yaml
 
 from daunce_core.baselines import ALL_METHODS as ALL_BASELINES, REFERENCE, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
 from daunce_core.config import ExperimentConfig, check_figures, fit_variant
+from daunce_core.data import IMAGE_SUFFIXES
+from daunce_core.fit.chunks import chunk_models
 from daunce_core.lm.settings import LLMSettings
+from daunce_core.settings import to_dict
 
 EXP = config["experiment"]
 CFG = ExperimentConfig.from_dict(config).validate()
@@ -53,6 +58,192 @@ def effective_config_text():
         "#   snakemake --replace-workflow-config --configfile <this file>\n"
         + yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, width=100)
     )
+
+
+# --- what reruns when the config changes: each step's settings as a param ---------------------
+# Snakemake reruns a job whose params differ from those recorded with its outputs (the "params"
+# rerun trigger, on by default), and every job downstream of it. So each rule that computes
+# something carries `settings`: a digest of exactly the config keys its step reads, taken from
+# the typed config this run uses (defaults filled in, numbers typed: writing a default out, or
+# 1.0e-3 for 0.001, changes nothing). Keys a step does not read never rerun it: changing
+# figures.* redraws figures, never refits. docs/configuration.md lists what reruns on what.
+
+# Keys that decide where, how fast or in what memory a step runs, never its numbers: no step's
+# digest holds them (the effective config still records them).
+NEVER_RERUN = (
+    "device",
+    "data.download",
+    "base.channels_last",
+    "base.compile",
+    "baselines.batch_size",
+    "scoring.memory_gb",
+    "study.enabled",
+    "llm.finetune.micro_batch_size",
+    "llm.finetune.gradient_checkpointing",
+    "llm.generation.batch_size",
+    "llm.logra.batch_size",
+    "blackbox.data.root",
+    "blackbox.api.timeout_s",
+    "blackbox.api.retry",
+    "blackbox.finetune.max_active",
+    "blackbox.finetune.poll_interval_s",
+    "blackbox.finetune.max_wait_h",
+    "blackbox.finetune.max_attempts",
+    "blackbox.logprobs.concurrency",
+    "blackbox.local.threads",
+    "blackbox.local.device",
+    "blackbox.local.faults",
+)
+
+# daunce.* keys the perturbed fits do not read: how many models and which chunk (the chunk's
+# model range is its own param), which variants exist, and what later steps do with the losses
+DAUNCE_NOT_FIT = ("daunce.K", "daunce.chunk_size", "daunce.variants", "daunce.k_curve", "daunce.select_measure")
+# lds.* keys the retrains do not read: how many masks and which chunk (its own param), and how the
+# LDS is computed from the ground truth
+LDS_NOT_RETRAIN = ("lds.M", "lds.M_select", "lds.chunk_size", "lds.bootstrap", "lds.threshold")
+LLM_DAUNCE_NOT_FIT = ("llm.daunce.K", "llm.daunce.chunk_size", "llm.daunce.lr_grid", "llm.daunce.measure")
+# a full fine-tune and its greedy answers (theta_0, the learning-rate judge's and removal's retrains)
+LLM_FINETUNE = ("llm.model", "llm.dtype", "llm.template", "llm.task", "llm.finetune", "llm.generation")
+# what the black-box cost estimate reads (every model's study: its totals cover them all)
+BLACKBOX_ESTIMATE = tuple(
+    f"blackbox.{k}"
+    for k in (
+        "models",
+        "access",
+        "K",
+        "subset_size",
+        "seed",
+        "theta0",
+        "finetune.hyperparameters",
+        "bdpl",
+        "logprobs.extra_tokens",
+        "prices",
+        "cost",
+        "spend",
+        "max_spend_usd",
+    )
+)
+
+
+def _settings_tree():
+    """Every section as the steps read it: the typed settings of each (plain dicts)."""
+    tree = to_dict(CFG)
+    tree.update(baselines=to_dict(BaselinesConfig.from_config(config)), llm=to_dict(LLM), blackbox=to_dict(BB),
+                figures=dict(FIGURES), scoring=dict(config.get("scoring") or {}))
+    return tree
+
+
+SETTINGS_TREE = _settings_tree()
+
+
+def _pick(tree, key, drop):
+    """The value at dotted ``key`` without the dotted keys of ``drop`` below it (a KeyError names
+    a key that does not exist: a typo in a rule file)."""
+    value = tree
+    for part in key.split("."):
+        value = value[part]
+    value = json.loads(json.dumps(value))  # a copy; fails on anything JSON cannot hold
+    prefix = f"{key}."
+    for d in drop:
+        if d.startswith(prefix):
+            *path, last = d.removeprefix(prefix).split(".")
+            sub = value
+            for part in path:
+                sub = sub.get(part, {}) if isinstance(sub, dict) else {}
+            if isinstance(sub, dict):
+                sub.pop(last, None)
+    return value
+
+
+def step_settings(*keys, drop=(), **derived):
+    """The digest of the config ``keys`` (dotted) a step reads, without ``drop`` and
+    NEVER_RERUN, plus ``derived`` values (e.g. whether the lr grid has several values): the
+    first 12 hex digits of the sha256 of their JSON (sorted keys)."""
+    picked = {key: _pick(SETTINGS_TREE, key, tuple(drop) + NEVER_RERUN) for key in keys if key not in NEVER_RERUN}
+    picked.update(derived)
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def chunk_range(total, chunk_size, chunk):
+    """The model (or mask) indices of one chunk, "lo-hi" (hi excluded): a chunk's content depends
+    on K (or M) and the chunk size only through this range, so a larger K adds chunks and leaves
+    the finished ones alone."""
+    ks = chunk_models(total, chunk_size, int(chunk))
+    return f"{ks[0]}-{ks[-1] + 1}"
+
+
+def lds_masks(split):
+    """How many masks the LDS split has: lds.M (test) or lds.M_select (select)."""
+    return CFG.lds.M if split == "test" else CFG.lds.M_select
+
+
+def data_inputs(wildcards):
+    """The dataset file Snakemake watches: the npz file data.root (a rewritten file reruns rule
+    data and all that follows). Absent, the step itself says what is wrong (data.root)."""
+    if CFG.data.name == "npz" and os.path.isfile(CFG.data.root):
+        return [CFG.data.root]
+    return []
+
+
+def image_folder_listing(wildcards=None):
+    """An image folder's images, as a digest of (relative path, size, mtime) of each: an added,
+    removed or rewritten image reruns rule data (a folder as input would see only entries of its
+    top level). The manifest is not part of it: rule data writes it on first use."""
+    root = CFG.data.root
+    if CFG.data.name != "imagefolder" or not os.path.isdir(root):
+        return ""
+    rows = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                st = os.stat(os.path.join(top, name))
+                rows.append([os.path.relpath(os.path.join(top, name), root), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
+
+
+def baseline_settings(method):
+    """A baseline's keys: data, model and base (theta_0's recipe: TracIn replays it), the
+    selection threshold, the method's own section and grid, the budget; the references read
+    DAUNCE's perturbations and exact IF's curvature too."""
+    own = {"trak": ["trak"], "ekfac": ["ekfac"], "logra": ["logra"], "graddot": [], "tracin": ["tracin"],
+           "exact_if": ["exact_if"]}.get(method, ["limits", "exact_if"])
+    keys = ["data", "model", "base", "lds.threshold", "baselines.measurement", "baselines.max_settings"]
+    keys += [f"baselines.{s}" for s in own]
+    if method in REFERENCE:
+        keys.append("daunce")
+    tune = SETTINGS_TREE["baselines"]["tune"] or {}
+    return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure"),
+                    tune=tune.get(method))
+
+
+def blackbox_losses_settings(wildcards):
+    """The perturbations of one access setting: fine-tunes (api) or BDPL prompts (strict)."""
+    own = "blackbox.finetune.hyperparameters" if wildcards.access == "api" else "blackbox.bdpl"
+    return step_settings("blackbox.backend", "blackbox.api.base_url", "blackbox.local.train", "blackbox.variant",
+                    "blackbox.K", "blackbox.subset_size", "blackbox.seed", "blackbox.logprobs", "blackbox.data", own)
+
+
+def study_group_settings(wildcards):
+    """A study group: the experiment's fits and LDS settings, lr_around and the group's own settings."""
+    from daunce_core.study import group_of
+
+    return step_settings("data", "model", "base", "daunce", "lds", "study.lr_around",
+                    drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size"),
+                    group=to_dict(group_of(CFG, wildcards.group)))
+
+
+def llm_source_inputs(wildcards):
+    """The LLM task's local data files (llm.data.train/query.source when it is a file)."""
+    if LLM.task == "synthetic":
+        return []
+    return [s for s in (LLM.data.train.source, LLM.data.query.source) if s and os.path.isfile(s)]
+
+
+def blackbox_source_inputs(wildcards):
+    """The black-box study's jsonl source (blackbox.data.path with source jsonl)."""
+    path = BB.data.path
+    return [path] if BB.data.source == "jsonl" and path and os.path.isfile(str(path)) else []
 
 
 # --- what `rule all` asks for ----------------------------------------------------------------
@@ -317,10 +508,11 @@ def blackbox_data_files(wildcards):
 
 
 def blackbox_theta0_inputs(wildcards):
-    """Data, the cost estimate (checked again before any paid call) and, for the local server,
-    its base model."""
+    """Data, the cost estimate and, for the local server, its base model. The estimate only has to
+    come first: the step estimates again from the config before any paid call, so a re-estimate
+    (a price or max_spend_usd changed) never re-plans a fit (ancient)."""
     out = blackbox_data_files(wildcards)
-    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
+    out["estimate"] = ancient(f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json")
     if BB.backend == "local":
         out["base"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/local_base"
     return out
@@ -329,7 +521,7 @@ def blackbox_theta0_inputs(wildcards):
 def blackbox_losses_inputs(wildcards):
     out = blackbox_data_files(wildcards)
     out["theta0"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/theta0.json"
-    out["estimate"] = f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json"
+    out["estimate"] = ancient(f"results/{wildcards.experiment}/blackbox/{wildcards.bbmodel}/cost_estimate.json")
     return out
 
 

@@ -12,6 +12,8 @@ rule perturbed_chunk:
     benchmark:
         "results/{experiment}/benchmarks/daunce/{variant}/chunk{chunk}.tsv"
     params:
+        settings=step_settings("data", "model", "base", "daunce", drop=DAUNCE_NOT_FIT),
+        models=lambda wildcards: chunk_range(CFG.daunce.K, CFG.daunce.chunk_size, wildcards.chunk),
         lrs=LR_TAGS,
     conda:
         "../envs/daunce.yaml"
@@ -47,6 +49,7 @@ rule select_lr:
     benchmark:
         "results/{experiment}/benchmarks/daunce/{variant}/select_lr.tsv"
     params:
+        settings=step_settings("daunce.select_measure", "lds.threshold"),
         lrs=LR_TAGS,
     conda:
         "../envs/daunce.yaml"

@@ -9,6 +9,9 @@ rule lds_chunk:
         "results/{experiment}/logs/lds/{split}/chunk{chunk}.log",
     benchmark:
         "results/{experiment}/benchmarks/lds/{split}/chunk{chunk}.tsv"
+    params:
+        settings=step_settings("data", "model", "base", "lds", drop=LDS_NOT_RETRAIN),
+        masks=lambda wildcards: chunk_range(lds_masks(wildcards.split), CFG.lds.chunk_size, wildcards.chunk),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -37,6 +40,8 @@ rule lds_eval:
         "results/{experiment}/lds/eval/{method}/{measure}.json",
     log:
         "results/{experiment}/logs/lds/eval/{method}/{measure}.log",
+    params:
+        settings=step_settings("lds.threshold", "lds.bootstrap", "lds.seed"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -72,6 +77,7 @@ rule k_curve:
     log:
         f"results/{EXP}/logs/lds/k_curve_{{variant}}.log",
     params:
+        settings=step_settings("daunce.k_curve", "lds.threshold", "lds.bootstrap", "lds.seed"),
         measure="correlation",
     conda:
         "../envs/daunce.yaml"

@@ -8,12 +8,16 @@
 rule llm_data:
     """Training and query sets as jsonl: the synthetic task, or the hub datasets (NuminaMath-CoT /
     MATH, AutoIF / IFEval) sampled with their seeds."""
+    input:
+        llm_source_inputs,
     output:
         train="results/{experiment}/llm/data/train.jsonl",
         query="results/{experiment}/llm/data/query.jsonl",
         pretrain="results/{experiment}/llm/data/pretrain.jsonl",
     log:
         "results/{experiment}/logs/llm/data.log",
+    params:
+        settings=step_settings("llm.task", "llm.data"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -33,6 +37,8 @@ rule llm_pretrain:
         "results/{experiment}/logs/llm/pretrain.log",
     benchmark:
         "results/{experiment}/benchmarks/llm/pretrain.tsv"
+    params:
+        settings=step_settings("llm.tiny"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -53,6 +59,7 @@ rule llm_full:
     benchmark:
         "results/{experiment}/benchmarks/llm/full.tsv"
     params:
+        settings=step_settings(*LLM_FINETUNE, "llm.seeds", "llm.query_target", "llm.select.fraction", "llm.removal.seed", "llm.removal.queries", judged=len(LLM.lr_grid) > 1),
         base=llm_base(),
     conda:
         "../envs/daunce.yaml"
@@ -73,6 +80,9 @@ rule llm_daunce_chunk:
         "results/{experiment}/logs/llm/daunce/lr{lr}/chunk{chunk}.log",
     benchmark:
         "results/{experiment}/benchmarks/llm/daunce/lr{lr}/chunk{chunk}.tsv"
+    params:
+        settings=step_settings("llm.dtype", "llm.template", "llm.finetune.max_length", "llm.daunce", drop=LLM_DAUNCE_NOT_FIT),
+        models=lambda wildcards: chunk_range(LLM.K, LLM.chunk_size, wildcards.chunk),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -107,6 +117,7 @@ rule llm_select_lr:
     log:
         "results/{experiment}/logs/llm/daunce/select_lr.log",
     params:
+        settings=step_settings(*LLM_FINETUNE, "llm.select", "llm.daunce.measure", "llm.daunce.variant"),
         lrs=LLM.lr_tags(),
         base=llm_base(),
     conda:
@@ -123,6 +134,8 @@ rule llm_score:
         "results/{experiment}/llm/scores/daunce.h5",
     log:
         "results/{experiment}/logs/llm/scores/daunce.log",
+    params:
+        settings=step_settings("llm.daunce.measure"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -141,6 +154,8 @@ rule llm_logra:
         "results/{experiment}/logs/llm/scores/logra.log",
     benchmark:
         "results/{experiment}/benchmarks/llm/logra.tsv"
+    params:
+        settings=step_settings("llm.dtype", "llm.template", "llm.finetune.max_length", "llm.logra"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -162,6 +177,7 @@ rule llm_removal:
     benchmark:
         "results/{experiment}/benchmarks/llm/removal/{method}/N{N}.tsv"
     params:
+        settings=step_settings(*LLM_FINETUNE, "llm.seeds", "llm.removal.seed", "llm.removal.seeds"),
         base=llm_base(),
     conda:
         "../envs/daunce.yaml"

@@ -17,6 +17,8 @@ rule study_theta0:
         "results/{experiment}/benchmarks/study/theta0_seed{s}.tsv"
     wildcard_constraints:
         s=r"[1-9]\d*",
+    params:
+        settings=step_settings("data", "model", "base"),
     conda:
         "../envs/daunce.yaml"
     script:
@@ -37,6 +39,8 @@ rule study_group:
         "results/{experiment}/benchmarks/study/{variant}/{group}.tsv"
     wildcard_constraints:
         group=r"[A-Za-z0-9_.-]+",
+    params:
+        settings=study_group_settings,
     conda:
         "../envs/daunce.yaml"
     script:
