@@ -48,9 +48,20 @@ template, fine-tuning, generation with logprobs), :mod:`.state` (files, jobs, mo
 worker), :mod:`.http` (routes, authentication, faults, multipart uploads), :mod:`.server`
 (starting and stopping it).
 """
+import importlib
+
 from .config import KEY_ENV, FaultSettings, ServerConfig, TrainSettings
-from .server import LocalServer, build_server, registered_model_path, serve_in_thread
-from .state import APIErrorResponse, ServerState
 
 __all__ = ["KEY_ENV", "FaultSettings", "ServerConfig", "TrainSettings", "LocalServer", "build_server",
            "registered_model_path", "serve_in_thread", "APIErrorResponse", "ServerState"]
+
+# The server's names are imported on first use (PEP 562): they pull in torch and transformers,
+# and the settings above are read by every Snakemake parse of the workflow (daunce_core.blackbox.config).
+_LAZY = {"LocalServer": "server", "build_server": "server", "registered_model_path": "server",
+         "serve_in_thread": "server", "APIErrorResponse": "state", "ServerState": "state"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
