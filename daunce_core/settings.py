@@ -124,7 +124,7 @@ def _check_type(value: Any, declared: Any, where: str, coerce: bool) -> Any:
         return value
     hint = ""
     if t is float and isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value):
-        hint = f"; YAML reads a number without a dot as a string: write {value.replace('e', '.0e', 1)}"
+        hint = f"; YAML reads a number without a dot as a string: write {re.sub('[eE]', '.0e', value, count=1)}"
     raise ConfigError(f"{where} must be a {t.__name__}, got {value!r} ({type(value).__name__}){hint}")
 
 

@@ -144,3 +144,13 @@ def test_schema_sections_match_the_dataclasses():
             problems += _compare(f.default_factory, props[f.name], f.name)
     problems += _compare(BaselinesConfig, props["baselines"], "baselines")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("text, fix", [("1e-3", "1.0e-3"), ("1E-3", "1.0e-3"), ("5e2", "5.0e2")])
+def test_a_yaml_number_read_as_a_string_is_refused_with_the_spelling_that_makes_it_a_float(text, fix):
+    """PyYAML reads 1e-3 (no dot) as a string: the error names the key and the spelling to write."""
+    raw = yaml.safe_load(f"daunce: {{lr_grid: [{text}]}}")
+    assert raw["daunce"]["lr_grid"] == [text]  # the premise: YAML 1.1 leaves it a string
+    with pytest.raises(ConfigError, match=rf"^daunce\.lr_grid\[0\] must be a float, got '{text}' \(str\); "
+                                          rf"YAML reads a number without a dot as a string: write {fix}$"):
+        ExperimentConfig.from_dict(raw)

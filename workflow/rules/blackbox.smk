@@ -69,7 +69,16 @@ rule blackbox_theta0:
     benchmark:
         "results/{experiment}/benchmarks/blackbox/{bbmodel}/theta0.tsv"
     params:
-        settings=step_settings("blackbox.backend", "blackbox.api.base_url", "blackbox.local.train", "blackbox.seed", "blackbox.theta0", "blackbox.logprobs.extra_tokens", "blackbox.logprobs.seed", "blackbox.data"),
+        settings=step_settings(
+            "blackbox.backend",
+            "blackbox.api.base_url",
+            "blackbox.local.train",
+            "blackbox.seed",
+            "blackbox.theta0",
+            "blackbox.logprobs.extra_tokens",
+            "blackbox.logprobs.seed",
+            "blackbox.data",
+        ),
         work="results/{experiment}/blackbox/{bbmodel}/work/theta0",
     conda:
         "../envs/daunce.yaml"

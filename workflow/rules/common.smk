@@ -214,14 +214,15 @@ def baseline_settings(method):
         keys.append("daunce")
     tune = SETTINGS_TREE["baselines"]["tune"] or {}
     return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure"),
-                    tune=tune.get(method))
+                         tune=tune.get(method))
 
 
 def blackbox_losses_settings(wildcards):
     """The perturbations of one access setting: fine-tunes (api) or BDPL prompts (strict)."""
     own = "blackbox.finetune.hyperparameters" if wildcards.access == "api" else "blackbox.bdpl"
     return step_settings("blackbox.backend", "blackbox.api.base_url", "blackbox.local.train", "blackbox.variant",
-                    "blackbox.K", "blackbox.subset_size", "blackbox.seed", "blackbox.logprobs", "blackbox.data", own)
+                         "blackbox.K", "blackbox.subset_size", "blackbox.seed", "blackbox.logprobs", "blackbox.data",
+                         own)
 
 
 def study_group_settings(wildcards):
@@ -229,8 +230,8 @@ def study_group_settings(wildcards):
     from daunce_core.study import group_of
 
     return step_settings("data", "model", "base", "daunce", "lds", "study.lr_around",
-                    drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size"),
-                    group=to_dict(group_of(CFG, wildcards.group)))
+                         drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size"),
+                         group=to_dict(group_of(CFG, wildcards.group)))
 
 
 def llm_source_inputs(wildcards):

@@ -59,7 +59,15 @@ rule llm_full:
     benchmark:
         "results/{experiment}/benchmarks/llm/full.tsv"
     params:
-        settings=step_settings(*LLM_FINETUNE, "llm.seeds", "llm.query_target", "llm.select.fraction", "llm.removal.seed", "llm.removal.queries", judged=len(LLM.lr_grid) > 1),
+        settings=step_settings(
+            *LLM_FINETUNE,
+            "llm.seeds",
+            "llm.query_target",
+            "llm.select.fraction",
+            "llm.removal.seed",
+            "llm.removal.queries",
+            judged=len(LLM.lr_grid) > 1,
+        ),
         base=llm_base(),
     conda:
         "../envs/daunce.yaml"
@@ -81,7 +89,9 @@ rule llm_daunce_chunk:
     benchmark:
         "results/{experiment}/benchmarks/llm/daunce/lr{lr}/chunk{chunk}.tsv"
     params:
-        settings=step_settings("llm.dtype", "llm.template", "llm.finetune.max_length", "llm.daunce", drop=LLM_DAUNCE_NOT_FIT),
+        settings=step_settings(
+            "llm.dtype", "llm.template", "llm.finetune.max_length", "llm.daunce", drop=LLM_DAUNCE_NOT_FIT
+        ),
         models=lambda wildcards: chunk_range(LLM.K, LLM.chunk_size, wildcards.chunk),
     conda:
         "../envs/daunce.yaml"
