@@ -800,6 +800,8 @@ def scored_threshold(attrs: dict) -> dict:
     kind = str(attrs.get("threshold", "none"))
     if kind in ("soft", "hard"):
         return {"kind": kind, "lambda": attrs.get("lambda")}
+    if kind == "topk":
+        return {"kind": kind, "k": attrs.get("k")}
     return {"kind": kind}
 
 

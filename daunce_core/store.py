@@ -4,9 +4,11 @@ Every file is first written to a temporary name beside it (``.<name>.daunce-tmp-
 and renamed into place only once it is complete, so a crash, a bad input or a SIGTERM/SIGINT
 (with :func:`cleanup_on_signals`) never leaves a half-written file behind and never overwrites a
 finished result with a broken one; a temporary left by a SIGKILLed run is removed by the next
-write of the same file once its process is gone. Outputs that would destroy something (an input,
-a directory, a device) are refused before any work (:func:`check_output`), and files are created
-with the user's umask (0644 under umask 022).
+write of the same file once its process is gone. One output has one temporary (a writer called on
+an enclosing write's temporary writes into it), and an output that is a symbolic link is written
+to the link's target. Outputs that would destroy something (an input, a file an HDF5 input reads
+through a link, a directory, a device) are refused before any work (:func:`check_output`), and
+files are created with the user's umask (0644 under umask 022).
 
 Files are paired on example ids, never on positions (:func:`match_ids`, :func:`join`): the same
 ids in another order are reordered with a notice, different ids are refused. A file that carries
