@@ -173,8 +173,12 @@ def _linked_files(path: str | os.PathLike, _seen: set | None = None) -> list[str
     except OSError:
         return []
     names: list[str] = []
+    groups: set = set()  # hard links may form cycles: each group is visited once
 
     def visit(group: h5py.Group) -> None:
+        if group.id in groups:
+            return
+        groups.add(group.id)
         for key in group:
             try:
                 link = group.get(key, getlink=True)

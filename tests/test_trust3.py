@@ -217,6 +217,7 @@ def test_output_may_not_replace_the_source_of_a_virtual_dataset_even_two_links_a
         f.create_virtual_dataset("train", layout)
     with h5py.File(tmp_path / "top.h5", "w") as f:
         f["group/train"] = h5py.ExternalLink("vds.h5", "train")
+        f["group/root"] = f["/"]  # a hard-link cycle: walked once
     with pytest.raises(store.StoreError, match="top.h5 reads data from this file"):
         store.check_output(tmp_path / "src.h5", inputs=[tmp_path / "top.h5"])
     store.check_output(tmp_path / "other.h5", inputs=[tmp_path / "top.h5", tmp_path / "not_hdf5.txt"])
