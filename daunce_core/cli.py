@@ -197,9 +197,10 @@ def _check_score(args: argparse.Namespace) -> str | None:
 def _lds(args: argparse.Namespace) -> None:
     from . import lds as L
     from .config import THRESHOLD_NEEDS
-    from .scoring import apply_threshold
+    from .scoring import apply_threshold, check_threshold_once, scored_threshold
 
     scores, meta = store.dense_scores(args.scores)
+    check_threshold_once(meta["attrs"], args.scores, args.threshold)
     th = {"kind": args.threshold, "quantile": args.quantile, "k": args.k}
     th = {key: value for key, value in th.items() if key == "kind" or key in THRESHOLD_NEEDS[args.threshold]}
     gt = store.read_ground_truth(args.ground_truth)
@@ -212,8 +213,11 @@ def _lds(args: argparse.Namespace) -> None:
         print(f"daunce lds: note: {notice}", file=sys.stderr)
     res, _ = L.evaluate(scores if meta["format"] == "topk" else apply_threshold(scores, th), gt,
                         n_resamples=args.bootstrap)
-    print(json.dumps({"lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                      "n_queries": res.n_queries, "threshold": th}, indent=2))
+    report = {"lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high, "n_queries": res.n_queries,
+              "threshold": th}
+    if scored_threshold(meta["attrs"])["kind"] != "none":  # applied when scored, before this one
+        report["scores_threshold"] = scored_threshold(meta["attrs"])
+    print(json.dumps(report, indent=2))
 
 
 def _topk_file(args: argparse.Namespace, dense, meta: dict, th: dict):
@@ -285,7 +289,7 @@ def _number(kind: type, low: float, *, above: bool = False, high: float | None =
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if (value < low or (above and value == low) or (high is not None and value > high)
                 or (below and value == high)):
-            bounds = (f"in [{low}, {high}{')' if below else ']'}" if high is not None
+            bounds = (f"in {'(' if above else '['}{low}, {high}{')' if below else ']'}" if high is not None
                       else f"{'>' if above else '>='} {low}")
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}")
         return value
@@ -328,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", choices=["none", "soft", "hard"], default="none")
     s.add_argument("--lambda", dest="lam", type=_number(float, 0.0), default=None,
                    help="threshold for soft/hard (required by them)")
-    s.add_argument("--memory-gb", type=_number(float, 0.0, above=True), default=4.0,
+    s.add_argument("--memory-gb", type=_number(float, 0.0, above=True, high=2.0**20), default=4.0,
                    help="peak memory budget of the scoring; dense scores larger than it are "
                         "refused (use --topk)")
     s.add_argument("--reliability", action="store_true",

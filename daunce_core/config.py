@@ -179,7 +179,8 @@ class ThresholdSetting:
     kind: str = setting("none", "none, soft, hard or topk", choices=("none", "soft", "hard", "topk"))
     quantile: float | None = setting(None, "soft/hard: the per-query |score| quantile below which scores are "
                                      "cut", ge=0, lt=1)
-    k: int | None = setting(None, "topk: the number of largest |scores| kept per query", ge=1)
+    k: int | None = setting(None, "topk: the number of largest (signed) scores kept per query, i.e. its k most "
+                            "helpful training examples; the others are set to 0", ge=1)
 
 
 @dataclass
@@ -200,7 +201,8 @@ class LDSConfig:
     bootstrap: int = setting(2000, "bootstrap resamples of the queries for the 95% CI", ge=100)
     threshold: dict = setting({"kind": "hard", "quantile": 0.9},
                          "score thresholding applied to every method: kind none|soft|hard|topk, "
-                         "with a per-query |score| quantile (soft/hard) or k (topk)", mapping=ThresholdSetting)
+                         "with a per-query |score| quantile (soft/hard) or k, the number of largest (signed) "
+                         "scores kept (topk)", mapping=ThresholdSetting)
 
 
 STUDY_VARIANTS = ("daunce", "daunce_e", "daunce_t", "daunce_t_q")  # white-box forms (Table 1)
@@ -405,7 +407,7 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
     kind = th.get("kind", "none")
     for key in THRESHOLD_NEEDS[kind]:
         if th.get(key) is None:
-            what = ("k, the number of largest |scores| kept per query" if key == "k"
+            what = ("k, the number of largest (signed) scores kept per query" if key == "k"
                     else "quantile, the per-query |score| quantile below which scores are cut")
             raise ConfigError(f"lds.threshold: kind {kind!r} needs {what} (lds.threshold.{key})")
     if kind == "topk" and sizes is not None and th["k"] > sizes[0]:

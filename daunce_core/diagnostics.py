@@ -287,8 +287,10 @@ def _finite_or_none(v: float):
 
 
 def _block_size(K: int, m: int, memory_gb: float) -> int:
+    from .scoring import _check_memory
+
     per_column = 8 * (_TEMPS * m + 4 * K)
-    return max(1, int(memory_gb * 2**30 // per_column))
+    return max(1, int(_check_memory(memory_gb) * 2**30 // per_column))
 
 
 def diagnose(train, query, measure: str = "correlation", *, splits: int = 1, seed: int = 0,
@@ -380,7 +382,8 @@ def score_file_with_diagnostics(losses_path, out_path, *, measure: str = "correl
 
     store.check_output(out_path, inputs=[losses_path])
     with store.atomic_path(out_path, suffix=".h5") as tmp:
-        score_file(losses_path, tmp, measure=measure, **score_kwargs)  # validates the losses
+        # validates the losses; writes into this temporary (store.atomic_path), none of its own
+        score_file(losses_path, tmp, measure=measure, **score_kwargs)
         with h5py.File(tmp, "r+") as out:
             g = out.create_group("diagnostics")
             if out.attrs["format"] == "dense":

@@ -20,7 +20,7 @@ from . import store
 from .config import ExperimentConfig, q_weighted
 from .data import Dataset, load_dataset
 from .fit import chunks
-from .scoring import apply_threshold, pairwise_scores
+from .scoring import apply_threshold, pairwise_scores, scored_threshold
 
 # torch and the trainers are imported inside the functions that train: the scoring, LDS and
 # figure steps then start in well under a second.
@@ -209,6 +209,10 @@ def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, me
     bootstrap CIs. ``tuning`` (a selection record: ``selected``, ``on_edge``; default: the scores
     file's ``tuning`` attribute, which the baselines write) labels the rows."""
     scores, meta = store.dense_scores(scores_path)
+    if scored_threshold(meta["attrs"])["kind"] != "none":  # its row "none" would not be raw
+        raise store.StoreError(f"{scores_path}: its scores were thresholded when scored "
+                               f"({scored_threshold(meta['attrs'])}); the LDS table reports raw and "
+                               "lds.threshold scores: rescore without a threshold")
     gt = store.read_ground_truth(gt_path)
     if gt["attrs"].get("split") != "test":
         raise store.StoreError(f"{gt_path}: LDS is reported on the test masks only")

@@ -239,14 +239,19 @@ def _check_measure(measure: str) -> None:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
 
 
+# The largest memory budget taken (GiB): 1 PiB, beyond any machine; a larger number (1e308) would
+# overflow the byte counts computed from it.
+MAX_MEMORY_GB = 2.0**20
+
+
 def _check_memory(memory_gb) -> float:
     try:
         gb = float(memory_gb)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         gb = math.nan
-    if not (math.isfinite(gb) and gb > 0):
-        raise ValueError(f"memory_gb (--memory-gb) must be a finite number of GiB above 0, "
-                         f"got {memory_gb!r}")
+    if not (math.isfinite(gb) and 0 < gb <= MAX_MEMORY_GB):
+        raise ValueError(f"memory_gb (--memory-gb) must be a finite number of GiB above 0 and at most "
+                         f"{MAX_MEMORY_GB:.0f} (1 PiB), got {memory_gb!r}")
     return gb
 
 
@@ -785,7 +790,30 @@ def _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids, attr
 
 # --- the configured thresholding (``lds.threshold``), for every method alike --------------------
 
-__all__ += ["apply_threshold"]
+__all__ += ["apply_threshold", "scored_threshold", "check_threshold_once"]
+
+
+def scored_threshold(attrs: dict) -> dict:
+    """The thresholding a scores file's scores already carry (its ``threshold`` and ``lambda``
+    attributes, written by :func:`score_file`): ``{"kind": "none"}`` for raw scores (and for a
+    file that records none)."""
+    kind = str(attrs.get("threshold", "none"))
+    if kind in ("soft", "hard"):
+        return {"kind": kind, "lambda": attrs.get("lambda")}
+    if kind == "topk":
+        return {"kind": kind, "k": attrs.get("k")}
+    return {"kind": kind}
+
+
+def check_threshold_once(attrs: dict, path, kind: str, option: str = "--threshold") -> None:
+    """Refuse thresholding again scores that were thresholded when scored (soft or hard): the
+    result would carry two thresholds while a report names one. ``topk`` of a top-k file keeps
+    its best scores, which is the same as thresholding the raw scores once, and is allowed."""
+    done = scored_threshold(attrs)
+    if kind != "none" and done["kind"] in ("soft", "hard"):
+        raise ValueError(f"{path}: its scores were already {done['kind']}-thresholded when scored "
+                         f"(lambda={done['lambda']}); {option} {kind} would apply a second threshold. "
+                         f"Rescore without --threshold, or use {option} none")
 
 
 def apply_threshold(scores: np.ndarray, threshold: dict) -> np.ndarray:

@@ -4,9 +4,11 @@ Every file is first written to a temporary name beside it (``.<name>.daunce-tmp-
 and renamed into place only once it is complete, so a crash, a bad input or a SIGTERM/SIGINT
 (with :func:`cleanup_on_signals`) never leaves a half-written file behind and never overwrites a
 finished result with a broken one; a temporary left by a SIGKILLed run is removed by the next
-write of the same file once its process is gone. Outputs that would destroy something (an input,
-a directory, a device) are refused before any work (:func:`check_output`), and files are created
-with the user's umask (0644 under umask 022).
+write of the same file once its process is gone. One output has one temporary (a writer called on
+an enclosing write's temporary writes into it), and an output that is a symbolic link is written
+to the link's target. Outputs that would destroy something (an input, a file an HDF5 input reads
+through a link, a directory, a device) are refused before any work (:func:`check_output`), and
+files are created with the user's umask (0644 under umask 022).
 
 Files are paired on example ids, never on positions (:func:`match_ids`, :func:`join`): the same
 ids in another order are reordered with a notice, different ids are refused. A file that carries
@@ -137,12 +139,75 @@ def check_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = 
         with contextlib.suppress(OSError):
             if os.path.samefile(p, inp):
                 raise _overwrites_input(path, inp)
+    for inp in inputs:
+        for linked in _linked_files(inp):
+            with contextlib.suppress(OSError):
+                if os.path.samefile(p, linked):
+                    raise StoreError(f"{path}: the input {inp} reads data from this file (an HDF5 "
+                                     "external link or virtual dataset); writing it would destroy "
+                                     "that data, so choose another output path")
     return p
 
 
 def _overwrites_input(path, inp) -> StoreError:
     return StoreError(f"{path}: is the input file {inp}; writing it would destroy the input, so "
                       "choose another output path")
+
+
+def _linked_files(path: str | os.PathLike, _seen: set | None = None) -> list[str]:
+    """Files an HDF5 file reads through external links or virtual datasets, transitively.
+
+    A relative name is taken both beside the file that holds the link and from the working
+    directory (HDF5 tries both); names that do not exist are left out (nothing to destroy).
+    Anything that is not a readable HDF5 file has none.
+    """
+    seen = set() if _seen is None else _seen
+    real = os.path.realpath(path)
+    if real in seen or not os.path.isfile(real):
+        return []
+    seen.add(real)
+    try:
+        if not h5py.is_hdf5(real):
+            return []
+        f = h5py.File(real, "r")
+    except OSError:
+        return []
+    names: list[str] = []
+    groups: set = set()  # hard links may form cycles: each group is visited once
+
+    def visit(group: h5py.Group) -> None:
+        if group.id in groups:
+            return
+        groups.add(group.id)
+        for key in group:
+            try:
+                link = group.get(key, getlink=True)
+            except (OSError, KeyError, RuntimeError):
+                continue
+            if isinstance(link, h5py.ExternalLink):
+                names.append(link.filename)
+                continue
+            if isinstance(link, h5py.SoftLink):
+                continue  # within this file
+            try:
+                obj = group[key]
+            except (OSError, KeyError, RuntimeError):
+                continue
+            if isinstance(obj, h5py.Group):
+                visit(obj)
+            elif isinstance(obj, h5py.Dataset) and obj.is_virtual:
+                names.extend(src.file_name for src in obj.virtual_sources() if src.file_name != ".")
+
+    with f:
+        visit(f)
+    out = []
+    for name in names:
+        candidates = [name] if os.path.isabs(name) else [os.path.join(os.path.dirname(real), name), name]
+        for c in candidates:
+            if os.path.isfile(c) and os.path.realpath(c) not in {os.path.realpath(o) for o in out}:
+                out.append(c)
+                out.extend(_linked_files(c, seen))
+    return out
 
 
 _TMP_TAG = ".daunce-tmp-"
@@ -165,23 +230,28 @@ def _alive(pid: int) -> bool:
 def clean_leftovers(path: str | os.PathLike) -> list[Path]:
     """Remove temporaries of ``path`` left by killed runs (SIGKILL, power loss); return them.
 
-    Only temporaries made on this host by a process that no longer exists are removed; those of
-    a live process (another run writing the same file) or of another host (a shared file
-    system) are left alone, and ignored: a write never reads them.
+    A temporary of ``path`` is any name derived from it by daunce: ``.<name>.daunce-tmp-<pid>@<host>.*``,
+    also a temporary of such a temporary (``..<name>.daunce-tmp-A.h5.daunce-tmp-B.h5.tmp``, written
+    by earlier versions that nested two atomic writes). Only temporaries whose every writer ran on
+    this host and no longer exists are removed; those of a live process (another run writing the
+    same file) or of another host (a shared file system) are left alone, and ignored: a write never
+    reads them.
     """
     path = Path(path)
-    head = f".{path.name}{_TMP_TAG}"
-    pattern = re.compile(r"(\d+)@" + re.escape(_host()) + r"\.")
+    start = re.compile(r"\.+" + re.escape(path.name) + re.escape(_TMP_TAG))
+    writer = re.compile(re.escape(_TMP_TAG) + r"(\d+)@([A-Za-z0-9-]+)\.")
+    host = _host()
     removed = []
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(head):
+        if not start.match(entry.name):
             continue
-        m = pattern.match(entry.name, len(head))
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        writers = writer.findall(entry.name)
+        if not writers or any(h != host or int(pid) == os.getpid() or _alive(int(pid))
+                              for pid, h in writers):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)
@@ -204,6 +274,12 @@ def _new_temp(path: Path, suffix: str) -> Path:
     raise FileExistsError(f"{path}: could not create a temporary file beside it")
 
 
+# Temporaries of the atomic writes open in this process: a write into one of them (a writer
+# called on the temporary of an enclosing write) goes straight into it, never into a temporary
+# of its own, so each output has one temporary, named after it and cleaned by clean_leftovers.
+_OPEN_TEMPS: set[str] = set()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -213,13 +289,24 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     temporary is removed and ``path`` is left untouched. The output gets the temporary's first
     mode (0666 minus the umask) even when the writer replaced the temporary by a file of its own
     (safetensors' ``save_file`` renames a 0600 file onto it).
+
+    A symbolic link at ``path`` is written through: its target gets the new content and the
+    link stays (a link replaced by a file would leave its target stale). A ``path`` that is
+    itself the temporary of an enclosing ``atomic_path`` of this process is yielded as it is:
+    the enclosing write renames (or removes) it, and no temporary of a temporary is made.
     """
+    if os.path.abspath(path) in _OPEN_TEMPS:
+        yield Path(path)
+        return
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     tmp = None
     try:
         tmp = _new_temp(path, ".tmp" if suffix is None else suffix)
+        _OPEN_TEMPS.add(os.path.abspath(tmp))
         mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
         raise_pending_signal()  # a signal whose exception was swallowed (see cleanup_on_signals)
@@ -232,6 +319,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+    finally:
+        if tmp is not None:
+            _OPEN_TEMPS.discard(os.path.abspath(tmp))
 
 
 @contextlib.contextmanager
@@ -393,6 +483,33 @@ def _refuse_repeats(path, key: str, ids: np.ndarray) -> None:
         at = int(first[counts > 1].min())
         raise StoreError(f"{path}: '{key}' repeats id {ids[at]} ({int((ids == ids[at]).sum())} times); "
                          "each example needs its own id")
+
+
+def _refuse_repeated_index(path, key: str, index: np.ndarray, what: str) -> None:
+    """Refuse an index (``model_index``, ``mask_index``) that names one entry twice in a file."""
+    values, counts = np.unique(index, return_counts=True)
+    if (counts > 1).any():
+        raise StoreError(f"{path}: '{key}' repeats {what} {values[counts > 1][0]} "
+                         f"({int(counts[counts > 1][0])} times); each must occur once, or it would "
+                         "count twice: the file is corrupt or was concatenated by hand")
+
+
+def _refuse_overlap(paths: Sequence, indices: Sequence[np.ndarray], key: str, what: str, out) -> None:
+    """Refuse chunks whose ``key`` ranges overlap (the same entry in two files, or twice in one),
+    naming the files and the shared entries, before ``out`` is written."""
+    index = np.concatenate(indices)
+    values, counts = np.unique(index, return_counts=True)
+    if not (counts > 1).any():
+        return
+    first = values[counts > 1][0]
+    holders = [str(paths[i]) for i, part in enumerate(indices) if (part == first).any()]
+    if len(holders) == 1:
+        _refuse_repeated_index(holders[0], key, indices[[str(p) for p in paths].index(holders[0])], what)
+    shared = np.intersect1d(*(indices[[str(p) for p in paths].index(h)] for h in holders[:2]))
+    shown = ", ".join(str(v) for v in shared[:8]) + (" ..." if shared.size > 8 else "")
+    raise StoreError(f"{out}: chunks {holders[0]} and {holders[1]} overlap: both hold {what} {shown} "
+                     f"({shared.size} in all, '{key}'); each must come from one chunk only, or it would "
+                     "count twice: gather chunks of disjoint ranges")
 
 
 def _example_ids(f: h5py.File, n: int, m: int, of_n: str, of_m: str
@@ -657,8 +774,9 @@ def read_losses(path: str | os.PathLike) -> Losses:
             train = _read_numbers(f, "train", 2)
             query = _read_numbers(f, "query", 2)
             # optional: a file written by another tool may hold only train and query (README)
-            model_index = (_read_ints(f, "model_index") if "model_index" in f
+            model_index = (_read_ints(f, "model_index", train.shape[0], "'train'") if "model_index" in f
                            else np.arange(train.shape[0], dtype=np.int64))
+            _refuse_repeated_index(path, "model_index", model_index, "model k")
             train_ids, query_ids, positional = _example_ids(
                 f, train.shape[1], query.shape[1], "'train'", "'query'")
             attrs = _attrs(f)
@@ -723,9 +841,8 @@ def concat_losses(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         part.train, part.query = j.take(part.train, 1), j.take(part.query, query_axis=1)
         for notice in j.notices:
             log.warning("%s", notice)
+    _refuse_overlap(paths, [p.model_index for p in parts], "model_index", "models k", out)
     model_index = np.concatenate([p.model_index for p in parts])
-    if np.unique(model_index).size != model_index.size:
-        raise StoreError(f"{out}: the chunks repeat some model indices k; each k must occur once")
     order = np.argsort(model_index, kind="stable")
     merged = Losses(
         train=np.concatenate([p.train for p in parts])[order],
@@ -746,7 +863,10 @@ def concat_losses(paths: Sequence[str | os.PathLike], out: str | os.PathLike) ->
 _SCORES_HINT = "the step that wrote these scores failed: rerun it or check its inputs"
 
 
-def _check_topk(path, indices: np.ndarray, values: np.ndarray, n: int, m: int) -> None:
+def _check_topk(path, indices: np.ndarray, values: np.ndarray, n: int, m: int,
+                query_ids: np.ndarray | None = None) -> None:
+    """Shapes agree, every position lies in the training set, and no query's row names a training
+    example twice (a repeat would make the dense scores depend on the order of the columns)."""
     if indices.ndim != 2 or indices.shape[0] != m:
         raise StoreError(f"{path}: 'indices' has shape {indices.shape}, expected [m={m}, k]")
     if values.shape != indices.shape:
@@ -756,6 +876,15 @@ def _check_topk(path, indices: np.ndarray, values: np.ndarray, n: int, m: int) -
         bad = indices[(indices < 0) | (indices >= n)][0]
         raise StoreError(f"{path}: 'indices' holds position {bad}, outside the {n} training "
                          f"examples (0..{n - 1}); the file is corrupt: rerun the scoring")
+    if indices.shape[1] > 1:
+        s = np.sort(indices, axis=1)
+        rep = s[:, 1:] == s[:, :-1]
+        if rep.any():
+            row, col = (int(i) for i in np.argwhere(rep)[0])
+            query = f"query id {query_ids[row]} (row {row})" if query_ids is not None else f"row {row}"
+            raise StoreError(f"{path}: 'indices' names training position {s[row, col]} more than once "
+                             f"for {query} ({int(rep.any(axis=1).sum())} row(s) repeat a position); "
+                             "each query's top-k lists distinct training examples: rerun the scoring")
 
 
 def write_scores(
@@ -785,7 +914,7 @@ def write_scores(
             raise StoreError(f"{path}: give either dense scores or top-k indices and values")
         indices, values = np.asarray(indices), np.asarray(values)
         _check_numeric(values, "values", str(path))
-        _check_topk(path, indices, values, n, m)
+        _check_topk(path, indices, values, n, m, np.asarray(query_ids))
         _refuse_nonfinite(path, "values", values, _SCORES_HINT)
     with atomic_h5(path) as f:
         if scores is not None:
@@ -835,7 +964,7 @@ def read_scores(path: str | os.PathLike) -> dict[str, Any]:
     if fmt == "dense":
         _refuse_nonfinite(path, "scores", out["scores"], _SCORES_HINT)
     else:
-        _check_topk(path, out["indices"], out["values"], n, m)
+        _check_topk(path, out["indices"], out["values"], n, m, out["query_ids"])
         _refuse_nonfinite(path, "values", out["values"], _SCORES_HINT)
     return out
 
@@ -906,6 +1035,7 @@ def read_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
             raise StoreError(f"{path}: 'outputs' {outputs.shape} has {outputs.shape[1]} subsets "
                              f"but 'masks' {masks.shape} has {M}; expected [seeds, M, m]")
         mask_index = _read_ints(f, "mask_index", M, "'masks'")
+        _refuse_repeated_index(path, "mask_index", mask_index, "subset (mask)")
         train_ids, query_ids, positional = _example_ids(
             f, n, outputs.shape[2], "the columns of 'masks'", "the last axis of 'outputs'")
         attrs = _attrs(f)
@@ -933,6 +1063,7 @@ def concat_ground_truth(paths: Sequence[str | os.PathLike], out: str | os.PathLi
             log.warning("%s", notice)
         if part["outputs"].shape[0] != parts[0]["outputs"].shape[0]:
             raise StoreError(f"{p}: number of seeds differs from {paths[0]}")
+    _refuse_overlap(paths, [p["mask_index"] for p in parts], "mask_index", "subsets (masks)", out)
     mask_index = np.concatenate([p["mask_index"] for p in parts])
     order = np.argsort(mask_index, kind="stable")
     gt = {

@@ -177,6 +177,13 @@ L, S, G, E = "l.h5", "s.h5", "g.h5", "earlier.h5"
 NEW = "new.h5"
 
 
+def _repeat_in_row(row: int, position: int) -> np.ndarray:
+    """The good top-k indices with query ``row``'s first and last entries both ``position``."""
+    idx = TOPK["indices"].copy()
+    idx[row, 0] = idx[row, -1] = position
+    return idx
+
+
 def C(name, code, message, argv, new=(), check=None):
     """A case: ``argv(d)`` gives the command (and makes the files it needs in ``d``)."""
     return pytest.param(argv, code, message, new, check, id=name)
@@ -288,8 +295,10 @@ CASES = [
     C("topk-beyond-memory", 1, "too small for K=6", score("--topk", "5", "--memory-gb", "0.01")),
     C("memory-nan", 2, "argument --memory-gb: expected a finite number", score("--memory-gb", "nan")),
     C("memory-inf", 2, "argument --memory-gb: expected a finite number", score("--memory-gb", "inf")),
-    C("memory-zero", 2, "argument --memory-gb: must be > 0.0", score("--memory-gb", "0")),
-    C("memory-negative", 2, "argument --memory-gb: must be > 0.0", score("--memory-gb", "-1")),
+    C("memory-zero", 2, "argument --memory-gb: must be in (0.0, 1048576.0]", score("--memory-gb", "0")),
+    C("memory-negative", 2, "argument --memory-gb: must be in (0.0, 1048576.0]", score("--memory-gb", "-1")),
+    C("memory-beyond-any-machine", 2, "argument --memory-gb: must be in (0.0, 1048576.0], got '1e308'",
+      score("--memory-gb", "1e308")),
     C("memory-text", 2, "argument --memory-gb: expected a number", score("--memory-gb", "lots")),
     C("lambda-without-threshold", 2, "--lambda does nothing with --threshold none",
       score("--lambda", "0.1")),
@@ -389,6 +398,17 @@ CASES = [
     C("lds-gt-missing", 1, "nothere.h5: no such file", lds(None, lambda d: d / "nothere.h5")),
     C("lds-float16-scores", 0, '"lds"', lds(lambda d: scores(d, scores=SCORES.astype(np.float16))),
       new=("bad_s.h5",)),
+    C("lds-topk-repeats-an-index", 1, "'indices' names training position 7 more than once for query id 501",
+      lds(lambda d: topk(d, indices=_repeat_in_row(1, 7)))),
+    C("lds-gt-repeats-a-mask", 1, "'mask_index' repeats subset (mask) 3 (2 times)",
+      lds(None, lambda d: gt(d, mask_index=np.r_[0:11, 3]))),
+    C("lds-hard-on-soft-scores", 1, "its scores were already soft-thresholded when scored (lambda=0.1); "
+      "--threshold hard would apply a second threshold",
+      lds(lambda d: scores(d, attrs={"threshold": "soft", "lambda": 0.1}), None, "--threshold", "hard")),
+    C("lds-topk-on-hard-scores", 1, "already hard-thresholded",
+      lds(lambda d: scores(d, attrs={"threshold": "hard", "lambda": 0.1}), None, "--threshold", "topk")),
+    C("lds-soft-scores-named", 0, '"scores_threshold": {\n    "kind": "soft",\n    "lambda": 0.1',
+      lds(lambda d: scores(d, attrs={"threshold": "soft", "lambda": 0.1})), new=("bad_s.h5",)),
     # --- lds: options ----------------------------------------------------------------------
     C("lds-bootstrap-zero", 2, "argument --bootstrap: must be >= 1", lds(None, None, "--bootstrap", "0")),
     C("lds-bootstrap-negative", 2, "argument --bootstrap: must be >= 1",

@@ -113,13 +113,14 @@ def curvature_matrix(problem: Problem, curvature: str, weight_decay: float, chun
         H = torch.cat([vmap(hvp)(eye[i:i + chunk]) for i in range(0, p, chunk)])
         H = 0.5 * (H + H.T)  # symmetric up to rounding
     elif curvature == "ggn":
-        from scipy.linalg.blas import dsyrk
-
         def one_logits(flat, x):
             return logits(flat, x.unsqueeze(0))[0]
 
         jac = vmap(jacrev(one_logits), in_dims=(None, 0))
-        Hn = np.zeros((p, p), order="F")  # upper triangle accumulated by BLAS syrk (half a GEMM)
+        # Accumulated by torch's GEMM (MKL on x86 CPUs, cuBLAS on GPUs), not by the OpenBLAS of
+        # numpy/scipy: multithreaded OpenBLAS 0.3.30-0.3.31 dies with SIGSEGV on these products
+        # and on their Cholesky factorisation from p of about 16,000 (benchmarks/exact_if_blas.py).
+        H = torch.zeros((p, p), dtype=dtype, device=theta.device)
         for i in range(0, n, chunk):
             xb = X[i:i + chunk]
             J = jac(theta, xb)  # [b, C, p]
@@ -127,11 +128,9 @@ def curvature_matrix(problem: Problem, curvature: str, weight_decay: float, chun
             sq = prob.sqrt()
             # diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T
             S = torch.diag_embed(sq) - prob.unsqueeze(-1) * sq.unsqueeze(-2)  # [b, C, C]
-            R = torch.einsum("bck,bcp->bkp", S, J).reshape(-1, p).cpu().numpy()
-            Hn = dsyrk(1.0, R.T, beta=1.0, c=Hn, overwrite_c=1)
-        Hn = np.triu(Hn)
-        Hn = (Hn + np.triu(Hn, 1).T) / n
-        H = torch.from_numpy(Hn)
+            R = torch.einsum("bck,bcp->bkp", S, J).reshape(-1, p)
+            H.addmm_(R.T, R)
+        H = 0.5 * (H + H.T) / n  # symmetric up to rounding
     else:
         raise ValueError(f"unknown curvature {curvature!r}; 'hessian' or 'ggn'")
     H = H.cpu().numpy()
@@ -141,15 +140,21 @@ def curvature_matrix(problem: Problem, curvature: str, weight_decay: float, chun
 
 def influence(G_train: np.ndarray, G_query: np.ndarray, H: np.ndarray, damping: float) -> np.ndarray | None:
     """``G_train (H + damping I)^-1 G_query^T`` by a Cholesky solve, [n, m]; ``None`` when
-    ``H + damping I`` is not positive definite (no influence function then)."""
-    import scipy.linalg
+    ``H + damping I`` is not positive definite (no influence function then).
 
-    A = H + damping * np.eye(len(H))
-    try:
-        factor = scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
+    The factorisation and products run in torch (float64), for the reason given in
+    :func:`curvature_matrix`: scipy's ``cho_factor`` crashes the process there.
+    """
+    import torch
+
+    A = torch.as_tensor(H, dtype=torch.float64).clone()
+    A.diagonal().add_(damping)
+    L, info = torch.linalg.cholesky_ex(A)
+    del A
+    if int(info) != 0:
         return None
-    return G_train @ scipy.linalg.cho_solve(factor, G_query.T, check_finite=False)
+    X = torch.cholesky_solve(torch.as_tensor(G_query, dtype=torch.float64).T, L)  # [p, m]
+    return (torch.as_tensor(G_train, dtype=torch.float64) @ X).numpy()
 
 
 def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
@@ -190,7 +195,7 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
         raise ValueError(f"exact_if: every damping in baselines.exact_if.damping_grid={grid} leaves H + damping I "
                          "indefinite; add larger values")
     return best_scores, {
-        "library": "daunce (torch.func + scipy.linalg Cholesky, float64)",
+        "library": "daunce (torch.func + torch.linalg Cholesky, float64)",
         "curvature": ec.curvature, "weight_decay": wd, "damping": best[0],
         "damping_grid": table, "selected_on": "select masks" if gt is not None else "single value",
         **({"tuning": {"selected": {"damping": best[0]}, "on_edge": on_edge(grid, best[0]), "grid": table,

@@ -134,14 +134,12 @@ def noise_weights(variant: str, plan, K: int, n: int, rho: float, gamma: float) 
 
 
 def hessian_response(Z: np.ndarray, S: np.ndarray, M: np.ndarray) -> np.ndarray | None:
-    """``P = Z M^-1 S^T`` [n_z, n_s] by a Cholesky solve; ``None`` when M is not positive definite."""
-    import scipy.linalg
+    """``P = Z M^-1 S^T`` [n_z, n_s] by a Cholesky solve; ``None`` when M is not positive definite.
 
-    try:
-        factor = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        return None
-    return Z @ scipy.linalg.cho_solve(factor, S.T, check_finite=False)
+    The exact IF's solve (:func:`.exact.influence`, in torch: scipy's crashes on large p)."""
+    from .exact import influence
+
+    return influence(Z, S, M, 0.0)
 
 
 def fisher_svd(Z: np.ndarray):

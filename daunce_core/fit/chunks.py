@@ -78,15 +78,17 @@ def write_signals(out: str | os.PathLike, signals: Signals, attrs: Mapping[str, 
         log.warning("%s %s", attrs.get("variant", "?"), reason)
         store.write_diverged(out, attrs, reason)
         return False
-    store.write_losses(out, store.Losses(signals.train, signals.query, np.asarray(signals.model_index),
-                                         signals.train_ids, signals.query_ids, attrs=attrs,
-                                         p0_train=signals.p0_train, p0_query=signals.p0_query))
-    if signals.trace:  # Figure 3's per-step log: a 'trace' group (step [S], model_index [K], term [K, S])
-        with h5py.File(out, "a") as f:
-            g = f.create_group("trace")
-            g.create_dataset("model_index", data=np.asarray(signals.model_index, np.int64))
-            for key, value in signals.trace.items():
-                g.create_dataset(key, data=np.asarray(value))
+    losses = store.Losses(signals.train, signals.query, np.asarray(signals.model_index), signals.train_ids,
+                          signals.query_ids, attrs=attrs, p0_train=signals.p0_train, p0_query=signals.p0_query)
+    # one atomic write (write_losses goes into this temporary): the file never lacks its trace
+    with store.atomic_path(out, suffix=".h5") as tmp:
+        store.write_losses(tmp, losses)
+        if signals.trace:  # Figure 3's per-step log: a 'trace' group (step [S], model_index [K], term [K, S])
+            with h5py.File(tmp, "a") as f:
+                g = f.create_group("trace")
+                g.create_dataset("model_index", data=np.asarray(signals.model_index, np.int64))
+                for key, value in signals.trace.items():
+                    g.create_dataset(key, data=np.asarray(value))
     return True
 
 
@@ -183,7 +185,7 @@ def score(losses_path: str | os.PathLike, out: str | os.PathLike, measure: str, 
 
     Dense [n, m] when it fits ``memory_gb`` (``score_file_kw``), top-k per query otherwise.
     ``method`` names the scores (default: the losses file's ``variant``); the file appears at
-    ``out`` only once complete.
+    ``out`` only once complete, through one temporary beside it (``score_file`` writes into it).
     """
     from ..scoring import score_file
 
