@@ -1,0 +1,115 @@
+"""Trust, round 3, black-box side: the local server's key check comes first, the client stops on a
+list that makes no progress, refuses a malformed reply in one line, and keeps under the spend cap."""
+import http.client
+import json
+
+import pytest
+
+from daunce_core.localapi import ServerConfig, serve_in_thread
+
+KEY = "sk-trust3-test-abcdef0123456789"
+
+
+def _raw(url, method, path, headers, body=b""):
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    if body:
+        conn.send(body)
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"{}")
+    conn.close()
+    return out
+
+
+def test_server_checks_the_key_before_reading_or_counting(tmp_path):
+    with serve_in_thread(ServerConfig(state_dir=str(tmp_path / "s"), models={}), KEY) as (url, st):
+        # an unauthenticated request declaring a 1.5 GB body is refused without reading it (the
+        # test sends none: a server that read first would wait for it and time out)
+        st_code, body = _raw(url, "POST", "/v1/files", {"Content-Length": str(1_500_000_000)})
+        assert st_code == 401 and body["error"]["code"] == "invalid_api_key"
+        # and a -1 length is refused too, instead of reading until the client closes
+        assert _raw(url, "POST", "/v1/files", {"Content-Length": "-1"})[0] == 401
+        for i in range(200):
+            assert _raw(url, "GET", f"/v1/x{i}", {})[0] == 401
+        assert st.stats == {}  # nothing counted before the key check
+        auth = {"Authorization": f"Bearer {KEY}"}
+        code, body = _raw(url, "POST", "/v1/chat/completions", dict(auth, **{"Content-Length": "-1"}))
+        assert code == 400 and "Content-Length" in body["error"]["message"]
+        code, body = _raw(url, "POST", "/v1/files", dict(auth, **{"Content-Length": str(2 ** 40)}))
+        assert code == 413 and "limit" in body["error"]["message"]
+        assert _raw(url, "POST", "/v1/chat/completions", auth)[0] == 411
+        for i in range(200):  # authenticated unknown paths: one bounded key, not one per path
+            assert _raw(url, "GET", f"/v1/x{i}", auth)[0] == 404
+        assert len(st.stats) <= 6 and st.stats["GET other"] == 200
+
+
+class _Fake:
+    """A tiny HTTP endpoint answering every request with one fixed reply (and counting them)."""
+
+    def __init__(self, body: bytes, ctype="application/json"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        fake = self
+        self.n = 0
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self):
+                fake.n += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _reply
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _client(url):
+    from daunce_core.blackbox.client import APIClient, Credentials
+    return APIClient(Credentials(url, KEY), timeout=10)
+
+
+@pytest.mark.parametrize("method", ["list_files", "list_jobs"])
+def test_client_stops_on_a_list_that_repeats_its_page(method):
+    from daunce_core.blackbox.client import BlackboxError
+    page = {"object": "list", "has_more": True, "data": [
+        {"id": "ftjob-1" if method == "list_jobs" else "file-1", "object": "file", "bytes": 1, "created_at": 0,
+         "filename": "a", "purpose": "fine-tune", "status": "processed"}]}
+    fake = _Fake(json.dumps(page).encode())
+    try:
+        with pytest.raises(BlackboxError, match=r"(?s)list .*makes no progress"):
+            getattr(_client(fake.url), method)()
+        assert fake.n == 2  # the repeated page is seen at once, not after hundreds of requests
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("body,ctype", [(b'{"id": "chatcmpl-1", "choices": [', "application/json"),
+                                        (b"<html><body>Bad gateway</body></html>", "text/html")])
+def test_client_names_the_request_on_a_malformed_200(body, ctype):
+    from daunce_core.blackbox.client import BlackboxError
+    fake = _Fake(body, ctype)
+    try:
+        with pytest.raises(BlackboxError) as ei:
+            _client(fake.url).chat(model="m", messages=[{"role": "user", "content": "hi"}])
+        msg = str(ei.value)
+        assert "chat completion (m)" in msg and fake.url in msg and "\n" not in msg and KEY not in msg
+    finally:
+        fake.close()
