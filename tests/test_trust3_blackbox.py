@@ -113,3 +113,18 @@ def test_client_names_the_request_on_a_malformed_200(body, ctype):
         assert "chat completion (m)" in msg and fake.url in msg and "\n" not in msg and KEY not in msg
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("template", ["Q: {Prompt}\nA:", "Q: { prompt }", "no placeholder at all"])
+def test_an_lm_template_without_prompt_is_refused_naming_the_key(template):
+    from daunce_core.api import LMTask
+    from daunce_core.lm.settings import LLMSettings
+    from daunce_core.settings import ConfigError
+    with pytest.raises(ConfigError, match=r"^llm\.template .*has no \{prompt\}") as ei:
+        LLMSettings.from_config({"llm": {"template": template}}).validate()
+    assert "\n" not in str(ei.value).replace("\\n", "")
+    with pytest.raises(ValueError, match=r"^LMTask\.template .*has no \{prompt\}"):
+        LMTask(tokenizer=None, template=template)
+    # the accepted forms: the prompt placed once, or the prompt alone
+    assert LLMSettings.from_config({"llm": {"template": "Q: {prompt}\nA:"}}).validate().template == "Q: {prompt}\nA:"
+    LMTask(tokenizer=None, template="")

@@ -59,6 +59,22 @@ class DataUnavailable(RuntimeError):
 SYMBOLS = "ABCDEFGHJKMNPQRSTUVWXYZ"
 
 
+def check_template(template: Any, key: str) -> str:
+    """``template`` if it places the prompt (contains ``{prompt}``, or is empty: the prompt alone).
+
+    A template without ``{prompt}`` would encode every example to the same prompt tokens, so it is
+    refused with a one-line ``ValueError`` naming ``key``.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"{key} must be a string containing {{prompt}}, got {type(template).__name__}")
+    if template and "{prompt}" not in template:
+        near = re.findall(r"\{[^{}]{0,20}\}", template)
+        hint = f" (found {', '.join(near)}; the name is lower-case)" if near else ""
+        raise ValueError(f"{key} {template!r} has no {{prompt}}{hint}: every example would get the same "
+                         "prompt; write e.g. 'Q: {prompt}\\nA:'")
+    return template
+
+
 def _op_counts(n_ops: int, n_train: int, skew: float) -> np.ndarray:
     """Training examples per operator, geometric with ratio ``skew`` (first operator largest)."""
     w = skew ** np.arange(n_ops)
