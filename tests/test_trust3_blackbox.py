@@ -128,3 +128,46 @@ def test_an_lm_template_without_prompt_is_refused_naming_the_key(template):
     # the accepted forms: the prompt placed once, or the prompt alone
     assert LLMSettings.from_config({"llm": {"template": "Q: {prompt}\nA:"}}).validate().template == "Q: {prompt}\nA:"
     LMTask(tokenizer=None, template="")
+
+
+def test_the_default_token_estimate_bounds_the_local_tokenizer(base, tiny_study):
+    """bytes/4 undercounted the local server's fine-tuning tokens (6,904 used, 3,772 estimated);
+    the default estimate must be an upper bound of what the server's tokenizer counts."""
+    from transformers import AutoTokenizer
+
+    from daunce_core.blackbox import backdoor as B
+    from daunce_core.blackbox.config import BlackboxConfig
+    from daunce_core.blackbox.cost import TokenEstimator
+    from daunce_core.localapi.model import encode_chat
+
+    cfg = BlackboxConfig.from_dict(tiny_study)
+    tok = AutoTokenizer.from_pretrained(base)
+    train, query = B.make_study_data(cfg.data)
+    te = TokenEstimator(cfg.cost.chars_per_token, 1.0, cfg.cost.message_overhead)  # no safety margin
+    for r in train:
+        msgs = B.chat_example(r)["messages"]
+        assert te.messages(msgs) >= len(encode_chat(tok, msgs)[0])
+    old = TokenEstimator(4.0, 1.25, 4)  # the former default undercounts this tokenizer
+    assert sum(old.messages(B.chat_example(r)["messages"]) for r in train) < sum(
+        len(encode_chat(tok, B.chat_example(r)["messages"])[0]) for r in train)
+
+
+def test_the_spend_cap_is_checked_before_each_paid_call():
+    from daunce_core.blackbox.cost import SpendMeter, SpendNotAllowed
+    reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+             "usage": {"prompt_tokens": 400, "completion_tokens": 100, "total_tokens": 500}}
+    fake = _Fake(json.dumps(reply).encode())
+    try:
+        c = _client(fake.url)
+        # 1000 USD per 1M tokens: each call really costs $0.50; the cap allows two
+        c.meter = SpendMeter({"m": {"input": 1000, "output": 1000}}, 1.0)
+        msgs = [{"role": "user", "content": "hi"}]
+        for _ in range(2):
+            c.chat(model="m", messages=msgs, max_completion_tokens=100)
+        assert c.meter.spent == pytest.approx(1.0)
+        with pytest.raises(SpendNotAllowed, match=r"would exceed blackbox.max_spend_usd = \$1.00; it was not sent"):
+            c.chat(model="m", messages=msgs, max_completion_tokens=100)
+        assert fake.n == 2 and c.meter.spent <= 1.0  # the third request never left
+    finally:
+        fake.close()

@@ -223,6 +223,7 @@ class APIClient:
         self.retry = retry or RetryConfig()
         self.sleep = sleep
         self.usage = Usage()
+        self.meter = None  # a cost.SpendMeter: checks the cap before every paid call
         self._lock = threading.Lock()
         self.raw = openai.OpenAI(api_key=creds.api_key, base_url=creds.base_url, max_retries=0, timeout=timeout)
 
@@ -302,10 +303,27 @@ class APIClient:
 
     # --- the endpoints daunce uses ----------------------------------------------------------------
     def chat(self, **kwargs: Any):
-        resp = self.call(f"chat completion ({kwargs.get('model')})", self.raw.chat.completions.create, **kwargs)
+        what, model = f"chat completion ({kwargs.get('model')})", str(kwargs.get("model"))
+        held = 0.0
+        if self.meter is not None:
+            out_max = kwargs.get("max_completion_tokens") or kwargs.get("max_tokens")
+            if out_max is None:
+                raise BlackboxError(f"{what}: a paid chat needs max_completion_tokens to bound its cost")
+            held = self.meter.reserve(what, model, input=self.meter.te.messages(kwargs.get("messages") or []),
+                                      output=int(out_max) * int(kwargs.get("n") or 1))
+        try:
+            resp = self.call(what, self.raw.chat.completions.create, **kwargs)
+        except BaseException:
+            if self.meter is not None:  # a failed request may still be billed: keep the bound
+                self.meter.settle(held, model, input=self.meter.te.messages(kwargs.get("messages") or []),
+                                  output=int(kwargs.get("max_completion_tokens") or kwargs.get("max_tokens") or 0))
+            raise
         u = getattr(resp, "usage", None)
         if u is not None:
             self._count(prompt_tokens=u.prompt_tokens or 0, completion_tokens=u.completion_tokens or 0)
+        if self.meter is not None:
+            self.meter.settle(held, model, input=getattr(u, "prompt_tokens", 0) or 0,
+                              output=getattr(u, "completion_tokens", 0) or 0)
         return resp
 
     def upload(self, filename: str, data: bytes, purpose: str = "fine-tune",
