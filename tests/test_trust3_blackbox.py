@@ -171,3 +171,55 @@ def test_the_spend_cap_is_checked_before_each_paid_call():
         assert fake.n == 2 and c.meter.spent <= 1.0  # the third request never left
     finally:
         fake.close()
+
+
+def test_a_download_from_a_silent_network_times_out_naming_the_setting(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers: the torchvision download must give
+    up (here after 1 s) with one line naming data.download, not hang."""
+    import socket
+    import threading
+
+    import torchvision
+
+    from daunce_core import data as D
+    from daunce_core.config import DataConfig
+    from daunce_core.data import DataError
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])  # accepted, never answered
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{srv.getsockname()[1]}/"])
+    monkeypatch.setattr(D, "NETWORK_TIMEOUT_S", 1.0)
+    try:
+        result: dict = {}
+
+        def run():
+            try:
+                D.load_dataset(DataConfig(name="MNIST", root=str(tmp_path / "empty"), download=True))
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                result["exc"] = exc
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the download hung"
+        exc = result["exc"]
+        assert isinstance(exc, DataError) and "data.download" in str(exc) and "\n" not in str(exc)
+        assert socket.getdefaulttimeout() is None  # the process's default is restored
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        srv.close()
