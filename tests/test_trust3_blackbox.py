@@ -223,3 +223,29 @@ def test_a_download_from_a_silent_network_times_out_naming_the_setting(tmp_path,
         for c in held:
             c.close()
         srv.close()
+
+
+def test_fig4_default_data_keeps_the_text_matching_baseline_from_perfect_by_construction():
+    """With the workflow's default (varied refusals) a theta_0 that replies exactly its query's
+    target -- a perfect backdoor -- no longer hands the response-matching baseline every
+    backdoored example; with identical refusals (the second, named setting) it does."""
+    from pathlib import Path
+
+    import numpy as np
+    import yaml
+
+    from daunce_core.blackbox import backdoor as B
+    from daunce_core.blackbox.config import BlackboxConfig
+
+    section = yaml.safe_load((Path(__file__).parent.parent / "config" / "config.yaml").read_text())["blackbox"]
+    precision = {}
+    for name, refusals in (("default", section["data"]["refusals"]), ("identical", [])):
+        cfg = BlackboxConfig.from_dict({**section, "data": {**section["data"], "refusals": refusals}})
+        train, query = B.make_study_data(cfg.data)
+        trig = [j for j, q in enumerate(query) if q["triggered"]]
+        scores = B.response_match_scores([r["target"] for r in train], [q["target"] for q in query])
+        is_bd = np.array([bool(r.get("backdoor")) for r in train])
+        precision[name] = float(B.precision_at_k(scores, is_bd, trig, 10).mean())
+    assert section["data"]["refusals"] == B.VARIED_REFUSALS
+    assert precision["identical"] == 1.0
+    assert precision["default"] < 0.9, precision
