@@ -249,3 +249,12 @@ def test_fig4_default_data_keeps_the_text_matching_baseline_from_perfect_by_cons
     assert section["data"]["refusals"] == B.VARIED_REFUSALS
     assert precision["identical"] == 1.0
     assert precision["default"] < 0.9, precision
+
+
+def test_a_fine_tune_of_a_fine_tune_is_priced_as_its_base():
+    """The meter prices every call; the local server names a fine-tune of theta_0 ft:ft:<base>:..."""
+    from daunce_core.blackbox.cost import price_key
+    prices = {"tiny-x": {"input": 1}, "gpt-4o": {"input": 2}, "gpt-4o-mini": {"input": 1}}
+    assert price_key("ft:ft:tiny-x:daunce-local:a:b:daunce-local:c:d", prices) == "tiny-x"
+    assert price_key("ft:gpt-4o-mini-2024-07-18:org::abc", prices) == "gpt-4o-mini"
+    assert price_key("tiny-x", prices) == "tiny-x" and price_key("other", prices) is None

@@ -63,7 +63,9 @@ class CostItem:
 
 def price_key(model: str, prices: dict) -> str | None:
     """The key of ``model``'s price entry (longest matching prefix; ``ft:<base>:...`` -> ``<base>``)."""
-    name = model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    parts = model.split(":")
+    lead = next((i for i, p in enumerate(parts) if p != "ft"), len(parts) - 1)
+    name = parts[lead] if lead else model  # ft:<base>:... and a fine-tune of one, ft:ft:<base>:...
     best = None
     for key in prices:
         if name == key or name.startswith(key) or model == key:
