@@ -152,6 +152,10 @@ class LMTask:
     micro_batch_size: int = 8
     eval_batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        from .lm.data import check_template
+        check_template(self.template, "LMTask.template")
+
 
 def _overrides(task: Any, name: str) -> bool:
     return getattr(type(task), name, None) is not getattr(Task, name)

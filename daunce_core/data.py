@@ -38,7 +38,9 @@ import hashlib
 import inspect
 import itertools
 import logging
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,8 +155,9 @@ def _cifar10(cfg: DataConfig) -> Dataset:
 
     root = Path(cfg.root)
     try:
-        train = torchvision.datasets.CIFAR10(root, train=True, download=cfg.download)
-        test = torchvision.datasets.CIFAR10(root, train=False, download=cfg.download)
+        with network_timeout():
+            train = torchvision.datasets.CIFAR10(root, train=True, download=cfg.download)
+            test = torchvision.datasets.CIFAR10(root, train=False, download=cfg.download)
     except Exception as exc:  # URLError, RuntimeError("Dataset not found"), ...
         raise _not_downloaded("CIFAR-10", root, exc, f"'cifar-10-batches-py' under {root}") from exc
     n = _take(cfg.n_train, len(train.targets), "n_train")
@@ -178,11 +181,29 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+NETWORK_TIMEOUT_S = 60.0  # a download's socket gives up after this long without an answer
+
+
+@contextmanager
+def network_timeout(seconds: float | None = None) -> Iterator[None]:
+    """Every socket opened inside waits at most ``seconds`` (default :data:`NETWORK_TIMEOUT_S`) for
+    an answer: libraries that download with ``urlopen`` and no timeout (torchvision, nltk) would
+    otherwise hang without a message when the network does not answer."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(NETWORK_TIMEOUT_S if seconds is None else seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 def _not_downloaded(name: str, root: Path, exc: BaseException, put: str) -> DataError:
     """The error for a torchvision dataset neither under ``root`` nor downloadable; ``put`` says
     which files to put where."""
     return DataError(f"{name} is not under {root} and could not be downloaded ({type(exc).__name__}: "
-                     f"{_one_line(exc)}). On a machine with network run the workflow's data rule, or put {put}.")
+                     f"{_one_line(exc)}; with data.download: true each network read waits at most "
+                     f"{NETWORK_TIMEOUT_S:g} s). On a machine with network run the workflow's data rule, or put "
+                     f"{put} and set data.download: false.")
 
 
 def _image_size(cfg: DataConfig) -> tuple[int, int] | None:
@@ -255,7 +276,8 @@ def _torchvision(cfg: DataConfig, cls: type) -> Dataset:
     extra = {"download": bool(cfg.download)} if "download" in params else {}
     root = Path(cfg.root)
     try:
-        train, test = (cls(str(root), **kw, **extra) for kw in split_kw)
+        with network_timeout():
+            train, test = (cls(str(root), **kw, **extra) for kw in split_kw)
     except (TypeError, ValueError) as exc:  # a required argument, a split the class lacks
         raise DataError(f"data.name: torchvision.datasets.{name} does not load with {split_kw[0]}/{split_kw[1]} "
                         f"({type(exc).__name__}: {_one_line(exc)}); use data.name 'imagefolder' or 'npz'") from exc

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import random
@@ -208,6 +209,8 @@ class APIClient:
     off). ``sleep`` is injectable for tests.
     """
 
+    max_pages = 10_000  # a list longer than this many pages is taken for a pagination loop
+
     def __init__(self, creds: Credentials, *, retry: RetryConfig | None = None, timeout: float = 120.0,
                  sleep: Callable[[float], None] = time.sleep):
         import openai
@@ -220,6 +223,7 @@ class APIClient:
         self.retry = retry or RetryConfig()
         self.sleep = sleep
         self.usage = Usage()
+        self.meter = None  # a cost.SpendMeter: checks the cap before every paid call
         self._lock = threading.Lock()
         self.raw = openai.OpenAI(api_key=creds.api_key, base_url=creds.base_url, max_retries=0, timeout=timeout)
 
@@ -247,7 +251,16 @@ class APIClient:
         while True:
             self._count(requests=1)
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                if isinstance(out, (str, bytes)):  # a 200 whose body was not JSON (an HTML page, a proxy)
+                    raise BlackboxError(self._clean(
+                        f"{what}: the endpoint{where} answered 200 with a body that is not JSON "
+                        f"({str(out[:80])!r}); check blackbox.api.base_url points at an OpenAI-compatible API"))
+                return out
+            except (json.JSONDecodeError, oa.APIResponseValidationError) as exc:
+                raise BlackboxError(self._clean(
+                    f"{what}: the endpoint{where} answered 200 with a malformed body ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}); check blackbox.api.base_url points at an OpenAI-compatible API")) from None
             except oa.AuthenticationError as exc:
                 src = f"the key from {self.source}" if self.source else "the key"
                 raise AuthError(self._clean(
@@ -290,10 +303,27 @@ class APIClient:
 
     # --- the endpoints daunce uses ----------------------------------------------------------------
     def chat(self, **kwargs: Any):
-        resp = self.call(f"chat completion ({kwargs.get('model')})", self.raw.chat.completions.create, **kwargs)
+        what, model = f"chat completion ({kwargs.get('model')})", str(kwargs.get("model"))
+        held = 0.0
+        if self.meter is not None:
+            out_max = kwargs.get("max_completion_tokens") or kwargs.get("max_tokens")
+            if out_max is None:
+                raise BlackboxError(f"{what}: a paid chat needs max_completion_tokens to bound its cost")
+            held = self.meter.reserve(what, model, input=self.meter.te.messages(kwargs.get("messages") or []),
+                                      output=int(out_max) * int(kwargs.get("n") or 1))
+        try:
+            resp = self.call(what, self.raw.chat.completions.create, **kwargs)
+        except BaseException:
+            if self.meter is not None:  # a failed request may still be billed: keep the bound
+                self.meter.settle(held, model, input=self.meter.te.messages(kwargs.get("messages") or []),
+                                  output=int(kwargs.get("max_completion_tokens") or kwargs.get("max_tokens") or 0))
+            raise
         u = getattr(resp, "usage", None)
         if u is not None:
             self._count(prompt_tokens=u.prompt_tokens or 0, completion_tokens=u.completion_tokens or 0)
+        if self.meter is not None:
+            self.meter.settle(held, model, input=getattr(u, "prompt_tokens", 0) or 0,
+                              output=getattr(u, "completion_tokens", 0) or 0)
         return resp
 
     def upload(self, filename: str, data: bytes, purpose: str = "fine-tune",
@@ -307,10 +337,32 @@ class APIClient:
         return self.call(f"retrieve file {file_id}", self.raw.files.retrieve, file_id)
 
     def list_files(self, purpose: str = "fine-tune") -> list:
-        page = self.call("list files", self.raw.files.list, purpose=purpose)
+        return self._list_all("list files", self.raw.files.list, purpose=purpose)
+
+    def _list_all(self, what: str, fn: Callable[..., Any], **kw: Any) -> list:
+        """Every page of a list endpoint, refusing one that makes no progress.
+
+        A page that repeats an id already seen (the same page again, a cursor ignored), or more
+        than :attr:`max_pages` pages, stops the listing with a one-line error naming the endpoint
+        instead of looping forever.
+        """
+        where = f" ({self.base_url})" if self.base_url else ""
+        page = self.call(what, fn, **kw)
         out = list(page.data)
+        seen = {getattr(x, "id", None) for x in out}
+        pages = 1
         while getattr(page, "has_more", False) and out:
-            page = self.call("list files", self.raw.files.list, purpose=purpose, after=out[-1].id)
+            if pages >= self.max_pages:
+                raise BlackboxError(f"{what}: the endpoint{where} still says has_more after {pages} pages; "
+                                    "refusing to page on (is its 'after' cursor ignored?)")
+            page = self.call(what, fn, after=out[-1].id, **kw)
+            pages += 1
+            ids = [getattr(x, "id", None) for x in page.data]
+            if not ids or any(i in seen for i in ids):
+                raise BlackboxError(f"{what}: the endpoint{where} answered has_more but page {pages} "
+                                    f"{'is empty' if not ids else 'repeats ids already listed'} after "
+                                    f"after={out[-1].id!r}; its pagination makes no progress")
+            seen.update(ids)
             out += list(page.data)
         return out
 
@@ -328,11 +380,7 @@ class APIClient:
         kw: dict[str, Any] = {"limit": limit}
         if metadata:
             kw["metadata"] = metadata
-        page = self.call("list fine-tuning jobs", self.raw.fine_tuning.jobs.list, **kw)
-        out = list(page.data)
-        while getattr(page, "has_more", False) and out:
-            page = self.call("list fine-tuning jobs", self.raw.fine_tuning.jobs.list, after=out[-1].id, **kw)
-            out += list(page.data)
+        out = self._list_all("list fine-tuning jobs", self.raw.fine_tuning.jobs.list, **kw)
         if metadata:
             out = [j for j in out if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
         return out

@@ -155,9 +155,11 @@ class LocalConfig:
 
 @dataclass
 class CostConfig:
-    chars_per_token: float = setting(4.0, "token estimate without the provider's tokenizer (OpenAI: ~4 chars)")
+    chars_per_token: float = setting(1.0, "UTF-8 bytes per token of the estimate; 1 bounds any byte-level "
+                                          "tokenizer (OpenAI's ~4 is an average and can undercount)")
     safety_factor: float = setting(1.25, "multiplies every token estimate, so the estimate errs high")
-    message_overhead: int = setting(4, "tokens of chat formatting per message")
+    message_overhead: int = setting(16, "tokens of chat formatting per message (16 bounds the local server's "
+                                        "header, newline and EOS)")
 
 
 @dataclass

@@ -16,10 +16,16 @@ Allowing spend from the command line:
 into the config file's ``blackbox`` section) or ``python -m daunce_core.blackbox ... --spend
 --max-spend-usd 250``.
 
-Token counts are estimates made without the provider's tokenizer: UTF-8 bytes divided by
-``chars_per_token`` (OpenAI: about 4 for English), plus ``message_overhead`` per chat message,
-times ``safety_factor``; reply tokens are counted at the full reply budget of each request, an
-upper bound. Fine-tuning bills every training token once per epoch.
+Token counts are bounds made without the provider's tokenizer: UTF-8 bytes divided by
+``chars_per_token`` (default 1: a byte-level or character tokenizer never makes more tokens than
+bytes, while OpenAI's average of about 4 undercounts short or non-English text), plus
+``message_overhead`` per chat message (default 16: the local server's ``<|assistant|>\n`` header,
+newline and EOS), times ``safety_factor``; reply tokens are counted at the full reply budget of
+each request. Fine-tuning bills every training token once per epoch.
+
+The estimate is checked once before a step; :class:`SpendMeter` then checks the spend recorded so
+far plus a bound on the next call against ``max_spend_usd`` before every paid call (each chat
+completion, each fine-tuning job), so a step stops rather than exceed the cap.
 
 Prices are per model *family*: the entry whose name is the longest prefix of the model id is used,
 and a fine-tuned model ``ft:<base>:...`` is priced as ``<base>`` (its ``input``/``output`` prices
@@ -57,7 +63,9 @@ class CostItem:
 
 def price_key(model: str, prices: dict) -> str | None:
     """The key of ``model``'s price entry (longest matching prefix; ``ft:<base>:...`` -> ``<base>``)."""
-    name = model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    parts = model.split(":")
+    lead = next((i for i, p in enumerate(parts) if p != "ft"), len(parts) - 1)
+    name = parts[lead] if lead else model  # ft:<base>:... and a fine-tune of one, ft:ft:<base>:...
     best = None
     for key in prices:
         if name == key or name.startswith(key) or model == key:
@@ -73,7 +81,7 @@ def price_of(model: str, prices: dict) -> dict | None:
 
 
 class TokenEstimator:
-    def __init__(self, chars_per_token: float = 4.0, safety_factor: float = 1.25, message_overhead: int = 4):
+    def __init__(self, chars_per_token: float = 1.0, safety_factor: float = 1.25, message_overhead: int = 16):
         self.cpt, self.safety, self.overhead = chars_per_token, safety_factor, message_overhead
 
     def text(self, s: str) -> float:
@@ -176,3 +184,40 @@ def check_spend(items: Sequence[CostItem], *, spend: bool, max_spend_usd: float,
             f"{what} would spend an estimated ${tot:,.2f}, more than blackbox.max_spend_usd = "
             f"${max_spend_usd:,.2f}; nothing was sent. Raise max_spend_usd to allow it.\n{table}")
     return tot
+
+
+class SpendMeter:
+    """The spend recorded so far, checked against the cap before every paid call.
+
+    ``reserve`` prices a bound on the next call and raises :class:`SpendNotAllowed` if the recorded
+    spend, the calls still in flight and this one would exceed ``max_spend_usd``; ``settle``
+    replaces a reservation by what the endpoint reported (usage, trained tokens).
+    """
+
+    def __init__(self, prices: dict, max_spend_usd: float, estimator: TokenEstimator | None = None,
+                 spent_usd: float = 0.0):
+        self.prices, self.cap = prices, check_usd(max_spend_usd, "blackbox.max_spend_usd")
+        self.te = estimator or TokenEstimator()
+        self.spent, self.reserved = float(spent_usd), 0.0
+
+    def _usd(self, stage: str, model: str, training: int, input: int, output: int) -> float:
+        item = priced(CostItem(stage, model, 1, int(training), int(input), int(output)), self.prices)
+        if item.usd is None:
+            raise SpendNotAllowed(f"{stage}: no price known for {model}; add it to blackbox.prices. Nothing was sent.")
+        return float(item.usd)
+
+    def reserve(self, what: str, model: str, *, training: int = 0, input: int = 0, output: int = 0) -> float:
+        usd = self._usd(what, model, training, input, output)
+        if usd > 0 and self.spent + self.reserved + usd > self.cap:
+            raise SpendNotAllowed(
+                f"{what}: the recorded spend ${self.spent:,.2f} (+ ${self.reserved:,.2f} in flight) and this call's "
+                f"bound ${usd:,.2f} would exceed blackbox.max_spend_usd = ${self.cap:,.2f}; it was not sent. "
+                "Finished work is kept; raise max_spend_usd to go on")
+        self.reserved += usd
+        return usd
+
+    def settle(self, reserved: float, model: str, *, training: int = 0, input: int = 0, output: int = 0) -> float:
+        usd = self._usd("settle", model, training, input, output)
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += usd
+        return usd

@@ -46,6 +46,7 @@ from .manifest import Manifest
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+AUTO_EPOCHS = 3  # what the spend estimate assumes for n_epochs "auto"
 
 
 @dataclass
@@ -76,6 +77,7 @@ class _Runner:
                  sleep: Callable[[float], None]):
         self.c, self.m, self.s, self.sleep = client, manifest, settings, sleep
         self._remote_files: list | None = None
+        self._held: dict[str, float] = {}  # spend reserved per job in flight (client.meter)
 
     # --- files --------------------------------------------------------------------------------
     def ensure_file(self, spec: FinetuneSpec) -> str:
@@ -140,6 +142,12 @@ class _Runner:
                 method={"type": "supervised", "supervised": {"hyperparameters": dict(spec.hyperparameters)}})
             if spec.seed is not None:
                 kw["seed"] = int(spec.seed)
+            if self.c.meter is not None:  # the cap is checked before the job is created
+                ep = spec.hyperparameters.get("n_epochs", "auto")
+                ep = AUTO_EPOCHS if ep == "auto" else int(ep)
+                tokens = sum(self.c.meter.te.messages(ex["messages"]) for ex in spec.examples) * ep
+                self._held[spec.name] = self.c.meter.reserve(f"fine-tuning job {spec.name}", spec.base_model,
+                                                             training=tokens)
             job = self.c.create_job(before_retry=lambda: self.find_remote(spec, attempt), **kw)
             log.info("%s: created job %s (attempt %d)", spec.name, job.id, attempt)
         else:
@@ -157,6 +165,9 @@ class _Runner:
             self.m.update(spec.name, job=d)
         if d["status"] in TERMINAL:
             self.m.record_job(spec.name, d, base_model=spec.base_model, attempt=int(e["job"].get("attempt", 1)))
+            if self.c.meter is not None:
+                self.c.meter.settle(self._held.pop(spec.name, 0.0), spec.base_model,
+                                    training=int(d["trained_tokens"] or 0) if d["status"] == "succeeded" else 0)
         if d["status"] == "succeeded":
             if not d["model"]:
                 raise BlackboxError(f"{spec.name}: job {job.id} succeeded without a fine_tuned_model")

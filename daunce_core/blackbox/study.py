@@ -44,22 +44,21 @@ from . import backdoor as B
 from .bdpl import candidate_ngrams
 from .client import APIClient, Credentials, credentials_from_env
 from .config import BlackboxConfig
-from .cost import CostItem, TokenEstimator, check_spend, format_estimate, ledger_items, priced, total_usd
-from .finetune import FinetuneSpec, run_finetunes
+from .cost import CostItem, SpendMeter, TokenEstimator, check_spend, format_estimate, ledger_items, priced, total_usd
+from .finetune import AUTO_EPOCHS, FinetuneSpec, run_finetunes
 from .logprobs import budget_for
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 ACCESS_LABEL = {"api": "API-based access (fine-tuning API)", "strict": "strict access (BDPL prompts)"}
-AUTO_EPOCHS = 3  # what the estimate assumes for n_epochs "auto"
 
 
 def estimated_epochs(hyperparameters: dict) -> int:
     """The epochs the estimate charges for a job with ``hyperparameters``: a missing ``n_epochs``
     is not sent, so the endpoint applies its default, ``"auto"`` (as config.validate reads it)."""
     ep = hyperparameters.get("n_epochs", "auto")
-    return AUTO_EPOCHS if ep == "auto" else int(ep)
+    return AUTO_EPOCHS if ep == "auto" else int(ep)  # AUTO_EPOCHS: .finetune's, so both agree
 
 
 def load_config(config: dict) -> BlackboxConfig:
@@ -130,11 +129,22 @@ def endpoint(cfg: BlackboxConfig, *, models: dict[str, str] | None = None, state
         scfg = ServerConfig(state_dir=str(state_dir), models=dict(models or {}), train=cfg.local.train,
                             threads=cfg.local.threads, device=cfg.local.device, faults=cfg.local.faults)
         with LocalServer(scfg, log_path=log_path) as srv:
-            yield APIClient(Credentials(srv.base_url, srv.api_key, "local server"), retry=retry, timeout=a.timeout_s)
+            yield _metered(APIClient(Credentials(srv.base_url, srv.api_key, "local server"), retry=retry,
+                                     timeout=a.timeout_s), cfg)
     else:
         creds = credentials_from_env(a.api_key_env, a.base_url_env, a.base_url)
         log.info("endpoint %s (key from %s)", creds.base_url or "https://api.openai.com/v1", creds.source)
-        yield APIClient(creds, retry=retry, timeout=a.timeout_s)
+        yield _metered(APIClient(creds, retry=retry, timeout=a.timeout_s), cfg)
+
+
+def _metered(client: APIClient, cfg: BlackboxConfig) -> APIClient:
+    """``client`` with a :class:`.cost.SpendMeter` when any price is set: every paid call is then
+    checked against ``max_spend_usd`` before it is sent (the spend of this step)."""
+    if cfg.prices:
+        client.meter = SpendMeter(cfg.prices, cfg.max_spend_usd,
+                                  TokenEstimator(cfg.cost.chars_per_token, cfg.cost.safety_factor,
+                                                 cfg.cost.message_overhead))
+    return client
 
 
 def subsets(cfg: BlackboxConfig, n: int) -> list[np.ndarray]:

@@ -59,6 +59,22 @@ class DataUnavailable(RuntimeError):
 SYMBOLS = "ABCDEFGHJKMNPQRSTUVWXYZ"
 
 
+def check_template(template: Any, key: str) -> str:
+    """``template`` if it places the prompt (contains ``{prompt}``, or is empty: the prompt alone).
+
+    A template without ``{prompt}`` would encode every example to the same prompt tokens, so it is
+    refused with a one-line ``ValueError`` naming ``key``.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"{key} must be a string containing {{prompt}}, got {type(template).__name__}")
+    if template and "{prompt}" not in template:
+        near = re.findall(r"\{[^{}]{0,20}\}", template)
+        hint = f" (found {', '.join(near)}; the name is lower-case)" if near else ""
+        raise ValueError(f"{key} {template!r} has no {{prompt}}{hint}: every example would get the same "
+                         "prompt; write e.g. 'Q: {prompt}\\nA:'")
+    return template
+
+
 def _op_counts(n_ops: int, n_train: int, skew: float) -> np.ndarray:
     """Training examples per operator, geometric with ratio ``skew`` (first operator largest)."""
     w = skew ** np.arange(n_ops)
@@ -199,11 +215,15 @@ def _load_rows(name: str, source: str | None) -> list[dict[str, Any]]:
     except ImportError as exc:  # pragma: no cover - datasets comes with lm-eval
         raise DataUnavailable(f"{name}: the 'datasets' package is needed to load '{source}' "
                               "from the hub; pip install datasets, or give a local .jsonl path") from exc
+    from ..data import NETWORK_TIMEOUT_S, network_timeout
+
     try:
-        ds = datasets.load_dataset(source, cfg, split=split)
+        with network_timeout():
+            ds = datasets.load_dataset(source, cfg, split=split)
     except Exception as exc:  # network errors come in many types
         raise DataUnavailable(f"{name}: could not load '{source}' from the hub "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {hint}") from exc
+                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}; each network "
+                              f"read waits at most {NETWORK_TIMEOUT_S:g} s); {hint}") from exc
     return list(ds)
 
 
@@ -433,7 +453,10 @@ def _ensure_punkt() -> None:
     except LookupError:
         pass
     if not _offline():
-        nltk.download("punkt_tab", quiet=True)
+        from ..data import network_timeout
+
+        with network_timeout():
+            nltk.download("punkt_tab", quiet=True)
         try:
             nltk.data.find("tokenizers/punkt_tab")
             return

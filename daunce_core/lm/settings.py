@@ -219,6 +219,11 @@ class LLMSettings:
     def validate(self) -> LLMSettings:
         if self.task not in TASKS:
             raise ConfigError(f"llm.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        from .data import check_template
+        try:
+            check_template(self.template, "llm.template")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.query_target not in ("reference", "generated"):
             raise ConfigError(f"llm.query_target must be 'reference' or 'generated', got {self.query_target!r}")
         if self.task == "ifeval" and self.query_target == "reference":

@@ -6,6 +6,9 @@
 connection closed without a response, a delay; before the request takes effect or after), routes
 ``/v1/...`` to the state, and turns every error into OpenAI's ``{"error": {...}}`` body. Uploads
 arrive as ``multipart/form-data`` (:func:`parse_multipart`).
+
+The key is checked before a byte of the body is read and before anything is counted; a body
+must declare its length (``Content-Length`` or chunked) and stay within ``max_body`` bytes.
 """
 from __future__ import annotations
 
@@ -45,7 +48,10 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dic
     return fields, files
 
 
-def make_handler(state: ServerState, api_key: str):
+MAX_BODY_BYTES = 512 * 2 ** 20  # OpenAI's own limit on an uploaded file
+
+
+def make_handler(state: ServerState, api_key: str, max_body: int = MAX_BODY_BYTES):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "daunce-local"
@@ -71,16 +77,39 @@ def make_handler(state: ServerState, api_key: str):
             self.wfile.write(data)
 
         def _body(self) -> bytes:
+            too_big = APIErrorResponse(413, f"The request body is larger than this server's limit of {max_body} "
+                                            "bytes.", code="request_too_large")
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                out = b""
+                out = bytearray()
                 while True:
-                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                    try:
+                        size = int(self.rfile.readline(64).strip().split(b";")[0], 16)
+                    except ValueError:
+                        self.close_connection = True
+                        raise APIErrorResponse(400, "Malformed chunked request body.") from None
+                    if size < 0 or len(out) + size > max_body:
+                        self.close_connection = True
+                        raise too_big
                     if size == 0:
-                        self.rfile.readline()
-                        return out
+                        self.rfile.readline(64)
+                        return bytes(out)
                     out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
+                    self.rfile.readline(64)
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                self.close_connection = True
+                raise APIErrorResponse(411, "A request with a body must send Content-Length (or use chunked "
+                                            "transfer encoding).", code="length_required")
+            try:
+                n = int(raw)
+            except ValueError:
+                n = -1
+            if n < 0:
+                self.close_connection = True
+                raise APIErrorResponse(400, f"Invalid Content-Length {raw[:40]!r}.", code="invalid_content_length")
+            if n > max_body:
+                self.close_connection = True
+                raise too_big
             return self.rfile.read(n) if n else b""
 
         def _json(self, body: bytes) -> dict:
@@ -97,17 +126,19 @@ def make_handler(state: ServerState, api_key: str):
             path = url.path.rstrip("/")
             query = dict(parse_qsl(url.query, keep_blank_values=True))
             try:
-                body = self._body() if method in ("POST", "PUT", "PATCH") else b""
                 if path in ("/health", "/v1/health"):
                     return self._send(200, {"status": "ok"})
-                state.count(f"{method} {_route_key(path)}")
                 auth = self.headers.get("Authorization", "")
                 given = auth[7:] if auth.startswith("Bearer ") else ""
                 if not api_key or not secrets.compare_digest(given.encode(), api_key.encode()):
+                    if method in ("POST", "PUT", "PATCH") or self.headers.get("Content-Length", "0") != "0":
+                        self.close_connection = True  # the unread body must not be parsed as a request
                     raise APIErrorResponse(
                         401, "Incorrect API key provided. You can obtain an API key from whoever runs this "
                              "server (the workflow passes it in an environment variable).",
                         code="invalid_api_key")
+                state.count(f"{method} {_route_key(path)}")
+                body = self._body() if method in ("POST", "PUT", "PATCH") else b""
                 fault = state.injector.request(method, path)
                 if fault is None:
                     return self._route(method, path, query, body)
@@ -215,11 +246,14 @@ def make_handler(state: ServerState, api_key: str):
     return Handler
 
 
+_ROUTE_WORDS = {"", "v1", "models", "files", "content", "fine_tuning", "jobs", "cancel", "events", "chat",
+                "completions", "daunce", "stats"}
+
+
 def _route_key(path: str) -> str:
-    """Collapse object ids in a path so stats count routes (``/v1/files/{id}``)."""
-    if "/v1/" not in path:
-        return path
-    out = []
-    for seg in path.split("/"):
-        out.append("{id}" if "-" in seg and seg.split("-")[0] in ("file", "ftjob", "chatcmpl") else seg)
-    return "/".join(out)
+    """The route a path belongs to, for the statistics: ids and names become ``{id}`` and a path
+    outside the routes served here counts as ``other``, so the statistics stay bounded."""
+    segs = path.split("/")
+    if segs[:2] != ["", "v1"] or len(segs) > 6 or (len(segs) > 2 and segs[2] not in _ROUTE_WORDS):
+        return "other"
+    return "/".join(s if s in _ROUTE_WORDS else "{id}" for s in segs)
