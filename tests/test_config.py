@@ -80,7 +80,7 @@ def test_workflow_validates_the_config_before_any_job(tmp_path, mutate, match):
     ({"daunce": {"select_measure": "spearman"}}, r"^daunce\.select_measure must be 'correlation' or"),
     ({"lds": {"bootstrap": 50}}, r"^lds\.bootstrap must be at least 100, got 50$"),
     ({"lds": {"threshold": {"kind": "hard", "quantile": 0.9, "qunatile": 0.8}}},
-     r"^unknown key\(s\) lds\.threshold\.qunatile; known: k, kind, quantile$"),
+     r"^unknown key\(s\) lds\.threshold\.qunatile \(did you mean lds\.threshold\.quantile\?\)$"),
     ({"lds": {"threshold": {"kind": "hard", "quantile": 1.0}}}, r"^lds\.threshold\.quantile must be in \[0, 1\)"),
     ({"lds": {"threshold": {"kind": "hard", "quantile": "0.9"}}}, r"^lds\.threshold\.quantile must be a float"),
     ({"lds": {"threshold": {"kind": "topk", "k": 0}}}, r"^lds\.threshold\.k must be at least 1, got 0$"),

@@ -1,0 +1,144 @@
+"""A new user's run of the workflow on their own config and data: every refusal is one line naming
+the key, file or option, found when the workflow is parsed (before any job), and nothing the user
+owns is written to. The input formats are documented in docs/inputs.md."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import update_config
+
+from daunce_core.baselines import BaselinesConfig
+from daunce_core.config import ExperimentConfig
+from daunce_core.settings import ConfigError, check_schema, load_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+SCHEMA = load_schema(str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def merged(*overrides: dict) -> dict:
+    cfg = copy.deepcopy(DEFAULT)
+    for o in overrides:
+        update_config(cfg, copy.deepcopy(o))
+    return cfg
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
+                           "--cores", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def user_folder(tmp_path: Path, override: dict | None = None) -> Path:
+    """A working folder as a user has it: config/config.yaml, and their --configfile my.yaml."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(override or {}))
+    return tmp_path
+
+
+# --- config keys: one line naming the key and the nearest valid one ------------------------------
+
+@pytest.mark.parametrize("override, line", [
+    ({"daunce": {"ratoi": 0.5}}, "unknown key(s) daunce.ratoi (did you mean daunce.ratio?)"),
+    ({"daunse": {"ratio": 0.5}}, "unknown key(s) daunse (did you mean daunce?)"),
+    ({"lds": {"threshold": {"kind": "hard", "qunatile": 0.5}}},
+     "unknown key(s) lds.threshold.qunatile (did you mean lds.threshold.quantile?)"),
+    ({"llm": {"finetune": {"master_weight": False}}},
+     "unknown key(s) llm.finetune.master_weight (did you mean llm.finetune.master_weights?)"),
+    ({"daunce": {"ratio": 2}}, "daunce.ratio must be <= 1, got 2"),
+    ({"lds": {"threshold": {"kind": "hrad"}}}, "lds.threshold.kind must be one of none, soft, hard, topk, got 'hrad'"),
+])
+def test_a_schema_refusal_is_one_line_naming_the_key(override, line):
+    with pytest.raises(ConfigError) as err:
+        check_schema(merged(override), SCHEMA)
+    assert str(err.value) == line
+
+
+def test_a_config_typo_stops_snakemake_with_one_line_not_the_schema_dump(tmp_path):
+    """Snakemake's own validate prints the schema's excerpt (43 lines for a typo in daunce)."""
+    d = user_folder(tmp_path, {"daunce": {"ratoi": 0.5}})
+    proc = snakemake(d, "-n", "--configfile", str(d / "my.yaml"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "unknown key(s) daunce.ratoi (did you mean daunce.ratio?)" in out, out[-3000:]
+    assert "Failed validating" not in out and len(out.splitlines()) < 10, out
+
+
+def test_readme_s_master_weights_key_is_accepted_by_snakemake(tmp_path):
+    """README.md: `llm.finetune.master_weights: false`; the schema lacked it, snakemake -n refused."""
+    d = user_folder(tmp_path, {"llm": {"finetune": {"master_weights": False}}})
+    proc = snakemake(d, "-n", "--configfile", str(d / "my.yaml"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+# --- numbers given as strings by --config -----------------------------------------------------
+
+def test_config_strings_that_parse_exactly_are_read_as_the_schema_s_type():
+    """Snakemake's --config 'daunce={"ratio": 0.5}' delivers "0.5" (its nested values are strings)."""
+    overrides = {"daunce": {"ratio": "0.5", "lr_grid": ["1e-3", "0.1"], "K": "20"}, "data": {"image_size": "16"},
+                 "blackbox": {"spend": "false", "max_spend_usd": "30"}, "experiment": "x"}
+    cfg = check_schema(merged(overrides), SCHEMA, overrides=overrides)
+    assert cfg["daunce"]["ratio"] == 0.5 and cfg["daunce"]["lr_grid"] == [1e-3, 0.1] and cfg["daunce"]["K"] == 20
+    assert type(cfg["daunce"]["K"]) is int and cfg["data"]["image_size"] == 16
+    assert cfg["blackbox"]["spend"] is False and cfg["blackbox"]["max_spend_usd"] == 30
+    assert cfg["experiment"] == "x"
+
+
+@pytest.mark.parametrize("value, line", [
+    ("0.5x", "daunce.ratio must be a number, got '0.5x'; write a number (0.5, 1.0e-3)"),
+    ("nan", "daunce.ratio must be a number, got 'nan'; write a number (0.5, 1.0e-3)"),
+])
+def test_config_strings_that_are_no_number_are_refused_in_one_line(value, line):
+    overrides = {"daunce": {"ratio": value}}
+    with pytest.raises(ConfigError) as err:
+        check_schema(merged(overrides), SCHEMA, overrides=overrides)
+    assert str(err.value) == line
+
+
+def test_only_command_line_strings_are_converted():
+    """A config file's quoted "0.5" is the user's string: refused by name, not converted."""
+    with pytest.raises(ConfigError, match=r"^daunce\.ratio must be a number, got '0\.5'"):
+        check_schema(merged({"daunce": {"ratio": "0.5"}}), SCHEMA)
+    with pytest.raises(ConfigError, match=r"^daunce\.K must be an integer, got '2\.5'"):
+        check_schema(merged({"daunce": {"K": "2.5"}}), SCHEMA, overrides={"daunce": {"K": "2.5"}})
+
+
+def test_snakemake_accepts_a_number_in_a_config_section_override(tmp_path):
+    d = user_folder(tmp_path)
+    proc = snakemake(d, "-n", "results/digits_mlp/config.yaml", "--config", 'daunce={"ratio": 0.5}')
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+# --- one method's grid never stops another's ----------------------------------------------------
+
+def test_a_shorter_lr_grid_thins_the_other_methods_grids_instead_of_stopping_the_run():
+    """daunce.lr_grid of two values: every baseline grid of config/config.yaml is longer (exact IF's
+    damping grid has four); with max_settings null each is thinned to two settings, evenly spread,
+    and the run goes on."""
+    cfg = merged({"daunce": {"lr_grid": [0.1, 0.01]}})
+    b = BaselinesConfig.from_config(cfg).validate()
+    assert b.max_settings == 2
+    assert b.exact_if.damping_grid == [1e-2, 1.0]
+    assert all(len(b.grid(m)) <= 2 for m in ("trak", "ekfac", "logra", "tracin"))
+    assert len(b.limits.damping_grid) == 2 and len(b.thinned) == 6
+    assert cfg["baselines"] == DEFAULT["baselines"]  # the config itself is left as it is
+    ExperimentConfig.from_dict(cfg).validate()
+
+
+def test_an_explicit_budget_still_refuses_a_longer_grid():
+    cfg = merged({"daunce": {"lr_grid": [0.1, 0.01]}, "baselines": {"max_settings": 2}})
+    with pytest.raises(ConfigError, match=r"^baselines\.tune\.trak: 6 settings exceed the budget "
+                                          r"baselines\.max_settings=2"):
+        BaselinesConfig.from_config(cfg).validate()
+
+
+def test_snakemake_plans_a_run_with_a_two_value_lr_grid(tmp_path):
+    d = user_folder(tmp_path, {"daunce": {"lr_grid": [0.1, 0.01]}})
+    proc = snakemake(d, "-n", "--configfile", str(d / "my.yaml"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "baselines.exact_if.damping_grid: 4 values thinned to [0.01, 1.0]" in out
