@@ -24,6 +24,10 @@ FIGURES = check_figures(config.get("figures"), CFG)  # variant run, query in ran
 LLM = LLMSettings.from_config(config)
 BB = blackbox_load_config(config)
 BASELINES = BaselinesConfig.from_config(config).validate()
+if ":" in CFG.model.arch:  # a factory by import path: importable, and takes (in_shape, num_classes)
+    from daunce_core.models import resolve_factory
+
+    resolve_factory(CFG.model.arch)
 for _note in BASELINES.thinned:  # grids longer than a short daunce.lr_grid: thinned, said once
     logger.info(_note)
 
