@@ -85,8 +85,9 @@ class DataConfig:
     download: bool = setting(True, "allow downloading the dataset when it is not under root")
     image_size: int | list | None = setting(None, "resize every image to S or [H, W] (image folders with mixed sizes); "
                               "null: sizes must agree", ge=1, items=int)
-    manifest: str | None = setting(None, "image folder: the id manifest (relative path per id); null: "
-                            "<root>/daunce_manifest.csv. Adding files never renumbers the others")
+    manifest: str | None = setting(None, "image folder: the id manifest (relative path per id), never "
+                            "written into the image folder; null: results/<experiment>/data/manifest.csv. "
+                            "Adding files never renumbers the others")
 
 
 @dataclass
@@ -302,6 +303,8 @@ class ExperimentConfig:
         out.study = build(StudyConfig, cfg.get("study"), "study", coerce=True, validate=False)
         if "k_curve" not in (rest.get("daunce") if isinstance(rest.get("daunce"), dict) else {}):
             out.daunce.k_curve = default_k_curve(out.daunce.K)
+        if out.data.name == "imagefolder" and out.data.manifest is None:  # beside the results, not the images
+            out.data.manifest = f"results/{out.experiment}/data/manifest.csv"
         return out
 
     def validate(self) -> ExperimentConfig:

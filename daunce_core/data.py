@@ -20,11 +20,13 @@
 An example's id never changes: its index in the original dataset (digits: ``load_digits`` order;
 torchvision: the index in its train or test split; npz: ``train_ids``/``query_ids`` or the row),
 so every file of every stage can be joined on ids whatever subset or order a step used. An image
-folder gets a manifest, ``<root>/daunce_manifest.csv`` (or the file ``data.manifest`` names), of
-relative paths beside their ids: written on first use, with new files appended under new ids, so
-adding files never renumbers the others (nor their labels: classes keep the order in which they
-first appear there). With one folder the train/query split is a permutation of all ids, so it
-moves when files are added; ``train/`` and ``test/`` sub-folders keep it fixed.
+folder's ids are kept in a manifest, the file ``data.manifest`` names (the workflow's and
+``daunce fit``'s default: ``results/<experiment>/data/manifest.csv``), never in the image folder:
+relative paths beside their ids, written once every image has been read, with new files appended
+under new ids, so adding files never renumbers the others (nor their labels: classes keep the
+order in which they first appear there). With one folder the train/query split is a permutation
+of all ids, so it moves when files are added; ``train/`` and ``test/`` sub-folders keep it fixed.
+The layouts and the manifest are described in docs/inputs.md.
 
 Images become float32 [N, C, H, W] in [0, 1] (one channel if every image is grayscale, else RGB),
 normalised per channel by the mean and standard deviation of the training examples. Images of
@@ -314,49 +316,65 @@ def _scan_classes(root: Path, base: str) -> list[str]:
     return found
 
 
-def _update_manifest(path: Path, found: list[str]) -> dict[str, int]:
-    """Ids of all paths the manifest ``path`` lists, after appending ``found`` paths it lacks.
-
-    Entries are never removed: a file that comes back gets its old id, and no id is reused. New
-    paths are appended in sorted order, so jobs that meet the same new files at once all write
-    the same file (atomically).
-    """
+def _read_manifest(path: Path) -> dict[str, int]:
+    """The ids of the manifest ``path`` by relative path ({} when it does not exist), every row
+    checked: one line naming the file and line for a bad one."""
     ids: dict[str, int] = {}
-    if path.exists():
-        try:
-            with open(path, newline="") as fh:
-                rows = list(csv.reader(fh))
-        except OSError as exc:
-            raise DataError(f"data.manifest: cannot read {path} ({exc})") from exc
-        if not rows or rows[0] != ["id", "path"]:
-            raise DataError(f"data.manifest: {path} does not start with the header 'id,path'; "
-                            "move it away to write a new one (ids may change)")
-        taken: set[int] = set()
-        for ln, row in enumerate(rows[1:], start=2):
-            if len(row) != 2 or not row[0].lstrip("-").isdigit():
-                raise DataError(f"data.manifest: {path}:{ln}: expected 'id,path', got {','.join(row)!r}")
-            i = int(row[0])
-            if i in taken or row[1] in ids or i < 0:
-                raise DataError(f"data.manifest: {path}:{ln}: id {i} or path {row[1]!r} is negative or listed twice")
-            taken.add(i)
-            ids[row[1]] = i
-    new = [rel for rel in found if rel not in ids]
-    if new or not path.exists():
-        from .store import atomic_path
-
-        start = max(ids.values(), default=-1) + 1
-        ids.update({rel: start + j for j, rel in enumerate(new)})
-        try:
-            with atomic_path(path, suffix=".csv.tmp") as tmp, open(tmp, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["id", "path"])
-                writer.writerows((i, rel) for rel, i in sorted(ids.items(), key=lambda kv: kv[1]))
-        except OSError as exc:
-            raise DataError(f"data.manifest: cannot write {path} ({exc}); "
-                            "set data.manifest to a writable file") from exc
-        if start > 0 and new:
-            log.info("%s: %d new file(s) got ids %d..%d", path, len(new), start, start + len(new) - 1)
+    if not path.exists():
+        return ids
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"data.manifest: cannot read {path} ({_one_line(exc)})") from exc
+    if not rows or rows[0] != ["id", "path"]:
+        raise DataError(f"data.manifest: {path} does not start with the header 'id,path'; "
+                        "move it away to write a new one (ids may change)")
+    taken: set[int] = set()
+    for ln, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not row[0].lstrip("-").isdigit():
+            raise DataError(f"data.manifest: {path}:{ln}: expected 'id,path', got {','.join(row)!r}")
+        i = int(row[0])
+        if i > I64_MAX:
+            raise DataError(f"data.manifest: {path}:{ln}: id {i} is beyond int64 (max {I64_MAX}); "
+                            "ids must be below 2**63")
+        if i in taken or row[1] in ids or i < 0:
+            raise DataError(f"data.manifest: {path}:{ln}: id {i} or path {row[1]!r} is negative or listed twice")
+        taken.add(i)
+        ids[row[1]] = i
     return ids
+
+
+def _assign_ids(ids: dict[str, int], found: list[str], path: Path) -> tuple[dict[str, int], list[str]]:
+    """``ids`` with the ``found`` paths it lacks appended (sorted, after the largest id), and those
+    new paths. Entries are never removed: a file that comes back gets its old id, and no id is
+    reused."""
+    new = [rel for rel in found if rel not in ids]
+    start = max(ids.values(), default=-1) + 1
+    if new and start + len(new) - 1 > I64_MAX:
+        raise DataError(f"data.manifest: {path}: its largest id {start - 1} leaves no int64 id for "
+                        f"{len(new)} new file(s) (e.g. {new[0]}); renumber the manifest (ids change) or "
+                        "point data.manifest to a new file")
+    out = dict(ids)
+    out.update({rel: start + j for j, rel in enumerate(new)})
+    return out, new
+
+
+def _write_manifest(path: Path, ids: dict[str, int], new: list[str]) -> None:
+    """Write the manifest atomically (jobs that meet the same new files at once write the same file)."""
+    from .store import atomic_path
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".csv.tmp") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "path"])
+            writer.writerows((i, rel) for rel, i in sorted(ids.items(), key=lambda kv: kv[1]))
+    except OSError as exc:
+        raise DataError(f"data.manifest: cannot write {path} ({exc}); "
+                        "set data.manifest to a writable file") from exc
+    if new and len(ids) > len(new):
+        log.info("%s: %d new file(s) got ids %d..%d", path, len(new), ids[new[0]], ids[new[-1]])
 
 
 def _open_image(path: Path):
@@ -366,6 +384,9 @@ def _open_image(path: Path):
         with Image.open(path) as img:
             img.load()
             return img.copy()
+    except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images
+        raise DataError(f"{path}: the image has more pixels than Pillow reads safely "
+                        f"({_one_line(exc)}); shrink it or remove it from the folder") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: cannot read the image ({_one_line(exc)})") from exc
 
@@ -379,12 +400,25 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     query_dir = next((d for d in ("test", "val") if (root / d).is_dir()), None)
     split_layout = (root / "train").is_dir() and query_dir is not None
     found = [rel for base in (("train", query_dir) if split_layout else ("",)) for rel in _scan_classes(root, base)]
-    manifest = Path(cfg.manifest or root / MANIFEST_NAME)
-    entries = sorted(_update_manifest(manifest, found).items(), key=lambda kv: kv[1])
+    # the manifest is never written into the image folder (input data): data.manifest names it
+    # (the workflow's default: results/<experiment>/data/manifest.csv); without one, ids come from
+    # a manifest already in the folder (read only) and the sorted paths, kept in memory
+    legacy = root / MANIFEST_NAME
+    manifest = Path(cfg.manifest) if cfg.manifest else None
+    source = manifest if manifest is not None and manifest.exists() else legacy
+    known = _read_manifest(source)
+    if manifest is not None and source == legacy and known:
+        log.info("%s: ids taken over from %s (read only)", manifest, legacy)
+    ids, new = _assign_ids(known, found, manifest or legacy)
+    if manifest is None and new:
+        log.warning("data.root %s: %d file(s) without an id manifest got ids from their sorted paths; set "
+                    "data.manifest to a file outside the folder to keep ids when files are added", root, len(new))
+    entries = sorted(ids.items(), key=lambda kv: kv[1])
     present = set(found)
     gone = [rel for rel, _ in entries if rel not in present]
     if gone:
-        log.warning("%s: %d listed file(s) are gone (e.g. %s); their ids stay unused", manifest, len(gone), gone[0])
+        log.warning("%s: %d listed file(s) are gone (e.g. %s); their ids stay unused", manifest or source,
+                    len(gone), gone[0])
     # listed paths of this layout (a manifest may outlive a reorganised folder); entries whose
     # files are gone still count, so no class is ever renumbered
     if split_layout:
@@ -412,7 +446,10 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     y = np.array([label[class_of(rel)] for rel, _ in tr + qu], np.int64)
     ids = np.array([i for _, i in tr + qu], np.int64)
     n = len(tr)
-    return _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes, f"the image folder {root}")
+    out = _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes, f"the image folder {root}")
+    if manifest is not None and (new or not manifest.exists()):  # only once every image read
+        _write_manifest(manifest, dict(entries), new)
+    return out
 
 
 NPZ_ARRAYS = ("X_train", "y_train", "X_query", "y_query")

@@ -7,6 +7,7 @@ recognised by its pixels after loading: ``ds.images`` undoes the normalisation.
 import csv
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +18,13 @@ from daunce_core.data import MANIFEST_NAME, DataError, load_dataset
 
 
 def cfg(name, root, **kw):
+    """A DataConfig; an image folder's manifest beside the folder (``<root>-ids.csv``), as the
+    workflow keeps it beside the results, never in the folder."""
     kw.setdefault("n_train", 0)
     kw.setdefault("n_query", 0)
-    extra = {k: kw.pop(k) for k in ("image_size", "manifest") if k in kw}
-    c = DataConfig(name=name, root=str(root), download=False, **kw)
-    for k, v in extra.items():  # optional keys read with getattr (not yet DataConfig fields)
-        setattr(c, k, v)
-    return c
+    if name == "imagefolder":
+        kw.setdefault("manifest", str(manifest_of(root)))
+    return DataConfig(name=name, root=str(root), download=False, **kw)
 
 
 def write_image(path, value, size=(8, 8), mode="L"):
@@ -38,8 +39,12 @@ def first_channel_levels(ds, X):
     return np.rint(ds.images(X)[:, 0, 0, 0] * 255).astype(int)
 
 
+def manifest_of(root):
+    return Path(root).with_name(Path(root).name + "-ids.csv")
+
+
 def manifest_rows(root):
-    with open(root / MANIFEST_NAME, newline="") as fh:
+    with open(manifest_of(root), newline="") as fh:
         return list(csv.reader(fh))
 
 

@@ -142,3 +142,108 @@ def test_snakemake_plans_a_run_with_a_two_value_lr_grid(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "baselines.exact_if.damping_grid: 4 values thinned to [0.01, 1.0]" in out
+
+
+# --- an image folder is input data: nothing is written into it ------------------------------------
+
+def _images(root: Path, n_per_class: int = 4) -> None:
+    from PIL import Image
+
+    for j, cls in enumerate(["cat", "dog"]):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.new("L", (6, 6), 10 + 50 * j + i).save(root / cls / f"{i}.png")
+
+
+def _listing(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_workflow_s_manifest_lies_under_results_never_in_the_image_folder(tmp_path, monkeypatch):
+    from daunce_core.pipeline import prepare_data
+
+    root = tmp_path / "my images"
+    _images(root)
+    before = _listing(root)
+    monkeypatch.chdir(tmp_path)
+    cfg = ExperimentConfig.from_dict({"experiment": "mine", "data": {"name": "imagefolder", "root": str(root),
+                                                                     "n_train": 6, "n_query": 2}}).validate()
+    assert cfg.data.manifest == "results/mine/data/manifest.csv"
+    ds = prepare_data(cfg, tmp_path / "split.npz")
+    assert _listing(root) == before  # the user's folder: not one byte written
+    rows = (tmp_path / "results" / "mine" / "data" / "manifest.csv").read_text().splitlines()
+    assert rows[0] == "id,path" and rows[1] == "0,cat/0.png" and len(rows) == 9
+    assert sorted(ds.train_ids.tolist() + ds.query_ids.tolist()) == list(range(8))
+
+
+def test_a_manifest_left_in_the_folder_by_an_older_run_keeps_its_ids_and_is_not_touched(tmp_path):
+    from daunce_core.config import DataConfig
+    from daunce_core.data import load_dataset
+
+    root = tmp_path / "imgs"
+    _images(root, 2)
+    old = "id,path\n7,dog/1.png\n3,cat/0.png\n5,cat/1.png\n9,dog/0.png\n"
+    (root / "daunce_manifest.csv").write_text(old)
+    new_manifest = tmp_path / "ids.csv"
+    ds = load_dataset(DataConfig(name="imagefolder", root=str(root), n_train=0, n_query=0,
+                                 manifest=str(new_manifest)))
+    assert sorted(ds.train_ids.tolist()) == [3, 5, 7, 9]
+    assert (root / "daunce_manifest.csv").read_text() == old
+    assert new_manifest.read_text().splitlines()[1:] == ["3,cat/0.png", "5,cat/1.png", "7,dog/1.png", "9,dog/0.png"]
+
+
+@pytest.mark.parametrize("text, line, match", [
+    ("id,path\n0,cat/0.png\n9223372036854775808,cat/1.png\n", 3, r"id 9223372036854775808 is beyond int64"),
+    ("id,path\n9223372036854775806,cat/0.png\n", None, r"largest id 9223372036854775806 leaves no int64 id for 7 "
+                                                        r"new file\(s\)"),
+])
+def test_a_manifest_id_beyond_int64_is_one_line_and_the_manifest_is_left_as_it_was(tmp_path, text, line, match):
+    from daunce_core.config import DataConfig
+    from daunce_core.data import DataError, load_dataset
+
+    root = tmp_path / "imgs"
+    _images(root)
+    manifest = tmp_path / "ids.csv"
+    manifest.write_text(text)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset(DataConfig(name="imagefolder", root=str(root), n_train=0, n_query=0, manifest=str(manifest)))
+    assert "\n" not in str(err.value) and str(manifest) + (f":{line}" if line else "") in str(err.value)
+    assert manifest.read_text() == text  # nothing appended
+
+
+def test_a_run_that_fails_on_an_image_appends_nothing_to_the_manifest(tmp_path):
+    from daunce_core.config import DataConfig
+    from daunce_core.data import DataError, load_dataset
+
+    root = tmp_path / "imgs"
+    _images(root)
+    manifest = tmp_path / "ids.csv"
+    c = DataConfig(name="imagefolder", root=str(root), n_train=0, n_query=0, manifest=str(manifest))
+    load_dataset(c)
+    before = manifest.read_text()
+    _images(tmp_path / "more", 40)  # 40 new files per class, one of them broken
+    for cls in ("cat", "dog"):
+        for f in (tmp_path / "more" / cls).iterdir():
+            f.rename(root / cls / f"new{f.name}")
+    (root / "dog" / "new7.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"new7\.png: cannot read the image"):
+        load_dataset(c)
+    assert manifest.read_text() == before
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """Pillow refuses images beyond 2 x MAX_IMAGE_PIXELS (a 20000x20000 PNG at its default) with a
+    DecompressionBombError, not an OSError: the limit is lowered here to test with a small image."""
+    from PIL import Image
+
+    from daunce_core.config import DataConfig
+    from daunce_core.data import DataError, load_dataset
+
+    root = tmp_path / "imgs"
+    _images(root)
+    Image.new("L", (40, 40), 7).save(root / "cat" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 > 2 x 500
+    with pytest.raises(DataError, match=r"huge\.png: the image has more pixels than Pillow reads safely") as err:
+        load_dataset(DataConfig(name="imagefolder", root=str(root), n_train=0, n_query=0,
+                                manifest=str(tmp_path / "ids.csv")))
+    assert "\n" not in str(err.value)

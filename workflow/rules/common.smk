@@ -196,7 +196,8 @@ def data_inputs(wildcards):
 def image_folder_listing(wildcards=None):
     """An image folder's images, as a digest of (relative path, size, mtime) of each: an added,
     removed or rewritten image reruns rule data (a folder as input would see only entries of its
-    top level). The manifest is not part of it: rule data writes it on first use."""
+    top level). The manifest is not part of it: it lies under results/<experiment>/data/, never in the
+    image folder."""
     root = CFG.data.root
     if CFG.data.name != "imagefolder" or not os.path.isdir(root):
         return ""
