@@ -12,7 +12,8 @@
   ``root/<class>/<image>``, split like digits; or ``root/train/<class>/...`` with
   ``root/test/<class>/...`` (or ``root/val/...``) for a split of your own;
 * ``npz`` -- the arrays ``X_train``, ``y_train``, ``X_query``, ``y_query`` of the ``.npz`` file
-  ``data.root`` ([n, C, H, W], or [n, H, W] for grayscale; uint8 is read as 0..255), with
+  ``data.root`` ([n, C, H, W], [n, H, W] for grayscale, or [n, d] feature vectors, standardised
+  per feature, for an MLP; uint8 is read as 0..255), with
   optional ``train_ids``/``query_ids`` and ``classes``. An array that can only be channels last,
   [n, H, W, C] with C 1 or 3 and H, W > 4, is transposed with a warning; a NaN or infinite value
   in a row that is read is refused (naming the array and the row), as are ids beyond int64.
@@ -86,8 +87,18 @@ class Dataset:
     def m(self) -> int:
         return len(self.y_query)
 
+    @property
+    def tabular(self) -> bool:
+        """Whether the inputs are feature vectors [N, d] rather than images [N, C, H, W]."""
+        return self.X_train.ndim == 2
+
     def images(self, X: np.ndarray) -> np.ndarray:
-        """Undo the normalisation for display: [N, H, W, C] in [0, 1]."""
+        """Undo the normalisation for display: [N, H, W, C] in [0, 1]; feature vectors [N, d] as
+        one-row images [N, 1, d, 1] of their features scaled to [0, 1] by the training range."""
+        if X.ndim == 2:
+            raw = X * self.std[None, :] + self.mean[None, :]
+            lo, hi = (self.X_train * self.std + self.mean).min(), (self.X_train * self.std + self.mean).max()
+            return np.clip((raw - lo) / (hi - lo if hi > lo else 1.0), 0, 1)[:, None, :, None]
         img = X * self.std[None, :, None, None] + self.mean[None, :, None, None]
         return np.clip(img.transpose(0, 2, 3, 1), 0, 1)
 
@@ -229,14 +240,17 @@ def _pixels(items: Any, size: tuple[int, int] | None, what: str) -> np.ndarray:
 
 def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.ndarray, y_q: np.ndarray,
                 ids_q: np.ndarray, classes: Sequence[str], source: str) -> Dataset:
-    """A Dataset whose inputs are normalised per channel by the training examples' statistics;
-    ``source`` names what was read (the file or folder) in messages."""
-    mean = X_tr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
-    std = X_tr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+    """A Dataset whose inputs are normalised per channel (per feature for tabular [N, d] data) by
+    the training examples' statistics; ``source`` names what was read (the file or folder) in
+    messages."""
+    axes = (0,) if X_tr.ndim == 2 else (0, 2, 3)
+    mean = X_tr.mean(axis=axes, dtype=np.float64).astype(np.float32)
+    std = X_tr.std(axis=axes, dtype=np.float64).astype(np.float32)
     std = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)  # a constant channel stays finite
+    shape = (1, -1) + (1,) * (X_tr.ndim - 2)
 
     def norm(a: np.ndarray) -> np.ndarray:
-        return ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+        return ((a - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
     y_tr, y_q = y_tr.astype(np.int64), y_q.astype(np.int64)
     return Dataset(norm(X_tr), y_tr, ids_tr.astype(np.int64), norm(X_q), y_q, ids_q.astype(np.int64), len(classes),
@@ -475,12 +489,14 @@ def _npz(cfg: DataConfig) -> Dataset:
         x = z[f"X_{split}"]
         if x.ndim == 3:
             x = x[:, None]  # grayscale [n, H, W]
-        if x.ndim != 4 or x.dtype.kind not in "biuf":  # complex would lose its imaginary part
+        if x.ndim not in (2, 4) or x.dtype.kind not in "biuf":  # complex would lose its imaginary part
             raise DataError(f"{path}: X_{split} has shape {z[f'X_{split}'].shape} and dtype {x.dtype}; "
-                            "expected numbers of shape [n, C, H, W] (channels first) or [n, H, W]")
-        if split == "train" and not len(x):
-            raise DataError(f"{path}: X_train has no rows; daunce needs training examples")
-        if x.shape[3] in (1, 3) and x.shape[1] > 4 and x.shape[2] > 4:
+                            "expected numbers of shape [n, C, H, W] (channels first), [n, H, W] (grayscale) "
+                            "or [n, d] (feature vectors)")
+        if not len(x):
+            what = "training examples" if split == "train" else "query examples (the LDS is measured on them)"
+            raise DataError(f"{path}: X_{split} has no rows; daunce needs {what}")
+        if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] > 4 and x.shape[2] > 4:
             # channels first, this would be more than 4 channels of images 1 or 3 pixels wide
             x = x.transpose(0, 3, 1, 2)
             transposed.append(f"X_{split}")
@@ -522,7 +538,7 @@ def _npz(cfg: DataConfig) -> Dataset:
     m = _take(cfg.n_query, len(y["query"]), "n_query")
     for split, k in (("train", n), ("query", m)):
         # one NaN would make every example NaN through the per-channel normalisation
-        bad = ~np.isfinite(X[split][:k]).all(axis=(1, 2, 3))
+        bad = ~np.isfinite(X[split][:k]).all(axis=tuple(range(1, X[split].ndim)))
         if bad.any():
             raise DataError(f"{path}: X_{split} row {int(np.flatnonzero(bad)[0])} holds a NaN or infinite value "
                             "(or one beyond float32's range); fix or drop that row")

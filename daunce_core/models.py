@@ -234,6 +234,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
         for s in in_shape:
             in_features *= int(s)
         return MLP(in_features, [int(h) for h in cfg.hidden], num_classes)
+    if len(in_shape) == 1 and ":" not in cfg.arch:  # feature vectors [n, d] (an npz of tabular data)
+        raise ModelError(f"model.arch: {cfg.arch} takes images [C, H, W] but the data are feature vectors of "
+                         f"{int(in_shape[0])} values; use 'mlp' or a factory 'package.module:function'")
     if cfg.arch == "resnet9":
         return ResNet9(num_classes, in_channels=int(in_shape[0]), width=cfg.width)
     if ":" in cfg.arch:
