@@ -253,6 +253,11 @@ def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.
         return ((a - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
     y_tr, y_q = y_tr.astype(np.int64), y_q.astype(np.int64)
+    present = np.unique(y_tr)
+    if len(classes) < 2 or len(present) < 2:
+        only = classes[int(present[0])] if len(present) and int(present[0]) < len(classes) else "?"
+        raise DataError(f"{source}: the training examples all have one class ({only!r}; {len(classes)} class(es) "
+                        "in all); a classifier needs at least two classes to learn and to attribute")
     return Dataset(norm(X_tr), y_tr, ids_tr.astype(np.int64), norm(X_q), y_q, ids_q.astype(np.int64), len(classes),
                    list(classes), mean, std, content_hash(X_tr, y_tr, X_q, y_q), source)
 

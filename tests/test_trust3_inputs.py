@@ -320,3 +320,58 @@ def test_figure5_draws_feature_vectors(tmp_path):
     store.write_scores(tmp_path / "s.h5", scores=scores, train_ids=ds.train_ids, query_ids=ds.query_ids)
     figures.fig5(cfg, tmp_path / "split.npz", {"correlation": str(tmp_path / "s.h5")}, tmp_path / "fig5.pdf")
     assert (tmp_path / "fig5.pdf").stat().st_size > 1000
+
+
+# --- what fails late is checked before theta_0 ----------------------------------------------------
+
+def test_an_npz_without_query_rows_is_refused_when_the_config_is_read(tmp_path):
+    """The npz's sizes come from its array headers when the workflow is parsed (no data read)."""
+    np.savez(tmp_path / "d.npz", X_train=np.zeros((8, 3), "f4"), y_train=np.arange(8) % 2,
+             X_query=np.zeros((0, 3), "f4"), y_query=np.zeros(0, int))
+    with pytest.raises(ConfigError, match=r"^data\.root .*d\.npz: X_query has no rows; daunce needs training and "
+                                          r"query examples"):
+        ExperimentConfig.from_dict({"data": {"name": "npz", "root": str(tmp_path / "d.npz")}}).validate()
+    np.savez(tmp_path / "e.npz", X_train=np.zeros((8, 3), "f4"), y_train=np.arange(8) % 2,
+             X_query=np.zeros((2, 3), "f4"), y_query=np.zeros(2, int))
+    with pytest.raises(ConfigError, match=r"^data\.n_query=300 but .*e\.npz has only 2 examples in that split"):
+        ExperimentConfig.from_dict({"data": {"name": "npz", "root": str(tmp_path / "e.npz"), "n_train": 8}}).validate()
+    ExperimentConfig.from_dict({"data": {"name": "npz", "root": str(tmp_path / "e.npz"), "n_train": 0,
+                                         "n_query": 0}}).validate()
+
+
+@pytest.mark.parametrize("override, key", [({"daunce": {"K": 10**12}}, "daunce.K"), ({"lds": {"M": 10**9}}, "lds.M")])
+def test_a_huge_number_of_models_is_refused_when_the_config_is_read(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}=\d+ models is more than 100,000"):
+        ExperimentConfig.from_dict(merged(override)).validate()
+
+
+def test_daunce_fit_refuses_a_huge_k_before_training_theta0(tmp_path, capsys):
+    from daunce_core.cli import main
+
+    _tabular_npz(tmp_path / "tab.npz")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "data": {"name": "npz", "root": str(tmp_path / "tab.npz"), "n_train": 0, "n_query": 0},
+        "daunce": {"K": 10**12, "lr_grid": [0.05]}}))
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "l.h5")]) == 1
+    err = capsys.readouterr().err
+    assert "daunce.K=1000000000000 models is more than 100,000" in err and "theta_0" not in err
+
+
+def test_a_single_class_dataset_is_one_line_saying_so(tmp_path):
+    from daunce_core.config import DataConfig
+    from daunce_core.data import DataError, load_dataset
+
+    np.savez(tmp_path / "one.npz", X_train=np.random.default_rng(0).normal(size=(10, 3)).astype("f4"),
+             y_train=np.zeros(10, int), X_query=np.zeros((2, 3), "f4"), y_query=np.zeros(2, int))
+    with pytest.raises(DataError, match=r"one\.npz: the training examples all have one class \('0'; 1 class\(es\) "
+                                        r"in all\); a classifier needs at least two classes") as err:
+        load_dataset(DataConfig(name="npz", root=str(tmp_path / "one.npz"), n_train=0, n_query=0))
+    assert "\n" not in str(err.value)
+    root = tmp_path / "imgs"
+    _images(root)
+    for f in (root / "dog").iterdir():
+        f.unlink()
+    (root / "dog").rmdir()
+    with pytest.raises(DataError, match=r"the image folder .*imgs: the training examples all have one class \('cat'"):
+        load_dataset(DataConfig(name="imagefolder", root=str(root), n_train=0, n_query=0,
+                                manifest=str(tmp_path / "ids.csv")))
