@@ -2,6 +2,7 @@
 the key, file or option, found when the workflow is parsed (before any job), and nothing the user
 owns is written to. The input formats are documented in docs/inputs.md."""
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -375,3 +376,46 @@ def test_a_single_class_dataset_is_one_line_saying_so(tmp_path):
     with pytest.raises(DataError, match=r"the image folder .*imgs: the training examples all have one class \('cat'"):
         load_dataset(DataConfig(name="imagefolder", root=str(root), n_train=0, n_query=0,
                                 manifest=str(tmp_path / "ids.csv")))
+
+
+# --- a ground truth of your own: the documented writer ---------------------------------------------
+
+def test_a_ground_truth_written_by_the_documented_writer_is_read_by_daunce_lds(tmp_path, capsys):
+    """Retrains whose margins are exactly additive in the training examples (outputs = masks @ A):
+    scores A have LDS 1 under `daunce lds` (joined on ids given in another order), random scores
+    about 0."""
+    from daunce_core import store
+    from daunce_core.cli import main
+    from daunce_core.ground_truth import write_ground_truth_file
+
+    rng = np.random.default_rng(0)
+    n, m, M = 40, 6, 30
+    A = rng.normal(size=(n, m))
+    masks = rng.random((M, n)) < 0.5
+    train_ids, query_ids = rng.permutation(1000)[:n], np.arange(100, 100 + m)
+    gt = write_ground_truth_file(tmp_path / "gt.h5", masks, masks @ A, train_ids=train_ids, query_ids=query_ids)
+    assert gt["outputs"].shape == (1, M, m) and gt["mask_index"].tolist() == list(range(M))
+    order = rng.permutation(n)  # the scores file lists the training examples in another order
+    store.write_scores(tmp_path / "true.h5", scores=A[order], train_ids=train_ids[order], query_ids=query_ids)
+    store.write_scores(tmp_path / "random.h5", scores=rng.normal(size=(n, m)), train_ids=train_ids,
+                       query_ids=query_ids)
+    assert main(["lds", str(tmp_path / "true.h5"), str(tmp_path / "gt.h5")]) == 0
+    assert json.loads(capsys.readouterr().out)["lds"] == pytest.approx(1.0)
+    assert main(["lds", str(tmp_path / "random.h5"), str(tmp_path / "gt.h5")]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["lds"]) < 0.3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(masks=np.full((4, 5), 2)), r"^masks must be a 0/1 array \[M subsets, n training examples\]"),
+    (dict(outputs=np.zeros((3, 2))), r"^outputs must be numbers \[M=4, m\] or \[seeds, M=4, m\]"),
+    (dict(outputs=np.where(np.eye(4, 2) > 0, np.nan, 0.0)), r"^outputs\[0, 0, 0\] is nan; every margin must be finite"),
+    (dict(train_ids=[1, 1, 2, 3, 4]), r"^train_ids must be 5 distinct integers"),
+    (dict(mask_index=[0, 1, 2]), r"^mask_index must be 4 distinct integers \(one per row of masks\)"),
+])
+def test_the_ground_truth_writer_names_the_bad_array_and_writes_nothing(tmp_path, kwargs, match):
+    from daunce_core.ground_truth import GroundTruthError, write_ground_truth_file
+
+    args = {"masks": np.eye(4, 5, dtype=bool), "outputs": np.zeros((4, 2)), **kwargs}
+    with pytest.raises(GroundTruthError, match=match):
+        write_ground_truth_file(tmp_path / "gt.h5", **args)
+    assert not (tmp_path / "gt.h5").exists()
