@@ -74,10 +74,12 @@ def _data_files(data) -> list[str]:
     """The files the data config reads and -o must not replace: ``data.root`` (the .npz of
     ``npz``; a folder is refused as an output anyway) and the id manifest of an image folder."""
     files = [data.root]
-    if data.manifest or data.name == "imagefolder":
+    if data.name == "imagefolder":  # a manifest in the folder is read when data.manifest does not exist yet
         from .data import MANIFEST_NAME
 
-        files.append(data.manifest or os.path.join(data.root, MANIFEST_NAME))
+        files.append(os.path.join(data.root, MANIFEST_NAME))
+    if data.manifest:
+        files.append(data.manifest)
     return files
 
 

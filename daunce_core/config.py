@@ -85,8 +85,9 @@ class DataConfig:
     download: bool = setting(True, "allow downloading the dataset when it is not under root")
     image_size: int | list | None = setting(None, "resize every image to S or [H, W] (image folders with mixed sizes); "
                               "null: sizes must agree", ge=1, items=int)
-    manifest: str | None = setting(None, "image folder: the id manifest (relative path per id); null: "
-                            "<root>/daunce_manifest.csv. Adding files never renumbers the others")
+    manifest: str | None = setting(None, "image folder: the id manifest (relative path per id), never "
+                            "written into the image folder; null: results/<experiment>/data/manifest.csv. "
+                            "Adding files never renumbers the others")
 
 
 @dataclass
@@ -302,6 +303,8 @@ class ExperimentConfig:
         out.study = build(StudyConfig, cfg.get("study"), "study", coerce=True, validate=False)
         if "k_curve" not in (rest.get("daunce") if isinstance(rest.get("daunce"), dict) else {}):
             out.daunce.k_curve = default_k_curve(out.daunce.K)
+        if out.data.name == "imagefolder" and out.data.manifest is None:  # beside the results, not the images
+            out.data.manifest = f"results/{out.experiment}/data/manifest.csv"
         return out
 
     def validate(self) -> ExperimentConfig:
@@ -366,10 +369,45 @@ KNOWN_SIZES: dict[str, tuple[int, int | None]] = {
 THRESHOLD_NEEDS = {"none": (), "soft": ("quantile",), "hard": ("quantile",), "topk": ("k",)}
 
 
+# the most models one setting trains (daunce.K, lds.M, lds.M_select): each is a training run, and
+# the losses files hold K x (n + m) numbers (the paper's largest K is 200)
+MAX_MODELS = 100_000
+
+
+def npz_rows(path: str | Path) -> tuple[int, int] | None:
+    """The rows of ``X_train`` and ``X_query`` of an .npz file, read from the arrays' headers (no
+    data); None when the file cannot be read so (the data step then names what is wrong)."""
+    import zipfile
+
+    import numpy as np
+
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    rows = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            for key in ("X_train", "X_query"):
+                with z.open(f"{key}.npy") as fh:
+                    read = readers.get(np.lib.format.read_magic(fh))
+                    if read is None:
+                        return None
+                    shape = read(fh)[0]
+                rows.append(int(shape[0]) if shape else 0)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return rows[0], rows[1]
+
+
 def known_split_sizes(data: DataConfig) -> tuple[int, int] | None:
-    """(n_train, n_query) the data rule will produce, when the dataset's size is known offline;
-    None for folders, npz files and datasets of unknown size. 0 in the config means all."""
+    """(n_train, n_query) the data rule will produce, when the dataset's size is known offline (an
+    npz file's from its headers); None for folders and datasets of unknown size. 0 in the config
+    means all."""
     sizes = KNOWN_SIZES.get(data.name)
+    if data.name == "npz":
+        sizes = npz_rows(data.root)
+        if sizes is not None and 0 in sizes:
+            which = "X_train" if sizes[0] == 0 else "X_query"
+            raise ConfigError(f"data.root {data.root}: {which} has no rows; daunce needs training and query "
+                              "examples (the LDS is measured on the queries)")
     if sizes is None:
         return None
     train_pool, query_pool = sizes
@@ -386,7 +424,8 @@ def known_split_sizes(data: DataConfig) -> tuple[int, int] | None:
         return n, m
     for key, asked, pool in (("n_train", data.n_train, train_pool), ("n_query", data.n_query, query_pool)):
         if asked > pool:
-            raise ConfigError(f"data.{key}={asked} but {data.name} has only {pool} examples in that split; "
+            raise ConfigError(f"data.{key}={asked} but {data.root if data.name == 'npz' else data.name} has only "
+                              f"{pool} examples in that split; "
                               f"lower data.{key} (0 = all)")
     return data.n_train or train_pool, data.n_query or query_pool
 
@@ -395,6 +434,11 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
     """Checks that involve several keys (called by :meth:`ExperimentConfig.validate`)."""
     sizes = known_split_sizes(cfg.data)
     d, lds = cfg.daunce, cfg.lds
+    for key, count in (("daunce.K", d.K), ("lds.M", lds.M), ("lds.M_select", lds.M_select)):
+        if count > MAX_MODELS:
+            raise ConfigError(f"{key}={count} models is more than {MAX_MODELS:,}: each is a training run and "
+                              f"the losses hold {key.split('.')[1]} x (n + m) numbers (the paper's largest K is "
+                              f"200); lower {key}")
     if not d.lr_grid:
         raise ConfigError("daunce.lr_grid is empty; give at least one learning rate")
     tags = [f"{lr:g}" for lr in d.lr_grid]  # the workflow's file names (lr{tag}/)

@@ -12,7 +12,8 @@
   ``root/<class>/<image>``, split like digits; or ``root/train/<class>/...`` with
   ``root/test/<class>/...`` (or ``root/val/...``) for a split of your own;
 * ``npz`` -- the arrays ``X_train``, ``y_train``, ``X_query``, ``y_query`` of the ``.npz`` file
-  ``data.root`` ([n, C, H, W], or [n, H, W] for grayscale; uint8 is read as 0..255), with
+  ``data.root`` ([n, C, H, W], [n, H, W] for grayscale, or [n, d] feature vectors, standardised
+  per feature, for an MLP; uint8 is read as 0..255), with
   optional ``train_ids``/``query_ids`` and ``classes``. An array that can only be channels last,
   [n, H, W, C] with C 1 or 3 and H, W > 4, is transposed with a warning; a NaN or infinite value
   in a row that is read is refused (naming the array and the row), as are ids beyond int64.
@@ -20,11 +21,13 @@
 An example's id never changes: its index in the original dataset (digits: ``load_digits`` order;
 torchvision: the index in its train or test split; npz: ``train_ids``/``query_ids`` or the row),
 so every file of every stage can be joined on ids whatever subset or order a step used. An image
-folder gets a manifest, ``<root>/daunce_manifest.csv`` (or the file ``data.manifest`` names), of
-relative paths beside their ids: written on first use, with new files appended under new ids, so
-adding files never renumbers the others (nor their labels: classes keep the order in which they
-first appear there). With one folder the train/query split is a permutation of all ids, so it
-moves when files are added; ``train/`` and ``test/`` sub-folders keep it fixed.
+folder's ids are kept in a manifest, the file ``data.manifest`` names (the workflow's and
+``daunce fit``'s default: ``results/<experiment>/data/manifest.csv``), never in the image folder:
+relative paths beside their ids, written once every image has been read, with new files appended
+under new ids, so adding files never renumbers the others (nor their labels: classes keep the
+order in which they first appear there). With one folder the train/query split is a permutation
+of all ids, so it moves when files are added; ``train/`` and ``test/`` sub-folders keep it fixed.
+The layouts and the manifest are described in docs/inputs.md.
 
 Images become float32 [N, C, H, W] in [0, 1] (one channel if every image is grayscale, else RGB),
 normalised per channel by the mean and standard deviation of the training examples. Images of
@@ -86,8 +89,18 @@ class Dataset:
     def m(self) -> int:
         return len(self.y_query)
 
+    @property
+    def tabular(self) -> bool:
+        """Whether the inputs are feature vectors [N, d] rather than images [N, C, H, W]."""
+        return self.X_train.ndim == 2
+
     def images(self, X: np.ndarray) -> np.ndarray:
-        """Undo the normalisation for display: [N, H, W, C] in [0, 1]."""
+        """Undo the normalisation for display: [N, H, W, C] in [0, 1]; feature vectors [N, d] as
+        one-row images [N, 1, d, 1] of their features scaled to [0, 1] by the training range."""
+        if X.ndim == 2:
+            raw = X * self.std[None, :] + self.mean[None, :]
+            lo, hi = (self.X_train * self.std + self.mean).min(), (self.X_train * self.std + self.mean).max()
+            return np.clip((raw - lo) / (hi - lo if hi > lo else 1.0), 0, 1)[:, None, :, None]
         img = X * self.std[None, :, None, None] + self.mean[None, :, None, None]
         return np.clip(img.transpose(0, 2, 3, 1), 0, 1)
 
@@ -248,16 +261,24 @@ def _pixels(items: Any, size: tuple[int, int] | None, what: str) -> np.ndarray:
 
 def _normalised(X_tr: np.ndarray, y_tr: np.ndarray, ids_tr: np.ndarray, X_q: np.ndarray, y_q: np.ndarray,
                 ids_q: np.ndarray, classes: Sequence[str], source: str) -> Dataset:
-    """A Dataset whose inputs are normalised per channel by the training examples' statistics;
-    ``source`` names what was read (the file or folder) in messages."""
-    mean = X_tr.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
-    std = X_tr.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+    """A Dataset whose inputs are normalised per channel (per feature for tabular [N, d] data) by
+    the training examples' statistics; ``source`` names what was read (the file or folder) in
+    messages."""
+    axes = (0,) if X_tr.ndim == 2 else (0, 2, 3)
+    mean = X_tr.mean(axis=axes, dtype=np.float64).astype(np.float32)
+    std = X_tr.std(axis=axes, dtype=np.float64).astype(np.float32)
     std = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)  # a constant channel stays finite
+    shape = (1, -1) + (1,) * (X_tr.ndim - 2)
 
     def norm(a: np.ndarray) -> np.ndarray:
-        return ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+        return ((a - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
     y_tr, y_q = y_tr.astype(np.int64), y_q.astype(np.int64)
+    present = np.unique(y_tr)
+    if len(classes) < 2 or len(present) < 2:
+        only = classes[int(present[0])] if len(present) and int(present[0]) < len(classes) else "?"
+        raise DataError(f"{source}: the training examples all have one class ({only!r}; {len(classes)} class(es) "
+                        "in all); a classifier needs at least two classes to learn and to attribute")
     return Dataset(norm(X_tr), y_tr, ids_tr.astype(np.int64), norm(X_q), y_q, ids_q.astype(np.int64), len(classes),
                    list(classes), mean, std, content_hash(X_tr, y_tr, X_q, y_q), source)
 
@@ -336,49 +357,65 @@ def _scan_classes(root: Path, base: str) -> list[str]:
     return found
 
 
-def _update_manifest(path: Path, found: list[str]) -> dict[str, int]:
-    """Ids of all paths the manifest ``path`` lists, after appending ``found`` paths it lacks.
-
-    Entries are never removed: a file that comes back gets its old id, and no id is reused. New
-    paths are appended in sorted order, so jobs that meet the same new files at once all write
-    the same file (atomically).
-    """
+def _read_manifest(path: Path) -> dict[str, int]:
+    """The ids of the manifest ``path`` by relative path ({} when it does not exist), every row
+    checked: one line naming the file and line for a bad one."""
     ids: dict[str, int] = {}
-    if path.exists():
-        try:
-            with open(path, newline="") as fh:
-                rows = list(csv.reader(fh))
-        except OSError as exc:
-            raise DataError(f"data.manifest: cannot read {path} ({exc})") from exc
-        if not rows or rows[0] != ["id", "path"]:
-            raise DataError(f"data.manifest: {path} does not start with the header 'id,path'; "
-                            "move it away to write a new one (ids may change)")
-        taken: set[int] = set()
-        for ln, row in enumerate(rows[1:], start=2):
-            if len(row) != 2 or not row[0].lstrip("-").isdigit():
-                raise DataError(f"data.manifest: {path}:{ln}: expected 'id,path', got {','.join(row)!r}")
-            i = int(row[0])
-            if i in taken or row[1] in ids or i < 0:
-                raise DataError(f"data.manifest: {path}:{ln}: id {i} or path {row[1]!r} is negative or listed twice")
-            taken.add(i)
-            ids[row[1]] = i
-    new = [rel for rel in found if rel not in ids]
-    if new or not path.exists():
-        from .store import atomic_path
-
-        start = max(ids.values(), default=-1) + 1
-        ids.update({rel: start + j for j, rel in enumerate(new)})
-        try:
-            with atomic_path(path, suffix=".csv.tmp") as tmp, open(tmp, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["id", "path"])
-                writer.writerows((i, rel) for rel, i in sorted(ids.items(), key=lambda kv: kv[1]))
-        except OSError as exc:
-            raise DataError(f"data.manifest: cannot write {path} ({exc}); "
-                            "set data.manifest to a writable file") from exc
-        if start > 0 and new:
-            log.info("%s: %d new file(s) got ids %d..%d", path, len(new), start, start + len(new) - 1)
+    if not path.exists():
+        return ids
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"data.manifest: cannot read {path} ({_one_line(exc)})") from exc
+    if not rows or rows[0] != ["id", "path"]:
+        raise DataError(f"data.manifest: {path} does not start with the header 'id,path'; "
+                        "move it away to write a new one (ids may change)")
+    taken: set[int] = set()
+    for ln, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not row[0].lstrip("-").isdigit():
+            raise DataError(f"data.manifest: {path}:{ln}: expected 'id,path', got {','.join(row)!r}")
+        i = int(row[0])
+        if i > I64_MAX:
+            raise DataError(f"data.manifest: {path}:{ln}: id {i} is beyond int64 (max {I64_MAX}); "
+                            "ids must be below 2**63")
+        if i in taken or row[1] in ids or i < 0:
+            raise DataError(f"data.manifest: {path}:{ln}: id {i} or path {row[1]!r} is negative or listed twice")
+        taken.add(i)
+        ids[row[1]] = i
     return ids
+
+
+def _assign_ids(ids: dict[str, int], found: list[str], path: Path) -> tuple[dict[str, int], list[str]]:
+    """``ids`` with the ``found`` paths it lacks appended (sorted, after the largest id), and those
+    new paths. Entries are never removed: a file that comes back gets its old id, and no id is
+    reused."""
+    new = [rel for rel in found if rel not in ids]
+    start = max(ids.values(), default=-1) + 1
+    if new and start + len(new) - 1 > I64_MAX:
+        raise DataError(f"data.manifest: {path}: its largest id {start - 1} leaves no int64 id for "
+                        f"{len(new)} new file(s) (e.g. {new[0]}); renumber the manifest (ids change) or "
+                        "point data.manifest to a new file")
+    out = dict(ids)
+    out.update({rel: start + j for j, rel in enumerate(new)})
+    return out, new
+
+
+def _write_manifest(path: Path, ids: dict[str, int], new: list[str]) -> None:
+    """Write the manifest atomically (jobs that meet the same new files at once write the same file)."""
+    from .store import atomic_path
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".csv.tmp") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "path"])
+            writer.writerows((i, rel) for rel, i in sorted(ids.items(), key=lambda kv: kv[1]))
+    except OSError as exc:
+        raise DataError(f"data.manifest: cannot write {path} ({exc}); "
+                        "set data.manifest to a writable file") from exc
+    if new and len(ids) > len(new):
+        log.info("%s: %d new file(s) got ids %d..%d", path, len(new), ids[new[0]], ids[new[-1]])
 
 
 def _open_image(path: Path):
@@ -388,6 +425,9 @@ def _open_image(path: Path):
         with Image.open(path) as img:
             img.load()
             return img.copy()
+    except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images
+        raise DataError(f"{path}: the image has more pixels than Pillow reads safely "
+                        f"({_one_line(exc)}); shrink it or remove it from the folder") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: cannot read the image ({_one_line(exc)})") from exc
 
@@ -401,12 +441,25 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     query_dir = next((d for d in ("test", "val") if (root / d).is_dir()), None)
     split_layout = (root / "train").is_dir() and query_dir is not None
     found = [rel for base in (("train", query_dir) if split_layout else ("",)) for rel in _scan_classes(root, base)]
-    manifest = Path(cfg.manifest or root / MANIFEST_NAME)
-    entries = sorted(_update_manifest(manifest, found).items(), key=lambda kv: kv[1])
+    # the manifest is never written into the image folder (input data): data.manifest names it
+    # (the workflow's default: results/<experiment>/data/manifest.csv); without one, ids come from
+    # a manifest already in the folder (read only) and the sorted paths, kept in memory
+    legacy = root / MANIFEST_NAME
+    manifest = Path(cfg.manifest) if cfg.manifest else None
+    source = manifest if manifest is not None and manifest.exists() else legacy
+    known = _read_manifest(source)
+    if manifest is not None and source == legacy and known:
+        log.info("%s: ids taken over from %s (read only)", manifest, legacy)
+    ids, new = _assign_ids(known, found, manifest or legacy)
+    if manifest is None and new:
+        log.warning("data.root %s: %d file(s) without an id manifest got ids from their sorted paths; set "
+                    "data.manifest to a file outside the folder to keep ids when files are added", root, len(new))
+    entries = sorted(ids.items(), key=lambda kv: kv[1])
     present = set(found)
     gone = [rel for rel, _ in entries if rel not in present]
     if gone:
-        log.warning("%s: %d listed file(s) are gone (e.g. %s); their ids stay unused", manifest, len(gone), gone[0])
+        log.warning("%s: %d listed file(s) are gone (e.g. %s); their ids stay unused", manifest or source,
+                    len(gone), gone[0])
     # listed paths of this layout (a manifest may outlive a reorganised folder); entries whose
     # files are gone still count, so no class is ever renumbered
     if split_layout:
@@ -434,7 +487,10 @@ def _image_folder(cfg: DataConfig) -> Dataset:
     y = np.array([label[class_of(rel)] for rel, _ in tr + qu], np.int64)
     ids = np.array([i for _, i in tr + qu], np.int64)
     n = len(tr)
-    return _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes, f"the image folder {root}")
+    out = _normalised(X[:n], y[:n], ids[:n], X[n:], y[n:], ids[n:], classes, f"the image folder {root}")
+    if manifest is not None and (new or not manifest.exists()):  # only once every image read
+        _write_manifest(manifest, dict(entries), new)
+    return out
 
 
 NPZ_ARRAYS = ("X_train", "y_train", "X_query", "y_query")
@@ -460,12 +516,14 @@ def _npz(cfg: DataConfig) -> Dataset:
         x = z[f"X_{split}"]
         if x.ndim == 3:
             x = x[:, None]  # grayscale [n, H, W]
-        if x.ndim != 4 or x.dtype.kind not in "biuf":  # complex would lose its imaginary part
+        if x.ndim not in (2, 4) or x.dtype.kind not in "biuf":  # complex would lose its imaginary part
             raise DataError(f"{path}: X_{split} has shape {z[f'X_{split}'].shape} and dtype {x.dtype}; "
-                            "expected numbers of shape [n, C, H, W] (channels first) or [n, H, W]")
-        if split == "train" and not len(x):
-            raise DataError(f"{path}: X_train has no rows; daunce needs training examples")
-        if x.shape[3] in (1, 3) and x.shape[1] > 4 and x.shape[2] > 4:
+                            "expected numbers of shape [n, C, H, W] (channels first), [n, H, W] (grayscale) "
+                            "or [n, d] (feature vectors)")
+        if not len(x):
+            what = "training examples" if split == "train" else "query examples (the LDS is measured on them)"
+            raise DataError(f"{path}: X_{split} has no rows; daunce needs {what}")
+        if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] > 4 and x.shape[2] > 4:
             # channels first, this would be more than 4 channels of images 1 or 3 pixels wide
             x = x.transpose(0, 3, 1, 2)
             transposed.append(f"X_{split}")
@@ -507,7 +565,7 @@ def _npz(cfg: DataConfig) -> Dataset:
     m = _take(cfg.n_query, len(y["query"]), "n_query")
     for split, k in (("train", n), ("query", m)):
         # one NaN would make every example NaN through the per-channel normalisation
-        bad = ~np.isfinite(X[split][:k]).all(axis=(1, 2, 3))
+        bad = ~np.isfinite(X[split][:k]).all(axis=tuple(range(1, X[split].ndim)))
         if bad.any():
             raise DataError(f"{path}: X_{split} row {int(np.flatnonzero(bad)[0])} holds a NaN or infinite value "
                             "(or one beyond float32's range); fix or drop that row")

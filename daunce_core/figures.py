@@ -185,12 +185,14 @@ def fig5(cfg, split_path, scores_paths: dict[str, str], out, query: int = 0, top
         order = np.argsort(col)
         for ri, (name, idx) in enumerate((("most positive", order[::-1][:top]), ("most negative", order[:top]))):
             row = axes[2 * mi + ri]
-            row[0].imshow(qimg.squeeze(), cmap="gray" if qimg.shape[-1] == 1 else None)
+            row[0].imshow(np.atleast_2d(qimg.squeeze()), cmap="gray" if qimg.shape[-1] == 1 else None,
+                          aspect="auto" if ds.tabular else None)  # feature vectors: one row of features
             row[0].set_title(f"query ({ds.classes[ds.y_query[query]]})", fontsize=7)
             row[0].set_ylabel(f"{measure}\n{name}", fontsize=7)
             imgs = ds.images(ds.X_train[idx])
             for j, i in enumerate(idx):
-                row[j + 1].imshow(imgs[j].squeeze(), cmap="gray" if imgs.shape[-1] == 1 else None)
+                row[j + 1].imshow(np.atleast_2d(imgs[j].squeeze()), cmap="gray" if imgs.shape[-1] == 1 else None,
+                                  aspect="auto" if ds.tabular else None)
                 row[j + 1].set_title(f"{ds.classes[ds.y_train[i]]}  {col[i]:+.3g}", fontsize=6.5)
             for a in row:
                 a.set_xticks([])

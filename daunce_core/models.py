@@ -2,7 +2,8 @@
 
 ``model.arch`` is ``mlp``, ``resnet9``, a torchvision classification model by name (``resnet18``,
 built untrained with the data's number of classes) or a factory by import path
-(``package.module:function``, called with the input shape (C, H, W) and the number of classes).
+(``package.module:function``, called as ``function(in_shape, num_classes)``: the input shape,
+(C, H, W) or (d,), and the number of classes; docs/inputs.md).
 Models with BatchNorm are trained under vmap from scratch too (BatchNorm in train mode, the
 running statistics carried as state) and fine-tuned with theta_0's statistics or, with
 ``daunce.batchnorm: train``, minibatch statistics, whichever way they were named (see
@@ -11,6 +12,7 @@ daunce_core/ensemble.py). A model that cannot be vmapped is trained one by one (
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -95,10 +97,12 @@ class ModelError(ValueError):
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-def from_import_path(path: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``package.module:function`` called as ``function(in_shape, num_classes)``; it returns the model.
+def resolve_factory(path: str) -> Callable:
+    """The callable ``package.module:function`` names, checked to take ``(in_shape, num_classes)``
+    (:func:`inspect.signature`); it is not called. The workflow calls this when it is parsed.
 
-    The module must be importable by every job (installed, or on ``PYTHONPATH``).
+    Raises:
+        ModelError: one line naming ``model.arch`` and what is wrong (import, attribute, signature).
     """
     if not _IMPORT_PATH.match(path):
         raise ModelError(f"model.arch: {path!r} is not an import path 'package.module:function'")
@@ -114,7 +118,32 @@ def from_import_path(path: str, in_shape: tuple[int, ...], num_classes: int) -> 
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelError(f"model.arch: {path} is a {type(obj).__name__}, not a callable factory")
-    model = obj(tuple(int(s) for s in in_shape), int(num_classes))
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # a builtin without a signature: the call will tell
+        return obj
+    try:
+        sig.bind((1, 1, 1), 2)
+    except TypeError as exc:
+        raise ModelError(f"model.arch: {path}{sig} cannot be called as {attr}(in_shape, num_classes) ({exc}); "
+                         "the factory takes the input shape, a tuple (C, H, W) for images or (d,) for "
+                         "tabular data, and the number of classes, and returns a torch.nn.Module "
+                         "(docs/inputs.md)") from exc
+    return obj
+
+
+def from_import_path(path: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``package.module:function`` called as ``function(in_shape, num_classes)``; it returns the model.
+
+    The module must be importable by every job (installed, or on ``PYTHONPATH``).
+    """
+    factory = resolve_factory(path)
+    shape = tuple(int(s) for s in in_shape)
+    try:
+        model = factory(shape, int(num_classes))
+    except Exception as exc:  # the user's factory failed on these arguments: say which
+        raise ModelError(f"model.arch: {path}(in_shape={shape}, num_classes={int(num_classes)}) raised "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.arch: {path}(in_shape, num_classes) returned a {type(model).__name__}, "
                          "not a torch.nn.Module")
@@ -205,6 +234,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
         for s in in_shape:
             in_features *= int(s)
         return MLP(in_features, [int(h) for h in cfg.hidden], num_classes)
+    if len(in_shape) == 1 and ":" not in cfg.arch:  # feature vectors [n, d] (an npz of tabular data)
+        raise ModelError(f"model.arch: {cfg.arch} takes images [C, H, W] but the data are feature vectors of "
+                         f"{int(in_shape[0])} values; use 'mlp' or a factory 'package.module:function'")
     if cfg.arch == "resnet9":
         return ResNet9(num_classes, in_channels=int(in_shape[0]), width=cfg.width)
     if ":" in cfg.arch:

@@ -4,7 +4,7 @@ Every section of a config (the experiment, ``baselines``, ``llm``, ``blackbox``)
 dataclasses whose fields are declared with :func:`setting` (a default and a help text). :func:`build`
 turns a plain dict (YAML, JSON, a Snakemake ``config``) into that tree:
 
-* unknown keys are refused by name, with the known ones listed;
+* unknown keys are refused by name, with the nearest known key (or the known ones listed);
 * a value of the wrong type is refused by name (an ``int`` is accepted where a ``float`` is
   declared; strings are coerced only when ``coerce=True``, for ``--config key=value`` overrides);
 * nested dataclass fields are built recursively, with dotted names in every message;
@@ -21,6 +21,7 @@ limits in step with these dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -28,7 +29,8 @@ import typing
 from dataclasses import field
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "setting", "nested", "build", "check_limits", "to_dict", "describe"]
+__all__ = ["ConfigError", "setting", "nested", "build", "check_limits", "to_dict", "describe", "nearest",
+           "check_schema", "load_schema"]
 
 T = TypeVar("T")
 
@@ -149,8 +151,7 @@ def build(cls: type[T], raw: Any, where: str, *, ignore: tuple[str, ...] = (), c
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - set(fields) - set(ignore))
     if unknown:
-        dotted = ", ".join(f"{where}.{u}" if where else u for u in unknown)
-        raise ConfigError(f"unknown key(s) {dotted}; known: {', '.join(sorted(fields))}")
+        raise ConfigError(_unknown_key(unknown, sorted(set(fields) | set(ignore)), where))
     hints = _declared(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -175,6 +176,27 @@ def build(cls: type[T], raw: Any, where: str, *, ignore: tuple[str, ...] = (), c
     if validate and callable(check):
         check()
     return obj
+
+
+def nearest(key: Any, known: Any) -> str | None:
+    """The known key closest in spelling to ``key`` (difflib), or None when none is close."""
+    close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1, cutoff=0.6)
+    if not close:  # a key spelt in another case (Ratio for ratio)
+        close = [k for k in sorted(map(str, known)) if k.lower() == str(key).lower()]
+    return close[0] if close else None
+
+
+def _unknown_key(unknown: list, known: Any, where: str) -> str:
+    """The one-line message for unknown keys: their dotted names, each with the nearest known key,
+    or the known keys when none is close."""
+    def dotted(k: Any) -> str:
+        return f"{where}.{k}" if where else str(k)
+
+    near = {u: nearest(u, known) for u in unknown}
+    names = ", ".join(dotted(u) + (f" (did you mean {dotted(near[u])}?)" if near[u] else "") for u in unknown)
+    if all(near.values()):
+        return f"unknown key(s) {names}"
+    return f"unknown key(s) {names}; known: {', '.join(sorted(map(str, known)))}"
 
 
 def _number(x: float) -> str:
@@ -259,3 +281,137 @@ def describe(cls: type, where: str = "") -> list[tuple[str, Any, str]]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         rows.append((key, default, f.metadata.get("help", "")))
     return rows
+
+
+# --- the workflow config against its JSON schema, one line per refusal --------------------------
+
+_JSON_NAMES = {"number": "a number", "integer": "an integer", "boolean": "true or false", "string": "a string",
+               "array": "a list", "object": "a mapping", "null": "null"}
+
+
+def _types_of(prop: dict) -> set[str]:
+    kinds = prop.get("type", [])
+    out = set(kinds) if isinstance(kinds, list) else {kinds}
+    for branch in prop.get("oneOf", []) + prop.get("anyOf", []):
+        out |= _types_of(branch)
+    return out
+
+
+def _coerced(value: str, prop: dict) -> Any:
+    """A command-line string as the scalar the schema property wants, when it parses exactly as
+    one (``"0.5"`` -> 0.5, ``"1e-3"`` -> 0.001, ``"true"`` -> True, ``"null"`` -> None); else the
+    string itself. A property that takes strings keeps them."""
+    kinds = _types_of(prop)
+    if not kinds or "string" in kinds:
+        return value
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str) and kinds & {"number", "integer"}:
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            parsed = float(value)
+        except ValueError:
+            return value
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        return value  # nan and inf are no setting: the schema refuses the string by name
+    if isinstance(parsed, float) and "integer" in kinds and "number" not in kinds and parsed.is_integer():
+        parsed = int(parsed)
+    ok = (parsed is None and "null" in kinds
+          or isinstance(parsed, bool) and "boolean" in kinds
+          or isinstance(parsed, int) and not isinstance(parsed, bool) and kinds & {"integer", "number"}
+          or isinstance(parsed, float) and "number" in kinds)
+    return parsed if ok else value
+
+
+def _coerce(config: Any, overrides: Any, prop: dict) -> Any:
+    """``config`` with the string leaves that ``overrides`` (Snakemake's parsed ``--config``)
+    put there turned into the types ``prop`` (a schema) declares."""
+    if isinstance(config, dict) and isinstance(overrides, dict):
+        props = prop.get("properties", {})
+        extra = prop.get("additionalProperties")
+        for key in overrides:
+            if key in config:
+                sub = props.get(key, extra if isinstance(extra, dict) else {})
+                config[key] = _coerce(config[key], overrides[key], sub)
+        return config
+    if isinstance(config, list) and isinstance(overrides, list) and config == overrides:
+        return [_coerce(c, o, prop.get("items", {})) for c, o in zip(config, overrides)]
+    if isinstance(config, str) and config == overrides:
+        return _coerced(config, prop)
+    return config
+
+
+def _dotted(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_message(err: Any) -> str:
+    """One line for a jsonschema ``ValidationError``: the dotted key, what it must be, what it got."""
+    key = _dotted(err.absolute_path)
+    got = f"got {err.instance!r}" if not isinstance(err.instance, (dict, list)) else ""
+    kw, arg = err.validator, err.validator_value
+    if kw == "additionalProperties" and isinstance(err.instance, dict):
+        known = list(err.schema.get("properties", {}))
+        unknown = sorted(k for k in err.instance if k not in known)
+        return _unknown_key(unknown, known, key)
+    if kw == "required":
+        missing = [k for k in arg if k not in err.instance]
+        return f"{_dotted([*err.absolute_path, missing[0]])} is required (no default); set it in the config"
+    if kw == "type":
+        kinds = [arg] if isinstance(arg, str) else list(arg)
+        what = " or ".join(_JSON_NAMES.get(k, k) for k in kinds)
+        hint = ""
+        if isinstance(err.instance, str) and set(kinds) & {"number", "integer"}:
+            hint = "; write a number (0.5, 1.0e-3)"
+        elif isinstance(err.instance, str) and "boolean" in kinds:
+            hint = "; write true or false"
+        desc = err.schema.get("description", "")
+        desc = f" ({desc})" if desc and "null" in kinds else ""
+        return f"{key or 'the config'} must be {what}{desc}, {got}{hint}"
+    need = {"enum": lambda: f"one of {', '.join(map(str, arg))}", "minimum": lambda: f">= {arg}",
+            "exclusiveMinimum": lambda: f"> {arg}", "maximum": lambda: f"<= {arg}",
+            "exclusiveMaximum": lambda: f"< {arg}", "pattern": lambda: f"a string matching {arg}",
+            "minItems": lambda: f"a list of at least {arg} entries",
+            "maxItems": lambda: f"a list of at most {arg} entries",
+            "minLength": lambda: f"a string of at least {arg} characters", "const": lambda: repr(arg)}.get(kw)
+    if need is not None:
+        return f"{key or 'the config'} must be {need()}{', ' + got if got else ''}"
+    return f"{key or 'the config'}: {' '.join(err.message.split())}"
+
+
+def check_schema(config: dict, schema: dict, overrides: dict | None = None) -> dict:
+    """Check a workflow config against its JSON schema before Snakemake's own ``validate`` (whose
+    message is the whole schema excerpt): the first error as one line naming the dotted key (an
+    unknown key with the nearest known one).
+
+    ``overrides``: Snakemake's parsed ``--config`` (``workflow.config_settings.config``), whose
+    nested values arrive as strings (``--config 'daunce={ratio: 0.5}'`` gives ``"0.5"``): those
+    strings are first turned into the number, boolean or null the schema wants at their key,
+    where they parse exactly as one; ``config`` is changed in place and returned.
+
+    Raises:
+        ConfigError: the first error jsonschema's ``best_match`` picks.
+    """
+    import jsonschema
+
+    if overrides:
+        _coerce(config, overrides, schema)
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
+    err = jsonschema.exceptions.best_match(errors)
+    if err is not None:
+        raise ConfigError(_schema_message(err))
+    return config
+
+
+def load_schema(path: str) -> dict:
+    """A YAML (or JSON) schema file as a dict."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)

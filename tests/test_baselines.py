@@ -361,10 +361,14 @@ def test_tune_grid_budget_and_unknown_knobs_are_checked():
                                                               "ekfac": {"damping": [None, 1e-3]}}}})
     assert c.max_settings == 3  # null: as many settings as DAUNCE's lr grid
     assert c.grid("ekfac") == [{"damping": None}, {"damping": 1e-3}] and c.grid("graddot") == [{}]
-    assert len(c.grid("trak")) == 4
+    # null: a longer grid is thinned to the budget (the longest axis first), evenly spread
+    assert c.tune["trak"] == {"proj_dim": [128], "lambda_reg": [0.0, 1.0]} and len(c.grid("trak")) == 2
+    assert c.exact_if.damping_grid == [1e-3, 1e-1, 1.0] and c.thinned[0].startswith("baselines.exact_if")
     assert c.with_setting("trak", {"proj_dim": 64}).trak.proj_dim == 64 and c.trak.proj_dim == 512
+    c.validate()
     with pytest.raises(ConfigError, match=r"baselines.tune.trak: 4 settings exceed the budget"):
-        c.validate()
+        B.BaselinesConfig.from_config({"baselines": {"max_settings": 3, "tune": {
+            "trak": {"proj_dim": [64, 128], "lambda_reg": [0.0, 1.0]}}}}).validate()
     with pytest.raises(ConfigError, match=r"baselines.tune.logra.rnk: unknown knob"):
         bcfg(tune={"logra": {"rnk": [8]}}).validate()
     with pytest.raises(ConfigError, match=r"baselines.tune.graddot: not a tunable method"):

@@ -230,7 +230,8 @@ def test_fit_command_refuses_to_write_over_its_data(tmp_path, capsys):
     (tmp_path / "images" / "daunce_manifest.csv").write_text("id,path\n")
     (tmp_path / "ids.csv").write_text("id,path\n")
     configs = {
-        "npz.yaml": (f"data: {{name: npz, root: {tmp_path / 'mydata.npz'}}}\n", tmp_path / "mydata.npz"),
+        "npz.yaml": (f"data: {{name: npz, root: {tmp_path / 'mydata.npz'}, n_train: 0, n_query: 0}}\n",
+                     tmp_path / "mydata.npz"),
         "folder.yaml": (f"data: {{name: imagefolder, root: {tmp_path / 'images'}}}\n",
                         tmp_path / "images" / "daunce_manifest.csv"),
         "manifest.yaml": (f"data: {{name: imagefolder, root: {tmp_path / 'images'}, "

@@ -7,6 +7,7 @@ recognised by its pixels after loading: ``ds.images`` undoes the normalisation.
 import csv
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +18,13 @@ from daunce_core.data import MANIFEST_NAME, DataError, load_dataset
 
 
 def cfg(name, root, **kw):
+    """A DataConfig; an image folder's manifest beside the folder (``<root>-ids.csv``), as the
+    workflow keeps it beside the results, never in the folder."""
     kw.setdefault("n_train", 0)
     kw.setdefault("n_query", 0)
-    extra = {k: kw.pop(k) for k in ("image_size", "manifest") if k in kw}
-    c = DataConfig(name=name, root=str(root), download=False, **kw)
-    for k, v in extra.items():  # optional keys read with getattr (not yet DataConfig fields)
-        setattr(c, k, v)
-    return c
+    if name == "imagefolder":
+        kw.setdefault("manifest", str(manifest_of(root)))
+    return DataConfig(name=name, root=str(root), download=False, **kw)
 
 
 def write_image(path, value, size=(8, 8), mode="L"):
@@ -38,8 +39,12 @@ def first_channel_levels(ds, X):
     return np.rint(ds.images(X)[:, 0, 0, 0] * 255).astype(int)
 
 
+def manifest_of(root):
+    return Path(root).with_name(Path(root).name + "-ids.csv")
+
+
 def manifest_rows(root):
-    with open(root / MANIFEST_NAME, newline="") as fh:
+    with open(manifest_of(root), newline="") as fh:
         return list(csv.reader(fh))
 
 
@@ -208,7 +213,9 @@ def test_npz_colour_float_with_ids_and_classes(tmp_path):
     (dict(y_query=None), r"d.npz: missing array\(s\) y_query"),
     (dict(y_train=np.arange(9) % 3), r"d.npz: y_train has shape \(9,\) but X_train has 10 rows"),
     (dict(X_query=np.zeros((4, 6, 6), np.uint8)), r"d.npz: X_train examples have shape \(1, 6, 5\) but X_query's"),
-    (dict(X_train=np.zeros((10, 30), np.uint8)), r"d.npz: X_train has shape \(10, 30\) .* expected numbers of shape"),
+    (dict(X_train=np.zeros((10, 1, 2, 6, 5), np.uint8)),
+     r"d.npz: X_train has shape \(10, 1, 2, 6, 5\) .* expected numbers of shape .* or \[n, d\] \(feature vectors\)"),
+    (dict(X_train=np.zeros((10, 30), np.uint8)), r"d.npz: X_train examples have shape \(30,\) but X_query's have"),
     (dict(y_query=np.array([0, 1, -1, 1])), r"d.npz: y_query label -1 is out of range \[0, 3\) \(row 2\)"),
     (dict(y_train=np.arange(10) % 3, classes=np.array(["a", "b"])), r"d.npz: y_train label 2 is out of range \[0, 2\)"),
     (dict(y_train=np.linspace(0, 1, 10)), r"d.npz: y_train holds float64 values; expected integer class labels"),
@@ -221,6 +228,7 @@ def test_npz_colour_float_with_ids_and_classes(tmp_path):
      r"d.npz: X_train row 7 holds a NaN or infinite value \(or one beyond float32's range\)"),
     (dict(X_train=np.ones((10, 6, 5), np.complex64)), r"d.npz: X_train has shape \(10, 6, 5\) and dtype complex64"),
     (dict(X_train=np.ones((0, 6, 5)), y_train=np.zeros(0, int)), r"d.npz: X_train has no rows"),
+    (dict(X_query=np.ones((0, 6, 5)), y_query=np.zeros(0, int)), r"d.npz: X_query has no rows; daunce needs query"),
     (dict(train_ids=np.arange(10, dtype=np.uint64) + 2**63),
      r"d.npz: train_ids holds uint64 value 9223372036854775808, beyond int64 \(max 9223372036854775807\)"),
 ])

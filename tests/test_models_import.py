@@ -208,3 +208,69 @@ def test_models_that_cannot_be_vmapped_are_fitted_one_by_one_with_the_same_rando
     np.testing.assert_allclose(out[False][1].train, out[True][1].train, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out[False][1].query, out[True][1].query, rtol=1e-4, atol=1e-5)
     assert out[False][1].query.shape == (3, 5)
+
+
+# --- the factory's signature, checked before any job ---------------------------------------------
+
+FACTORIES = '''
+from torch import nn
+
+def one_arg(num_classes):
+    return nn.Linear(4, num_classes)
+
+def keyword_only(*, in_shape, num_classes):
+    return nn.Linear(4, num_classes)
+
+def extra_required(in_shape, num_classes, depth):
+    return nn.Linear(4, num_classes)
+
+def with_default(in_shape, num_classes, depth=2):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], num_classes))
+
+def images_only(in_shape, num_classes):
+    c, h, w = in_shape
+    return nn.Linear(c * h * w, num_classes)
+'''
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "user_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    __import__("sys").modules.pop("user_factories", None)
+
+
+@pytest.mark.parametrize("name", ["one_arg", "keyword_only", "extra_required"])
+def test_a_factory_that_cannot_take_in_shape_and_num_classes_is_refused_before_it_is_called(factories, name):
+    from daunce_core.models import resolve_factory
+
+    with pytest.raises(ModelError, match=rf"^model\.arch: user_factories:{name}\(.*\) cannot be called as "
+                                         rf"{name}\(in_shape, num_classes\) .*docs/inputs\.md\)$") as e:
+        resolve_factory(f"user_factories:{name}")
+    assert "\n" not in str(e.value)
+    resolve_factory("user_factories:with_default")  # a default for the rest is fine
+
+
+def test_a_factory_failing_on_the_data_s_shape_names_the_shape(factories):
+    """A factory written for images, given tabular data ([n, d]): the error names in_shape."""
+    with pytest.raises(ModelError, match=r"^model\.arch: user_factories:images_only\(in_shape=\(6,\), "
+                                         r"num_classes=3\) raised ValueError: not enough values to unpack"):
+        build_model(ModelConfig(arch="user_factories:images_only"), (6,), 3)
+
+
+def test_the_workflow_checks_the_factory_when_it_is_parsed(factories):
+    """snakemake -n with a factory of the wrong signature stops with the one line (no job ran)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(factories)])}
+    proc = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "-n", "--cores", "1",
+                           "--config", "model={arch: 'user_factories:one_arg'}"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "model.arch: user_factories:one_arg(num_classes) cannot be called as one_arg(in_shape, num_classes)" in out

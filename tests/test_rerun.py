@@ -122,7 +122,8 @@ def test_a_replaced_image_reruns_the_data_step(tmp_path):
     split = f"results/{EXP}/data/split.npz"
     run = snakemake(tmp_path, split)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
-    assert (root / "daunce_manifest.csv").exists()
+    assert (tmp_path / "results" / EXP / "data" / "manifest.csv").exists()  # beside the results
+    assert not (root / "daunce_manifest.csv").exists()  # never in the user's image folder
     assert plan(tmp_path, split)[0] == {}  # the manifest the run wrote reruns nothing
 
     image(root / "c0" / "3.png", 12345)  # another image under the same name

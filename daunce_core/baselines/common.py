@@ -14,6 +14,7 @@ dispatcher that imports them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -123,18 +124,48 @@ class BaselinesConfig:
                              "and queries and the best kept. Knobs not listed keep their value above")
     max_settings: int | None = setting(None, "the budget rule: the most settings (grid combinations) one method "
                                              "may try; null: as many as daunce.lr_grid has values, what DAUNCE "
-                                             "tries")
+                                             "tries, and a longer grid is thinned to that many, evenly spread "
+                                             "(a shorter lr grid never stops another method); a number: a "
+                                             "longer grid is refused")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BaselinesConfig:
         """Read the top-level ``baselines`` section of a workflow config (absent: defaults); a null
-        ``max_settings`` becomes the size of ``daunce.lr_grid``."""
+        ``max_settings`` becomes the size of ``daunce.lr_grid``, and every grid longer than that is
+        thinned to it (:func:`thin`; what was thinned is in ``thinned``, one line per grid)."""
         out = build(cls, config.get("baselines") or {}, "baselines")
+        out.thinned = []
         if out.max_settings is None:
             from ..config import DaunceConfig
 
-            out.max_settings = len((config.get("daunce") or {}).get("lr_grid") or DaunceConfig().lr_grid)
+            lr_grid = (config.get("daunce") or {}).get("lr_grid") or DaunceConfig().lr_grid
+            out.max_settings = len(lr_grid) if isinstance(lr_grid, list) else len(DaunceConfig().lr_grid)
+            out.thinned = out._thin_to_budget()
         return out
+
+    def _thin_to_budget(self) -> list[str]:
+        """Thin every grid longer than ``max_settings`` (each tune axis in turn, the longest first,
+        until their product fits); one line per thinned grid."""
+        budget, notes = self.max_settings, []
+        for section in ("exact_if", "limits"):
+            grid = getattr(self, section).damping_grid
+            if isinstance(grid, list) and len(grid) > budget:
+                getattr(self, section).damping_grid = thin(grid, budget)
+                notes.append(f"baselines.{section}.damping_grid: {len(grid)} values thinned to "
+                             f"{getattr(self, section).damping_grid}")
+        for method, axes in list((self.tune or {}).items()):
+            if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+                continue  # validate() names what is wrong
+            sizes = {knob: len(values) for knob, values in axes.items()}
+            if math.prod(sizes.values()) <= budget:
+                continue
+            while math.prod(sizes.values()) > budget:
+                longest = max(sizes, key=lambda k: sizes[k])
+                sizes[longest] -= 1
+            before = math.prod(len(values) for values in axes.values())
+            self.tune = {**self.tune, method: {knob: thin(values, sizes[knob]) for knob, values in axes.items()}}
+            notes.append(f"baselines.tune.{method}: {before} settings thinned to {self.tune[method]}")
+        return [f"{n} (the budget: daunce.lr_grid's {budget} values; baselines.max_settings)" for n in notes]
 
     def grid(self, method: str) -> list[dict[str, Any]]:
         """The settings ``method`` tries: every combination of ``tune[method]`` (``[{}]``: untuned).
@@ -200,6 +231,14 @@ class BaselinesConfig:
             raise ConfigError(f"{key}: {k} settings exceed the budget baselines.max_settings={budget} (every "
                               "method tries at most as many settings as DAUNCE's lr grid); shrink the grid")
         return self
+
+
+def thin(values: list, n: int) -> list:
+    """``n`` of ``values`` evenly spread, in their order: the middle one of each of ``n`` equal
+    parts (all of them when there are at most ``n``)."""
+    if len(values) <= n:
+        return list(values)
+    return [values[int((i + 0.5) * len(values) / n)] for i in range(n)]
 
 
 # --- the problem every method sees ---------------------------------------------------------------

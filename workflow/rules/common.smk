@@ -8,6 +8,7 @@ import math
 import os
 
 import yaml
+from snakemake.logging import logger
 
 from daunce_core.baselines import ALL_METHODS as ALL_BASELINES, REFERENCE, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
@@ -22,6 +23,13 @@ CFG = ExperimentConfig.from_dict(config).validate()
 FIGURES = check_figures(config.get("figures"), CFG)  # variant run, query in range
 LLM = LLMSettings.from_config(config)
 BB = blackbox_load_config(config)
+BASELINES = BaselinesConfig.from_config(config).validate()
+if ":" in CFG.model.arch:  # a factory by import path: importable, and takes (in_shape, num_classes)
+    from daunce_core.models import resolve_factory
+
+    resolve_factory(CFG.model.arch)
+for _note in BASELINES.thinned:  # grids longer than a short daunce.lr_grid: thinned, said once
+    logger.info(_note)
 
 WHITE_BOX = [v for v in CFG.daunce.variants if not v.endswith("_bb")]
 BLACK_BOX = [v for v in CFG.daunce.variants if v.endswith("_bb")]
@@ -128,7 +136,7 @@ BLACKBOX_ESTIMATE = tuple(
 def _settings_tree():
     """Every section as the steps read it: the typed settings of each (plain dicts)."""
     tree = to_dict(CFG)
-    tree.update(baselines=to_dict(BaselinesConfig.from_config(config)), llm=to_dict(LLM), blackbox=to_dict(BB),
+    tree.update(baselines=to_dict(BASELINES), llm=to_dict(LLM), blackbox=to_dict(BB),
                 figures=dict(FIGURES), scoring=dict(config.get("scoring") or {}))
     return tree
 
@@ -188,7 +196,8 @@ def data_inputs(wildcards):
 def image_folder_listing(wildcards=None):
     """An image folder's images, as a digest of (relative path, size, mtime) of each: an added,
     removed or rewritten image reruns rule data (a folder as input would see only entries of its
-    top level). The manifest is not part of it: rule data writes it on first use."""
+    top level). The manifest is not part of it: it lies under results/<experiment>/data/, never in the
+    image folder."""
     root = CFG.data.root
     if CFG.data.name != "imagefolder" or not os.path.isdir(root):
         return ""
@@ -383,7 +392,7 @@ def fig1a_methods(wildcards):
 
 def baseline_methods():
     """The baselines the config's `baselines.methods` asks for, in its order."""
-    return [m for m in BaselinesConfig.from_config(config).validate().methods if m in ALL_BASELINES]
+    return [m for m in BASELINES.methods if m in ALL_BASELINES]
 
 
 REFERENCE_PATTERN = "|".join(REFERENCE)  # rule baseline_reference's methods (limit_*, lin_*)
