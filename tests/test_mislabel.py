@@ -87,6 +87,30 @@ def test_settings_without_the_flipped_labels():
     assert M.middle([1e-3, 1e-2, 1e-1, 1.0]) == 0.1
 
 
+def test_settings_from_the_lds_selection(tmp_path):
+    """settings: lds reads each method's choice on the LDS selection masks: DAUNCE's selected lr,
+    a baseline's tuned knobs, exact IF's damping."""
+    import json
+
+    from daunce_core import store
+    from daunce_core.baselines import BaselinesConfig
+
+    cfg = ExperimentConfig.from_dict({})
+    (tmp_path / "selection.json").write_text(json.dumps({"selected_lr": 0.003, "selected": {"lr": 0.003}}))
+    assert M.daunce_lr(cfg, tmp_path / "selection.json")[0] == 0.003
+    ids = np.arange(4)
+    store.write_scores(tmp_path / "trak.h5", scores=np.ones((4, 4), np.float32), train_ids=ids, query_ids=ids,
+                       attrs={"tuning": {"selected": {"proj_dim": 8192, "lambda_reg": 1000.0}}})
+    store.write_scores(tmp_path / "exact_if.h5", scores=np.ones((4, 4), np.float32), train_ids=ids, query_ids=ids,
+                       attrs={"damping": 0.01, "tuning": {"selected": {"damping": 0.01}}})
+    bcfg = BaselinesConfig.from_config({})
+    setting_, how = M.baseline_setting("trak", bcfg, tmp_path / "trak.h5")
+    assert setting_ == {"proj_dim": 8192, "lambda_reg": 1000.0} and "LDS selection" in how
+    assert bcfg.with_setting("trak", setting_).trak.proj_dim == 8192
+    assert M.baseline_setting("exact_if", bcfg, tmp_path / "exact_if.h5")[0] == {"damping_grid": [0.01]}
+    assert M.baseline_setting("trak", bcfg) == ({}, "baselines.trak values")
+
+
 def test_config_section_is_checked():
     assert ExperimentConfig.from_dict({}).validate().mislabel.enabled is False
     cfg = ExperimentConfig.from_dict({"mislabel": {"enabled": "true"}}).validate()
