@@ -20,7 +20,7 @@ from .settings import ConfigError, build, check_limits, nested, setting, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
            "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS",
-           "fit_variant", "q_weighted"]
+           "fit_variant", "q_weighted", "MislabelConfig"]
 
 # Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
 # (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).
@@ -274,6 +274,45 @@ class StudyConfig:
         return out
 
 
+# the baselines a mislabel run may score (daunce_core.baselines.METHODS; tests keep the two equal)
+MISLABEL_BASELINES = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
+
+
+@dataclass
+class MislabelConfig:
+    """Mislabelled-example detection by self-influence (docs/mislabel.md): results/mislabel.csv."""
+
+    enabled: bool | str = setting(False, "in the default target; true/false, or its string form, which "
+                                  "snakemake --config delivers")
+    fraction: float = setting(0.1, "share of the training labels flipped to another class (dattri: 0.1)",
+                              gt=0, lt=1)
+    seed: int = setting(0, "seed of which labels flip and to which class")
+    methods: list = setting([], "methods ranked by self-influence: DAUNCE variants (covariance) and "
+                            "baselines; empty: every daunce.variants and baselines.methods entry (not the "
+                            "limit_/lin_ references)", items=str, choices=VARIANTS + MISLABEL_BASELINES)
+    settings: str = setting("defaults", "each method's knobs: 'defaults' (DAUNCE: the middle of "
+                            "daunce.lr_grid; baselines: their baselines.<method> values, exact IF the middle "
+                            "of its damping_grid) or 'lds' (what the LDS selection chose for that method)",
+                            choices=("defaults", "lds"))
+    bootstrap: int = setting(2000, "resamples of the examples for the AUC's 95% CI", ge=1)
+
+    def validate(self) -> MislabelConfig:
+        if isinstance(self.enabled, str):  # --config mislabel='{enabled: true}' delivers the string 'true'
+            if self.enabled.lower() not in ("true", "false"):
+                raise ConfigError(f"mislabel.enabled must be true or false, got {self.enabled!r}")
+            self.enabled = self.enabled.lower() == "true"
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"mislabel.methods lists a method twice: {self.methods}")
+        return self
+
+    def method_list(self, variants: list, baselines: list) -> list:
+        """The methods scored: ``methods``, or (empty) the experiment's DAUNCE ``variants`` and its
+        ``baselines`` that are baselines of the paper (not the limit_/lin_ references)."""
+        if self.methods:
+            return list(self.methods)
+        return list(variants) + [m for m in baselines if m in MISLABEL_BASELINES]
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment of Section 4.1: every setting of its steps, by section."""
@@ -288,6 +327,7 @@ class ExperimentConfig:
     daunce: DaunceConfig = nested(DaunceConfig)
     lds: LDSConfig = nested(LDSConfig)
     study: StudyConfig = nested(StudyConfig)
+    mislabel: MislabelConfig = nested(MislabelConfig)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, ignore: tuple[str, ...] = OTHER_STAGES) -> ExperimentConfig:
@@ -298,9 +338,10 @@ class ExperimentConfig:
         """
         # the study is switched from the command line (--config study='{enabled: true}'), whose
         # values arrive as strings: its section alone is parsed as command-line overrides
-        rest = {k: v for k, v in cfg.items() if k != "study"}
+        rest = {k: v for k, v in cfg.items() if k not in ("study", "mislabel")}
         out = build(cls, rest, "", ignore=ignore, validate=False)
         out.study = build(StudyConfig, cfg.get("study"), "study", coerce=True, validate=False)
+        out.mislabel = build(MislabelConfig, cfg.get("mislabel"), "mislabel", coerce=True, validate=False)
         if "k_curve" not in (rest.get("daunce") if isinstance(rest.get("daunce"), dict) else {}):
             out.daunce.k_curve = default_k_curve(out.daunce.K)
         if out.data.name == "imagefolder" and out.data.manifest is None:  # beside the results, not the images
@@ -324,6 +365,7 @@ class ExperimentConfig:
                               f"{d.k_curve}; set daunce.k_curve to values <= {d.K}, e.g. {default_k_curve(d.K)}")
         check_cross_fields(self)
         self.study.validate()
+        self.mislabel.validate()
         if self.study.enabled:
             for s in self.study.parsed():
                 study_setting_config(self, s)

@@ -46,8 +46,10 @@ def load_checked(cfg: ExperimentConfig, split_path: str | Path | None = None) ->
     return ds
 
 
-def train_base(cfg: ExperimentConfig, split_path: str | Path, out_state: str | Path, out_metrics: str | Path) -> dict:
-    """Train theta_0 on the full training set with the base recipe; record its accuracy."""
+def train_base(cfg: ExperimentConfig, split_path: str | Path, out_state: str | Path, out_metrics: str | Path,
+               ds: Dataset | None = None) -> dict:
+    """Train theta_0 on the full training set with the base recipe; record its accuracy. ``ds``:
+    the data to train on (default: the experiment's, checked against the split)."""
     import torch
 
     from . import ensemble as E
@@ -56,7 +58,7 @@ def train_base(cfg: ExperimentConfig, split_path: str | Path, out_state: str | P
     from .utils import pick_device
 
     device = pick_device(cfg.device)
-    ds = load_checked(cfg, split_path)
+    ds = ds if ds is not None else load_checked(cfg, split_path)
     X = torch.as_tensor(ds.X_train, device=device)
     y = torch.as_tensor(ds.y_train, device=device)
     factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)

@@ -280,6 +280,8 @@ def get_final_output():
         out.append("results/fig2.pdf")
     if "blackbox" in config:  # a config without the section asks for no black-box study
         out.append("results/fig4.md")
+    if CFG.mislabel.enabled:  # mislabelled-example detection (rules/mislabel.smk)
+        out += ["results/mislabel.csv", "results/mislabel.md"]
     return out
 
 

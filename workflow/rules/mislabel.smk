@@ -1,0 +1,112 @@
+# Mislabelled-example detection by self-influence (daunce_core/mislabel.py, docs/mislabel.md):
+# mislabel.fraction of the training labels flipped, theta_0 retrained on them, every method of
+# mislabel.methods ranks the training examples by self-influence; results/mislabel.csv holds the
+# AUCs. Generic over the experiment: it reads only the experiment's data, model, base, daunce and
+# baselines sections. Knobs: mislabel.settings (defaults | lds), never the flipped labels.
+MISLABEL_METHODS = CFG.mislabel.method_list(CFG.daunce.variants, BaselinesConfig.from_config(config).methods)
+MISLABEL_BASELINES = [m for m in MISLABEL_METHODS if not m.startswith("daunce")]
+MISLABEL_FROM_LDS = CFG.mislabel.settings == "lds"
+MISLABEL_KEYS = ("data", "model", "base", "mislabel.fraction", "mislabel.seed")
+
+
+def mislabel_file(method):
+    """A method's file of the table: DAUNCE's signals (of its fit variant) or a baseline's self-scores."""
+    if method.startswith("daunce"):  # a Q form shares its fit variant's fits, unless its own lr was selected
+        return f"results/{EXP}/mislabel/daunce/{method if MISLABEL_FROM_LDS else fit_variant(method)}/signals.npz"
+    return f"results/{EXP}/mislabel/self/{method}.npz"
+
+
+def mislabel_inputs(wildcards):
+    exp = wildcards.experiment
+    out = {"split": f"results/{exp}/data/split.npz", "flips": f"results/{exp}/mislabel/flips.npz",
+           "theta_0": f"results/{exp}/mislabel/theta_0.safetensors"}
+    if MISLABEL_FROM_LDS and getattr(wildcards, "variant", None):
+        out["selection"] = f"results/{exp}/daunce/{wildcards.variant}/selection.json"
+    elif MISLABEL_FROM_LDS:
+        out["scores"] = f"results/{exp}/scores/{wildcards.method}/score.h5"
+    return out
+
+
+rule mislabel_base:
+    """Flip mislabel.fraction of the training labels (keyed by mislabel.seed) and train theta_0 on
+    them with the base recipe."""
+    input:
+        split="results/{experiment}/data/split.npz",
+    output:
+        state="results/{experiment}/mislabel/theta_0.safetensors",
+        metrics="results/{experiment}/mislabel/metrics.json",
+        flips="results/{experiment}/mislabel/flips.npz",
+    log:
+        "results/{experiment}/logs/mislabel/base.log",
+    benchmark:
+        "results/{experiment}/benchmarks/mislabel/base.tsv"
+    params:
+        settings=step_settings(*MISLABEL_KEYS),
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/mislabel.py"
+
+
+rule mislabel_daunce:
+    """A DAUNCE variant's K perturbed fits on the noisy data (daunce's settings, one lr): every
+    training example's signal under each model (a Q form's are its fit variant's fits)."""
+    input:
+        unpack(mislabel_inputs),
+    output:
+        "results/{experiment}/mislabel/daunce/{variant}/signals.npz",
+    log:
+        "results/{experiment}/logs/mislabel/daunce/{variant}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/mislabel/daunce/{variant}.tsv"
+    params:
+        settings=step_settings(*MISLABEL_KEYS, "mislabel.settings", "daunce",
+                               drop=("daunce.chunk_size", "daunce.variants", "daunce.k_curve",
+                                     "daunce.select_measure", "daunce.trace_every")),
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/mislabel.py"
+
+
+rule mislabel_baseline:
+    """A baseline's self-influence on the noisy data: the diagonal of its scores with the training
+    set as queries and the training loss as query function."""
+    input:
+        unpack(mislabel_inputs),
+    output:
+        "results/{experiment}/mislabel/self/{method}.npz",
+    log:
+        "results/{experiment}/logs/mislabel/{method}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/mislabel/{method}.tsv"
+    wildcard_constraints:
+        method="|".join(MISLABEL_BASELINES) or "(?!)",
+    params:
+        settings=lambda wildcards: step_settings(*MISLABEL_KEYS, "mislabel.settings",
+                                                 *[f"baselines.{m}" for m in [wildcards.method]
+                                                   if m in SETTINGS_TREE["baselines"]]),
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/mislabel.py"
+
+
+rule mislabel_table:
+    """results/mislabel.csv and .md: each method's AUC of detecting the flipped labels, with a 95%
+    bootstrap CI over the examples, beside a random ranking's 0.5."""
+    input:
+        flips=f"results/{EXP}/mislabel/flips.npz",
+        files=[mislabel_file(m) for m in MISLABEL_METHODS],
+    output:
+        csv="results/mislabel.csv",
+        md="results/mislabel.md",
+    log:
+        f"results/{EXP}/logs/mislabel/table.log",
+    params:
+        methods=MISLABEL_METHODS,
+        settings=step_settings("mislabel.bootstrap", "mislabel.methods"),
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/mislabel.py"
