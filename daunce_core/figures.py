@@ -58,29 +58,40 @@ def _pick(rows: list[dict], method: str, measure: str | None, threshold_raw: boo
     return None
 
 
-def lds_bars(rows: list[dict], methods: list[str], out, title: str, daunce_measure: str = "correlation") -> None:
-    """Bar chart of LDS with 95% CI per method: thresholded (solid) beside raw (hatched)."""
-    methods = [m for m in methods if any(r["method"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 1.5), 3.4))
-    x = np.arange(len(methods))
+def lds_bars(rows: list[dict], methods: list[str], out, title: str,
+             measures: tuple[str, ...] = ("correlation", "covariance")) -> None:
+    """Bar chart of LDS with 95% CI (bootstrap over masks and queries) per method: raw scores
+    (solid, the primary number) beside thresholded ones (hatched), every method alike. A DAUNCE
+    variant gets one bar pair per measure in ``measures`` (correlation and covariance)."""
+    entries = []
+    for m in methods:
+        if not any(r["method"] == m for r in rows):
+            continue
+        if m.startswith("daunce"):
+            entries += [(m, meas) for meas in measures if any(r["method"] == m and r["measure"] == meas
+                                                               for r in rows)]
+        else:
+            entries.append((m, None))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(entries) + 1.5), 3.4))
+    x = np.arange(len(entries))
     w = 0.38
-    for off, raw, style in ((-w / 2, False, {}), (w / 2, True, {"hatch": "//", "alpha": 0.55})):
+    for off, raw, style in ((-w / 2, True, {}), (w / 2, False, {"hatch": "//", "alpha": 0.55})):
         vals, lo, hi = [], [], []
-        for m in methods:
-            meas = daunce_measure if m.startswith("daunce") else None
+        for m, meas in entries:
             r = _pick(rows, m, meas, raw)
             vals.append(r["lds"] if r else np.nan)
             lo.append(r["lds"] - r["ci_low"] if r else 0)
             hi.append(r["ci_high"] - r["lds"] if r else 0)
         label = "raw scores" if raw else "thresholded"
         ax.bar(x + off, vals, w, yerr=[lo, hi], capsize=3, label=label,
-               color=[_color(m) for m in methods], edgecolor="k", **style)
+               color=[_color(m) for m, _ in entries], edgecolor="k", **style)
         for xi, v in zip(x + off, vals):
             if np.isfinite(v):
                 ax.text(xi, v + 0.01 if v >= 0 else v - 0.03, f"{v:.3f}", ha="center", fontsize=6.5)
     ax.axhline(0, color="k", lw=0.6)
-    ax.set_xticks(x, [_label(m) for m in methods], rotation=30, ha="right")
-    ax.set_ylabel("LDS (95% CI over queries)")
+    ticks = [_label(m) + ("" if meas is None else f" ({meas[:4]}.)") for m, meas in entries]
+    ax.set_xticks(x, ticks, rotation=30, ha="right")
+    ax.set_ylabel("LDS (95% CI, masks x queries)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     _save(fig, out)

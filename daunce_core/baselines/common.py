@@ -283,15 +283,14 @@ def train_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def selection_lds(problem: Problem, scores: np.ndarray, gt: dict) -> float:
-    """Mean LDS of dense scores [n, m] on the selection ground truth ``gt`` (its masks and queries
-    only), thresholded as ``lds.threshold``: the judge of every baseline's tuning."""
+    """Mean LDS of the raw dense scores [n, m] on the selection ground truth ``gt`` (its masks and
+    queries only): the judge of every baseline's tuning, as of DAUNCE's (no thresholding)."""
     from .. import lds as L
-    from ..scoring import apply_threshold
 
     if "query_ids" in gt:
         scores, _ = L.align_to_ground_truth(scores, problem.ds.train_ids, problem.ds.query_ids, gt,
                                             "scores", "the selection ground truth")
-    scores = apply_threshold(np.asarray(scores, np.float32), problem.cfg.lds.threshold)
+    scores = np.asarray(scores, np.float32)
     return float(L.per_query_lds(scores, gt["masks"], gt["outputs"]).mean())
 
 
