@@ -207,10 +207,10 @@ def baseline_settings(method):
     method's own section and grid, the budget (selection uses the raw LDS); the references read
     DAUNCE's perturbations and exact IF's curvature too."""
     own = {"trak": ["trak"], "ekfac": ["ekfac"], "logra": ["logra"], "graddot": [], "tracin": ["tracin"],
-           "exact_if": ["exact_if"]}.get(method, ["limits", "exact_if"])
+           "exact_if": ["exact_if"], "exact_if_corr": ["exact_if"]}.get(method, ["limits", "exact_if"])
     keys = ["data", "model", "base", "baselines.measurement", "baselines.max_settings"]
     keys += [f"baselines.{s}" for s in own]
-    if method in REFERENCE:
+    if method in REFERENCE and method != "exact_if_corr":
         keys.append("daunce")
     tune = SETTINGS_TREE["baselines"]["tune"] or {}
     return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure"),
