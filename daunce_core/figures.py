@@ -106,12 +106,12 @@ def fig1b(lds_csv, out, white: list[str], black: list[str], title: str = "LDS, b
 
 
 def table3(lds_csv, out_md, out_csv, variants: list[str]) -> list[dict]:
-    """Table 3: LDS with correlation vs covariance for each variant (thresholded and raw)."""
+    """Table 3: LDS with correlation vs covariance for each variant (raw, and thresholded)."""
     rows = read_lds_table(lds_csv)
     table = []
     for measure in ("correlation", "covariance"):
         for v in variants:
-            for raw in (False, True):
+            for raw in (True, False):
                 r = _pick(rows, v, measure, raw)
                 if r:
                     table.append({"measure": measure, "method": v, "threshold": r["threshold"],
@@ -124,7 +124,7 @@ def table3(lds_csv, out_md, out_csv, variants: list[str]) -> list[dict]:
                 w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     lines = ["# Table 3: correlation versus covariance", "",
              "LDS (mean Spearman over queries, 95% bootstrap CI) of each DAUNCE variant.", ""]
-    for raw in (False, True):
+    for raw in (True, False):
         kind = next((r["threshold"] for r in table if (r["threshold"] == "none") == raw), None)
         if kind is None:
             continue
@@ -289,10 +289,10 @@ def fig3(vision: dict | None, llm: dict | None, out) -> list[str]:
 # --- the quality landscape (issue 13, item 3) ----------------------------------------------------
 
 _STUDY_MARKERS = {"daunce": "o", "daunce_e": "s", "daunce_t": "^", "daunce_t_q": "v"}
-_LINE_METHODS = ("exact_if",)  # drawn as a level as well as a point: the reference to reach
+_LINE_METHODS = ("exact_if",)  # drawn as a level as well as a point: a reference
 
 
-def quality(quality_csv, out, title: str = "Quality against compute (test LDS, thresholded)") -> None:
+def quality(quality_csv, out, title: str = "Quality against compute (test LDS, raw scores)") -> None:
     """LDS on the test masks against compute, whole tuning grid included, in two panels: forward-pass
     equivalents (hardware-independent) and measured CPU seconds (log x). One marker series per DAUNCE
     variant over the study's settings (a setting chosen at an end of its lr grid is drawn hollow),
