@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba import njit
 from scipy import stats
 
 from .config import ExperimentConfig
@@ -168,62 +169,80 @@ class LDSResult:
     replicates: np.ndarray | None = None  # bootstrap replicates of the mean (None: query-only CI)
 
 
-BATCH = 100  # bootstrap replicates computed at once ([BATCH, M, m] float64 arrays)
+BATCH = 250  # bootstrap replicates drawn at once
 
 
-def _tie_bounds(sorted_vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For values sorted along axis 0 ([M, m]): the first and the last sorted position of each
-    position's group of equal values."""
-    M = sorted_vals.shape[0]
-    pos = np.arange(M)[:, None]
-    new = np.ones(sorted_vals.shape, bool)
-    new[1:] = sorted_vals[1:] != sorted_vals[:-1]
-    last = np.ones(sorted_vals.shape, bool)
-    last[:-1] = new[1:]
-    start = np.maximum.accumulate(np.where(new, pos, 0), axis=0)
-    end = np.minimum.accumulate(np.where(last, pos, M - 1)[::-1], axis=0)[::-1]
-    return start, end
+@njit(cache=True)
+def _ranks_of_draw(order, new_group, counts, out):  # pragma: no cover - compiled
+    """Average ranks (into ``out`` [M]) of the M masks in one resample of one query: mask j drawn
+    ``counts[j]`` times fills that many tied positions, so a group of equal values gets
+    (draws of smaller values) + (draws in the group + 1) / 2."""
+    M = order.shape[0]
+    before = 0.0
+    k = 0
+    while k < M:
+        e = k + 1
+        while e < M and not new_group[e]:
+            e += 1
+        total = 0.0
+        for t in range(k, e):
+            total += counts[order[t]]
+        rank = before + (total + 1.0) / 2.0
+        for t in range(k, e):
+            out[order[t]] = rank
+        before += total
+        k = e
 
 
-def _resampled_ranks(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Average ranks ([B, M, m]) that each of the M masks gets, per query, among the masks of each
-    resample: mask j drawn ``counts[b, j]`` times fills that many tied positions, so its rank is
-    (draws of smaller values) + (draws of equal values + 1) / 2 -- ``scipy.stats.rankdata``'s
-    average rank of the resampled column, without building or sorting it (``values`` is sorted
-    once; tests/test_lds.py checks the equality). Written by hand because re-ranking every
-    resample with rankdata costs about 10x more."""
-    M, m = values.shape
-    B = counts.shape[0]
-    order = np.argsort(values, axis=0, kind="stable")  # [M, m]
-    flat_sorted = (order * m + np.arange(m)).ravel()  # position in [M, m] of each sorted slot
-    cs = counts[:, order].astype(np.float32)  # [B, M, m] in sorted order
-    S = np.cumsum(cs, axis=1)
-    start, end = _tie_bounds(np.take_along_axis(values, order, axis=0))
-    if (start == end).all():  # no ties: the group is the mask itself
-        rank_sorted = S - (cs - 1.0) / 2.0
-    else:
-        before = np.where(start > 0, np.take_along_axis(S, np.maximum(start - 1, 0)[None], axis=1), 0.0)
-        through = np.take_along_axis(S, end[None], axis=1)
-        rank_sorted = before + (through - before + 1.0) / 2.0
-    out = np.empty((B, M * m), np.float32)
-    out[:, flat_sorted] = rank_sorted.reshape(B, -1)
-    return out.reshape(B, M, m)
-
-
-def resampled_spearman(predicted: np.ndarray, actual: np.ndarray, counts: np.ndarray,
-                       actual_ranks: np.ndarray | None = None) -> np.ndarray:
-    """Per-query Spearman correlation ([B, m]) of ``predicted`` and ``actual`` ([M, m]) on the masks
-    of each resample (``counts`` [B, M]: how often each mask is drawn; each row sums to M).
-    A query constant on a resample's masks gets 0, as in :func:`per_query_lds`. ``actual_ranks``:
-    ``_resampled_ranks(actual, counts)`` when already computed (shared by several methods)."""
-    M = predicted.shape[0]
-    c = counts[:, :, None].astype(np.float32)
+@njit(cache=True)
+def _spearman_draws(order_a, new_a, order_p, new_p, counts):  # pragma: no cover - compiled
+    B, M = counts.shape
+    m = order_a.shape[0]
+    out = np.zeros((B, m))
+    ra = np.empty(M)
+    rp = np.empty(M)
     mid = (M + 1) / 2.0  # the mean rank of any M draws
-    ra = (_resampled_ranks(actual, counts) if actual_ranks is None else actual_ranks) - mid
-    rp = _resampled_ranks(predicted, counts) - mid
-    num = (c * ra * rp).sum(1, dtype=np.float64)  # half-integer ranks: exact in float32
-    den = np.sqrt((c * ra**2).sum(1, dtype=np.float64) * (c * rp**2).sum(1, dtype=np.float64))
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    for b in range(B):
+        c = counts[b]
+        for q in range(m):
+            _ranks_of_draw(order_a[q], new_a[q], c, ra)
+            _ranks_of_draw(order_p[q], new_p[q], c, rp)
+            num = 0.0
+            sa = 0.0
+            sp = 0.0
+            for j in range(M):
+                if c[j]:
+                    da = ra[j] - mid
+                    dp = rp[j] - mid
+                    num += c[j] * da * dp
+                    sa += c[j] * da * da
+                    sp += c[j] * dp * dp
+            if sa > 0 and sp > 0:
+                out[b, q] = num / np.sqrt(sa * sp)
+    return out
+
+
+def _sorted_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``values`` [M, m]: the sorting order and where a new group of equal values
+    starts in it (both [m, M], one query per row)."""
+    order = np.argsort(values, axis=0, kind="stable")
+    v = np.take_along_axis(values, order, axis=0)
+    new = np.ones(v.shape, np.bool_)
+    new[1:] = v[1:] != v[:-1]
+    return np.ascontiguousarray(order.T), np.ascontiguousarray(new.T)
+
+
+def resampled_spearman(predicted: np.ndarray, actual: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-query Spearman correlation ([B, m]) of ``predicted`` and ``actual`` ([M, m]) on the masks
+    of each resample (``counts`` [B, M]: how often each mask is drawn; each row sums to M): the
+    Pearson correlation of ``scipy.stats.rankdata``'s average ranks of the resampled columns,
+    computed from the counts without building or sorting the resampled columns (each column is
+    sorted once; tests/test_lds.py checks the equality with scipy). Written by hand (Numba)
+    because re-ranking every resample with rankdata costs about 100x more. A query constant on
+    a resample's masks gets 0, as in :func:`per_query_lds`."""
+    oa, na = _sorted_groups(np.asarray(actual, np.float64))
+    op, npg = _sorted_groups(np.asarray(predicted, np.float64))
+    return _spearman_draws(oa, na, op, npg, np.ascontiguousarray(counts, dtype=np.float64))
 
 
 def bootstrap_draws(M: int, m: int, n_resamples: int, seed: int, masks: bool = True):
@@ -246,16 +265,15 @@ def bootstrap_means(predicted, actual: np.ndarray, n_resamples: int, seed: int =
     """Bootstrap replicates ([n_resamples], or [len(predicted), n_resamples] for a list) of the
     LDS (mean over queries of the per-query Spearman correlation) from predictions and measured
     outputs ([M, m] each), resampling masks and queries together (:func:`bootstrap_draws`). Every
-    prediction of a list gets the same draws (paired), and the outputs are ranked once per draw."""
+    prediction of a list gets the same draws (paired)."""
     many = isinstance(predicted, (list, tuple))
     preds = list(predicted) if many else [predicted]
     M, m = actual.shape
     out: list[list[np.ndarray]] = [[] for _ in preds]
     fixed = None if masks else [per_query_lds_arrays(p, actual)[None] for p in preds]
     for mc, qc in bootstrap_draws(M, m, n_resamples, seed, masks=masks):
-        ra = _resampled_ranks(actual, mc) if masks else None
         for i, p in enumerate(preds):
-            rho = resampled_spearman(p, actual, mc, ra) if masks else fixed[i]
+            rho = resampled_spearman(p, actual, mc) if masks else fixed[i]
             out[i].append((rho * qc).sum(1) / m)
     reps = [np.concatenate(o) for o in out]
     return np.stack(reps) if many else reps[0]
@@ -358,7 +376,7 @@ def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 
 def evaluate_many(scores_list: list[np.ndarray], gt: dict, n_resamples: int = 2000,
                   seed: int = 0) -> list[tuple[LDSResult, np.ndarray]]:
     """:func:`evaluate` (joint bootstrap) of several score matrices on one ground truth: the same
-    draws for all (paired), the outputs ranked once per draw."""
+    draws for all (paired)."""
     for s in scores_list:  # the checks of evaluate, on a single draw
         evaluate(s, gt, n_resamples=1, seed=seed)
     n_resamples = _check_resamples(n_resamples)
