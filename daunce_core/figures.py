@@ -26,8 +26,10 @@ DISPLAY = {
     "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
     "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
     "tracin": "TracIn", "exact_if": "Exact IF",
-    # issue 13's references: each variant's Theorem-1 limit, and its linearised fits at the run's K
+    # references (not bounds): each variant's Theorem-1 limit, its linearised fits at the run's K,
+    # and exact IF scored by correlation
     "limit_daunce": "limit: DAUNCE", "limit_daunce_e": "limit: DAUNCE-E", "limit_daunce_t": "limit: DAUNCE-T",
+    "limit_daunce_t_q": "limit: DAUNCE-T (Q)", "exact_if_corr": "Exact IF (correlation)",
     "limit_bb": "limit: DAUNCE (bb)", "lin_daunce": "linearised: DAUNCE", "lin_daunce_e": "linearised: DAUNCE-E",
     "lin_daunce_t": "linearised: DAUNCE-T", "lin_bb": "linearised: DAUNCE (bb)",
 }
