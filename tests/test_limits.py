@@ -46,7 +46,9 @@ def problem():
     try:
         gen = torch.Generator().manual_seed(0)
         X = torch.randn(N + M, D, generator=gen)
-        y = torch.distributions.Categorical(logits=X @ (torch.randn(C, D, generator=gen) * 1.5).T).sample()
+        with torch.random.fork_rng():  # sample() draws from the global generator: seed it, or every
+            torch.manual_seed(0)         # process gets other labels (and other test values)
+            y = torch.distributions.Categorical(logits=X @ (torch.randn(C, D, generator=gen) * 1.5).T).sample()
         Xtr, ytr, Xq, yq = X[:N], y[:N], X[N:], y[N:]
 
         def erm(theta):
@@ -242,10 +244,15 @@ def small_problem():
     cfg = ExperimentConfig(model=ModelConfig(arch="mlp", hidden=[6]),
                            base=TrainConfig(epochs=10, batch_size=8, lr=0.05, weight_decay=1e-3))
     factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
-    net, p, b = E.fit_from_scratch(factory, torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train),
-                                   [np.arange(n)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
-    model = factory()
-    model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the module's ``problem`` fixture may hold float64
+    try:
+        net, p, b = E.fit_from_scratch(factory, torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train),
+                                       [np.arange(n)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+        model = factory()
+        model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
+    finally:
+        torch.set_default_dtype(old)
     model.eval()
     return B.Problem(cfg, ds, model, dict(model.state_dict()), torch.device("cpu"))
 
