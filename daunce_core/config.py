@@ -199,11 +199,12 @@ class LDSConfig:
     seeds: int = setting(3, "retrains per mask, averaged", ge=1)
     seed: int = setting(0, "seed of the masks and retrains")
     chunk_size: int = setting(100, "retrains per job", ge=1)
-    bootstrap: int = setting(2000, "bootstrap resamples of the queries for the 95% CI", ge=100)
+    bootstrap: int = setting(2000, "bootstrap resamples (masks and queries drawn together) for the 95% CI", ge=100)
     threshold: dict = setting({"kind": "hard", "quantile": 0.9},
-                         "score thresholding applied to every method: kind none|soft|hard|topk, "
-                         "with a per-query |score| quantile (soft/hard) or k, the number of largest (signed) "
-                         "scores kept (topk)", mapping=ThresholdSetting)
+                         "score thresholding applied to every method, reported beside the raw LDS (no "
+                         "selection uses it): kind none|soft|hard|topk, with a per-query |score| quantile "
+                         "(soft/hard) or k, the number of largest (signed) scores kept (topk)",
+                         mapping=ThresholdSetting)
 
 
 STUDY_VARIANTS = ("daunce", "daunce_e", "daunce_t", "daunce_t_q")  # white-box forms (Table 1)

@@ -26,8 +26,10 @@ DISPLAY = {
     "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
     "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
     "tracin": "TracIn", "exact_if": "Exact IF",
-    # issue 13's references: each variant's Theorem-1 limit, and its linearised fits at the run's K
+    # references (not bounds): each variant's Theorem-1 limit, its linearised fits at the run's K,
+    # and exact IF scored by correlation
     "limit_daunce": "limit: DAUNCE", "limit_daunce_e": "limit: DAUNCE-E", "limit_daunce_t": "limit: DAUNCE-T",
+    "limit_daunce_t_q": "limit: DAUNCE-T (Q)", "exact_if_corr": "Exact IF (correlation)",
     "limit_bb": "limit: DAUNCE (bb)", "lin_daunce": "linearised: DAUNCE", "lin_daunce_e": "linearised: DAUNCE-E",
     "lin_daunce_t": "linearised: DAUNCE-T", "lin_bb": "linearised: DAUNCE (bb)",
 }
@@ -58,29 +60,40 @@ def _pick(rows: list[dict], method: str, measure: str | None, threshold_raw: boo
     return None
 
 
-def lds_bars(rows: list[dict], methods: list[str], out, title: str, daunce_measure: str = "correlation") -> None:
-    """Bar chart of LDS with 95% CI per method: thresholded (solid) beside raw (hatched)."""
-    methods = [m for m in methods if any(r["method"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) + 1.5), 3.4))
-    x = np.arange(len(methods))
+def lds_bars(rows: list[dict], methods: list[str], out, title: str,
+             measures: tuple[str, ...] = ("correlation", "covariance")) -> None:
+    """Bar chart of LDS with 95% CI (bootstrap over masks and queries) per method: raw scores
+    (solid, the primary number) beside thresholded ones (hatched), every method alike. A DAUNCE
+    variant gets one bar pair per measure in ``measures`` (correlation and covariance)."""
+    entries = []
+    for m in methods:
+        if not any(r["method"] == m for r in rows):
+            continue
+        if m.startswith("daunce"):
+            entries += [(m, meas) for meas in measures if any(r["method"] == m and r["measure"] == meas
+                                                               for r in rows)]
+        else:
+            entries.append((m, None))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(entries) + 1.5), 3.4))
+    x = np.arange(len(entries))
     w = 0.38
-    for off, raw, style in ((-w / 2, False, {}), (w / 2, True, {"hatch": "//", "alpha": 0.55})):
+    for off, raw, style in ((-w / 2, True, {}), (w / 2, False, {"hatch": "//", "alpha": 0.55})):
         vals, lo, hi = [], [], []
-        for m in methods:
-            meas = daunce_measure if m.startswith("daunce") else None
+        for m, meas in entries:
             r = _pick(rows, m, meas, raw)
             vals.append(r["lds"] if r else np.nan)
             lo.append(r["lds"] - r["ci_low"] if r else 0)
             hi.append(r["ci_high"] - r["lds"] if r else 0)
         label = "raw scores" if raw else "thresholded"
         ax.bar(x + off, vals, w, yerr=[lo, hi], capsize=3, label=label,
-               color=[_color(m) for m in methods], edgecolor="k", **style)
+               color=[_color(m) for m, _ in entries], edgecolor="k", **style)
         for xi, v in zip(x + off, vals):
             if np.isfinite(v):
                 ax.text(xi, v + 0.01 if v >= 0 else v - 0.03, f"{v:.3f}", ha="center", fontsize=6.5)
     ax.axhline(0, color="k", lw=0.6)
-    ax.set_xticks(x, [_label(m) for m in methods], rotation=30, ha="right")
-    ax.set_ylabel("LDS (95% CI over queries)")
+    ticks = [_label(m) + ("" if meas is None else f" ({meas[:4]}.)") for m, meas in entries]
+    ax.set_xticks(x, ticks, rotation=30, ha="right")
+    ax.set_ylabel("LDS (95% CI, masks x queries)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     _save(fig, out)
@@ -95,12 +108,12 @@ def fig1b(lds_csv, out, white: list[str], black: list[str], title: str = "LDS, b
 
 
 def table3(lds_csv, out_md, out_csv, variants: list[str]) -> list[dict]:
-    """Table 3: LDS with correlation vs covariance for each variant (thresholded and raw)."""
+    """Table 3: LDS with correlation vs covariance for each variant (raw, and thresholded)."""
     rows = read_lds_table(lds_csv)
     table = []
     for measure in ("correlation", "covariance"):
         for v in variants:
-            for raw in (False, True):
+            for raw in (True, False):
                 r = _pick(rows, v, measure, raw)
                 if r:
                     table.append({"measure": measure, "method": v, "threshold": r["threshold"],
@@ -113,7 +126,7 @@ def table3(lds_csv, out_md, out_csv, variants: list[str]) -> list[dict]:
                 w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     lines = ["# Table 3: correlation versus covariance", "",
              "LDS (mean Spearman over queries, 95% bootstrap CI) of each DAUNCE variant.", ""]
-    for raw in (False, True):
+    for raw in (True, False):
         kind = next((r["threshold"] for r in table if (r["threshold"] == "none") == raw), None)
         if kind is None:
             continue
@@ -280,10 +293,10 @@ def fig3(vision: dict | None, llm: dict | None, out) -> list[str]:
 # --- the quality landscape (issue 13, item 3) ----------------------------------------------------
 
 _STUDY_MARKERS = {"daunce": "o", "daunce_e": "s", "daunce_t": "^", "daunce_t_q": "v"}
-_LINE_METHODS = ("exact_if",)  # drawn as a level as well as a point: the reference to reach
+_LINE_METHODS = ("exact_if",)  # drawn as a level as well as a point: a reference
 
 
-def quality(quality_csv, out, title: str = "Quality against compute (test LDS, thresholded)") -> None:
+def quality(quality_csv, out, title: str = "Quality against compute (test LDS, raw scores)") -> None:
     """LDS on the test masks against compute, whole tuning grid included, in two panels: forward-pass
     equivalents (hardware-independent) and measured CPU seconds (log x). One marker series per DAUNCE
     variant over the study's settings (a setting chosen at an end of its lr grid is drawn hollow),

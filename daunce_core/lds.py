@@ -12,8 +12,16 @@ once (``store.write_ground_truth``) and every method is evaluated against the sa
 
 LDS of a method = mean over queries of the Spearman correlation, across the M subsets, between
 the query's measured margin (averaged over seeds) and the method's predicted group effect (the
-sum of the scores of the subset's training examples). The 95% confidence interval is a
-bootstrap over queries (``scipy.stats.bootstrap``).
+sum of the scores of the subset's training examples). The raw scores' LDS is the primary number;
+a thresholded one (``lds.threshold``) is reported beside it, for every method alike, and no
+selection uses it.
+
+The 95% confidence interval is a percentile bootstrap over masks and queries together
+(:func:`bootstrap_means`): masks and queries are both random draws, so each replicate draws M
+masks and m queries with replacement and recomputes every per-query Spearman correlation on its
+masks. The replicates depend only on (M, m, number of draws, seed), so two methods evaluated
+against the same ground truth share them, and :func:`paired_difference` gives the CI of their
+difference from the two replicate vectors.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba import njit
 from scipy import stats
 
 from .config import ExperimentConfig
@@ -137,18 +146,18 @@ def per_query_lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) ->
     ``scores`` [n, m], ``masks`` [M, n] bool, ``outputs`` [S, M, m] (or [M, m]). A query whose
     predictions are constant (e.g. all scores thresholded away) gets 0, with a warning.
     """
-    actual = outputs.mean(axis=0) if outputs.ndim == 3 else outputs
-    predicted = masks.astype(np.float64) @ scores.astype(np.float64)  # [M, m]
-    ra = stats.rankdata(actual, axis=0)
-    rp = stats.rankdata(predicted, axis=0)
-    ra -= ra.mean(axis=0)
-    rp -= rp.mean(axis=0)
-    denom = np.sqrt((ra**2).sum(0) * (rp**2).sum(0))
-    const = denom == 0
+    actual, predicted = predictions(scores, masks, outputs)
+    const = (np.ptp(actual, axis=0) == 0) | (np.ptp(predicted, axis=0) == 0)
     if const.any():
-        warnings.warn(f"{int(const.sum())} of {len(denom)} queries have constant predictions or "
+        warnings.warn(f"{int(const.sum())} of {len(const)} queries have constant predictions or "
                       "outputs; their Spearman correlation counts as 0", RuntimeWarning, stacklevel=2)
-    return np.where(const, 0.0, (ra * rp).sum(0) / np.where(const, 1.0, denom))
+    return per_query_lds_arrays(predicted, actual)
+
+
+def predictions(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(measured outputs averaged over seeds, predicted group effects), both [M, m] float64."""
+    actual = outputs.mean(axis=0) if outputs.ndim == 3 else outputs
+    return np.asarray(actual, np.float64), masks.astype(np.float64) @ scores.astype(np.float64)
 
 
 @dataclass
@@ -157,14 +166,146 @@ class LDSResult:
     ci_low: float
     ci_high: float
     n_queries: int
+    replicates: np.ndarray | None = None  # bootstrap replicates of the mean (None: query-only CI)
 
 
-def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> LDSResult:
-    """Mean over queries with a percentile-bootstrap 95% CI over queries.
+BATCH = 250  # bootstrap replicates drawn at once
 
-    Raises:
-        ValueError: no queries, non-finite per-query values, or ``n_resamples`` < 1.
-    """
+
+@njit(cache=True)
+def _ranks_of_draw(order, new_group, counts, out):  # pragma: no cover - compiled
+    """Average ranks (into ``out`` [M]) of the M masks in one resample of one query: mask j drawn
+    ``counts[j]`` times fills that many tied positions, so a group of equal values gets
+    (draws of smaller values) + (draws in the group + 1) / 2."""
+    M = order.shape[0]
+    before = 0.0
+    k = 0
+    while k < M:
+        e = k + 1
+        while e < M and not new_group[e]:
+            e += 1
+        total = 0.0
+        for t in range(k, e):
+            total += counts[order[t]]
+        rank = before + (total + 1.0) / 2.0
+        for t in range(k, e):
+            out[order[t]] = rank
+        before += total
+        k = e
+
+
+@njit(cache=True)
+def _spearman_draws(order_a, new_a, order_p, new_p, counts):  # pragma: no cover - compiled
+    B, M = counts.shape
+    m = order_a.shape[0]
+    out = np.zeros((B, m))
+    ra = np.empty(M)
+    rp = np.empty(M)
+    mid = (M + 1) / 2.0  # the mean rank of any M draws
+    for b in range(B):
+        c = counts[b]
+        for q in range(m):
+            _ranks_of_draw(order_a[q], new_a[q], c, ra)
+            _ranks_of_draw(order_p[q], new_p[q], c, rp)
+            num = 0.0
+            sa = 0.0
+            sp = 0.0
+            for j in range(M):
+                if c[j]:
+                    da = ra[j] - mid
+                    dp = rp[j] - mid
+                    num += c[j] * da * dp
+                    sa += c[j] * da * da
+                    sp += c[j] * dp * dp
+            if sa > 0 and sp > 0:
+                out[b, q] = num / np.sqrt(sa * sp)
+    return out
+
+
+def _sorted_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``values`` [M, m]: the sorting order and where a new group of equal values
+    starts in it (both [m, M], one query per row)."""
+    order = np.argsort(values, axis=0, kind="stable")
+    v = np.take_along_axis(values, order, axis=0)
+    new = np.ones(v.shape, np.bool_)
+    new[1:] = v[1:] != v[:-1]
+    return np.ascontiguousarray(order.T), np.ascontiguousarray(new.T)
+
+
+def resampled_spearman(predicted: np.ndarray, actual: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-query Spearman correlation ([B, m]) of ``predicted`` and ``actual`` ([M, m]) on the masks
+    of each resample (``counts`` [B, M]: how often each mask is drawn; each row sums to M): the
+    Pearson correlation of ``scipy.stats.rankdata``'s average ranks of the resampled columns,
+    computed from the counts without building or sorting the resampled columns (each column is
+    sorted once; tests/test_lds.py checks the equality with scipy). Written by hand (Numba)
+    because re-ranking every resample with rankdata costs about 100x more. A query constant on
+    a resample's masks gets 0, as in :func:`per_query_lds`."""
+    oa, na = _sorted_groups(np.asarray(actual, np.float64))
+    op, npg = _sorted_groups(np.asarray(predicted, np.float64))
+    return _spearman_draws(oa, na, op, npg, np.ascontiguousarray(counts, dtype=np.float64))
+
+
+def bootstrap_draws(M: int, m: int, n_resamples: int, seed: int, masks: bool = True):
+    """Batches of (mask counts [b, M], query counts [b, m]) of the joint bootstrap: each replicate
+    draws M masks and m queries with replacement (``masks=False``: every mask once, the
+    query-only bootstrap). Determined by (M, m, n_resamples, seed) alone, so every method
+    evaluated on one ground truth gets the same replicates (paired)."""
+    rng = np.random.default_rng([seed, M, m])
+    for b0 in range(0, n_resamples, BATCH):
+        b = min(BATCH, n_resamples - b0)
+        mk = rng.integers(0, M, size=(b, M))
+        qi = rng.integers(0, m, size=(b, m))
+        mc = np.stack([np.bincount(r, minlength=M) for r in mk]) if masks else np.ones((b, M), np.int64)
+        qc = np.stack([np.bincount(r, minlength=m) for r in qi])
+        yield mc, qc
+
+
+def bootstrap_means(predicted, actual: np.ndarray, n_resamples: int, seed: int = 0,
+                    masks: bool = True) -> np.ndarray:
+    """Bootstrap replicates ([n_resamples], or [len(predicted), n_resamples] for a list) of the
+    LDS (mean over queries of the per-query Spearman correlation) from predictions and measured
+    outputs ([M, m] each), resampling masks and queries together (:func:`bootstrap_draws`). Every
+    prediction of a list gets the same draws (paired)."""
+    many = isinstance(predicted, (list, tuple))
+    preds = list(predicted) if many else [predicted]
+    M, m = actual.shape
+    out: list[list[np.ndarray]] = [[] for _ in preds]
+    fixed = None if masks else [per_query_lds_arrays(p, actual)[None] for p in preds]
+    for mc, qc in bootstrap_draws(M, m, n_resamples, seed, masks=masks):
+        for i, p in enumerate(preds):
+            rho = resampled_spearman(p, actual, mc) if masks else fixed[i]
+            out[i].append((rho * qc).sum(1) / m)
+    reps = [np.concatenate(o) for o in out]
+    return np.stack(reps) if many else reps[0]
+
+
+def per_query_lds_arrays(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Per-query Spearman correlation of predictions and outputs ([M, m] each); constant -> 0."""
+    ra = stats.rankdata(actual, axis=0)
+    rp = stats.rankdata(predicted, axis=0)
+    ra -= ra.mean(axis=0)
+    rp -= rp.mean(axis=0)
+    denom = np.sqrt((ra**2).sum(0) * (rp**2).sum(0))
+    const = denom == 0
+    return np.where(const, 0.0, (ra * rp).sum(0) / np.where(const, 1.0, denom))
+
+
+def percentile_ci(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.percentile(replicates, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def paired_difference(point_a: float, replicates_a, point_b: float, replicates_b) -> dict:
+    """LDS(a) - LDS(b) with the 95% percentile CI of the paired replicates (the same bootstrap
+    draws of masks and queries for both: :func:`bootstrap_draws`)."""
+    ra, rb = np.asarray(replicates_a, np.float64), np.asarray(replicates_b, np.float64)
+    if ra.shape != rb.shape or ra.size == 0:
+        raise ValueError(f"paired difference needs replicates of the same draws; got {ra.shape} and {rb.shape}")
+    lo, hi = percentile_ci(ra - rb)
+    return {"diff": float(point_a - point_b), "ci_low": lo, "ci_high": hi}
+
+
+def _check_resamples(n_resamples) -> int:
     try:
         whole = int(n_resamples) == n_resamples and n_resamples >= 1
     except (TypeError, ValueError, OverflowError):
@@ -172,6 +313,17 @@ def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> 
     if not whole:
         raise ValueError(f"n_resamples (--bootstrap) must be a whole number >= 1, "
                          f"got {n_resamples!r}")
+    return int(n_resamples)
+
+
+def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> LDSResult:
+    """Mean over queries with a percentile-bootstrap 95% CI over queries only (the masks held
+    fixed); :func:`evaluate` resamples the masks too.
+
+    Raises:
+        ValueError: no queries, non-finite per-query values, or ``n_resamples`` < 1.
+    """
+    n_resamples = _check_resamples(n_resamples)
     per_query = np.asarray(per_query, np.float64)
     if per_query.size == 0:
         raise ValueError("LDS of no queries: the scores and ground truth have m=0 queries")
@@ -187,8 +339,11 @@ def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> 
     return LDSResult(mean, float(ci.low), float(ci.high), len(per_query))
 
 
-def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 0) -> tuple[LDSResult, np.ndarray]:
-    """LDS of dense scores [n, m] against ground truth ``gt`` (``store.read_ground_truth``).
+def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 0,
+             resample: str = "joint") -> tuple[LDSResult, np.ndarray]:
+    """LDS of dense scores [n, m] against ground truth ``gt`` (``store.read_ground_truth``), with
+    a 95% percentile-bootstrap CI over masks and queries jointly (``resample="joint"``; its
+    replicates in ``LDSResult.replicates``) or over queries only (``"queries"``).
 
     Positions are taken as they are: scores read from a file are first put in the ground
     truth's order of ids with ``store.align_scores``. NaN or infinite scores or outputs, and
@@ -204,8 +359,35 @@ def evaluate(scores: np.ndarray, gt: dict, n_resamples: int = 2000, seed: int = 
         if not np.isfinite(a).all():
             raise ValueError(f"{int((~np.isfinite(a)).sum())} {name} are NaN or infinite; "
                              "the LDS of such values is meaningless")
+    if resample not in ("joint", "queries"):
+        raise ValueError(f"unknown resample {resample!r}; 'joint' (masks and queries) or 'queries'")
     pq = per_query_lds(scores, gt["masks"], gt["outputs"])
-    return summarize(pq, n_resamples, seed), pq
+    if resample == "queries":
+        return summarize(pq, n_resamples, seed), pq
+    n_resamples = _check_resamples(n_resamples)
+    if pq.size == 0:
+        raise ValueError("LDS of no queries: the scores and ground truth have m=0 queries")
+    actual, predicted = predictions(scores, gt["masks"], gt["outputs"])
+    reps = bootstrap_means(predicted, actual, n_resamples, seed)
+    lo, hi = percentile_ci(reps)
+    return LDSResult(float(pq.mean()), lo, hi, len(pq), reps), pq
+
+
+def evaluate_many(scores_list: list[np.ndarray], gt: dict, n_resamples: int = 2000,
+                  seed: int = 0) -> list[tuple[LDSResult, np.ndarray]]:
+    """:func:`evaluate` (joint bootstrap) of several score matrices on one ground truth: the same
+    draws for all (paired)."""
+    for s in scores_list:  # the checks of evaluate, on a single draw
+        evaluate(s, gt, n_resamples=1, seed=seed)
+    n_resamples = _check_resamples(n_resamples)
+    actual = None
+    preds, pqs = [], []
+    for s in scores_list:
+        actual, p = predictions(s, gt["masks"], gt["outputs"])
+        preds.append(p)
+        pqs.append(per_query_lds(s, gt["masks"], gt["outputs"]))
+    reps = bootstrap_means(preds, actual, n_resamples, seed)
+    return [(LDSResult(float(pq.mean()), *percentile_ci(r), len(pq), r), pq) for pq, r in zip(pqs, reps)]
 
 
 # --- the LDS table: the rows of every evaluation in one csv ----------------------------------------
@@ -276,3 +458,70 @@ def read_lds_table(path) -> list[dict]:
         for k in ("lds", "ci_low", "ci_high"):
             r[k] = float(r[k])
     return rows
+
+
+# --- paired differences: the comparisons the README draws -----------------------------------------
+
+PAIRED_COLUMNS = ["kind", "method", "measure", "versus", "versus_measure", "threshold", "diff", "ci_low", "ci_high",
+                  "n_resamples"]
+COMPARED = ("trak", "ekfac", "logra", "graddot", "exact_if")  # what each DAUNCE row is set against
+
+
+def _same_draws(a: dict, b: dict, where: str) -> None:
+    if a.get("bootstrap") != b.get("bootstrap") or a.get("n_queries") != b.get("n_queries") \
+            or a.get("n_masks") != b.get("n_masks"):
+        raise ValueError(f"{where}: the two rows were not bootstrapped with the same draws "
+                         f"({a.get('bootstrap')}, {b.get('bootstrap')}); rerun their lds_eval jobs")
+
+
+def paired_rows(rows: list[dict], daunce_methods: list[str], compared=COMPARED) -> list[dict]:
+    """Paired differences, each with the 95% CI of its paired bootstrap replicates
+    (:func:`paired_difference`; rows from :func:`daunce_core.pipeline.evaluate_scores`):
+
+    * ``threshold``: thresholded minus raw, for every (method, measure) -- what thresholding
+      changes, per method;
+    * ``method``: each DAUNCE row (every measure) minus each method of ``compared`` that was run,
+      at the raw scores and at the thresholded ones.
+    """
+    out = []
+    keyed = {(r["method"], r["measure"], r["threshold"]): r for r in rows if r.get("replicates") is not None}
+
+    def row(kind, a, b):
+        _same_draws(a, b, f"{a['method']}/{a['measure']} vs {b['method']}/{b['measure']}")
+        d = paired_difference(a["lds"], a["replicates"], b["lds"], b["replicates"])
+        return {"kind": kind, "method": a["method"], "measure": a["measure"], "versus": b["method"],
+                "versus_measure": b["measure"], "threshold": a["threshold"] if kind == "method" else
+                f"{a['threshold']} - none", **d, "n_resamples": len(a["replicates"])}
+
+    for (method, measure, th), r in keyed.items():
+        if th != "none" and (method, measure, "none") in keyed:
+            out.append(row("threshold", r, keyed[(method, measure, "none")]))
+    for (method, _measure, th), r in keyed.items():
+        if method not in daunce_methods:
+            continue
+        for other in compared:
+            b = keyed.get((other, "score", th))
+            if b is not None:
+                out.append(row("method", r, b))
+    return out
+
+
+def paired_table(json_paths: list, out_csv, daunce_methods: list[str], compared=COMPARED) -> list[dict]:
+    """:func:`paired_rows` of the LDS evaluations (JSON lists) written to one csv, 4 decimals."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from . import store
+
+    rows = []
+    for p in json_paths:
+        rows.extend(json.loads(Path(p).read_text()))
+    out = paired_rows(rows, daunce_methods, compared)
+    with store.atomic_path(out_csv, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=PAIRED_COLUMNS)
+            w.writeheader()
+            for r in out:
+                w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in PAIRED_COLUMNS})
+    return out

@@ -194,21 +194,23 @@ def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str],
 
 def selection_score(cfg: ExperimentConfig, losses: store.Losses, gt: dict, measure: str, gt_path="select",
                     variant: str | None = None) -> float:
-    """Mean LDS of ``losses``' scores (thresholded as ``lds.threshold``) on the selection ground
-    truth ``gt``: its masks and its queries only."""
+    """Mean LDS of ``losses``' raw scores on the selection ground truth ``gt``: its masks and its
+    queries only. No thresholding: every selection, DAUNCE's and the baselines', uses the raw LDS."""
     sub = L.restrict_queries(losses, gt)
     scores, notices = L.align_to_ground_truth(scores_from_losses(sub, measure, variant), sub.train_ids,
                                               sub.query_ids, gt, getattr(losses, "source", None) or "losses",
                                               gt_path, sub.attrs)
     for notice in notices:
         log.warning("%s", notice)
-    return L.evaluate(apply_threshold(scores, cfg.lds.threshold), gt, n_resamples=200)[0].lds
+    return float(L.per_query_lds(scores, gt["masks"], gt["outputs"]).mean())
 
 
 def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, measure: str, out_json,
                     tuning: dict | None = None) -> dict:
-    """LDS of one scores file on the test masks and test queries, raw and thresholded, with
-    bootstrap CIs. ``tuning`` (a selection record: ``selected``, ``on_edge``; default: the scores
+    """LDS of one scores file on the test masks and test queries, raw and thresholded
+    (``lds.threshold``), with CIs from one joint bootstrap over masks and queries; each row keeps
+    its bootstrap replicates (``replicates``) for the paired differences of
+    :func:`daunce_core.lds.paired_table`. ``tuning`` (a selection record: ``selected``, ``on_edge``; default: the scores
     file's ``tuning`` attribute, which the baselines write) labels the rows."""
     scores, meta = store.dense_scores(scores_path)
     if scored_threshold(meta["attrs"])["kind"] != "none":  # its row "none" would not be raw
@@ -225,11 +227,16 @@ def evaluate_scores(cfg: ExperimentConfig, scores_path, gt_path, method: str, me
     tuned, on_edge = L.tuning_label(tuning if tuning is not None else meta["attrs"].get("tuning"))
     rows = []
     th = cfg.lds.threshold
-    for label, s in (("none", scores), (L.threshold_label(th), apply_threshold(scores, th))):
-        res, pq = L.evaluate(s, gt, n_resamples=cfg.lds.bootstrap, seed=cfg.lds.seed)
+    labelled = [("none", scores)]
+    if th.get("kind", "none") != "none":
+        labelled.append((L.threshold_label(th), apply_threshold(scores, th)))
+    results = L.evaluate_many([s for _, s in labelled], gt, n_resamples=cfg.lds.bootstrap, seed=cfg.lds.seed)
+    boot = {"resample": "masks and queries", "n_resamples": int(cfg.lds.bootstrap), "seed": int(cfg.lds.seed)}
+    for (label, _), (res, _) in zip(labelled, results):
         rows.append({"method": method, "measure": measure, "threshold": label, "lds": res.lds,
                      "ci_low": res.ci_low, "ci_high": res.ci_high, "n_queries": res.n_queries,
-                     "n_masks": int(gt["masks"].shape[0]), "tuned": tuned, "on_edge": on_edge})
+                     "n_masks": int(gt["masks"].shape[0]), "tuned": tuned, "on_edge": on_edge,
+                     "bootstrap": boot, "replicates": [round(float(v), 6) for v in res.replicates]})
     with store.atomic_path(out_json, suffix=".json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     return {"rows": rows}
@@ -251,8 +258,7 @@ def k_curve(cfg: ExperimentConfig, losses_path, gt_path, measure: str, out_csv,
                                              sub.query_ids, gt, losses_path, gt_path, sub.attrs)
         for notice in notices if k == losses.K else ():  # the same join for every prefix: say it once
             log.warning("%s", notice)
-        res, _ = L.evaluate(apply_threshold(s, cfg.lds.threshold), gt, n_resamples=cfg.lds.bootstrap,
-                            seed=cfg.lds.seed)
+        res, _ = L.evaluate(s, gt, n_resamples=cfg.lds.bootstrap, seed=cfg.lds.seed)  # raw, as every LDS
         rows.append({"K": k, "lds": res.lds, "ci_low": res.ci_low, "ci_high": res.ci_high})
     with store.atomic_path(out_csv, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:

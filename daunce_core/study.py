@@ -18,7 +18,7 @@ theta_0. The scores of the S groups (each a covariance or correlation over its K
 equation 6) are averaged, as TRAK averages over its ensemble.
 
 **Learning rate.** Each setting's grid is judged on the LDS *selection* masks and selection queries
-exactly as ``rule select_lr`` does (:func:`lds_of`, thresholded as ``lds.threshold``); the
+exactly as ``rule select_lr`` does (:func:`lds_of`, the raw scores' LDS); the
 reported LDS is the chosen lr's on the *test* masks and test queries, with the bootstrap CI of
 ``results/lds.csv``. The grid is the default's chosen lr (``daunce/<variant>/selection.json``)
 with ``study.lr_around`` neighbours each side in ``daunce.lr_grid``, or the setting's own
@@ -54,7 +54,6 @@ from . import store
 from .baselines.cost import read_benchmark
 from .config import ExperimentConfig, StudySetting, fit_variant, study_setting_config
 from .perturb import subset_size
-from .scoring import apply_threshold
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def lds_of(cfg: ExperimentConfig, parts: list[store.Losses], gt: dict, variant: 
     """LDS of the mean scores of ``parts`` (one losses set per theta_0) on ground truth ``gt``.
 
     For one part this is :func:`daunce_core.pipeline.selection_score` (the workflow's lr
-    selection): scores of ``daunce.select_measure``, thresholded as ``lds.threshold``."""
+    selection): raw scores of ``daunce.select_measure`` (no thresholding)."""
     from . import pipeline
 
     total = None
@@ -158,8 +157,7 @@ def lds_of(cfg: ExperimentConfig, parts: list[store.Losses], gt: dict, variant: 
         for notice in notices:
             log.warning("%s", notice)
         total = s if total is None else total + s
-    return L.evaluate(apply_threshold(total / len(parts), cfg.lds.threshold), gt, n_resamples=n_resamples,
-                      seed=seed)[0]
+    return L.evaluate(total / len(parts), gt, n_resamples=n_resamples, seed=seed)[0]
 
 
 def _prefix(losses: store.Losses, K: int) -> store.Losses:
@@ -316,10 +314,10 @@ def baseline_compute(cfg: ExperimentConfig, method: str, benchmark, scores, n: i
 
 # --- quality.csv ----------------------------------------------------------------------------------
 
-def _thresholded(rows: list[dict], method: str, measure: str) -> dict | None:
-    """The method's thresholded row of the LDS table, of ``measure`` (or a baseline's ``score``)
-    when it has one."""
-    mine = [r for r in rows if r["method"] == method and r["threshold"] != "none"]
+def _raw(rows: list[dict], method: str, measure: str) -> dict | None:
+    """The method's raw (unthresholded) row of the LDS table, of ``measure`` (or a baseline's
+    ``score``) when it has one."""
+    mine = [r for r in rows if r["method"] == method and r["threshold"] == "none"]
     return next((r for r in mine if r["measure"] in (measure, "score")), mine[0] if mine else None)
 
 
@@ -328,7 +326,7 @@ def quality_table(cfg: ExperimentConfig, group_jsons: list, lds_csv, split_path,
     """Write ``quality.csv``: the study's points (kind ``study``), every baseline of ``lds_csv``
     with its compute (kind ``baseline``: ``baselines[method]`` gives its ``benchmark`` and
     ``scores`` files) and every other non-DAUNCE row of ``lds_csv`` (kind ``reference``: the limits,
-    exact references without a cost of their own), all at the thresholded LDS on the test masks;
+    exact references without a cost of their own), all at the raw LDS on the test masks;
     and ``grid.csv``: every (variant, setting, lr) with its selection and test LDS."""
     docs = [json.loads(Path(p).read_text()) for p in group_jsons]
     rows = [r for d in docs for r in d["rows"]]
@@ -343,7 +341,7 @@ def quality_table(cfg: ExperimentConfig, group_jsons: list, lds_csv, split_path,
     for method in dict.fromkeys(r["method"] for r in lds_rows):
         if method in daunce_methods:
             continue
-        r = _thresholded(lds_rows, method, cfg.daunce.select_measure)
+        r = _raw(lds_rows, method, cfg.daunce.select_measure)
         if r is None:
             continue
         row = {"kind": "baseline" if method in baselines else "reference", "variant": method, "setting": "",

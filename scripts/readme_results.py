@@ -3,8 +3,9 @@
     python scripts/readme_results.py              # after ./dev run: results/ -> README.md
     python scripts/readme_results.py --check      # exit 1 if README.md differs from results/
 
-Reads results/lds.csv, results/<experiment>/blackbox/precision.csv and results/llm_removal.csv
-(whichever exist), and replaces the text between the markers ``<!-- results:begin -->`` and
+Reads results/lds.csv (with results/lds_paired.csv beside it when there),
+results/<experiment>/blackbox/precision.csv and results/llm_removal.csv (whichever exist), and
+replaces the text between the markers ``<!-- results:begin -->`` and
 ``<!-- results:end -->``; the block names the commit and the date of the run's lds.csv. Not a
 workflow rule: the README is source, and a rule must not write outside results/.
 """
@@ -24,10 +25,11 @@ NAMES = {"daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "da
          "daunce_e_bb": "DAUNCE-E (black-box)", "daunce_t_bb": "DAUNCE-T (black-box)", "trak": "TRAK",
          "ekfac": "EK-FAC", "logra": "LoGra", "graddot": "Grad-Dot", "tracin": "TracIn", "exact_if": "exact IF",
          "limit_daunce": "limit: DAUNCE", "limit_daunce_e": "limit: DAUNCE-E", "limit_daunce_t": "limit: DAUNCE-T",
+         "limit_daunce_t_q": "limit: DAUNCE-T (TRAK's Q)", "exact_if_corr": "exact IF, correlation-normalised",
          "limit_bb": "limit: DAUNCE (black-box)", "lin_daunce": "linearised at K: DAUNCE",
          "lin_daunce_e": "linearised at K: DAUNCE-E", "lin_daunce_t": "linearised at K: DAUNCE-T",
          "lin_bb": "linearised at K: DAUNCE (black-box)"}
-REFERENCE_PREFIXES = ("limit_", "lin_")  # exact references of issue 13, not methods a user runs
+REFERENCE_PREFIXES = ("limit_", "lin_", "exact_if_corr")  # exact references, not methods a user runs
 
 
 def _show(path: Path) -> str:
@@ -41,34 +43,92 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def _ci(lo, hi, sign: bool = False) -> str:
+    f = "{:+.3f}" if sign else "{:.3f}"
+    return f"[{f.format(float(lo))}, {f.format(float(hi))}]"
+
+
+def _paired(results_dir: Path) -> list[dict]:
+    path = results_dir / "lds_paired.csv"
+    return _rows(path) if path.exists() else []
+
+
 def lds_lines(path: Path) -> list[str]:
-    rows = [r for r in _rows(path) if r["threshold"] != "none" and r["measure"] in ("correlation", "score")]
-    if not rows:
+    """The LDS tables: raw scores first (the primary number, sorted by it), the thresholded LDS of
+    the same scores beside it with its change (thresholded - raw, paired CI); every DAUNCE row in
+    both measures; the exact references apart; paired differences of each DAUNCE row against
+    the baselines (results/lds_paired.csv)."""
+    all_rows = _rows(path)
+    raw = [r for r in all_rows if r["threshold"] == "none"]
+    if not raw:
         return []
-    rows.sort(key=lambda r: -float(r["lds"]))
-    refs = [r for r in rows if r["method"].startswith(REFERENCE_PREFIXES)]
-    rows = [r for r in rows if not r["method"].startswith(REFERENCE_PREFIXES)]
-    out = [f"LDS of the embedded default (`{_show(path)}`; thresholded "
-           f"{rows[0]['threshold']}, correlation for DAUNCE, 95% bootstrap CI over "
-           f"{rows[0]['n_queries']} queries, {rows[0]['n_masks']} masks), best first:", "",
-           "| method | LDS | 95% CI |", "|---|---:|---|"]
-    tuned = "tuned" in rows[0]  # tables since issue 12, item 7: the chosen setting, flagged at a grid's end
-    if tuned:
-        out[-2:] = ["| method | LDS | 95% CI | chosen on the selection masks |", "|---|---:|---|---|"]
-    for r in rows:
-        name = NAMES.get(r["method"], r["method"])
-        line = f"| {name} | {float(r['lds']):.3f} | [{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] |"
+    thr = {(r["method"], r["measure"]): r for r in all_rows if r["threshold"] != "none"}
+    paired = _paired(path.parent)
+    deltas = {(p["method"], p["measure"]): p for p in paired if p["kind"] == "threshold"}
+    label = next(iter(thr.values()))["threshold"] if thr else None
+    raw.sort(key=lambda r: -float(r["lds"]))
+    refs = [r for r in raw if r["method"].startswith(REFERENCE_PREFIXES)]
+    rows = [r for r in raw if not r["method"].startswith(REFERENCE_PREFIXES)]
+    tuned = "tuned" in raw[0]
+
+    def header(first: str, last: str) -> list[str]:
+        cols = [first, "measure", "LDS (raw)", "95% CI"]
+        if label:
+            cols += [f"thresholded {label}", "change (thresholded − raw) [95% CI]"]
         if tuned:
-            line += f" {r['tuned'] or '–'}{' (**at the end of its grid**)' if r.get('on_edge') == 'true' else ''} |"
-        out.append(line)
+            cols.append(last)
+        return ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c.startswith(("LDS", "thresholded"))
+                                                               else "---" for c in cols) + "|"]
+
+    def line(r: dict) -> str:
+        key = (r["method"], r["measure"])
+        cells = [NAMES.get(r["method"], r["method"]), "–" if r["measure"] == "score" else r["measure"],
+                 f"{float(r['lds']):.3f}", _ci(r["ci_low"], r["ci_high"])]
+        if label:
+            t = thr.get(key)
+            cells.append(f"{float(t['lds']):.3f}" if t else "–")
+            d = deltas.get(key)
+            cells.append(f"{float(d['diff']):+.3f} {_ci(d['ci_low'], d['ci_high'], True)}" if d else
+                         (f"{float(t['lds']) - float(r['lds']):+.3f}" if t else "–"))
+        if tuned:
+            edge = " (**at the end of its grid**)" if r.get("on_edge") == "true" else ""
+            cells.append(f"{r.get('tuned') or '–'}{edge}")
+        return "| " + " | ".join(cells) + " |"
+
+    n_q, n_m = rows[0]["n_queries"] if rows else raw[0]["n_queries"], raw[0]["n_masks"]
+    out = [f"LDS of the embedded default (`{_show(path)}`), raw scores: the primary number, best first. "
+           f"Every DAUNCE variant in both measures (correlation and covariance). 95% CIs from one "
+           f"bootstrap over the {n_m} test masks and {n_q} test queries together"
+           + (f"; beside it the LDS of the same scores thresholded {label}, applied to every method alike, "
+              "and its change with a paired CI (the same draws)" if label else "") + ". Every choice (DAUNCE's "
+           "learning rate, the baselines' knobs, the references' damping) was made by raw LDS on the "
+           "selection masks and queries:", ""]
+    out += header("method", "chosen on the selection masks")
+    out += [line(r) for r in rows]
     if refs:
-        out += ["", "Exact references of the same run (`daunce_core/baselines/limits.py`): each DAUNCE variant's "
-                "Theorem-1 limit (converged, linearised fits, K → ∞) and its linearised fits at the run's K; the "
-                "limits bound what DAUNCE can reach on this model (`docs/quality.md`):", "",
-                "| reference | LDS | 95% CI | damping chosen on the selection masks |", "|---|---:|---|---|"]
-        for r in refs:
-            out.append(f"| {NAMES.get(r['method'], r['method'])} | {float(r['lds']):.3f} | "
-                       f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] | {r.get('tuned') or '–'} |")
+        out += ["", "Exact references of the same run (`daunce_core/baselines/limits.py`, `docs/theory.md`): each "
+                "DAUNCE variant's Theorem-1 limit (converged, linearised fits, K → ∞) and its linearised fits at "
+                "the run's K, and exact IF scored by correlation. Each uses the damping that was best on the "
+                "selection masks: references for reading the rows above, not bounds on them (another damping, "
+                "curvature or noise gives another value):", ""]
+        out += header("reference", "damping chosen on the selection masks")
+        out += [line(r) for r in refs]
+    vs = [p for p in paired if p["kind"] == "method" and p["threshold"] == "none"]
+    if vs:
+        others = list(dict.fromkeys(p["versus"] for p in vs))
+        entries = list(dict.fromkeys((p["method"], p["measure"]) for p in vs))
+        cell = {(p["method"], p["measure"], p["versus"]): p for p in vs}
+        out += ["", f"Paired differences in raw LDS (`{_show(path.parent / 'lds_paired.csv')}`): DAUNCE row minus "
+                "each method, with the 95% CI of the same joint bootstrap draws for both; a CI excluding 0 "
+                "separates the two:", "",
+                "| DAUNCE row | measure | " + " | ".join(f"− {NAMES.get(o, o)}" for o in others) + " |",
+                "|---|---|" + "---|" * len(others)]
+        for m, meas in entries:
+            cells = []
+            for o in others:
+                p = cell.get((m, meas, o))
+                cells.append(f"{float(p['diff']):+.3f} {_ci(p['ci_low'], p['ci_high'], True)}" if p else "–")
+            out.append(f"| {NAMES.get(m, m)} | {meas} | " + " | ".join(cells) + " |")
     return out + [""]
 
 

@@ -313,7 +313,7 @@ def test_write_result_and_cost_table(problem, tmp_path):
     assert d["wall"] == pytest.approx(8.0 / 4 + 2.0) and d["rss"] == 1100.0 and d["per_example"] == 25 * 4
     assert e["wall"] == 7.5 and e["per_example"] == 8 * problem.num_params()
     text = md.read_text()
-    assert "| DAUNCE | 0.300 [0.290, 0.310] | 0.250" in text and "| Exact IF | 0.600" in text
+    assert "| DAUNCE | 0.250 [0.240, 0.260] | 0.300" in text and "| Exact IF | 0.610" in text  # raw first
     with pytest.raises(store.StoreError, match="benchmark"):
         cost.read_benchmark(tmp_path / "missing.tsv")
     start = cost.startup_baseline()
@@ -398,9 +398,13 @@ def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_
     assert t["selected"] == {"damping": best["damping"]} and t["on_edge"] == (best["damping"] != 1e-1)
     dense, meta = store.dense_scores(out)
     assert meta["attrs"]["tuning"]["selected"] == t["selected"] and meta["attrs"]["damping"] == best["damping"]
-    # the recorded judge is the LDS on the selection queries' columns of the written scores
-    own = per_query_lds(apply_threshold(dense[:, q], cfg.lds.threshold), gt["masks"], gt["outputs"]).mean()
+    # the recorded judge is the raw LDS on the selection queries' columns of the written scores
+    # (a threshold is configured, and no selection applies it)
+    assert cfg.lds.threshold["kind"] != "none"
+    own = per_query_lds(dense[:, q], gt["masks"], gt["outputs"]).mean()
     assert own == pytest.approx(best["lds_select"])
+    thresholded = per_query_lds(apply_threshold(dense[:, q], cfg.lds.threshold), gt["masks"], gt["outputs"]).mean()
+    assert thresholded != pytest.approx(own)
     with pytest.raises(store.StoreError, match="selection split"):
         B.run_baseline("ekfac", cfg, c, split, theta0, out, select_gt={**gt, "attrs": {"split": "test"}})
     with pytest.raises(ValueError, match="no selection ground truth"):

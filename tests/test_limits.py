@@ -46,7 +46,9 @@ def problem():
     try:
         gen = torch.Generator().manual_seed(0)
         X = torch.randn(N + M, D, generator=gen)
-        y = torch.distributions.Categorical(logits=X @ (torch.randn(C, D, generator=gen) * 1.5).T).sample()
+        with torch.random.fork_rng():  # sample() draws from the global generator: seed it, or every
+            torch.manual_seed(0)         # process gets other labels (and other test values)
+            y = torch.distributions.Categorical(logits=X @ (torch.randn(C, D, generator=gen) * 1.5).T).sample()
         Xtr, ytr, Xq, yq = X[:N], y[:N], X[N:], y[N:]
 
         def erm(theta):
@@ -82,8 +84,34 @@ def limit(pb, variant, measure):
 
 
 def test_registry_names_every_reference_method():
-    assert set(Lim.LIMITS) | set(Lim.LINEARISED) == set(REFERENCE)
-    assert {Lim.variant_of(m) for m in REFERENCE} == {"daunce", "daunce_e", "daunce_t", "daunce_bb"}
+    assert set(Lim.LIMITS) | set(Lim.LINEARISED) | {"exact_if_corr"} == set(REFERENCE)
+    assert {Lim.variant_of(m) for m in REFERENCE if m != "exact_if_corr"} == \
+        {"daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_bb"}
+
+
+def test_the_limit_is_the_sandwich_with_a_third_of_the_variance():
+    """docs/theory.md: Cov_k(L_a, L_b) -> (rho^2 / 3N) g_a^T M^-1 F M^-1 g_b (Var(2 xi - 1) = 1/3,
+    not 1); when F = M (= H) this is (rho^2 / 3N) times the influence function's kernel, and when
+    F != H it is not proportional to it."""
+    from daunce_core.baselines.exact import influence
+
+    rng = np.random.default_rng(0)
+    n, p, rho = 300, 6, 0.7
+    N = subset_size(n, 0.5)
+    Z = rng.normal(size=(n, p)) * rng.uniform(0.2, 2.0, size=p)
+    Sq = rng.normal(size=(9, p))
+    F = Z.T @ Z / n
+    _, alpha, beta = Lim.noise_constants("daunce", n, N, rho, 1.0)
+    assert beta == 0.0 and alpha == pytest.approx(rho**2 / (3 * N * n))
+    P, Q = np.split(Lim.hessian_response(Z, np.concatenate([Z, Sq]), F).T, [n])
+    cov = Lim.limit_kernel(P.T, Q.T, alpha, beta, "covariance")
+    np.testing.assert_allclose(cov, rho**2 / (3 * N) * influence(Z, Sq, F, 0.0), rtol=1e-8)
+    H = F + np.diag(rng.uniform(0.5, 3.0, size=p))  # curvature other than the noise's F
+    P, Q = np.split(Lim.hessian_response(Z, np.concatenate([Z, Sq]), H).T, [n])
+    sandwich = Z @ np.linalg.solve(H, F @ np.linalg.solve(H, Sq.T))
+    np.testing.assert_allclose(Lim.limit_kernel(P.T, Q.T, alpha, beta, "covariance"),
+                               rho**2 / (3 * N) * sandwich, rtol=1e-8)
+    assert per_query_pearson(sandwich, influence(Z, Sq, H, 0.0)).min() < 0.999
 
 
 @pytest.mark.parametrize("variant", ["daunce", "daunce_bb"])
@@ -193,3 +221,71 @@ def test_refused_above_max_params_and_configured_by_name():
     with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):  # the budget binds them too
         BaselinesConfig.from_config({"daunce": {"lr_grid": [0.1]}, "baselines": {
             "methods": ["lin_daunce"], "limits": {"damping_grid": [0.1, 1.0]}}}).validate()
+
+
+# --- the references on a real Problem: limit_daunce_t_q and exact_if_corr -------------------------
+
+@pytest.fixture(scope="module")
+def small_problem():
+    from daunce_core import baselines as B
+    from daunce_core import ensemble as E
+    from daunce_core.config import ExperimentConfig, ModelConfig, TrainConfig
+    from daunce_core.data import Dataset
+    from daunce_core.models import model_factory
+
+    rng = np.random.default_rng(0)
+    n, m = 40, 7
+    centers = rng.normal(size=(3, 4)) * 1.5
+    y = rng.integers(0, 3, n + m)
+    X = (centers[y] + rng.normal(size=(n + m, 4))).astype(np.float32)
+    ds = Dataset(X[:n], y[:n].astype(np.int64), np.arange(n, dtype=np.int64), X[n:], y[n:].astype(np.int64),
+                 np.arange(m, dtype=np.int64) + 500, 3, ["a", "b", "c"], np.zeros(1, np.float32),
+                 np.ones(1, np.float32))
+    cfg = ExperimentConfig(model=ModelConfig(arch="mlp", hidden=[6]),
+                           base=TrainConfig(epochs=10, batch_size=8, lr=0.05, weight_decay=1e-3))
+    factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the module's ``problem`` fixture may hold float64
+    try:
+        net, p, b = E.fit_from_scratch(factory, torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train),
+                                       [np.arange(n)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+        model = factory()
+        model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()
+    return B.Problem(cfg, ds, model, dict(model.state_dict()), torch.device("cpu"))
+
+
+def test_limit_of_daunce_t_q_weights_the_training_rows_by_one_minus_p(small_problem):
+    from daunce_core.baselines import BaselinesConfig
+
+    bcfg = BaselinesConfig.from_config({"baselines": {"limits": {"damping_grid": [0.1]}}}).validate()
+    plain, _ = Lim.reference_scores("limit_daunce_t", small_problem, bcfg)
+    q_scores, attrs = Lim.reference_scores("limit_daunce_t_q", small_problem, bcfg)
+    with torch.no_grad():
+        prob = torch.softmax(small_problem.model(torch.as_tensor(small_problem.ds.X_train)).double(), -1)
+    q = 1.0 - prob[np.arange(small_problem.n), small_problem.ds.y_train].numpy()
+    assert q.std() > 0.05  # the factor is not a constant here: the test can tell
+    np.testing.assert_allclose(q_scores, plain * q[:, None], rtol=1e-6, atol=1e-12)
+    assert attrs["variant"] == "daunce_t_q" and "q_weight" in attrs
+
+
+def test_exact_if_by_correlation_divides_by_each_examples_own_influence(small_problem):
+    from daunce_core.baselines import BaselinesConfig
+    from daunce_core.baselines import exact as X
+
+    bcfg = BaselinesConfig.from_config({"baselines": {"exact_if": {"damping_grid": [0.05]}}}).validate()
+    raw, _ = X.exact_if_scores(small_problem, bcfg)
+    corr, attrs = X.exact_if_scores(small_problem, bcfg, measure="correlation")
+    Gt = X.per_example_grads(small_problem, "train")
+    Gq = X.per_example_grads(small_problem, "query", bcfg.measurement)
+    wd = float(small_problem.cfg.base.weight_decay)
+    A = X.curvature_matrix(small_problem, "ggn", wd) + 0.05 * np.eye(Gt.shape[1])
+    kt = np.einsum("ip,ip->i", Gt, np.linalg.solve(A, Gt.T).T)
+    kq = np.einsum("jp,jp->j", Gq, np.linalg.solve(A, Gq.T).T)
+    np.testing.assert_allclose(corr, raw / np.sqrt(np.outer(kt, kq)), rtol=1e-6)
+    assert np.abs(corr).max() <= 1 + 1e-9 and attrs["measure_of_scores"] == "correlation"
+    # the training-side normalisation changes which examples rank first (it is not a rescaling)
+    from scipy import stats
+    assert min(stats.spearmanr(raw[:, j], corr[:, j]).statistic for j in range(raw.shape[1])) < 0.999

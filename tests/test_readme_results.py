@@ -9,7 +9,15 @@ SCRIPT = ROOT / "scripts" / "readme_results.py"
 LDS = """method,measure,threshold,lds,ci_low,ci_high,n_queries,n_masks
 daunce,correlation,none,0.2950,0.2851,0.3065,300,100
 daunce,correlation,hard(q=0.9),0.3357,0.3260,0.3468,300,100
+daunce,covariance,none,0.4150,0.4010,0.4290,300,100
+daunce,covariance,hard(q=0.9),0.4000,0.3850,0.4150,300,100
+ekfac,score,none,0.5900,0.5700,0.6100,300,100
 ekfac,score,hard(q=0.9),0.5823,0.5667,0.5974,300,100
+limit_daunce,correlation,none,0.3570,0.3430,0.3710,300,100
+"""
+PAIRED = """kind,method,measure,versus,versus_measure,threshold,diff,ci_low,ci_high,n_resamples
+threshold,daunce,correlation,daunce,correlation,hard(q=0.9) - none,0.0407,0.0300,0.0500,2000
+method,daunce,covariance,ekfac,score,none,-0.1750,-0.1900,-0.1600,2000
 """
 
 
@@ -24,9 +32,20 @@ def test_block_is_read_from_the_results(tmp_path):
     subprocess.run(run, check=True)
     text = readme.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    # best first, thresholded rows only, with their CIs
-    assert text.index("| EK-FAC | 0.582 | [0.567, 0.597] |") < text.index("| DAUNCE | 0.336 | [0.326, 0.347] |")
-    assert "0.295" not in text
+    # raw LDS first and sorted by it; the thresholded LDS beside it with its change (paired CI
+    # when results/lds_paired.csv has it, the plain difference otherwise); both DAUNCE measures
+    assert "| EK-FAC | – | 0.590 | [0.570, 0.610] | 0.582 | -0.008 |" in text
+    assert "| DAUNCE | correlation | 0.295 | [0.285, 0.306] | 0.336 | +0.041 |" in text
+    assert text.index("| EK-FAC |") < text.index("| DAUNCE | covariance | 0.415") < \
+        text.index("| DAUNCE | correlation | 0.295")
+    # the limits are references, apart, never called bounds
+    assert "Exact references" in text and "| limit: DAUNCE | correlation | 0.357 |" in text
+    assert "bound what" not in text and "can reach" not in text
+    (results / "lds_paired.csv").write_text(PAIRED)
+    subprocess.run(run, check=True)
+    text = readme.read_text()
+    assert "| DAUNCE | correlation | 0.295 | [0.285, 0.306] | 0.336 | +0.041 [+0.030, +0.050] |" in text
+    assert "| DAUNCE | covariance | -0.175 [-0.190, -0.160] |" in text  # paired difference vs EK-FAC
     assert subprocess.run(run + ["--check"], capture_output=True).returncode == 0
 
 

@@ -173,11 +173,13 @@ def test_study_run_agrees_with_the_workflow_selection(problem):
         w = csv.writer(fh)
         w.writerow(["method", "measure", "threshold", "lds", "ci_low", "ci_high", "n_queries", "n_masks", "tuned",
                     "on_edge"])
-        w.writerow(["limit_daunce", "correlation", "hard(q=0.8)", 0.5, 0.4, 0.6, 28, 20, "", ""])
+        w.writerow(["limit_daunce", "correlation", "none", 0.5, 0.4, 0.6, 28, 20, "", ""])  # raw: what quality reads
+        w.writerow(["limit_daunce", "correlation", "hard(q=0.8)", 0.9, 0.8, 0.95, 28, 20, "", ""])
         w.writerow(["daunce", "correlation", "hard(q=0.8)", 0.3, 0.2, 0.4, 28, 20, "lr=0.03", "false"])
     rows = study.quality_table(cfg, [d / "default.json", d / "ens.json"], lds_csv, d / "split.npz", {},
                                d / "quality.csv", d / "grid.csv")
     kinds = [(r["kind"], r["variant"]) for r in rows]
+    assert rows[-1]["lds_test"] == 0.5  # the raw row, not the thresholded one
     assert kinds == [("study", "daunce")] * 3 + [("reference", "limit_daunce")]  # the workflow's DAUNCE row is no point
     from daunce_core import figures
 

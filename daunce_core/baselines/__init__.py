@@ -15,10 +15,12 @@ tracin      ``dattri.TracInAttributor`` over checkpoints of theta_0's run  :mod:
 exact_if    full Hessian (or Gauss-Newton) solve in float64, ours          :mod:`.exact`
 limit_*     each DAUNCE variant's Theorem-1 limit (exact reference)        :mod:`.limits`
 lin_*       DAUNCE's scores of linearised perturbed fits at the run's K    :mod:`.limits`
+exact_if_c  exact IF scored by correlation (``exact_if_corr``)             :mod:`.exact`
 ==========  ==========================================================  ======================
 
-The ``limit_*`` / ``lin_*`` methods (``REFERENCE``) are not baselines of the paper but references
-for DAUNCE itself (issue 13): run them by listing them in ``baselines.methods``.
+The ``limit_*`` / ``lin_*`` / ``exact_if_corr`` methods (``REFERENCE``) are not baselines of the
+paper but references for reading DAUNCE's rows (best damping on the selection masks; not bounds,
+docs/theory.md): run them by listing them in ``baselines.methods``.
 
 The *training* function of every gradient method is the per-example cross-entropy that theta_0
 was trained on; the *query* function is ``baselines.measurement``: the margin
@@ -182,6 +184,10 @@ def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt) -> tuple[An
         from . import dattri_methods as D
 
         return getattr(D, f"{method}_scores")(problem, bcfg, wd)
+    if method == "exact_if_corr":
+        from .exact import exact_if_scores
+
+        return exact_if_scores(problem, bcfg, select_gt=select_gt, measure="correlation")
     if method in REFERENCE:
         from .limits import reference_scores
 

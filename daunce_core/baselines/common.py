@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 
 
 METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
-# exact references at exact IF's scale (issue 13): each DAUNCE variant's Theorem-1 limit and its
-# linearised fits (:mod:`.limits`); run only when listed in baselines.methods
-REFERENCE = ("limit_daunce", "limit_daunce_e", "limit_daunce_t", "limit_bb",
-             "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb")
+# exact references at exact IF's scale: each DAUNCE variant's Theorem-1 limit and its linearised
+# fits (:mod:`.limits`), and exact IF scored by correlation (:mod:`.exact`); run only when listed
+# in baselines.methods. References for reading DAUNCE's rows (docs/theory.md), not bounds
+REFERENCE = ("limit_daunce", "limit_daunce_e", "limit_daunce_t", "limit_daunce_t_q", "limit_bb",
+             "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb", "exact_if_corr")
 ALL_METHODS = METHODS + REFERENCE
 TUNABLE = ("trak", "ekfac", "logra", "tracin")  # knobs tuned by baselines.tune (exact_if: its damping_grid)
 MEASUREMENTS = ("margin", "loss")
@@ -219,9 +220,9 @@ class BaselinesConfig:
         budget = self.max_settings
         # the budget binds the methods that run (a grid of a method left out costs nothing)
         sizes = {m: len(self.grid(m)) for m in TUNABLE if m in self.methods}
-        if "exact_if" in self.methods:
+        if "exact_if" in self.methods or "exact_if_corr" in self.methods:
             sizes["exact_if"] = len(self.exact_if.damping_grid)
-        if any(m in REFERENCE for m in self.methods):
+        if any(m in REFERENCE and m != "exact_if_corr" for m in self.methods):
             sizes["limits"] = len(self.limits.damping_grid)
         over = {m: k for m, k in sizes.items() if budget is not None and k > budget}
         if over:
@@ -322,15 +323,14 @@ def train_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def selection_lds(problem: Problem, scores: np.ndarray, gt: dict) -> float:
-    """Mean LDS of dense scores [n, m] on the selection ground truth ``gt`` (its masks and queries
-    only), thresholded as ``lds.threshold``: the judge of every baseline's tuning."""
+    """Mean LDS of the raw dense scores [n, m] on the selection ground truth ``gt`` (its masks and
+    queries only): the judge of every baseline's tuning, as of DAUNCE's (no thresholding)."""
     from .. import lds as L
-    from ..scoring import apply_threshold
 
     if "query_ids" in gt:
         scores, _ = L.align_to_ground_truth(scores, problem.ds.train_ids, problem.ds.query_ids, gt,
                                             "scores", "the selection ground truth")
-    scores = apply_threshold(np.asarray(scores, np.float32), problem.cfg.lds.threshold)
+    scores = np.asarray(scores, np.float32)
     return float(L.per_query_lds(scores, gt["masks"], gt["outputs"]).mean())
 
 

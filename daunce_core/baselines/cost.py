@@ -187,7 +187,8 @@ def write_cost_table(entries: list[dict[str, Any]], lds_csv: str, base_benchmark
              "so the times include interpreter and library start-up (a few seconds each at this scale). "
              "A job that was already up to date keeps the benchmark file of the run that made its output, "
              "so every figure belongs to the results it sits beside. "
-             "LDS is on the test masks with 95% bootstrap CIs (thresholded as `lds.threshold`, and raw).", ""]
+             "LDS is on the test masks with 95% bootstrap CIs over masks and queries: raw scores, and thresholded as "
+             "`lds.threshold` beside it.", ""]
     if startup:
         lines += [f"Start-up alone: a bare `python -c 'import torch'` took {startup['s']:.1f} s and peaked at "
                   f"{startup['max_rss']:.0f} MB RSS when this table was written.", ""]
@@ -203,19 +204,19 @@ def write_cost_table(entries: list[dict[str, Any]], lds_csv: str, base_benchmark
                   f"masks and selection queries, whose ground truth took {sel_s:.1f} s wall ({len(sel)} job(s) of "
                   "retrains from scratch): shared by every tuned method, and added to each one's *total with "
                   "tuning* below. The *with tuning* column counts every setting of the method's grid.", ""]
-    lines += ["| method | LDS (thresholded) | LDS (raw) | wall time, chosen setting (s) | wall time with tuning (s) | "
+    lines += ["| method | LDS (raw) | LDS (thresholded) | wall time, chosen setting (s) | wall time with tuning (s) | "
               "total with tuning and selection retrains (s) | CPU time (s) | peak RSS (MB) | "
               "stored per training example | stored once | notes |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         tuned = bool(r.get("grid"))
         total = (f"{r['wall_tuning'] + sel_s:.1f}" if tuned and sel_s is not None else f"{r['wall_tuning']:.1f}")
-        lines.append(f"| {DISPLAY.get(r['method'], r['method'])} | {r['lds_thr']} | {r['lds_raw']} | "
+        lines.append(f"| {DISPLAY.get(r['method'], r['method'])} | {r['lds_raw']} | {r['lds_thr']} | "
                      f"{r['wall']:.1f} | {r['wall_tuning']:.1f} | {total} | {r['cpu']:.1f} | {r['rss']:.0f} | "
                      f"{_bytes(r['per_example'])} | {_bytes(r['shared'])} | {r['notes']} |")
     grids = [r for r in rows if r.get("grid")]
     if grids:
-        lines += ["", "Grids searched, each setting with its selection LDS (thresholded; the chosen one in bold). "
+        lines += ["", "Grids searched, each setting with its selection LDS (raw scores; the chosen one in bold). "
                   "Budget rule: no method tries more settings than DAUNCE's learning-rate grid has values.", ""]
         lines += [f"- {DISPLAY.get(r['method'], r['method'])}: {r['grid']}" for r in grids]
     lines += ["", "Stored per training example: what the method keeps to score a new query without "

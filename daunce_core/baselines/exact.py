@@ -20,6 +20,11 @@ as DAUNCE's learning rate is: a network's Hessian at
 an SGD solution is indefinite (docs/facts.md), so no single damping is right a priori. The whole grid
 costs one Cholesky factorisation per value.
 
+``exact_if_corr`` (an exact reference) is the same influence scored by correlation, as DAUNCE
+scores by default: ``s_ij / sqrt(s_ii^train s_jj^query)`` with ``s_ii^train = grad L_i^T (H +
+lambda I)^-1 grad L_i`` and ``s_jj^query`` the query's own, its damping chosen the same way. Set
+beside ``exact_if`` it separates what the correlation measure costs from what the estimator costs.
+
 Memory is p^2 float64 numbers (p = number of parameters): the rule refuses models above
 ``baselines.exact_if.max_params``.
 """
@@ -138,26 +143,43 @@ def curvature_matrix(problem: Problem, curvature: str, weight_decay: float, chun
     return H
 
 
-def influence(G_train: np.ndarray, G_query: np.ndarray, H: np.ndarray, damping: float) -> np.ndarray | None:
+def influence(G_train: np.ndarray, G_query: np.ndarray, H: np.ndarray, damping: float,
+              measure: str = "score") -> np.ndarray | None:
     """``G_train (H + damping I)^-1 G_query^T`` by a Cholesky solve, [n, m]; ``None`` when
-    ``H + damping I`` is not positive definite (no influence function then).
+    ``H + damping I`` is not positive definite (no influence function then). ``measure=
+    "correlation"`` divides entry (i, j) by ``sqrt(k_ii k_jj)``, each example's own influence
+    under the same kernel (the scores of ``exact_if_corr``).
 
     The factorisation and products run in torch (float64), for the reason given in
     :func:`curvature_matrix`: scipy's ``cho_factor`` crashes the process there.
     """
     import torch
 
+    if measure not in ("score", "correlation"):
+        raise ValueError(f"unknown measure {measure!r}; 'score' or 'correlation'")
     A = torch.as_tensor(H, dtype=torch.float64).clone()
     A.diagonal().add_(damping)
     L, info = torch.linalg.cholesky_ex(A)
     del A
     if int(info) != 0:
         return None
-    X = torch.cholesky_solve(torch.as_tensor(G_query, dtype=torch.float64).T, L)  # [p, m]
-    return (torch.as_tensor(G_train, dtype=torch.float64) @ X).numpy()
+    Gq = torch.as_tensor(G_query, dtype=torch.float64)
+    Gt = torch.as_tensor(G_train, dtype=torch.float64)
+    X = torch.cholesky_solve(Gq.T, L)  # [p, m]
+    scores = (Gt @ X).numpy()
+    if measure == "score":
+        return scores
+    k_query = torch.einsum("mp,pm->m", Gq, X).numpy()
+    k_train = torch.einsum("np,pn->n", Gt, torch.cholesky_solve(Gt.T, L)).numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = scores / np.sqrt(np.outer(k_train, k_query))
+    return np.where(np.isfinite(out), out, 0.0)
 
 
-def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
+def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None,
+                    measure: str = "score") -> tuple[np.ndarray, dict]:
+    """Exact IF scores [n, m] (``measure="correlation"``: ``exact_if_corr``), the damping chosen on
+    the selection masks, and the attributes of the scores file."""
     from ..lds import on_edge
 
     ec = bcfg.exact_if
@@ -179,7 +201,7 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
         gt = read_selection(select_gt)
     table, best, best_scores = [], None, None
     for d in grid:
-        s = influence(G_train, G_query, H, d)
+        s = influence(G_train, G_query, H, d, measure)
         if s is None:  # a network's Hessian at an SGD solution is indefinite
             table.append({"damping": d, "lds_select": None, "skipped": "H + damping I not positive definite"})
             log.info("exact_if damping=%g: H + damping I is not positive definite, skipped", d)
@@ -196,7 +218,7 @@ def exact_if_scores(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> 
                          "indefinite; add larger values")
     return best_scores, {
         "library": "daunce (torch.func + torch.linalg Cholesky, float64)",
-        "curvature": ec.curvature, "weight_decay": wd, "damping": best[0],
+        "curvature": ec.curvature, "weight_decay": wd, "damping": best[0], "measure_of_scores": measure,
         "damping_grid": table, "selected_on": "select masks" if gt is not None else "single value",
         **({"tuning": {"selected": {"damping": best[0]}, "on_edge": on_edge(grid, best[0]), "grid": table,
                        "selected_on": "select masks and select queries"}} if gt is not None else {}),

@@ -47,6 +47,9 @@ The signal of example a moves by ``s_a^T Delta^k`` (first order), so across k, w
   lambda, prox -> 0 this is (rho^2 / 3 gamma^2 N) g_a^T F^+ g_b, the empirical-Fisher influence.
 * ``limit_daunce_t``: the same with margin gradients on both sides: unprojected TRAK on margins
   without the (1 - p) factor (docs/daunce_t_factor.md, "Today (Table 1)").
+* ``limit_daunce_t_q``: the limit of ``daunce_t_q``, i.e. ``limit_daunce_t``'s scores with each
+  training example's row multiplied by TRAK's ``Q = 1 - p_i(theta_0)`` after normalising, as
+  ``daunce_t_q`` does to its scores (:func:`daunce_core.pipeline.score_variant`).
 * ``limit_bb`` (``daunce_bb``, the black-box Hessian form): Delta^k = -gamma M^-1 gbar_{S^k} (one
   Newton step of the subset loss from theta_0), so only the subsampling term remains: beta with
   c = -gamma, i.e. gamma^2 (1 - r) / (N (n - 1)) times g_a^T M^-1 (Zc^T Zc) M^-1 g_b, Zc the
@@ -87,10 +90,11 @@ log = logging.getLogger(__name__)
 
 # method -> the DAUNCE variant whose estimator it is the limit (or linearised fit) of
 LIMITS = {"limit_daunce": "daunce", "limit_daunce_e": "daunce_e", "limit_daunce_t": "daunce_t",
-          "limit_bb": "daunce_bb"}
+          "limit_daunce_t_q": "daunce_t_q", "limit_bb": "daunce_bb"}
 LINEARISED = {"lin_daunce": "daunce", "lin_daunce_e": "daunce_e", "lin_daunce_t": "daunce_t",
               "lin_bb": "daunce_bb"}
-assert set(LIMITS) | set(LINEARISED) == set(REFERENCE)  # the registry's list (common.py) names them all
+# the registry's list (common.py) names them all, and exact IF scored by correlation (:mod:`.exact`)
+assert set(LIMITS) | set(LINEARISED) | {"exact_if_corr"} == set(REFERENCE)
 MEASURES = ("correlation", "covariance")
 
 
@@ -104,7 +108,7 @@ def variant_of(method: str) -> str:
 
 def fisher_form(variant: str) -> bool:
     """Whether the variant's curvature is the empirical Fisher of its own signal (E and T forms)."""
-    return variant in ("daunce_e", "daunce_t")
+    return variant in ("daunce_e", "daunce_t", "daunce_t_q")
 
 
 # --- the math, on plain arrays (tests/test_limits.py calls these directly) -------------------------
@@ -113,7 +117,7 @@ def noise_constants(variant: str, n: int, N: int, rho: float, gamma: float) -> t
     """``(c, alpha, beta)`` of the module docstring: ``w_i = (c + sigma_i) 1[i in S] / N`` and
     ``Cov(w) = alpha I + beta (I - 1 1^T / n)``."""
     r = N / n
-    c = {"daunce": 1.0 - gamma, "daunce_e": 0.0, "daunce_t": 0.0, "daunce_bb": -gamma}[variant]
+    c = {"daunce": 1.0 - gamma, "daunce_e": 0.0, "daunce_t": 0.0, "daunce_t_q": 0.0, "daunce_bb": -gamma}[variant]
     alpha = 0.0 if variant == "daunce_bb" else rho**2 * r / (3.0 * N**2)
     beta = c**2 * r * (1.0 - r) * n / ((n - 1) * N**2) if n > 1 else 0.0
     return c, alpha, beta
@@ -185,6 +189,18 @@ def linearised_scores(P: np.ndarray, Q: np.ndarray, W: np.ndarray, measure: str)
     return pairwise_scores(W.T @ P, W.T @ Q, measure=measure).astype(np.float64)
 
 
+def q_weight(problem: Problem) -> np.ndarray:
+    """TRAK's ``Q = 1 - p_i(theta_0)`` per training example (theta_0's probability of the label), [n]
+    float64: the factor ``daunce_t_q`` applies to its training rows."""
+    import torch
+
+    X, y = problem.tensors("train")
+    with torch.no_grad():
+        logits = torch.cat([problem.model(X[i:i + 1000]) for i in range(0, len(y), 1000)]).double()
+    p = torch.softmax(logits, dim=-1).gather(1, y.long().unsqueeze(1)).squeeze(1)
+    return (1.0 - p).cpu().numpy()
+
+
 # --- the method on a Problem ----------------------------------------------------------------------
 
 def _refuse_large(method: str, problem: Problem, bcfg: BaselinesConfig) -> None:
@@ -196,6 +212,7 @@ def _refuse_large(method: str, problem: Problem, bcfg: BaselinesConfig) -> None:
 
 def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
     """Scores [n, m] of one limit or linearised method, its damping chosen on the selection masks."""
+    from ..config import fit_variant
     from ..fit.contract import Plan
     from ..lds import on_edge
     from ..objectives import signal_of
@@ -208,7 +225,7 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
     rho, gamma, prox = float(dc.rho), float(dc.gamma), float(dc.prox)
     n = problem.n
     N = subset_size(n, dc.ratio)
-    signal = signal_of(variant)
+    signal = signal_of(fit_variant(variant))  # daunce_t_q: daunce_t's fits, its scores weighted
     Z = per_example_grads(problem, "train", signal=signal)  # the noise rows are the training signals
     Sq = per_example_grads(problem, "query", signal=signal)
     S = np.concatenate([Z, Sq])
@@ -236,6 +253,7 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
     if len(grid) > 1 and gt is None:
         raise ValueError(f"{method}: several dampings in baselines.limits.damping_grid but no selection ground "
                          "truth to choose among them; pass select_gt or give a single damping")
+    q = q_weight(problem)[:, None] if variant == "daunce_t_q" else 1.0  # after normalising, as daunce_t_q
     table, best = [], None
     for d in grid:
         PQ = response(d)
@@ -243,7 +261,7 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
             table.append({"damping": d, "lds_select": None, "skipped": "M + damping I not positive definite"})
             log.info("%s damping=%g: not positive definite, skipped", method, d)
             continue
-        s = limit_kernel(PQ[:, :n], PQ[:, n:], alpha, beta, lc.measure)
+        s = limit_kernel(PQ[:, :n], PQ[:, n:], alpha, beta, lc.measure) * q
         v = selection_lds(problem, s, gt) if gt is not None else None
         log.info("%s: limit at relative damping %g: selection LDS %s", method, d, v)
         table.append({"damping": d, "lds_select": v})
@@ -259,7 +277,8 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
              "damping_absolute": d * mean_eig, "prox": prox, "rho": rho, "gamma": gamma,
              "ratio": float(dc.ratio), "subset_size": N, "num_params": p,
              "bytes_per_example": 8 * p, "shared_bytes": 8 * p * p,
-             "storage": f"the exact {signal} gradient ({p} float64) per example and the {p}x{p} curvature"}
+             "storage": f"the exact {signal} gradient ({p} float64) per example and the {p}x{p} curvature",
+             **({"q_weight": "train: 1 - p_i(theta_0), after normalising"} if variant == "daunce_t_q" else {})}
     if method in LINEARISED:
         plan = Plan(seed=dc.seed, ratio=dc.ratio)
         W = noise_weights(variant, plan, dc.K, n, rho, gamma)

@@ -213,13 +213,13 @@ def image_folder_listing(wildcards=None):
 
 def baseline_settings(method):
     """A baseline's keys: data, model and base (theta_0's recipe: TracIn replays it), the
-    selection threshold, the method's own section and grid, the budget; the references read
+    method's own section and grid, the budget (selection uses the raw LDS); the references read
     DAUNCE's perturbations and exact IF's curvature too."""
     own = {"trak": ["trak"], "ekfac": ["ekfac"], "logra": ["logra"], "graddot": [], "tracin": ["tracin"],
-           "exact_if": ["exact_if"]}.get(method, ["limits", "exact_if"])
-    keys = ["data", "model", "base", "lds.threshold", "baselines.measurement", "baselines.max_settings"]
+           "exact_if": ["exact_if"], "exact_if_corr": ["exact_if"]}.get(method, ["limits", "exact_if"])
+    keys = ["data", "model", "base", "baselines.measurement", "baselines.max_settings"]
     keys += [f"baselines.{s}" for s in own]
-    if method in REFERENCE:
+    if method in REFERENCE and method != "exact_if_corr":
         keys.append("daunce")
     tune = SETTINGS_TREE["baselines"]["tune"] or {}
     return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure"),
@@ -265,6 +265,7 @@ def get_final_output():
     with a `blackbox` section."""
     out = [
         "results/lds.csv",
+        "results/lds_paired.csv",
         "results/fig1a.pdf",
         "results/table3.md",
         "results/table3.csv",

@@ -49,7 +49,7 @@ rule select_lr:
     benchmark:
         "results/{experiment}/benchmarks/daunce/{variant}/select_lr.tsv"
     params:
-        settings=step_settings("daunce.select_measure", "lds.threshold"),
+        settings=step_settings("daunce.select_measure"),
         lrs=LR_TAGS,
     conda:
         "../envs/daunce.yaml"

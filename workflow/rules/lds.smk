@@ -32,8 +32,9 @@ rule gather_ground_truth:
 
 
 rule lds_eval:
-    """LDS of one method's scores on the test masks and test queries, raw and thresholded, with
-    bootstrap CIs; DAUNCE's rows name the learning rate its selection chose."""
+    """LDS of one method's scores on the test masks and test queries, raw and thresholded (every
+    method alike), with CIs of one bootstrap over masks and queries together (its replicates kept
+    for the paired differences); DAUNCE's rows name the learning rate its selection chose."""
     input:
         unpack(lds_eval_inputs),
     output:
@@ -49,18 +50,23 @@ rule lds_eval:
 
 
 rule lds_table:
+    """results/lds.csv: every evaluation's rows; results/lds_paired.csv: paired differences with
+    bootstrap CIs (thresholded - raw per method; each DAUNCE row - each baseline)."""
     input:
         evals=lds_eval_files,
         config=EFFECTIVE_CONFIG,
     output:
-        report(
+        lds=report(
             "results/lds.csv",
             caption="../report/lds.rst",
             category="LDS",
             labels={"table": "LDS of every method"},
         ),
+        paired="results/lds_paired.csv",
     log:
         f"results/{EXP}/logs/lds_table.log",
+    params:
+        daunce=CFG.daunce.variants,
     conda:
         "../envs/daunce.yaml"
     script:
@@ -77,7 +83,7 @@ rule k_curve:
     log:
         f"results/{EXP}/logs/lds/k_curve_{{variant}}.log",
     params:
-        settings=step_settings("daunce.k_curve", "lds.threshold", "lds.bootstrap", "lds.seed"),
+        settings=step_settings("daunce.k_curve", "lds.bootstrap", "lds.seed"),
         measure="correlation",
     conda:
         "../envs/daunce.yaml"
