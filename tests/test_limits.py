@@ -218,9 +218,9 @@ def test_refused_above_max_params_and_configured_by_name():
     with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):
         BaselinesConfig.from_config({"baselines": {"methods": ["lin_daunce"],
                                                    "limits": {"damping_grid": [0.0]}}}).validate()
-    with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):  # the budget binds them too
+    with pytest.raises(ConfigError, match="baselines.limits.damping_grid"):  # an explicit budget binds them too
         BaselinesConfig.from_config({"daunce": {"lr_grid": [0.1]}, "baselines": {
-            "methods": ["lin_daunce"], "limits": {"damping_grid": [0.1, 1.0]}}}).validate()
+            "methods": ["lin_daunce"], "max_settings": 1, "limits": {"damping_grid": [0.1, 1.0]}}}).validate()
 
 
 # --- the references on a real Problem: limit_daunce_t_q and exact_if_corr -------------------------
