@@ -101,7 +101,9 @@ def unstack(stacked: Stacked, c: int) -> dict[str, torch.Tensor]:
 
 
 def split_state(net: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    pnames = {n for n, _ in net.named_parameters()}
+    """(trained, fixed) entries of ``state``: the parameters with ``requires_grad``, and the
+    buffers with the frozen parameters (``requires_grad=False``), which no fit ever changes."""
+    pnames = {n for n, p in net.named_parameters() if p.requires_grad}
     return ({k: v for k, v in state.items() if k in pnames},
             {k: v for k, v in state.items() if k not in pnames})
 

@@ -64,6 +64,9 @@ class EnsembleFitter:
             raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
         if mode == "auto":
             mode = fit_mode(net, train[0][:2], train_mode=False, what=f"{variant} perturbed fits")
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to perturb "
+                             "(unfreeze the layers DAUNCE should attribute through)")
         self.variant = variant
         self.signal = obj.signal_of(variant)
         self.net, self.theta_0, self.cfg, self.mode, self.speed = net, theta_0, cfg, mode, speed
