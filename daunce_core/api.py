@@ -54,6 +54,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,14 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import ensemble as E
 from . import objectives as obj
 from . import perturb, store
-from .config import DaunceConfig
+from .config import DEFAULTS, DaunceConfig
 from .fit import chunks
 from .fit.contract import Plan, Signals
 from .models import can_vmap
 from .utils import pick_device
 
-__all__ = ["Task", "ClassificationTask", "LMTask", "TaskFitter", "fit_losses", "scores"]
+__all__ = ["Task", "ClassificationTask", "LMTask", "TaskFitter", "fit_losses", "scores", "DEFAULTS", "fit_epochs",
+           "pick_lr", "lr_statistics", "quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -428,12 +430,14 @@ class TaskFitter:
 
 # --- the calls ----------------------------------------------------------------------------------
 
-def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, variant: str = "daunce",
-               K: int = 100, ratio: float = 0.3, epochs: int = 1, lr: float = 0.01,
-               batch_size: int | None = None, rho: float = 1.0, gamma: float = 1.0, seed: int = 0,
-               chunk_size: int = 50, device: str = "auto", out: str | os.PathLike | None = None,
+def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *,
+               variant: str = DEFAULTS.variant, K: int = DEFAULTS.K, ratio: float = DEFAULTS.ratio,
+               epochs: int | None = None, lr: float | str = DEFAULTS.lr, batch_size: int | None = None,
+               rho: float = DEFAULTS.rho, gamma: float = DEFAULTS.gamma, seed: int = DEFAULTS.seed,
+               chunk_size: int = DEFAULTS.chunk_size, device: str = "auto", out: str | os.PathLike | None = None,
                train_ids: Any = None, query_ids: Any = None, mode: str = "auto", antithetic: bool = False,
-               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin") -> Signals:
+               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin",
+               measure: str = DEFAULTS.measure, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
     Args:
@@ -442,8 +446,14 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         train, query: datasets, DataLoaders or tuples of tensors; for an LMTask, JSONL paths or
             lists of ``{"prompt", "response"}`` dicts.
         variant: the perturbed objective (``objectives.VARIANTS``); ``daunce_t`` records margins.
-        K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5);
-            ``batch_size`` defaults to the DataLoader's, else 64.
+        K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5); the
+            defaults are ``config.DEFAULTS`` (docs/defaults.md). ``epochs=None``: the fewest epochs
+            that give every model ``DEFAULTS.min_steps`` optimiser steps (:func:`fit_epochs`; one
+            epoch for an LMTask). ``lr="auto"``: the label-free rule (:func:`pick_lr`) over
+            ``lr_grid`` -- K models are fitted at every lr of the grid (``len(lr_grid)`` times the
+            cost) and those of the chosen lr returned, the table in ``attrs["lr_rule"]``.
+            ``batch_size`` defaults to the DataLoader's, else ``DEFAULTS.batch_size``.
+        measure: the measure the lr rule judges the scores' split-K reliability with.
         chunk_size: models trained together (vmapped) at once.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically;
@@ -461,11 +471,32 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         ValueError: before any fit, a bad argument (K >= 2, epochs, chunk_size and batch_size >= 1
             whole numbers, lr finite > 0, ratio in (0, 1], ...), labels or ids, in one line.
         store.StoreError: ``out`` would replace an input or cannot be written.
-        FloatingPointError: with ``out``, a model's signals are not finite (lower ``lr``).
+        FloatingPointError: a model diverged at an explicit ``lr`` (non-finite signals, or its
+            training loss or signals grown far beyond theta_0's, :func:`lr_statistics`): with
+            ``out`` nothing is written; without it a warning; with ``lr="auto"``, every lr of the
+            grid diverged.
+
+    Warns (``warnings.warn``, shown once in the console): fewer than ``DEFAULTS.few_steps``
+    optimiser steps per model; examples whose signal never moved across the K models (their
+    scores are 0; the shares are also in ``attrs``).
     """
-    _check_fit_args(K=K, ratio=ratio, epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma,
-                    seed=seed, chunk_size=chunk_size, variant=variant, mode=mode, lr_schedule=lr_schedule,
-                    first_order=first_order)
+    auto = isinstance(lr, str)
+    if auto and lr != "auto":
+        raise ValueError(f"lr must be a positive number or 'auto' (the label-free rule over lr_grid), got {lr!r}")
+    if auto:
+        grid = list(lr_grid) if lr_grid is not None else []
+        if not grid:
+            raise ValueError("lr='auto' needs a non-empty lr_grid")
+        for g in grid:
+            _check_fit_args(K=K, ratio=ratio, epochs=1, lr=g, batch_size=batch_size, rho=rho, gamma=gamma,
+                            seed=seed, chunk_size=chunk_size, variant=variant, mode=mode, lr_schedule=lr_schedule,
+                            first_order=first_order)
+    from .scoring import _check_measure
+
+    _check_measure(measure)
+    _check_fit_args(K=K, ratio=ratio, epochs=1 if epochs is None else epochs, lr=lr_grid[0] if auto else lr,
+                    batch_size=batch_size, rho=rho, gamma=gamma, seed=seed, chunk_size=chunk_size, variant=variant,
+                    mode=mode, lr_schedule=lr_schedule, first_order=first_order)
     if out is not None:
         store.check_output(out, inputs=_files(train, query))
     if antithetic and K % 2:
@@ -473,7 +504,8 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     dev = pick_device(device)
     options = {"antithetic": antithetic, "common_batches": common_batches, "lr_schedule": lr_schedule,
                "first_order": first_order}
-    cfg = DaunceConfig(K=K, ratio=ratio, epochs=epochs, batch_size=batch_size or 64, rho=rho, gamma=gamma,
+    cfg = DaunceConfig(K=K, ratio=ratio, epochs=1 if epochs is None else epochs,
+                       batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
     if isinstance(task, LMTask):
         if options != {"antithetic": False, "common_batches": False, "lr_schedule": "constant",
@@ -485,26 +517,181 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         task = ClassificationTask() if task is None else task
         if not isinstance(task, Task):
             raise TypeError(f"task must be a daunce_core.api.Task or LMTask, got {type(task).__name__}")
+        _check_model(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         tr = _as_data(train, "train", train_ids, dev, dtype)
         qu = _as_data(query, "query", query_ids, dev, dtype)
         if batch_size is None and tr.batch_size:
             cfg = dataclasses.replace(cfg, batch_size=tr.batch_size)
+        if epochs is None:
+            cfg = dataclasses.replace(cfg, epochs=fit_epochs(tr.n, ratio, cfg.batch_size, DEFAULTS.min_steps))
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
-    signals = chunks.fit_all(fitter, K, chunk_size, lr)
-    setting = {"ratio": ratio, "epochs": epochs, "batch_size": cfg.batch_size, "rho": rho, "gamma": gamma,
-               "lr": lr, "task": type(task).__name__, **options}
-    signals.attrs = {"config": setting, **signals.attrs, "lr": lr}
-    bad = signals.diverged()
-    if bad.any():
-        msg = (f"{int(bad.sum())} of {K} perturbed models diverged at lr={lr:g} (non-finite signals, first "
-               f"k={int(signals.model_index[bad][0])}); lower lr")
+    n = len(_lm_examples(train, "train")) if isinstance(task, LMTask) else tr.n
+    steps = _steps(n, ratio, cfg.batch_size, cfg.epochs) if not isinstance(task, LMTask) or task.steps is None \
+        else task.steps
+    _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs)
+    table = None
+    if auto:
+        signals, table = _auto_lr(fitter, K, chunk_size, list(lr_grid), measure)
+        lr = signals.attrs["lr"]
+    else:
+        signals = chunks.fit_all(fitter, K, chunk_size, lr)
+    setting = {"ratio": ratio, "epochs": cfg.epochs, "steps": steps, "batch_size": cfg.batch_size, "rho": rho,
+               "gamma": gamma, "lr": lr, "task": type(task).__name__, **options}
+    stats = lr_statistics(signals, measure, reliability=False)
+    signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps,
+                     "zero_variance_train": stats["zero_variance_train"],
+                     "zero_variance_query": stats["zero_variance_query"],
+                     **({"lr_rule": table} if table is not None else {})}
+    if stats["diverged"]:
+        msg = f"the perturbed models diverged at lr={lr:g} ({stats['why']}); lower lr, or pass lr='auto'"
         if out is not None:
             raise FloatingPointError(f"{out}: not written: {msg}")
-        log.warning(msg)
-    elif out is not None:
+        signals.attrs["diverged"] = msg
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return signals
+    _warn_zero_variance(stats, measure)
+    if out is not None:
         chunks.write_signals(out, signals)
     return signals
+
+
+# --- the defaults' rules: fit length, divergence, the label-free learning rate ------------------
+
+def refuse_diverged(signals: Signals) -> None:
+    """Raise FloatingPointError when :func:`fit_losses` found the fits diverged: no scores from them."""
+    if "diverged" in signals.attrs:
+        raise FloatingPointError(f"no scores: {signals.attrs['diverged']}")
+
+
+_QUIET = [False]
+
+
+class quiet:
+    """Within ``with quiet():`` the API's warnings about steps and zero variance are not shown
+    (a study that loops over many settings reads them from ``attrs`` instead)."""
+
+    def __enter__(self):
+        self._was, _QUIET[0] = _QUIET[0], True
+
+    def __exit__(self, *exc):
+        _QUIET[0] = self._was
+
+
+def _steps(n: int, ratio: float, batch_size: int, epochs: int) -> int:
+    """Optimiser steps of one perturbed model: ``epochs`` times the full batches of its subset."""
+    sub = perturb.subset_size(n, ratio)
+    return epochs * (sub // max(1, min(batch_size, sub)))
+
+
+def fit_epochs(n: int, ratio: float, batch_size: int, min_steps: int) -> int:
+    """The fewest epochs that give each perturbed model (``ratio`` of ``n`` examples in batches of
+    ``batch_size``) at least ``min_steps`` optimiser steps."""
+    return max(1, math.ceil(min_steps / max(1, _steps(n, ratio, batch_size, 1))))
+
+
+def _warn_steps(steps: int, n: int, ratio: float, batch_size: int, epochs: int) -> None:
+    if steps < DEFAULTS.few_steps and not _QUIET[0]:
+        sub = perturb.subset_size(n, ratio)
+        need = fit_epochs(n, ratio, batch_size, DEFAULTS.min_steps)
+        warnings.warn(f"each perturbed model takes only {steps} optimiser step(s) ({epochs} epoch(s) over its "
+                      f"{sub} examples in batches of {min(batch_size, sub)}): too few to move it from theta_0; "
+                      f"raise epochs (epochs={need} gives {_steps(n, ratio, batch_size, need)} steps) or lower "
+                      "batch_size, or leave epochs=None", RuntimeWarning, stacklevel=3)
+
+
+def _warn_zero_variance(stats: dict, measure: str) -> None:
+    zt, zq = stats["zero_variance_train"], stats["zero_variance_query"]
+    if (zt or zq) and not _QUIET[0]:
+        warnings.warn(f"{100 * zt:.1f}% of the training examples and {100 * zq:.1f}% of the queries have zero "
+                      f"variance across the K models (their signal never moved): their {measure} scores are 0. "
+                      "A larger lr or more steps moves them; the shares are in the losses' and scores' attributes",
+                      RuntimeWarning, stacklevel=3)
+
+
+# A perturbed model whose mean training loss exceeds theta_0's by this factor (and by LOSS_MARGIN
+# nats), or whose |signal| exceeds SIGNAL_LIMIT anywhere, diverged.
+LOSS_FACTOR, LOSS_MARGIN, SIGNAL_LIMIT = 10.0, 2.0, 1e4
+
+
+def lr_statistics(signals: Signals, measure: str = DEFAULTS.measure, *, reliability: bool = True) -> dict:
+    """What the label-free lr rule reads of one fit: divergence, loss growth, zero-variance shares
+    and the split-K reliability of the scores (``diagnostics.diagnose``: the Spearman-Brown
+    reliability of the scores from all K models, mean over queries; NaN when diverged).
+
+    Divergence: a non-finite signal; any |signal| above ``SIGNAL_LIMIT`` (margins of a model whose
+    logits exploded); or, where theta_0's label probabilities are known (classifiers), a model's
+    mean training loss above ``LOSS_FACTOR`` times theta_0's and ``LOSS_MARGIN`` nats above it."""
+    train, query = np.asarray(signals.train, np.float64), np.asarray(signals.query, np.float64)
+    out = {"steps": signals.attrs.get("steps"), "diverged": False, "why": "", "loss_ratio": float("nan"),
+           "reliability": float("nan"), "zero_variance_train": 0.0, "zero_variance_query": 0.0}
+    finite = np.isfinite(train).all(1) & np.isfinite(query).all(1)
+    if not finite.all():
+        out.update(diverged=True, why=f"{int((~finite).sum())} of {len(finite)} models non-finite")
+        return out
+    big = max(np.abs(train).max(initial=0.0), np.abs(query).max(initial=0.0))
+    if big > SIGNAL_LIMIT:
+        out.update(diverged=True, why=f"signals reach {big:.3g} (|{signals.signal}| > {SIGNAL_LIMIT:g})")
+    if signals.p0_train is not None:
+        loss0 = float(np.mean(-np.log(np.clip(signals.p0_train, 1e-300, None))))
+        loss = train if signals.signal == "loss" else np.logaddexp(0.0, -train)  # margin f: -log sigmoid(f)
+        per_model = loss.mean(1)
+        out["loss_ratio"] = float(np.median(per_model) / max(loss0, 1e-12))
+        grown = per_model > max(LOSS_FACTOR * loss0, loss0 + LOSS_MARGIN)
+        if grown.any() and not out["diverged"]:
+            out.update(diverged=True, why=f"{int(grown.sum())} of {len(grown)} models' training loss grew from "
+                       f"theta_0's {loss0:.3g} to a median {np.median(per_model[grown]):.3g}")
+    out["zero_variance_train"] = float((train.std(0) == 0).mean()) if train.size else 0.0
+    out["zero_variance_query"] = float((query.std(0) == 0).mean()) if query.size else 0.0
+    if reliability and not out["diverged"] and len(train) >= 4:
+        from .diagnostics import diagnose
+
+        out["reliability"] = diagnose(train, query, measure, se=False).mean_reliability
+    return out
+
+
+def pick_lr(rows: Sequence[dict], min_reliability: float = 0.8, backoff: float = 10.0) -> float | None:
+    """The label-free learning rate of a grid, from the fits' own statistics (:func:`lr_statistics`).
+
+    1. Divergence is a cliff, and the lrs just below it are already chaotic (the halves of the K
+       models disagree, and the LDS falls while the fits still look finite): only lrs at least
+       ``backoff`` times below the smallest diverged lr are candidates.
+    2. Among those, the largest whose split-K reliability reaches ``min_reliability``: a larger lr
+       moves the models further from theta_0 (more signal per fit) until Monte Carlo noise from
+       the nonlinear fits dominates; below the threshold the scores are mostly that noise.
+    3. If none reaches it, the most reliable candidate.
+
+    ``rows``: ``{"lr", "reliability", "diverged"}`` per lr. None when every lr diverged. The
+    thresholds and the evidence that this lands near the lr chosen on LDS masks: docs/defaults.md."""
+    ok = [r for r in rows if not r["diverged"] and math.isfinite(r["reliability"])]
+    if not ok:
+        return None
+    bad = [r["lr"] for r in rows if r["diverged"]]
+    cap = min(bad) / backoff if bad else math.inf
+    cand = [r for r in ok if r["lr"] <= cap] or [min(ok, key=lambda r: r["lr"])]
+    good = [r for r in cand if r["reliability"] >= min_reliability]
+    return max(r["lr"] for r in good) if good else max(cand, key=lambda r: r["reliability"])["lr"]
+
+
+def _auto_lr(fitter, K: int, chunk_size: int, grid: list[float], measure: str) -> tuple[Signals, list[dict]]:
+    """Fit K models at each lr of ``grid``, pick one by :func:`pick_lr`; (its signals, the table)."""
+    fits, table = {}, []
+    for lr in grid:
+        sig = chunks.fit_all(fitter, K, chunk_size, lr)
+        st = lr_statistics(sig, measure)
+        table.append({"lr": lr, "reliability": st["reliability"], "diverged": st["diverged"],
+                      "loss_ratio": st["loss_ratio"]})
+        log.info("lr=%g: reliability %.3f%s", lr, st["reliability"],
+                 f" (diverged: {st['why']})" if st["diverged"] else "")
+        if not st["diverged"]:
+            fits[lr] = sig
+    chosen = pick_lr(table)
+    if chosen is None:
+        raise FloatingPointError(f"lr='auto': the perturbed models diverged at every lr of lr_grid={grid}; "
+                                 "give smaller learning rates")
+    sig = fits[chosen]
+    sig.attrs = {**sig.attrs, "lr": chosen}
+    return sig, table
 
 
 def _fitter(model, task, tr: _Data, qu: _Data, variant, cfg, dev, mode):
@@ -518,6 +705,23 @@ def _fitter(model, task, tr: _Data, qu: _Data, variant, cfg, dev, mode):
         return EnsembleFitter(net, theta_0, tr.tensors, qu.tensors, variant=variant, cfg=cfg,
                               train_ids=tr.ids, query_ids=qu.ids, mode=mode)
     return TaskFitter(model, task, tr, qu, variant=variant, cfg=cfg, device=dev, mode=mode)
+
+
+def _check_model(model: Any) -> None:
+    """Refuse, in one line, a model the perturbed fits cannot train: not a module, no trainable
+    parameter, or half-precision weights (the fits keep float32 or float64 master weights)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (theta_0), got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters: nothing to perturb")
+    if not any(p.requires_grad for p in params):
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to perturb "
+                         "(unfreeze the layers DAUNCE should attribute through)")
+    low = sorted({str(p.dtype).replace("torch.", "") for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    if low:
+        raise ValueError(f"the model's parameters are {', '.join(low)}; the perturbed fits need float32 or "
+                         "float64 weights: pass model.float() (its scores are then those of the same theta_0)")
 
 
 def _check_labels(net: nn.Module, data: _Data, name: str) -> _Data:
@@ -534,8 +738,16 @@ def _check_labels(net: nn.Module, data: _Data, name: str) -> _Data:
                          f"index per example, shape ({len(y)},){hint}")
     was = net.training
     with torch.no_grad():  # eval: a forward must not update theta_0's BatchNorm statistics
-        C = net.eval()(X[:1]).shape[-1]
+        out = net.eval()(X[:2])
     net.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model's forward returns a {type(out).__name__}; ClassificationTask needs a tensor "
+                        "of logits [batch, classes]: wrap the model to return the logits, or give a Task whose "
+                        "logits() picks them")
+    if out.ndim != 2:
+        raise ValueError(f"the model's forward returns shape {tuple(out.shape)} for a batch of {len(X[:2])}; "
+                         "ClassificationTask needs logits [batch, classes] (flatten or pick the class axis)")
+    C = out.shape[-1]
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= C:
         bad = lo if lo < 0 else hi
@@ -633,7 +845,7 @@ def _lora_fitter(model, task: LMTask, train, query, cfg: DaunceConfig, lr: float
                       train_ids=ids[0], query_ids=ids[1])
 
 
-def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, measure: str = "correlation",
+def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, measure: str = DEFAULTS.measure,
            out: str | os.PathLike | None = None, topk: int | None = None, losses_out: str | os.PathLike | None = None,
            memory_gb: float = 4.0, **fit_kw: Any) -> np.ndarray | str:
     """Attribution scores of every training example for every query (equation 6; positive = helps).
@@ -651,7 +863,8 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     if out is None:
         if topk is not None:
             raise ValueError("scores: topk streams the best examples into a file; give out='scores.h5' too")
-        sig = fit_losses(model, task, train, query, out=losses_out, **fit_kw)
+        sig = fit_losses(model, task, train, query, out=losses_out, measure=measure, **fit_kw)
+        refuse_diverged(sig)
         return pairwise_scores(sig.train, sig.query, measure=measure)
     if topk is not None and (not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1):
         raise ValueError(f"topk must be a whole number of at least 1 (examples kept per query), got {topk!r}")
@@ -661,5 +874,5 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     store.check_output(out, inputs=[losses_out, *_files(train, query)] if losses_out else _files(train, query))
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
-        fit_losses(model, task, train, query, out=path, **fit_kw)
+        fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
         return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)

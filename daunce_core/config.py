@@ -20,7 +20,7 @@ from .settings import ConfigError, build, check_limits, nested, setting, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
            "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS",
-           "fit_variant", "q_weighted"]
+           "fit_variant", "q_weighted", "ApiDefaults", "DEFAULTS"]
 
 # Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
 # (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).
@@ -167,6 +167,44 @@ class DaunceConfig:
                              "updated and used to compute the signals)", choices=("eval", "train"))
     augment: bool = setting(False, "augment the perturbed fits as the authors do: RandomCrop(32, padding=4) "
                             "(zero padding) and horizontal flips, drawn per model (images only)")
+
+
+def _daunce_default(name: str):
+    f = next(f for f in dataclasses.fields(DaunceConfig) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+@dataclass(frozen=True)
+class ApiDefaults:
+    """The defaults of the library calls, declared once: ``daunce_core.api.fit_losses`` /
+    ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
+    rule read these (their signatures take them from :data:`DEFAULTS`). K, ratio, batch size, rho,
+    gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce fit`` and the
+    workflow read those). The variant, measure, fit length and learning-rate rule are the API's,
+    chosen by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
+    config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
+    judged on selection masks)."""
+
+    variant: str
+    measure: str
+    K: int
+    ratio: float
+    batch_size: int
+    min_steps: int       # the fit length: the fewest epochs giving every perturbed model this many steps
+    lr: str              # "auto": the label-free rule over lr_grid (daunce_core.api.pick_lr)
+    lr_grid: tuple
+    rho: float
+    gamma: float
+    seed: int
+    chunk_size: int
+    few_steps: int       # fewer optimiser steps per perturbed model than this: a warning
+
+
+DEFAULTS = ApiDefaults(variant="daunce", measure="covariance", K=_daunce_default("K"),
+                       ratio=_daunce_default("ratio"), batch_size=_daunce_default("batch_size"), min_steps=50,
+                       lr="auto", lr_grid=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), rho=_daunce_default("rho"),
+                       gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),
+                       chunk_size=_daunce_default("chunk_size"), few_steps=10)
 
 
 SPEARMAN = "a Spearman correlation over masks needs two"
