@@ -143,3 +143,27 @@ def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid():
     assert helps.all()  # same-class examples help each query more than the other class's
     with pytest.raises(FloatingPointError, match="diverged at every lr"):
         api.fit_losses(net, None, (X, Y), (X[q], Y[q]), K=4, lr="auto", lr_grid=(1e6, 1e7), device="cpu")
+
+
+CLI_CONFIG = """
+experiment: tiny_auto
+device: cpu
+data: {name: digits, n_train: 120, n_query: 12}
+model: {arch: mlp, hidden: [8]}
+base: {epochs: 3, batch_size: 32, lr: 0.05}
+daunce: {K: 8, ratio: 0.5, epochs: 4, batch_size: 16, chunk_size: 8, lr_grid: [1.0e+6, 0.03, 0.01],
+         variants: [daunce], k_curve: [2, 8]}
+"""
+
+
+def test_daunce_fit_lr_auto_picks_by_the_rule_and_never_a_diverging_lr(tmp_path, capsys):
+    from daunce_core.cli import main
+
+    (tmp_path / "c.yaml").write_text(CLI_CONFIG)
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "auto", "-o", str(tmp_path / "l.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "chosen by split-K reliability" in err and "1e+06: diverged" in err
+    assert store.read_losses(tmp_path / "l.h5").attrs["lr"] in (0.03, 0.01)
+    # an explicit diverging lr is refused by loss growth, not only by non-finite values
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "1e6", "-o", str(tmp_path / "x.h5")]) == 1
+    assert "diverged at lr=1e+06" in capsys.readouterr().err and not (tmp_path / "x.h5").exists()
