@@ -19,7 +19,8 @@ For every problem it fits K = 200 perturbed models through the public API
 (:func:`daunce_core.api.fit_losses`) for each variant (``daunce``, ``daunce_t``, and
 ``daunce_m`` when the installed objectives have it), each fit length (``epochs = 1``, and at least 50
 or 200 optimiser steps, :func:`daunce_core.api.fit_epochs`) and each learning rate of the
-grid, and scores the first 100 and all 200 models with correlation and covariance. Per
+grid, and scores the first 100 and all 200 models with correlation and covariance (DAUNCE-T's fits
+also as ``daunce_t_q``: scores times TRAK's Q, ``1 - p_i(theta_0)``, on the training side). Per
 (variant, length, lr) it records the label-free statistics the lr rule reads
 (:func:`daunce_core.api.lr_statistics`: split-K reliability, divergence) and the raw LDS on the
 selection masks and on the test masks. Per (variant, length, measure, K) it then compares the lr
@@ -56,7 +57,7 @@ from daunce_core.perturb import lds_masks
 from daunce_core.scoring import pairwise_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-LR_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
+LR_GRID = sorted(api.DEFAULTS.lr_grid)  # the grid lr="auto" searches
 K_MAX = 200
 
 
@@ -179,22 +180,25 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
                     sig = api.fit_losses(model, None, train, query, variant=variant, K=K_MAX, epochs=epochs,
                                          lr=lr, device=str(device))
                 secs = time.perf_counter() - t0
-                for measure in ("correlation", "covariance"):
+                # daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the training side
+                forms = [(variant, None)] + ([("daunce_t_q", 1.0 - sig.p0_train)] if variant == "daunce_t" else [])
+                for (form, q), measure in ((f, m) for f in forms for m in ("correlation", "covariance")):
                     stats = api.lr_statistics(sig, measure)
                     for K in (100, 200):
                         tr, qu = sig.train[:K], sig.query[:K]
                         if stats["diverged"] or not (np.isfinite(tr).all() and np.isfinite(qu).all()):
                             sel = test = float("nan")
                         else:
-                            sel, test = lds_of(pairwise_scores(tr, qu, measure), gts, sel_q, test_q)
-                        grid.append({"problem": name, "variant": variant, "length": length, "epochs": epochs,
+                            s = pairwise_scores(tr, qu, measure)
+                            sel, test = lds_of(s if q is None else s * q[:, None], gts, sel_q, test_q)
+                        grid.append({"problem": name, "variant": form, "length": length, "epochs": epochs,
                                      "steps": stats["steps"], "lr": lr, "measure": measure, "K": K,
                                      "reliability": stats["reliability"], "loss_ratio": stats["loss_ratio"],
                                      "diverged": stats["diverged"], "lds_select": sel, "lds_test": test,
                                      "fit_seconds": secs * K / K_MAX})
                 print(f"[{name}] {variant} {length} lr={lr:g}: {secs:.1f}s "
                       + " ".join(f"{g['measure'][:4]}/K{g['K']} rel={g['reliability']:.2f} "
-                                 f"sel={g['lds_select']:.3f} test={g['lds_test']:.3f}" for g in grid[-4:]),
+                                 f"sel={g['lds_select']:.3f} test={g['lds_test']:.3f}" for g in grid[-4 * len(forms):]),
                       flush=True)
     return refs, grid
 

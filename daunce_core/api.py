@@ -67,7 +67,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import ensemble as E
 from . import objectives as obj
 from . import perturb, store
-from .config import DEFAULTS, DaunceConfig
+from .config import DEFAULTS, DaunceConfig, fit_variant, q_weighted
 from .fit import chunks
 from .fit.contract import Plan, Signals
 from .models import can_vmap
@@ -445,7 +445,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         task: a :class:`Task` (None: :class:`ClassificationTask`) or an :class:`LMTask`.
         train, query: datasets, DataLoaders or tuples of tensors; for an LMTask, JSONL paths or
             lists of ``{"prompt", "response"}`` dicts.
-        variant: the perturbed objective (``objectives.VARIANTS``); ``daunce_t`` records margins.
+        variant: the perturbed objective (``objectives.VARIANTS``); ``daunce_t`` records margins;
+            ``daunce_t_q`` fits ``daunce_t`` and marks the signals for TRAK's Q, ``1 - p_i(theta_0)``,
+            on the training side of the scores (:func:`score_signals`; classifiers on tensors only).
         K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5); the
             defaults are ``config.DEFAULTS`` (docs/defaults.md). ``epochs=None``: the fewest epochs
             that give every model ``DEFAULTS.min_steps`` optimiser steps (:func:`fit_epochs`; one
@@ -480,6 +482,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     optimiser steps per model; examples whose signal never moved across the K models (their
     scores are 0; the shares are also in ``attrs``).
     """
+    form, variant = variant, fit_variant(variant) if isinstance(variant, str) else variant
     auto = isinstance(lr, str)
     if auto and lr != "auto":
         raise ValueError(f"lr must be a positive number or 'auto' (the label-free rule over lr_grid), got {lr!r}")
@@ -526,6 +529,11 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         if epochs is None:
             cfg = dataclasses.replace(cfg, epochs=fit_epochs(tr.n, ratio, cfg.batch_size, DEFAULTS.min_steps))
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
+        if q_weighted(form) and isinstance(fitter, TaskFitter):
+            raise ValueError(f"variant {form!r} needs theta_0's label probabilities, which only ClassificationTask on "
+                             "(inputs, labels) tensors gives; use variant 'daunce_t' with this Task")
+    if q_weighted(form) and isinstance(task, LMTask):
+        raise ValueError(f"variant {form!r} is for classifiers; use 'daunce_t' with an LMTask")
     n = len(_lm_examples(train, "train")) if isinstance(task, LMTask) else tr.n
     steps = _steps(n, ratio, cfg.batch_size, cfg.epochs) if not isinstance(task, LMTask) or task.steps is None \
         else task.steps
@@ -539,7 +547,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     setting = {"ratio": ratio, "epochs": cfg.epochs, "steps": steps, "batch_size": cfg.batch_size, "rho": rho,
                "gamma": gamma, "lr": lr, "task": type(task).__name__, **options}
     stats = lr_statistics(signals, measure, reliability=False)
-    signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps,
+    signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps, "form": form,
                      "zero_variance_train": stats["zero_variance_train"],
                      "zero_variance_query": stats["zero_variance_query"],
                      **({"lr_rule": table} if table is not None else {})}
@@ -557,6 +565,19 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
 
 
 # --- the defaults' rules: fit length, divergence, the label-free learning rate ------------------
+
+def score_signals(signals: Signals, measure: str = DEFAULTS.measure) -> np.ndarray:
+    """Dense scores [n, m] of :func:`fit_losses`' signals: equation 6 (or its Pearson form), times
+    TRAK's Q, ``1 - p_i(theta_0)``, on the training side for a ``daunce_t_q`` fit (applied after
+    normalising, docs/daunce_t_factor.md). Refuses diverged fits (:func:`refuse_diverged`)."""
+    from .scoring import pairwise_scores
+
+    refuse_diverged(signals)
+    s = pairwise_scores(signals.train, signals.query, measure=measure)
+    if q_weighted(signals.attrs.get("form", "")):
+        s *= (1.0 - signals.p0_train).astype(s.dtype)[:, None]
+    return s
+
 
 def refuse_diverged(signals: Signals) -> None:
     """Raise FloatingPointError when :func:`fit_losses` found the fits diverged: no scores from them."""
@@ -857,15 +878,17 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     ``measure``, ``topk`` and ``memory_gb`` are checked before the fits; neither ``out`` nor
     ``losses_out`` may be one of the input files.
     """
-    from .scoring import _check_measure, _check_memory, pairwise_scores, score_file
+    from .scoring import _check_measure, _check_memory, score_file
 
     _check_measure(measure)  # the cheap arguments are checked before the K fits
     if out is None:
         if topk is not None:
             raise ValueError("scores: topk streams the best examples into a file; give out='scores.h5' too")
         sig = fit_losses(model, task, train, query, out=losses_out, measure=measure, **fit_kw)
-        refuse_diverged(sig)
-        return pairwise_scores(sig.train, sig.query, measure=measure)
+        return score_signals(sig, measure)
+    if topk is not None and q_weighted(fit_kw.get("variant", DEFAULTS.variant)):
+        raise ValueError(f"topk: variant {fit_kw.get('variant', DEFAULTS.variant)!r} weighs the scores by TRAK's Q "
+                         "after scoring, so the top k need the dense scores; leave topk out, or use variant 'daunce_t'")
     if topk is not None and (not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1):
         raise ValueError(f"topk must be a whole number of at least 1 (examples kept per query), got {topk!r}")
     _check_memory(memory_gb)
@@ -875,4 +898,8 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
         fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
+        if q_weighted(fit_kw.get("variant", DEFAULTS.variant)):
+            from .pipeline import score_variant
+
+            return score_variant(fit_kw.get("variant", DEFAULTS.variant), path, out, measure, memory_gb=memory_gb)
         return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .api import ClassificationTask, fit_losses, refuse_diverged
+from .api import ClassificationTask, fit_losses, score_signals
 from .config import DEFAULTS
-from .scoring import _check_measure, pairwise_scores
+from .scoring import _check_measure
 
 
 def perturbed_losses(model: nn.Module, train, query, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -41,5 +41,4 @@ def daunce_scores(model: nn.Module, train, query, *, measure: str = DEFAULTS.mea
     """
     _check_measure(measure)  # before the K fits, not after them
     signals = fit_losses(model, ClassificationTask(), train, query, measure=measure, **options)
-    refuse_diverged(signals)
-    return pairwise_scores(signals.train, signals.query, measure=measure)
+    return score_signals(signals, measure)

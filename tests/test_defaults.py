@@ -167,3 +167,25 @@ def test_daunce_fit_lr_auto_picks_by_the_rule_and_never_a_diverging_lr(tmp_path,
     # an explicit diverging lr is refused by loss growth, not only by non-finite values
     assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "1e6", "-o", str(tmp_path / "x.h5")]) == 1
     assert "diverged at lr=1e+06" in capsys.readouterr().err and not (tmp_path / "x.h5").exists()
+
+
+def test_daunce_t_q_is_daunce_t_fits_scored_with_traks_q(tmp_path):
+    """variant='daunce_t_q' fits DAUNCE-T and multiplies each training example's scores by
+    1 - p_i(theta_0), in memory and in a scores file alike; a Task without label probabilities
+    is refused before any fit."""
+    from daunce_core.scoring import pairwise_scores
+
+    kw = dict(K=6, epochs=3, lr=0.01, batch_size=16, device="cpu", measure="covariance")
+    sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), variant="daunce_t", **kw)
+    got = daunce_scores(mlp(), (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", **kw)
+    want = pairwise_scores(sig.train, sig.query, "covariance") * (1 - sig.p0_train)[:, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    path = api.scores(mlp(), None, (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", out=tmp_path / "s.h5", **kw)
+    dense, _ = store.dense_scores(path)
+    np.testing.assert_allclose(dense, got, rtol=1e-5, atol=1e-9)
+
+    class Generic(api.ClassificationTask):
+        pass
+
+    with pytest.raises(ValueError, match="needs theta_0's label probabilities"):
+        api.fit_losses(mlp(), Generic(), (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", **kw)
