@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import ClassificationTask, fit_losses
+from .api import ClassificationTask, default_measure, fit_losses
 from .scoring import _check_measure, pairwise_scores
 
 
@@ -26,12 +26,13 @@ def perturbed_losses(
     *,
     variant: str = "daunce_t",
     K: int = 100,
-    ratio: float = 0.3,
+    ratio: float | None = None,
     epochs: int = 10,
     lr: float = 0.003,
     batch_size: int = 64,
-    rho: float = 1.0,
+    rho: float | None = None,
     gamma: float = 1.0,
+    prox: float | None = None,
     seed: int = 0,
     chunk_size: int = 50,
     device: str = "auto",
@@ -50,20 +51,25 @@ def perturbed_losses(
     ``daunce score --reliability`` says whether K is large enough.
 
     ``antithetic``, ``common_batches``, ``lr_schedule`` and ``first_order`` are the estimator
-    options of the config's ``daunce`` section (:func:`daunce_core.api.fit_losses`)."""
+    options of the config's ``daunce`` section (:func:`daunce_core.api.fit_losses`). ``ratio``,
+    ``rho`` and ``prox`` None take the variant's defaults (0.3, 1, 0; ``variant="daunce_m"``,
+    matched noise: its own, docs/matched_noise.md)."""
     signals = fit_losses(model, ClassificationTask(), train, query, variant=variant, K=K, ratio=ratio,
-                         epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma, seed=seed,
+                         epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma, prox=prox, seed=seed,
                          chunk_size=chunk_size, device=device, antithetic=antithetic,
                          common_batches=common_batches, lr_schedule=lr_schedule, first_order=first_order)
     return signals.train, signals.query
 
 
-def daunce_scores(model: nn.Module, train, query, *, measure: str = "correlation", **kwargs) -> np.ndarray:
+def daunce_scores(model: nn.Module, train, query, *, measure: str | None = None, **kwargs) -> np.ndarray:
     """Attribution scores [n, m] of every training example for every query (positive = helps).
 
     Keyword arguments are those of :func:`perturbed_losses`; ``measure`` is ``"correlation"``
-    (the paper's default) or ``"covariance"`` (equation 6).
+    (the paper's default) or ``"covariance"`` (equation 6); None: covariance for
+    ``variant="daunce_m"``, correlation otherwise.
     """
+    if measure is None:
+        measure = default_measure(kwargs.get("variant", "daunce_t"))
     _check_measure(measure)  # before the K fits, not after them
     train_sig, query_sig = perturbed_losses(model, train, query, **kwargs)
     return pairwise_scores(train_sig, query_sig, measure=measure)
