@@ -17,8 +17,8 @@ queries into selection and test queries, as the workflow does):
 
 For every problem it fits K = 200 perturbed models through the public API
 (:func:`daunce_core.api.fit_losses`) for each variant (``daunce``, ``daunce_t``, and
-``daunce_m`` when the installed objectives have it), each fit length (``epochs = 1``, and at least 50
-or 200 optimiser steps, :func:`daunce_core.api.fit_epochs`) and each learning rate of the
+``daunce_m`` when the installed objectives have it), each fit length (``epochs = 1``, and at least
+50 optimiser steps, ``--steps``; :func:`daunce_core.api.fit_epochs`) and each learning rate of the
 grid, and scores the first 100 and all 200 models with correlation and covariance (DAUNCE-T's fits
 also as ``daunce_t_q``: scores times TRAK's Q, ``1 - p_i(theta_0)``, on the training side). Per
 (variant, length, lr) it records the label-free statistics the lr rule reads
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import gzip
 import math
 import sys
@@ -50,7 +51,7 @@ from daunce_core import ensemble as E
 from daunce_core import lds as L
 from daunce_core.baselines import exact
 from daunce_core.baselines.common import Problem
-from daunce_core.config import ExperimentConfig
+from daunce_core.config import DaunceConfig, ExperimentConfig
 from daunce_core.data import Dataset, load_dataset
 from daunce_core.models import build_model
 from daunce_core.perturb import lds_masks
@@ -173,7 +174,8 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
     grid = []
     for variant in variants:
         for length, min_steps in lengths:
-            epochs = api.fit_epochs(ds.n, api.DEFAULTS.ratio, api.DEFAULTS.batch_size, min_steps)
+            ratio = DaunceConfig().for_variant(variant).ratio  # daunce_m fits on all examples
+            epochs = api.fit_epochs(ds.n, ratio, api.DEFAULTS.batch_size, min_steps)
             for lr in LR_GRID:
                 t0 = time.perf_counter()
                 with api.quiet():
@@ -183,8 +185,8 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
                 # daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the training side
                 forms = [(variant, None)] + ([("daunce_t_q", 1.0 - sig.p0_train)] if variant == "daunce_t" else [])
                 for (form, q), measure in ((f, m) for f in forms for m in ("correlation", "covariance")):
-                    stats = api.lr_statistics(sig, measure)
-                    for K in (100, 200):
+                    for K in (100, 200):  # the rule reads the K models a call with this K would fit
+                        stats = api.lr_statistics(_prefix(sig, K), measure)
                         tr, qu = sig.train[:K], sig.query[:K]
                         if stats["diverged"] or not (np.isfinite(tr).all() and np.isfinite(qu).all()):
                             sel = test = float("nan")
@@ -201,6 +203,10 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
                                  f"sel={g['lds_select']:.3f} test={g['lds_test']:.3f}" for g in grid[-4 * len(forms):]),
                       flush=True)
     return refs, grid
+
+
+def _prefix(sig, K: int):
+    return dataclasses.replace(sig, train=sig.train[:K], query=sig.query[:K], model_index=sig.model_index[:K])
 
 
 def summarize(name, refs, grid) -> list[dict]:
@@ -274,12 +280,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "defaults")
     ap.add_argument("--variants", default=None, help="comma-separated (default: daunce, daunce_t, daunce_m)")
     ap.add_argument("--quick", action="store_true", help="fewer masks (a smoke run)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[50],
+                    help="fit lengths besides one epoch: at least this many optimiser steps per model")
     args = ap.parse_args(argv)
     from daunce_core.objectives import VARIANTS
 
     variants = args.variants.split(",") if args.variants else [v for v in ("daunce", "daunce_t", "daunce_m")
                                                                 if v in VARIANTS]
-    lengths = [("epochs=1", 1)] + [(f"steps>={s}", s) for s in (50, 200)]
+    lengths = [("epochs=1", 1)] + [(f"steps>={s}", s) for s in args.steps]
     torch.manual_seed(0)
     device = torch.device("cpu")
     grid, summary = [], []

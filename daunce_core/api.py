@@ -67,7 +67,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import ensemble as E
 from . import objectives as obj
 from . import perturb, store
-from .config import DEFAULTS, DaunceConfig, fit_variant, q_weighted
+from .config import DEFAULTS, MEASURES, DaunceConfig, fit_variant, q_weighted
 from .fit import chunks
 from .fit.contract import Plan, Signals
 from .models import can_vmap
@@ -304,8 +304,12 @@ class TaskFitter:
         obj.check_variant(variant)
         if mode not in ("vmap", "loop", "auto"):
             raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
+        cfg = cfg.for_variant(variant)  # daunce_m: its own scale, damping and subset ratio
         self.variant, self.signal, self.cfg, self.device = variant, obj.signal_of(variant), cfg, device
         self.sig, self.sig_of_logits = _signal_fns(task, self.signal)
+        if obj.is_matched(variant) and self.sig_of_logits is None:
+            raise TypeError(f"{type(task).__name__}: variant daunce_m draws labels from theta_0's logits; define "
+                            "logits(model, batch) and loss_from_logits(logits, batch) (not loss) in the Task")
         self.meas = task.measurement if _overrides(task, "measurement") else self.sig
         self.task, self.train, self.query = task, train, query
         self.net = copy.deepcopy(model).to(device).eval()
@@ -320,15 +324,30 @@ class TaskFitter:
                              "on (inputs, labels) tensors only; use first_order='margin' with a Task")
         self.plan = plan if plan is not None else Plan.from_daunce(cfg)
         self.eval_batch_size = eval_batch_size
+        self.probs0 = self._theta0_probs() if obj.is_matched(variant) else None
         self.mode = self._pick_mode() if mode == "auto" else mode
+
+    @torch.no_grad()
+    def _theta0_probs(self) -> np.ndarray:
+        """theta_0's softmax over the Task's logits on every training example, [n, C] float64."""
+        out = []
+        for lo in range(0, self.train.n, self.eval_batch_size):
+            batch = self.train.batch(np.arange(lo, min(self.train.n, lo + self.eval_batch_size)), self.device)
+            g = self._call(self.task.logits, self.p0, batch)
+            if g.dim() != 2:
+                raise ValueError(f"{type(self.task).__name__}.logits gives shape {tuple(g.shape)}; variant daunce_m "
+                                 "draws one label per example and needs logits [batch, classes]")
+            out.append(torch.softmax(g.double(), -1).cpu().numpy())
+        return np.concatenate(out)
 
     # a model's functions with parameters p (theta) in place of its own
     def _call(self, fn: Callable, p: dict, batch: Any) -> torch.Tensor:
         return functional_call(self.wrapper, ({f"m.{k}": v for k, v in p.items()},
                                               {f"m.{k}": v for k, v in self.fixed.items()}), (fn, batch))
 
-    def _objective(self, p: dict, batch: Any, xi: torch.Tensor) -> torch.Tensor:
-        """The perturbed objective of one model on its batch, per example [B] (equation 5)."""
+    def _objective(self, p: dict, batch: Any, xi: torch.Tensor, y_noise: torch.Tensor) -> torch.Tensor:
+        """The perturbed objective of one model on its batch, per example [B] (equation 5);
+        ``y_noise``: daunce_m's labels drawn from theta_0 (ignored by the other variants)."""
         if self.sig_of_logits is not None:
             g = self._call(self.task.logits, p, batch)
             s = self.sig_of_logits(g, batch)
@@ -340,6 +359,10 @@ class TaskFitter:
             # per-example signals do not mix examples, so the gradient of their sum is each one's
             grad0 = grad(lambda z: self.sig_of_logits(z, batch).sum())(g0)
             lin = obj.first_order_term(g, g0, grad0)
+            if obj.is_matched(self.variant):  # the softmax cross-entropy's logit gradient at the drawn label
+                lin_noise = obj.first_order_term(g, g0, obj.signal_logit_grad("loss", g0, y_noise))
+                return obj.perturbed_objective(self.variant, s, s0=s0.detach(), lin=lin, rho=self.cfg.rho,
+                                               gamma=self.cfg.gamma, lin_noise=lin_noise)
         else:
             s = self._call(self.sig, p, batch)
             if obj.is_black_box(self.variant):
@@ -357,7 +380,8 @@ class TaskFitter:
                 batch = self.train.batch(idx, self.device)
                 p = {k: torch.stack([v, v]).requires_grad_(True) for k, v in self.p0.items()}
                 xi = torch.full((2, len(idx)), 0.5, device=self.device)
-                vmap(self._objective)(p, _stack([batch, batch]), xi).sum().backward()
+                yn = torch.zeros((2, len(idx)), dtype=torch.long, device=self.device)
+                vmap(self._objective)(p, _stack([batch, batch]), xi, yn).sum().backward()
                 return "vmap"
             except Exception as exc:  # noqa: BLE001 -- any failure means: fit one by one
                 reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
@@ -369,13 +393,16 @@ class TaskFitter:
         """Fit models ``ks`` at learning rate ``lr``; their signals on every example."""
         ks = [int(k) for k in ks]
         n, cfg = self.train.n, self.cfg
-        xis, scheds = [], []
+        xis, scheds, labels = [], [], []
         for k in ks:
             sub, xi = self.plan.subset_and_xi(k, n)
             xis.append(xi)
             scheds.append(perturb.batch_order(self.plan.batch_key(k), sub, cfg.epochs, cfg.batch_size))
+            labels.append(self.plan.matched_labels(k, self.probs0) if self.probs0 is not None
+                          else np.zeros(n, dtype=np.int64))
         schedule = np.stack(scheds)  # [C, steps, B]
         xi_t = torch.as_tensor(np.stack(xis), dtype=torch.float32, device=self.device)
+        self._y_noise = torch.as_tensor(np.stack(labels), device=self.device)  # [C, n]
         groups = [list(range(len(ks)))] if self.mode == "vmap" else [[c] for c in range(len(ks))]
         train, query = [], []
         for group in groups:
@@ -396,11 +423,12 @@ class TaskFitter:
         for step in range(steps):
             idx = schedule[group, step]  # [C, B]
             xi = xi_t[rows, torch.as_tensor(idx, device=self.device)]
+            yn = self._y_noise[rows, torch.as_tensor(idx, device=self.device)]
             batches = [self.train.batch(i, self.device) for i in idx]
             if self.mode == "vmap":
-                values = batched(p, _stack(batches), xi)
+                values = batched(p, _stack(batches), xi, yn)
             else:
-                values = self._objective({k: v[0] for k, v in p.items()}, batches[0], xi[0])[None]
+                values = self._objective({k: v[0] for k, v in p.items()}, batches[0], xi[0], yn[0])[None]
             loss = values.mean(dim=1).sum()
             if self.cfg.prox > 0:
                 loss = loss + 0.5 * self.cfg.prox * sum(((p[k] - self.p0[k]) ** 2).sum() for k in p)
@@ -431,13 +459,14 @@ class TaskFitter:
 # --- the calls ----------------------------------------------------------------------------------
 
 def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *,
-               variant: str = DEFAULTS.variant, K: int = DEFAULTS.K, ratio: float = DEFAULTS.ratio,
+               variant: str = DEFAULTS.variant, K: int = DEFAULTS.K, ratio: float | None = None,
                epochs: int | None = None, lr: float | str = DEFAULTS.lr, batch_size: int | None = None,
-               rho: float = DEFAULTS.rho, gamma: float = DEFAULTS.gamma, seed: int = DEFAULTS.seed,
-               chunk_size: int = DEFAULTS.chunk_size, device: str = "auto", out: str | os.PathLike | None = None,
+               rho: float | None = None, gamma: float = DEFAULTS.gamma, prox: float | None = None,
+               seed: int = DEFAULTS.seed, chunk_size: int = DEFAULTS.chunk_size, device: str = "auto",
+               out: str | os.PathLike | None = None,
                train_ids: Any = None, query_ids: Any = None, mode: str = "auto", antithetic: bool = False,
                common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin",
-               measure: str = DEFAULTS.measure, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
+               measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
     Args:
@@ -447,15 +476,20 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
             lists of ``{"prompt", "response"}`` dicts.
         variant: the perturbed objective (``objectives.VARIANTS``); ``daunce_t`` records margins;
             ``daunce_t_q`` fits ``daunce_t`` and marks the signals for TRAK's Q, ``1 - p_i(theta_0)``,
-            on the training side of the scores (:func:`score_signals`; classifiers on tensors only).
+            on the training side of the scores (:func:`score_signals`; classifiers on tensors only);
+            ``daunce_m``: matched noise (docs/matched_noise.md).
         K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5); the
             defaults are ``config.DEFAULTS`` (docs/defaults.md). ``epochs=None``: the fewest epochs
             that give every model ``DEFAULTS.min_steps`` optimiser steps (:func:`fit_epochs`; one
             epoch for an LMTask). ``lr="auto"``: the label-free rule (:func:`pick_lr`) over
             ``lr_grid`` -- K models are fitted at every lr of the grid (``len(lr_grid)`` times the
             cost) and those of the chosen lr returned, the table in ``attrs["lr_rule"]``.
-            ``batch_size`` defaults to the DataLoader's, else ``DEFAULTS.batch_size``.
-        measure: the measure the lr rule judges the scores' split-K reliability with.
+            ``batch_size`` defaults to the DataLoader's, else ``DEFAULTS.batch_size``. ``ratio``,
+            ``rho`` and ``prox`` (the pull ``prox/2 ||theta - theta_0||^2``) default to the
+            variant's (``config.DaunceConfig``: 0.3, 1 and 0; for ``daunce_m`` its ``matched_*``
+            settings, ``rho`` being its label noise's scale; docs/matched_noise.md).
+        measure: the measure the lr rule judges the scores' split-K reliability with (None: the
+            variant's, :func:`default_measure`).
         chunk_size: models trained together (vmapped) at once.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically;
@@ -483,6 +517,13 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     scores are 0; the shares are also in ``attrs``).
     """
     form, variant = variant, fit_variant(variant) if isinstance(variant, str) else variant
+    base = DaunceConfig().for_variant(variant) if variant in obj.VARIANTS else DaunceConfig()
+    ratio = base.ratio if ratio is None else ratio
+    rho = base.rho if rho is None else rho
+    prox = base.prox if prox is None else prox
+    if not isinstance(prox, numbers.Real) or isinstance(prox, bool) or not math.isfinite(prox) or prox < 0:
+        raise ValueError(f"prox must be a finite number >= 0, got {prox!r}")
+    measure = default_measure(form) if measure is None else measure
     auto = isinstance(lr, str)
     if auto and lr != "auto":
         raise ValueError(f"lr must be a positive number or 'auto' (the label-free rule over lr_grid), got {lr!r}")
@@ -508,9 +549,14 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     options = {"antithetic": antithetic, "common_batches": common_batches, "lr_schedule": lr_schedule,
                "first_order": first_order}
     cfg = DaunceConfig(K=K, ratio=ratio, epochs=1 if epochs is None else epochs,
-                       batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma,
+                       batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma, prox=prox,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
+    if obj.is_matched(variant):  # for_variant reads these in place of rho, prox and ratio
+        cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio)
     if isinstance(task, LMTask):
+        if obj.is_matched(variant):
+            raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
+                             "choose daunce, daunce_e or daunce_t for an LMTask")
         if options != {"antithetic": False, "common_batches": False, "lr_schedule": "constant",
                        "first_order": "margin"}:
             raise ValueError(f"the LoRA fitter takes none of antithetic, common_batches, lr_schedule, first_order; "
@@ -545,7 +591,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     else:
         signals = chunks.fit_all(fitter, K, chunk_size, lr)
     setting = {"ratio": ratio, "epochs": cfg.epochs, "steps": steps, "batch_size": cfg.batch_size, "rho": rho,
-               "gamma": gamma, "lr": lr, "task": type(task).__name__, **options}
+               "gamma": gamma, "prox": prox, "lr": lr, "task": type(task).__name__, **options}
     stats = lr_statistics(signals, measure, reliability=False)
     signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps, "form": form,
                      "zero_variance_train": stats["zero_variance_train"],
@@ -566,13 +612,14 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
 
 # --- the defaults' rules: fit length, divergence, the label-free learning rate ------------------
 
-def score_signals(signals: Signals, measure: str = DEFAULTS.measure) -> np.ndarray:
+def score_signals(signals: Signals, measure: str | None = None) -> np.ndarray:
     """Dense scores [n, m] of :func:`fit_losses`' signals: equation 6 (or its Pearson form), times
     TRAK's Q, ``1 - p_i(theta_0)``, on the training side for a ``daunce_t_q`` fit (applied after
     normalising, docs/daunce_t_factor.md). Refuses diverged fits (:func:`refuse_diverged`)."""
     from .scoring import pairwise_scores
 
     refuse_diverged(signals)
+    measure = default_measure(signals.attrs.get("form", "")) if measure is None else measure
     s = pairwise_scores(signals.train, signals.query, measure=measure)
     if q_weighted(signals.attrs.get("form", "")):
         s *= (1.0 - signals.p0_train).astype(s.dtype)[:, None]
@@ -814,6 +861,14 @@ def _check_fit_args(*, K, ratio, epochs, lr, batch_size, rho, gamma, seed, chunk
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def default_measure(variant: str) -> str:
+    """The measure a variant's scores take by default (``config.MEASURES``): covariance for
+    matched-noise DAUNCE (its limit is the influence function as a covariance,
+    docs/matched_noise.md) and for DAUNCE-T and its Q form (docs/defaults.md), correlation (the
+    paper's) for the others."""
+    return MEASURES.get(variant, "correlation")
+
+
 def _lm_examples(data: Any, name: str) -> list[dict]:
     from .lm.data import read_jsonl
 
@@ -866,7 +921,7 @@ def _lora_fitter(model, task: LMTask, train, query, cfg: DaunceConfig, lr: float
                       train_ids=ids[0], query_ids=ids[1])
 
 
-def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, measure: str = DEFAULTS.measure,
+def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, measure: str | None = None,
            out: str | os.PathLike | None = None, topk: int | None = None, losses_out: str | os.PathLike | None = None,
            memory_gb: float = 4.0, **fit_kw: Any) -> np.ndarray | str:
     """Attribution scores of every training example for every query (equation 6; positive = helps).
@@ -876,9 +931,13 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     :func:`daunce_core.scoring.score_file` -- top-k per query with ``topk``, dense otherwise
     within ``memory_gb`` -- and ``str(out)`` is returned. Other keywords are :func:`fit_losses`'s.
     ``measure``, ``topk`` and ``memory_gb`` are checked before the fits; neither ``out`` nor
-    ``losses_out`` may be one of the input files.
+    ``losses_out`` may be one of the input files. ``measure`` None: ``"covariance"`` for
+    ``daunce_m``, ``"correlation"`` otherwise.
     """
     from .scoring import _check_measure, _check_memory, score_file
+
+    if measure is None:
+        measure = default_measure(fit_kw.get("variant", DEFAULTS.variant))
 
     _check_measure(measure)  # the cheap arguments are checked before the K fits
     if out is None:

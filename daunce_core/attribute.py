@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .api import ClassificationTask, fit_losses, score_signals
+from .api import ClassificationTask, default_measure, fit_losses, score_signals
 from .config import DEFAULTS
 from .scoring import _check_measure
 
@@ -32,13 +32,16 @@ def perturbed_losses(model: nn.Module, train, query, **options) -> tuple[np.ndar
     return signals.train, signals.query
 
 
-def daunce_scores(model: nn.Module, train, query, *, measure: str = DEFAULTS.measure, **options) -> np.ndarray:
+def daunce_scores(model: nn.Module, train, query, *, measure: str | None = None, **options) -> np.ndarray:
     """Attribution scores [n, m] of every training example for every query (positive = helps).
 
     Raises FloatingPointError when the perturbed fits diverged (:func:`daunce_core.api.fit_losses`).
-    ``measure`` is ``"covariance"`` (equation 6, the default: docs/defaults.md) or
-    ``"correlation"`` (the paper's); ``options`` are :func:`daunce_core.api.fit_losses`'s.
+    ``measure`` is ``"covariance"`` (equation 6) or ``"correlation"`` (the paper's); None: the
+    variant's (:func:`daunce_core.api.default_measure`, docs/defaults.md). ``options`` are
+    :func:`daunce_core.api.fit_losses`'s.
     """
+    if measure is None:
+        measure = default_measure(options.get("variant", DEFAULTS.variant))
     _check_measure(measure)  # before the K fits, not after them
     signals = fit_losses(model, ClassificationTask(), train, query, measure=measure, **options)
     return score_signals(signals, measure)

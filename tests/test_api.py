@@ -191,6 +191,7 @@ def test_frozen_parameters_stay_at_theta_0():
     net = mlp()
     net[0].weight.requires_grad_(False)
     fitter = TaskFitter(net, GenericClassification(), *_data(), variant="daunce", cfg=_cfg(), device="cpu")
+    fitter._y_noise = torch.zeros((2, 60), dtype=torch.long)  # set by fit(): daunce_m's labels (unused here)
     p = fitter._train_group([0, 1], _schedule(fitter), torch.full((2, 60), 0.9), 0.1, "test")
     assert "0.weight" not in p and not torch.equal(p["0.bias"][0], net[0].bias)
 

@@ -27,11 +27,15 @@ def _defaults(fn) -> dict:
 
 def test_every_call_reads_the_one_declaration():
     fit = _defaults(api.fit_losses)
-    for name in ("variant", "K", "ratio", "lr", "rho", "gamma", "seed", "chunk_size", "measure", "lr_grid"):
+    for name in ("variant", "K", "lr", "gamma", "seed", "chunk_size", "lr_grid"):
         assert fit[name] == getattr(DEFAULTS, name), name
-    assert fit["epochs"] is None and fit["batch_size"] is None  # DEFAULTS.min_steps and .batch_size
-    assert _defaults(api.scores)["measure"] == DEFAULTS.measure
-    assert _defaults(daunce_scores)["measure"] == DEFAULTS.measure
+    # None: DEFAULTS.min_steps, .batch_size, the variant's ratio/rho/prox (DaunceConfig.for_variant)
+    # and the variant's measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
+    for name in ("epochs", "batch_size", "ratio", "rho", "prox", "measure"):
+        assert fit[name] is None, name
+    assert _defaults(api.scores)["measure"] is None and _defaults(daunce_scores)["measure"] is None
+    assert api.default_measure(DEFAULTS.variant) == DEFAULTS.measure
+    assert DaunceConfig().for_variant(DEFAULTS.variant).ratio == DEFAULTS.ratio or DEFAULTS.variant == "daunce_m"
     # daunce_scores / perturbed_losses add nothing of their own: every option is fit_losses'
     assert set(_defaults(daunce_scores)) == {"measure"} and not _defaults(perturbed_losses)
     # the shared values are DaunceConfig's (daunce fit and the workflow read those)

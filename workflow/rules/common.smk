@@ -11,7 +11,7 @@ import yaml
 
 from daunce_core.baselines import ALL_METHODS as ALL_BASELINES, REFERENCE, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
-from daunce_core.config import ExperimentConfig, check_figures, fit_variant
+from daunce_core.config import MATCHED_VARIANTS, ExperimentConfig, check_figures, fit_variant
 from daunce_core.data import IMAGE_SUFFIXES
 from daunce_core.fit.chunks import chunk_models
 from daunce_core.lm.settings import LLMSettings
@@ -98,6 +98,10 @@ NEVER_RERUN = (
 # daunce.* keys the perturbed fits do not read: how many models and which chunk (the chunk's
 # model range is its own param), which variants exist, and what later steps do with the losses
 DAUNCE_NOT_FIT = ("daunce.K", "daunce.chunk_size", "daunce.variants", "daunce.k_curve", "daunce.select_measure")
+# matched-noise DAUNCE's settings, read by daunce_m (and its limit) only, in place of rho, prox and ratio
+MATCHED_KEYS = ("daunce.matched_scale", "daunce.matched_prox", "daunce.matched_ratio")
+MATCHED_REPLACES = ("daunce.rho", "daunce.prox", "daunce.ratio")
+MATCHED_REFERENCE = ("limit_daunce_m",)  # the references that read them
 # lds.* keys the retrains do not read: how many masks and which chunk (its own param), and how the
 # LDS is computed from the ground truth
 LDS_NOT_RETRAIN = ("lds.M", "lds.M_select", "lds.chunk_size", "lds.bootstrap", "lds.threshold")
@@ -202,6 +206,13 @@ def image_folder_listing(wildcards=None):
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
+def daunce_fit_settings(wildcards):
+    """The digest of what one variant's perturbed fits read: daunce_m reads its matched_* keys in
+    place of rho, prox and ratio, the other variants never read them."""
+    own = MATCHED_REPLACES if wildcards.variant in MATCHED_VARIANTS else MATCHED_KEYS
+    return step_settings("data", "model", "base", "daunce", drop=DAUNCE_NOT_FIT + own)
+
+
 def baseline_settings(method):
     """A baseline's keys: data, model and base (theta_0's recipe: TracIn replays it), the
     selection threshold, the method's own section and grid, the budget; the references read
@@ -213,7 +224,8 @@ def baseline_settings(method):
     if method in REFERENCE:
         keys.append("daunce")
     tune = SETTINGS_TREE["baselines"]["tune"] or {}
-    return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure"),
+    matched = () if method in MATCHED_REFERENCE else MATCHED_KEYS
+    return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure") + matched,
                          tune=tune.get(method))
 
 
@@ -230,7 +242,7 @@ def study_group_settings(wildcards):
     from daunce_core.study import group_of
 
     return step_settings("data", "model", "base", "daunce", "lds", "study.lr_around",
-                         drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size"),
+                         drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size") + MATCHED_KEYS,
                          group=to_dict(group_of(CFG, wildcards.group)))
 
 
