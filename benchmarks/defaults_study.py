@@ -273,6 +273,19 @@ def write(out: Path, grid: list[dict], summary: list[dict], command: str) -> Non
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def _read_csv(path: Path) -> list[dict]:
+    def num(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(v, v)
+
+    with open(path, newline="") as fh:
+        return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="digits,tabular,fashion")
@@ -282,7 +295,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer masks (a smoke run)")
     ap.add_argument("--steps", type=int, nargs="+", default=[50],
                     help="fit lengths besides one epoch: at least this many optimiser steps per model")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="write --out from the grid.csv and summary.csv of these finished runs (e.g. problems run "
+                         "as separate processes) instead of running anything")
     args = ap.parse_args(argv)
+    if args.combine:
+        grid, summary = [], []
+        for d in args.combine:
+            grid += _read_csv(d / "grid.csv")
+            summary += _read_csv(d / "summary.csv")
+        write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))
+        print((args.out / "summary.md").read_text())
+        return 0
     from daunce_core.objectives import VARIANTS
 
     variants = args.variants.split(",") if args.variants else [v for v in ("daunce", "daunce_t", "daunce_m")
