@@ -459,7 +459,7 @@ class TaskFitter:
 # --- the calls ----------------------------------------------------------------------------------
 
 def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *,
-               variant: str = DEFAULTS.variant, K: int = DEFAULTS.K, ratio: float | None = None,
+               variant: str | None = None, K: int = DEFAULTS.K, ratio: float | None = None,
                epochs: int | None = None, lr: float | str = DEFAULTS.lr, batch_size: int | None = None,
                rho: float | None = None, gamma: float = DEFAULTS.gamma, prox: float | None = None,
                seed: int = DEFAULTS.seed, chunk_size: int = DEFAULTS.chunk_size, device: str = "auto",
@@ -474,7 +474,8 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         task: a :class:`Task` (None: :class:`ClassificationTask`) or an :class:`LMTask`.
         train, query: datasets, DataLoaders or tuples of tensors; for an LMTask, JSONL paths or
             lists of ``{"prompt", "response"}`` dicts.
-        variant: the perturbed objective (``objectives.VARIANTS``); ``daunce_t`` records margins;
+        variant: the perturbed objective (``objectives.VARIANTS``; None: :func:`default_variant`);
+            ``daunce_t`` records margins;
             ``daunce_t_q`` fits ``daunce_t`` and marks the signals for TRAK's Q, ``1 - p_i(theta_0)``,
             on the training side of the scores (:func:`score_signals`; classifiers on tensors only);
             ``daunce_m``: matched noise (docs/matched_noise.md).
@@ -516,6 +517,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     optimiser steps per model; examples whose signal never moved across the K models (their
     scores are 0; the shares are also in ``attrs``).
     """
+    variant = default_variant(task, train) if variant is None else variant
     form, variant = variant, fit_variant(variant) if isinstance(variant, str) else variant
     base = DaunceConfig().for_variant(variant) if variant in obj.VARIANTS else DaunceConfig()
     ratio = base.ratio if ratio is None else ratio
@@ -861,6 +863,18 @@ def _check_fit_args(*, K, ratio, epochs, lr, batch_size, rho, gamma, seed, chunk
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def default_variant(task: Any, train: Any, topk: int | None = None) -> str:
+    """The variant a call takes when none is given: ``DEFAULTS.variant`` for a classifier on
+    ``(inputs, labels)`` tensors or arrays (``ClassificationTask``, which gives theta_0's label
+    probabilities), with dense scores; ``DEFAULTS.task_variant`` for any other Task or data, an
+    LMTask, or top-k scores files (docs/defaults.md)."""
+    classifier = (task is None or type(task) is ClassificationTask) and isinstance(train, (tuple, list)) \
+        and len(train) == 2
+    if not classifier:
+        return DEFAULTS.task_variant
+    return DEFAULTS.variant if topk is None else fit_variant(DEFAULTS.variant)
+
+
 def default_measure(variant: str) -> str:
     """The measure a variant's scores take by default (``config.MEASURES``): covariance for
     matched-noise DAUNCE (its limit is the influence function as a covariance,
@@ -936,8 +950,10 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     """
     from .scoring import _check_measure, _check_memory, score_file
 
+    if fit_kw.get("variant") is None:
+        fit_kw["variant"] = default_variant(task, train, topk)
     if measure is None:
-        measure = default_measure(fit_kw.get("variant", DEFAULTS.variant))
+        measure = default_measure(fit_kw["variant"])
 
     _check_measure(measure)  # the cheap arguments are checked before the K fits
     if out is None:
@@ -945,8 +961,8 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
             raise ValueError("scores: topk streams the best examples into a file; give out='scores.h5' too")
         sig = fit_losses(model, task, train, query, out=losses_out, measure=measure, **fit_kw)
         return score_signals(sig, measure)
-    if topk is not None and q_weighted(fit_kw.get("variant", DEFAULTS.variant)):
-        raise ValueError(f"topk: variant {fit_kw.get('variant', DEFAULTS.variant)!r} weighs the scores by TRAK's Q "
+    if topk is not None and q_weighted(fit_kw["variant"]):
+        raise ValueError(f"topk: variant {fit_kw['variant']!r} weighs the scores by TRAK's Q "
                          "after scoring, so the top k need the dense scores; leave topk out, or use variant 'daunce_t'")
     if topk is not None and (not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1):
         raise ValueError(f"topk must be a whole number of at least 1 (examples kept per query), got {topk!r}")
@@ -957,8 +973,8 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
         fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
-        if q_weighted(fit_kw.get("variant", DEFAULTS.variant)):
+        if q_weighted(fit_kw["variant"]):
             from .pipeline import score_variant
 
-            return score_variant(fit_kw.get("variant", DEFAULTS.variant), path, out, measure, memory_gb=memory_gb)
+            return score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
         return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .api import ClassificationTask, default_measure, fit_losses, score_signals
-from .config import DEFAULTS
+from .api import ClassificationTask, default_measure, default_variant, fit_losses, score_signals
 from .scoring import _check_measure
 
 
@@ -40,8 +39,10 @@ def daunce_scores(model: nn.Module, train, query, *, measure: str | None = None,
     variant's (:func:`daunce_core.api.default_measure`, docs/defaults.md). ``options`` are
     :func:`daunce_core.api.fit_losses`'s.
     """
+    if options.get("variant") is None:
+        options["variant"] = default_variant(None, train)
     if measure is None:
-        measure = default_measure(options.get("variant", DEFAULTS.variant))
+        measure = default_measure(options["variant"])
     _check_measure(measure)  # before the K fits, not after them
     signals = fit_losses(model, ClassificationTask(), train, query, measure=measure, **options)
     return score_signals(signals, measure)

@@ -198,14 +198,15 @@ def _daunce_default(name: str):
 class ApiDefaults:
     """The defaults of the library calls, declared once: ``daunce_core.api.fit_losses`` /
     ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
-    rule read these (their signatures take them from :data:`DEFAULTS`). K, ratio, batch size, rho,
+    rule read these (their signatures take them from :data:`DEFAULTS`). Ratio, batch size, rho,
     gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce fit`` and the
-    workflow read those). The variant, measure, fit length and learning-rate rule are the API's,
+    workflow read those). The variant, measure, K, fit length and learning-rate rule are the API's,
     chosen by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
     config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
     judged on selection masks)."""
 
-    variant: str
+    variant: str         # a classifier on (inputs, labels) tensors (ClassificationTask)
+    task_variant: str    # any other Task, an LMTask, or top-k files (variant needs dense scores)
     measure: str
     K: int
     ratio: float
@@ -224,8 +225,9 @@ class ApiDefaults:
 # where the study found it at least as good, correlation (the paper's) elsewhere.
 MEASURES = {"daunce_m": "covariance", "daunce_t": "covariance", "daunce_t_q": "covariance"}
 
-_API_VARIANT = "daunce"
-DEFAULTS = ApiDefaults(variant=_API_VARIANT, measure=MEASURES.get(_API_VARIANT, "correlation"), K=_daunce_default("K"),
+_API_VARIANT = "daunce_t_q"  # docs/defaults.md: the best worst case over the study's three problems
+DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEASURES.get(_API_VARIANT, "correlation"),
+                       K=200,  # docs/defaults.md; the workflow's embedded config/config.yaml has 200 too
                        ratio=_daunce_default("ratio"), batch_size=_daunce_default("batch_size"), min_steps=50,
                        lr="auto", lr_grid=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), rho=_daunce_default("rho"),
                        gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),

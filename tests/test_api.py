@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from daunce_core import objectives as obj
 from daunce_core import store
 from daunce_core.api import ClassificationTask, LMTask, Task, TaskFitter, fit_losses, scores
-from daunce_core.config import DEFAULTS
+from daunce_core.config import MEASURES
 from daunce_core.scoring import pairwise_scores
 
 torch.set_num_threads(1)
@@ -140,10 +140,10 @@ def test_task_functions_that_cannot_be_vmapped_are_fitted_one_by_one(caplog):
 
 
 def test_scores_in_memory_and_streamed_top_k(tmp_path):
-    dense = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, **KW)
-    sig = fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, **KW)
-    np.testing.assert_array_equal(dense, pairwise_scores(sig.train, sig.query, DEFAULTS.measure))
-    path = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, out=tmp_path / "s.h5", topk=5,
+    dense = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, variant="daunce", **KW)
+    sig = fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, variant="daunce", **KW)
+    np.testing.assert_array_equal(dense, pairwise_scores(sig.train, sig.query, MEASURES.get("daunce", "correlation")))
+    path = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, variant="daunce", out=tmp_path / "s.h5", topk=5,
                   losses_out=tmp_path / "l.h5", **KW)
     s = store.read_scores(path)
     np.testing.assert_array_equal(s["indices"], np.argsort(-dense, axis=0, kind="stable")[:5].T)

@@ -20,7 +20,8 @@ def test_a_query_identical_to_a_training_example_is_attributed_to_its_class():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     q = np.arange(0, 300, 15)  # 20 training examples used as queries
     # correlation: a covariance is led by the examples whose loss varies most, not by the query's twin
-    scores = daunce_scores(model, (X, y), (X[q], y[q]), K=40, epochs=5, lr=0.03, ratio=0.3, measure="correlation")
+    scores = daunce_scores(model, (X, y), (X[q], y[q]), K=40, epochs=5, lr=0.03, ratio=0.3, measure="correlation",
+                           variant="daunce_t")
     assert scores.shape == (300, 20) and np.isfinite(scores).all()
     top = scores.argmax(axis=0)
     assert (ds.y_train[top] == ds.y_train[q]).mean() >= 0.8

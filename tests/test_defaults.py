@@ -27,12 +27,16 @@ def _defaults(fn) -> dict:
 
 def test_every_call_reads_the_one_declaration():
     fit = _defaults(api.fit_losses)
-    for name in ("variant", "K", "lr", "gamma", "seed", "chunk_size", "lr_grid"):
+    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid"):
         assert fit[name] == getattr(DEFAULTS, name), name
     # None: DEFAULTS.min_steps, .batch_size, the variant's ratio/rho/prox (DaunceConfig.for_variant)
     # and the variant's measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
-    for name in ("epochs", "batch_size", "ratio", "rho", "prox", "measure"):
+    for name in ("variant", "epochs", "batch_size", "ratio", "rho", "prox", "measure"):
         assert fit[name] is None, name
+    # the variant: DEFAULTS.variant for a classifier on tensors, DEFAULTS.task_variant otherwise
+    assert api.default_variant(None, (X, Y)) == DEFAULTS.variant
+    assert api.default_variant(api.ClassificationTask(), (X, Y)) == DEFAULTS.variant
+    assert api.default_variant(api.Task(), (X, Y)) == DEFAULTS.task_variant
     assert _defaults(api.scores)["measure"] is None and _defaults(daunce_scores)["measure"] is None
     assert api.default_measure(DEFAULTS.variant) == DEFAULTS.measure
     assert DaunceConfig().for_variant(DEFAULTS.variant).ratio == DEFAULTS.ratio or DEFAULTS.variant == "daunce_m"
@@ -40,9 +44,8 @@ def test_every_call_reads_the_one_declaration():
     assert set(_defaults(daunce_scores)) == {"measure"} and not _defaults(perturbed_losses)
     # the shared values are DaunceConfig's (daunce fit and the workflow read those)
     d = DaunceConfig()
-    for name in ("K", "ratio", "batch_size", "rho", "gamma", "seed", "chunk_size"):
+    for name in ("ratio", "batch_size", "rho", "gamma", "seed", "chunk_size"):
         assert getattr(DEFAULTS, name) == getattr(d, name), name
-    assert d.variants[0] == DEFAULTS.variant  # daunce fit's default variant
 
 
 def test_the_default_fit_length_gives_min_steps():
@@ -82,8 +85,8 @@ def test_a_diverging_lr_is_refused_not_scored():
     """lr = 1e6 gives finite but exploded signals: the scores are refused, the signals warned about."""
     with pytest.raises(FloatingPointError, match=r"no scores: the perturbed models diverged at lr=1e\+06"):
         daunce_scores(mlp(), (X, Y), (X[:4], Y[:4]), K=4, lr=1e6, device="cpu")
-    with pytest.warns(RuntimeWarning, match="diverged at lr=1e\\+06"):
-        sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, lr=1e6, device="cpu")
+    with pytest.warns(RuntimeWarning, match="diverged at lr=1e\\+06"):  # the loss variant stays finite here
+        sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), variant="daunce", K=4, lr=1e6, device="cpu")
     assert np.isfinite(sig.train).all()  # not caught by a non-finite check: by the growth of the signals
     st = api.lr_statistics(sig)
     assert st["diverged"] and ("signals reach" in st["why"] or "training loss grew" in st["why"])
