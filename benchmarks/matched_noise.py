@@ -57,7 +57,7 @@ def raw_lds(signals, gt: dict, measure: str, K: int | None = None) -> float:
 
 def fit(cfg, run: Path, K: int, lr: float, scale: float, prox: float, ratio: float, epochs: int | None):
     d = dataclasses.replace(cfg.daunce, matched_scale=scale, matched_prox=prox, matched_ratio=ratio,
-                            epochs=epochs or cfg.daunce.epochs, trace_every=0)
+                            matched_epochs=epochs or cfg.daunce.matched_epochs, trace_every=0)
     cfg = dataclasses.replace(cfg, daunce=d)
     fitter = ensemble_fitter(cfg, run / "data" / "split.npz", run / "base" / "theta_0.safetensors", "daunce_m")
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "results")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--K", type=int, default=200, help="tune: models per setting")
-    ap.add_argument("--epochs", type=int, help="perturbed epochs (default: daunce.epochs)")
+    ap.add_argument("--epochs", type=int, help="perturbed epochs (default: daunce.matched_epochs)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.3, 0.1, 0.03])
     ap.add_argument("--scales", type=float, nargs="+", default=[0.1, 1.0])
     ap.add_argument("--proxes", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg, run, gts = load(a.results, a.configfile)
-    epochs = a.epochs or cfg.daunce.epochs
+    epochs = a.epochs or cfg.daunce.matched_epochs
     rows = []
     if a.what == "tune":
         for lr, scale, prox, ratio in itertools.product(a.lrs, a.scales, a.proxes, a.ratios):

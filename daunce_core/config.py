@@ -176,12 +176,15 @@ class DaunceConfig:
     matched_prox: float = setting(1e-3, "daunce_m: proximal damping lambda/2 ||theta - theta_0||^2 of its fits "
                                   "(in place of prox): the damping of its Gauss-Newton influence limit", ge=0)
     matched_ratio: float = setting(1.0, "daunce_m: subset ratio r of its fits (in place of ratio)", gt=0, le=1)
+    matched_epochs: int = setting(30, "daunce_m: epochs of its fits (in place of epochs)", ge=1)
 
     def for_variant(self, variant: str) -> DaunceConfig:
-        """The settings a variant's fits use: daunce_m's ``matched_*`` in place of rho, prox and ratio."""
+        """The settings a variant's fits use: daunce_m's ``matched_*`` in place of rho, prox, ratio
+        and epochs."""
         if variant not in MATCHED_VARIANTS:
             return self
-        return dataclasses.replace(self, rho=self.matched_scale, prox=self.matched_prox, ratio=self.matched_ratio)
+        return dataclasses.replace(self, rho=self.matched_scale, prox=self.matched_prox, ratio=self.matched_ratio,
+                                   epochs=self.matched_epochs)
 
     def measure_for(self, variant: str) -> str:
         """The measure a variant's learning rate is selected with: covariance for daunce_m (whose limit
