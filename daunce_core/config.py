@@ -337,6 +337,9 @@ class ExperimentConfig:
         d = self.daunce
         if d.antithetic and d.K % 2:
             raise ConfigError(f"daunce.K must be even with daunce.antithetic (models 2j, 2j+1 form a pair), got {d.K}")
+        if d.augment and any(v in MATCHED_VARIANTS for v in d.variants):
+            raise ConfigError("daunce.variants: daunce_m draws each label from theta_0 on the stored input, so it "
+                              "takes no augmentation; set daunce.augment: false or drop daunce_m")
         if any(k > d.K for k in d.k_curve):
             raise ConfigError(f"daunce.k_curve values must lie in [2, K={d.K}] (Figure 6's K values), got "
                               f"{d.k_curve}; set daunce.k_curve to values <= {d.K}, e.g. {default_k_curve(d.K)}")

@@ -153,3 +153,20 @@ def test_a_task_without_logits_is_refused_in_one_line():
     data = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
     with pytest.raises(TypeError, match="variant daunce_m draws labels from theta_0's logits"):
         fit_losses(net, LossOnly(), data, data, variant="daunce_m", K=2, device="cpu")
+
+
+def test_config_takes_the_variant_with_its_own_settings_and_refuses_augmentation():
+    import yaml
+
+    from daunce_core.config import ConfigError, ExperimentConfig
+
+    cfg = yaml.safe_load(open("config/config.yaml"))
+    cfg["daunce"].update(variants=["daunce", "daunce_m"], matched_scale=0.2, matched_prox=0.01, matched_ratio=0.5,
+                         matched_epochs=7)
+    d = ExperimentConfig.from_dict(cfg).validate().daunce
+    m = d.for_variant("daunce_m")
+    assert (m.rho, m.prox, m.ratio, m.epochs) == (0.2, 0.01, 0.5, 7)
+    assert d.for_variant("daunce") is d and d.measure_for("daunce_m") == "covariance"
+    cfg["daunce"]["augment"] = True
+    with pytest.raises(ConfigError, match="daunce_m draws each label from theta_0 on the stored input"):
+        ExperimentConfig.from_dict(cfg).validate()
