@@ -554,7 +554,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                        batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma, prox=prox,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
     if obj.is_matched(variant):  # for_variant reads these in place of rho, prox and ratio
-        cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio)
+        cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio, matched_epochs=epochs)
     if isinstance(task, LMTask):
         if obj.is_matched(variant):
             raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "

@@ -176,12 +176,15 @@ class DaunceConfig:
     matched_prox: float = setting(1e-3, "daunce_m: proximal damping lambda/2 ||theta - theta_0||^2 of its fits "
                                   "(in place of prox): the damping of its Gauss-Newton influence limit", ge=0)
     matched_ratio: float = setting(1.0, "daunce_m: subset ratio r of its fits (in place of ratio)", gt=0, le=1)
+    matched_epochs: int = setting(30, "daunce_m: epochs of its fits (in place of epochs)", ge=1)
 
     def for_variant(self, variant: str) -> DaunceConfig:
-        """The settings a variant's fits use: daunce_m's ``matched_*`` in place of rho, prox and ratio."""
+        """The settings a variant's fits use: daunce_m's ``matched_*`` in place of rho, prox, ratio
+        and epochs."""
         if variant not in MATCHED_VARIANTS:
             return self
-        return dataclasses.replace(self, rho=self.matched_scale, prox=self.matched_prox, ratio=self.matched_ratio)
+        return dataclasses.replace(self, rho=self.matched_scale, prox=self.matched_prox, ratio=self.matched_ratio,
+                                   epochs=self.matched_epochs)
 
     def measure_for(self, variant: str) -> str:
         """The measure a variant's learning rate is selected with: covariance for daunce_m (whose limit
@@ -379,6 +382,9 @@ class ExperimentConfig:
         d = self.daunce
         if d.antithetic and d.K % 2:
             raise ConfigError(f"daunce.K must be even with daunce.antithetic (models 2j, 2j+1 form a pair), got {d.K}")
+        if d.augment and any(v in MATCHED_VARIANTS for v in d.variants):
+            raise ConfigError("daunce.variants: daunce_m draws each label from theta_0 on the stored input, so it "
+                              "takes no augmentation; set daunce.augment: false or drop daunce_m")
         if any(k > d.K for k in d.k_curve):
             raise ConfigError(f"daunce.k_curve values must lie in [2, K={d.K}] (Figure 6's K values), got "
                               f"{d.k_curve}; set daunce.k_curve to values <= {d.K}, e.g. {default_k_curve(d.K)}")

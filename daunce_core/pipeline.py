@@ -114,7 +114,7 @@ def _daunce_attrs(cfg: ExperimentConfig) -> dict:
             "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch,
             "antithetic": d.antithetic, "common_batches": d.common_batches, "lr_schedule": d.lr_schedule,
             "first_order": d.first_order, "matched_scale": d.matched_scale, "matched_prox": d.matched_prox,
-            "matched_ratio": d.matched_ratio}
+            "matched_ratio": d.matched_ratio, "matched_epochs": d.matched_epochs}
 
 
 # --- LDS ground truth ----------------------------------------------------------------------------

@@ -39,6 +39,8 @@ METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
 # linearised fits (:mod:`.limits`); run only when listed in baselines.methods
 REFERENCE = ("limit_daunce", "limit_daunce_e", "limit_daunce_t", "limit_bb",
              "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb")
+# matched-noise DAUNCE's limit, the damped Gauss-Newton influence function (:mod:`.limits`)
+REFERENCE += ("limit_daunce_m",)
 ALL_METHODS = METHODS + REFERENCE
 TUNABLE = ("trak", "ekfac", "logra", "tracin")  # knobs tuned by baselines.tune (exact_if: its damping_grid)
 MEASUREMENTS = ("margin", "loss")

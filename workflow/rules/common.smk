@@ -31,7 +31,7 @@ LR_TAGS = [f"{lr:g}" for lr in CFG.daunce.lr_grid]
 
 wildcard_constraints:
     experiment=r"[A-Za-z0-9_.-]+",
-    variant=r"daunce(_e|_t)?(_bb|_q)?",
+    variant=r"daunce(_e|_t|_m)?(_bb|_q)?",
     measure=r"correlation|covariance|score",
     method=r"[a-z0-9_]+",
     lr=r"[0-9.e+-]+",
@@ -99,8 +99,8 @@ NEVER_RERUN = (
 # model range is its own param), which variants exist, and what later steps do with the losses
 DAUNCE_NOT_FIT = ("daunce.K", "daunce.chunk_size", "daunce.variants", "daunce.k_curve", "daunce.select_measure")
 # matched-noise DAUNCE's settings, read by daunce_m (and its limit) only, in place of rho, prox and ratio
-MATCHED_KEYS = ("daunce.matched_scale", "daunce.matched_prox", "daunce.matched_ratio")
-MATCHED_REPLACES = ("daunce.rho", "daunce.prox", "daunce.ratio")
+MATCHED_KEYS = ("daunce.matched_scale", "daunce.matched_prox", "daunce.matched_ratio", "daunce.matched_epochs")
+MATCHED_REPLACES = ("daunce.rho", "daunce.prox", "daunce.ratio", "daunce.epochs")
 MATCHED_REFERENCE = ("limit_daunce_m",)  # the references that read them
 # lds.* keys the retrains do not read: how many masks and which chunk (its own param), and how the
 # LDS is computed from the ground truth
