@@ -54,6 +54,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,14 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import ensemble as E
 from . import objectives as obj
 from . import perturb, store
-from .config import DaunceConfig
+from .config import DEFAULTS, MEASURES, DaunceConfig, fit_variant, q_weighted
 from .fit import chunks
 from .fit.contract import Plan, Signals
 from .models import can_vmap
 from .utils import pick_device
 
-__all__ = ["Task", "ClassificationTask", "LMTask", "TaskFitter", "fit_losses", "scores"]
+__all__ = ["Task", "ClassificationTask", "LMTask", "TaskFitter", "fit_losses", "scores", "DEFAULTS", "fit_epochs",
+           "pick_lr", "lr_statistics", "quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +308,12 @@ class TaskFitter:
         obj.check_variant(variant)
         if mode not in ("vmap", "loop", "auto"):
             raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
+        cfg = cfg.for_variant(variant)  # daunce_m: its own scale, damping and subset ratio
         self.variant, self.signal, self.cfg, self.device = variant, obj.signal_of(variant), cfg, device
         self.sig, self.sig_of_logits = _signal_fns(task, self.signal)
+        if obj.is_matched(variant) and self.sig_of_logits is None:
+            raise TypeError(f"{type(task).__name__}: variant daunce_m draws labels from theta_0's logits; define "
+                            "logits(model, batch) and loss_from_logits(logits, batch) (not loss) in the Task")
         self.meas = task.measurement if _overrides(task, "measurement") else self.sig
         self.task, self.train, self.query = task, train, query
         self.net = copy.deepcopy(model).to(device).eval()
@@ -322,15 +328,30 @@ class TaskFitter:
                              "on (inputs, labels) tensors only; use first_order='margin' with a Task")
         self.plan = plan if plan is not None else Plan.from_daunce(cfg)
         self.eval_batch_size = eval_batch_size
+        self.probs0 = self._theta0_probs() if obj.is_matched(variant) else None
         self.mode = self._pick_mode() if mode == "auto" else mode
+
+    @torch.no_grad()
+    def _theta0_probs(self) -> np.ndarray:
+        """theta_0's softmax over the Task's logits on every training example, [n, C] float64."""
+        out = []
+        for lo in range(0, self.train.n, self.eval_batch_size):
+            batch = self.train.batch(np.arange(lo, min(self.train.n, lo + self.eval_batch_size)), self.device)
+            g = self._call(self.task.logits, self.p0, batch)
+            if g.dim() != 2:
+                raise ValueError(f"{type(self.task).__name__}.logits gives shape {tuple(g.shape)}; variant daunce_m "
+                                 "draws one label per example and needs logits [batch, classes]")
+            out.append(torch.softmax(g.double(), -1).cpu().numpy())
+        return np.concatenate(out)
 
     # a model's functions with parameters p (theta) in place of its own
     def _call(self, fn: Callable, p: dict, batch: Any) -> torch.Tensor:
         return functional_call(self.wrapper, ({f"m.{k}": v for k, v in p.items()},
                                               {f"m.{k}": v for k, v in self.fixed.items()}), (fn, batch))
 
-    def _objective(self, p: dict, batch: Any, xi: torch.Tensor) -> torch.Tensor:
-        """The perturbed objective of one model on its batch, per example [B] (equation 5)."""
+    def _objective(self, p: dict, batch: Any, xi: torch.Tensor, y_noise: torch.Tensor) -> torch.Tensor:
+        """The perturbed objective of one model on its batch, per example [B] (equation 5);
+        ``y_noise``: daunce_m's labels drawn from theta_0 (ignored by the other variants)."""
         if self.sig_of_logits is not None:
             g = self._call(self.task.logits, p, batch)
             s = self.sig_of_logits(g, batch)
@@ -342,6 +363,10 @@ class TaskFitter:
             # per-example signals do not mix examples, so the gradient of their sum is each one's
             grad0 = grad(lambda z: self.sig_of_logits(z, batch).sum())(g0)
             lin = obj.first_order_term(g, g0, grad0)
+            if obj.is_matched(self.variant):  # the softmax cross-entropy's logit gradient at the drawn label
+                lin_noise = obj.first_order_term(g, g0, obj.signal_logit_grad("loss", g0, y_noise))
+                return obj.perturbed_objective(self.variant, s, s0=s0.detach(), lin=lin, rho=self.cfg.rho,
+                                               gamma=self.cfg.gamma, lin_noise=lin_noise)
         else:
             s = self._call(self.sig, p, batch)
             if obj.is_black_box(self.variant):
@@ -359,7 +384,8 @@ class TaskFitter:
                 batch = self.train.batch(idx, self.device)
                 p = {k: torch.stack([v, v]).requires_grad_(True) for k, v in self.p0.items()}
                 xi = torch.full((2, len(idx)), 0.5, device=self.device)
-                vmap(self._objective)(p, _stack([batch, batch]), xi).sum().backward()
+                yn = torch.zeros((2, len(idx)), dtype=torch.long, device=self.device)
+                vmap(self._objective)(p, _stack([batch, batch]), xi, yn).sum().backward()
                 return "vmap"
             except Exception as exc:  # noqa: BLE001 -- any failure means: fit one by one
                 reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
@@ -371,13 +397,16 @@ class TaskFitter:
         """Fit models ``ks`` at learning rate ``lr``; their signals on every example."""
         ks = [int(k) for k in ks]
         n, cfg = self.train.n, self.cfg
-        xis, scheds = [], []
+        xis, scheds, labels = [], [], []
         for k in ks:
             sub, xi = self.plan.subset_and_xi(k, n)
             xis.append(xi)
             scheds.append(perturb.batch_order(self.plan.batch_key(k), sub, cfg.epochs, cfg.batch_size))
+            labels.append(self.plan.matched_labels(k, self.probs0) if self.probs0 is not None
+                          else np.zeros(n, dtype=np.int64))
         schedule = np.stack(scheds)  # [C, steps, B]
         xi_t = torch.as_tensor(np.stack(xis), dtype=torch.float32, device=self.device)
+        self._y_noise = torch.as_tensor(np.stack(labels), device=self.device)  # [C, n]
         groups = [list(range(len(ks)))] if self.mode == "vmap" else [[c] for c in range(len(ks))]
         train, query = [], []
         for group in groups:
@@ -398,11 +427,12 @@ class TaskFitter:
         for step in range(steps):
             idx = schedule[group, step]  # [C, B]
             xi = xi_t[rows, torch.as_tensor(idx, device=self.device)]
+            yn = self._y_noise[rows, torch.as_tensor(idx, device=self.device)]
             batches = [self.train.batch(i, self.device) for i in idx]
             if self.mode == "vmap":
-                values = batched(p, _stack(batches), xi)
+                values = batched(p, _stack(batches), xi, yn)
             else:
-                values = self._objective({k: v[0] for k, v in p.items()}, batches[0], xi[0])[None]
+                values = self._objective({k: v[0] for k, v in p.items()}, batches[0], xi[0], yn[0])[None]
             loss = values.mean(dim=1).sum()
             if self.cfg.prox > 0:
                 loss = loss + 0.5 * self.cfg.prox * sum(((p[k] - self.p0[k]) ** 2).sum() for k in p)
@@ -432,12 +462,15 @@ class TaskFitter:
 
 # --- the calls ----------------------------------------------------------------------------------
 
-def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, variant: str = "daunce",
-               K: int = 100, ratio: float = 0.3, epochs: int = 1, lr: float = 0.01,
-               batch_size: int | None = None, rho: float = 1.0, gamma: float = 1.0, seed: int = 0,
-               chunk_size: int = 50, device: str = "auto", out: str | os.PathLike | None = None,
+def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *,
+               variant: str | None = None, K: int = DEFAULTS.K, ratio: float | None = None,
+               epochs: int | None = None, lr: float | str = DEFAULTS.lr, batch_size: int | None = None,
+               rho: float | None = None, gamma: float = DEFAULTS.gamma, prox: float | None = None,
+               seed: int = DEFAULTS.seed, chunk_size: int = DEFAULTS.chunk_size, device: str = "auto",
+               out: str | os.PathLike | None = None,
                train_ids: Any = None, query_ids: Any = None, mode: str = "auto", antithetic: bool = False,
-               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin") -> Signals:
+               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin",
+               measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
     Args:
@@ -445,9 +478,23 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         task: a :class:`Task` (None: :class:`ClassificationTask`) or an :class:`LMTask`.
         train, query: datasets, DataLoaders or tuples of tensors; for an LMTask, JSONL paths or
             lists of ``{"prompt", "response"}`` dicts.
-        variant: the perturbed objective (``objectives.VARIANTS``); ``daunce_t`` records margins.
-        K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5);
-            ``batch_size`` defaults to the DataLoader's, else 64.
+        variant: the perturbed objective (``objectives.VARIANTS``; None: :func:`default_variant`);
+            ``daunce_t`` records margins;
+            ``daunce_t_q`` fits ``daunce_t`` and marks the signals for TRAK's Q, ``1 - p_i(theta_0)``,
+            on the training side of the scores (:func:`score_signals`; classifiers on tensors only);
+            ``daunce_m``: matched noise (docs/matched_noise.md).
+        K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5); the
+            defaults are ``config.DEFAULTS`` (docs/defaults.md). ``epochs=None``: the fewest epochs
+            that give every model ``DEFAULTS.min_steps`` optimiser steps (:func:`fit_epochs`; one
+            epoch for an LMTask). ``lr="auto"``: the label-free rule (:func:`pick_lr`) over
+            ``lr_grid`` -- K models are fitted at every lr of the grid (``len(lr_grid)`` times the
+            cost) and those of the chosen lr returned, the table in ``attrs["lr_rule"]``.
+            ``batch_size`` defaults to the DataLoader's, else ``DEFAULTS.batch_size``. ``ratio``,
+            ``rho`` and ``prox`` (the pull ``prox/2 ||theta - theta_0||^2``) default to the
+            variant's (``config.DaunceConfig``: 0.3, 1 and 0; for ``daunce_m`` its ``matched_*``
+            settings, ``rho`` being its label noise's scale; docs/matched_noise.md).
+        measure: the measure the lr rule judges the scores' split-K reliability with (None: the
+            variant's, :func:`default_measure`).
         chunk_size: models trained together (vmapped) at once.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically;
@@ -465,11 +512,41 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         ValueError: before any fit, a bad argument (K >= 2, epochs, chunk_size and batch_size >= 1
             whole numbers, lr finite > 0, ratio in (0, 1], ...), labels or ids, in one line.
         store.StoreError: ``out`` would replace an input or cannot be written.
-        FloatingPointError: with ``out``, a model's signals are not finite (lower ``lr``).
+        FloatingPointError: a model diverged at an explicit ``lr`` (non-finite signals, or its
+            training loss or signals grown far beyond theta_0's, :func:`lr_statistics`): with
+            ``out`` nothing is written; without it a warning; with ``lr="auto"``, every lr of the
+            grid diverged.
+
+    Warns (``warnings.warn``, shown once in the console): fewer than ``DEFAULTS.few_steps``
+    optimiser steps per model; examples whose signal never moved across the K models (their
+    scores are 0; the shares are also in ``attrs``).
     """
-    _check_fit_args(K=K, ratio=ratio, epochs=epochs, lr=lr, batch_size=batch_size, rho=rho, gamma=gamma,
-                    seed=seed, chunk_size=chunk_size, variant=variant, mode=mode, lr_schedule=lr_schedule,
-                    first_order=first_order)
+    variant = default_variant(task, train) if variant is None else variant
+    form, variant = variant, fit_variant(variant) if isinstance(variant, str) else variant
+    base = DaunceConfig().for_variant(variant) if variant in obj.VARIANTS else DaunceConfig()
+    ratio = base.ratio if ratio is None else ratio
+    rho = base.rho if rho is None else rho
+    prox = base.prox if prox is None else prox
+    if not isinstance(prox, numbers.Real) or isinstance(prox, bool) or not math.isfinite(prox) or prox < 0:
+        raise ValueError(f"prox must be a finite number >= 0, got {prox!r}")
+    measure = default_measure(form) if measure is None else measure
+    auto = isinstance(lr, str)
+    if auto and lr != "auto":
+        raise ValueError(f"lr must be a positive number or 'auto' (the label-free rule over lr_grid), got {lr!r}")
+    if auto:
+        grid = list(lr_grid) if lr_grid is not None else []
+        if not grid:
+            raise ValueError("lr='auto' needs a non-empty lr_grid")
+        for g in grid:
+            _check_fit_args(K=K, ratio=ratio, epochs=1, lr=g, batch_size=batch_size, rho=rho, gamma=gamma,
+                            seed=seed, chunk_size=chunk_size, variant=variant, mode=mode, lr_schedule=lr_schedule,
+                            first_order=first_order)
+    from .scoring import _check_measure
+
+    _check_measure(measure)
+    _check_fit_args(K=K, ratio=ratio, epochs=1 if epochs is None else epochs, lr=lr_grid[0] if auto else lr,
+                    batch_size=batch_size, rho=rho, gamma=gamma, seed=seed, chunk_size=chunk_size, variant=variant,
+                    mode=mode, lr_schedule=lr_schedule, first_order=first_order)
     if out is not None:
         store.check_output(out, inputs=_files(train, query))
     if antithetic and K % 2:
@@ -477,9 +554,15 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     dev = pick_device(device)
     options = {"antithetic": antithetic, "common_batches": common_batches, "lr_schedule": lr_schedule,
                "first_order": first_order}
-    cfg = DaunceConfig(K=K, ratio=ratio, epochs=epochs, batch_size=batch_size or 64, rho=rho, gamma=gamma,
+    cfg = DaunceConfig(K=K, ratio=ratio, epochs=1 if epochs is None else epochs,
+                       batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma, prox=prox,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
+    if obj.is_matched(variant):  # for_variant reads these in place of rho, prox and ratio
+        cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio, matched_epochs=epochs)
     if isinstance(task, LMTask):
+        if obj.is_matched(variant):
+            raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
+                             "choose daunce, daunce_e or daunce_t for an LMTask")
         if options != {"antithetic": False, "common_batches": False, "lr_schedule": "constant",
                        "first_order": "margin"}:
             raise ValueError(f"the LoRA fitter takes none of antithetic, common_batches, lr_schedule, first_order; "
@@ -489,26 +572,200 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         task = ClassificationTask() if task is None else task
         if not isinstance(task, Task):
             raise TypeError(f"task must be a daunce_core.api.Task or LMTask, got {type(task).__name__}")
+        _check_model(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         tr = _as_data(train, "train", train_ids, dev, dtype)
         qu = _as_data(query, "query", query_ids, dev, dtype)
         if batch_size is None and tr.batch_size:
             cfg = dataclasses.replace(cfg, batch_size=tr.batch_size)
+        if epochs is None:
+            cfg = dataclasses.replace(cfg, epochs=fit_epochs(tr.n, ratio, cfg.batch_size, DEFAULTS.min_steps))
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
-    signals = chunks.fit_all(fitter, K, chunk_size, lr)
-    setting = {"ratio": ratio, "epochs": epochs, "batch_size": cfg.batch_size, "rho": rho, "gamma": gamma,
-               "lr": lr, "task": type(task).__name__, **options}
-    signals.attrs = {"config": setting, **signals.attrs, "lr": lr}
-    bad = signals.diverged()
-    if bad.any():
-        msg = (f"{int(bad.sum())} of {K} perturbed models diverged at lr={lr:g} (non-finite signals, first "
-               f"k={int(signals.model_index[bad][0])}); lower lr")
+        if q_weighted(form) and isinstance(fitter, TaskFitter):
+            raise ValueError(f"variant {form!r} needs theta_0's label probabilities, which only ClassificationTask on "
+                             "(inputs, labels) tensors gives; use variant 'daunce_t' with this Task")
+    if q_weighted(form) and isinstance(task, LMTask):
+        raise ValueError(f"variant {form!r} is for classifiers; use 'daunce_t' with an LMTask")
+    n = len(_lm_examples(train, "train")) if isinstance(task, LMTask) else tr.n
+    steps = _steps(n, ratio, cfg.batch_size, cfg.epochs) if not isinstance(task, LMTask) or task.steps is None \
+        else task.steps
+    _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs)
+    table = None
+    if auto:
+        signals, table = _auto_lr(fitter, K, chunk_size, list(lr_grid), measure)
+        lr = signals.attrs["lr"]
+    else:
+        signals = chunks.fit_all(fitter, K, chunk_size, lr)
+    setting = {"ratio": ratio, "epochs": cfg.epochs, "steps": steps, "batch_size": cfg.batch_size, "rho": rho,
+               "gamma": gamma, "prox": prox, "lr": lr, "task": type(task).__name__, **options}
+    stats = lr_statistics(signals, measure, reliability=False)
+    signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps, "form": form,
+                     "zero_variance_train": stats["zero_variance_train"],
+                     "zero_variance_query": stats["zero_variance_query"],
+                     **({"lr_rule": table} if table is not None else {})}
+    if stats["diverged"]:
+        msg = f"the perturbed models diverged at lr={lr:g} ({stats['why']}); lower lr, or pass lr='auto'"
         if out is not None:
             raise FloatingPointError(f"{out}: not written: {msg}")
-        log.warning(msg)
-    elif out is not None:
+        signals.attrs["diverged"] = msg
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return signals
+    _warn_zero_variance(stats, measure)
+    if out is not None:
         chunks.write_signals(out, signals)
     return signals
+
+
+# --- the defaults' rules: fit length, divergence, the label-free learning rate ------------------
+
+def score_signals(signals: Signals, measure: str | None = None) -> np.ndarray:
+    """Dense scores [n, m] of :func:`fit_losses`' signals: equation 6 (or its Pearson form), times
+    TRAK's Q, ``1 - p_i(theta_0)``, on the training side for a ``daunce_t_q`` fit (applied after
+    normalising, docs/daunce_t_factor.md). Refuses diverged fits (:func:`refuse_diverged`)."""
+    from .scoring import pairwise_scores
+
+    refuse_diverged(signals)
+    measure = default_measure(signals.attrs.get("form", "")) if measure is None else measure
+    s = pairwise_scores(signals.train, signals.query, measure=measure)
+    if q_weighted(signals.attrs.get("form", "")):
+        s *= (1.0 - signals.p0_train).astype(s.dtype)[:, None]
+    return s
+
+
+def refuse_diverged(signals: Signals) -> None:
+    """Raise FloatingPointError when :func:`fit_losses` found the fits diverged: no scores from them."""
+    if "diverged" in signals.attrs:
+        raise FloatingPointError(f"no scores: {signals.attrs['diverged']}")
+
+
+_QUIET = [False]
+
+
+class quiet:
+    """Within ``with quiet():`` the API's warnings about steps and zero variance are not shown
+    (a study that loops over many settings reads them from ``attrs`` instead)."""
+
+    def __enter__(self):
+        self._was, _QUIET[0] = _QUIET[0], True
+
+    def __exit__(self, *exc):
+        _QUIET[0] = self._was
+
+
+def _steps(n: int, ratio: float, batch_size: int, epochs: int) -> int:
+    """Optimiser steps of one perturbed model: ``epochs`` times the full batches of its subset."""
+    sub = perturb.subset_size(n, ratio)
+    return epochs * (sub // max(1, min(batch_size, sub)))
+
+
+def fit_epochs(n: int, ratio: float, batch_size: int, min_steps: int) -> int:
+    """The fewest epochs that give each perturbed model (``ratio`` of ``n`` examples in batches of
+    ``batch_size``) at least ``min_steps`` optimiser steps."""
+    return max(1, math.ceil(min_steps / max(1, _steps(n, ratio, batch_size, 1))))
+
+
+def _warn_steps(steps: int, n: int, ratio: float, batch_size: int, epochs: int) -> None:
+    if steps < DEFAULTS.few_steps and not _QUIET[0]:
+        sub = perturb.subset_size(n, ratio)
+        need = fit_epochs(n, ratio, batch_size, DEFAULTS.min_steps)
+        warnings.warn(f"each perturbed model takes only {steps} optimiser step(s) ({epochs} epoch(s) over its "
+                      f"{sub} examples in batches of {min(batch_size, sub)}): too few to move it from theta_0; "
+                      f"raise epochs (epochs={need} gives {_steps(n, ratio, batch_size, need)} steps) or lower "
+                      "batch_size, or leave epochs=None", RuntimeWarning, stacklevel=3)
+
+
+def _warn_zero_variance(stats: dict, measure: str) -> None:
+    zt, zq = stats["zero_variance_train"], stats["zero_variance_query"]
+    if (zt or zq) and not _QUIET[0]:
+        warnings.warn(f"{100 * zt:.1f}% of the training examples and {100 * zq:.1f}% of the queries have zero "
+                      f"variance across the K models (their signal never moved): their {measure} scores are 0. "
+                      "A larger lr or more steps moves them; the shares are in the losses' and scores' attributes",
+                      RuntimeWarning, stacklevel=3)
+
+
+# A perturbed model whose mean training loss exceeds theta_0's by this factor (and by LOSS_MARGIN
+# nats), or whose |signal| exceeds SIGNAL_LIMIT anywhere, diverged.
+LOSS_FACTOR, LOSS_MARGIN, SIGNAL_LIMIT = 10.0, 2.0, 1e4
+
+
+def lr_statistics(signals: Signals, measure: str = DEFAULTS.measure, *, reliability: bool = True) -> dict:
+    """What the label-free lr rule reads of one fit: divergence, loss growth, zero-variance shares
+    and the split-K reliability of the scores (``diagnostics.diagnose``: the Spearman-Brown
+    reliability of the scores from all K models, mean over queries; NaN when diverged).
+
+    Divergence: a non-finite signal; any |signal| above ``SIGNAL_LIMIT`` (margins of a model whose
+    logits exploded); or, where theta_0's label probabilities are known (classifiers), a model's
+    mean training loss above ``LOSS_FACTOR`` times theta_0's and ``LOSS_MARGIN`` nats above it."""
+    train, query = np.asarray(signals.train, np.float64), np.asarray(signals.query, np.float64)
+    out = {"steps": signals.attrs.get("steps"), "diverged": False, "why": "", "loss_ratio": float("nan"),
+           "reliability": float("nan"), "zero_variance_train": 0.0, "zero_variance_query": 0.0}
+    finite = np.isfinite(train).all(1) & np.isfinite(query).all(1)
+    if not finite.all():
+        out.update(diverged=True, why=f"{int((~finite).sum())} of {len(finite)} models non-finite")
+        return out
+    big = max(np.abs(train).max(initial=0.0), np.abs(query).max(initial=0.0))
+    if big > SIGNAL_LIMIT:
+        out.update(diverged=True, why=f"signals reach {big:.3g} (|{signals.signal}| > {SIGNAL_LIMIT:g})")
+    if signals.p0_train is not None:
+        loss0 = float(np.mean(-np.log(np.clip(signals.p0_train, 1e-300, None))))
+        loss = train if signals.signal == "loss" else np.logaddexp(0.0, -train)  # margin f: -log sigmoid(f)
+        per_model = loss.mean(1)
+        out["loss_ratio"] = float(np.median(per_model) / max(loss0, 1e-12))
+        grown = per_model > max(LOSS_FACTOR * loss0, loss0 + LOSS_MARGIN)
+        if grown.any() and not out["diverged"]:
+            out.update(diverged=True, why=f"{int(grown.sum())} of {len(grown)} models' training loss grew from "
+                       f"theta_0's {loss0:.3g} to a median {np.median(per_model[grown]):.3g}")
+    out["zero_variance_train"] = float((train.std(0) == 0).mean()) if train.size else 0.0
+    out["zero_variance_query"] = float((query.std(0) == 0).mean()) if query.size else 0.0
+    if reliability and not out["diverged"] and len(train) >= 4:
+        from .diagnostics import diagnose
+
+        out["reliability"] = diagnose(train, query, measure, se=False).mean_reliability
+    return out
+
+
+def pick_lr(rows: Sequence[dict], min_reliability: float = 0.8, backoff: float = 10.0) -> float | None:
+    """The label-free learning rate of a grid, from the fits' own statistics (:func:`lr_statistics`).
+
+    1. Divergence is a cliff, and the lrs just below it are already chaotic (the halves of the K
+       models disagree, and the LDS falls while the fits still look finite): only lrs at least
+       ``backoff`` times below the smallest diverged lr are candidates.
+    2. Among those, the largest whose split-K reliability reaches ``min_reliability``: a larger lr
+       moves the models further from theta_0 (more signal per fit) until Monte Carlo noise from
+       the nonlinear fits dominates; below the threshold the scores are mostly that noise.
+    3. If none reaches it, the most reliable candidate.
+
+    ``rows``: ``{"lr", "reliability", "diverged"}`` per lr. None when every lr diverged. The
+    thresholds and the evidence that this lands near the lr chosen on LDS masks: docs/defaults.md."""
+    ok = [r for r in rows if not r["diverged"] and math.isfinite(r["reliability"])]
+    if not ok:
+        return None
+    bad = [r["lr"] for r in rows if r["diverged"]]
+    cap = min(bad) / backoff if bad else math.inf
+    cand = [r for r in ok if r["lr"] <= cap] or [min(ok, key=lambda r: r["lr"])]
+    good = [r for r in cand if r["reliability"] >= min_reliability]
+    return max(r["lr"] for r in good) if good else max(cand, key=lambda r: r["reliability"])["lr"]
+
+
+def _auto_lr(fitter, K: int, chunk_size: int, grid: list[float], measure: str) -> tuple[Signals, list[dict]]:
+    """Fit K models at each lr of ``grid``, pick one by :func:`pick_lr`; (its signals, the table)."""
+    fits, table = {}, []
+    for lr in grid:
+        sig = chunks.fit_all(fitter, K, chunk_size, lr)
+        st = lr_statistics(sig, measure)
+        table.append({"lr": lr, "reliability": st["reliability"], "diverged": st["diverged"],
+                      "loss_ratio": st["loss_ratio"]})
+        log.info("lr=%g: reliability %.3f%s", lr, st["reliability"],
+                 f" (diverged: {st['why']})" if st["diverged"] else "")
+        if not st["diverged"]:
+            fits[lr] = sig
+    chosen = pick_lr(table)
+    if chosen is None:
+        raise FloatingPointError(f"lr='auto': the perturbed models diverged at every lr of lr_grid={grid}; "
+                                 "give smaller learning rates")
+    sig = fits[chosen]
+    sig.attrs = {**sig.attrs, "lr": chosen}
+    return sig, table
 
 
 def _fitter(model, task, tr: _Data, qu: _Data, variant, cfg, dev, mode):
@@ -522,6 +779,23 @@ def _fitter(model, task, tr: _Data, qu: _Data, variant, cfg, dev, mode):
         return EnsembleFitter(net, theta_0, tr.tensors, qu.tensors, variant=variant, cfg=cfg,
                               train_ids=tr.ids, query_ids=qu.ids, mode=mode)
     return TaskFitter(model, task, tr, qu, variant=variant, cfg=cfg, device=dev, mode=mode)
+
+
+def _check_model(model: Any) -> None:
+    """Refuse, in one line, a model the perturbed fits cannot train: not a module, no trainable
+    parameter, or half-precision weights (the fits keep float32 or float64 master weights)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (theta_0), got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters: nothing to perturb")
+    if not any(p.requires_grad for p in params):
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to perturb "
+                         "(unfreeze the layers DAUNCE should attribute through)")
+    low = sorted({str(p.dtype).replace("torch.", "") for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    if low:
+        raise ValueError(f"the model's parameters are {', '.join(low)}; the perturbed fits need float32 or "
+                         "float64 weights: pass model.float() (its scores are then those of the same theta_0)")
 
 
 def _check_labels(net: nn.Module, data: _Data, name: str) -> _Data:
@@ -538,8 +812,16 @@ def _check_labels(net: nn.Module, data: _Data, name: str) -> _Data:
                          f"index per example, shape ({len(y)},){hint}")
     was = net.training
     with torch.no_grad():  # eval: a forward must not update theta_0's BatchNorm statistics
-        C = net.eval()(X[:1]).shape[-1]
+        out = net.eval()(X[:2])
     net.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model's forward returns a {type(out).__name__}; ClassificationTask needs a tensor "
+                        "of logits [batch, classes]: wrap the model to return the logits, or give a Task whose "
+                        "logits() picks them")
+    if out.ndim != 2:
+        raise ValueError(f"the model's forward returns shape {tuple(out.shape)} for a batch of {len(X[:2])}; "
+                         "ClassificationTask needs logits [batch, classes] (flatten or pick the class axis)")
+    C = out.shape[-1]
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= C:
         bad = lo if lo < 0 else hi
@@ -583,6 +865,26 @@ def _check_fit_args(*, K, ratio, epochs, lr, batch_size, rho, gamma, seed, chunk
                                  ("first_order", first_order, FIRST_ORDER)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def default_variant(task: Any, train: Any, topk: int | None = None) -> str:
+    """The variant a call takes when none is given: ``DEFAULTS.variant`` for a classifier on
+    ``(inputs, labels)`` tensors or arrays (``ClassificationTask``, which gives theta_0's label
+    probabilities), with dense scores; ``DEFAULTS.task_variant`` for any other Task or data, an
+    LMTask, or top-k scores files (docs/defaults.md)."""
+    classifier = (task is None or type(task) is ClassificationTask) and isinstance(train, (tuple, list)) \
+        and len(train) == 2
+    if not classifier:
+        return DEFAULTS.task_variant
+    return DEFAULTS.variant if topk is None else fit_variant(DEFAULTS.variant)
+
+
+def default_measure(variant: str) -> str:
+    """The measure a variant's scores take by default (``config.MEASURES``): covariance for
+    matched-noise DAUNCE (its limit is the influence function as a covariance,
+    docs/matched_noise.md) and for DAUNCE-T and its Q form (docs/defaults.md), correlation (the
+    paper's) for the others."""
+    return MEASURES.get(variant, "correlation")
 
 
 def _lm_examples(data: Any, name: str) -> list[dict]:
@@ -637,7 +939,7 @@ def _lora_fitter(model, task: LMTask, train, query, cfg: DaunceConfig, lr: float
                       train_ids=ids[0], query_ids=ids[1])
 
 
-def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, measure: str = "correlation",
+def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any, *, measure: str | None = None,
            out: str | os.PathLike | None = None, topk: int | None = None, losses_out: str | os.PathLike | None = None,
            memory_gb: float = 4.0, **fit_kw: Any) -> np.ndarray | str:
     """Attribution scores of every training example for every query (equation 6; positive = helps).
@@ -647,16 +949,25 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     :func:`daunce_core.scoring.score_file` -- top-k per query with ``topk``, dense otherwise
     within ``memory_gb`` -- and ``str(out)`` is returned. Other keywords are :func:`fit_losses`'s.
     ``measure``, ``topk`` and ``memory_gb`` are checked before the fits; neither ``out`` nor
-    ``losses_out`` may be one of the input files.
+    ``losses_out`` may be one of the input files. ``measure`` None: ``"covariance"`` for
+    ``daunce_m``, ``"correlation"`` otherwise.
     """
-    from .scoring import _check_measure, _check_memory, pairwise_scores, score_file
+    from .scoring import _check_measure, _check_memory, score_file
+
+    if fit_kw.get("variant") is None:
+        fit_kw["variant"] = default_variant(task, train, topk)
+    if measure is None:
+        measure = default_measure(fit_kw["variant"])
 
     _check_measure(measure)  # the cheap arguments are checked before the K fits
     if out is None:
         if topk is not None:
             raise ValueError("scores: topk streams the best examples into a file; give out='scores.h5' too")
-        sig = fit_losses(model, task, train, query, out=losses_out, **fit_kw)
-        return pairwise_scores(sig.train, sig.query, measure=measure)
+        sig = fit_losses(model, task, train, query, out=losses_out, measure=measure, **fit_kw)
+        return score_signals(sig, measure)
+    if topk is not None and q_weighted(fit_kw["variant"]):
+        raise ValueError(f"topk: variant {fit_kw['variant']!r} weighs the scores by TRAK's Q "
+                         "after scoring, so the top k need the dense scores; leave topk out, or use variant 'daunce_t'")
     if topk is not None and (not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1):
         raise ValueError(f"topk must be a whole number of at least 1 (examples kept per query), got {topk!r}")
     _check_memory(memory_gb)
@@ -665,5 +976,9 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     store.check_output(out, inputs=[losses_out, *_files(train, query)] if losses_out else _files(train, query))
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
-        fit_losses(model, task, train, query, out=path, **fit_kw)
+        fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
+        if q_weighted(fit_kw["variant"]):
+            from .pipeline import score_variant
+
+            return score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
         return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)

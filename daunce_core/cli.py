@@ -101,15 +101,19 @@ def _fit(args: argparse.Namespace) -> None:
     if lr is None:
         if len(cfg.daunce.lr_grid) != 1:
             raise ValueError(f"daunce.lr_grid holds {len(cfg.daunce.lr_grid)} learning rates "
-                             f"{cfg.daunce.lr_grid}; choose one with --lr (the workflow selects it by LDS)")
+                             f"{cfg.daunce.lr_grid}; choose one with --lr, or --lr auto (the label-free rule "
+                             "over the grid, docs/defaults.md; the workflow selects it by LDS)")
         lr = float(cfg.daunce.lr_grid[0])
     out = args.output or f"{cfg.experiment}.{variant}.losses.h5"
     store.check_output(out, inputs=inputs)  # before the slow imports and the fits
+    from .api import lr_statistics
+
     signals = _perturbed_fits(cfg, variant, lr, args.theta0)
-    bad = signals.diverged()
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} of {cfg.daunce.K} perturbed models diverged at lr={lr:g} "
-                         "(non-finite losses); nothing written, lower --lr")
+    lr = signals.attrs.get("lr", lr)
+    stats = lr_statistics(signals, cfg.daunce.select_measure, reliability=False)
+    if stats["diverged"]:
+        raise ValueError(f"the perturbed models diverged at lr={lr:g} ({stats['why']}); nothing written, "
+                         "lower --lr")
     d = cfg.daunce
     setting = {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
                "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch}
@@ -143,7 +147,8 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     d = cfg.daunce
     # the settings used, since keys the config files leave out take daunce_core/config.py's defaults
     print(f"daunce fit: K={d.K} perturbed models of {d.epochs} epoch(s) (daunce.epochs) on r={d.ratio:g} of "
-          f"{ds.n} training examples, lr={lr:g}, variant {variant}, {cfg.model.arch}", file=sys.stderr)
+          f"{ds.n} training examples, lr={lr if lr == 'auto' else format(lr, 'g')}, variant {variant}, "
+          f"{cfg.model.arch}", file=sys.stderr)
     if theta0_path is None:
         # the base rule's key of theta_0's initialisation and data order
         _, p, b = E.fit_from_scratch(model_factory(cfg.model, in_shape, ds.num_classes), X, y, [np.arange(ds.n)],
@@ -155,7 +160,20 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     fitter = EnsembleFitter(net, theta0, (X, y), query,
                             variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
                             speed=E.Speed.from_train(cfg.base))
+    if lr == "auto":  # the API's label-free rule over daunce.lr_grid (docs/defaults.md)
+        from .api import _auto_lr
+
+        sig, table = _auto_lr(fitter, cfg.daunce.K, cfg.daunce.chunk_size, [float(v) for v in d.lr_grid],
+                              d.select_measure)
+        print(f"daunce fit: lr={sig.attrs['lr']:g} chosen by split-K reliability ({d.select_measure}) over "
+              + ", ".join(f"{r['lr']:g}: " + ("diverged" if r["diverged"] else f"{r['reliability']:.3f}")
+                          for r in table), file=sys.stderr)
+        return sig
     return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
+
+
+def _lr_arg(text: str):
+    return "auto" if text == "auto" else _number(float, 0.0, above=True)(text)
 
 
 def _check_fit(args: argparse.Namespace) -> str | None:
@@ -319,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="losses HDF5 file to write (default: EXPERIMENT.VARIANT.losses.h5)")
     t.add_argument("--variant", default=None,
                    help="perturbed objective (default: the first of daunce.variants)")
-    t.add_argument("--lr", type=_number(float, 0.0, above=True), default=None,
-                   help="learning rate of the perturbed fits (default: daunce.lr_grid when it holds one)")
+    t.add_argument("--lr", type=_lr_arg, default=None,
+                   help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
+                        "reliability) over daunce.lr_grid, K models per lr (default: daunce.lr_grid when it "
+                        "holds one)")
     t.add_argument("--theta0", default=None,
                    help="theta_0 (safetensors, the workflow's base output); default: train it")
     t.set_defaults(func=_fit, check=_check_fit)

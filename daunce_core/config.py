@@ -20,7 +20,7 @@ from .settings import ConfigError, build, check_limits, nested, setting, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
            "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS",
-           "fit_variant", "q_weighted", "MislabelConfig"]
+           "fit_variant", "q_weighted", "MislabelConfig", "ApiDefaults", "DEFAULTS", "MEASURES"]
 
 # Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
 # (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).
@@ -42,7 +42,9 @@ FIRST_ORDER = ("margin", "cross_entropy")
 OPTIMIZERS = ("sgd", "adam")
 # daunce.variants: the perturbed objectives (daunce_core.objectives.VARIANTS, which imports torch)
 # and the scoring forms of Q_FORMS
-VARIANTS = ("daunce", "daunce_e", "daunce_t", *Q_FORMS, "daunce_bb", "daunce_e_bb", "daunce_t_bb")
+VARIANTS = ("daunce", "daunce_e", "daunce_t", *Q_FORMS, "daunce_m", "daunce_bb", "daunce_e_bb", "daunce_t_bb")
+# matched-noise DAUNCE (docs/matched_noise.md): its own scale, damping and subset ratio, and covariance
+MATCHED_VARIANTS = ("daunce_m",)
 
 # Top-level config keys of stages with their own settings (validated by the workflow schema).
 OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
@@ -155,7 +157,8 @@ class DaunceConfig:
     chunk_size: int = setting(50, "perturbed models trained together in one job", ge=1)
     variants: list = setting(["daunce", "daunce_e", "daunce_t"], "variants to run (Tables 1 and 2), and "
                              "daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the "
-                             "training side", items=str, choices=VARIANTS)
+                             "training side, and daunce_m: matched noise, labels drawn from theta_0", items=str,
+                             choices=VARIANTS)
     k_curve: list = setting([5, 10, 20, 50, 100], "K values of Figure 6 (prefixes of the K models); unset: "
                             "these, those above K replaced by K", items=int, ge=2)
     select_measure: str = setting("correlation", "measure used to select the learning rate",
@@ -168,6 +171,71 @@ class DaunceConfig:
                              "updated and used to compute the signals)", choices=("eval", "train"))
     augment: bool = setting(False, "augment the perturbed fits as the authors do: RandomCrop(32, padding=4) "
                             "(zero padding) and horizontal flips, drawn per model (images only)")
+    matched_scale: float = setting(0.1, "daunce_m: scale of the first-order term with the label drawn from "
+                                   "theta_0 (in place of rho); small keeps the fits in the linear regime "
+                                   "(docs/matched_noise.md)", gt=0)
+    matched_prox: float = setting(1e-3, "daunce_m: proximal damping lambda/2 ||theta - theta_0||^2 of its fits "
+                                  "(in place of prox): the damping of its Gauss-Newton influence limit", ge=0)
+    matched_ratio: float = setting(1.0, "daunce_m: subset ratio r of its fits (in place of ratio)", gt=0, le=1)
+    matched_epochs: int = setting(30, "daunce_m: epochs of its fits (in place of epochs)", ge=1)
+
+    def for_variant(self, variant: str) -> DaunceConfig:
+        """The settings a variant's fits use: daunce_m's ``matched_*`` in place of rho, prox, ratio
+        and epochs."""
+        if variant not in MATCHED_VARIANTS:
+            return self
+        return dataclasses.replace(self, rho=self.matched_scale, prox=self.matched_prox, ratio=self.matched_ratio,
+                                   epochs=self.matched_epochs)
+
+    def measure_for(self, variant: str) -> str:
+        """The measure a variant's learning rate is selected with: covariance for daunce_m (whose limit
+        is an influence function only as a covariance), else ``select_measure``."""
+        return "covariance" if variant in MATCHED_VARIANTS else self.select_measure
+
+
+def _daunce_default(name: str):
+    f = next(f for f in dataclasses.fields(DaunceConfig) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+@dataclass(frozen=True)
+class ApiDefaults:
+    """The defaults of the library calls, declared once: ``daunce_core.api.fit_losses`` /
+    ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
+    rule read these (their signatures take them from :data:`DEFAULTS`). Ratio, batch size, rho,
+    gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce fit`` and the
+    workflow read those). The variant, measure, K, fit length and learning-rate rule are the API's,
+    chosen by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
+    config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
+    judged on selection masks)."""
+
+    variant: str         # a classifier on (inputs, labels) tensors (ClassificationTask)
+    task_variant: str    # any other Task, an LMTask, or top-k files (variant needs dense scores)
+    measure: str
+    K: int
+    ratio: float
+    batch_size: int
+    min_steps: int       # the fit length: the fewest epochs giving every perturbed model this many steps
+    lr: str              # "auto": the label-free rule over lr_grid (daunce_core.api.pick_lr)
+    lr_grid: tuple
+    rho: float
+    gamma: float
+    seed: int
+    chunk_size: int
+    few_steps: int       # fewer optimiser steps per perturbed model than this: a warning
+
+
+# The measure each variant's scores take by default in the library calls (docs/defaults.md): covariance
+# where the study found it at least as good, correlation (the paper's) elsewhere.
+MEASURES = {"daunce_m": "covariance", "daunce_t": "covariance", "daunce_t_q": "covariance"}
+
+_API_VARIANT = "daunce_t_q"  # docs/defaults.md: the best worst case over the study's three problems
+DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEASURES.get(_API_VARIANT, "correlation"),
+                       K=200,  # docs/defaults.md; the workflow's embedded config/config.yaml has 200 too
+                       ratio=_daunce_default("ratio"), batch_size=_daunce_default("batch_size"), min_steps=50,
+                       lr="auto", lr_grid=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), rho=_daunce_default("rho"),
+                       gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),
+                       chunk_size=_daunce_default("chunk_size"), few_steps=10)
 
 
 SPEARMAN = "a Spearman correlation over masks needs two"
@@ -361,6 +429,9 @@ class ExperimentConfig:
         d = self.daunce
         if d.antithetic and d.K % 2:
             raise ConfigError(f"daunce.K must be even with daunce.antithetic (models 2j, 2j+1 form a pair), got {d.K}")
+        if d.augment and any(v in MATCHED_VARIANTS for v in d.variants):
+            raise ConfigError("daunce.variants: daunce_m draws each label from theta_0 on the stored input, so it "
+                              "takes no augmentation; set daunce.augment: false or drop daunce_m")
         if any(k > d.K for k in d.k_curve):
             raise ConfigError(f"daunce.k_curve values must lie in [2, K={d.K}] (Figure 6's K values), got "
                               f"{d.k_curve}; set daunce.k_curve to values <= {d.K}, e.g. {default_k_curve(d.K)}")

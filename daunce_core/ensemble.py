@@ -101,7 +101,9 @@ def unstack(stacked: Stacked, c: int) -> dict[str, torch.Tensor]:
 
 
 def split_state(net: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    pnames = {n for n, _ in net.named_parameters()}
+    """(trained, fixed) entries of ``state``: the parameters with ``requires_grad``, and the
+    buffers with the frozen parameters (``requires_grad=False``), which no fit ever changes."""
+    pnames = {n for n, p in net.named_parameters() if p.requires_grad}
     return ({k: v for k, v in state.items() if k in pnames},
             {k: v for k, v in state.items() if k not in pnames})
 
@@ -403,22 +405,32 @@ def fit_perturbed(
     ``cfg.antithetic`` and ``cfg.common_batches`` off, the paper's independent draws keyed by
     ``(seed, k)``. ``cfg.lr_schedule`` and ``cfg.optimizer`` set the optimiser
     (:meth:`OptimSpec.from_daunce`), ``cfg.first_order`` DAUNCE-T's first-order term
-    (:func:`daunce_core.objectives.first_order_grad`).
+    (:func:`daunce_core.objectives.first_order_grad`). ``daunce_m`` draws each model's labels from
+    theta_0's probabilities (``plan.matched_labels``) and fits with ``cfg.for_variant``'s settings.
     """
     obj.check_variant(variant)
+    cfg = cfg.for_variant(variant)  # daunce_m: its own scale, damping and subset ratio
     n = len(y)
     device = X.device
     if logits0 is None:
         p0, b0 = split_state(net, theta_0)
         logits0 = predict(net, stack_states([p0], device), stack_states([b0], device), X, mode=mode)[0]
     plan = plan if plan is not None else Plan.from_daunce(cfg)
-    xis, scheds = [], []
+    matched = obj.is_matched(variant)
+    if matched and cfg.augment:
+        raise ValueError("daunce_m draws each example's label from theta_0's prediction on its stored input; "
+                         "set daunce.augment: false for it")
+    probs0 = torch.softmax(logits0.double(), -1).cpu().numpy() if matched else None
+    xis, scheds, labels = [], [], []
     for k in ks:
         sub, xi = plan.subset_and_xi(k, n)
         xis.append(xi)
         scheds.append(batch_order(plan.batch_key(k), sub, cfg.epochs, cfg.batch_size))
+        if matched:
+            labels.append(plan.matched_labels(k, probs0))
     schedule = np.stack(scheds)
     xi_t = torch.as_tensor(np.stack(xis), dtype=torch.float32, device=device)  # [C, n]
+    y_noise = torch.as_tensor(np.stack(labels), device=device) if matched else None  # [C, n] daunce_m's labels
 
     p0, b0 = split_state(net, theta_0)
     # With augmentation, the first-order term needs theta_0's logits on the same augmented images
@@ -444,6 +456,7 @@ def fit_perturbed(
         return obj.classifier_objective(
             variant, logits.reshape(C * B, nc), y[flat], logits0=theta0_logits(idx, xb),
             xi=xi_t[models[:, None], idx].reshape(-1), rho=cfg.rho, gamma=cfg.gamma, first_order=cfg.first_order,
+            y_noise=None if y_noise is None else y_noise[models[:, None], idx].reshape(-1),
         ).reshape(C, B)
 
     signal = obj.signal_of(variant)
@@ -455,7 +468,7 @@ def fit_perturbed(
         if obj.is_black_box(variant):
             return obj.perturbed_objective(variant, s, gamma=cfg.gamma).reshape(C, B)
         d = s - obj.signal_value(signal, theta0_logits(idx, xb), y[flat])
-        return (cfg.gamma * d if variant == "daunce" else 0.5 * cfg.gamma * d.square()).reshape(C, B)
+        return (cfg.gamma * d if variant in ("daunce", "daunce_m") else 0.5 * cfg.gamma * d.square()).reshape(C, B)
 
     objective.takes_inputs = erm_objective.takes_inputs = recompute
     C = len(ks)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DISPLAY = {
     "daunce": "DAUNCE", "daunce_e": "DAUNCE-E", "daunce_t": "DAUNCE-T", "daunce_t_q": "DAUNCE-T (Q)",
+    "daunce_m": "DAUNCE-M (matched noise)", "limit_daunce_m": "limit: DAUNCE-M",
     "daunce_bb": "DAUNCE (bb)", "daunce_e_bb": "DAUNCE-E (bb)", "daunce_t_bb": "DAUNCE-T (bb)",
     "trak": "TRAK", "ekfac": "EK-FAC IF", "logra": "LoGra", "graddot": "Grad-Dot",
     "tracin": "TracIn", "exact_if": "Exact IF",

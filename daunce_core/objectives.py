@@ -25,12 +25,20 @@ variant         objective                                     signal
 ``daunce``      gamma (L - L_0) - (1 + rho (2xi - 1)) lin_L   loss
 ``daunce_e``    gamma/2 (L - L_0)^2 - rho (2xi - 1) lin_L     loss
 ``daunce_t``    gamma/2 (f - f_0)^2 - rho (2xi - 1) lin_f     margin
+``daunce_m``    gamma (L - L_0) - lin_L - rho lin_~y          loss
 ``daunce_bb``   gamma L                                       loss
 ``daunce_e_bb`` gamma/2 L^2                                   loss
 ``daunce_t_bb`` gamma/2 f^2                                   margin
 ==============  ============================================  ==========
 
 The black-box forms (Table 2) have no first-order term and no ``xi``: only the subset perturbs.
+
+``daunce_m`` (matched noise; docs/matched_noise.md) replaces ``xi`` by a label drawn from theta_0's
+own prediction, ``~y_i^k ~ p(. | x_i, theta_0)``: ``lin_~y = <softmax(g_0) - e_~y, g - g_0>`` has
+mean zero and, in logit space, covariance ``diag(p) - p p^T``, the Gauss-Newton matrix's, so the
+covariance of the losses tends to the damped Gauss-Newton influence function (not the
+empirical-Fisher sandwich of the uniform ``xi``). Here ``rho`` is ``daunce.matched.scale``. No
+black-box form: the black-box objectives have no first-order term for a label to enter.
 
 DAUNCE-T's first-order term takes one of two logit gradients (``daunce.first_order``, issue 12 item
 2): ``"margin"``, the margin's (Table 1, the default), or ``"cross_entropy"``, the loss's, as the
@@ -50,7 +58,8 @@ import torch
 
 from .config import FIRST_ORDER  # daunce.first_order's choices; the first is the default
 
-WHITE_BOX = ("daunce", "daunce_e", "daunce_t")
+WHITE_BOX = ("daunce", "daunce_e", "daunce_t", "daunce_m")
+MATCHED = ("daunce_m",)  # the first-order term's label drawn from theta_0 (perturb.matched_labels)
 BLACK_BOX = ("daunce_bb", "daunce_e_bb", "daunce_t_bb")
 VARIANTS = WHITE_BOX + BLACK_BOX
 
@@ -70,6 +79,11 @@ def check_variant(variant: str) -> None:
 
 def is_black_box(variant: str) -> bool:
     return variant in BLACK_BOX
+
+
+def is_matched(variant: str) -> bool:
+    """Whether the variant's noise is a label drawn from theta_0 (``y_noise``), not ``xi``."""
+    return variant in MATCHED
 
 
 # --- per-example signals of a classifier -------------------------------------------------------
@@ -146,6 +160,7 @@ def perturbed_objective(
     xi: torch.Tensor | None = None,
     rho: float = 1.0,
     gamma: float = 1.0,
+    lin_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example perturbed objective of Table 1 / Table 2 (equation 5); shape [B].
 
@@ -157,8 +172,15 @@ def perturbed_objective(
         xi: ``xi_i^k ~ U(0, 1)`` of each example for this model, [B].
         rho: perturbation scale; ``rho = 1`` is the paper.
         gamma: weight of the loss term.
+        lin_noise: ``daunce_m`` only (in place of ``xi``): the first-order term with the drawn
+            label, ``<softmax(g_0) - e_~y, g - g_0>`` [B].
     """
     check_variant(variant)
+    if variant == "daunce_m":
+        if s0 is None or lin is None or lin_noise is None:
+            raise ValueError("variant 'daunce_m' needs s0, lin and lin_noise (the first-order term with "
+                             "theta_0's drawn label)")
+        return gamma * (s - s0) - lin - rho * lin_noise
     if variant == "daunce_bb":
         return gamma * s
     if variant in ("daunce_e_bb", "daunce_t_bb"):
@@ -182,9 +204,11 @@ def classifier_objective(
     rho: float = 1.0,
     gamma: float = 1.0,
     first_order: str = "margin",
+    y_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`perturbed_objective` for a classifier, from logits; shape [B]. ``first_order``
-    picks DAUNCE-T's logit gradient (:func:`first_order_grad`)."""
+    picks DAUNCE-T's logit gradient (:func:`first_order_grad`); ``y_noise`` is ``daunce_m``'s
+    drawn label of each example (instead of ``xi``)."""
     signal = signal_of(variant)
     s = signal_value(signal, logits, y)
     if is_black_box(variant):
@@ -194,4 +218,9 @@ def classifier_objective(
     logits0 = logits0.detach()
     s0 = signal_value(signal, logits0, y)
     lin = first_order_term(logits, logits0, first_order_grad(variant, logits0, y, first_order))
-    return perturbed_objective(variant, s, s0=s0, lin=lin, xi=xi, rho=rho, gamma=gamma)
+    lin_noise = None
+    if is_matched(variant):
+        if y_noise is None:
+            raise ValueError("variant 'daunce_m' needs the labels drawn from theta_0 (y_noise)")
+        lin_noise = first_order_term(logits, logits0, signal_logit_grad("loss", logits0, y_noise))
+    return perturbed_objective(variant, s, s0=s0, lin=lin, xi=xi, rho=rho, gamma=gamma, lin_noise=lin_noise)

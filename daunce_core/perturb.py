@@ -1,7 +1,8 @@
 """Subset masks and perturbation weights keyed by (seed, k) -- Algorithm 1, steps 2 and 3.
 
 Perturbed model ``k`` draws everything random from ``numpy.random.default_rng([seed, k])``: its
-subset ``D^k``, its ``xi^k`` and its minibatch order. Model ``k`` is therefore the same whether
+subset ``D^k``, its ``xi^k`` and its minibatch order; matched-noise DAUNCE's labels come from
+``default_rng([seed, k, 4])`` (:func:`matched_labels`). Model ``k`` is therefore the same whether
 K models are trained in one job or split over many.
 """
 from __future__ import annotations
@@ -30,6 +31,24 @@ def subset_and_xi(seed: int, k: int, n: int, ratio: float) -> tuple[np.ndarray, 
     idx = np.sort(rng.choice(n, size=subset_size(n, ratio), replace=False)).astype(np.int64)
     xi = rng.random(n)
     return idx, xi
+
+
+def matched_labels(seed: int, k: int, probs: np.ndarray, mirror: bool = False) -> np.ndarray:
+    """``~y_i^k ~ p(. | x_i, theta_0)`` for every example: int64 [n] from theta_0's probabilities
+    ``probs`` [n, C] (rows summing to 1), by inverse CDF of one uniform per example drawn from
+    ``default_rng([seed, k, 4])``. ``mirror`` uses ``1 - u`` (an antithetic partner's labels).
+
+    The stream is model k's own, so its labels do not depend on the chunking of K; the rows are
+    renormalised in float64, so float32 probabilities give the same labels on any device.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or not np.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"matched_labels needs finite non-negative probabilities [n, C], got shape {p.shape}")
+    u = np.random.default_rng([int(seed), int(k), 4]).random(len(p))
+    if mirror:
+        u = 1.0 - u
+    cdf = np.cumsum(p / p.sum(1, keepdims=True), axis=1)
+    return np.minimum((cdf < u[:, None]).sum(1), p.shape[1] - 1).astype(np.int64)
 
 
 def batch_order(key: tuple[int, ...], subset: np.ndarray, epochs: int, batch_size: int) -> np.ndarray:

@@ -115,7 +115,8 @@ def _daunce_attrs(cfg: ExperimentConfig) -> dict:
     return {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
             "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch,
             "antithetic": d.antithetic, "common_batches": d.common_batches, "lr_schedule": d.lr_schedule,
-            "first_order": d.first_order}
+            "first_order": d.first_order, "matched_scale": d.matched_scale, "matched_prox": d.matched_prox,
+            "matched_ratio": d.matched_ratio, "matched_epochs": d.matched_epochs}
 
 
 # --- LDS ground truth ----------------------------------------------------------------------------
@@ -182,13 +183,15 @@ def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str],
         raise store.StoreError(f"{gt_select_path}: not the selection split (split="
                                f"{gt['attrs'].get('split')!r}); refusing to select on test masks")
 
+    measure = cfg.daunce.measure_for(variant)  # covariance for daunce_m
+
     def selection_lds(losses: store.Losses) -> float:
-        return selection_score(cfg, losses, gt, cfg.daunce.select_measure, gt_select_path, variant)
+        return selection_score(cfg, losses, gt, measure, gt_select_path, variant)
 
     return chunks.select_lr(loss_paths, selection_lds, out_losses, out_json,
                             {"variant": variant, "selected_on": "select masks and select queries",
                              "n_select_queries": len(gt["query_ids"]), "n_select_masks": len(gt["masks"]),
-                             "measure": cfg.daunce.select_measure},
+                             "measure": measure},
                             key="lds_select", grid_option="daunce.lr_grid")
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from daunce_core import objectives as obj
 from daunce_core import store
 from daunce_core.api import ClassificationTask, LMTask, Task, TaskFitter, fit_losses, scores
+from daunce_core.config import MEASURES
 from daunce_core.scoring import pairwise_scores
 
 torch.set_num_threads(1)
@@ -139,10 +140,10 @@ def test_task_functions_that_cannot_be_vmapped_are_fitted_one_by_one(caplog):
 
 
 def test_scores_in_memory_and_streamed_top_k(tmp_path):
-    dense = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, **KW)
-    sig = fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, **KW)
-    np.testing.assert_array_equal(dense, pairwise_scores(sig.train, sig.query))
-    path = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, out=tmp_path / "s.h5", topk=5,
+    dense = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, variant="daunce", **KW)
+    sig = fit_losses(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, variant="daunce", **KW)
+    np.testing.assert_array_equal(dense, pairwise_scores(sig.train, sig.query, MEASURES.get("daunce", "correlation")))
+    path = scores(mlp(), None, (X, Y), (XQ, YQ), lr=0.1, variant="daunce", out=tmp_path / "s.h5", topk=5,
                   losses_out=tmp_path / "l.h5", **KW)
     s = store.read_scores(path)
     np.testing.assert_array_equal(s["indices"], np.argsort(-dense, axis=0, kind="stable")[:5].T)
@@ -190,6 +191,7 @@ def test_frozen_parameters_stay_at_theta_0():
     net = mlp()
     net[0].weight.requires_grad_(False)
     fitter = TaskFitter(net, GenericClassification(), *_data(), variant="daunce", cfg=_cfg(), device="cpu")
+    fitter._y_noise = torch.zeros((2, 60), dtype=torch.long)  # set by fit(): daunce_m's labels (unused here)
     p = fitter._train_group([0, 1], _schedule(fitter), torch.full((2, 60), 0.9), 0.1, "test")
     assert "0.weight" not in p and not torch.equal(p["0.bias"][0], net[0].bias)
 
@@ -358,3 +360,44 @@ def test_outputs_never_replace_the_jsonl_inputs(tmp_path):
             call()
     assert {p: p.read_bytes() for p in (train, query)} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["query.jsonl", "train.jsonl"]
+
+
+class _Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+class _Dict(_Tuple):
+    def forward(self, x):
+        return {"logits": self.lin(x)}
+
+
+class _Rank3(_Tuple):
+    def forward(self, x):
+        return self.lin(x)[:, None, :]
+
+
+class _NoParameters(nn.Module):
+    def forward(self, x):
+        return x[:, :3]
+
+
+@pytest.mark.parametrize("model, exc, pattern", [
+    (_Tuple(), TypeError, "forward returns a tuple; ClassificationTask needs a tensor of logits"),
+    (_Dict(), TypeError, "forward returns a dict"),
+    (_Rank3(), ValueError, r"returns shape \(2, 1, 3\) .*needs logits \[batch, classes\]"),
+    (_NoParameters(), ValueError, "the model has no parameters"),
+    (nn.Linear(6, 3).bfloat16(), ValueError, "parameters are bfloat16; .*pass model.float"),
+    ("not a model", TypeError, "model must be a torch.nn.Module"),
+])
+def test_models_the_fits_cannot_take_are_one_line_errors(model, exc, pattern, monkeypatch):
+    from daunce_core.fit import chunks
+
+    monkeypatch.setattr(chunks, "fit_all", lambda *a, **k: pytest.fail("fitted before the model was refused"))
+    with pytest.raises(exc, match=pattern) as info:
+        fit_losses(model, None, (X, Y), (XQ, YQ), lr=0.1, **KW)
+    assert "\n" not in str(info.value)

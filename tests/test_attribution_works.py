@@ -3,8 +3,9 @@ LDS beats random scores by a margin, so a change that breaks attribution fails h
 
 The problem: sklearn's digits, 300 training and 60 query images, an MLP with 32 hidden units
 trained 30 epochs (theta_0); LDS ground truth of 60 masks (alpha 0.5, one retrain each); K = 40
-perturbed models per variant at lr 0.01 (10 epochs, batch 32), correlation scores thresholded as
-the default config does (hard, q = 0.9).
+perturbed models per variant at lr 0.01 (10 epochs, batch 32; daunce_m its own matched_* settings),
+correlation scores (daunce_m: covariance, its default) thresholded as the default config does
+(hard, q = 0.9).
 
 How the margin was set: on this problem, random score matrices give LDS near 0 with bootstrap
 CI upper bounds far below every variant's CI lower bound, so the assertion asks a variant's CI
@@ -21,6 +22,7 @@ import torch
 from daunce_core import ensemble as E
 from daunce_core import lds as L
 from daunce_core import store
+from daunce_core.api import default_measure
 from daunce_core.config import ExperimentConfig, fit_variant
 from daunce_core.data import load_dataset
 from daunce_core.fit.chunks import fit_all
@@ -30,7 +32,7 @@ from daunce_core.pipeline import scores_from_losses
 from daunce_core.scoring import apply_threshold
 
 MARGIN = 0.1
-VARIANTS = ["daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_bb", "daunce_e_bb", "daunce_t_bb"]
+VARIANTS = ["daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_m", "daunce_bb", "daunce_e_bb", "daunce_t_bb"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def variant_lds(problem, variant: str) -> L.LDSResult:
     fitter = EnsembleFitter(factory(), theta0, train, query, variant=fit_variant(variant), cfg=cfg.daunce)
     s = fit_all(fitter, cfg.daunce.K, cfg.daunce.K, lr=0.01)
     losses = store.Losses(s.train, s.query, s.model_index, s.train_ids, s.query_ids, {}, p0_train=s.p0_train)
-    scores = scores_from_losses(losses, "correlation", variant)
+    scores = scores_from_losses(losses, default_measure(variant), variant)  # daunce_m: covariance
     return L.evaluate(apply_threshold(scores, cfg.lds.threshold), gt)[0]
 
 

@@ -81,7 +81,7 @@ def test_first_order_term_is_the_directional_derivative(signal):
 def test_objective_is_zero_at_theta0():
     logits = torch.randn(2, 5, 7)
     labels = torch.randint(0, 7, (2, 5))
-    for variant in objectives.WHITE_BOX:
+    for variant in [v for v in objectives.WHITE_BOX if not objectives.is_matched(v)]:  # classifiers only
         obj = sequences.sequence_objective(variant, logits, labels, logits0=logits.clone(), xi=torch.rand(2))
         assert torch.allclose(obj, torch.zeros(2), atol=1e-6), variant
 

@@ -17,7 +17,7 @@ def setup():
     y = torch.randint(0, C, (N,))
     xi = torch.rand(N, dtype=torch.float64)
     params = {k: v.detach() for k, v in net.named_parameters()}
-    return net, params, X, y, xi
+    return net, params, X, y, xi, torch.randint(0, C, (N,))
 
 
 def per_example_grads(net, params, X, y, fn):
@@ -28,22 +28,22 @@ def per_example_grads(net, params, X, y, fn):
     return torch.cat([v.reshape(N, -1) for v in g.values()], dim=1)
 
 
-def objective_grads(net, params, X, y, xi, variant, rho, gamma):
+def objective_grads(net, params, X, y, xi, variant, rho, gamma, y_noise):
     logits0 = functional_call(net, params, (X,)).detach()
 
-    def one(p, x, t, x0, l0):
+    def one(p, x, t, x0, l0, yn):
         logits = functional_call(net, p, (x[None],))
         return O.classifier_objective(variant, logits, t[None], logits0=l0[None], xi=x0[None],
-                                      rho=rho, gamma=gamma).squeeze()
-    g = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))(params, X, y, xi, logits0)
+                                      rho=rho, gamma=gamma, y_noise=yn[None]).squeeze()
+    g = vmap(grad(one), in_dims=(None, 0, 0, 0, 0, 0))(params, X, y, xi, logits0, y_noise)
     return torch.cat([v.reshape(N, -1) for v in g.values()], dim=1)
 
 
 @pytest.mark.parametrize("rho,gamma", [(1.0, 1.0), (0.3, 2.0)])
 @pytest.mark.parametrize("variant", O.VARIANTS)
 def test_gradient_at_theta0_matches_closed_form(setup, variant, rho, gamma):
-    net, params, X, y, xi = setup
-    got = objective_grads(net, params, X, y, xi, variant, rho, gamma)
+    net, params, X, y, xi, yn = setup
+    got = objective_grads(net, params, X, y, xi, variant, rho, gamma, yn)
     gL = per_example_grads(net, params, X, y, O.cross_entropy)
     gf = per_example_grads(net, params, X, y, O.margin)
     with torch.no_grad():
@@ -57,6 +57,8 @@ def test_gradient_at_theta0_matches_closed_form(setup, variant, rho, gamma):
         # the squared terms vanish at theta_0: only the perturbation remains
         "daunce_e": -sigma * gL,
         "daunce_t": -sigma * gf,
+        # matched noise: the label of the noise term is the drawn one, yn, at scale rho
+        "daunce_m": (gamma - 1) * gL - rho * per_example_grads(net, params, X, yn, O.cross_entropy),
         "daunce_bb": gamma * gL,
         "daunce_e_bb": gamma * L * gL,
         "daunce_t_bb": gamma * f * gf,

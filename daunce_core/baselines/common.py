@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 
 METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
 # exact references at exact IF's scale: each DAUNCE variant's Theorem-1 limit and its linearised
-# fits (:mod:`.limits`), and exact IF scored by correlation (:mod:`.exact`); run only when listed
-# in baselines.methods. References for reading DAUNCE's rows (docs/theory.md), not bounds
+# fits (:mod:`.limits`), matched-noise DAUNCE's limit (the damped Gauss-Newton influence function),
+# and exact IF scored by correlation (:mod:`.exact`); run only when listed in baselines.methods.
+# References for reading DAUNCE's rows (docs/theory.md), not bounds
 REFERENCE = ("limit_daunce", "limit_daunce_e", "limit_daunce_t", "limit_daunce_t_q", "limit_bb",
-             "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb", "exact_if_corr")
+             "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb", "exact_if_corr", "limit_daunce_m")
 ALL_METHODS = METHODS + REFERENCE
 TUNABLE = ("trak", "ekfac", "logra", "tracin")  # knobs tuned by baselines.tune (exact_if: its damping_grid)
 MEASUREMENTS = ("margin", "loss")

@@ -93,8 +93,10 @@ LIMITS = {"limit_daunce": "daunce", "limit_daunce_e": "daunce_e", "limit_daunce_
           "limit_daunce_t_q": "daunce_t_q", "limit_bb": "daunce_bb"}
 LINEARISED = {"lin_daunce": "daunce", "lin_daunce_e": "daunce_e", "lin_daunce_t": "daunce_t",
               "lin_bb": "daunce_bb"}
+# matched-noise DAUNCE (objectives.MATCHED): its own kernel, limit_daunce_m's docstring
+MATCHED_LIMITS = {"limit_daunce_m": "daunce_m"}
 # the registry's list (common.py) names them all, and exact IF scored by correlation (:mod:`.exact`)
-assert set(LIMITS) | set(LINEARISED) | {"exact_if_corr"} == set(REFERENCE)
+assert set(LIMITS) | set(LINEARISED) | set(MATCHED_LIMITS) | {"exact_if_corr"} == set(REFERENCE)
 MEASURES = ("correlation", "covariance")
 
 
@@ -103,6 +105,8 @@ def variant_of(method: str) -> str:
         return LIMITS[method]
     if method in LINEARISED:
         return LINEARISED[method]
+    if method in MATCHED_LIMITS:
+        return MATCHED_LIMITS[method]
     raise ValueError(f"unknown reference method {method!r}; choose one of {', '.join(REFERENCE)}")
 
 
@@ -212,6 +216,8 @@ def _refuse_large(method: str, problem: Problem, bcfg: BaselinesConfig) -> None:
 
 def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
     """Scores [n, m] of one limit or linearised method, its damping chosen on the selection masks."""
+    if method in MATCHED_LIMITS:
+        return limit_daunce_m(problem, bcfg, select_gt)
     from ..config import fit_variant
     from ..fit.contract import Plan
     from ..lds import on_edge
@@ -289,4 +295,108 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
         attrs["tuning"] = {"selected": {"damping": d}, "on_edge": on_edge(grid, d), "grid": table,
                            "selected_on": "select masks and select queries"
                            + (" (the limit's LDS)" if method in LINEARISED else "")}
+    return scores, attrs
+
+
+# --- matched noise: the damped Gauss-Newton influence function ------------------------------------
+
+def matched_kernel(A_train: np.ndarray, A_query: np.ndarray, G: np.ndarray, alpha: float) -> np.ndarray:
+    """``alpha A_train^T G A_query`` [n, m] with ``A = M^-1 S^T``: the covariance of the signals of
+    matched-noise fits (:func:`limit_daunce_m`)."""
+    return alpha * (A_train.T @ (G @ A_query))
+
+
+def matched_limit(S_train: np.ndarray, S_query: np.ndarray, G: np.ndarray, M: np.ndarray,
+                  alpha: float = 1.0) -> np.ndarray | None:
+    """Matched-noise DAUNCE's Theorem-1 limit ``alpha S_train M^-1 G M^-1 S_query^T`` [n, m]
+    (covariance; positive = helps) from the loss gradients at theta_0, the mean Gauss-Newton
+    matrix ``G`` and the curvature of the fits ``M = gamma G + lambda I``; ``None`` when M is not
+    positive definite. With ``M = G + lambda`` and lambda -> 0 it is ``alpha`` times the GGN
+    influence function ``S_train G^-1 S_query^T``."""
+    import scipy.linalg
+
+    try:
+        factor = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    A = scipy.linalg.cho_solve(factor, np.concatenate([S_train, S_query]).T, check_finite=False)
+    n = len(S_train)
+    return matched_kernel(A[:, :n], A[:, n:], G, alpha)
+
+
+def limit_daunce_m(problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
+    """Scores [n, m] of matched-noise DAUNCE's limit: the covariance of its losses as K -> oo.
+
+    With ``u_i^k = J_i^T (p_i - e_~y)``, ``~y ~ p(. | x_i, theta_0)`` (mean 0, covariance the
+    example's Gauss-Newton matrix ``G_i``), a fit on the subset ``S^k`` (``N = round(r n)``) of
+    ``gamma (L - L0) - lin_L - rho lin_~y`` plus ``lambda/2 ||theta - theta_0||^2`` moves by
+    ``Delta^k = M^-1 (1/N) sum_{i in S^k} ((gamma - 1) g_i + rho u_i^k)``, ``M = gamma G + lambda``
+    (G the mean GGN: the first-order terms are linear in the logits). Hence
+    ``Cov_k(L_a, L_b) = (rho^2 / N) g_a^T M^-1 G M^-1 g_b`` plus, when gamma != 1, the subsampling
+    term of :func:`noise_constants` (``c = 1 - gamma``). lambda is ``daunce.matched_prox``, the fits'
+    own damping, so no selection is needed; with ``matched_prox = 0`` lambda = d x (mean eigenvalue
+    of gamma G) for d in ``baselines.limits.damping_grid``, chosen on the selection masks. Scored
+    with covariance, daunce_m's measure (``baselines.limits.measure`` is not applied).
+    """
+    from ..lds import on_edge
+    from ..perturb import subset_size
+    from .exact import curvature_matrix, per_example_grads
+
+    method = "limit_daunce_m"
+    _refuse_large(method, problem, bcfg)
+    dc = problem.cfg.daunce.for_variant("daunce_m")
+    rho, gamma, prox = float(dc.rho), float(dc.gamma), float(dc.prox)
+    n = problem.n
+    N = subset_size(n, dc.ratio)
+    Z = per_example_grads(problem, "train", signal="loss")
+    Sq = per_example_grads(problem, "query", signal="loss")
+    p = Z.shape[1]
+    G = curvature_matrix(problem, "ggn", 0.0)
+    mean_eig = gamma * float(np.trace(G)) / p
+    _, _, beta = noise_constants("daunce", n, N, rho, gamma)  # subsampling of (gamma - 1) g_i
+    alpha = rho**2 * (N / n) * n / N**2
+
+    def scores_at(mu: float) -> np.ndarray | None:
+        M = gamma * G
+        M[np.diag_indices(p)] += mu
+        s = matched_limit(Z, Sq, G, M, alpha)
+        if s is not None and beta:
+            P = hessian_response(Z, np.concatenate([Z, Sq]), M)
+            s = s + limit_kernel(P[:, :n], P[:, n:], 0.0, beta, "covariance")
+        return s
+
+    if prox > 0:
+        grid, table = [0.0], []
+        scores = scores_at(prox)
+        if scores is None:
+            raise ValueError(f"{method}: gamma G + daunce.matched_prox is not positive definite")
+        best_d = 0.0
+    else:
+        grid = sorted(float(d) for d in bcfg.limits.damping_grid)
+        gt = read_selection(select_gt) if select_gt is not None else None
+        if len(grid) > 1 and gt is None:
+            raise ValueError(f"{method}: daunce.matched_prox is 0 and baselines.limits.damping_grid has several "
+                             "values but there is no selection ground truth; pass select_gt or set matched_prox > 0")
+        table, best = [], None
+        for d in grid:
+            s = scores_at(d * mean_eig)
+            v = selection_lds(problem, s, gt) if (s is not None and gt is not None) else None
+            table.append({"damping": d, "lds_select": v} if s is not None else
+                         {"damping": d, "lds_select": None, "skipped": "not positive definite"})
+            if s is not None and (best is None or (v is not None and v > best[1])):
+                best = (d, v, s)
+        if best is None:
+            raise ValueError(f"{method}: every damping in baselines.limits.damping_grid={grid} leaves gamma G "
+                             "indefinite; add larger values")
+        best_d, _, scores = best
+    attrs = {"library": "daunce (torch.func + numpy/scipy, float64)", "variant": "daunce_m",
+             "measurement": "loss (training and query side)", "measure_of_scores": "covariance",
+             "curvature": "gamma x mean Gauss-Newton matrix of the cross-entropy (the noise's covariance too)",
+             "damping": best_d, "damping_absolute": prox if prox > 0 else best_d * mean_eig,
+             "prox": prox, "rho": rho, "gamma": gamma, "ratio": float(dc.ratio), "subset_size": N,
+             "num_params": p, "bytes_per_example": 8 * p, "shared_bytes": 8 * p * p,
+             "storage": f"the exact loss gradient ({p} float64) per example and the {p}x{p} GGN"}
+    if prox == 0 and len(grid) > 1:
+        attrs["tuning"] = {"selected": {"damping": best_d}, "on_edge": on_edge(grid, best_d), "grid": table,
+                           "selected_on": "select masks and select queries"}
     return scores, attrs

@@ -116,6 +116,11 @@ class Plan:
             xi = 1.0 - xi
         return idx, xi
 
+    def matched_labels(self, k: int, probs: np.ndarray) -> np.ndarray:
+        """Matched-noise DAUNCE's labels of model k drawn from theta_0's probabilities [n, C]
+        (:func:`daunce_core.perturb.matched_labels`); an antithetic pair mirrors its uniforms."""
+        return perturb.matched_labels(self.seed, self.pair_base(k), probs, mirror=self.antithetic and k % 2 == 1)
+
     def batch_key(self, k: int) -> tuple[int, ...]:
         """Key of :func:`daunce_core.perturb.batch_order` for model k."""
         if self.common_batches:

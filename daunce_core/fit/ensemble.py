@@ -33,7 +33,7 @@ __all__ = ["EnsembleFitter"]
 
 class EnsembleFitter:
     """Fits perturbed copies of a classifier theta_0 (``Fitter`` for ``daunce``, ``daunce_e``,
-    ``daunce_t`` and the black-box forms ``*_bb`` of Table 2).
+    ``daunce_t``, matched-noise ``daunce_m`` and the black-box forms ``*_bb`` of Table 2).
 
     Args:
         net: the architecture; its own weights are not used.
@@ -64,6 +64,10 @@ class EnsembleFitter:
             raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
         if mode == "auto":
             mode = fit_mode(net, train[0][:2], train_mode=False, what=f"{variant} perturbed fits")
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to perturb "
+                             "(unfreeze the layers DAUNCE should attribute through)")
+        cfg = cfg.for_variant(variant)  # daunce_m: its own scale, damping and subset ratio
         self.variant = variant
         self.signal = obj.signal_of(variant)
         self.net, self.theta_0, self.cfg, self.mode, self.speed = net, theta_0, cfg, mode, speed

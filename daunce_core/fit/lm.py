@@ -71,6 +71,9 @@ def perturbed_fit(base_model, train_enc: Sequence[dict], k: int, cfg: LoraFitCon
 
     device = device or next(base_model.parameters()).device
     objectives.check_variant(cfg.variant)
+    if objectives.is_matched(cfg.variant):
+        raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
+                         "choose daunce, daunce_e or daunce_t for the LoRA fits")
     signal = objectives.signal_of(cfg.variant)
     n = len(train_enc)
     subset, xi = perturb.subset_and_xi(cfg.seed, k, n, cfg.ratio)

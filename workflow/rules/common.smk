@@ -12,7 +12,7 @@ from snakemake.logging import logger
 
 from daunce_core.baselines import ALL_METHODS as ALL_BASELINES, REFERENCE, BaselinesConfig
 from daunce_core.blackbox.study import load_config as blackbox_load_config
-from daunce_core.config import ExperimentConfig, check_figures, fit_variant
+from daunce_core.config import MATCHED_VARIANTS, ExperimentConfig, check_figures, fit_variant
 from daunce_core.data import IMAGE_SUFFIXES
 from daunce_core.fit.chunks import chunk_models
 from daunce_core.lm.settings import LLMSettings
@@ -39,7 +39,7 @@ LR_TAGS = [f"{lr:g}" for lr in CFG.daunce.lr_grid]
 
 wildcard_constraints:
     experiment=r"[A-Za-z0-9_.-]+",
-    variant=r"daunce(_e|_t)?(_bb|_q)?",
+    variant=r"daunce(_e|_t|_m)?(_bb|_q)?",
     measure=r"correlation|covariance|score",
     method=r"[a-z0-9_]+",
     lr=r"[0-9.e+-]+",
@@ -106,6 +106,10 @@ NEVER_RERUN = (
 # daunce.* keys the perturbed fits do not read: how many models and which chunk (the chunk's
 # model range is its own param), which variants exist, and what later steps do with the losses
 DAUNCE_NOT_FIT = ("daunce.K", "daunce.chunk_size", "daunce.variants", "daunce.k_curve", "daunce.select_measure")
+# matched-noise DAUNCE's settings, read by daunce_m (and its limit) only, in place of rho, prox and ratio
+MATCHED_KEYS = ("daunce.matched_scale", "daunce.matched_prox", "daunce.matched_ratio", "daunce.matched_epochs")
+MATCHED_REPLACES = ("daunce.rho", "daunce.prox", "daunce.ratio", "daunce.epochs")
+MATCHED_REFERENCE = ("limit_daunce_m",)  # the references that read them
 # lds.* keys the retrains do not read: how many masks and which chunk (its own param), and how the
 # LDS is computed from the ground truth
 LDS_NOT_RETRAIN = ("lds.M", "lds.M_select", "lds.chunk_size", "lds.bootstrap", "lds.threshold")
@@ -211,6 +215,13 @@ def image_folder_listing(wildcards=None):
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
+def daunce_fit_settings(wildcards):
+    """The digest of what one variant's perturbed fits read: daunce_m reads its matched_* keys in
+    place of rho, prox and ratio, the other variants never read them."""
+    own = MATCHED_REPLACES if wildcards.variant in MATCHED_VARIANTS else MATCHED_KEYS
+    return step_settings("data", "model", "base", "daunce", drop=DAUNCE_NOT_FIT + own)
+
+
 def baseline_settings(method):
     """A baseline's keys: data, model and base (theta_0's recipe: TracIn replays it), the
     method's own section and grid, the budget (selection uses the raw LDS); the references read
@@ -222,7 +233,8 @@ def baseline_settings(method):
     if method in REFERENCE and method != "exact_if_corr":
         keys.append("daunce")
     tune = SETTINGS_TREE["baselines"]["tune"] or {}
-    return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure"),
+    matched = () if method in MATCHED_REFERENCE else MATCHED_KEYS
+    return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure") + matched,
                          tune=tune.get(method))
 
 
@@ -239,7 +251,7 @@ def study_group_settings(wildcards):
     from daunce_core.study import group_of
 
     return step_settings("data", "model", "base", "daunce", "lds", "study.lr_around",
-                         drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size"),
+                         drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size") + MATCHED_KEYS,
                          group=to_dict(group_of(CFG, wildcards.group)))
 
 

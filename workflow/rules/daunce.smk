@@ -12,7 +12,7 @@ rule perturbed_chunk:
     benchmark:
         "results/{experiment}/benchmarks/daunce/{variant}/chunk{chunk}.tsv"
     params:
-        settings=step_settings("data", "model", "base", "daunce", drop=DAUNCE_NOT_FIT),
+        settings=daunce_fit_settings,
         models=lambda wildcards: chunk_range(CFG.daunce.K, CFG.daunce.chunk_size, wildcards.chunk),
         lrs=LR_TAGS,
     conda:

@@ -1,0 +1,333 @@
+"""Which defaults should the one-call API have? LDS and cost of candidate settings on small problems.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/defaults_study.py [--problems digits,tabular,fashion]
+        [--out benchmarks/out/defaults] [--quick]
+
+Three small problems, each with theta_0 trained by the workflow's base recipe
+(``ensemble.fit_from_scratch``) and LDS ground truth made here by retraining on masks
+(``lds.retrain_outputs``: a selection stream and a disjoint test stream, and a seeded split of the
+queries into selection and test queries, as the workflow does):
+
+* ``digits``  -- the embedded default's data (sklearn digits), 500 training examples, MLP [64];
+* ``tabular`` -- sklearn's breast-cancer data standardised, 398 training examples (70%), MLP [16]
+  (530 parameters): the new user's problem;
+* ``fashion`` -- a Fashion-MNIST subset (1,000 training examples, pooled to 14x14, MLP [16]: 3,322
+  parameters, so that the exact IF's curvature fits in memory) read from
+  ``--fashion`` (the four idx .gz files); skipped with a note when absent.
+
+For every problem it fits K = 200 perturbed models through the public API
+(:func:`daunce_core.api.fit_losses`) for each variant (``daunce``, ``daunce_t``, and
+``daunce_m`` when the installed objectives have it), each fit length (``epochs = 1``, and at least
+50 optimiser steps, ``--steps``; :func:`daunce_core.api.fit_epochs`) and each learning rate of the
+grid, and scores the first 100 and all 200 models with correlation and covariance (DAUNCE-T's fits
+also as ``daunce_t_q``: scores times TRAK's Q, ``1 - p_i(theta_0)``, on the training side). Per
+(variant, length, lr) it records the label-free statistics the lr rule reads
+(:func:`daunce_core.api.lr_statistics`: split-K reliability, divergence) and the raw LDS on the
+selection masks and on the test masks. Per (variant, length, measure, K) it then compares the lr
+the rule picks (no ground truth) with the lr the selection masks pick, both judged on the test
+masks. Grad-dot and the exact influence function (GGN, damping chosen on the selection masks;
+``daunce_core.baselines.exact``) are the references.
+
+Writes ``<out>/grid.csv`` (every fit), ``<out>/summary.csv`` (one row per candidate default) and
+``<out>/summary.md`` (the table docs/defaults.md quotes). LDS are raw (no thresholding), mean over
+the test queries.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gzip
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from daunce_core import api
+from daunce_core import ensemble as E
+from daunce_core import lds as L
+from daunce_core.baselines import exact
+from daunce_core.baselines.common import Problem
+from daunce_core.config import DaunceConfig, ExperimentConfig
+from daunce_core.data import Dataset, load_dataset
+from daunce_core.models import build_model
+from daunce_core.perturb import lds_masks
+from daunce_core.scoring import pairwise_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+LR_GRID = sorted(api.DEFAULTS.lr_grid)  # the grid lr="auto" searches
+K_MAX = 200
+
+
+def _dataset(X_train, y_train, X_query, y_query, C: int, source: str) -> Dataset:
+    return Dataset(X_train.astype(np.float32), y_train.astype(np.int64), np.arange(len(y_train)),
+                   X_query.astype(np.float32), y_query.astype(np.int64), np.arange(len(y_query)), C,
+                   [str(c) for c in range(C)], np.zeros(1), np.ones(1), source=source)
+
+
+def problem_digits():
+    cfg = ExperimentConfig.from_dict({"experiment": "study_digits", "data": {"name": "digits", "n_train": 500,
+                                      "n_query": 100}, "model": {"arch": "mlp", "hidden": [64]},
+                                      "base": {"epochs": 30, "lr": 0.05}}).validate()
+    return cfg, load_dataset(cfg.data)
+
+
+def problem_tabular():
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_breast_cancer(return_X_y=True)
+    Xtr, Xq, ytr, yq = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    sc = StandardScaler().fit(Xtr)
+    cfg = ExperimentConfig.from_dict({"experiment": "study_tabular", "model": {"arch": "mlp", "hidden": [16]},
+                                      "base": {"epochs": 60, "lr": 0.02}}).validate()
+    return cfg, _dataset(sc.transform(Xtr), ytr, sc.transform(Xq), yq, 2, "breast_cancer")
+
+
+def _idx(path: Path, images: bool) -> np.ndarray:
+    with gzip.open(path) as fh:
+        raw = fh.read()
+    return np.frombuffer(raw, np.uint8, offset=16 if images else 8)
+
+
+def problem_fashion(root: Path):
+    if not (root / "train-images-idx3-ubyte.gz").is_file():
+        return None
+    Xall = _idx(root / "train-images-idx3-ubyte.gz", True).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    yall = _idx(root / "train-labels-idx1-ubyte.gz", False)
+    order = np.random.default_rng(0).permutation(len(yall))[:1100]
+    X = Xall[order].reshape(-1, 1, 14, 2, 14, 2).mean(axis=(3, 5))  # 14x14: the exact IF's p^2 curvature fits
+    X = (X - X.mean()) / X.std()
+    cfg = ExperimentConfig.from_dict({"experiment": "study_fashion", "model": {"arch": "mlp", "hidden": [16]},
+                                      "base": {"epochs": 20, "lr": 0.05}}).validate()
+    return cfg, _dataset(X[:1000], yall[order[:1000]], X[1000:], yall[order[1000:]], 10, "fashion-mnist")
+
+
+def theta0(cfg: ExperimentConfig, ds: Dataset, device):
+    X, y = torch.as_tensor(ds.X_train, device=device), torch.as_tensor(ds.y_train, device=device)
+    factory = lambda: build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes)  # noqa: E731
+    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+    model = factory().to(device)
+    model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
+    return model.eval()
+
+
+def ground_truth(cfg, ds, device, M_select: int, M_test: int, seeds: int):
+    cfg.lds.seeds = seeds
+    gts = {}
+    for split, M, offset in (("select", M_select, L.SELECT_OFFSET), ("test", M_test, 0)):
+        index = offset + np.arange(M)
+        masks = lds_masks(cfg.lds.seed, M, ds.n, cfg.lds.alpha, offset=offset)
+        gts[split] = (masks, L.retrain_outputs(cfg, ds, masks, index, device).mean(axis=0))
+    sel_q, test_q = L.query_split(ds.m, 0.3, cfg.lds.seed)
+    return gts, sel_q, test_q
+
+
+def lds_of(scores, gts, sel_q, test_q) -> tuple[float, float]:
+    out = []
+    for split, q in (("select", sel_q), ("test", test_q)):
+        masks, outputs = gts[split]
+        out.append(float(np.nanmean(L.per_query_lds(scores[:, q], masks, outputs[:, q]))))
+    return out[0], out[1]
+
+
+def references(cfg, ds, model, device, gts, sel_q, test_q) -> list[dict]:
+    prob = Problem(cfg, ds, model, {k: v.detach() for k, v in model.state_dict().items()}, device)
+    t0 = time.perf_counter()
+    Gt = exact.per_example_grads(prob, "train")
+    Gq = exact.per_example_grads(prob, "query", "margin")
+    t_grads = time.perf_counter() - t0
+    rows = []
+    s = Gt @ Gq.T
+    sel, test = lds_of(s, gts, sel_q, test_q)
+    rows.append({"method": "grad-dot", "lds_select": sel, "lds_test": test, "seconds": t_grads})
+    t0 = time.perf_counter()
+    H = exact.curvature_matrix(prob, "ggn", float(cfg.base.weight_decay))
+    best = None
+    for d in (1e-3, 1e-2, 1e-1, 1.0):
+        s = exact.influence(Gt, Gq, H, d)
+        if s is None:
+            continue
+        sel, test = lds_of(s, gts, sel_q, test_q)
+        if best is None or sel > best["lds_select"]:
+            best = {"method": f"exact IF (GGN, damping {d:g})", "lds_select": sel, "lds_test": test}
+    best["seconds"] = t_grads + time.perf_counter() - t0
+    rows.append(best)
+    return rows
+
+
+def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
+    print(f"[{name}] n={ds.n} m={ds.m} classes={ds.num_classes}", flush=True)
+    t0 = time.perf_counter()
+    model = theta0(cfg, ds, device)
+    gts, sel_q, test_q = ground_truth(cfg, ds, device, 20 if quick else 40, 30 if quick else 60, 2)
+    print(f"[{name}] theta_0 and ground truth: {time.perf_counter() - t0:.0f}s", flush=True)
+    refs = references(cfg, ds, model, device, gts, sel_q, test_q)
+    for r in refs:
+        print(f"[{name}] {r['method']}: select {r['lds_select']:.3f} test {r['lds_test']:.3f}", flush=True)
+    train = (torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train))
+    query = (torch.as_tensor(ds.X_query), torch.as_tensor(ds.y_query))
+    grid = []
+    for variant in variants:
+        for length, min_steps in lengths:
+            ratio = DaunceConfig().for_variant(variant).ratio  # daunce_m fits on all examples
+            epochs = api.fit_epochs(ds.n, ratio, api.DEFAULTS.batch_size, min_steps)
+            for lr in LR_GRID:
+                t0 = time.perf_counter()
+                with api.quiet():
+                    sig = api.fit_losses(model, None, train, query, variant=variant, K=K_MAX, epochs=epochs,
+                                         lr=lr, device=str(device))
+                secs = time.perf_counter() - t0
+                # daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the training side
+                forms = [(variant, None)] + ([("daunce_t_q", 1.0 - sig.p0_train)] if variant == "daunce_t" else [])
+                for (form, q), measure in ((f, m) for f in forms for m in ("correlation", "covariance")):
+                    for K in (100, 200):  # the rule reads the K models a call with this K would fit
+                        stats = api.lr_statistics(_prefix(sig, K), measure)
+                        tr, qu = sig.train[:K], sig.query[:K]
+                        if stats["diverged"] or not (np.isfinite(tr).all() and np.isfinite(qu).all()):
+                            sel = test = float("nan")
+                        else:
+                            s = pairwise_scores(tr, qu, measure)
+                            sel, test = lds_of(s if q is None else s * q[:, None], gts, sel_q, test_q)
+                        grid.append({"problem": name, "variant": form, "length": length, "epochs": epochs,
+                                     "steps": stats["steps"], "lr": lr, "measure": measure, "K": K,
+                                     "reliability": stats["reliability"], "loss_ratio": stats["loss_ratio"],
+                                     "diverged": stats["diverged"], "lds_select": sel, "lds_test": test,
+                                     "fit_seconds": secs * K / K_MAX})
+                print(f"[{name}] {variant} {length} lr={lr:g}: {secs:.1f}s "
+                      + " ".join(f"{g['measure'][:4]}/K{g['K']} rel={g['reliability']:.2f} "
+                                 f"sel={g['lds_select']:.3f} test={g['lds_test']:.3f}" for g in grid[-4 * len(forms):]),
+                      flush=True)
+    return refs, grid
+
+
+def _prefix(sig, K: int):
+    return dataclasses.replace(sig, train=sig.train[:K], query=sig.query[:K], model_index=sig.model_index[:K])
+
+
+def summarize(name, refs, grid) -> list[dict]:
+    rows = [{"problem": name, "setting": r["method"], "lr_rule": "", "lds_test": r["lds_test"],
+             "lds_test_oracle_lr": "", "lr_oracle": "", "seconds": r["seconds"]} for r in refs]
+    keys = sorted({(g["variant"], g["length"], g["measure"], g["K"]) for g in grid})
+    for variant, length, measure, K in keys:
+        cells = [g for g in grid if (g["variant"], g["length"], g["measure"], g["K"]) == (variant, length, measure, K)]
+        rule_lr = api.pick_lr([{"lr": g["lr"], "reliability": g["reliability"], "diverged": g["diverged"]}
+                               for g in cells])
+        ok = [g for g in cells if math.isfinite(g["lds_select"])]
+        oracle = max(ok, key=lambda g: g["lds_select"]) if ok else None
+        chosen = next((g for g in cells if g["lr"] == rule_lr), None)
+        rows.append({"problem": name, "setting": f"{variant} {measure} K={K} {length}",
+                     "lr_rule": rule_lr, "lds_test": chosen["lds_test"] if chosen else float("nan"),
+                     "lds_test_oracle_lr": oracle["lds_test"] if oracle else float("nan"),
+                     "lr_oracle": oracle["lr"] if oracle else "",
+                     "seconds": sum(g["fit_seconds"] for g in cells)})
+    return rows
+
+
+def write(out: Path, grid: list[dict], summary: list[dict], command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for path, rows in ((out / "grid.csv", grid), (out / "summary.csv", summary)):
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    def f(v):
+        return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else ("--" if isinstance(v, float) else str(v))
+
+    lines = [f"`{command}`", "", "| problem | setting | lr by the rule | test LDS (rule's lr) | test LDS (lr chosen "
+             "on selection masks) | lr chosen on masks | seconds (whole lr grid; references: total) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['problem']} | {r['setting']} | {r['lr_rule']} | {f(r['lds_test'])} | "
+                     f"{f(r['lds_test_oracle_lr'])} | {r['lr_oracle']} | {r['seconds']:.1f} |")
+    lines += ["", "Each candidate default across the problems (test LDS at the rule's lr, relative to grad-dot and to "
+              "the exact IF of the same problem; the best candidate maximises the worst ratio to exact IF):", ""]
+    problems = list(dict.fromkeys(r["problem"] for r in summary))
+    ref = {(r["problem"], r["setting"].split(" (")[0]): r["lds_test"] for r in summary if not r["lr_rule"]}
+    settings = list(dict.fromkeys(r["setting"] for r in summary if r["lr_rule"] != ""))
+    lines += ["| setting | " + " | ".join(f"{p}: LDS / grad-dot / exact IF" for p in problems)
+              + " | worst LDS / exact IF | worst LDS / grad-dot | rule within 10% of the masks' lr |",
+              "|---|" + "---|" * (len(problems) + 3)]
+    ranked = []
+    for st in settings:
+        cells, r_if, r_gd, near = [], [], [], []
+        for p in problems:
+            row = next((r for r in summary if r["problem"] == p and r["setting"] == st), None)
+            if row is None or not math.isfinite(row["lds_test"]):
+                cells.append("--")
+                r_if.append(float("nan"))
+                continue
+            gd, ei = ref.get((p, "grad-dot")), ref.get((p, "exact IF"))
+            cells.append(f"{row['lds_test']:.3f} / {row['lds_test'] / gd:.2f} / {row['lds_test'] / ei:.2f}")
+            r_if.append(row["lds_test"] / ei)
+            r_gd.append(row["lds_test"] / gd)
+            near.append(row["lds_test"] >= 0.9 * row["lds_test_oracle_lr"])
+        ranked.append((min(r_if), st, cells, min(r_gd) if r_gd else float("nan"), f"{sum(near)}/{len(near)}"))
+    for worst, st, cells, worst_gd, near in sorted(ranked, key=lambda t: -t[0] if math.isfinite(t[0]) else 1):
+        lines.append(f"| {st} | " + " | ".join(cells) + f" | {f(worst)} | {f(worst_gd)} | {near} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    def num(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(v, v)
+
+    with open(path, newline="") as fh:
+        return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", default="digits,tabular,fashion")
+    ap.add_argument("--fashion", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "defaults")
+    ap.add_argument("--variants", default=None, help="comma-separated (default: daunce, daunce_t, daunce_m)")
+    ap.add_argument("--quick", action="store_true", help="fewer masks (a smoke run)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[50],
+                    help="fit lengths besides one epoch: at least this many optimiser steps per model")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="write --out from the grid.csv and summary.csv of these finished runs (e.g. problems run "
+                         "as separate processes) instead of running anything")
+    args = ap.parse_args(argv)
+    if args.combine:
+        grid, summary = [], []
+        for d in args.combine:
+            grid += _read_csv(d / "grid.csv")
+            summary += _read_csv(d / "summary.csv")
+        write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))
+        print((args.out / "summary.md").read_text())
+        return 0
+    from daunce_core.objectives import VARIANTS
+
+    variants = args.variants.split(",") if args.variants else [v for v in ("daunce", "daunce_t", "daunce_m")
+                                                                if v in VARIANTS]
+    lengths = [("epochs=1", 1)] + [(f"steps>={s}", s) for s in args.steps]
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    grid, summary = [], []
+    for name in args.problems.split(","):
+        made = {"digits": problem_digits, "tabular": problem_tabular,
+                "fashion": lambda: problem_fashion(args.fashion)}[name]()
+        if made is None:
+            print(f"[{name}] skipped: no data under {args.fashion}", file=sys.stderr)
+            continue
+        refs, g = run_problem(name, *made, device, variants, lengths, args.quick)
+        grid += g
+        summary += summarize(name, refs, g)
+        write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))
+    print((args.out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The defaults of the library calls: one declaration, the label-free learning rate, the warnings.
+
+The values themselves come from benchmarks/defaults_study.py (docs/defaults.md); these tests check
+that every call reads the one declaration, that the lr rule rejects diverging learning rates and
+lands on a useful one, and that a user is told about fits too short, diverged or flat.
+"""
+import inspect
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from daunce_core import api, store
+from daunce_core.attribute import daunce_scores, perturbed_losses
+from daunce_core.config import DEFAULTS, DaunceConfig
+
+torch.set_num_threads(1)
+
+
+def _defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_every_call_reads_the_one_declaration():
+    fit = _defaults(api.fit_losses)
+    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid"):
+        assert fit[name] == getattr(DEFAULTS, name), name
+    # None: DEFAULTS.min_steps, .batch_size, the variant's ratio/rho/prox (DaunceConfig.for_variant)
+    # and the variant's measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
+    for name in ("variant", "epochs", "batch_size", "ratio", "rho", "prox", "measure"):
+        assert fit[name] is None, name
+    # the variant: DEFAULTS.variant for a classifier on tensors, DEFAULTS.task_variant otherwise
+    assert api.default_variant(None, (X, Y)) == DEFAULTS.variant
+    assert api.default_variant(api.ClassificationTask(), (X, Y)) == DEFAULTS.variant
+    assert api.default_variant(api.Task(), (X, Y)) == DEFAULTS.task_variant
+    assert _defaults(api.scores)["measure"] is None and _defaults(daunce_scores)["measure"] is None
+    assert api.default_measure(DEFAULTS.variant) == DEFAULTS.measure
+    assert DaunceConfig().for_variant(DEFAULTS.variant).ratio == DEFAULTS.ratio or DEFAULTS.variant == "daunce_m"
+    # daunce_scores / perturbed_losses add nothing of their own: every option is fit_losses'
+    assert set(_defaults(daunce_scores)) == {"measure"} and not _defaults(perturbed_losses)
+    # the shared values are DaunceConfig's (daunce fit and the workflow read those)
+    d = DaunceConfig()
+    for name in ("ratio", "batch_size", "rho", "gamma", "seed", "chunk_size"):
+        assert getattr(DEFAULTS, name) == getattr(d, name), name
+
+
+def test_the_default_fit_length_gives_min_steps():
+    # the new user's problem: 398 examples, r = 0.3, batch 64 -> 1 step per epoch
+    assert api._steps(398, 0.3, 64, 1) == 1
+    e = api.fit_epochs(398, 0.3, 64, DEFAULTS.min_steps)
+    assert api._steps(398, 0.3, 64, e) >= DEFAULTS.min_steps > api._steps(398, 0.3, 64, e - 1)
+
+
+# --- a small classification problem the fits can move --------------------------------------------
+
+_g = torch.Generator().manual_seed(0)
+X = torch.randn(80, 5, generator=_g)
+Y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), Y).backward()
+        opt.step()
+    return net
+
+
+def test_too_few_steps_warn_with_the_count_and_the_fix():
+    with pytest.warns(RuntimeWarning, match=r"only 1 optimiser step\(s\) .*raise epochs \(epochs=\d+ gives"):
+        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, epochs=1, lr=0.01, batch_size=16, device="cpu")
+    with warnings.catch_warnings():  # the default fit length does not warn
+        warnings.simplefilter("error")
+        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, lr=0.01, batch_size=16, device="cpu")
+
+
+def test_a_diverging_lr_is_refused_not_scored():
+    """lr = 1e6 gives finite but exploded signals: the scores are refused, the signals warned about."""
+    with pytest.raises(FloatingPointError, match=r"no scores: the perturbed models diverged at lr=1e\+06"):
+        daunce_scores(mlp(), (X, Y), (X[:4], Y[:4]), K=4, lr=1e6, device="cpu")
+    with pytest.warns(RuntimeWarning, match="diverged at lr=1e\\+06"):  # the loss variant stays finite here
+        sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), variant="daunce", K=4, lr=1e6, device="cpu")
+    assert np.isfinite(sig.train).all()  # not caught by a non-finite check: by the growth of the signals
+    st = api.lr_statistics(sig)
+    assert st["diverged"] and ("signals reach" in st["why"] or "training loss grew" in st["why"])
+
+
+def test_loss_growth_is_divergence_even_when_signals_stay_small():
+    sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, lr=0.01, device="cpu")
+    assert not api.lr_statistics(sig)["diverged"]
+    p0 = sig.p0_train
+    grown = sig.train + 20 * np.mean(-np.log(p0)) + 3.0  # every model's loss far above theta_0's
+    bad = api.Signals(train=grown, query=sig.query, model_index=sig.model_index, train_ids=sig.train_ids,
+                      query_ids=sig.query_ids, signal="loss", p0_train=p0)
+    st = api.lr_statistics(bad)
+    assert st["diverged"] and "training loss grew" in st["why"]
+
+
+def test_zero_variance_is_warned_and_recorded(tmp_path):
+    """Examples at x = 0 under a bias-free linear model never move: their share is in the
+    console warning, the losses file's attributes and the scores file's."""
+    torch.manual_seed(0)
+    net = nn.Linear(5, 2, bias=False)
+    Xz = X.clone()
+    Xz[:20] = 0.0  # a quarter of the training set
+    with pytest.warns(RuntimeWarning, match=r"25\.0% of the training examples and 0\.0% of the queries have zero"):
+        path = api.scores(net, None, (Xz, Y), (X[40:44], Y[40:44]), K=6, lr=0.1, device="cpu",
+                          out=tmp_path / "s.h5", losses_out=tmp_path / "l.h5")
+    assert store.read_losses(tmp_path / "l.h5").attrs["zero_variance_train"] == pytest.approx(0.25)
+    import h5py
+
+    with h5py.File(path) as f:
+        assert int(f.attrs["zero_variance_train"]) == 20
+
+
+def test_pick_lr_backs_off_from_divergence_and_needs_reliability():
+    rows = [{"lr": 1.0, "reliability": math.nan, "diverged": True},
+            {"lr": 0.3, "reliability": 0.95, "diverged": False},   # just below the cliff: not taken
+            {"lr": 0.1, "reliability": 0.7, "diverged": False},    # below min_reliability
+            {"lr": 0.03, "reliability": 0.85, "diverged": False},
+            {"lr": 0.001, "reliability": 0.97, "diverged": False}]
+    assert api.pick_lr(rows) == 0.03
+    assert api.pick_lr([dict(r, diverged=True) for r in rows]) is None
+    low = [{"lr": 0.1, "reliability": 0.3, "diverged": False}, {"lr": 0.01, "reliability": 0.5, "diverged": False}]
+    assert api.pick_lr(low) == 0.01  # none reliable enough: the most reliable
+
+
+def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid():
+    """lr='auto' over a grid holding a diverging lr: it never picks it, records the table, and its
+    scores make sense: for every query the training examples of its class help more than the others."""
+    net = mlp()
+    q = np.arange(0, 80, 8)
+    grid = (1e6, 0.3, 0.1, 0.03, 0.01)
+    sig = api.fit_losses(net, None, (X, Y), (X[q], Y[q]), K=40, lr="auto", lr_grid=grid, device="cpu")
+    table = sig.attrs["lr_rule"]
+    assert [r["lr"] for r in table] == list(grid) and table[0]["diverged"]
+    assert sig.attrs["lr"] != 1e6 and sig.attrs["lr"] == api.pick_lr(table)
+    from daunce_core.scoring import pairwise_scores
+
+    s = pairwise_scores(sig.train, sig.query, DEFAULTS.measure)
+    same = (Y.numpy()[:, None] == Y.numpy()[q][None, :])  # [n, m]: training example of the query's class
+    helps = (s * same).sum(0) / same.sum(0) > (s * ~same).sum(0) / (~same).sum(0)
+    assert helps.all()  # same-class examples help each query more than the other class's
+    with pytest.raises(FloatingPointError, match="diverged at every lr"):
+        api.fit_losses(net, None, (X, Y), (X[q], Y[q]), K=4, lr="auto", lr_grid=(1e6, 1e7), device="cpu")
+
+
+CLI_CONFIG = """
+experiment: tiny_auto
+device: cpu
+data: {name: digits, n_train: 120, n_query: 12}
+model: {arch: mlp, hidden: [8]}
+base: {epochs: 3, batch_size: 32, lr: 0.05}
+daunce: {K: 8, ratio: 0.5, epochs: 4, batch_size: 16, chunk_size: 8, lr_grid: [1.0e+6, 0.03, 0.01],
+         variants: [daunce], k_curve: [2, 8]}
+"""
+
+
+def test_daunce_fit_lr_auto_picks_by_the_rule_and_never_a_diverging_lr(tmp_path, capsys):
+    from daunce_core.cli import main
+
+    (tmp_path / "c.yaml").write_text(CLI_CONFIG)
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "auto", "-o", str(tmp_path / "l.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "chosen by split-K reliability" in err and "1e+06: diverged" in err
+    assert store.read_losses(tmp_path / "l.h5").attrs["lr"] in (0.03, 0.01)
+    # an explicit diverging lr is refused by loss growth, not only by non-finite values
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "1e6", "-o", str(tmp_path / "x.h5")]) == 1
+    assert "diverged at lr=1e+06" in capsys.readouterr().err and not (tmp_path / "x.h5").exists()
+
+
+def test_daunce_t_q_is_daunce_t_fits_scored_with_traks_q(tmp_path):
+    """variant='daunce_t_q' fits DAUNCE-T and multiplies each training example's scores by
+    1 - p_i(theta_0), in memory and in a scores file alike; a Task without label probabilities
+    is refused before any fit."""
+    from daunce_core.scoring import pairwise_scores
+
+    kw = dict(K=6, epochs=3, lr=0.01, batch_size=16, device="cpu", measure="covariance")
+    sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), variant="daunce_t", **kw)
+    got = daunce_scores(mlp(), (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", **kw)
+    want = pairwise_scores(sig.train, sig.query, "covariance") * (1 - sig.p0_train)[:, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    path = api.scores(mlp(), None, (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", out=tmp_path / "s.h5", **kw)
+    dense, _ = store.dense_scores(path)
+    np.testing.assert_allclose(dense, got, rtol=1e-5, atol=1e-9)
+
+    class Generic(api.ClassificationTask):
+        pass
+
+    with pytest.raises(ValueError, match="needs theta_0's label probabilities"):
+        api.fit_losses(mlp(), Generic(), (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", **kw)
