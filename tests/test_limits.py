@@ -84,9 +84,9 @@ def limit(pb, variant, measure):
 
 
 def test_registry_names_every_reference_method():
-    assert set(Lim.LIMITS) | set(Lim.LINEARISED) | {"exact_if_corr"} == set(REFERENCE)
+    assert set(Lim.LIMITS) | set(Lim.LINEARISED) | set(Lim.MATCHED_LIMITS) | {"exact_if_corr"} == set(REFERENCE)
     assert {Lim.variant_of(m) for m in REFERENCE if m != "exact_if_corr"} == \
-        {"daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_bb"}
+        {"daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_bb", "daunce_m"}
 
 
 def test_the_limit_is_the_sandwich_with_a_third_of_the_variance():
