@@ -48,8 +48,8 @@ VARIANTS = ("daunce", "daunce_e", "daunce_t", *Q_FORMS, "daunce_bb", "daunce_e_b
 OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
 
 
-BUILTIN_DATASETS = ("digits", "cifar10", "imagefolder", "npz")
-DATASETS_HELP = ("'digits', 'cifar10', 'imagefolder', 'npz' or a torchvision.datasets class name "
+BUILTIN_DATASETS = ("digits", "cifar10", "imagefolder", "npz", "fashion_mnist")
+DATASETS_HELP = ("'digits', 'cifar10', 'fashion_mnist' (offline), 'imagefolder', 'npz' or a torchvision.datasets class name "
                  "(MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
 
 
@@ -87,6 +87,9 @@ class DataConfig:
                               "null: sizes must agree", ge=1, items=int)
     manifest: str | None = setting(None, "image folder: the id manifest (relative path per id); null: "
                             "<root>/daunce_manifest.csv. Adding files never renumbers the others")
+    idx_dir: str = setting("/usr/share/datasets/fashion-mnist", "fashion_mnist: the folder of its four idx .gz "
+                           "files (Debian package dataset-fashion-mnist)")
+    pad: int = setting(0, "fashion_mnist: zero pixels added on every side (2: 28x28 -> 32x32)", ge=0)
 
 
 @dataclass
