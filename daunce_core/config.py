@@ -49,8 +49,8 @@ OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
 
 
 BUILTIN_DATASETS = ("digits", "cifar10", "imagefolder", "npz", "fashion_mnist")
-DATASETS_HELP = ("'digits', 'cifar10', 'fashion_mnist' (offline), 'imagefolder', 'npz' or a torchvision.datasets class name "
-                 "(MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
+DATASETS_HELP = ("'digits', 'cifar10', 'fashion_mnist' (offline), 'imagefolder', 'npz' or a torchvision.datasets "
+                 "class name (MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
 
 
 def torchvision_dataset(name: str) -> type | None:

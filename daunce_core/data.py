@@ -193,7 +193,8 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
     missing = [f for f in FASHION_FILES if not (src / f"{f}.gz").is_file()]
     if missing:
         raise DataError(f"data.idx_dir: {src / (missing[0] + '.gz')} is missing; install Debian's package "
-                        "(apt-get install dataset-fashion-mnist) or set data.idx_dir to the folder of its idx .gz files")
+                        "(apt-get install dataset-fashion-mnist) or set data.idx_dir to the folder of its idx "
+                        ".gz files")
     raw = Path(cfg.root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for f in FASHION_FILES:

@@ -1,5 +1,5 @@
 """rule regime: results/<experiment>/regime.pdf and regime.csv -- LDS against storage and compute."""
-from daunce_core.figures import regime_rows, regime_figure
+from daunce_core.figures import regime_figure, regime_rows
 from daunce_core.runner import run_script
 
 
