@@ -156,3 +156,72 @@ def test_miniature_of_tier1_every_method_beats_random(tmp_path):
     assert per["daunce"] == 24 and per["trak_k24"] == 25 and per["trak_k96"] == 97 and per["trak_ens"] == 3 * 25
     assert per["if_iter"] == 24 and per["graddot"] == 64 * 32 + 32 + 32 * 10 + 10
     assert (tmp_path / "results" / "mini" / "regime.pdf").stat().st_size > 0
+
+
+# --- the added baselines against independent computations (the tiny problem of test_baselines) ---
+
+def _test_baselines():
+    """tests/test_baselines.py as a module (pytest's importlib mode gives test files no package):
+    its tiny problem (query DUP copies training example SRC) and float64 references."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_daunce_test_baselines", ROOT / "tests" / "test_baselines.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TB = _test_baselines()
+DUP, SRC, bcfg = TB.DUP, TB.SRC, TB.bcfg
+problem = TB.problem  # the module-scoped fixture
+
+
+@pytest.mark.parametrize("solver", ["cg", "arnoldi"])
+def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
+    """dattri's iterative solvers on a 51-parameter MLP equal g_i^T (H + lambda I)^-1 g_q with H the
+    float64 Hessian of the mean loss: CG run to convergence, Arnoldi with 40 of the 51 eigenpairs
+    (the damping dominates the 11 smallest; dattri's Arnoldi breaks down with all of them)."""
+    from daunce_core.baselines.dattri_methods import if_iter_scores
+
+    lam = 0.5
+    P = problem.num_params()
+    H = TB.reference_curvature(problem, "hessian", lam)
+    assert np.linalg.eigvalsh(H).min() > 0
+    ref = TB.reference_grads(problem, "train", TB.cross_entropy) @ np.linalg.solve(
+        H, TB.reference_grads(problem, "query", TB.neg_margin).T)
+    # CG converges in about 10 iterations here
+    scores, attrs = if_iter_scores(problem, bcfg(if_iter={"solver": solver, "regularization": lam, "proj_dim": P - 11,
+                                                           "max_iter": 20 if solver == "cg" else P}), tmp_path)
+    assert scores.shape == ref.shape and attrs["solver"] == solver
+    assert np.corrcoef(scores.ravel(), ref.ravel())[0, 1] > 0.999
+    assert np.abs(scores - ref).max() < 0.03 * np.abs(ref).max()
+    assert scores[:, DUP].argmax() == SRC
+
+
+@pytest.mark.parametrize("solver,knob", [("cg", "max_iter"), ("arnoldi", "proj_dim")])
+def test_if_iter_past_its_krylov_space_is_a_clear_error(problem, tmp_path, solver, knob):
+    from daunce_core.baselines.dattri_methods import if_iter_scores
+
+    with pytest.raises(ValueError, match=f"lower baselines.if_iter.{knob}"):
+        if_iter_scores(problem, bcfg(if_iter={"solver": solver, "regularization": 0.5, "max_iter": 80,
+                                              "proj_dim": problem.num_params()}), tmp_path)
+
+
+def test_trak_ensemble_of_one_is_trak_and_more_models_are_summed(problem, tmp_path):
+    from daunce_core.baselines.trak import ensemble_states, trak_ensemble_scores, trak_scores
+
+    one, attrs1 = trak_ensemble_scores(problem, bcfg(trak_ens={"models": 1, "proj_dim": 30}), tmp_path / "a")
+    plain, _ = trak_scores(problem, bcfg(trak={"proj_dim": 30}), tmp_path / "b")
+    np.testing.assert_allclose(one, plain, rtol=1e-4, atol=1e-6 * np.abs(plain).max())
+    assert attrs1["bytes_per_example"] == 31 * 4
+    states, info = ensemble_states(problem, 3, "seeds")
+    assert len(states) == 3 and "trained from scratch" in info["ensemble_source"]
+    assert all(set(s) == set(states[0]) for s in states)
+    k = next(iter(states[0]))
+    assert not np.allclose(states[0][k].numpy(), states[1][k].numpy())  # other seeds: other models
+    three, attrs3 = trak_ensemble_scores(problem, bcfg(trak_ens={"models": 3, "proj_dim": 30}), tmp_path / "c")
+    assert attrs3["ensemble"] == 3 and attrs3["bytes_per_example"] == 3 * 31 * 4
+    assert three[:, DUP].argmax() == SRC and not np.allclose(three, one)
+    ckpt, attrs_c = trak_ensemble_scores(problem, bcfg(trak_ens={"models": 3, "proj_dim": 30,
+                                                                 "source": "checkpoints"}), tmp_path / "d")
+    assert attrs_c["ensemble"] == 3 and ckpt[:, DUP].argmax() == SRC

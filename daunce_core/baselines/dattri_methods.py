@@ -298,7 +298,14 @@ def if_iter_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tu
     # the whole training set in one batch: dattri's Hessian-vector products then see all of it
     attributor.cache(problem.loader("train", problem.n))
     scores = attributor.attribute(problem.loader("train", bcfg.batch_size), problem.loader("query", bcfg.batch_size))
-    return scores.detach().cpu().numpy(), {
+    scores = scores.detach().cpu().numpy()
+    if not np.isfinite(scores).all():
+        # dattri 0.3.0 divides 0 by 0 once its Krylov space is exhausted: CG after an exact solve,
+        # Arnoldi with proj_dim close to the number of parameters
+        fix = "baselines.if_iter.max_iter" if ic.solver == "cg" else "baselines.if_iter.proj_dim"
+        raise ValueError(f"if_iter: dattri's {ic.solver} gave NaN scores (max_iter={ic.max_iter}, proj_dim="
+                         f"{ic.proj_dim}, {problem.num_params()} parameters: its Krylov space ran out); lower {fix}")
+    return scores, {
         "library": _version(), "attributor": type(attributor).__name__, "solver": ic.solver,
         "damping": ic.regularization, "proj_dim": ic.proj_dim if ic.solver == "arnoldi" else None,
         "max_iter": ic.max_iter, "curvature": "hessian of the mean training loss",
