@@ -145,7 +145,7 @@ def test_miniature_of_tier1_every_method_beats_random(tmp_path):
     (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini))
     configs = [ROOT / "config" / "config.yaml", ROOT / "config" / "regime" / "tier1.yaml", tmp_path / "mini.yaml"]
     assert tier1["data"]["name"] == "fashion_mnist"  # the miniature runs tier 1's source, rules and variants
-    run = _snakemake(tmp_path, configs, "results/mini/regime.pdf", timeout=1500)
+    run = _snakemake(tmp_path, configs, "results/mini/regime.pdf", timeout=3600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     rows = list(csv.DictReader(open(tmp_path / "results" / "mini" / "regime.csv")))
     seen = {r["method"] for r in rows}
