@@ -50,9 +50,9 @@ MATCHED_VARIANTS = ("daunce_m",)
 OTHER_STAGES = ("baselines", "llm", "blackbox", "figures", "scoring")
 
 
-BUILTIN_DATASETS = ("digits", "cifar10", "imagefolder", "npz")
-DATASETS_HELP = ("'digits', 'cifar10', 'imagefolder', 'npz' or a torchvision.datasets class name "
-                 "(MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
+BUILTIN_DATASETS = ("digits", "cifar10", "imagefolder", "npz", "fashion_mnist")
+DATASETS_HELP = ("'digits', 'cifar10', 'fashion_mnist' (offline), 'imagefolder', 'npz' or a torchvision.datasets "
+                 "class name (MNIST, FashionMNIST, CIFAR100, SVHN, ...)")
 
 
 def torchvision_dataset(name: str) -> type | None:
@@ -90,6 +90,9 @@ class DataConfig:
     manifest: str | None = setting(None, "image folder: the id manifest (relative path per id), never "
                             "written into the image folder; null: results/<experiment>/data/manifest.csv. "
                             "Adding files never renumbers the others")
+    idx_dir: str = setting("/usr/share/datasets/fashion-mnist", "fashion_mnist: the folder of its four idx .gz "
+                           "files (Debian package dataset-fashion-mnist)")
+    pad: int = setting(0, "fashion_mnist: zero pixels added on every side (2: 28x28 -> 32x32)", ge=0)
 
 
 @dataclass

@@ -4,6 +4,10 @@
 
 * ``digits`` -- sklearn's bundled 8x8 digits, split by a permutation seeded by ``data.split_seed``;
 * ``cifar10`` (or ``CIFAR10``) -- torchvision's CIFAR-10, normalised with the usual constants;
+* ``fashion_mnist`` -- Fashion-MNIST offline from the idx ``.gz`` files in ``data.idx_dir``
+  (Debian's ``dataset-fashion-mnist``), read by torchvision's ``FashionMNIST`` from a gunzipped copy
+  under ``data.root``; the first ``n_train`` training and ``n_query`` test images, ``data.pad``
+  zero pixels on every side (2: the 32x32 input of ResNet-9);
 * any other ``torchvision.datasets`` class by its name (``MNIST``, ``FashionMNIST``, ``CIFAR100``,
   ``SVHN``, ...), read from / downloaded to ``data.root`` (``data.download``); the train split
   gives the training set and the test split the queries, whether the class takes
@@ -126,6 +130,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return _digits(cfg)
     if cfg.name in ("cifar10", "CIFAR10"):
         return _cifar10(cfg)
+    if cfg.name == "fashion_mnist":
+        return _fashion_mnist(cfg)
     if cfg.name == "imagefolder":
         return _image_folder(cfg)
     if cfg.name == "npz":
@@ -184,6 +190,53 @@ def _cifar10(cfg: DataConfig) -> Dataset:
     return Dataset(prep(train, n), y_tr, np.arange(n, dtype=np.int64), prep(test, m), y_q, np.arange(m, dtype=np.int64),
                    10, list(train.classes), CIFAR_MEAN, CIFAR_STD,
                    content_hash(train.data[:n], y_tr, test.data[:m], y_q), f"CIFAR-10 under {root}")
+
+
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte")
+
+
+def _fashion_mnist(cfg: DataConfig) -> Dataset:
+    """Fashion-MNIST offline: torchvision's reader on a gunzipped copy of ``data.idx_dir``'s files
+    (torchvision reads only uncompressed idx files from ``ROOT/FashionMNIST/raw``; the copy is made
+    once, atomically, and never downloads)."""
+    import gzip
+    import shutil
+
+    import torchvision
+
+    src = Path(cfg.idx_dir)
+    missing = [f for f in FASHION_FILES if not (src / f"{f}.gz").is_file()]
+    if missing:
+        raise DataError(f"data.idx_dir: {src / (missing[0] + '.gz')} is missing; install Debian's package "
+                        "(apt-get install dataset-fashion-mnist) or set data.idx_dir to the folder of its idx "
+                        ".gz files")
+    raw = Path(cfg.root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in FASHION_FILES:
+        dst, gz = raw / f, src / f"{f}.gz"
+        if dst.is_file() and dst.stat().st_mtime >= gz.stat().st_mtime:
+            continue
+        tmp = raw / f".{f}.tmp"
+        with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        tmp.replace(dst)
+    try:
+        train, test = (torchvision.datasets.FashionMNIST(str(cfg.root), train=t, download=False) for t in (True, False))
+    except Exception as exc:  # a truncated or foreign idx file
+        raise DataError(f"data.idx_dir: the idx files of {src} do not read as Fashion-MNIST "
+                        f"({type(exc).__name__}: {_one_line(exc)})") from exc
+    n = _take(cfg.n_train, len(train.targets), "n_train")
+    m = _take(cfg.n_query, len(test.targets), "n_query")
+    p = int(cfg.pad)
+
+    def prep(ds, k):
+        x = ds.data[:k].numpy().astype(np.float32)[:, None] / 255.0
+        return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+
+    y_tr, y_q = train.targets[:n].numpy().astype(np.int64), test.targets[:m].numpy().astype(np.int64)
+    return _normalised(prep(train, n), y_tr, np.arange(n), prep(test, m), y_q, np.arange(m), list(train.classes),
+                       f"Fashion-MNIST from {src}")
 
 
 # --- sources beyond the paper's: torchvision classes, image folders, arrays ----------------------

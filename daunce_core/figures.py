@@ -352,3 +352,102 @@ def quality(quality_csv, out, title: str = "Quality against compute (test LDS, r
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, out)
+
+
+# --- the regime experiment (config/regime/*.yaml, docs/regime.md) --------------------------------
+
+REGIME_COLUMNS = ["method", "measure", "lds_raw", "ci_low_raw", "ci_high_raw", "lds_thr", "ci_low_thr",
+                  "ci_high_thr", "floats_per_example", "stores_nothing", "wall_s", "wall_tuning_s", "params"]
+
+
+def regime_label(method: str, measure: str = "") -> str:
+    """Display name: ``trak_k200`` -> ``TRAK k=200``; DAUNCE's covariance rows marked."""
+    if method.startswith("trak_k") and method[6:].isdigit():
+        name = f"TRAK k={int(method[6:])}"
+    else:
+        name = {"trak_ens": "TRAK ensemble", "if_iter": "IF (Arnoldi)"}.get(method, _label(method))
+    return name + (" (cov)" if measure == "covariance" else "")
+
+
+def _param_count(theta_0) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(theta_0), "np") as f:
+        return int(sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()))
+
+
+def regime_rows(entries: list[dict], lds_csv, theta_0, selection_benchmarks: list[str] | None = None) -> list[dict]:
+    """One row per method (and per DAUNCE measure in ``lds_csv``): raw and thresholded LDS with
+    CIs, numbers stored per training example (bytes / 4) and wall time, from the same files as
+    results/cost.md (:mod:`daunce_core.baselines.cost`). A method that stores nothing per example
+    (EK-FAC recomputes training gradients per query batch) has ``stores_nothing`` set."""
+    from .baselines.cost import baseline_row, daunce_row
+
+    params = _param_count(theta_0)
+    with open(lds_csv, newline="") as fh:
+        lds = list(csv.DictReader(fh))
+    rows = []
+    for e in entries:
+        kw = {k: v for k, v in e.items() if k != "kind"}
+        c = daunce_row(**kw) if e["kind"] == "daunce" else baseline_row(**kw)
+        measures = sorted({r["measure"] for r in lds if r["method"] == e["method"]})
+        for measure in measures:
+            raw = next((r for r in lds if r["method"] == e["method"] and r["measure"] == measure
+                        and r["threshold"] == "none"), None)
+            thr = next((r for r in lds if r["method"] == e["method"] and r["measure"] == measure
+                        and r["threshold"] != "none"), None)
+            if raw is None:
+                continue
+            per = c.get("per_example")
+            rows.append({
+                "method": e["method"], "measure": measure,
+                "lds_raw": float(raw["lds"]), "ci_low_raw": float(raw["ci_low"]), "ci_high_raw": float(raw["ci_high"]),
+                "lds_thr": float(thr["lds"]) if thr else math.nan,
+                "ci_low_thr": float(thr["ci_low"]) if thr else math.nan,
+                "ci_high_thr": float(thr["ci_high"]) if thr else math.nan,
+                "floats_per_example": float(per) / 4 if per else 0.0, "stores_nothing": not per,
+                "wall_s": float(c["wall"]), "wall_tuning_s": float(c["wall_tuning"]), "params": params,
+            })
+    if not rows:
+        raise store.StoreError(f"{lds_csv}: no LDS row of any method of the regime figure")
+    return rows
+
+
+def regime_figure(rows: list[dict], out_pdf, out_csv, title: str = "") -> None:
+    """LDS (raw, 95% CI; thresholded: hollow) against numbers stored per training example and
+    against wall time with tuning, every method; plus the rows as CSV."""
+    with store.atomic_path(out_csv, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=REGIME_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in REGIME_COLUMNS})
+    params = rows[0]["params"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    panels = ((axes[0], "floats_per_example", "numbers stored per training example (float32)"),
+              (axes[1], "wall_tuning_s", "wall time with tuning (s, benchmark files)"))
+    for ax, key, xlabel in panels:
+        for i, r in enumerate(rows):
+            color = "C0" if r["method"].startswith("daunce") else f"C{1 + i % 9}"
+            x = r[key]
+            if key == "floats_per_example" and r["stores_nothing"]:
+                x = params  # recomputes a full gradient per example for every query batch
+            ax.errorbar([x], [r["lds_raw"]], yerr=[[r["lds_raw"] - r["ci_low_raw"]], [r["ci_high_raw"] - r["lds_raw"]]],
+                        fmt="s" if r["stores_nothing"] and key == "floats_per_example" else "o", color=color,
+                        ms=5, lw=0.8, mfc="white" if r["stores_nothing"] and key == "floats_per_example" else color)
+            if np.isfinite(r["lds_thr"]):
+                ax.plot([x], [r["lds_thr"]], marker="_", color=color, ms=9, mew=1.2)
+            ax.annotate(regime_label(r["method"], r["measure"]), (x, r["lds_raw"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=6.5, color="0.25")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.axhline(0.0, color="0.6", lw=0.6)
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    axes[0].axvline(params, color="0.5", ls=":", lw=0.9)
+    axes[0].annotate(f"{params:,} parameters", (params, axes[0].get_ylim()[0]), textcoords="offset points",
+                     xytext=(-4, 4), fontsize=7, rotation=90, ha="right", va="bottom", color="0.4")
+    axes[0].set_ylabel("LDS, test masks: raw (dot, 95% CI); thresholded (dash)")
+    axes[0].set_title("storage (hollow square: nothing stored, gradients recomputed)", fontsize=8)
+    axes[1].set_title("compute", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out_pdf)

@@ -329,7 +329,8 @@ def test_torchvision_offline_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name, pattern", [
     ("ImageFolder", r"data.name: torchvision.datasets.ImageFolder takes neither train= nor split="),
-    ("NoSuchSet", r"data.name: unknown dataset 'NoSuchSet'; choose 'digits', 'cifar10', 'imagefolder', 'npz'"),
+    ("NoSuchSet", r"data.name: unknown dataset 'NoSuchSet'; choose 'digits', 'cifar10', 'fashion_mnist' \(offline\), "
+                  r"'imagefolder', 'npz'"),
     ("folder:x", r"data.name: unknown dataset 'folder:x'"),
 ])
 def test_unknown_or_unsupported_names(tmp_path, name, pattern):

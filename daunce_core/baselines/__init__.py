@@ -13,6 +13,9 @@ logra       ``dattri.LoGraAttributor`` (rank x rank per layer, eFIM)      :mod:`
 graddot     ``dattri.TracInAttributor`` at theta_0, unit weight           :mod:`.dattri_methods`
 tracin      ``dattri.TracInAttributor`` over checkpoints of theta_0's run  :mod:`.dattri_methods`
 exact_if    full Hessian (or Gauss-Newton) solve in float64, ours          :mod:`.exact`
+trak_k<N>   ``trak`` with ``proj_dim = N`` (several sizes in one run)      :mod:`.trak`
+trak_ens    ``traker.TRAKer`` over an ensemble of models / checkpoints     :mod:`.trak`
+if_iter     ``dattri`` IF with an iterative solver (Arnoldi, CG, LiSSA)    :mod:`.dattri_methods`
 limit_*     each DAUNCE variant's Theorem-1 limit (exact reference)        :mod:`.limits`
 lin_*       DAUNCE's scores of linearised perturbed fits at the run's K    :mod:`.limits`
 exact_if_c  exact IF scored by correlation (``exact_if_corr``)             :mod:`.exact`
@@ -56,8 +59,10 @@ from .common import (
     Problem,
     TracinConfig,
     TrakConfig,
+    base_method,
     check_scores,
     dir_bytes,
+    is_method,
     load_problem,
     query_value,
     read_selection,
@@ -71,7 +76,8 @@ __all__ = [
     "METHODS", "REFERENCE", "ALL_METHODS", "LimitsConfig",
     "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig",
     "EkfacConfig", "LograConfig", "TracinConfig", "ExactIFConfig", "Problem", "load_problem", "query_value",
-    "train_loss", "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline"
+    "train_loss", "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline",
+    "base_method", "is_method",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,8 +124,8 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
     """
     from ..lds import on_edge
 
-    if method not in ALL_METHODS:
-        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    if not is_method(method):
+        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(ALL_METHODS)} or trak_k<N>")
     t0 = time.perf_counter()
     problem = load_problem(cfg, split_path, theta0_path)
     log.info("%s on theta_0 (%d parameters): %d training examples, %d queries, measurement=%s",
@@ -154,7 +160,8 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
         raise ValueError(f"{method}: every setting of baselines.tune.{method} failed; see the log")
     _, chosen, scores, attrs = best
     if gt is not None:
-        edge = any(on_edge(list((bcfg.tune or {})[method][k]), v) and not at_bound(method, k, v, problem)
+        base = base_method(method)[0]
+        edge = any(on_edge(list((bcfg.tune or {})[base][k]), v) and not at_bound(base, k, v, problem)
                    for k, v in chosen.items())
         if edge:
             log.warning("%s: the chosen %s is at an end of a baselines.tune.%s axis; a wider grid might do "
@@ -172,15 +179,20 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
 def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt) -> tuple[Any, dict]:
     """One setting of one method: (scores [n, m], attributes)."""
     wd.mkdir(parents=True, exist_ok=True)
+    method = base_method(method)[0]
     if method == "trak":
         from .trak import trak_scores
 
         return trak_scores(problem, bcfg, wd)
+    if method == "trak_ens":
+        from .trak import trak_ensemble_scores
+
+        return trak_ensemble_scores(problem, bcfg, wd)
     if method == "ekfac":
         from .kronfluence_ekfac import ekfac_scores
 
         return ekfac_scores(problem, bcfg, wd)
-    if method in ("graddot", "tracin", "logra"):
+    if method in ("graddot", "tracin", "logra", "if_iter"):
         from . import dattri_methods as D
 
         return getattr(D, f"{method}_scores")(problem, bcfg, wd)

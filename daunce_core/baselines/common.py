@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,16 +36,32 @@ if TYPE_CHECKING:
     from ..data import Dataset
 
 
-METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
+METHODS = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")  # Figure 1a's (the default list)
+EXTRA = ("trak_ens", "if_iter")  # beyond the paper's: TRAK over an ensemble, IF with an iterative solver
 # exact references at exact IF's scale: each DAUNCE variant's Theorem-1 limit and its linearised
 # fits (:mod:`.limits`), matched-noise DAUNCE's limit (the damped Gauss-Newton influence function),
 # and exact IF scored by correlation (:mod:`.exact`); run only when listed in baselines.methods.
 # References for reading DAUNCE's rows (docs/theory.md), not bounds
 REFERENCE = ("limit_daunce", "limit_daunce_e", "limit_daunce_t", "limit_daunce_t_q", "limit_bb",
              "lin_daunce", "lin_daunce_e", "lin_daunce_t", "lin_bb", "exact_if_corr", "limit_daunce_m")
-ALL_METHODS = METHODS + REFERENCE
-TUNABLE = ("trak", "ekfac", "logra", "tracin")  # knobs tuned by baselines.tune (exact_if: its damping_grid)
+ALL_METHODS = METHODS + EXTRA + REFERENCE
+TUNABLE = ("trak", "ekfac", "logra", "tracin", "trak_ens", "if_iter")  # knobs tuned by baselines.tune
 MEASUREMENTS = ("margin", "loss")
+# TRAK at a fixed projection dimension N, beside other sizes in one run: ``trak_k<N>`` is TRAK with
+# ``proj_dim = N`` and the rest of ``baselines.trak`` and of ``baselines.tune.trak`` (its proj_dim axis dropped)
+TRAK_K = re.compile(r"trak_k([1-9][0-9]*)")
+
+
+def is_method(name: str) -> bool:
+    """Whether ``name`` is a baseline: one of ``ALL_METHODS`` or ``trak_k<N>``."""
+    return name in ALL_METHODS or TRAK_K.fullmatch(str(name)) is not None
+
+
+def base_method(name: str) -> tuple[str, dict[str, Any]]:
+    """The method that runs for ``name`` and the knob values its name fixes (``trak_k200`` ->
+    ``("trak", {"proj_dim": 200})``)."""
+    hit = TRAK_K.fullmatch(str(name))
+    return ("trak", {"proj_dim": int(hit.group(1))}) if hit else (name, {})
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -57,6 +74,34 @@ class TrakConfig:
     seed: int = setting(0, "seed of the projection")
     lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion")
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
+
+
+@dataclass
+class TrakEnsConfig:
+    """``traker.TRAKer`` over an ensemble: theta_0 with independently trained models or with
+    checkpoints of theta_0's own (replayed) training, TRAK's scores summed over them."""
+
+    models: int = setting(5, "models in the ensemble (theta_0 is the first)", ge=1)
+    source: str = setting("seeds", "'seeds': the base recipe from scratch with other seeds; 'checkpoints': "
+                                   "evenly spaced checkpoints of theta_0's training (the last is theta_0)",
+                          choices=("seeds", "checkpoints"))
+    proj_dim: int = setting(512, "dimension of each model's random projection", ge=1)
+    seed: int = setting(0, "seed of the projection")
+    lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion")
+    half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
+
+
+@dataclass
+class IFIterConfig:
+    """Influence functions with an iterative inverse-Hessian solver of ``dattri`` (models too large
+    for the exact solve)."""
+
+    solver: str = setting("arnoldi", "'arnoldi' (IFAttributorArnoldi: top proj_dim eigenpairs of the Hessian) "
+                                     "or 'cg' (IFAttributorCG)", choices=("arnoldi", "cg"))
+    regularization: float = setting(1e-2, "damping added to the Hessian", ge=0)
+    proj_dim: int = setting(200, "arnoldi: eigenpairs kept (numbers stored per training example)", ge=1)
+    max_iter: int = setting(200, "iterations of the solver (arnoldi: Krylov steps, >= proj_dim)", ge=1)
+    seed: int = setting(0, "seed of the solver's start vector / sampling")
 
 
 @dataclass
@@ -111,8 +156,8 @@ class LimitsConfig:
 class BaselinesConfig:
     """The ``baselines`` section of the config: which methods run, and each one's settings."""
 
-    methods: list = setting(list(METHODS), f"methods to run, from {', '.join(METHODS)}, and the exact "
-                                           f"references {', '.join(REFERENCE)}")
+    methods: list = setting(list(METHODS), f"methods to run, from {', '.join(METHODS + EXTRA)}, trak_k<N> (TRAK "
+                                           f"with proj_dim N), and the exact references {', '.join(REFERENCE)}")
     measurement: str = setting("margin", "query function of the gradient methods: 'margin' or 'loss'")
     batch_size: int = setting(250, "examples per batch handed to the libraries")
     trak: TrakConfig = nested(TrakConfig)
@@ -121,6 +166,8 @@ class BaselinesConfig:
     tracin: TracinConfig = nested(TracinConfig)
     exact_if: ExactIFConfig = nested(ExactIFConfig)
     limits: LimitsConfig = nested(LimitsConfig)
+    trak_ens: TrakEnsConfig = nested(TrakEnsConfig)
+    if_iter: IFIterConfig = nested(IFIterConfig)
     tune: dict = setting({}, "grids of each method's knobs, {method: {knob: [values]}} (e.g. trak: {proj_dim: "
                              "[...], lambda_reg: [...]}); every combination is scored on the LDS selection masks "
                              "and queries and the best kept. Knobs not listed keep their value above")
@@ -172,7 +219,8 @@ class BaselinesConfig:
     def grid(self, method: str) -> list[dict[str, Any]]:
         """The settings ``method`` tries: every combination of ``tune[method]`` (``[{}]``: untuned).
         exact IF tunes its damping itself (``exact_if.damping_grid``)."""
-        axes = (self.tune or {}).get(method) or {}
+        base, fixed = base_method(method)
+        axes = {k: v for k, v in ((self.tune or {}).get(base) or {}).items() if k not in fixed}
         combos: list[dict[str, Any]] = [{}]
         for knob, values in axes.items():
             combos = [{**c, knob: v} for c in combos for v in values]
@@ -182,12 +230,15 @@ class BaselinesConfig:
         """A copy whose ``method`` section has the knob values of ``setting_``."""
         from dataclasses import replace
 
-        return replace(self, **{method: replace(getattr(self, method), **setting_)}) if setting_ else self
+        base, fixed = base_method(method)
+        setting_ = {**setting_, **fixed}
+        return replace(self, **{base: replace(getattr(self, base), **setting_)}) if setting_ else self
 
     def validate(self) -> BaselinesConfig:
-        bad = [m for m in self.methods if m not in ALL_METHODS]
+        bad = [m for m in self.methods if not is_method(m)]
         if bad:
-            raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
+            raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(ALL_METHODS)} "
+                              "or trak_k<N> (TRAK with proj_dim N)")
         if self.measurement not in MEASUREMENTS:
             raise ConfigError(f"baselines.measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
         if self.trak.proj_dim < 1 or self.logra.rank < 1 or self.tracin.checkpoints < 1 or self.batch_size < 1:
@@ -220,7 +271,7 @@ class BaselinesConfig:
                     raise ConfigError(f"baselines.tune.{method}.{knob} must be a non-empty list of values")
         budget = self.max_settings
         # the budget binds the methods that run (a grid of a method left out costs nothing)
-        sizes = {m: len(self.grid(m)) for m in TUNABLE if m in self.methods}
+        sizes = {m: len(self.grid(m)) for m in self.methods if base_method(m)[0] in TUNABLE}
         if "exact_if" in self.methods or "exact_if_corr" in self.methods:
             sizes["exact_if"] = len(self.exact_if.damping_grid)
         if any(m in REFERENCE and m != "exact_if_corr" for m in self.methods):

@@ -1,4 +1,4 @@
-"""Gradient dot product, TracIn and LoGra through ``dattri``.
+"""Gradient dot product, TracIn, LoGra and iterative influence functions through ``dattri``.
 
 * ``graddot``: ``TracInAttributor`` on theta_0 alone with weight 1, unnormalised gradients and the
   identity projection -- ``<grad L_i(theta_0), grad f_q(theta_0)>`` (dattri's Grad-Dot).
@@ -16,7 +16,14 @@
   the query batch: the adapter multiplies each query batch back by its size, so ``measurement``
   does not apply to LoGra (recorded in the file's attributes).
 
-For graddot and TracIn the training function is the per-example cross-entropy and the target is
+* ``if_iter``: the influence function ``g_q^T (H + lambda I)^-1 g_i`` where the exact solve does not
+  fit, through dattri's iterative solvers (``baselines.if_iter.solver``): ``IFAttributorArnoldi``
+  (the top ``proj_dim`` eigenpairs of the Hessian of the mean training loss from Arnoldi iterations;
+  train and query gradients are projected on them and scaled by the inverse eigenvalues: proj_dim
+  numbers per example) or ``IFAttributorCG`` (a solve per query batch). dattri 0.3.0's LiSSA fails
+  on integer labels inside its vmapped sampling (gather on a float index), so it is not offered.
+
+For graddot, TracIn and if_iter the training function is the per-example cross-entropy and the target is
 ``baselines.measurement`` in loss-like orientation (:func:`~daunce_core.baselines.query_value`),
 so dattri's positive scores mean "helpful" (tested). dattri returns [n_train, n_test]: our layout.
 
@@ -248,4 +255,61 @@ def logra_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tupl
         "disk_bytes": dir_bytes(workdir),
         "storage": f"projected, preconditioned gradient: {len(layers)} layers x {lc.rank}x{lc.rank} float32 "
                    "per example; one eFIM inverse per layer",
+    }
+
+
+def _batch_functions(model, measurement: str, sample_ndim: int):
+    """(loss_func, target_func) for dattri's influence functions: an unbatched example (per-example
+    gradients under vmap) or a batch (the Hessian of the *mean* training loss)."""
+    from torch.func import functional_call
+
+    def call(params, data, f):
+        x, y = data
+        if x.dim() == sample_ndim:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        return f(functional_call(model, params, (x,)), y).mean()
+
+    return (lambda params, data: call(params, data, train_loss),
+            lambda params, data: call(params, data, lambda out, y: query_value(out, y, measurement)))
+
+
+def if_iter_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
+    import torch
+    from dattri.algorithm import influence_function as F
+    from dattri.task import AttributionTask
+
+    ic = bcfg.if_iter
+    model = copy.deepcopy(problem.model).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loss_func, target_func = _batch_functions(model, bcfg.measurement, problem.ds.X_train.ndim - 1)
+    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=state, target_func=target_func)
+    dev = str(problem.device)
+    torch.manual_seed(ic.seed)
+    if ic.solver == "arnoldi":
+        attributor = F.IFAttributorArnoldi(task=task, device=dev, proj_dim=ic.proj_dim,
+                                           max_iter=max(ic.max_iter, ic.proj_dim), regularization=ic.regularization,
+                                           seed=ic.seed)
+        per_example, what = 4 * ic.proj_dim, f"the gradient in the top {ic.proj_dim} Hessian eigenvectors"
+    elif ic.solver == "cg":
+        attributor = F.IFAttributorCG(task=task, device=dev, max_iter=ic.max_iter, regularization=ic.regularization)
+        per_example, what = 4 * problem.num_params(), "the full training gradient (a CG solve per query batch)"
+    else:
+        raise ValueError(f"baselines.if_iter.solver: unknown {ic.solver!r}; choose 'arnoldi' or 'cg'")
+    # the whole training set in one batch: dattri's Hessian-vector products then see all of it
+    attributor.cache(problem.loader("train", problem.n))
+    scores = attributor.attribute(problem.loader("train", bcfg.batch_size), problem.loader("query", bcfg.batch_size))
+    scores = scores.detach().cpu().numpy()
+    if not np.isfinite(scores).all():
+        # dattri 0.3.0 divides 0 by 0 once its Krylov space is exhausted: CG after an exact solve,
+        # Arnoldi with proj_dim close to the number of parameters
+        fix = "baselines.if_iter.max_iter" if ic.solver == "cg" else "baselines.if_iter.proj_dim"
+        raise ValueError(f"if_iter: dattri's {ic.solver} gave NaN scores (max_iter={ic.max_iter}, proj_dim="
+                         f"{ic.proj_dim}, {problem.num_params()} parameters: its Krylov space ran out); lower {fix}")
+    return scores, {
+        "library": _version(), "attributor": type(attributor).__name__, "solver": ic.solver,
+        "damping": ic.regularization, "proj_dim": ic.proj_dim if ic.solver == "arnoldi" else None,
+        "max_iter": ic.max_iter, "curvature": "hessian of the mean training loss",
+        "bytes_per_example": per_example, "shared_bytes": 4 * problem.num_params() * (
+            ic.proj_dim if ic.solver == "arnoldi" else 0),
+        "storage": what,
     }

@@ -1,4 +1,4 @@
-"""TRAK (Park et al., 2023) through the authors' ``traker`` package: one model, no ensemble.
+"""TRAK (Park et al., 2023) through the authors' ``traker`` package: one model, or an ensemble.
 
 As in the DAUNCE paper (Appendix B), TRAK runs on the single theta_0 -- its ensembling over
 independently trained models is left out on purpose -- with the projection dimension from
@@ -14,6 +14,11 @@ traker 0.3.2 loses a single-block ``BasicProjector``'s matrix after ``finalize_f
 (``proj_dim <= 100``: AttributeError while scoring); :func:`_fix_projector` regenerates it.
 traker's ``load_from_save_dir=False`` never creates ``experiments.json`` and fails while scoring,
 so the adapter keeps the default and gives traker a fresh scratch folder instead.
+
+``trak_ens`` is TRAK as its authors run it: the same traker calls over several models (model ids),
+whose scores traker sums -- theta_0 with models trained from scratch by the base recipe under
+other seeds (``baselines.trak_ens.source: seeds``), or checkpoints of theta_0's own replayed
+training (``checkpoints``, the cheaper substitute).
 
 traker's output is a memmap [n_train, n_target] whose positive entries mean "helpful": already our
 layout and sign (tested).
@@ -50,31 +55,43 @@ def _fix_projector(traker) -> None:
     traker.projector.__class__ = _BasicProjector
 
 
+def _traker_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path, states: list[dict], proj_dim: int,
+                   seed: int, lambda_reg: float, half_precision: bool):
+    """traker over ``states`` (model ids 0..len-1): featurize the training set and score the
+    queries with every model; traker sums the models' scores."""
+    from trak import TRAKer
+
+    if proj_dim > problem.n and lambda_reg <= 0:
+        log.warning("trak: proj_dim=%d exceeds the %d training examples; XᵀX is singular without "
+                    "lambda_reg > 0", proj_dim, problem.n)
+    device = "cpu" if problem.device.type == "cpu" else str(problem.device)
+    model = copy.deepcopy(problem.model).eval()
+    traker = TRAKer(model=model, task="image_classification", train_set_size=problem.n,
+                    save_dir=str(workdir / "trak"), device=device,
+                    proj_dim=proj_dim, use_half_precision=half_precision, projector_seed=seed,
+                    lambda_reg=lambda_reg, logging_level=logging.WARNING)
+    _fix_projector(traker)
+    for i, state in enumerate(states):
+        traker.load_checkpoint(state, model_id=i)
+        for x, y in problem.loader("train", bcfg.batch_size):
+            traker.featurize(batch=(x, y), num_samples=len(y))
+    traker.finalize_features()
+    for i, state in enumerate(states):
+        traker.start_scoring_checkpoint(exp_name="queries", checkpoint=state, model_id=i, num_targets=problem.m)
+        for x, y in problem.loader("query", bcfg.batch_size):
+            traker.score(batch=(x, y), num_samples=len(y))
+    scores = np.array(traker.finalize_scores(exp_name="queries"), dtype=np.float32)
+    return scores, traker
+
+
 def trak_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
     import trak as _trak
-    from trak import TRAKer
     from trak.projectors import BasicProjector
 
     tc = bcfg.trak
-    if tc.proj_dim > problem.n and tc.lambda_reg <= 0:
-        log.warning("trak: proj_dim=%d exceeds the %d training examples; XᵀX is singular without "
-                    "baselines.trak.lambda_reg > 0", tc.proj_dim, problem.n)
-    device = "cpu" if problem.device.type == "cpu" else str(problem.device)
-    model = copy.deepcopy(problem.model).eval()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    traker = TRAKer(model=model, task="image_classification", train_set_size=problem.n,
-                    save_dir=str(workdir / "trak"), device=device,
-                    proj_dim=tc.proj_dim, use_half_precision=tc.half_precision, projector_seed=tc.seed,
-                    lambda_reg=tc.lambda_reg, logging_level=logging.WARNING)
-    _fix_projector(traker)
-    traker.load_checkpoint(state, model_id=0)
-    for x, y in problem.loader("train", bcfg.batch_size):
-        traker.featurize(batch=(x, y), num_samples=len(y))
-    traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=state, model_id=0, num_targets=problem.m)
-    for x, y in problem.loader("query", bcfg.batch_size):
-        traker.score(batch=(x, y), num_samples=len(y))
-    scores = np.array(traker.finalize_scores(exp_name="queries"), dtype=np.float32)
+    state = {k: v.detach().clone() for k, v in problem.model.state_dict().items()}
+    scores, traker = _traker_scores(problem, bcfg, workdir, [state], tc.proj_dim, tc.seed, tc.lambda_reg,
+                                    tc.half_precision)
     disk = dir_bytes(workdir)
     projector = "BasicProjector" if isinstance(traker.projector, BasicProjector) else type(traker.projector).__name__
     itemsize = 2 if tc.half_precision else 4
@@ -91,4 +108,55 @@ def trak_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple
         "disk_bytes": disk,
         "storage": f"projected feature ({tc.proj_dim} x {itemsize} B) + out-to-loss weight per example; "
                    f"traker's own store held {disk / problem.n:.0f} B per example (gradients and features)",
+    }
+
+
+def ensemble_states(problem: Problem, models: int, source: str) -> tuple[list[dict], dict]:
+    """theta_0 and ``models - 1`` more: trained from scratch by the base recipe with other seeds
+    (vmapped together), or checkpoints of theta_0's replayed training; kept in ``problem.cache``."""
+    key = ("trak_ens", models, source)
+    if key in problem.cache:
+        return problem.cache[key]
+    if source == "checkpoints":
+        from .dattri_methods import replay_checkpoints
+
+        states, _, info = replay_checkpoints(problem, models)
+        out = (states, {"ensemble_source": "checkpoints of theta_0's training", **info})
+    else:
+        from .. import ensemble as E
+        from ..models import model_factory
+
+        cfg, ds = problem.cfg, problem.ds
+        states = [{k: v.detach().clone() for k, v in problem.model.state_dict().items()}]
+        if models > 1:
+            X, y = problem.tensors("train")
+            # keys of their own (the base rule's theta_0 is (seed, 0, 0, 11); LDS retrains end in 7)
+            keys = [(cfg.base.seed, j, 0, 13) for j in range(1, models)]
+            _, params, buffers = E.fit_from_scratch(model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes),
+                                                    X, y, [np.arange(ds.n)] * len(keys), keys, cfg.base,
+                                                    augment=cfg.base.augment)
+            for j in range(len(keys)):
+                states.append({k: v[j].detach().clone().to(problem.device)
+                               for k, v in {**params, **buffers}.items()})
+        out = (states, {"ensemble_source": f"theta_0 + {models - 1} models trained from scratch (other seeds)"})
+    problem.cache[key] = out
+    return out
+
+
+def trak_ensemble_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
+    import trak as _trak
+
+    tc = bcfg.trak_ens
+    states, info = ensemble_states(problem, tc.models, tc.source)
+    scores, _ = _traker_scores(problem, bcfg, workdir, states, tc.proj_dim, tc.seed, tc.lambda_reg,
+                               tc.half_precision)
+    itemsize = 2 if tc.half_precision else 4
+    return scores, {
+        "library": f"traker {getattr(_trak, '__version__', '?')}",
+        "proj_dim": tc.proj_dim, "projector_seed": tc.seed, "lambda_reg": tc.lambda_reg,
+        "half_precision": tc.half_precision, "ensemble": len(states), **info,
+        "bytes_per_example": len(states) * (tc.proj_dim + 1) * itemsize,
+        "shared_bytes": 0, "disk_bytes": dir_bytes(workdir),
+        "storage": f"{len(states)} models x (projected feature ({tc.proj_dim} x {itemsize} B) + out-to-loss weight) "
+                   "per example",
     }

@@ -10,7 +10,7 @@ import os
 import yaml
 from snakemake.logging import logger
 
-from daunce_core.baselines import ALL_METHODS as ALL_BASELINES, REFERENCE, BaselinesConfig
+from daunce_core.baselines import REFERENCE, BaselinesConfig, base_method, is_method
 from daunce_core.blackbox.study import load_config as blackbox_load_config
 from daunce_core.config import MATCHED_VARIANTS, ExperimentConfig, check_figures, fit_variant
 from daunce_core.data import IMAGE_SUFFIXES
@@ -226,8 +226,10 @@ def baseline_settings(method):
     """A baseline's keys: data, model and base (theta_0's recipe: TracIn replays it), the
     method's own section and grid, the budget (selection uses the raw LDS); the references read
     DAUNCE's perturbations and exact IF's curvature too."""
+    base = base_method(method)[0]  # trak_k<N>: trak with its proj_dim fixed by the name
     own = {"trak": ["trak"], "ekfac": ["ekfac"], "logra": ["logra"], "graddot": [], "tracin": ["tracin"],
-           "exact_if": ["exact_if"], "exact_if_corr": ["exact_if"]}.get(method, ["limits", "exact_if"])
+           "exact_if": ["exact_if"], "exact_if_corr": ["exact_if"], "trak_ens": ["trak_ens"],
+           "if_iter": ["if_iter"]}.get(base, ["limits", "exact_if"])
     keys = ["data", "model", "base", "baselines.measurement", "baselines.max_settings"]
     keys += [f"baselines.{s}" for s in own]
     if method in REFERENCE and method != "exact_if_corr":
@@ -235,7 +237,7 @@ def baseline_settings(method):
     tune = SETTINGS_TREE["baselines"]["tune"] or {}
     matched = () if method in MATCHED_REFERENCE else MATCHED_KEYS
     return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure") + matched,
-                         tune=tune.get(method))
+                         tune=tune.get(base), **({"name": method} if method != base else {}))
 
 
 def blackbox_losses_settings(wildcards):
@@ -407,7 +409,7 @@ def fig1a_methods(wildcards):
 
 def baseline_methods():
     """The baselines the config's `baselines.methods` asks for, in its order."""
-    return [m for m in BASELINES.methods if m in ALL_BASELINES]
+    return [m for m in BASELINES.methods if is_method(m)]
 
 
 REFERENCE_PATTERN = "|".join(REFERENCE)  # rule baseline_reference's methods (limit_*, lin_*)
