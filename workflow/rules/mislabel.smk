@@ -98,6 +98,7 @@ rule mislabel_table:
     input:
         flips=f"results/{EXP}/mislabel/flips.npz",
         files=[mislabel_file(m) for m in MISLABEL_METHODS],
+        config=EFFECTIVE_CONFIG,
     output:
         csv="results/mislabel.csv",
         md="results/mislabel.md",
