@@ -978,7 +978,7 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
         fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
         if q_weighted(fit_kw["variant"]):
-            from .pipeline import score_variant
+            from .fit.chunks import score_variant
 
             return score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
         return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)

@@ -20,6 +20,7 @@ from . import store
 from .config import ExperimentConfig, q_weighted
 from .data import Dataset, load_dataset
 from .fit import chunks
+from .fit.chunks import q_train, score_variant  # noqa: F401  (the steps' names)
 from .scoring import apply_threshold, pairwise_scores, scored_threshold
 
 # torch and the trainers are imported inside the functions that train: the scoring, LDS and
@@ -148,31 +149,6 @@ def scores_from_losses(losses: store.Losses, measure: str, variant: str | None =
     if variant is not None and q_weighted(variant):
         scores *= q_train(losses)[:, None]
     return scores
-
-
-def q_train(losses: store.Losses, source="losses") -> np.ndarray:
-    """TRAK's Q on the training side: ``1 - p_i(theta_0)`` per training example, [n] float32.
-
-    Applied to the scores *after* normalising (correlation divides each example's centred signals
-    by their norm, which would cancel any per-example factor applied before; see
-    docs/daunce_t_factor.md). ``p0_train`` is stored in float64 by the perturbed-fit step.
-    """
-    if losses.p0_train is None:
-        raise store.StoreError(f"{source}: no 'p0_train' dataset (theta_0's label probabilities) for TRAK's "
-                               "(1 - p) factor; rerun the perturbed_chunk step with this version")
-    return (1.0 - losses.p0_train).astype(np.float32)
-
-
-def score_variant(variant: str, losses_path, out, measure: str, **score_file_kw) -> str:
-    """Scores of one method's losses file (equation 6) streamed through ``scoring.score_file``;
-    for ``daunce_t_q`` each training example's row is then multiplied by ``1 - p_i(theta_0)``."""
-    chunks.score(losses_path, out, measure, method=variant, **score_file_kw)
-    if q_weighted(variant):
-        scores, meta = store.dense_scores(out)
-        q = q_train(store.read_losses(losses_path), losses_path)
-        store.write_scores(out, scores=scores * q[:, None], train_ids=meta["train_ids"],
-                           query_ids=meta["query_ids"], attrs={**meta["attrs"], "q_weight": "train"})
-    return str(out)
 
 
 def select_lr(cfg: ExperimentConfig, variant: str, loss_paths: dict[float, str], gt_select_path,

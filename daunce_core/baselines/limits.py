@@ -49,7 +49,7 @@ The signal of example a moves by ``s_a^T Delta^k`` (first order), so across k, w
   without the (1 - p) factor (docs/daunce_t_factor.md, "Today (Table 1)").
 * ``limit_daunce_t_q``: the limit of ``daunce_t_q``, i.e. ``limit_daunce_t``'s scores with each
   training example's row multiplied by TRAK's ``Q = 1 - p_i(theta_0)`` after normalising, as
-  ``daunce_t_q`` does to its scores (:func:`daunce_core.pipeline.score_variant`).
+  ``daunce_t_q`` does to its scores (:func:`daunce_core.fit.chunks.score_variant`).
 * ``limit_bb`` (``daunce_bb``, the black-box Hessian form): Delta^k = -gamma M^-1 gbar_{S^k} (one
   Newton step of the subset loss from theta_0), so only the subsampling term remains: beta with
   c = -gamma, i.e. gamma^2 (1 - r) / (N (n - 1)) times g_a^T M^-1 (Zc^T Zc) M^-1 g_b, Zc the
