@@ -137,7 +137,7 @@ def test_a_replaced_image_reruns_the_data_step(tmp_path):
 # changed config redraws them (seconds).
 NO_SETTINGS = {
     "gather_losses", "gather_ground_truth", "llm_gather", "score", "cost", "quality_figure",
-    "fig1a", "fig1b", "table3",
+    "fig1a", "fig1b", "table3", "regime",
     "lds_table", "fig2", "fig3", "fig4", "fig5", "fig6", "study_table",
 }
 
