@@ -65,10 +65,11 @@ def block(src: Path) -> str:
              f"{run['first_job_start_to_last_job_end_s'] / 60:.0f} minutes from the first job's start to the last "
              f"one's end on a shared 2-core CPU).*", "",
              f"784-128-10 MLP ({params:,} parameters) on 5,000 Fashion-MNIST images; LDS on "
-             f"{meta['n_queries']} test queries and {meta['n_masks']} test masks (95% bootstrap CI over masks and "
-             "queries as `results/lds.csv` computes it), raw first, best first; thresholded beside it with its "
+             f"{meta['n_queries']} test queries and {meta['n_masks']} test masks (95% bootstrap CI "
+             f"{run.get('ci', 'over masks and queries')}), raw first, best first; thresholded beside it with its "
              "change. Storage: float32 numbers kept per training example; time: wall seconds of the method's jobs "
-             "including its tuning grid (benchmark files). Figure: `docs/regime/tier1/regime.pdf`.", "",
+             "including its tuning grid (benchmark files). Figure: `docs/regime/tier1/regime.pdf`."
+             + (f" {run['note']}" if run.get("note") else ""), "",
              "| method | LDS (raw) | 95% CI | LDS (thresholded) | change | stored per example | wall with tuning (s) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
