@@ -3,30 +3,7 @@
 # mislabel.methods ranks the training examples by self-influence; results/mislabel.csv holds the
 # AUCs. Generic over the experiment: it reads only the experiment's data, model, base, daunce and
 # baselines sections. Knobs: mislabel.settings (defaults | lds), never the flipped labels.
-MISLABEL_METHODS = CFG.mislabel.method_list(CFG.daunce.variants, BaselinesConfig.from_config(config).methods)
-MISLABEL_BASELINES = [m for m in MISLABEL_METHODS if not m.startswith("daunce")]
-MISLABEL_FROM_LDS = CFG.mislabel.settings == "lds"
-MISLABEL_KEYS = ("data", "model", "base", "mislabel.fraction", "mislabel.seed")
-
-
-def mislabel_file(method):
-    """A method's file of the table: DAUNCE's signals (of its fit variant) or a baseline's self-scores."""
-    if method.startswith("daunce"):  # a Q form shares its fit variant's fits, unless its own lr was selected
-        return f"results/{EXP}/mislabel/daunce/{method if MISLABEL_FROM_LDS else fit_variant(method)}/signals.npz"
-    return f"results/{EXP}/mislabel/self/{method}.npz"
-
-
-def mislabel_inputs(wildcards):
-    exp = wildcards.experiment
-    out = {"split": f"results/{exp}/data/split.npz", "flips": f"results/{exp}/mislabel/flips.npz",
-           "theta_0": f"results/{exp}/mislabel/theta_0.safetensors"}
-    if MISLABEL_FROM_LDS and getattr(wildcards, "variant", None):
-        out["selection"] = f"results/{exp}/daunce/{wildcards.variant}/selection.json"
-    elif MISLABEL_FROM_LDS:
-        out["scores"] = f"results/{exp}/scores/{wildcards.method}/score.h5"
-    return out
-
-
+# Input functions: common.smk.
 rule mislabel_base:
     """Flip mislabel.fraction of the training labels (keyed by mislabel.seed) and train theta_0 on
     them with the base recipe."""
