@@ -340,7 +340,8 @@ def test_exact_if_on_a_17099_parameter_curvature_does_not_crash():
     """A user's run died with SIGSEGV here: multithreaded OpenBLAS (numpy's and scipy's) crashes on
     the p x p product and Cholesky from p of about 16,000 on this machine; the exact IF now uses
     torch's BLAS. Run in a subprocess, so that a crash fails this test instead of the session."""
-    psutil = pytest.importorskip("psutil")
+    import psutil  # a declared dependency: a broken install fails here, it is not a skip
+
     if psutil.virtual_memory().available < 12 * 2**30:
         pytest.skip("needs 12 GiB of free memory: three 17,099^2 float64 matrices (2.3 GB each)")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
