@@ -632,7 +632,7 @@ def study_figure_input(wildcards):
 
 # --- mislabelled-example detection (rules/mislabel.smk) -----------------------------------------
 
-MISLABEL_METHODS = CFG.mislabel.method_list(CFG.daunce.variants, BaselinesConfig.from_config(config).methods)
+MISLABEL_METHODS = CFG.mislabel.method_list(CFG.daunce.variants, BASELINES.methods)
 MISLABEL_BASELINES = [m for m in MISLABEL_METHODS if not m.startswith("daunce")]
 MISLABEL_FROM_LDS = CFG.mislabel.settings == "lds"
 MISLABEL_KEYS = ("data", "model", "base", "mislabel.fraction", "mislabel.seed")
