@@ -113,13 +113,17 @@ class Report:
 
 
 def guarded(report: Report, budget_s: float, device: torch.device, fn: Callable[[], dict]) -> dict:
-    """Run one measurement unless the time budget is spent; out-of-memory is a result, not a crash."""
+    """Run one measurement unless the time budget is spent; out-of-memory or an error is a result, not a crash."""
     if report.elapsed() > budget_s:
         return {"skipped": f"time budget of {budget_s:.0f} s spent"}
     try:
         return fn()
     except torch.cuda.OutOfMemoryError as exc:
         return {"error": "out of memory", "detail": str(exc).splitlines()[0][:200]}
+    except Exception as exc:  # one failed measurement is recorded; the others still run
+        import traceback
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                "traceback": traceback.format_exc()[-2000:]}
     finally:
         free(device)
 
@@ -307,6 +311,9 @@ def check_vision(args, device: torch.device, report: Report) -> None:
 # --- report ----------------------------------------------------------------------------------------
 
 def git_commit() -> str | None:
+    import os
+    if os.environ.get("DAUNCE_GIT_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
+        return os.environ["DAUNCE_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
@@ -387,12 +394,15 @@ def main(argv=None) -> dict[str, Any]:
         "note": None if estimate else BR.NOT_GPU, "git_commit": git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": info, "vision": {}, "llm": {}})
     print(f"GPU check: {info['name']} ({info['device']}), torch {info['torch']}; report {args.out}", flush=True)
-    if not args.no_vision:
-        check_vision(args, device, report)
-        print("vision done", f"{report.elapsed():.0f} s", flush=True)
-    for name in names:
-        check_llm(name, args, device, report)
-        print(f"{name} done", f"{report.elapsed():.0f} s", flush=True)
+    parts = ([("vision", lambda: check_vision(args, device, report))] if not args.no_vision else []) + [
+        (name, lambda name=name: check_llm(name, args, device, report)) for name in names]
+    for label, run in parts:
+        try:
+            run()
+        except Exception as exc:  # a part that cannot even be set up is recorded; the others still run
+            report.doc.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:500]
+            report.write()
+        print(f"{label} done", f"{report.elapsed():.0f} s", flush=True)
     report.doc["complete"] = True
     report.write()
     print(summary(report.doc), flush=True)
