@@ -196,6 +196,42 @@ def _augment_step(xb: torch.Tensor, plan: tuple[torch.Tensor, ...], step: int, p
     return shift_and_flip(xb.reshape(c * B, *xb.shape[2:]), flip, dy, dx, pad, padding).reshape(xb.shape)
 
 
+@contextlib.contextmanager
+def affine_eval_batchnorm(net: nn.Module):
+    """BatchNorm modules in eval mode computed as their affine map, ``(x - mean) / sqrt(var + eps)
+    * weight + bias`` in fp32, cast back to the input's dtype, for the duration.
+
+    Under ``vmap`` with per-model statistics, cuDNN's ``batch_norm`` refuses the batched layout
+    (CUDNN_STATUS_NOT_SUPPORTED) and CUDA's own kernel refuses a bf16 input with fp32 statistics
+    in the backward pass (both seen on an H200, ``benchmarks/gpu_check.sh``); the elementwise map
+    has neither limit. Modules in train mode keep their own forward.
+    """
+    mods = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def affine(m, own):
+        def forward(x):
+            if m.training or m.running_mean is None:
+                return own(x)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = (x.float() - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+            if m.weight is not None:
+                y = y * m.weight.reshape(shape) + m.bias.reshape(shape)
+            return y.to(x.dtype)
+        return forward
+
+    own = [vars(m).get("forward") for m in mods]  # an instance's own forward, if it has one
+    for m in mods:
+        m.forward = affine(m, m.forward)
+    try:
+        yield net
+    finally:
+        for m, f in zip(mods, own):
+            if f is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = f
+
+
 def forward_with_state(net: nn.Module, params: dict, buffers: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """``net``'s output on ``x`` with ``params`` and ``buffers``, and the buffers after the call.
 
@@ -269,7 +305,8 @@ def train_stacked(
     def fmodel(p, b, x):
         if stateful:
             return forward_with_state(net, p, b, x)
-        return functional_call(net, (p, b), (x,)), b
+        with affine_eval_batchnorm(net):
+            return functional_call(net, (p, b), (x,)), b
 
     if mode == "vmap":
         forward = vmap(fmodel, in_dims=(0, 0, 0))
@@ -363,7 +400,8 @@ def predict(net: nn.Module, params: Stacked, buffers: Stacked, X: torch.Tensor,
             for c in range(C)])
     else:
         f = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)), in_dims=(0, 0, None))
-    return torch.cat([f(params, buffers, X[i:i + batch_size]) for i in range(0, len(X), batch_size)], dim=1)
+    with affine_eval_batchnorm(net):
+        return torch.cat([f(params, buffers, X[i:i + batch_size]) for i in range(0, len(X), batch_size)], dim=1)
 
 
 # --- the two uses --------------------------------------------------------------------------------
