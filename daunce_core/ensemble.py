@@ -204,13 +204,16 @@ def affine_eval_batchnorm(net: nn.Module):
     Under ``vmap`` with per-model statistics, cuDNN's ``batch_norm`` refuses the batched layout
     (CUDNN_STATUS_NOT_SUPPORTED) and CUDA's own kernel refuses a bf16 input with fp32 statistics
     in the backward pass (both seen on an H200, ``benchmarks/gpu_check.sh``); the elementwise map
-    has neither limit. Modules in train mode keep their own forward.
+    has neither limit. Modules in train mode keep their own forward, on an input cast to their
+    statistics' dtype (the same kernel refused bf16 with fp32 statistics in train mode too).
     """
     mods = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def affine(m, own):
         def forward(x):
             if m.training or m.running_mean is None:
+                if m.running_mean is not None and x.dtype != m.running_mean.dtype:
+                    return own(x.to(m.running_mean.dtype)).to(x.dtype)  # bf16 input, fp32 statistics
                 return own(x)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             y = (x.float() - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
@@ -303,9 +306,9 @@ def train_stacked(
     stateful = train_mode and bool(buffers)  # BatchNorm's running statistics change
 
     def fmodel(p, b, x):
-        if stateful:
-            return forward_with_state(net, p, b, x)
         with affine_eval_batchnorm(net):
+            if stateful:
+                return forward_with_state(net, p, b, x)
             return functional_call(net, (p, b), (x,)), b
 
     if mode == "vmap":
