@@ -207,7 +207,9 @@ def project_rate(measured: dict[str, dict], what: str, layers: int) -> float | N
         t1, t2 = a["seconds"], b["seconds"]
     except (KeyError, TypeError):
         return None
-    t = t2 + (layers - 2) * max(t2 - t1, 0.0)
+    if t2 <= t1:  # two layers no slower than one: fixed costs dominate, no per-layer time to scale
+        return None
+    t = t2 + (layers - 2) * (t2 - t1)
     return b["batch"] * b["new_tokens"] / t
 
 

@@ -197,7 +197,7 @@ def _augment_step(xb: torch.Tensor, plan: tuple[torch.Tensor, ...], step: int, p
 
 
 @contextlib.contextmanager
-def affine_eval_batchnorm(net: nn.Module):
+def affine_eval_batchnorm(net: nn.Module, *, cast_train: bool = True):
     """BatchNorm modules in eval mode computed as their affine map, ``(x - mean) / sqrt(var + eps)
     * weight + bias`` in fp32, cast back to the input's dtype, for the duration.
 
@@ -205,14 +205,16 @@ def affine_eval_batchnorm(net: nn.Module):
     (CUDNN_STATUS_NOT_SUPPORTED) and CUDA's own kernel refuses a bf16 input with fp32 statistics
     in the backward pass (both seen on an H200, ``benchmarks/gpu_check.sh``); the elementwise map
     has neither limit. Modules in train mode keep their own forward, on an input cast to their
-    statistics' dtype (the same kernel refused bf16 with fp32 statistics in train mode too).
+    statistics' dtype if ``cast_train`` (the same kernel refused bf16 with fp32 statistics in train
+    mode too); channels-last inputs are left as they are (cuDNN's NHWC kernel takes them, and
+    vmap cannot query a cast channels-last tensor's layout).
     """
     mods = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def affine(m, own):
         def forward(x):
             if m.training or m.running_mean is None:
-                if m.running_mean is not None and x.dtype != m.running_mean.dtype:
+                if cast_train and m.running_mean is not None and x.dtype != m.running_mean.dtype:
                     return own(x.to(m.running_mean.dtype)).to(x.dtype)  # bf16 input, fp32 statistics
                 return own(x)
             shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -306,7 +308,7 @@ def train_stacked(
     stateful = train_mode and bool(buffers)  # BatchNorm's running statistics change
 
     def fmodel(p, b, x):
-        with affine_eval_batchnorm(net):
+        with affine_eval_batchnorm(net, cast_train=not speed.channels_last):
             if stateful:
                 return forward_with_state(net, p, b, x)
             return functional_call(net, (p, b), (x,)), b
