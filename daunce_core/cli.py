@@ -126,7 +126,7 @@ def _fit(args: argparse.Namespace) -> None:
 def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     """The K perturbed fits of the workflow's ``perturbed`` rule at one lr, theta_0 loaded or
     trained as its ``base`` rule trains it (library calls only: the CLI is no workflow step;
-    tests/test_cli.py checks both against daunce_core/pipeline.py)."""
+    tests/test_cli.py checks both against daunce_core/steps/vision.py)."""
     import numpy as np
     import torch
 

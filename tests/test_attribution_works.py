@@ -28,8 +28,8 @@ from daunce_core.data import load_dataset
 from daunce_core.fit.chunks import fit_all
 from daunce_core.fit.ensemble import EnsembleFitter
 from daunce_core.models import model_factory
-from daunce_core.pipeline import scores_from_losses
 from daunce_core.scoring import apply_threshold
+from daunce_core.steps.vision import scores_from_losses
 
 MARGIN = 0.1
 VARIANTS = ["daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_m", "daunce_bb", "daunce_e_bb", "daunce_t_bb"]

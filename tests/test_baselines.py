@@ -322,7 +322,7 @@ def test_write_result_and_cost_table(problem, tmp_path):
 
 def _tiny_digits_base(tmp_path):
     """A 60-example digits split and its theta_0 on disk, through the rules' own steps."""
-    from daunce_core.pipeline import prepare_data, train_base
+    from daunce_core.steps.vision import prepare_data, train_base
 
     cfg = ExperimentConfig.from_dict({
         "data": {"name": "digits", "n_train": 60, "n_query": 9},

@@ -94,9 +94,9 @@ daunce: {K: 4, ratio: 0.5, epochs: 2, batch_size: 16, chunk_size: 3, lr_grid: [0
 def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
     import yaml
 
-    from daunce_core import pipeline
     from daunce_core.config import ExperimentConfig
     from daunce_core.data import load_dataset
+    from daunce_core.steps import vision as pipeline
 
     (tmp_path / "c.yaml").write_text(SMALL)
     (tmp_path / "more.yaml").write_text("daunce: {K: 5}\n")

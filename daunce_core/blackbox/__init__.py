@@ -31,7 +31,7 @@ Safety with money and keys:
 transformers model that fine-tunes for real) so the whole path runs offline with the real
 ``openai`` client; pointing it at OpenAI is a matter of base URL and key. :mod:`.config` holds the
 typed settings (``blackbox`` config section) that every runner here takes directly.
-:mod:`.study` holds the workflow's steps,
+:mod:`daunce_core.steps.blackbox` holds the workflow's steps,
 :mod:`.backdoor` the backdoored multiple-choice data and the Figure 4 table.
 
 Command line (no Snakemake): ``python -m daunce_core.blackbox estimate --configfile FILE``.

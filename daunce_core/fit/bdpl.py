@@ -7,7 +7,7 @@ log-probabilities only); its signals are every training and query example's NLL 
 margin) with that prompt in front, read from chat-completion logprobs.
 
 Like :mod:`.api` it is an adapter over :mod:`daunce_core.blackbox`, where the prompt learner and
-the loss reader live; the step (:func:`daunce_core.blackbox.study.strict_losses`) owns the spend
+the loss reader live; the step (:func:`daunce_core.steps.blackbox.strict_losses`) owns the spend
 guard, the endpoint and the manifest. Each learned prompt is recorded in the manifest as soon as
 it exists (entry ``k{k}``), each model's losses are cached under ``work_dir/losses`` keyed by
 theta_0, every scored row with the prompt in front and the logprob settings

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import lds as L
-from . import store
-from .config import ExperimentConfig, q_weighted
-from .data import Dataset, load_dataset
-from .fit import chunks
-from .fit.chunks import q_train, score_variant  # noqa: F401  (the steps' names)
-from .scoring import apply_threshold, pairwise_scores, scored_threshold
+from .. import lds as L
+from .. import store
+from ..config import ExperimentConfig, q_weighted
+from ..data import Dataset, load_dataset
+from ..fit import chunks
+from ..fit.chunks import q_train, score_variant  # noqa: F401  (the steps' names)
+from ..scoring import apply_threshold, pairwise_scores, scored_threshold
 
 # torch and the trainers are imported inside the functions that train: the scoring, LDS and
 # figure steps then start in well under a second.
@@ -53,10 +53,10 @@ def train_base(cfg: ExperimentConfig, split_path: str | Path, out_state: str | P
     the data to train on (default: the experiment's, checked against the split)."""
     import torch
 
-    from . import ensemble as E
-    from . import objectives as obj
-    from .models import model_factory
-    from .utils import pick_device
+    from .. import ensemble as E
+    from .. import objectives as obj
+    from ..models import model_factory
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     ds = ds if ds is not None else load_checked(cfg, split_path)
@@ -84,10 +84,10 @@ def ensemble_fitter(cfg: ExperimentConfig, split_path, theta0_path, variant: str
     """The classifier fitter of ``variant`` on the experiment's data and theta_0."""
     import torch
 
-    from .ensemble import Speed
-    from .fit.ensemble import EnsembleFitter
-    from .models import build_model, check_state
-    from .utils import pick_device
+    from ..ensemble import Speed
+    from ..fit.ensemble import EnsembleFitter
+    from ..models import build_model, check_state
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     ds = load_checked(cfg, split_path)
@@ -124,7 +124,7 @@ def _daunce_attrs(cfg: ExperimentConfig) -> dict:
 
 def ground_truth_chunk(cfg: ExperimentConfig, split_path, split: str, chunk: int, out: str | Path) -> None:
     """Retrain on one chunk of the masks of ``split``; keep the margins of that split's queries only."""
-    from .utils import pick_device
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     ds = load_checked(cfg, split_path)
