@@ -69,7 +69,7 @@ from . import objectives as obj
 from . import perturb, store
 from .config import DEFAULTS, MEASURES, DaunceConfig, fit_variant, q_weighted
 from .fit import chunks
-from .fit.contract import Plan, Signals
+from .fit.contract import Signals
 from .models import can_vmap
 from .utils import pick_device
 
@@ -303,7 +303,7 @@ class TaskFitter:
     """
 
     def __init__(self, model: nn.Module, task: Task, train: _Data, query: _Data, *, variant: str,
-                 cfg: DaunceConfig, device, plan: Plan | None = None, mode: str = "auto",
+                 cfg: DaunceConfig, device, plan: perturb.Plan | None = None, mode: str = "auto",
                  eval_batch_size: int = 256):
         obj.check_variant(variant)
         if mode not in ("vmap", "loop", "auto"):
@@ -326,7 +326,7 @@ class TaskFitter:
         if variant == "daunce_t" and cfg.first_order != "margin":
             raise ValueError(f"first_order={cfg.first_order!r} (daunce.first_order) is implemented for classifiers "
                              "on (inputs, labels) tensors only; use first_order='margin' with a Task")
-        self.plan = plan if plan is not None else Plan.from_daunce(cfg)
+        self.plan = plan if plan is not None else perturb.Plan.from_daunce(cfg)
         self.eval_batch_size = eval_batch_size
         self.probs0 = self._theta0_probs() if obj.is_matched(variant) else None
         self.mode = self._pick_mode() if mode == "auto" else mode

@@ -39,9 +39,8 @@ from tqdm.auto import tqdm
 
 from . import objectives as obj
 from .config import DaunceConfig, TrainConfig
-from .fit.contract import Plan
 from .models import fit_mode
-from .perturb import batch_order
+from .perturb import Plan, batch_order
 
 log = logging.getLogger(__name__)
 

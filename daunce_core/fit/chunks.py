@@ -5,7 +5,7 @@ chunk at one learning rate. Around it, the same steps serve the classifier ensem
 fitter and the black-box fitters alike:
 
 * :func:`chunk_models` / :func:`n_chunks` -- which k a job fits. Model k's randomness is keyed
-  by ``(seed, k)`` (:class:`~daunce_core.fit.contract.Plan`), so chunking changes no result;
+  by ``(seed, k)`` (:class:`~daunce_core.perturb.Plan`), so chunking changes no result;
 * :func:`run_chunk` / :func:`write_signals` -- fit a chunk for every lr of the grid and write
   one losses file per lr (``store.write_losses``), or a diverged marker
   (``store.write_diverged``) when a model's signal is non-finite: an expected outcome of a grid
