@@ -15,7 +15,7 @@ target; a target token missing from the top logprobs is charged the upper bound
 ``min(p_N, 1 - sum p)`` on its probability), written as a losses HDF5 file and scored by
 :func:`daunce_core.scoring.score_file` like every other DAUNCE variant. The two ways of fitting
 implement the fitter contract (:mod:`daunce_core.fit.contract`) as adapters over this package:
-:class:`daunce_core.fit.api.APIFitter` and :class:`daunce_core.fit.bdpl.BDPLFitter`.
+:class:`daunce_core.fit.endpoint.APIFitter` and :class:`daunce_core.fit.bdpl.BDPLFitter`.
 
 Safety with money and keys:
 

@@ -5,7 +5,7 @@ DAUNCE is one method with three ways of fitting the K perturbed models (Algorith
 * :mod:`daunce_core.fit.ensemble` -- a vmapped ensemble of classifiers (``torch.func``), with a
   one-by-one fallback for models that cannot be vmapped;
 * :mod:`daunce_core.fit.lm` -- LoRA adapters on a causal language model;
-* :mod:`daunce_core.fit.api` / :mod:`daunce_core.fit.bdpl` -- fine-tuning through an
+* :mod:`daunce_core.fit.endpoint` / :mod:`daunce_core.fit.bdpl` -- fine-tuning through an
   OpenAI-compatible API, or black-box prompt learning, for closed models.
 
 Each implements :class:`Fitter`: fit the models ``ks`` of one chunk at one learning rate and return
