@@ -248,9 +248,10 @@ def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
 # matching name decides. Every module must be listed.
 LAYERS = {
     "base": ["utils", "settings", "store", "perturb"],  # no daunce_core imports but each other
-    "core": ["config", "objectives", "models", "data", "scoring", "diagnostics", "ground_truth", "removal",
-             "task"],  # the maths, settings, data and scores
-    "domain": ["ensemble", "lds", "baselines", "figures", "lm", "blackbox", "localapi"],  # trainers, evaluations
+    "core": ["config", "objectives", "models", "data", "scoring", "diagnostics", "ground_truth",
+             "removal"],  # the maths, settings, data and scores
+    "domain": ["ensemble", "lds", "baselines", "figures", "lm", "blackbox", "localapi",
+               "task"],  # trainers, evaluations, the user's Task
     "fit": ["fit"],  # the fitter contract and one adapter per way of fitting, over the domain code
     "steps": ["steps"],  # the workflow's steps, called by scripts/
     "entry": ["", "api", "attribute", "cli", "runner", "blackbox.__main__", "localapi.__main__"],  # users' doors
