@@ -214,8 +214,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         lr = signals.attrs["lr"]
     else:
         signals = chunks.fit_all(fitter, K, chunk_size, lr)
-    setting = {"ratio": ratio, "epochs": cfg.epochs, "steps": steps, "batch_size": cfg.batch_size, "rho": rho,
-               "gamma": gamma, "prox": prox, "lr": lr, "task": type(task).__name__, **options}
+    setting = chunks.losses_config(cfg, steps=steps, lr=lr, task=type(task).__name__)
     stats = lr_statistics(signals, measure, reliability=False)
     signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps, "form": form,
                      "zero_variance_train": stats["zero_variance_train"],

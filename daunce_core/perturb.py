@@ -74,6 +74,11 @@ def batch_order(key: tuple[int, ...], subset: np.ndarray, epochs: int, batch_siz
     return np.concatenate(steps, axis=0)
 
 
+def theta0_key(seed: int) -> tuple[int, ...]:
+    """Key of theta_0's initialisation and batch order (the ``base`` rule's fit from scratch)."""
+    return (seed, 0, 0, 11)
+
+
 def lds_masks(seed: int, M: int, n: int, alpha: float, offset: int = 0) -> np.ndarray:
     """M random subsets of size ceil(alpha n) as a boolean [M, n] array (Appendix B, eq. 8-9).
 

@@ -115,6 +115,7 @@ def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
     np.testing.assert_array_equal(L.query_ids, ds.query_ids)
     assert L.attrs["variant"] == "daunce_t" and L.attrs["signal"] == "margin" and L.attrs["lr"] == 0.03
     assert L.attrs["experiment"] == "tiny_cli" and L.attrs["config"]["arch"] == "mlp"
+    assert L.attrs["config"] == pipeline.losses_config(cfg)  # the workflow's losses files' attribute
     # theta_0 loaded instead of trained: the workflow's base step gives the same theta_0, so the same losses
     pipeline.train_base(cfg, None, tmp_path / "theta0.safetensors", tmp_path / "m.json")
     assert main(args + ["--theta0", str(tmp_path / "theta0.safetensors"), "-o", str(tmp_path / "l2.h5")]) == 0
