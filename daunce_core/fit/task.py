@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -272,28 +271,20 @@ class TaskFitter:
                      desc: str) -> dict[str, torch.Tensor]:
         C, steps = len(group), schedule.shape[1]
         p = {k: v.expand(C, *v.shape).clone().requires_grad_(True) for k, v in self.p0.items()}
-        opt, sched = E._optimizer(list(p.values()), E.OptimSpec.from_daunce(self.cfg, lr), steps)
         batched = vmap(self._objective)
         rows = torch.as_tensor(group, device=self.device)[:, None]
-        for step in range(steps):
+
+        def values(step: int) -> torch.Tensor:  # [C, B]
             idx = schedule[group, step]  # [C, B]
             xi = xi_t[rows, torch.as_tensor(idx, device=self.device)]
             yn = self._y_noise[rows, torch.as_tensor(idx, device=self.device)]
             batches = [self.train.batch(i, self.device) for i in idx]
             if self.mode == "vmap":
-                values = batched(p, _stack(batches), xi, yn)
-            else:
-                values = self._objective({k: v[0] for k, v in p.items()}, batches[0], xi[0], yn[0])[None]
-            loss = values.mean(dim=1).sum()
-            if self.cfg.prox > 0:
-                loss = loss + 0.5 * self.cfg.prox * sum(((p[k] - self.p0[k]) ** 2).sum() for k in p)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if (step % 50 == 0 or step == steps - 1) and not math.isfinite(loss.item()):
-                log.warning("%s: non-finite objective at step %d; the models diverged", desc, step)
-                break
+                return batched(p, _stack(batches), xi, yn)
+            return self._objective({k: v[0] for k, v in p.items()}, batches[0], xi[0], yn[0])[None]
+
+        E.optimise(p, steps, E.OptimSpec.from_daunce(self.cfg, lr), values, prox=self.cfg.prox, center=self.p0,
+                   desc=desc)
         return {k: v.detach() for k, v in p.items()}
 
     @torch.no_grad()
