@@ -114,27 +114,24 @@ def _fit(args: argparse.Namespace) -> None:
     if stats["diverged"]:
         raise ValueError(f"the perturbed models diverged at lr={lr:g} ({stats['why']}); nothing written, "
                          "lower --lr")
-    d = cfg.daunce
-    setting = {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
-               "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch}
     from .fit import chunks
+    from .steps.vision import losses_config
 
-    chunks.write_signals(out, signals, {"config": setting, "experiment": cfg.experiment, "lr": lr})
+    chunks.write_signals(out, signals, {"config": losses_config(cfg), "experiment": cfg.experiment, "lr": lr})
     print(f"wrote {out}")
 
 
 def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     """The K perturbed fits of the workflow's ``perturbed`` rule at one lr, theta_0 loaded or
-    trained as its ``base`` rule trains it (library calls only: the CLI is no workflow step;
-    tests/test_cli.py checks both against daunce_core/pipeline.py)."""
-    import numpy as np
+    trained by the ``base`` rule's step (tests/test_cli.py checks both against
+    daunce_core/steps/vision.py)."""
     import torch
 
     from . import ensemble as E
     from .data import load_dataset
     from .fit import chunks
     from .fit.ensemble import EnsembleFitter
-    from .models import build_model, check_state, model_factory
+    from .models import build_model, check_state
     from .utils import pick_device
 
     device = pick_device(cfg.device)
@@ -149,10 +146,10 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     print(f"daunce fit: K={d.K} perturbed models of {d.epochs} epoch(s) (daunce.epochs) on r={d.ratio:g} of "
           f"{ds.n} training examples, lr={lr if lr == 'auto' else format(lr, 'g')}, variant {variant}, "
           f"{cfg.model.arch}", file=sys.stderr)
-    if theta0_path is None:
-        # the base rule's key of theta_0's initialisation and data order
-        _, p, b = E.fit_from_scratch(model_factory(cfg.model, in_shape, ds.num_classes), X, y, [np.arange(ds.n)],
-                                     [(cfg.base.seed, 0, 0, 11)], cfg.base, augment=cfg.base.augment)
+    if theta0_path is None:  # as the workflow's base step trains it
+        from .steps.vision import fit_theta0
+
+        _, p, b = fit_theta0(cfg, ds, device)
         theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
         print(f"daunce fit: note: trained theta_0 with the base recipe ({cfg.base.epochs} epochs); pass "
               "--theta0 to reuse one", file=sys.stderr)

@@ -39,9 +39,8 @@ from tqdm.auto import tqdm
 
 from . import objectives as obj
 from .config import DaunceConfig, TrainConfig
-from .fit.contract import Plan
 from .models import fit_mode
-from .perturb import batch_order
+from .perturb import Plan, batch_order
 
 log = logging.getLogger(__name__)
 
@@ -334,10 +333,12 @@ def train_stacked(
         p = {k: v.requires_grad_(True) for k, v in p.items()}
         b = {k: v[group].detach().clone() for k, v in buffers.items()}
         center = {k: v[group].detach() for k, v in prox_center.items()} if prox_center else None
-        opt, lr_sched = _optimizer(list(p.values()), spec, steps)
         plan = (_augment_plan([np.random.default_rng([*augment_keys[c], 3]) for c in group], steps,
                               schedule.shape[2], augment_pad, device) if augment_keys else None)
-        for step in range(steps):
+        now: dict = {}  # this step's indices, logits, inputs and new buffers
+        c = len(group)
+
+        def values(step, p=p, g=g, sched=sched, plan=plan, now=now):
             idx = sched[:, step].contiguous()  # [c, B]
             xb = X[idx]  # [c, B, ...]
             if plan is not None:
@@ -345,29 +346,32 @@ def train_stacked(
             if speed.channels_last:
                 xb = _channels_last(xb)
             with speed.autocast(device):
-                logits, new_b = forward(p, b, xb)
-            logits = logits.float()
-            inputs = {"xb": xb} if getattr(objective, "takes_inputs", False) else {}
-            loss = objective(logits, idx, g, **inputs).mean(dim=1).sum()
-            if center is not None and prox > 0:
-                loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
-            traced = tracing and step in traced_steps
-            if traced:  # model c's row of each gradient is the gradient of model c's own objective
-                g_erm = torch.autograd.grad(erm_objective(logits, idx, g, **inputs).mean(dim=1).sum(),
-                                            list(p.values()), retain_graph=True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if traced:
+                logits, now["b"] = forward(p, now["b"], xb)
+            now["logits"], now["idx"] = logits.float(), idx
+            now["inputs"] = {"xb": xb} if getattr(objective, "takes_inputs", False) else {}
+            return objective(now["logits"], idx, g, **now["inputs"])
+
+        def trace(step, p=p, g=g, center=center, c=c, now=now):
+            if not (tracing and step in traced_steps):
+                return None
+            # model c's row of each gradient is the gradient of model c's own objective
+            g_erm = torch.autograd.grad(erm_objective(now["logits"], now["idx"], g, **now["inputs"]).mean(dim=1).sum(),
+                                        list(p.values()), retain_graph=True)
+
+            def after_backward():
                 g_obj = [p[k].grad - (prox * (p[k] - center[k]) if center is not None and prox > 0 else 0.0)
                          for k in p]
-                _log_norms(norms, g_obj, g_erm, len(group))
-            opt.step()
-            lr_sched.step()
-            b = {k: v.detach() for k, v in new_b.items()}
+                _log_norms(norms, g_obj, g_erm, c)
+            return after_backward
+
+        def stepped(step, now=now):
+            now["b"] = {k: v.detach() for k, v in now["b"].items()}
             bar.update(1)
-            if (step % 50 == 0 or step == steps - 1) and not math.isfinite(loss.item()):
-                log.warning("%s: non-finite objective at step %d; the models diverged", desc, step)
-                break
+
+        now["b"] = b
+        optimise(p, steps, spec, values, prox=prox, center=center, desc=desc, before_backward=trace,
+                 after_step=stepped)
+        b = now["b"]
         for k in p:
             out_p[k].append(p[k].detach().contiguous())
         for k in b:
@@ -380,6 +384,35 @@ def train_stacked(
             blocks = [np.stack(rows[i * S:(i + 1) * S], axis=1) for i in range(len(groups))]
             trace_out[t] = np.concatenate(blocks, axis=0)
     return ({k: torch.cat(v) for k, v in out_p.items()}, {k: torch.cat(v) for k, v in out_b.items()})
+
+
+def optimise(p: Stacked, steps: int, spec: OptimSpec, values: Callable[[int], torch.Tensor], *, prox: float = 0.0,
+             center: dict[str, torch.Tensor] | None = None, desc: str = "train",
+             before_backward: Callable[[int], Callable[[], None] | None] | None = None,
+             after_step: Callable[[int], None] | None = None) -> None:
+    """The optimiser loop every perturbed fit and retrain shares: at each step, minimise the batch
+    mean of ``values(step)`` ([C, B], one row per stacked model) summed over the models, plus
+    ``prox/2 ||p - center||^2``; ``spec``'s optimiser and schedule update ``p`` in place. A
+    non-finite objective (checked every 50 steps and at the last) stops the loop with a warning.
+    ``before_backward(step)`` may return a function called after the backward pass (Figure 3's
+    log); ``after_step(step)`` runs after each update."""
+    opt, lr_sched = _optimizer(list(p.values()), spec, steps)
+    for step in range(steps):
+        loss = values(step).mean(dim=1).sum()
+        if center is not None and prox > 0:
+            loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
+        after_backward = before_backward(step) if before_backward is not None else None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        lr_sched.step()
+        if after_step is not None:
+            after_step(step)
+        if (step % 50 == 0 or step == steps - 1) and not math.isfinite(loss.item()):
+            log.warning("%s: non-finite objective at step %d; the models diverged", desc, step)
+            break
 
 
 def _log_norms(norms: dict, g_obj: list, g_erm: tuple, c: int) -> None:
