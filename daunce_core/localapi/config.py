@@ -21,13 +21,13 @@ KEY_ENV = "DAUNCE_LOCAL_API_KEY"  # the environment variable that hands the serv
 class TrainSettings:
     """How the local server fine-tunes (what a hosted endpoint hides from its users)."""
 
-    learning_rate: float = setting(1e-3, "AdamW step size at learning_rate_multiplier 1")
-    batch_size: int = setting(8, "used when a job asks for batch_size 'auto'")
-    n_epochs: int = setting(1, "used when a job asks for n_epochs 'auto'")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    lr_schedule: str = setting("linear", "'linear' decay to 0 or 'constant'")
-    max_len: int = setting(256, "tokens kept per example (the most recent ones); also the context limit")
-    grad_clip: float = setting(1.0, "gradient norm clipping (0: none)")
+    learning_rate: float = setting(1e-3, "AdamW step size at learning_rate_multiplier 1", gt=0)
+    batch_size: int = setting(8, "used when a job asks for batch_size 'auto'", ge=1)
+    n_epochs: int = setting(1, "used when a job asks for n_epochs 'auto'", ge=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    lr_schedule: str = setting("linear", "'linear' decay to 0 or 'constant'", choices=('linear', 'constant'))
+    max_len: int = setting(256, "tokens kept per example (the most recent ones); also the context limit", ge=16)
+    grad_clip: float = setting(1.0, "gradient norm clipping (0: none)", ge=0)
 
     def validate(self) -> None:
         if self.lr_schedule not in ("linear", "constant"):
@@ -50,16 +50,19 @@ class FaultSettings:
     """
 
     seed: int = setting(0, "seed of the fault draws")
-    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After")
-    retry_after_s: float = setting(1.0, "the Retry-After of those 429s, in seconds (also sent as retry-after-ms)")
-    server_error: float = setting(0.0, "share of requests answered 500")
-    drop: float = setting(0.0, "share of requests served, then their connection closed without a response")
-    slow: float = setting(0.0, "share of requests whose reply is delayed by slow_s (independent of the above)")
-    slow_s: float = setting(1.0, "delay of a slow reply, in seconds")
-    fail_jobs: int = setting(0, "the first N fine-tuning jobs the server creates end in status 'failed'")
-    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'")
-    paths: list = setting([], "only requests whose path starts with one of these (e.g. /v1/chat); [] for all")
-    scripted: list = setting([], "exact faults for tests: {path, method, status, count, headers, after, drop}")
+    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After", ge=0, le=1)
+    retry_after_s: float = setting(1.0, "the Retry-After of those 429s, in seconds (also sent as retry-after-ms)", ge=0)
+    server_error: float = setting(0.0, "share of requests answered 500", ge=0, le=1)
+    drop: float = setting(0.0, "share of requests served, then their connection closed without a response", ge=0, le=1)
+    slow: float = setting(0.0, "share of requests whose reply is delayed by slow_s (independent of the above)",
+                          ge=0, le=1)
+    slow_s: float = setting(1.0, "delay of a slow reply, in seconds", ge=0)
+    fail_jobs: int = setting(0, "the first N fine-tuning jobs the server creates end in status 'failed'", ge=0)
+    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'", ge=0, le=1)
+    paths: list = setting([], "only requests whose path starts with one of these (e.g. /v1/chat); [] for all",
+                          items=str, schema={'items': {'pattern': '^/'}})
+    scripted: list = setting([], "exact faults for tests: {path, method, status, count, headers, after, drop}",
+                             items=dict)
 
     @property
     def active(self) -> bool:
