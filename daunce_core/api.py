@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import numbers
@@ -867,6 +868,19 @@ def _check_fit_args(*, K, ratio, epochs, lr, batch_size, rho, gamma, seed, chunk
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def check_keywords(call: str, given: dict, *extra: str) -> None:
+    """Refuse, in one line, keywords that :func:`fit_losses` does not take (nor ``extra``), naming
+    each with the nearest known keyword -- before any fit, where Python's own message would come
+    from inside another function."""
+    from .settings import ConfigError, _unknown_key
+
+    known = [n for n, p in inspect.signature(fit_losses).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(given) - set(known) - set(extra))
+    if unknown:
+        raise TypeError(f"{call}: " + str(ConfigError(_unknown_key(unknown, [*known, *extra], ""))).replace(
+            "unknown key(s)", "unknown keyword(s)"))
+
+
 def default_variant(task: Any, train: Any, topk: int | None = None) -> str:
     """The variant a call takes when none is given: ``DEFAULTS.variant`` for a classifier on
     ``(inputs, labels)`` tensors or arrays (``ClassificationTask``, which gives theta_0's label
@@ -954,6 +968,7 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     """
     from .scoring import _check_measure, _check_memory, score_file
 
+    check_keywords("scores", fit_kw)
     if fit_kw.get("variant") is None:
         fit_kw["variant"] = default_variant(task, train, topk)
     if measure is None:

@@ -98,12 +98,8 @@ def _fit(args: argparse.Namespace) -> None:
               "daunce score does not apply its Q", file=sys.stderr)
         variant = Q_FORMS[variant]
     lr = args.lr
-    if lr is None:
-        if len(cfg.daunce.lr_grid) != 1:
-            raise ValueError(f"daunce.lr_grid holds {len(cfg.daunce.lr_grid)} learning rates "
-                             f"{cfg.daunce.lr_grid}; choose one with --lr, or --lr auto (the label-free rule "
-                             "over the grid, docs/defaults.md; the workflow selects it by LDS)")
-        lr = float(cfg.daunce.lr_grid[0])
+    if lr is None:  # the API's default: the label-free rule over the grid (docs/defaults.md)
+        lr = float(cfg.daunce.lr_grid[0]) if len(cfg.daunce.lr_grid) == 1 else "auto"
     out = args.output or f"{cfg.experiment}.{variant}.losses.h5"
     store.check_output(out, inputs=inputs)  # before the slow imports and the fits
     from .api import lr_statistics
@@ -339,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perturbed objective (default: the first of daunce.variants)")
     t.add_argument("--lr", type=_lr_arg, default=None,
                    help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
-                        "reliability) over daunce.lr_grid, K models per lr (default: daunce.lr_grid when it "
-                        "holds one)")
+                        "reliability) over daunce.lr_grid, K models per lr (default: 'auto', the library "
+                        "calls' default; daunce.lr_grid's rate when it holds one)")
     t.add_argument("--theta0", default=None,
                    help="theta_0 (safetensors, the workflow's base output); default: train it")
     t.set_defaults(func=_fit, check=_check_fit)

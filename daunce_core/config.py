@@ -138,13 +138,16 @@ class TrainConfig:
 class DaunceConfig:
     """The K perturbed fits of Algorithm 1 and the learning-rate search (Appendix B)."""
 
-    K: int = setting(100, "number of perturbed models", ge=2, why="a covariance needs two models", required=True)
+    K: int = setting(200, "number of perturbed models (docs/defaults.md: 200 beat 100 on every problem)", ge=2,
+                     why="a covariance needs two models", required=True)
     ratio: float = setting(0.3, "subset ratio r of each perturbed model (Algorithm 1)", gt=0, le=1, required=True)
     epochs: int = setting(1, "epochs of perturbed training over the subset D^k", ge=1)
     batch_size: int = setting(64, "minibatch size of perturbed training", ge=1)
     optimizer: str = setting("sgd", "'sgd' or 'adam'", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum", ge=0)
-    lr_grid: list = setting([1e-1, 3e-2, 1e-2, 3e-3, 1e-3], "learning rates searched (Appendix B)",
+    lr_grid: list = setting([1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001], "learning rates searched: by the "
+                            "label-free rule (daunce fit, the API: docs/defaults.md), on the LDS selection masks "
+                            "(the workflow; Appendix B's grid is 0.1 ... 1e-3)",
                             items=float, gt=0, schema={'minItems': 1}, required=True)
     rho: float = setting(1.0, "perturbation scale: linear-term weight 1 + rho (2 xi - 1); rho=1 is the paper", ge=0)
     gamma: float = setting(1.0, "weight of the loss term of the perturbed objective", gt=0)
@@ -210,9 +213,9 @@ def _daunce_default(name: str):
 class ApiDefaults:
     """The defaults of the library calls, declared once: ``daunce_core.api.fit_losses`` /
     ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
-    rule read these (their signatures take them from :data:`DEFAULTS`). Ratio, batch size, rho,
-    gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce fit`` and the
-    workflow read those). The variant, measure, K, fit length and learning-rate rule are the API's,
+    rule read these (their signatures take them from :data:`DEFAULTS`). K, the lr grid, ratio,
+    batch size, rho, gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce
+    fit`` reads those). The variant, measure, fit length and learning-rate rule are the API's,
     chosen by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
     config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
     judged on selection masks)."""
@@ -239,9 +242,9 @@ MEASURES = {"daunce_m": "covariance", "daunce_t": "covariance", "daunce_t_q": "c
 
 _API_VARIANT = "daunce_t_q"  # docs/defaults.md: the best worst case over the study's three problems
 DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEASURES.get(_API_VARIANT, "correlation"),
-                       K=200,  # docs/defaults.md; the workflow's embedded config/config.yaml has 200 too
-                       ratio=_daunce_default("ratio"), batch_size=_daunce_default("batch_size"), min_steps=50,
-                       lr="auto", lr_grid=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), rho=_daunce_default("rho"),
+                       K=_daunce_default("K"), ratio=_daunce_default("ratio"),
+                       batch_size=_daunce_default("batch_size"), min_steps=50,
+                       lr="auto", lr_grid=tuple(_daunce_default("lr_grid")), rho=_daunce_default("rho"),
                        gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),
                        chunk_size=_daunce_default("chunk_size"), few_steps=10)
 
