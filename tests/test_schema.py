@@ -65,4 +65,5 @@ def test_the_generated_schema_refuses_in_one_line_naming_the_key(mutate, match):
 def test_every_readme_llm_key_is_in_the_schema():
     """README.md's llm.finetune.master_weights (a key that once drifted out of the hand-kept schema)."""
     schema = yaml.safe_load(SCHEMA.read_text())
+    assert "master_weights: false" in (ROOT / "README.md").read_text()
     jsonschema.validate({"llm": {"finetune": {"master_weights": False}}}, {**schema, "required": []})
