@@ -48,7 +48,7 @@ LIMITS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exc
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, choices: tuple | None = None,
             pattern: str | None = None, items: type | None = None, mapping: type | None = None,
-            why: str = "", required: bool = False, fill: bool = False, schema: dict | None = None,
+            why: str = "", what: str = "", required: bool = False, fill: bool = False, schema: dict | None = None,
             **kw: Any) -> Any:
     """A dataclass field with a default and a help text (``metadata["help"]``).
 
@@ -57,7 +57,8 @@ def setting(default: Any, help: str, *, ge: float | None = None, gt: float | Non
     value must also be finite), ``choices``, a regular expression ``pattern`` the whole string
     must match; ``items``: the type of a list's entries (checked by :func:`build`); ``mapping``: a
     settings dataclass a dict value is checked against (its keys, types and limits; the value stays
-    a dict); ``why``: said in the message when a limit is not met.
+    a dict); ``why``: said in the message when a limit is not met; ``what``: the noun of a range in
+    that message (``what="a share"``: "must be a share in [0, 1]").
 
     For the workflow's JSON schema (:func:`json_schema`) only: ``required``, the workflow's config
     must state the key; ``fill``, the workflow writes this default into the config it runs (its
@@ -66,7 +67,7 @@ def setting(default: Any, help: str, *, ge: float | None = None, gt: float | Non
     """
     limits = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern).items()
               if v is not None}
-    meta = {"help": help, "limits": limits, "items": items, "mapping": mapping, "why": why,
+    meta = {"help": help, "limits": limits, "items": items, "mapping": mapping, "why": why, "what": what,
             "required": required, "fill": fill, "schema": schema or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
@@ -212,7 +213,7 @@ def _number(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _limit_error(value: Any, limits: dict[str, Any]) -> str | None:
+def _limit_error(value: Any, limits: dict[str, Any], what: str = "") -> str | None:
     """What ``value`` must be to meet ``limits`` (a phrase), or None when it meets them."""
     if "choices" in limits:
         c = limits["choices"]
@@ -240,6 +241,8 @@ def _limit_error(value: Any, limits: dict[str, Any]) -> str | None:
                   else f"{'>=' if low[0] == 'ge' else '>'} {_number(low[1])}")
     else:
         phrase = f"{'<=' if high[0] == 'le' else '<'} {_number(high[1])}"
+    if what:
+        return f"{what} {phrase}"
     finite = isinstance(value, float) and not math.isfinite(value)
     return f"a finite number {phrase}" if finite else phrase
 
@@ -266,7 +269,7 @@ def check_limits(obj: Any, where: str = "", *, nested: bool = True) -> None:
             continue
         entries = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
         for name, v in entries:
-            need = _limit_error(v, limits)
+            need = _limit_error(v, limits, f.metadata.get("what", ""))
             if need is not None:
                 why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
                 raise ConfigError(f"{name} must be {need}{why}, got {v!r}")

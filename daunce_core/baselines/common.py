@@ -150,7 +150,8 @@ class LimitsConfig:
     damping_grid: list = setting([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "dampings tried, relative to the "
                                  "mean eigenvalue of each method's curvature; the best limit on the LDS "
                                  "selection masks is kept (and used by its lin_ method)",
-                                 items=float, gt=0, schema={'minItems': 1})
+                                 items=float, gt=0, why="F has rank <= n: the limits need damping",
+                                 schema={'minItems': 1})
     measure: str = setting("correlation", "'correlation' (DAUNCE's measure) or 'covariance' of the limit "
                                           "and of the linearised fits", choices=('correlation', 'covariance'))
 
@@ -238,7 +239,7 @@ class BaselinesConfig:
                                            f"with proj_dim N), and the exact references {', '.join(REFERENCE)}",
                                            schema=METHODS_SCHEMA)
     measurement: str = setting("margin", "query function of the gradient methods: 'margin' or 'loss'",
-                               choices=('margin', 'loss'))
+                               choices=MEASUREMENTS)
     batch_size: int = setting(250, "examples per batch handed to the libraries", ge=1)
     trak: TrakConfig = nested(TrakConfig)
     ekfac: EkfacConfig = nested(EkfacConfig)
@@ -320,23 +321,12 @@ class BaselinesConfig:
         if bad:
             raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(ALL_METHODS)} "
                               "or trak_k<N> (TRAK with proj_dim N)")
-        if self.measurement not in MEASUREMENTS:
-            raise ConfigError(f"baselines.measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
-        if self.trak.proj_dim < 1 or self.logra.rank < 1 or self.tracin.checkpoints < 1 or self.batch_size < 1:
-            raise ConfigError("baselines: trak.proj_dim, logra.rank, tracin.checkpoints and batch_size must be >= 1")
-        if self.exact_if.curvature not in ("hessian", "ggn"):
-            raise ConfigError(f"baselines.exact_if.curvature must be 'hessian' or 'ggn', "
-                              f"got {self.exact_if.curvature!r}")
-        if not self.exact_if.damping_grid or any(d < 0 for d in self.exact_if.damping_grid):
+        # each knob's range and choices: its setting (checked by build); the empty grids here
+        if not self.exact_if.damping_grid:
             raise ConfigError("baselines.exact_if.damping_grid must be a non-empty list of values >= 0")
-        if not self.limits.damping_grid or any(not d > 0 for d in self.limits.damping_grid):
+        if not self.limits.damping_grid:
             raise ConfigError("baselines.limits.damping_grid must be a non-empty list of values > 0 (F has "
                               "rank <= n: the limits need damping)")
-        if self.limits.measure not in ("correlation", "covariance"):
-            raise ConfigError(f"baselines.limits.measure must be 'correlation' or 'covariance', "
-                              f"got {self.limits.measure!r}")
-        if self.ekfac.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
-            raise ConfigError(f"baselines.ekfac.strategy: unknown {self.ekfac.strategy!r}")
         from dataclasses import fields
 
         for method, axes in (self.tune or {}).items():

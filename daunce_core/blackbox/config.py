@@ -154,7 +154,8 @@ class BDPLConfig:
     batch_size: int = setting(4, "examples per step (Appendix D: 4)", ge=1)
     prompt_length: int = setting(50, "discrete prompt tokens (Appendix D: 50)", ge=1)
     lr: float = setting(1e-3, "Adam step size on the categorical probabilities (Appendix D: 1e-3)", gt=0)
-    sample_size: int = setting(10, "prompts sampled per step for the variance-reduced policy gradient (>= 2)", ge=2)
+    sample_size: int = setting(10, "prompts sampled per step for the variance-reduced policy gradient (>= 2)", ge=2,
+                             why="the variance-reduced estimator needs a baseline from the other samples")
     search_space: int = setting(20, "candidate n-grams per position (from the training prompts, ranked by PMI)", ge=2)
     grad_clip: float = setting(3.0, "gradient norm clipping of the probabilities", gt=0)
     placement: str = setting("prefix", "'prefix': prompt + newline + user message; 'system': a system message",
@@ -182,11 +183,16 @@ class LocalConfig:
                                                   "failed jobs, to test the API path (off by default)")
 
 
+# The spend guard's numbers (max_spend_usd, prices, cost.*) state their bounds for the schema only:
+# the library checks them with check_usd and _check_estimate_inputs, which also refuse NaN, infinity
+# and strings such as "$25" (fail closed) and say why.
 @dataclass
 class CostConfig:
     chars_per_token: float = setting(1.0, "UTF-8 bytes per token of the estimate; 1 bounds any byte-level "
-                                          "tokenizer (OpenAI's ~4 is an average and can undercount)", gt=0)
-    safety_factor: float = setting(1.25, "multiplies every token estimate, so the estimate errs high", ge=1)
+                                          "tokenizer (OpenAI's ~4 is an average and can undercount)",
+                                     schema={"exclusiveMinimum": 0})
+    safety_factor: float = setting(1.25, "multiplies every token estimate, so the estimate errs high",
+                                   schema={"minimum": 1})
     message_overhead: int = setting(16, "tokens of chat formatting per message (16 bounds the local server's "
                                         "header, newline and EOS)", ge=0)
 
@@ -209,7 +215,7 @@ class BlackboxConfig:
     access: list = setting(["api", "strict"], "'api' (fine-tuning API) and/or 'strict' (BDPL, no fine-tuning)",
                            items=str, choices=('api', 'strict'), schema={'minItems': 1})
     variant: str = setting("daunce_bb", "Table 2 objective; the API path supports only daunce_bb (plain NLL)",
-                           choices=('daunce_bb', 'daunce_e_bb', 'daunce_t_bb'))
+                           choices=BLACK_BOX)
     measure: str = setting("correlation", "'correlation' (paper default) or 'covariance'",
                            choices=('correlation', 'covariance'))
     K: int = setting(50, "perturbed models per access setting (Appendix D: 50)", ge=2)
@@ -217,7 +223,7 @@ class BlackboxConfig:
     seed: int = setting(0, "seed of D^k (model k uses default_rng([seed, k])) and of the jobs")
     spend: bool = setting(False, "allow requests that cost money; false stops before any paid call")
     max_spend_usd: float = setting(0.0, "refuse to start when the estimate of the whole config (all models) "
-                                   "exceeds this (USD)", ge=0)
+                                   "exceeds this (USD)", schema={"minimum": 0})
     prices: dict = setting({}, "USD per 1M tokens: {model: {training, input, output}}; unknown models are refused",
                            schema=PRICES_SCHEMA)
     api: APIConfig = nested(APIConfig, "endpoint and credentials (names of env variables only)")
@@ -240,35 +246,18 @@ class BlackboxConfig:
         return to_dict(self)
 
     def validate(self) -> BlackboxConfig:
-        if self.backend not in ("local", "openai"):
-            raise ConfigError(f"blackbox.backend must be 'local' or 'openai', got {self.backend!r}")
-        bad = [a for a in self.access if a not in ("api", "strict")]
-        if bad or not self.access:
+        """The checks across keys (each key's range and choices: its setting, checked by build)."""
+        if not self.access:
             raise ConfigError(f"blackbox.access must list 'api' and/or 'strict', got {self.access!r}")
-        if self.variant not in BLACK_BOX:
-            raise ConfigError(f"blackbox.variant must be one of {', '.join(BLACK_BOX)}, got {self.variant!r}")
         if "api" in self.access and self.variant != "daunce_bb":
             raise ConfigError("blackbox.variant: a fine-tuning API trains on the plain NLL, so access 'api' "
                               "supports only daunce_bb; use access [strict] for the other Table 2 forms")
-        if self.K < 2:
-            raise ConfigError(f"blackbox.K must be at least 2, got {self.K}")
         if not 0 < self.subset_size <= self.data.n_train:
             raise ConfigError(f"blackbox.subset_size must be in [1, data.n_train={self.data.n_train}], "
                               f"got {self.subset_size}")
-        if self.bdpl.sample_size < 2:
-            raise ConfigError("blackbox.bdpl.sample_size must be at least 2 (the variance-reduced estimator "
-                              "needs a baseline from the other samples)")
-        if self.bdpl.placement not in ("prefix", "system"):
-            raise ConfigError(f"blackbox.bdpl.placement must be 'prefix' or 'system', got {self.bdpl.placement!r}")
         if any(not isinstance(t, str) or len(t.strip()) < 5 for t in self.data.refusals):
             raise ConfigError("blackbox.data.refusals must list texts of at least 5 characters (theta_0's reply "
                               "counts as a refusal when it starts like one of them)")
-        if not 0 <= self.data.backdoor_fraction < 1:
-            raise ConfigError("blackbox.data.backdoor_fraction must be in [0, 1)")
-        if self.measure not in ("correlation", "covariance"):
-            raise ConfigError(f"blackbox.measure must be correlation or covariance, got {self.measure!r}")
-        if not 0 <= self.logprobs.top_logprobs <= 20:
-            raise ConfigError("blackbox.logprobs.top_logprobs must be between 0 and 20")
         check_usd(self.max_spend_usd, "blackbox.max_spend_usd")
         for name, p in self.prices.items():
             check_price(name, p)

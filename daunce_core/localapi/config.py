@@ -29,10 +29,6 @@ class TrainSettings:
     max_len: int = setting(256, "tokens kept per example (the most recent ones); also the context limit", ge=16)
     grad_clip: float = setting(1.0, "gradient norm clipping (0: none)", ge=0)
 
-    def validate(self) -> None:
-        if self.lr_schedule not in ("linear", "constant"):
-            raise ConfigError(f"local.train.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
-
 
 @dataclass
 class FaultSettings:
@@ -50,15 +46,18 @@ class FaultSettings:
     """
 
     seed: int = setting(0, "seed of the fault draws")
-    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After", ge=0, le=1)
+    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After", ge=0, le=1,
+                                  what="a share")
     retry_after_s: float = setting(1.0, "the Retry-After of those 429s, in seconds (also sent as retry-after-ms)", ge=0)
-    server_error: float = setting(0.0, "share of requests answered 500", ge=0, le=1)
-    drop: float = setting(0.0, "share of requests served, then their connection closed without a response", ge=0, le=1)
+    server_error: float = setting(0.0, "share of requests answered 500", ge=0, le=1, what="a share")
+    drop: float = setting(0.0, "share of requests served, then their connection closed without a response", ge=0,
+                          le=1, what="a share")
     slow: float = setting(0.0, "share of requests whose reply is delayed by slow_s (independent of the above)",
-                          ge=0, le=1)
+                          ge=0, le=1, what="a share")
     slow_s: float = setting(1.0, "delay of a slow reply, in seconds", ge=0)
     fail_jobs: int = setting(0, "the first N fine-tuning jobs the server creates end in status 'failed'", ge=0)
-    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'", ge=0, le=1)
+    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'",
+                                    ge=0, le=1, what="a share")
     paths: list = setting([], "only requests whose path starts with one of these (e.g. /v1/chat); [] for all",
                           items=str, schema={'items': {'pattern': '^/'}})
     scripted: list = setting([], "exact faults for tests: {path, method, status, count, headers, after, drop}",
@@ -70,15 +69,10 @@ class FaultSettings:
                     or self.fail_job_share or self.scripted)
 
     def validate(self) -> None:
-        for name in ("rate_limit", "server_error", "drop", "slow", "fail_job_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"local.faults.{name} must be a share in [0, 1], got {getattr(self, name)!r}")
+        """The checks across keys (each share's range: its setting, checked by build)."""
         if self.rate_limit + self.server_error + self.drop > 1.0:
             raise ConfigError("local.faults: rate_limit + server_error + drop must be at most 1 (one fault per "
                               f"request), got {self.rate_limit + self.server_error + self.drop:g}")
-        for name in ("retry_after_s", "slow_s", "fail_jobs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"local.faults.{name} must be >= 0, got {getattr(self, name)!r}")
         if not all(isinstance(p, str) and p.startswith("/") for p in self.paths):
             raise ConfigError(f"local.faults.paths must list path prefixes starting with '/', got {self.paths!r}")
         if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in self.scripted):
