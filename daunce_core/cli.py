@@ -172,11 +172,19 @@ def _lr_arg(text: str):
     return "auto" if text == "auto" else _number(float, 0.0, above=True)(text)
 
 
-def _check_fit(args: argparse.Namespace) -> str | None:
-    from .objectives import VARIANTS  # torch: only for this command
+def _setting(cls: type, name: str):
+    """The declaration of a config key (daunce_core/config.py) that an option mirrors."""
+    import dataclasses
 
-    if args.variant is not None and args.variant not in VARIANTS:
-        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(VARIANTS)})"
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_fit(args: argparse.Namespace) -> str | None:
+    from .config import DaunceConfig
+
+    choices = _setting(DaunceConfig, "variants").metadata["limits"]["choices"]  # daunce.variants' own
+    if args.variant is not None and args.variant not in choices:
+        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(choices)})"
     return None
 
 
@@ -332,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", default=None,
                    help="losses HDF5 file to write (default: EXPERIMENT.VARIANT.losses.h5)")
     t.add_argument("--variant", default=None,
-                   help="perturbed objective (default: the first of daunce.variants)")
+                   help="perturbed objective, one of daunce.variants' choices (default: the first of "
+                        "daunce.variants)")
     t.add_argument("--lr", type=_lr_arg, default=None,
                    help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
                         "reliability) over daunce.lr_grid, K models per lr (default: 'auto', the library "

@@ -4,9 +4,9 @@ Library users need no Snakemake: ``ExperimentConfig.from_dict(yaml.safe_load(ope
 The tree is built by :func:`daunce_core.settings.build`: every field carries its meaning in
 ``metadata["help"]``, unknown keys and wrongly typed values are refused by name, so a typo never
 silently falls back to a default. Each field also declares its range or choices (``ge=``,
-``choices=``, ...), the ones workflow/schemas/config.schema.yaml states (tests/test_config.py keeps
-the two equal); :meth:`ExperimentConfig.validate` applies them, so ``daunce fit``, the library and
-the workflow refuse the same values.
+``choices=``, ...), from which workflow/schemas/config.schema.yaml is generated
+(:func:`workflow_schema`); :meth:`ExperimentConfig.validate` applies them, so ``daunce fit``, the
+library and the workflow refuse the same values.
 """
 from __future__ import annotations
 

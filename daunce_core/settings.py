@@ -14,9 +14,8 @@ A field may also declare its range and choices (``setting(30, "epochs", ge=1)``,
 ``items=`` for the type of a list's entries, ``pattern=``, ``mapping=`` for a dict checked
 against a settings dataclass); :func:`check_limits` applies them, with finite numbers only, and
 ``build(validate=True)`` calls it. Cross-field checks live in each tree's ``validate()`` method.
-The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) states the same keys and
-limits for Snakemake; ``tests/test_settings.py`` keeps its keys and ``tests/test_config.py`` its
-limits in step with these dataclasses.
+The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is generated from the same
+declarations by :func:`json_schema` (``python -m daunce_core.settings --schema``).
 """
 from __future__ import annotations
 
