@@ -469,8 +469,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                rho: float | None = None, gamma: float = DEFAULTS.gamma, prox: float | None = None,
                seed: int = DEFAULTS.seed, chunk_size: int = DEFAULTS.chunk_size, device: str = "auto",
                out: str | os.PathLike | None = None,
-               train_ids: Any = None, query_ids: Any = None, mode: str = "auto", antithetic: bool = False,
-               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin",
+               train_ids: Any = None, query_ids: Any = None, mode: str = "auto",
+               antithetic: bool = DEFAULTS.antithetic, common_batches: bool = DEFAULTS.common_batches,
+               lr_schedule: str = DEFAULTS.lr_schedule, first_order: str = DEFAULTS.first_order,
                measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
@@ -564,8 +565,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         if obj.is_matched(variant):
             raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
                              "choose daunce, daunce_e or daunce_t for an LMTask")
-        if options != {"antithetic": False, "common_batches": False, "lr_schedule": "constant",
-                       "first_order": "margin"}:
+        if options != {k: getattr(DEFAULTS, k) for k in options}:
             raise ValueError(f"the LoRA fitter takes none of antithetic, common_batches, lr_schedule, first_order; "
                              f"leave them at their defaults for an LMTask (got {options})")
         fitter = _lora_fitter(model, task, train, query, cfg, lr, dev, train_ids, query_ids)

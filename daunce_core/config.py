@@ -234,6 +234,10 @@ class ApiDefaults:
     seed: int
     chunk_size: int
     few_steps: int       # fewer optimiser steps per perturbed model than this: a warning
+    antithetic: bool     # the estimator options: DaunceConfig's (the paper's)
+    common_batches: bool
+    lr_schedule: str
+    first_order: str
 
 
 # The measure each variant's scores take by default in the library calls (docs/defaults.md): covariance
@@ -246,7 +250,9 @@ DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEAS
                        batch_size=_daunce_default("batch_size"), min_steps=50,
                        lr="auto", lr_grid=tuple(_daunce_default("lr_grid")), rho=_daunce_default("rho"),
                        gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),
-                       chunk_size=_daunce_default("chunk_size"), few_steps=10)
+                       chunk_size=_daunce_default("chunk_size"), few_steps=10,
+                       **{k: _daunce_default(k)
+                          for k in ("antithetic", "common_batches", "lr_schedule", "first_order")})
 
 
 SPEARMAN = "a Spearman correlation over masks needs two"

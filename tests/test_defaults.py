@@ -27,7 +27,8 @@ def _defaults(fn) -> dict:
 
 def test_every_call_reads_the_one_declaration():
     fit = _defaults(api.fit_losses)
-    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid"):
+    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid", "antithetic", "common_batches",
+                 "lr_schedule", "first_order"):
         assert fit[name] == getattr(DEFAULTS, name), name
     # None: DEFAULTS.min_steps, .batch_size, the variant's ratio/rho/prox (DaunceConfig.for_variant)
     # and the variant's measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
@@ -44,7 +45,8 @@ def test_every_call_reads_the_one_declaration():
     assert set(_defaults(daunce_scores)) == {"measure"} and not _defaults(perturbed_losses)
     # the shared values are DaunceConfig's (daunce fit and the workflow read those)
     d = DaunceConfig()
-    for name in ("K", "ratio", "batch_size", "rho", "gamma", "seed", "chunk_size"):
+    for name in ("K", "ratio", "batch_size", "rho", "gamma", "seed", "chunk_size", "antithetic", "common_batches",
+                 "lr_schedule", "first_order"):
         assert getattr(DEFAULTS, name) == getattr(d, name), name
     assert list(DEFAULTS.lr_grid) == d.lr_grid
 
