@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import numbers
@@ -86,8 +87,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                rho: float | None = None, gamma: float = DEFAULTS.gamma, prox: float | None = None,
                seed: int = DEFAULTS.seed, chunk_size: int = DEFAULTS.chunk_size, device: str = "auto",
                out: str | os.PathLike | None = None,
-               train_ids: Any = None, query_ids: Any = None, mode: str = "auto", antithetic: bool = False,
-               common_batches: bool = False, lr_schedule: str = "constant", first_order: str = "margin",
+               train_ids: Any = None, query_ids: Any = None, mode: str = "auto",
+               antithetic: bool = DEFAULTS.antithetic, common_batches: bool = DEFAULTS.common_batches,
+               lr_schedule: str = DEFAULTS.lr_schedule, first_order: str = DEFAULTS.first_order,
                measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
@@ -181,8 +183,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         if obj.is_matched(variant):
             raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
                              "choose daunce, daunce_e or daunce_t for an LMTask")
-        if options != {"antithetic": False, "common_batches": False, "lr_schedule": "constant",
-                       "first_order": "margin"}:
+        if options != {k: getattr(DEFAULTS, k) for k in options}:
             raise ValueError(f"the LoRA fitter takes none of antithetic, common_batches, lr_schedule, first_order; "
                              f"leave them at their defaults for an LMTask (got {options})")
         fitter = _lora_fitter(model, task, train, query, cfg, lr, dev, train_ids, query_ids)
@@ -484,6 +485,19 @@ def _check_fit_args(*, K, ratio, epochs, lr, batch_size, rho, gamma, seed, chunk
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def check_keywords(call: str, given: dict, *extra: str) -> None:
+    """Refuse, in one line, keywords that :func:`fit_losses` does not take (nor ``extra``), naming
+    each with the nearest known keyword -- before any fit, where Python's own message would come
+    from inside another function."""
+    from .settings import ConfigError, _unknown_key
+
+    known = [n for n, p in inspect.signature(fit_losses).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(given) - set(known) - set(extra))
+    if unknown:
+        raise TypeError(f"{call}: " + str(ConfigError(_unknown_key(unknown, [*known, *extra], ""))).replace(
+            "unknown key(s)", "unknown keyword(s)"))
+
+
 def default_variant(task: Any, train: Any, topk: int | None = None) -> str:
     """The variant a call takes when none is given: ``DEFAULTS.variant`` for a classifier on
     ``(inputs, labels)`` tensors or arrays (``ClassificationTask``, which gives theta_0's label
@@ -571,6 +585,7 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     """
     from .scoring import _check_measure, _check_memory, score_file
 
+    check_keywords("scores", fit_kw)
     if fit_kw.get("variant") is None:
         fit_kw["variant"] = default_variant(task, train, topk)
     if measure is None:

@@ -98,12 +98,8 @@ def _fit(args: argparse.Namespace) -> None:
               "daunce score does not apply its Q", file=sys.stderr)
         variant = Q_FORMS[variant]
     lr = args.lr
-    if lr is None:
-        if len(cfg.daunce.lr_grid) != 1:
-            raise ValueError(f"daunce.lr_grid holds {len(cfg.daunce.lr_grid)} learning rates "
-                             f"{cfg.daunce.lr_grid}; choose one with --lr, or --lr auto (the label-free rule "
-                             "over the grid, docs/defaults.md; the workflow selects it by LDS)")
-        lr = float(cfg.daunce.lr_grid[0])
+    if lr is None:  # the API's default: the label-free rule over the grid (docs/defaults.md)
+        lr = float(cfg.daunce.lr_grid[0]) if len(cfg.daunce.lr_grid) == 1 else "auto"
     out = args.output or f"{cfg.experiment}.{variant}.losses.h5"
     store.check_output(out, inputs=inputs)  # before the slow imports and the fits
     from .api import lr_statistics
@@ -173,11 +169,19 @@ def _lr_arg(text: str):
     return "auto" if text == "auto" else _number(float, 0.0, above=True)(text)
 
 
-def _check_fit(args: argparse.Namespace) -> str | None:
-    from .objectives import VARIANTS  # torch: only for this command
+def _setting(cls: type, name: str):
+    """The declaration of a config key (daunce_core/config.py) that an option mirrors."""
+    import dataclasses
 
-    if args.variant is not None and args.variant not in VARIANTS:
-        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(VARIANTS)})"
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_fit(args: argparse.Namespace) -> str | None:
+    from .config import DaunceConfig
+
+    choices = _setting(DaunceConfig, "variants").metadata["limits"]["choices"]  # daunce.variants' own
+    if args.variant is not None and args.variant not in choices:
+        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(choices)})"
     return None
 
 
@@ -333,11 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", default=None,
                    help="losses HDF5 file to write (default: EXPERIMENT.VARIANT.losses.h5)")
     t.add_argument("--variant", default=None,
-                   help="perturbed objective (default: the first of daunce.variants)")
+                   help="perturbed objective, one of daunce.variants' choices (default: the first of "
+                        "daunce.variants)")
     t.add_argument("--lr", type=_lr_arg, default=None,
                    help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
-                        "reliability) over daunce.lr_grid, K models per lr (default: daunce.lr_grid when it "
-                        "holds one)")
+                        "reliability) over daunce.lr_grid, K models per lr (default: 'auto', the library "
+                        "calls' default; daunce.lr_grid's rate when it holds one)")
     t.add_argument("--theta0", default=None,
                    help="theta_0 (safetensors, the workflow's base output); default: train it")
     t.set_defaults(func=_fit, check=_check_fit)

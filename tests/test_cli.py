@@ -148,7 +148,6 @@ def test_fit_command_bad_inputs_are_one_line(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     c = str(tmp_path / "c.yaml")
     cases = [
-        (["fit", "--configfile", c], 1, "choose one with --lr"),
         (["fit", "--configfile", str(tmp_path / "nope.yaml"), "--lr", "0.1"], 1, "nope.yaml: no such file"),
         (["fit", "--configfile", c, "--lr", "0.1", "-o", c], 1, "is the input file"),
         (["fit", "--configfile", c, "--lr", "0.1", "--variant", "dance"], 2, "invalid choice 'dance'"),
