@@ -5,7 +5,7 @@ The tree is built by :func:`daunce_core.settings.build`: every field carries its
 ``metadata["help"]``, unknown keys and wrongly typed values are refused by name, so a typo never
 silently falls back to a default. Each field also declares its range or choices (``ge=``,
 ``choices=``, ...), from which workflow/schemas/config.schema.yaml is generated
-(:func:`workflow_schema`); :meth:`ExperimentConfig.validate` applies them, so ``daunce fit``, the
+(``daunce_core.schema.workflow_schema``); :meth:`ExperimentConfig.validate` applies them, so ``daunce fit``, the
 library and the workflow refuse the same values.
 """
 from __future__ import annotations
@@ -653,30 +653,3 @@ class ScoringConfig:
     """How the scores files are computed (never what they hold)."""
 
     memory_gb: float = setting(4.0, "memory a dense scores computation may use (GB)", gt=0)
-
-
-def stages() -> dict[str, type]:
-    """The settings tree of each top-level config section besides the experiment's own
-    (:data:`OTHER_STAGES`)."""
-    from .baselines import BaselinesConfig
-    from .blackbox.config import BlackboxConfig
-    from .lm.settings import LLMSettings
-
-    return {"baselines": BaselinesConfig, "figures": FiguresConfig, "scoring": ScoringConfig, "llm": LLMSettings,
-            "blackbox": BlackboxConfig}
-
-
-def workflow_schema() -> dict:
-    """The JSON schema of the workflow's config (workflow/schemas/config.schema.yaml is this,
-    printed by ``python -m daunce_core.settings --schema``): :class:`ExperimentConfig` and the
-    trees of :func:`stages`, every key, type, limit and help declared once in the dataclasses."""
-    from .settings import json_schema
-
-    top = json_schema(ExperimentConfig)
-    for name, cls in stages().items():
-        sub = json_schema(cls)
-        top["properties"][name] = {"type": "object", **{k: v for k, v in sub.items() if k != "type"}}
-    assert set(top["properties"]) == {f.name for f in dataclasses.fields(ExperimentConfig)} | set(OTHER_STAGES)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "description": "DAUNCE workflow configuration (experiment facts only; threads and resources come from "
-                           "the command line or a profile)", **{k: v for k, v in top.items() if k != "description"}}

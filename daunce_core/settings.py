@@ -15,7 +15,7 @@ A field may also declare its range and choices (``setting(30, "epochs", ge=1)``,
 against a settings dataclass); :func:`check_limits` applies them, with finite numbers only, and
 ``build(validate=True)`` calls it. Cross-field checks live in each tree's ``validate()`` method.
 The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is generated from the same
-declarations by :func:`json_schema` (``python -m daunce_core.settings --schema``).
+declarations by :func:`json_schema` (``python -m daunce_core.schema``).
 """
 from __future__ import annotations
 
@@ -511,30 +511,3 @@ def json_schema(cls: type) -> dict[str, Any]:
     out["additionalProperties"] = False
     out["properties"] = props
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m daunce_core.settings --schema``: print the workflow's config schema (YAML)."""
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(prog="python -m daunce_core.settings", description=main.__doc__)
-    parser.add_argument("--schema", action="store_true", required=True,
-                        help="print workflow/schemas/config.schema.yaml, generated from the settings dataclasses")
-    parser.parse_args(argv)
-    from .config import workflow_schema
-
-    print(SCHEMA_HEADER + yaml.safe_dump(workflow_schema(), sort_keys=False, width=110, allow_unicode=True,
-                                                default_flow_style=None), end="")
-    return 0
-
-
-SCHEMA_HEADER = ("# Generated from the settings dataclasses (daunce_core/config.py and the trees it names): do not\n"
-                 "# edit. Regenerate with\n"
-                 "#   python -m daunce_core.settings --schema > workflow/schemas/config.schema.yaml\n"
-                 "# (tests/test_schema.py checks that this file is what that prints).\n")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

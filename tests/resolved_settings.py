@@ -34,10 +34,10 @@ def resolve(path: str) -> dict:
     from snakemake.utils import validate
 
     from daunce_core.baselines import BaselinesConfig
-    from daunce_core.blackbox.study import load_config
     from daunce_core.config import ExperimentConfig, check_figures
     from daunce_core.lm.settings import LLMSettings
     from daunce_core.settings import check_schema, load_schema, to_dict
+    from daunce_core.steps.blackbox import load_config
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     if path != "config/config.yaml":

@@ -254,7 +254,8 @@ LAYERS = {
                "task"],  # trainers, evaluations, the user's Task
     "fit": ["fit"],  # the fitter contract and one adapter per way of fitting, over the domain code
     "steps": ["steps"],  # the workflow's steps, called by scripts/
-    "entry": ["", "api", "attribute", "cli", "runner", "blackbox.__main__", "localapi.__main__"],  # users' doors
+    "entry": ["", "api", "attribute", "cli", "runner", "schema",
+              "blackbox.__main__", "localapi.__main__"],  # users' doors
 }
 
 

@@ -11,21 +11,21 @@ import jsonschema
 import pytest
 import yaml
 
-from daunce_core.config import workflow_schema
-from daunce_core.settings import SCHEMA_HEADER, ConfigError, check_schema
+from daunce_core.schema import SCHEMA_HEADER, workflow_schema
+from daunce_core.settings import ConfigError, check_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def test_the_committed_schema_is_the_generated_one():
-    """workflow/schemas/config.schema.yaml is exactly what ``python -m daunce_core.settings
-    --schema`` prints: a key, type or limit changed in a dataclass without regenerating fails here."""
-    out = subprocess.run([sys.executable, "-m", "daunce_core.settings", "--schema"], cwd=ROOT, check=True,
+    """workflow/schemas/config.schema.yaml is exactly what ``python -m daunce_core.schema``
+    prints: a key, type or limit changed in a dataclass without regenerating fails here."""
+    out = subprocess.run([sys.executable, "-m", "daunce_core.schema"], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.startswith(SCHEMA_HEADER)
     assert out == SCHEMA.read_text(), ("workflow/schemas/config.schema.yaml is stale; regenerate with "
-                                       "python -m daunce_core.settings --schema > workflow/schemas/config.schema.yaml")
+                                       "python -m daunce_core.schema > workflow/schemas/config.schema.yaml")
     assert yaml.safe_load(out) == workflow_schema()
 
 
