@@ -84,24 +84,25 @@ def job_counts(env: dict) -> dict[str, int]:
     return counts
 
 
-def snakemake_overhead(n: int, env: dict) -> tuple[float, float]:
-    """Wall seconds per job of N no-op ``script:`` jobs and of N ``run:`` jobs (one process)."""
-    res = []
-    for kind in ("script", "run"):
-        with tempfile.TemporaryDirectory() as d:
-            Path(d, "noop.py").write_text("pass\n")
-            body = ('    script:\n        "noop.py"\n' if kind == "script" else
-                    "    run:\n        open(output[0], 'w').close()\n")
-            if kind == "script":
-                Path(d, "noop.py").write_text("open(snakemake.output[0], 'w').close()\n")
-            Path(d, "Snakefile").write_text(
-                f"rule all:\n    input: expand('out/{{i}}.txt', i=range({n}))\n\n"
-                f"rule job:\n    output: 'out/{{i}}.txt'\n{body}")
-            t0 = time.perf_counter()
-            subprocess.run([str(Path(sys.executable).with_name("snakemake")), "--cores", "1", "--quiet"],
-                           cwd=d, env=env, check=True, capture_output=True)
-            res.append((time.perf_counter() - t0) / n)
-    return res[0], res[1]
+def _toy_workflow(kind: str, n: int, env: dict) -> float:
+    """Wall seconds of ``snakemake --cores 1`` on n jobs that each write an empty file."""
+    body = {"script": '    script:\n        "noop.py"\n',
+            "run": "    run:\n        open(output[0], 'w').close()\n"}[kind]
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "noop.py").write_text("open(snakemake.output[0], 'w').close()\n")
+        Path(d, "Snakefile").write_text(
+            f"rule all:\n    input: expand('out/{{i}}.txt', i=range({n}))\n\n"
+            f"rule job:\n    output: 'out/{{i}}.txt'\n{body}")
+        t0 = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).with_name("snakemake")), "--cores", "1", "--quiet"],
+                       cwd=d, env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+
+def snakemake_overhead(n: int, env: dict) -> dict[str, float]:
+    """Wall seconds per job that Snakemake adds for a no-op ``script:`` and ``run:`` job: the
+    time of 1 + n jobs minus that of 1 job, over n (Snakemake's own start-up cancels)."""
+    return {k: (_toy_workflow(k, 1 + n, env) - _toy_workflow(k, 1, env)) / n for k in ("script", "run")}
 
 
 def main(argv=None) -> int:
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per script (median kept)")
     ap.add_argument("--scripts", nargs="*", help="script names (default: every scripts/*.py a rule runs)")
     ap.add_argument("--per-run", action="store_true", help="weight by the embedded run's job counts")
+    ap.add_argument("--before", type=Path, metavar="DIR",
+                    help="also time each script with DIR first on PYTHONPATH (e.g. an export of an older "
+                         "daunce_core), interleaved with this checkout; rows marked 'before'")
     ap.add_argument("--snakemake", type=int, default=0, metavar="N",
                     help="also time N no-op script: jobs against N run: jobs")
     args = ap.parse_args(argv)
@@ -117,12 +121,19 @@ def main(argv=None) -> int:
     names = args.scripts or sorted(set(rules.values()))
     cases = {"python -c pass": "pass", "import torch": "import torch",
              "snakemake preamble": PREAMBLE}
-    cases.update({n: PREAMBLE + "\n" + script_imports(ROOT / "scripts" / n) for n in names})
+    envs = {k: env for k in cases}
+    for n in names:
+        code = PREAMBLE + "\n" + script_imports(ROOT / "scripts" / n)
+        if args.before:
+            cases[f"{n} (before)"] = code
+            envs[f"{n} (before)"] = {**env, "PYTHONPATH": f"{args.before.resolve()}{os.pathsep}{ROOT}"}
+        cases[n] = code
+        envs[n] = env
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     heavy: dict[str, list[str]] = {}
     for _ in range(args.repeat):  # interleaved, so load changes hit every case alike
         for k, code in cases.items():
-            wall, cpu, mods = time_code(code, env)
+            wall, cpu, mods = time_code(code, envs[k])
             samples[k].append((wall, cpu))
             heavy[k] = mods
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
@@ -144,16 +155,19 @@ def main(argv=None) -> int:
                 total_cpu += n * med[s][1]
                 total_jobs += n
                 print(f"{rule:<24}{n:6d}  {s:<18}{n * med[s][1]:8.1f}")
+            elif s:
+                print(f"{rule:<24}{n:6d}  {s:<18}(not measured: not in --scripts)")
             else:
                 print(f"{rule:<24}{n:6d}  (no script: runs inside Snakemake)")
-        print(f"\nembedded run: {sum(counts.values())} jobs, {total_jobs} run a script; their start-up: "
+        print(f"\nembedded run: {sum(counts.values())} jobs, {total_jobs} run a measured script; their start-up: "
               f"{total_cpu:.0f} CPU s ({total_cpu / total_jobs:.2f} s per job, "
               f"{total_cpu / torch_cpu:.0f} x 'import torch')")
     if args.snakemake:
-        per_script, per_run = snakemake_overhead(args.snakemake, env)
-        print(f"\nSnakemake, {args.snakemake} no-op jobs, 1 core: script: {per_script:.2f} s wall per job, "
-              f"run: {per_run:.2f} s wall per job (difference {per_script - per_run:.2f} s: the fresh "
-              "process, preamble and Snakemake's handling of a script job)")
+        o = snakemake_overhead(args.snakemake, env)
+        print(f"\nSnakemake's cost per no-op job (wall, 1 core, (time of 1+{args.snakemake} jobs - time of 1 job)"
+              f" / {args.snakemake}): script: {o['script']:.2f} s (a fresh python, the preamble, "
+              f"Snakemake's bookkeeping); run: {o['run']:.2f} s (Snakemake runs each run: job in a "
+              "fresh Snakemake process that parses the workflow again)")
     return 0
 
 
