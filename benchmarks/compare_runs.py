@@ -89,7 +89,7 @@ class Normaliser:
     def __call__(self, s: str, diff: Diff) -> str:
         t = s
         for old, new in self.maps:
-            t = t.replace(f"results/{old}", f"results/{new}")
+            t = re.sub(rf"results/{re.escape(old)}(?![\w.-])", lambda _m, n=new: f"results/{n}", t)
         for rx, sub in ((RANDOM_ID, r"\1-<id>"), (MODEL_SUFFIX, r"\1:<id>"), (ABS_PREFIX, "<abs>/")):
             t2 = rx.sub(sub, t)
             if t2 != t:
