@@ -50,7 +50,8 @@ def time_code(code: str, env: dict) -> tuple[float, float, list[str]]:
     probe = code + f"\nimport sys, json\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True)
+    # -P: the working directory is not put on sys.path, so PYTHONPATH alone picks daunce_core
+    out = subprocess.run([sys.executable, "-P", "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
