@@ -163,6 +163,11 @@ def main(argv=None) -> int:
         print(f"\nembedded run: {sum(counts.values())} jobs, {total_jobs} run a measured script; their start-up: "
               f"{total_cpu:.0f} CPU s ({total_cpu / total_jobs:.2f} s per job, "
               f"{total_cpu / torch_cpu:.0f} x 'import torch')")
+        if args.before:
+            before = sum(n * med[f"{rules[r]} (before)"][1] for r, n in counts.items()
+                         if f"{rules.get(r)} (before)" in med)
+            print(f"the same jobs with --before's daunce_core: {before:.0f} CPU s "
+                  f"({before / total_jobs:.2f} s per job); difference {before - total_cpu:.0f} CPU s")
     if args.snakemake:
         o = snakemake_overhead(args.snakemake, env)
         print(f"\nSnakemake's cost per no-op job (wall, 1 core, (time of 1+{args.snakemake} jobs - time of 1 job)"
