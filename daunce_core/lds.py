@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numba import njit
-from scipy import stats
 
 from .config import ExperimentConfig
 from .data import Dataset
@@ -172,7 +170,6 @@ class LDSResult:
 BATCH = 250  # bootstrap replicates drawn at once
 
 
-@njit(cache=True)
 def _ranks_of_draw(order, new_group, counts, out):  # pragma: no cover - compiled
     """Average ranks (into ``out`` [M]) of the M masks in one resample of one query: mask j drawn
     ``counts[j]`` times fills that many tied positions, so a group of equal values gets
@@ -194,7 +191,6 @@ def _ranks_of_draw(order, new_group, counts, out):  # pragma: no cover - compile
         k = e
 
 
-@njit(cache=True)
 def _spearman_draws(order_a, new_a, order_p, new_p, counts):  # pragma: no cover - compiled
     B, M = counts.shape
     m = order_a.shape[0]
@@ -222,6 +218,18 @@ def _spearman_draws(order_a, new_a, order_p, new_p, counts):  # pragma: no cover
     return out
 
 
+def _kernel():
+    """``_spearman_draws`` compiled by numba (from its on-disk cache after the first run), on first
+    use: jobs that import this module but never bootstrap do not pay for importing numba."""
+    global _ranks_of_draw, _spearman_draws
+    if not hasattr(_spearman_draws, "py_func"):
+        from numba import njit
+
+        _ranks_of_draw = njit(cache=True)(_ranks_of_draw)  # compiled first: the kernel calls it
+        _spearman_draws = njit(cache=True)(_spearman_draws)
+    return _spearman_draws
+
+
 def _sorted_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column of ``values`` [M, m]: the sorting order and where a new group of equal values
     starts in it (both [m, M], one query per row)."""
@@ -242,7 +250,7 @@ def resampled_spearman(predicted: np.ndarray, actual: np.ndarray, counts: np.nda
     a resample's masks gets 0, as in :func:`per_query_lds`."""
     oa, na = _sorted_groups(np.asarray(actual, np.float64))
     op, npg = _sorted_groups(np.asarray(predicted, np.float64))
-    return _spearman_draws(oa, na, op, npg, np.ascontiguousarray(counts, dtype=np.float64))
+    return _kernel()(oa, na, op, npg, np.ascontiguousarray(counts, dtype=np.float64))
 
 
 def bootstrap_draws(M: int, m: int, n_resamples: int, seed: int, masks: bool = True):
@@ -281,6 +289,8 @@ def bootstrap_means(predicted, actual: np.ndarray, n_resamples: int, seed: int =
 
 def per_query_lds_arrays(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """Per-query Spearman correlation of predictions and outputs ([M, m] each); constant -> 0."""
+    from scipy import stats
+
     ra = stats.rankdata(actual, axis=0)
     rp = stats.rankdata(predicted, axis=0)
     ra -= ra.mean(axis=0)
@@ -333,6 +343,8 @@ def summarize(per_query: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> 
     mean = float(per_query.mean())
     if len(per_query) < 2 or np.allclose(per_query, per_query[0]):
         return LDSResult(mean, mean, mean, len(per_query))
+    from scipy import stats
+
     res = stats.bootstrap((per_query,), np.mean, n_resamples=n_resamples, confidence_level=0.95,
                           method="percentile", rng=np.random.default_rng(seed))
     ci = res.confidence_interval

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from ..store import atomic_path
 
@@ -279,6 +278,8 @@ def response_match_scores(train_responses: Sequence[str], replies: Sequence[str]
     """
     train_responses = [t.strip() for t in train_responses]
     replies = [r.strip() for r in replies]
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     vec = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b\w+\b")
     try:
         vec.fit(train_responses + replies)
