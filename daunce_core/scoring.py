@@ -645,9 +645,7 @@ def _h5_reader(ds: h5py.Dataset, block: int, dtype=np.float32) -> Callable[[int,
 
 def _open_losses(f: h5py.File, src: str):
     """Datasets and ids of an open losses file, checked without reading the losses."""
-    if f.attrs.get("diverged", False):
-        raise store.StoreError(f"{src}: the perturbed fits of this file diverged "
-                               f"({f.attrs.get('reason', '')}); lower the learning rate")
+    store.refuse_diverged_file(f, src)
     ds = store.require(f, "train", 2)
     qds = store.require(f, "query", 2)
     for d in (ds, qds):  # strings, objects and records are refused before anything is read

@@ -36,7 +36,7 @@ from .layouts import (
 )
 
 __all__ = ["Losses", "write_losses", "read_losses", "concat_losses", "write_diverged", "is_diverged",
-           "check_topk", "write_scores", "read_scores", "dense_scores", "write_ground_truth",
+           "refuse_diverged_file", "check_topk", "write_scores", "read_scores", "dense_scores", "write_ground_truth",
            "read_ground_truth", "concat_ground_truth"]
 
 
@@ -104,12 +104,17 @@ def write_losses(path: str | os.PathLike, losses: Losses) -> None:
         write(f, LOSSES, losses.arrays(), losses.attrs)
 
 
+def refuse_diverged_file(f, path) -> None:
+    """Refuse an open file that marks diverged fits (:func:`write_diverged`) where losses are read."""
+    if f.attrs.get("diverged", False):
+        raise StoreError(f"{path}: the perturbed fits of this file diverged "
+                         f"({f.attrs.get('reason', '')}); lower the learning rate")
+
+
 def read_losses(path: str | os.PathLike) -> Losses:
     """Read and validate a losses file; errors name the file and the offending key."""
     with open_h5(path) as f:
-        if f.attrs.get("diverged", False):
-            raise StoreError(f"{path}: the perturbed fits of this file diverged "
-                             f"({f.attrs.get('reason', '')}); lower the learning rate")
+        refuse_diverged_file(f, path)
         with reading(path, LOSSES.name):
             arrays, positional = read(f, LOSSES, path)
             attrs = read_attrs(f)
