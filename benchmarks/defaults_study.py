@@ -54,7 +54,7 @@ from daunce_core.baselines.common import Problem
 from daunce_core.config import DaunceConfig, ExperimentConfig
 from daunce_core.data import Dataset, load_dataset
 from daunce_core.models import build_model
-from daunce_core.perturb import lds_masks
+from daunce_core.perturb import lds_masks, theta0_key
 from daunce_core.scoring import pairwise_scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def problem_fashion(root: Path):
 def theta0(cfg: ExperimentConfig, ds: Dataset, device):
     X, y = torch.as_tensor(ds.X_train, device=device), torch.as_tensor(ds.y_train, device=device)
     factory = lambda: build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes)  # noqa: E731
-    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [theta0_key(cfg.base.seed)], cfg.base)
     model = factory().to(device)
     model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
     return model.eval()

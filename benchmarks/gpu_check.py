@@ -189,8 +189,9 @@ def measure_generate(model, batch: int, prompt: int, new: int, vocab: int, devic
     kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=new, max_new_tokens=new)
     was_training = model.training
     model.eval()
-    model.generate(input_ids=ids[:, :8], attention_mask=mask[:, :8], **{**kw, "min_new_tokens": 2,
-                                                                      "max_new_tokens": 2})  # warm-up
+    # warm-up at the measured batch and prompt length (a smaller one left the first model's timed
+    # call paying CUDA's first-use costs: 1 layer measured slower than 2 on an H200)
+    model.generate(input_ids=ids, attention_mask=mask, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})
     BR.reset_peak(device)
     out, t = BR.timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **kw), device)
     model.train(was_training)
@@ -206,7 +207,9 @@ def project_rate(measured: dict[str, dict], what: str, layers: int) -> float | N
         t1, t2 = a["seconds"], b["seconds"]
     except (KeyError, TypeError):
         return None
-    t = t2 + (layers - 2) * max(t2 - t1, 0.0)
+    if t2 <= t1:  # two layers no slower than one: fixed costs dominate, no per-layer time to scale
+        return None
+    t = t2 + (layers - 2) * (t2 - t1)
     return b["batch"] * b["new_tokens"] / t
 
 

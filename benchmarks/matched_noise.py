@@ -33,8 +33,8 @@ from daunce_core import lds as L
 from daunce_core import store
 from daunce_core.config import ExperimentConfig
 from daunce_core.fit import chunks
-from daunce_core.pipeline import ensemble_fitter
 from daunce_core.scoring import pairwise_scores
+from daunce_core.steps.vision import ensemble_fitter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ _PUBLIC = {
     "ConfigError": "daunce_core.settings",
     "Signals": "daunce_core.fit.contract",
     "Fitter": "daunce_core.fit.contract",
-    "Plan": "daunce_core.fit.contract",
+    "Plan": "daunce_core.perturb",
     "score_file": "daunce_core.scoring",
     "pairwise_scores": "daunce_core.scoring",
     "read_losses": "daunce_core.store",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .api import ClassificationTask, default_measure, default_variant, fit_losses, score_signals
+from .api import ClassificationTask, check_keywords, default_measure, default_variant, fit_losses, score_signals
 from .scoring import _check_measure
 
 
@@ -27,6 +27,7 @@ def perturbed_losses(model: nn.Module, train, query, **options) -> tuple[np.ndar
     batch_size, rho, gamma, seed, ...); left out, they take ``config.DEFAULTS``: DAUNCE-T scored with TRAK's Q, K = 200,
     the fewest epochs that give each model 50 steps, and the learning rate picked from a grid
     without ground truth (split-K reliability, ``lr="auto"``; docs/defaults.md)."""
+    check_keywords("perturbed_losses", options)
     signals = fit_losses(model, ClassificationTask(), train, query, **options)
     return signals.train, signals.query
 
@@ -39,6 +40,7 @@ def daunce_scores(model: nn.Module, train, query, *, measure: str | None = None,
     variant's (:func:`daunce_core.api.default_measure`, docs/defaults.md). ``options`` are
     :func:`daunce_core.api.fit_losses`'s.
     """
+    check_keywords("daunce_scores", options)
     if options.get("variant") is None:
         options["variant"] = default_variant(None, train)
     if measure is None:

@@ -98,12 +98,8 @@ def _fit(args: argparse.Namespace) -> None:
               "daunce score does not apply its Q", file=sys.stderr)
         variant = Q_FORMS[variant]
     lr = args.lr
-    if lr is None:
-        if len(cfg.daunce.lr_grid) != 1:
-            raise ValueError(f"daunce.lr_grid holds {len(cfg.daunce.lr_grid)} learning rates "
-                             f"{cfg.daunce.lr_grid}; choose one with --lr, or --lr auto (the label-free rule "
-                             "over the grid, docs/defaults.md; the workflow selects it by LDS)")
-        lr = float(cfg.daunce.lr_grid[0])
+    if lr is None:  # the API's default: the label-free rule over the grid (docs/defaults.md)
+        lr = float(cfg.daunce.lr_grid[0]) if len(cfg.daunce.lr_grid) == 1 else "auto"
     out = args.output or f"{cfg.experiment}.{variant}.losses.h5"
     store.check_output(out, inputs=inputs)  # before the slow imports and the fits
     from .api import lr_statistics
@@ -114,27 +110,24 @@ def _fit(args: argparse.Namespace) -> None:
     if stats["diverged"]:
         raise ValueError(f"the perturbed models diverged at lr={lr:g} ({stats['why']}); nothing written, "
                          "lower --lr")
-    d = cfg.daunce
-    setting = {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
-               "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch}
     from .fit import chunks
+    from .steps.vision import losses_config
 
-    chunks.write_signals(out, signals, {"config": setting, "experiment": cfg.experiment, "lr": lr})
+    chunks.write_signals(out, signals, {"config": losses_config(cfg), "experiment": cfg.experiment, "lr": lr})
     print(f"wrote {out}")
 
 
 def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     """The K perturbed fits of the workflow's ``perturbed`` rule at one lr, theta_0 loaded or
-    trained as its ``base`` rule trains it (library calls only: the CLI is no workflow step;
-    tests/test_cli.py checks both against daunce_core/pipeline.py)."""
-    import numpy as np
+    trained by the ``base`` rule's step (tests/test_cli.py checks both against
+    daunce_core/steps/vision.py)."""
     import torch
 
     from . import ensemble as E
     from .data import load_dataset
     from .fit import chunks
     from .fit.ensemble import EnsembleFitter
-    from .models import build_model, check_state, model_factory
+    from .models import build_model, check_state
     from .utils import pick_device
 
     device = pick_device(cfg.device)
@@ -149,10 +142,10 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
     print(f"daunce fit: K={d.K} perturbed models of {d.epochs} epoch(s) (daunce.epochs) on r={d.ratio:g} of "
           f"{ds.n} training examples, lr={lr if lr == 'auto' else format(lr, 'g')}, variant {variant}, "
           f"{cfg.model.arch}", file=sys.stderr)
-    if theta0_path is None:
-        # the base rule's key of theta_0's initialisation and data order
-        _, p, b = E.fit_from_scratch(model_factory(cfg.model, in_shape, ds.num_classes), X, y, [np.arange(ds.n)],
-                                     [(cfg.base.seed, 0, 0, 11)], cfg.base, augment=cfg.base.augment)
+    if theta0_path is None:  # as the workflow's base step trains it
+        from .steps.vision import fit_theta0
+
+        _, p, b = fit_theta0(cfg, ds, device)
         theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
         print(f"daunce fit: note: trained theta_0 with the base recipe ({cfg.base.epochs} epochs); pass "
               "--theta0 to reuse one", file=sys.stderr)
@@ -176,11 +169,19 @@ def _lr_arg(text: str):
     return "auto" if text == "auto" else _number(float, 0.0, above=True)(text)
 
 
-def _check_fit(args: argparse.Namespace) -> str | None:
-    from .objectives import VARIANTS  # torch: only for this command
+def _setting(cls: type, name: str):
+    """The declaration of a config key (daunce_core/config.py) that an option mirrors."""
+    import dataclasses
 
-    if args.variant is not None and args.variant not in VARIANTS:
-        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(VARIANTS)})"
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_fit(args: argparse.Namespace) -> str | None:
+    from .config import DaunceConfig
+
+    choices = _setting(DaunceConfig, "variants").metadata["limits"]["choices"]  # daunce.variants' own
+    if args.variant is not None and args.variant not in choices:
+        return f"argument --variant: invalid choice {args.variant!r} (choose from {', '.join(choices)})"
     return None
 
 
@@ -336,11 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", default=None,
                    help="losses HDF5 file to write (default: EXPERIMENT.VARIANT.losses.h5)")
     t.add_argument("--variant", default=None,
-                   help="perturbed objective (default: the first of daunce.variants)")
+                   help="perturbed objective, one of daunce.variants' choices (default: the first of "
+                        "daunce.variants)")
     t.add_argument("--lr", type=_lr_arg, default=None,
                    help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
-                        "reliability) over daunce.lr_grid, K models per lr (default: daunce.lr_grid when it "
-                        "holds one)")
+                        "reliability) over daunce.lr_grid, K models per lr (default: 'auto', the library "
+                        "calls' default; daunce.lr_grid's rate when it holds one)")
     t.add_argument("--theta0", default=None,
                    help="theta_0 (safetensors, the workflow's base output); default: train it")
     t.set_defaults(func=_fit, check=_check_fit)

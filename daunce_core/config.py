@@ -4,9 +4,9 @@ Library users need no Snakemake: ``ExperimentConfig.from_dict(yaml.safe_load(ope
 The tree is built by :func:`daunce_core.settings.build`: every field carries its meaning in
 ``metadata["help"]``, unknown keys and wrongly typed values are refused by name, so a typo never
 silently falls back to a default. Each field also declares its range or choices (``ge=``,
-``choices=``, ...), the ones workflow/schemas/config.schema.yaml states (tests/test_config.py keeps
-the two equal); :meth:`ExperimentConfig.validate` applies them, so ``daunce fit``, the library and
-the workflow refuse the same values.
+``choices=``, ...), from which workflow/schemas/config.schema.yaml is generated
+(:func:`workflow_schema`); :meth:`ExperimentConfig.validate` applies them, so ``daunce fit``, the
+library and the workflow refuse the same values.
 """
 from __future__ import annotations
 
@@ -76,17 +76,19 @@ def known_dataset(name: str) -> bool:
 class DataConfig:
     """The dataset and its train/query split, with stable example ids."""
 
-    name: str = setting("digits", "dataset: 'digits' (sklearn, bundled), 'cifar10', any torchvision dataset "
+    name: str = setting("digits",
+                        required=True, help="dataset: 'digits' (sklearn, bundled), 'cifar10', any torchvision dataset "
                         "class ('MNIST', 'FashionMNIST', 'CIFAR100', 'SVHN', ...), 'imagefolder' "
                         "(one sub-folder per class under root) or 'npz' (root is the .npz file)")
-    root: str = setting("resources/data", "folder datasets are downloaded to / read from; the image folder "
+    root: str = setting("resources/data",
+                        fill=True, help="folder datasets are downloaded to / read from; the image folder "
                         "for 'imagefolder'; the .npz file for 'npz'")
     n_train: int = setting(1000, "training examples (0 = all)", ge=0, why="0 = all")
     n_query: int = setting(300, "query examples (the LDS validation queries; 0 = all)", ge=0, why="0 = all")
     split_seed: int = setting(0, "seed of the train/query split (digits)")
     download: bool = setting(True, "allow downloading the dataset when it is not under root")
     image_size: int | list | None = setting(None, "resize every image to S or [H, W] (image folders with mixed sizes); "
-                              "null: sizes must agree", ge=1, items=int)
+                              "null: sizes must agree", ge=1, items=int, schema={'minItems': 2, 'maxItems': 2})
     manifest: str | None = setting(None, "image folder: the id manifest (relative path per id), never "
                             "written into the image folder; null: results/<experiment>/data/manifest.csv. "
                             "Adding files never renumbers the others")
@@ -99,7 +101,8 @@ class DataConfig:
 class ModelConfig:
     """The architecture of theta_0, of every retrain and of the perturbed models."""
 
-    arch: str = setting("mlp", "'mlp', 'resnet9', a torchvision model name ('resnet18', ...) or a factory "
+    arch: str = setting("mlp",
+                        required=True, help="'mlp', 'resnet9', a torchvision model name ('resnet18', ...) or a factory "
                         "'package.module:function' called with (input shape, number of classes)")
     hidden: list = setting([64], "hidden layer widths of the MLP", items=int, ge=1)
     width: float = setting(1.0, "channel multiplier of ResNet-9", gt=0)
@@ -109,10 +112,10 @@ class ModelConfig:
 class TrainConfig:
     """The base recipe: theta_0 and every LDS / removal retrain use it."""
 
-    epochs: int = setting(30, "epochs", ge=1)
+    epochs: int = setting(30, "epochs", ge=1, required=True)
     batch_size: int = setting(64, "minibatch size", ge=1)
     optimizer: str = setting("sgd", "'sgd' (momentum) or 'adam'", choices=OPTIMIZERS)
-    lr: float = setting(0.05, "peak learning rate", gt=0)
+    lr: float = setting(0.05, "peak learning rate", gt=0, required=True)
     momentum: float = setting(0.9, "SGD momentum", ge=0)
     nesterov: bool = setting(True, "Nesterov momentum")
     weight_decay: float = setting(5e-4, "L2 weight decay", ge=0)
@@ -135,33 +138,38 @@ class TrainConfig:
 class DaunceConfig:
     """The K perturbed fits of Algorithm 1 and the learning-rate search (Appendix B)."""
 
-    K: int = setting(100, "number of perturbed models", ge=2, why="a covariance needs two models")
-    ratio: float = setting(0.3, "subset ratio r of each perturbed model (Algorithm 1)", gt=0, le=1)
+    K: int = setting(200, "number of perturbed models (docs/defaults.md: 200 beat 100 on every problem)", ge=2,
+                     why="a covariance needs two models", required=True)
+    ratio: float = setting(0.3, "subset ratio r of each perturbed model (Algorithm 1)", gt=0, le=1, required=True)
     epochs: int = setting(1, "epochs of perturbed training over the subset D^k", ge=1)
     batch_size: int = setting(64, "minibatch size of perturbed training", ge=1)
     optimizer: str = setting("sgd", "'sgd' or 'adam'", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum", ge=0)
-    lr_grid: list = setting([1e-1, 3e-2, 1e-2, 3e-3, 1e-3], "learning rates searched (Appendix B)",
-                            items=float, gt=0)
+    lr_grid: list = setting([1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001], "learning rates searched: by the "
+                            "label-free rule (daunce fit, the API: docs/defaults.md), on the LDS selection masks "
+                            "(the workflow; Appendix B's grid is 0.1 ... 1e-3)",
+                            items=float, gt=0, schema={'minItems': 1}, required=True)
     rho: float = setting(1.0, "perturbation scale: linear-term weight 1 + rho (2 xi - 1); rho=1 is the paper", ge=0)
     gamma: float = setting(1.0, "weight of the loss term of the perturbed objective", gt=0)
     prox: float = setting(0.0, "L2 pull towards theta_0 (weight decay centred at theta_0)", ge=0)
     antithetic: bool = setting(False, "antithetic pairs: models 2j and 2j+1 share subset and batch order, with xi "
-                               "and 1 - xi (issue 13; needs an even K). false: independent draws (the paper)")
+                               "and 1 - xi (issue 13; needs an even K). false: independent draws (the paper)",
+                               fill=True)
     common_batches: bool = setting(False, "common random numbers: every model takes the same positional batch "
-                                   "order of its subset. false: a batch order per model (the paper)")
+                                   "order of its subset. false: a batch order per model (the paper)", fill=True)
     lr_schedule: str = setting("constant", "learning-rate schedule of the perturbed fits: 'constant' or 'cosine' "
-                               "(annealed to 0 over the fit's steps, the authors' code)", choices=LR_SCHEDULES)
+                               "(annealed to 0 over the fit's steps, the authors' code)",
+                               choices=LR_SCHEDULES, fill=True)
     first_order: str = setting("margin", "DAUNCE-T's first-order term: 'margin' (the margin's logit gradient, "
                                "Table 1) or 'cross_entropy' (the loss's, -(1 - p) times it: the authors' code); "
                                "the loss-signal variants always use the loss's, the black-box forms have none",
-                               choices=FIRST_ORDER)
+                               choices=FIRST_ORDER, fill=True)
     seed: int = setting(0, "seed of the perturbations; model k uses default_rng([seed, k])")
     chunk_size: int = setting(50, "perturbed models trained together in one job", ge=1)
     variants: list = setting(["daunce", "daunce_e", "daunce_t"], "variants to run (Tables 1 and 2), and "
                              "daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the "
                              "training side, and daunce_m: matched noise, labels drawn from theta_0", items=str,
-                             choices=VARIANTS)
+                             choices=VARIANTS, schema={'minItems': 1}, required=True)
     k_curve: list = setting([5, 10, 20, 50, 100], "K values of Figure 6 (prefixes of the K models); unset: "
                             "these, those above K replaced by K", items=int, ge=2)
     select_measure: str = setting("correlation", "measure used to select the learning rate",
@@ -205,9 +213,9 @@ def _daunce_default(name: str):
 class ApiDefaults:
     """The defaults of the library calls, declared once: ``daunce_core.api.fit_losses`` /
     ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
-    rule read these (their signatures take them from :data:`DEFAULTS`). Ratio, batch size, rho,
-    gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce fit`` and the
-    workflow read those). The variant, measure, K, fit length and learning-rate rule are the API's,
+    rule read these (their signatures take them from :data:`DEFAULTS`). K, the lr grid, ratio,
+    batch size, rho, gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce
+    fit`` reads those). The variant, measure, fit length and learning-rate rule are the API's,
     chosen by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
     config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
     judged on selection masks)."""
@@ -226,6 +234,10 @@ class ApiDefaults:
     seed: int
     chunk_size: int
     few_steps: int       # fewer optimiser steps per perturbed model than this: a warning
+    antithetic: bool     # the estimator options: DaunceConfig's (the paper's)
+    common_batches: bool
+    lr_schedule: str
+    first_order: str
 
 
 # The measure each variant's scores take by default in the library calls (docs/defaults.md): covariance
@@ -234,11 +246,13 @@ MEASURES = {"daunce_m": "covariance", "daunce_t": "covariance", "daunce_t_q": "c
 
 _API_VARIANT = "daunce_t_q"  # docs/defaults.md: the best worst case over the study's three problems
 DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEASURES.get(_API_VARIANT, "correlation"),
-                       K=200,  # docs/defaults.md; the workflow's embedded config/config.yaml has 200 too
-                       ratio=_daunce_default("ratio"), batch_size=_daunce_default("batch_size"), min_steps=50,
-                       lr="auto", lr_grid=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), rho=_daunce_default("rho"),
+                       K=_daunce_default("K"), ratio=_daunce_default("ratio"),
+                       batch_size=_daunce_default("batch_size"), min_steps=50,
+                       lr="auto", lr_grid=tuple(_daunce_default("lr_grid")), rho=_daunce_default("rho"),
                        gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),
-                       chunk_size=_daunce_default("chunk_size"), few_steps=10)
+                       chunk_size=_daunce_default("chunk_size"), few_steps=10,
+                       **{k: _daunce_default(k)
+                          for k in ("antithetic", "common_batches", "lr_schedule", "first_order")})
 
 
 SPEARMAN = "a Spearman correlation over masks needs two"
@@ -248,7 +262,7 @@ SPEARMAN = "a Spearman correlation over masks needs two"
 class ThresholdSetting:
     """The keys of ``lds.threshold`` (kept a dict in :class:`LDSConfig`; checked against this)."""
 
-    kind: str = setting("none", "none, soft, hard or topk", choices=("none", "soft", "hard", "topk"))
+    kind: str = setting("none", "none, soft, hard or topk", choices=("none", "soft", "hard", "topk"), required=True)
     quantile: float | None = setting(None, "soft/hard: the per-query |score| quantile below which scores are "
                                      "cut", ge=0, lt=1)
     k: int | None = setting(None, "topk: the number of largest (signed) scores kept per query, i.e. its k most "
@@ -259,15 +273,15 @@ class ThresholdSetting:
 class LDSConfig:
     """The LDS ground truth and its evaluation (Appendix B, equations 8-9)."""
 
-    alpha: float = setting(0.5, "subset fraction of each LDS mask", gt=0, lt=1)
-    M: int = setting(100, "number of test masks (reported)", ge=2, why=SPEARMAN)
+    alpha: float = setting(0.5, "subset fraction of each LDS mask", gt=0, lt=1, required=True)
+    M: int = setting(100, "number of test masks (reported)", ge=2, why=SPEARMAN, required=True)
     M_select: int = setting(50, "number of selection masks (every tuning: DAUNCE's learning rate, the "
                             "baselines' knobs; a mask stream disjoint from the test masks)", ge=2, why=SPEARMAN)
     select_fraction: float = setting(0.3, "share of the queries kept for selection (a seeded choice); the "
                                      "selection masks' ground truth holds only these, the reported LDS "
                                      "only the others (the test queries)", gt=0, lt=1,
                                      why="some queries for selection, the rest for the reported LDS")
-    seeds: int = setting(3, "retrains per mask, averaged", ge=1)
+    seeds: int = setting(3, "retrains per mask, averaged", ge=1, required=True)
     seed: int = setting(0, "seed of the masks and retrains")
     chunk_size: int = setting(100, "retrains per job", ge=1)
     bootstrap: int = setting(2000, "bootstrap resamples (masks and queries drawn together) for the 95% CI", ge=100)
@@ -298,27 +312,27 @@ class StudyConfig:
     """The quality landscape (issue 13, item 3): results/quality.pdf; off unless ``enabled``."""
 
     enabled: bool | str = setting(False, "run the study rules (results/quality.pdf); true/false, or its "
-                                  "string form, which snakemake --config delivers")
-    variants: list = setting(["daunce", "daunce_e", "daunce_t"], "white-box variants studied")
+                                  "string form, which snakemake --config delivers",
+                                  schema={'pattern': '^(true|false|True|False)$'})
+    variants: list = setting(["daunce", "daunce_e", "daunce_t"], "white-box variants studied",
+                             items=str, choices=STUDY_VARIANTS, why="the white-box forms",
+                             schema={'minItems': 1})
     lr_around: int | None = setting(1, "learning rates searched: the default's choice (its "
                                     "daunce/<variant>/selection.json) and this many neighbours each side "
                                     "in daunce.lr_grid; null: all of daunce.lr_grid. A setting's own "
-                                    "lr_grid override is searched whole")
+                                    "lr_grid override is searched whole", ge=0, why="null: the whole lr grid")
     settings: list = setting([{"name": "default"}], "the settings studied: {name, daunce: {key: value}, "
                              "theta0s}; settings that differ only in K share one fit (prefixes, as in "
-                             "Figure 6)")
+                             "Figure 6)",
+                             items=dict, schema={'minItems': 1, 'items': {'required': ['name']}})
 
     def validate(self) -> StudyConfig:
         if isinstance(self.enabled, str):  # --config study='{enabled: true}' delivers the string 'true'
             if self.enabled.lower() not in ("true", "false"):
                 raise ConfigError(f"study.enabled must be true or false, got {self.enabled!r}")
             self.enabled = self.enabled.lower() == "true"
-        bad = [v for v in self.variants if v not in STUDY_VARIANTS]
-        if bad or not self.variants:
-            raise ConfigError(f"study.variants: {bad or 'empty'}; choose among the white-box forms "
-                              f"{', '.join(STUDY_VARIANTS)}")
-        if self.lr_around is not None and self.lr_around < 0:
-            raise ConfigError(f"study.lr_around must be >= 0 or null (the whole lr grid), got {self.lr_around}")
+        if not self.variants:
+            raise ConfigError(f"study.variants: empty; choose among the white-box forms {', '.join(STUDY_VARIANTS)}")
         if not self.settings:
             raise ConfigError("study.settings is empty; give at least {name: default}")
         names = [s.name for s in self.parsed()]
@@ -391,13 +405,14 @@ class ExperimentConfig:
 
     experiment: str = setting("digits_mlp", "name; intermediate results go to results/<experiment>/",
                               pattern=r"^[A-Za-z0-9_.-]+$", why="letters, digits, '_', '.' or '-': it names "
-                              "a folder")
-    device: str = setting("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
-    data: DataConfig = nested(DataConfig)
-    model: ModelConfig = nested(ModelConfig)
-    base: TrainConfig = nested(TrainConfig)
-    daunce: DaunceConfig = nested(DaunceConfig)
-    lds: LDSConfig = nested(LDSConfig)
+                              "a folder", required=True)
+    device: str = setting("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                          pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", fill=True)
+    data: DataConfig = nested(DataConfig, required=True)
+    model: ModelConfig = nested(ModelConfig, required=True)
+    base: TrainConfig = nested(TrainConfig, required=True)
+    daunce: DaunceConfig = nested(DaunceConfig, required=True)
+    lds: LDSConfig = nested(LDSConfig, required=True)
     study: StudyConfig = nested(StudyConfig)
     mislabel: MislabelConfig = nested(MislabelConfig)
 
@@ -623,3 +638,45 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: a config file is a mapping of keys (experiment: ..., data: ...), "
                           f"got a {type(data).__name__}")
     return data
+
+
+@dataclass
+class FiguresConfig:
+    """The figures' choices (checked against the experiment by :func:`check_figures`)."""
+
+    variant: str = setting(None, "the variant of Figures 5 and 6 (unset: the first of daunce.variants)")
+    query: int = setting(0, "the query shown in Figure 5", ge=0)
+
+
+@dataclass
+class ScoringConfig:
+    """How the scores files are computed (never what they hold)."""
+
+    memory_gb: float = setting(4.0, "memory a dense scores computation may use (GB)", gt=0)
+
+
+def stages() -> dict[str, type]:
+    """The settings tree of each top-level config section besides the experiment's own
+    (:data:`OTHER_STAGES`)."""
+    from .baselines import BaselinesConfig
+    from .blackbox.config import BlackboxConfig
+    from .lm.settings import LLMSettings
+
+    return {"baselines": BaselinesConfig, "figures": FiguresConfig, "scoring": ScoringConfig, "llm": LLMSettings,
+            "blackbox": BlackboxConfig}
+
+
+def workflow_schema() -> dict:
+    """The JSON schema of the workflow's config (workflow/schemas/config.schema.yaml is this,
+    printed by ``python -m daunce_core.settings --schema``): :class:`ExperimentConfig` and the
+    trees of :func:`stages`, every key, type, limit and help declared once in the dataclasses."""
+    from .settings import json_schema
+
+    top = json_schema(ExperimentConfig)
+    for name, cls in stages().items():
+        sub = json_schema(cls)
+        top["properties"][name] = {"type": "object", **{k: v for k, v in sub.items() if k != "type"}}
+    assert set(top["properties"]) == {f.name for f in dataclasses.fields(ExperimentConfig)} | set(OTHER_STAGES)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "description": "DAUNCE workflow configuration (experiment facts only; threads and resources come from "
+                           "the command line or a profile)", **{k: v for k, v in top.items() if k != "description"}}

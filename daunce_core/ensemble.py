@@ -39,9 +39,8 @@ from tqdm.auto import tqdm
 
 from . import objectives as obj
 from .config import DaunceConfig, TrainConfig
-from .fit.contract import Plan
 from .models import fit_mode
-from .perturb import batch_order
+from .perturb import Plan, batch_order
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +195,47 @@ def _augment_step(xb: torch.Tensor, plan: tuple[torch.Tensor, ...], step: int, p
     return shift_and_flip(xb.reshape(c * B, *xb.shape[2:]), flip, dy, dx, pad, padding).reshape(xb.shape)
 
 
+@contextlib.contextmanager
+def affine_eval_batchnorm(net: nn.Module, *, cast_train: bool = True):
+    """BatchNorm modules in eval mode computed as their affine map, ``(x - mean) / sqrt(var + eps)
+    * weight + bias`` in fp32, cast back to the input's dtype, for the duration.
+
+    Under ``vmap`` with per-model statistics, cuDNN's ``batch_norm`` refuses the batched layout
+    (CUDNN_STATUS_NOT_SUPPORTED) and CUDA's own kernel refuses a bf16 input with fp32 statistics
+    in the backward pass (both seen on an H200, ``benchmarks/gpu_check.sh``); the elementwise map
+    has neither limit. Modules in train mode keep their own forward, on an input cast to their
+    statistics' dtype if ``cast_train`` (the same kernel refused bf16 with fp32 statistics in train
+    mode too); channels-last inputs are left as they are (cuDNN's NHWC kernel takes them, and
+    vmap cannot query a cast channels-last tensor's layout).
+    """
+    mods = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def affine(m, own):
+        def forward(x):
+            if m.training or m.running_mean is None:
+                if cast_train and m.running_mean is not None and x.dtype != m.running_mean.dtype:
+                    return own(x.to(m.running_mean.dtype)).to(x.dtype)  # bf16 input, fp32 statistics
+                return own(x)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = (x.float() - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+            if m.weight is not None:
+                y = y * m.weight.reshape(shape) + m.bias.reshape(shape)
+            return y.to(x.dtype)
+        return forward
+
+    own = [vars(m).get("forward") for m in mods]  # an instance's own forward, if it has one
+    for m in mods:
+        m.forward = affine(m, m.forward)
+    try:
+        yield net
+    finally:
+        for m, f in zip(mods, own):
+            if f is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = f
+
+
 def forward_with_state(net: nn.Module, params: dict, buffers: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """``net``'s output on ``x`` with ``params`` and ``buffers``, and the buffers after the call.
 
@@ -267,9 +307,10 @@ def train_stacked(
     stateful = train_mode and bool(buffers)  # BatchNorm's running statistics change
 
     def fmodel(p, b, x):
-        if stateful:
-            return forward_with_state(net, p, b, x)
-        return functional_call(net, (p, b), (x,)), b
+        with affine_eval_batchnorm(net, cast_train=not speed.channels_last):
+            if stateful:
+                return forward_with_state(net, p, b, x)
+            return functional_call(net, (p, b), (x,)), b
 
     if mode == "vmap":
         forward = vmap(fmodel, in_dims=(0, 0, 0))
@@ -292,10 +333,12 @@ def train_stacked(
         p = {k: v.requires_grad_(True) for k, v in p.items()}
         b = {k: v[group].detach().clone() for k, v in buffers.items()}
         center = {k: v[group].detach() for k, v in prox_center.items()} if prox_center else None
-        opt, lr_sched = _optimizer(list(p.values()), spec, steps)
         plan = (_augment_plan([np.random.default_rng([*augment_keys[c], 3]) for c in group], steps,
                               schedule.shape[2], augment_pad, device) if augment_keys else None)
-        for step in range(steps):
+        now: dict = {}  # this step's indices, logits, inputs and new buffers
+        c = len(group)
+
+        def values(step, p=p, g=g, sched=sched, plan=plan, now=now):
             idx = sched[:, step].contiguous()  # [c, B]
             xb = X[idx]  # [c, B, ...]
             if plan is not None:
@@ -303,29 +346,32 @@ def train_stacked(
             if speed.channels_last:
                 xb = _channels_last(xb)
             with speed.autocast(device):
-                logits, new_b = forward(p, b, xb)
-            logits = logits.float()
-            inputs = {"xb": xb} if getattr(objective, "takes_inputs", False) else {}
-            loss = objective(logits, idx, g, **inputs).mean(dim=1).sum()
-            if center is not None and prox > 0:
-                loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
-            traced = tracing and step in traced_steps
-            if traced:  # model c's row of each gradient is the gradient of model c's own objective
-                g_erm = torch.autograd.grad(erm_objective(logits, idx, g, **inputs).mean(dim=1).sum(),
-                                            list(p.values()), retain_graph=True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if traced:
+                logits, now["b"] = forward(p, now["b"], xb)
+            now["logits"], now["idx"] = logits.float(), idx
+            now["inputs"] = {"xb": xb} if getattr(objective, "takes_inputs", False) else {}
+            return objective(now["logits"], idx, g, **now["inputs"])
+
+        def trace(step, p=p, g=g, center=center, c=c, now=now):
+            if not (tracing and step in traced_steps):
+                return None
+            # model c's row of each gradient is the gradient of model c's own objective
+            g_erm = torch.autograd.grad(erm_objective(now["logits"], now["idx"], g, **now["inputs"]).mean(dim=1).sum(),
+                                        list(p.values()), retain_graph=True)
+
+            def after_backward():
                 g_obj = [p[k].grad - (prox * (p[k] - center[k]) if center is not None and prox > 0 else 0.0)
                          for k in p]
-                _log_norms(norms, g_obj, g_erm, len(group))
-            opt.step()
-            lr_sched.step()
-            b = {k: v.detach() for k, v in new_b.items()}
+                _log_norms(norms, g_obj, g_erm, c)
+            return after_backward
+
+        def stepped(step, now=now):
+            now["b"] = {k: v.detach() for k, v in now["b"].items()}
             bar.update(1)
-            if (step % 50 == 0 or step == steps - 1) and not math.isfinite(loss.item()):
-                log.warning("%s: non-finite objective at step %d; the models diverged", desc, step)
-                break
+
+        now["b"] = b
+        optimise(p, steps, spec, values, prox=prox, center=center, desc=desc, before_backward=trace,
+                 after_step=stepped)
+        b = now["b"]
         for k in p:
             out_p[k].append(p[k].detach().contiguous())
         for k in b:
@@ -338,6 +384,35 @@ def train_stacked(
             blocks = [np.stack(rows[i * S:(i + 1) * S], axis=1) for i in range(len(groups))]
             trace_out[t] = np.concatenate(blocks, axis=0)
     return ({k: torch.cat(v) for k, v in out_p.items()}, {k: torch.cat(v) for k, v in out_b.items()})
+
+
+def optimise(p: Stacked, steps: int, spec: OptimSpec, values: Callable[[int], torch.Tensor], *, prox: float = 0.0,
+             center: dict[str, torch.Tensor] | None = None, desc: str = "train",
+             before_backward: Callable[[int], Callable[[], None] | None] | None = None,
+             after_step: Callable[[int], None] | None = None) -> None:
+    """The optimiser loop every perturbed fit and retrain shares: at each step, minimise the batch
+    mean of ``values(step)`` ([C, B], one row per stacked model) summed over the models, plus
+    ``prox/2 ||p - center||^2``; ``spec``'s optimiser and schedule update ``p`` in place. A
+    non-finite objective (checked every 50 steps and at the last) stops the loop with a warning.
+    ``before_backward(step)`` may return a function called after the backward pass (Figure 3's
+    log); ``after_step(step)`` runs after each update."""
+    opt, lr_sched = _optimizer(list(p.values()), spec, steps)
+    for step in range(steps):
+        loss = values(step).mean(dim=1).sum()
+        if center is not None and prox > 0:
+            loss = loss + 0.5 * prox * sum(((p[k] - center[k]) ** 2).sum() for k in p)
+        after_backward = before_backward(step) if before_backward is not None else None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        lr_sched.step()
+        if after_step is not None:
+            after_step(step)
+        if (step % 50 == 0 or step == steps - 1) and not math.isfinite(loss.item()):
+            log.warning("%s: non-finite objective at step %d; the models diverged", desc, step)
+            break
 
 
 def _log_norms(norms: dict, g_obj: list, g_erm: tuple, c: int) -> None:
@@ -363,7 +438,8 @@ def predict(net: nn.Module, params: Stacked, buffers: Stacked, X: torch.Tensor,
             for c in range(C)])
     else:
         f = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)), in_dims=(0, 0, None))
-    return torch.cat([f(params, buffers, X[i:i + batch_size]) for i in range(0, len(X), batch_size)], dim=1)
+    with affine_eval_batchnorm(net):
+        return torch.cat([f(params, buffers, X[i:i + batch_size]) for i in range(0, len(X), batch_size)], dim=1)
 
 
 # --- the two uses --------------------------------------------------------------------------------

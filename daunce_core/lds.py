@@ -476,7 +476,7 @@ def _same_draws(a: dict, b: dict, where: str) -> None:
 
 def paired_rows(rows: list[dict], daunce_methods: list[str], compared=COMPARED) -> list[dict]:
     """Paired differences, each with the 95% CI of its paired bootstrap replicates
-    (:func:`paired_difference`; rows from :func:`daunce_core.pipeline.evaluate_scores`):
+    (:func:`paired_difference`; rows from :func:`daunce_core.steps.vision.evaluate_scores`):
 
     * ``threshold``: thresholded minus raw, for every (method, measure) -- what thresholding
       changes, per method;

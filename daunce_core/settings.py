@@ -14,9 +14,8 @@ A field may also declare its range and choices (``setting(30, "epochs", ge=1)``,
 ``items=`` for the type of a list's entries, ``pattern=``, ``mapping=`` for a dict checked
 against a settings dataclass); :func:`check_limits` applies them, with finite numbers only, and
 ``build(validate=True)`` calls it. Cross-field checks live in each tree's ``validate()`` method.
-The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) states the same keys and
-limits for Snakemake; ``tests/test_settings.py`` keeps its keys and ``tests/test_config.py`` its
-limits in step with these dataclasses.
+The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is generated from the same
+declarations by :func:`json_schema` (``python -m daunce_core.settings --schema``).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from dataclasses import field
 from typing import Any, TypeVar
 
 __all__ = ["ConfigError", "setting", "nested", "build", "check_limits", "to_dict", "describe", "nearest",
-           "check_schema", "load_schema"]
+           "check_schema", "load_schema", "json_schema"]
 
 T = TypeVar("T")
 
@@ -48,7 +47,8 @@ LIMITS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exc
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, choices: tuple | None = None,
             pattern: str | None = None, items: type | None = None, mapping: type | None = None,
-            why: str = "", **kw: Any) -> Any:
+            why: str = "", what: str = "", required: bool = False, fill: bool = False, schema: dict | None = None,
+            **kw: Any) -> Any:
     """A dataclass field with a default and a help text (``metadata["help"]``).
 
     Mutable defaults (lists, dicts) are copied for each instance. The optional limits, checked by
@@ -56,19 +56,28 @@ def setting(default: Any, help: str, *, ge: float | None = None, gt: float | Non
     value must also be finite), ``choices``, a regular expression ``pattern`` the whole string
     must match; ``items``: the type of a list's entries (checked by :func:`build`); ``mapping``: a
     settings dataclass a dict value is checked against (its keys, types and limits; the value stays
-    a dict); ``why``: said in the message when a limit is not met.
+    a dict); ``why``: said in the message when a limit is not met; ``what``: the noun of a range in
+    that message (``what="a share"``: "must be a share in [0, 1]").
+
+    For the workflow's JSON schema (:func:`json_schema`) only: ``required``, the workflow's config
+    must state the key; ``fill``, the workflow writes this default into the config it runs (its
+    effective config); ``schema``, JSON-schema keywords no limit above expresses (``minItems``, an
+    ``anyOf`` of names), merged over the generated property.
     """
     limits = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern).items()
               if v is not None}
-    meta = {"help": help, "limits": limits, "items": items, "mapping": mapping, "why": why}
+    meta = {"help": help, "limits": limits, "items": items, "mapping": mapping, "why": why, "what": what,
+            "required": required, "fill": fill, "schema": schema or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
-def nested(cls: type, help: str = "") -> Any:
-    """A field holding a nested settings dataclass (built from a sub-dict by :func:`build`)."""
-    return field(default_factory=cls, metadata={"help": help or (cls.__doc__ or "").strip().split("\n")[0]})
+def nested(cls: type, help: str = "", *, required: bool = False) -> Any:
+    """A field holding a nested settings dataclass (built from a sub-dict by :func:`build`);
+    ``required``: the workflow's config must state the section (:func:`json_schema`)."""
+    return field(default_factory=cls, metadata={"help": help or (cls.__doc__ or "").strip().split("\n")[0],
+                                                "required": required})
 
 
 def _nested_type(f: dataclasses.Field) -> type | None:
@@ -203,7 +212,7 @@ def _number(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _limit_error(value: Any, limits: dict[str, Any]) -> str | None:
+def _limit_error(value: Any, limits: dict[str, Any], what: str = "") -> str | None:
     """What ``value`` must be to meet ``limits`` (a phrase), or None when it meets them."""
     if "choices" in limits:
         c = limits["choices"]
@@ -231,6 +240,8 @@ def _limit_error(value: Any, limits: dict[str, Any]) -> str | None:
                   else f"{'>=' if low[0] == 'ge' else '>'} {_number(low[1])}")
     else:
         phrase = f"{'<=' if high[0] == 'le' else '<'} {_number(high[1])}"
+    if what:
+        return f"{what} {phrase}"
     finite = isinstance(value, float) and not math.isfinite(value)
     return f"a finite number {phrase}" if finite else phrase
 
@@ -257,7 +268,7 @@ def check_limits(obj: Any, where: str = "", *, nested: bool = True) -> None:
             continue
         entries = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
         for name, v in entries:
-            need = _limit_error(v, limits)
+            need = _limit_error(v, limits, f.metadata.get("what", ""))
             if need is not None:
                 why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
                 raise ConfigError(f"{name} must be {need}{why}, got {v!r}")
@@ -415,3 +426,115 @@ def load_schema(path: str) -> dict:
 
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
+
+
+# --- the JSON schema of a settings tree (the workflow's config.schema.yaml is generated) ---------
+
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "array", dict: "object",
+               type(None): "null"}
+
+
+def _json_types(declared: Any) -> list[str]:
+    """The JSON types of a declared annotation (``int | None`` -> integer, null); [] for Any."""
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(declared) for t in _json_types(a)]
+    base = typing.get_origin(declared) or declared
+    return [_JSON_TYPES[base]] if base in _JSON_TYPES else []
+
+
+def _limit_keywords(limits: dict[str, Any], nullable: bool) -> dict[str, Any]:
+    out = {}
+    for k, v in limits.items():
+        if k == "choices":
+            v = list(v) + ([None] if nullable else [])
+        out[LIMITS[k]] = v
+    return out
+
+
+def _field_schema(f: dataclasses.Field, declared: Any) -> dict[str, Any]:
+    meta = f.metadata
+    sub = _nested_type(f)
+    if sub is not None:
+        out = json_schema(sub)
+        out.pop("description", None)
+        out = {"type": "object", **({"description": meta["help"]} if meta.get("help") else {}),
+               **{k: v for k, v in out.items() if k != "type"}}
+        return out
+    kinds = _json_types(declared)
+    out: dict[str, Any] = {}
+    if kinds:
+        out["type"] = kinds[0] if len(kinds) == 1 else kinds
+    if meta.get("help"):
+        out["description"] = meta["help"]
+    if meta.get("fill"):
+        out["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    limits = _limit_keywords(meta.get("limits") or {}, "null" in kinds)
+    listy = "array" in kinds or meta.get("items") is not None
+    scalar = [k for k in kinds if k not in ("array", "null")]
+    if not listy or scalar:
+        out.update(limits)
+    if listy:
+        items: dict[str, Any] = {}
+        if meta.get("items") is not None:
+            items["type"] = _JSON_TYPES[meta["items"]]
+        items.update(_limit_keywords(meta.get("limits") or {}, False))
+        if items:
+            out["items"] = items
+    if meta.get("mapping") is not None:
+        mapped = json_schema(meta["mapping"])
+        out.update({k: v for k, v in mapped.items() if k not in ("type", "description")})
+    for k, v in (meta.get("schema") or {}).items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema (draft 2020-12 keywords) of the settings dataclass ``cls``: an object that
+    refuses unknown keys, each field a property with its type (from the annotation), its help as
+    description and the limits its :func:`setting` declares (on a list's entries as ``items``),
+    nested dataclasses as nested objects; ``required``, ``fill`` and ``schema`` as
+    :func:`setting` says."""
+    hints = _declared(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        props[f.name] = _field_schema(f, hints.get(f.name, Any))
+        if f.metadata.get("required"):
+            required.append(f.name)
+    out: dict[str, Any] = {"type": "object"}
+    doc = (cls.__doc__ or "").strip().split("\n")[0]
+    if doc and not doc.startswith(cls.__name__ + "("):  # dataclasses' generated docstring says nothing
+        out["description"] = doc
+    if required:
+        out["required"] = required
+    out["additionalProperties"] = False
+    out["properties"] = props
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m daunce_core.settings --schema``: print the workflow's config schema (YAML)."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m daunce_core.settings", description=main.__doc__)
+    parser.add_argument("--schema", action="store_true", required=True,
+                        help="print workflow/schemas/config.schema.yaml, generated from the settings dataclasses")
+    parser.parse_args(argv)
+    from .config import workflow_schema
+
+    print(SCHEMA_HEADER + yaml.safe_dump(workflow_schema(), sort_keys=False, width=110, allow_unicode=True,
+                                                default_flow_style=None), end="")
+    return 0
+
+
+SCHEMA_HEADER = ("# Generated from the settings dataclasses (daunce_core/config.py and the trees it names): do not\n"
+                 "# edit. Regenerate with\n"
+                 "#   python -m daunce_core.settings --schema > workflow/schemas/config.schema.yaml\n"
+                 "# (tests/test_schema.py checks that this file is what that prints).\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

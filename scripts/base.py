@@ -1,6 +1,6 @@
 """rule base: train theta_0."""
-from daunce_core.pipeline import train_base
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import train_base
 
 
 def main(sm):

@@ -1,6 +1,6 @@
 """rules blackbox_data, blackbox_local_base, blackbox_estimate: data, local base model, cost estimate."""
-from daunce_core.blackbox import study
 from daunce_core.runner import run_script
+from daunce_core.steps import blackbox as study
 
 
 def main(sm):

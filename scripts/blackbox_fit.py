@@ -1,6 +1,6 @@
 """rules blackbox_theta0, blackbox_losses: fine-tuning jobs / BDPL prompts and losses from logprobs."""
-from daunce_core.blackbox import study
 from daunce_core.runner import run_script
+from daunce_core.steps import blackbox as study
 
 
 def main(sm):

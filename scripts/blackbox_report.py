@@ -1,6 +1,6 @@
 """rules blackbox_score, fig4: DAUNCE scores of the black-box losses; precision@10 and the table."""
-from daunce_core.blackbox import study
 from daunce_core.runner import run_script
+from daunce_core.steps import blackbox as study
 
 
 def main(sm):

@@ -1,6 +1,6 @@
 """rule data: load the dataset and record the split."""
-from daunce_core.pipeline import prepare_data
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import prepare_data
 
 
 def main(sm):

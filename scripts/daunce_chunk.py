@@ -1,6 +1,6 @@
 """rule perturbed_chunk: fit one chunk of perturbed models (every lr) and record their losses."""
-from daunce_core.pipeline import perturbed_chunk
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import perturbed_chunk
 
 
 def main(sm):

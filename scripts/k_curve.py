@@ -1,6 +1,6 @@
 """rule k_curve: LDS against the number of perturbed models."""
-from daunce_core.pipeline import k_curve
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import k_curve
 
 
 def main(sm):

@@ -1,6 +1,6 @@
 """rule lds_chunk: LDS ground truth for a chunk of subset masks."""
-from daunce_core.pipeline import ground_truth_chunk
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import ground_truth_chunk
 
 
 def main(sm):

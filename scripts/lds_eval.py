@@ -1,8 +1,8 @@
 """rule lds_eval: LDS of one scores file."""
 import json
 
-from daunce_core.pipeline import evaluate_scores
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import evaluate_scores
 
 
 def main(sm):

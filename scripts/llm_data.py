@@ -1,8 +1,8 @@
 """rule llm_data: the training and query sets (and the miniature's pre-training corpus) as jsonl."""
 import logging
 
-from daunce_core.lm.steps import LLMSettings, prepare_data
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, prepare_data
 
 
 def main(sm):

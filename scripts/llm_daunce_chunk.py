@@ -1,7 +1,7 @@
 """rule llm_daunce_chunk: one chunk of LoRA perturbed fits from theta_0 and their per-example losses."""
 from daunce_core.lm.distributed import relaunch
-from daunce_core.lm.steps import LLMSettings, daunce_chunk, device
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, daunce_chunk, device
 
 
 def main(sm):

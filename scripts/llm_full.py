@@ -2,8 +2,8 @@
 import logging
 
 from daunce_core.lm.distributed import relaunch
-from daunce_core.lm.steps import LLMSettings, device, full_models
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, device, full_models
 
 
 def main(sm):

@@ -1,6 +1,6 @@
 """rule llm_logra: LoGra scores of theta_0 (dattri), the LLM baseline of Figure 2."""
-from daunce_core.lm.steps import LLMSettings, device, logra_scores_file
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, device, logra_scores_file
 
 
 def main(sm):

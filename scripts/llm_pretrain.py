@@ -1,8 +1,8 @@
 """rule llm_pretrain: the miniature's tokenizer and tiny causal LM, pre-trained on additions."""
 import logging
 
-from daunce_core.lm.steps import LLMSettings, pretrain_tiny
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, pretrain_tiny
 
 
 def main(sm):

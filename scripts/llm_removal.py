@@ -1,7 +1,7 @@
 """rule llm_removal: remove a method's top N training examples, retrain per seed, count flipped queries."""
 from daunce_core.lm.distributed import relaunch
-from daunce_core.lm.steps import LLMSettings, device, removal_job
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, device, removal_job
 
 
 def main(sm):

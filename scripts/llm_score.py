@@ -1,6 +1,6 @@
 """rule llm_score: DAUNCE scores of the LLM experiment (correlation or covariance across K)."""
-from daunce_core.lm.steps import LLMSettings, daunce_scores
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, daunce_scores
 
 
 def main(sm):

@@ -2,8 +2,8 @@
 import logging
 
 from daunce_core.lm.distributed import relaunch
-from daunce_core.lm.steps import LLMSettings, device, select_lr
 from daunce_core.runner import run_script
+from daunce_core.steps.llm import LLMSettings, device, select_lr
 
 
 def main(sm):

@@ -1,7 +1,7 @@
-"""rules mislabel_*: mislabelled-example detection by self-influence (daunce_core.mislabel)."""
-from daunce_core import mislabel as M
+"""rules mislabel_*: mislabelled-example detection by self-influence (daunce_core.steps.mislabel)."""
 from daunce_core.baselines import BaselinesConfig
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps import mislabel as M
 
 
 def main(sm):

@@ -8,7 +8,7 @@
 The block gives, per white-box variant, the setting chosen on the *selection* masks (never the test
 masks) with its test LDS, the variant's Theorem-1 limit (``limit_<variant>``), the linearised fits
 at the run's K (``lin_<variant>``) and exact IF, then each estimator option against the plain
-estimator at equal compute, then the whole table (``daunce_core.study.quality_markdown``).
+estimator at equal compute, then the whole table (``daunce_core.steps.study.quality_markdown``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daunce_core.study import quality_markdown  # noqa: E402
+from daunce_core.steps.study import quality_markdown  # noqa: E402
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 # (option setting, the plain setting of equal compute it is compared with)
@@ -78,7 +78,7 @@ def render(quality_csv: Path, commit: str | None = None) -> str:
             ds = _f(a["lds_select"]) - _f(b["lds_select"])
             dt = _f(a["lds_test"]) - _f(b["lds_test"])
             out.append(f"| {v} | {opt} | {plain} | {ds:+.3f} | {dt:+.3f} |")
-    out += ["", "The whole table (`python -m daunce_core.study " + str(quality_csv) + "`):", "",
+    out += ["", "The whole table (`python -m daunce_core.steps.study " + str(quality_csv) + "`):", "",
             quality_markdown(quality_csv).rstrip("\n")]
     return "\n".join(out) + "\n"
 

@@ -1,6 +1,6 @@
 """rule score: covariance / correlation scores of a losses file."""
-from daunce_core.pipeline import score_variant
 from daunce_core.runner import run_script
+from daunce_core.steps.vision import score_variant
 
 
 def main(sm):

@@ -1,6 +1,6 @@
 """rule select_lr: learning-rate grid search on the LDS selection masks."""
-from daunce_core.pipeline import select_lr
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps.vision import select_lr
 
 
 def main(sm):

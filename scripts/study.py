@@ -1,6 +1,7 @@
 """rules study_theta0, study_group, study_table, quality_figure: the quality landscape study."""
-from daunce_core import figures, study
+from daunce_core import figures
 from daunce_core.runner import experiment_config, run_script
+from daunce_core.steps import study
 
 
 def main(sm):

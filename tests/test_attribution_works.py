@@ -28,8 +28,9 @@ from daunce_core.data import load_dataset
 from daunce_core.fit.chunks import fit_all
 from daunce_core.fit.ensemble import EnsembleFitter
 from daunce_core.models import model_factory
-from daunce_core.pipeline import scores_from_losses
+from daunce_core.perturb import theta0_key
 from daunce_core.scoring import apply_threshold
+from daunce_core.steps.vision import scores_from_losses
 
 MARGIN = 0.1
 VARIANTS = ["daunce", "daunce_e", "daunce_t", "daunce_t_q", "daunce_m", "daunce_bb", "daunce_e_bb", "daunce_t_bb"]
@@ -46,7 +47,7 @@ def problem():
     ds = load_dataset(cfg.data)
     X, y = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
     factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
-    _, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [(0, 0, 0, 11)], cfg.base)
+    _, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [theta0_key(0)], cfg.base)
     theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
     mask_index, masks = L.masks_for(cfg, "test", ds.n)
     gt = {"masks": masks, "outputs": L.retrain_outputs(cfg, ds, masks, mask_index, torch.device("cpu"))}

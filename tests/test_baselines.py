@@ -21,6 +21,7 @@ from daunce_core.config import ConfigError, ExperimentConfig, ModelConfig, Train
 from daunce_core.data import Dataset
 from daunce_core.models import model_factory
 from daunce_core.objectives import cross_entropy, margin
+from daunce_core.perturb import theta0_key
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,7 @@ def problem():
                            base=TrainConfig(epochs=15, batch_size=8, lr=0.05, weight_decay=1e-3))
     Xt, yt = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
     factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
-    net, p, b = E.fit_from_scratch(factory, Xt, yt, [np.arange(N)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+    net, p, b = E.fit_from_scratch(factory, Xt, yt, [np.arange(N)], [theta0_key(cfg.base.seed)], cfg.base)
     state = {**E.unstack(p, 0), **E.unstack(b, 0)}
     model = factory()
     model.load_state_dict(state)
@@ -322,7 +323,7 @@ def test_write_result_and_cost_table(problem, tmp_path):
 
 def _tiny_digits_base(tmp_path):
     """A 60-example digits split and its theta_0 on disk, through the rules' own steps."""
-    from daunce_core.pipeline import prepare_data, train_base
+    from daunce_core.steps.vision import prepare_data, train_base
 
     cfg = ExperimentConfig.from_dict({
         "data": {"name": "digits", "n_train": 60, "n_query": 9},

@@ -7,8 +7,8 @@ import pytest
 
 from daunce_core import store
 from daunce_core.blackbox import backdoor as B
-from daunce_core.blackbox import study
 from daunce_core.blackbox.config import BlackboxConfig, ConfigError
+from daunce_core.steps import blackbox as study
 
 SMALL = {"K": 2, "subset_size": 10, "data": {"source": "synthetic", "n_train": 200, "n_query_triggered": 20,
                                               "n_query_clean": 20}}

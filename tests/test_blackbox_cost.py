@@ -117,7 +117,7 @@ def test_a_missing_n_epochs_is_estimated_as_the_endpoints_auto():
     """A job without n_epochs is sent without it, so the endpoint applies its default ("auto"):
     the estimate charges it as "auto" (theta_0 and the perturbed fine-tunes alike), never as 1 epoch."""
     from daunce_core.blackbox import backdoor as B
-    from daunce_core.blackbox.study import estimate
+    from daunce_core.steps.blackbox import estimate
 
     prices = {"m": {"training": 25.0, "input": 3.75, "output": 15.0}}
     base = {"models": ["m"], "access": ["api"], "K": 4, "subset_size": 12, "prices": prices,

@@ -10,11 +10,11 @@ import openai
 import pytest
 
 from daunce_core import store
-from daunce_core.blackbox import study
 from daunce_core.blackbox.client import APIClient, Credentials
 from daunce_core.blackbox.config import BlackboxConfig, ConfigError
 from daunce_core.localapi import FaultSettings, ServerConfig, TrainSettings, serve_in_thread
 from daunce_core.localapi.faults import FaultInjector
+from daunce_core.steps import blackbox as study
 
 KEY = "sk-faults-test-abcdef0123456789"
 K = 3

@@ -166,7 +166,7 @@ def test_api_fitter_checks_lr_against_the_configured_multiplier(tmp_path):
 
     from daunce_core.blackbox.config import LogprobConfig
     from daunce_core.fit import Fitter
-    from daunce_core.fit.api import APIFitter, configured_lr
+    from daunce_core.fit.endpoint import APIFitter, configured_lr
 
     assert configured_lr({"learning_rate_multiplier": 2}) == 2.0
     assert np.isnan(configured_lr({"learning_rate_multiplier": "auto"})) and np.isnan(configured_lr({}))
@@ -204,7 +204,7 @@ def test_api_loss_cache_is_keyed_by_the_rows_it_scored(tmp_path):
     import numpy as np
 
     from daunce_core.blackbox.config import LogprobConfig
-    from daunce_core.fit.api import APIFitter
+    from daunce_core.fit.endpoint import APIFitter
 
     def row(i, text):
         return {"id": i, "messages": [{"role": "user", "content": text}], "target": "A"}

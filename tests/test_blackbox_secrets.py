@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from daunce_core.blackbox import study
 from daunce_core.blackbox.client import AuthError
 from daunce_core.blackbox.config import BlackboxConfig, ConfigError
 from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
+from daunce_core.steps import blackbox as study
 
 KEY = "sk-proj-SECRETdaunceTEST-7f3a9c1e5b2d4f60a8c3e1b7d9f2a4c6"
 

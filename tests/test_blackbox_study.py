@@ -12,10 +12,10 @@ import yaml
 
 from daunce_core import store
 from daunce_core.blackbox import backdoor as B
-from daunce_core.blackbox import study
 from daunce_core.blackbox.config import BlackboxConfig
 from daunce_core.blackbox.cost import CostItem, SpendNotAllowed, check_spend, price_of, priced
 from daunce_core.localapi import ServerConfig, serve_in_thread
+from daunce_core.steps import blackbox as study
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -94,9 +94,9 @@ daunce: {K: 4, ratio: 0.5, epochs: 2, batch_size: 16, chunk_size: 3, lr_grid: [0
 def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
     import yaml
 
-    from daunce_core import pipeline
     from daunce_core.config import ExperimentConfig
     from daunce_core.data import load_dataset
+    from daunce_core.steps import vision as pipeline
 
     (tmp_path / "c.yaml").write_text(SMALL)
     (tmp_path / "more.yaml").write_text("daunce: {K: 5}\n")
@@ -115,6 +115,7 @@ def test_fit_command_writes_the_losses_of_the_config(tmp_path, capsys):
     np.testing.assert_array_equal(L.query_ids, ds.query_ids)
     assert L.attrs["variant"] == "daunce_t" and L.attrs["signal"] == "margin" and L.attrs["lr"] == 0.03
     assert L.attrs["experiment"] == "tiny_cli" and L.attrs["config"]["arch"] == "mlp"
+    assert L.attrs["config"] == pipeline.losses_config(cfg)  # the workflow's losses files' attribute
     # theta_0 loaded instead of trained: the workflow's base step gives the same theta_0, so the same losses
     pipeline.train_base(cfg, None, tmp_path / "theta0.safetensors", tmp_path / "m.json")
     assert main(args + ["--theta0", str(tmp_path / "theta0.safetensors"), "-o", str(tmp_path / "l2.h5")]) == 0
@@ -147,7 +148,6 @@ def test_fit_command_bad_inputs_are_one_line(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     c = str(tmp_path / "c.yaml")
     cases = [
-        (["fit", "--configfile", c], 1, "choose one with --lr"),
         (["fit", "--configfile", str(tmp_path / "nope.yaml"), "--lr", "0.1"], 1, "nope.yaml: no such file"),
         (["fit", "--configfile", c, "--lr", "0.1", "-o", c], 1, "is the input file"),
         (["fit", "--configfile", c, "--lr", "0.1", "--variant", "dance"], 2, "invalid choice 'dance'"),

@@ -1,5 +1,4 @@
 """Bad configuration: each mistake is a clear error naming the key, before any job runs."""
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -138,66 +137,3 @@ def test_a_k_curve_above_K_says_what_to_set():
                                           r"daunce\.k_curve to values <= 4, e\.g\. \[4\]$"):
         ExperimentConfig.from_dict(cfg).validate()
 
-
-def _schema_limits(prop: dict) -> dict:
-    """The limits the workflow schema states for one key: its own, and its entries' as items.<kw>."""
-    from daunce_core.settings import LIMITS
-
-    out = {k: v for k, v in prop.items() if k in LIMITS.values()}
-    items = prop.get("items", {})
-    out |= {f"items.{k}": v for k, v in items.items() if k in LIMITS.values()}
-    if "type" in items:
-        out["items.type"] = items["type"]
-    return out
-
-
-def _declared_limits(f, hint) -> dict:
-    """The same, from a setting's declaration: on a list-only field the limits are its entries'."""
-    import typing
-
-    from daunce_core.settings import LIMITS
-
-    lim = {LIMITS[k]: list(v) if k == "choices" else v for k, v in f.metadata.get("limits", {}).items()}
-    kinds = set(typing.get_args(hint)) or {hint}
-    out = {} if kinds == {list} else dict(lim)
-    if list in kinds:
-        out |= {f"items.{k}": v for k, v in lim.items()}
-    if f.metadata.get("items") is not None:
-        out["items.type"] = {int: "integer", float: "number", str: "string"}[f.metadata["items"]]
-    return out
-
-
-def _compare_limits(cls, schema: dict, where: str) -> list[str]:
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    problems = []
-    for f in dataclasses.fields(cls):
-        prop = schema["properties"].get(f.name, {})
-        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
-            problems += _compare_limits(f.default_factory, prop, f"{where}{f.name}.")
-            continue
-        if f.metadata.get("mapping") is not None:
-            problems += _compare_limits(f.metadata["mapping"], prop, f"{where}{f.name}.")
-        want, have = _schema_limits(prop), _declared_limits(f, hints[f.name])
-        if want != have:
-            problems.append(f"{where}{f.name}: schema {want}, setting {have}")
-    return problems
-
-
-def test_the_schema_states_the_limits_each_setting_declares():
-    """One source of truth, checked: every range, choice and pattern of the experiment's sections
-    of workflow/schemas/config.schema.yaml is the one its setting declares in daunce_core/config.py
-    (the study section keeps its own checks in StudyConfig.validate)."""
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    problems = []
-    for f in dataclasses.fields(ExperimentConfig):
-        if f.name == "study":
-            continue
-        if isinstance(f.default_factory, type):
-            problems += _compare_limits(f.default_factory, schema["properties"][f.name], f"{f.name}.")
-        else:
-            want, have = _schema_limits(schema["properties"][f.name]), _declared_limits(f, str)
-            if want != have:
-                problems.append(f"{f.name}: schema {want}, setting {have}")
-    assert not problems, "\n".join(problems)

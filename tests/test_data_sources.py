@@ -353,7 +353,8 @@ def experiment(data_cfg):
 def test_npz_replaced_under_the_same_ids_is_refused_by_the_recorded_split(tmp_path, change):
     """Rewriting the npz with other labels (or inputs) and the same ids was never noticed: the
     steps paired results of fits on the old data with the new."""
-    from daunce_core import pipeline, store
+    from daunce_core import store
+    from daunce_core.steps import vision as pipeline
 
     a = arrays(train_ids=np.arange(10) + 100)
     np.savez(tmp_path / "d.npz", **a)
@@ -375,7 +376,8 @@ def test_npz_replaced_under_the_same_ids_is_refused_by_the_recorded_split(tmp_pa
 
 
 def test_a_split_recorded_without_the_hash_is_checked_on_ids_alone(tmp_path):
-    from daunce_core import pipeline, store
+    from daunce_core import store
+    from daunce_core.steps import vision as pipeline
 
     np.savez(tmp_path / "d.npz", **arrays())
     c = experiment(cfg("npz", tmp_path / "d.npz"))

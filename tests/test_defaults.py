@@ -27,7 +27,8 @@ def _defaults(fn) -> dict:
 
 def test_every_call_reads_the_one_declaration():
     fit = _defaults(api.fit_losses)
-    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid"):
+    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid", "antithetic", "common_batches",
+                 "lr_schedule", "first_order"):
         assert fit[name] == getattr(DEFAULTS, name), name
     # None: DEFAULTS.min_steps, .batch_size, the variant's ratio/rho/prox (DaunceConfig.for_variant)
     # and the variant's measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
@@ -44,8 +45,10 @@ def test_every_call_reads_the_one_declaration():
     assert set(_defaults(daunce_scores)) == {"measure"} and not _defaults(perturbed_losses)
     # the shared values are DaunceConfig's (daunce fit and the workflow read those)
     d = DaunceConfig()
-    for name in ("ratio", "batch_size", "rho", "gamma", "seed", "chunk_size"):
+    for name in ("K", "ratio", "batch_size", "rho", "gamma", "seed", "chunk_size", "antithetic", "common_batches",
+                 "lr_schedule", "first_order"):
         assert getattr(DEFAULTS, name) == getattr(d, name), name
+    assert list(DEFAULTS.lr_grid) == d.lr_grid
 
 
 def test_the_default_fit_length_gives_min_steps():
@@ -167,7 +170,8 @@ def test_daunce_fit_lr_auto_picks_by_the_rule_and_never_a_diverging_lr(tmp_path,
     from daunce_core.cli import main
 
     (tmp_path / "c.yaml").write_text(CLI_CONFIG)
-    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "auto", "-o", str(tmp_path / "l.h5")]) == 0
+    # no --lr: the rule, the library calls' default (the config's grid holds several rates)
+    assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "l.h5")]) == 0
     err = capsys.readouterr().err
     assert "chosen by split-K reliability" in err and "1e+06: diverged" in err
     assert store.read_losses(tmp_path / "l.h5").attrs["lr"] in (0.03, 0.01)
@@ -196,3 +200,12 @@ def test_daunce_t_q_is_daunce_t_fits_scored_with_traks_q(tmp_path):
 
     with pytest.raises(ValueError, match="needs theta_0's label probabilities"):
         api.fit_losses(mlp(), Generic(), (X, Y), (X[:4], Y[:4]), variant="daunce_t_q", **kw)
+
+
+@pytest.mark.parametrize("call", ["daunce_scores", "perturbed_losses", "scores"])
+def test_an_unknown_keyword_is_one_line_naming_the_nearest(call):
+    """A misspelt option of the one-call API is refused before any fit, with the keyword meant."""
+    fn = {"daunce_scores": daunce_scores, "perturbed_losses": perturbed_losses,
+          "scores": lambda *a, **kw: api.scores(a[0], None, *a[1:], **kw)}[call]
+    with pytest.raises(TypeError, match=rf"^{call}: unknown keyword\(s\) k \(did you mean K\?\)$"):
+        fn(mlp(), (X, Y), (X[:4], Y[:4]), k=5)

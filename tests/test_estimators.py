@@ -16,9 +16,8 @@ import torch
 from daunce_core import ensemble as E
 from daunce_core import objectives as obj
 from daunce_core.config import ConfigError, DaunceConfig, ExperimentConfig, ModelConfig, TrainConfig
-from daunce_core.fit.contract import Plan
 from daunce_core.models import build_model
-from daunce_core.perturb import batch_order
+from daunce_core.perturb import Plan, batch_order
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from daunce_core import pipeline, removal, store
+from daunce_core import removal, store
 from daunce_core.config import ExperimentConfig
+from daunce_core.steps import vision as pipeline
 
 N, M_QUERIES, MASKS, K = 12, 4, 8, 6
 TRAIN_IDS = np.arange(100, 100 + N)
@@ -136,8 +137,8 @@ def test_removal_ranking_lists_positions_of_the_training_set_not_of_the_scores_f
 
 
 def test_fig4_joins_scores_on_the_ids_of_the_jsonl_files(tmp_path, caplog):
-    from daunce_core.blackbox import study
     from daunce_core.blackbox.config import BlackboxConfig
+    from daunce_core.steps import blackbox as study
 
     bcfg = BlackboxConfig.from_dict({
         "models": ["tiny-x"], "backend": "local", "K": 2, "subset_size": 10,

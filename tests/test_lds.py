@@ -219,9 +219,10 @@ def test_selection_judges_by_raw_lds_even_when_a_threshold_is_configured():
     raw-best candidate A still wins, though thresholding would rank B first."""
     from types import SimpleNamespace
 
-    from daunce_core import pipeline, store
+    from daunce_core import store
     from daunce_core.baselines.common import selection_lds
     from daunce_core.config import ExperimentConfig
+    from daunce_core.steps import vision as pipeline
 
     A, B, gt = _raw_vs_thresholded_fixture()
     cfg = ExperimentConfig.from_dict({"lds": {"threshold": {"kind": "hard", "quantile": 0.9}}})
@@ -256,8 +257,9 @@ def test_every_method_gets_raw_and_thresholded_rows_and_a_paired_delta(tmp_path)
     import sys
     from pathlib import Path
 
-    from daunce_core import pipeline, store
+    from daunce_core import store
     from daunce_core.config import ExperimentConfig
+    from daunce_core.steps import vision as pipeline
 
     A, B, gt = _raw_vs_thresholded_fixture()
     n, m = A.shape

@@ -3,7 +3,7 @@ solved exactly: L2-regularised softmax regression (as tests/test_theorem1.py).
 
 theta_0 is the exact regularised optimum (Newton); every perturbed model minimises its variant's
 objective of ``daunce_core.objectives`` on its subset, plus the L2 term centred at theta_0 (the
-limits' ``prox``), by Newton to convergence, with the subsets and xi of ``fit.contract.Plan``.
+limits' ``prox``), by Newton to convergence, with the subsets and xi of ``perturb.Plan``.
 """
 import numpy as np
 import pytest
@@ -13,9 +13,8 @@ from torch.func import grad, hessian, vmap
 from daunce_core import objectives as O
 from daunce_core.baselines import REFERENCE
 from daunce_core.baselines import limits as Lim
-from daunce_core.fit.contract import Plan
 from daunce_core.lds import per_query_lds
-from daunce_core.perturb import lds_masks, subset_size
+from daunce_core.perturb import Plan, lds_masks, subset_size, theta0_key
 
 N, M, D, C = 200, 40, 4, 3
 LAM, RHO, RATIO = 1e-2, 0.1, 0.5
@@ -248,7 +247,7 @@ def small_problem():
     torch.set_default_dtype(torch.float32)  # the module's ``problem`` fixture may hold float64
     try:
         net, p, b = E.fit_from_scratch(factory, torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train),
-                                       [np.arange(n)], [(cfg.base.seed, 0, 0, 11)], cfg.base)
+                                       [np.arange(n)], [theta0_key(cfg.base.seed)], cfg.base)
         model = factory()
         model.load_state_dict({**E.unstack(p, 0), **E.unstack(b, 0)})
     finally:

@@ -237,7 +237,7 @@ def test_saved_tiny_model_reloads_with_the_same_tokenizer(tiny, tmp_path):
 
 def test_select_lr_without_selection_queries_keeps_the_first_usable_lr_of_the_grid(tmp_path):
     from daunce_core import store
-    from daunce_core.lm import steps
+    from daunce_core.steps import llm as steps
 
     s = settings.LLMSettings.from_config({"llm": {"daunce": {"K": 2, "lr_grid": [1e-2, 3e-3, 1e-3]}}})
     paths = []

@@ -56,8 +56,8 @@ def miniature(tmp_path_factory):
     """Every step of rules/llm.smk but LoGra, through the functions the rules' scripts call."""
     import torch
 
-    from daunce_core.lm import steps
     from daunce_core.lm.settings import LLMSettings
+    from daunce_core.steps import llm as steps
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("llm")

@@ -15,7 +15,7 @@ from daunce_core import objectives as O
 from daunce_core import perturb
 from daunce_core.api import ClassificationTask, fit_losses
 from daunce_core.baselines.limits import matched_limit
-from daunce_core.fit.contract import Plan
+from daunce_core.perturb import Plan
 from daunce_core.scoring import pairwise_scores
 
 

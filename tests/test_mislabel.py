@@ -1,4 +1,4 @@
-"""Mislabelled-example detection by self-influence (daunce_core/mislabel.py, rules/mislabel.smk)."""
+"""Mislabelled-example detection by self-influence (daunce_core/steps/mislabel.py, rules/mislabel.smk)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from daunce_core import mislabel as M
 from daunce_core.config import MISLABEL_BASELINES, ConfigError, ExperimentConfig
+from daunce_core.steps import mislabel as M
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -148,7 +148,7 @@ def test_self_influence_finds_flipped_labels_on_a_tiny_problem(tmp_path):
     and grad-dot rank the flipped examples first (AUC > 0.7) through the workflow's own steps;
     a random score and DAUNCE's scores with the examples shuffled do not."""
     from daunce_core.baselines import BaselinesConfig
-    from daunce_core.pipeline import prepare_data
+    from daunce_core.steps.vision import prepare_data
 
     cfg = ExperimentConfig.from_dict(TINY).validate()
     split = tmp_path / "split.npz"

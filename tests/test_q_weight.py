@@ -6,12 +6,12 @@ the form's scores are ``(1 - p_i) * s_ij``: the factor on the training side, aft
 import numpy as np
 import pytest
 
-from daunce_core import pipeline as P
 from daunce_core import store
 from daunce_core.config import fit_variant, q_weighted
 from daunce_core.fit import chunks
 from daunce_core.fit.contract import Signals
 from daunce_core.scoring import pairwise_scores
+from daunce_core.steps import vision as P
 
 
 def signals(ks, n=30, m=6, seed=0):

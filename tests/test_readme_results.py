@@ -119,7 +119,7 @@ def test_quality_findings_are_read_from_the_study_table(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import quality_summary as Q
 
-    from daunce_core.study import QUALITY_COLUMNS
+    from daunce_core.steps.study import QUALITY_COLUMNS
 
     def row(kind, variant, setting="", select="", test="", K=""):
         r = dict.fromkeys(QUALITY_COLUMNS, "")

@@ -1,7 +1,5 @@
 """The one settings helper: every config tree refuses unknown keys and wrong types by name, and
-the workflow's JSON schema stays in step with the dataclasses."""
-import dataclasses
-import typing
+the workflow's JSON schema is generated from the dataclasses (tests/test_schema.py)."""
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import yaml
 
 from daunce_core import settings
 from daunce_core.baselines import BaselinesConfig
-from daunce_core.config import OTHER_STAGES, ExperimentConfig
+from daunce_core.config import ExperimentConfig
 from daunce_core.settings import ConfigError, build, describe, nested, setting, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,111 +96,6 @@ def test_every_config_tree_uses_the_helper():
         ExperimentConfig.from_dict({"daunce": {"K": "ten"}})
     with pytest.raises(ConfigError, match=r"baselines\.ekfac\.damping must be a float"):
         BaselinesConfig.from_config({"baselines": {"ekfac": {"damping": "high"}}})
-
-
-# --- the workflow schema and the dataclasses describe the same keys --------------------------
-
-_JSON_TYPES = {int: {"integer"}, float: {"number"}, bool: {"boolean"}, str: {"string"}, list: {"array"},
-               dict: {"object"}}
-
-
-def _schema_type(declared) -> set[str] | None:
-    """The JSON types of a declared field type (``None``: ``Any``, no type to compare)."""
-    if declared is typing.Any:
-        return None
-    args = typing.get_args(declared)
-    if args:  # X | None
-        return set().union(*(_schema_type(a) for a in args))
-    return {"null"} if declared is type(None) else _JSON_TYPES[declared]
-
-
-def _prop_types(prop: dict) -> set[str]:
-    """The JSON types a schema property allows (its ``oneOf`` branches' too; ``const`` is a string here)."""
-    if "oneOf" in prop:
-        return set().union(*(_prop_types(p) for p in prop["oneOf"]))
-    if "const" in prop:
-        return {"string"}
-    want = prop.get("type")
-    return set(want) if isinstance(want, list) else {want}
-
-
-def _compare(cls, schema: dict, where: str) -> list[str]:
-    """Every field of the settings dataclass ``cls`` (nested ones and ``mapping=`` dicts walked) is
-    a property of ``schema`` with the same JSON type, and the schema has no other property."""
-    problems = []
-    props = schema.get("properties", {})
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    if set(props) != set(fields):
-        problems.append(f"{where or 'top level'}: schema-only {sorted(set(props) - set(fields))}, "
-                        f"dataclass-only {sorted(set(fields) - set(props))}")
-    if schema.get("additionalProperties") is not False:
-        problems.append(f"{where or 'top level'}: the schema does not refuse unknown keys "
-                        "(additionalProperties: false)")
-    for name in sorted(set(props) & set(fields)):
-        f, key = fields[name], f"{where}.{name}" if where else name
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
-            problems += _compare(sub, props[name], key)
-            continue
-        if f.metadata.get("mapping") is not None:
-            problems += _compare(f.metadata["mapping"], props[name], key)
-        have = _schema_type(hints[name])
-        if have is not None and _prop_types(props[name]) != have:
-            problems.append(f"{key}: schema type {sorted(_prop_types(props[name]))}, dataclass {hints[name]}")
-    return problems
-
-
-def settings_trees() -> dict[str, type]:
-    """Every settings tree of the workflow config, by its top-level key."""
-    from daunce_core.blackbox.config import BlackboxConfig
-    from daunce_core.lm.settings import LLMSettings
-
-    return {"baselines": BaselinesConfig, "llm": LLMSettings, "blackbox": BlackboxConfig}
-
-
-def test_schema_sections_match_the_dataclasses():
-    """Every key of every settings tree (the experiment's, ``baselines``, ``llm``, ``blackbox``) is
-    in workflow/schemas/config.schema.yaml with its type, and the schema has no key a tree lacks:
-    a key the dataclass reads but the schema refuses is a key ``snakemake`` refuses."""
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    props = schema["properties"]
-    own = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    problems = []
-    if set(props) != own | set(OTHER_STAGES):
-        problems.append(f"top level: schema {sorted(props)}, trees {sorted(own | set(OTHER_STAGES))}")
-    experiment = {k: v for k, v in props.items() if k in own}
-    problems += _compare(ExperimentConfig, {"properties": experiment, "additionalProperties": False}, "")
-    for key, cls in settings_trees().items():
-        problems += _compare(cls, props[key], key)
-    assert not problems, "\n".join(problems)
-
-
-def test_the_schema_comparison_sees_a_missing_nested_key():
-    """The comparison itself: a settings tree with a field the schema lacks (as llm.finetune
-    lacked master_weights) is reported by its dotted name."""
-
-    @dataclass
-    class Leaf:
-        kept: int = setting(1, "in the schema")
-        extra: bool = setting(True, "not in the schema")
-
-    @dataclass
-    class Root:
-        leaf: Leaf = nested(Leaf)
-
-    schema = {"additionalProperties": False, "properties": {"leaf": {
-        "additionalProperties": False, "properties": {"kept": {"type": "integer"}}}}}
-    assert _compare(Root, schema, "llm") == ["llm.leaf: schema-only [], dataclass-only ['extra']"]
-
-
-def test_the_readme_s_master_weights_key_passes_the_schema():
-    """README.md tells users to set llm.finetune.master_weights: false; the schema accepts it."""
-    import jsonschema
-
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    assert "master_weights: false" in (ROOT / "README.md").read_text()
-    jsonschema.validate({"llm": {"finetune": {"master_weights": False}}}, {**schema, "required": []})
 
 
 @pytest.mark.parametrize("text, fix", [("1e-3", "1.0e-3"), ("1E-3", "1.0e-3"), ("5e2", "5.0e2")])

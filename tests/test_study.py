@@ -66,7 +66,7 @@ def test_study_config_is_checked_by_name():
 
 
 def test_groups_share_fits_and_grids_centre_on_the_default_choice():
-    from daunce_core.study import daunce_passes, groups, lr_grid
+    from daunce_core.steps.study import daunce_passes, groups, lr_grid
 
     cfg = build(STUDY)
     gs = {g.name: [m.name for m in g.members] for g in groups(cfg)}
@@ -118,8 +118,9 @@ def test_dry_runs_plan_the_study_only_when_switched_on(tmp_path):
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
     """Data, theta_0, both ground truths and the workflow's own lr selection of DAUNCE."""
-    from daunce_core import pipeline, store
+    from daunce_core import store
     from daunce_core.fit import chunks
+    from daunce_core.steps import vision as pipeline
 
     d = tmp_path_factory.mktemp("study")
     cfg = build(STUDY)
@@ -139,7 +140,7 @@ def problem(tmp_path_factory):
 
 @pytest.mark.slow
 def test_study_run_agrees_with_the_workflow_selection(problem):
-    from daunce_core import study
+    from daunce_core.steps import study
 
     cfg, d = problem
     selection = json.loads((d / "selection.json").read_text())

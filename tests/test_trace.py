@@ -10,6 +10,7 @@ from daunce_core.config import DaunceConfig, ModelConfig, TrainConfig
 from daunce_core.fit import chunks
 from daunce_core.fit.ensemble import EnsembleFitter
 from daunce_core.models import model_factory
+from daunce_core.perturb import theta0_key
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def setup():
     X = torch.as_tensor(rng.normal(size=(60, 1, 2, 3)).astype(np.float32))
     y = torch.as_tensor(rng.integers(0, 3, 60))
     factory = model_factory(ModelConfig(arch="mlp", hidden=[8]), (1, 2, 3), 3)
-    _, p, b = E.fit_from_scratch(factory, X, y, [np.arange(60)], [(0, 0, 0, 11)],
+    _, p, b = E.fit_from_scratch(factory, X, y, [np.arange(60)], [theta0_key(0)],
                                  TrainConfig(epochs=5, batch_size=16, lr=0.1))
     return factory, {**E.unstack(p, 0), **E.unstack(b, 0)}, (X, y), (X[:7], y[:7])
 

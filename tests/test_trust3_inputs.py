@@ -162,7 +162,7 @@ def _listing(root: Path) -> dict[str, bytes]:
 
 
 def test_the_workflow_s_manifest_lies_under_results_never_in_the_image_folder(tmp_path, monkeypatch):
-    from daunce_core.pipeline import prepare_data
+    from daunce_core.steps.vision import prepare_data
 
     root = tmp_path / "my images"
     _images(root)
@@ -311,7 +311,7 @@ def test_an_image_model_on_tabular_data_is_one_line(tmp_path):
 
 def test_figure5_draws_feature_vectors(tmp_path):
     from daunce_core import figures, store
-    from daunce_core.pipeline import prepare_data
+    from daunce_core.steps.vision import prepare_data
 
     _tabular_npz(tmp_path / "tab.npz")
     cfg = ExperimentConfig.from_dict({"experiment": "tab", "data": {"name": "npz", "root": str(tmp_path / "tab.npz"),

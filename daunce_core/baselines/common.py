@@ -70,9 +70,9 @@ def base_method(name: str) -> tuple[str, dict[str, Any]]:
 class TrakConfig:
     """``traker.TRAKer`` on theta_0 alone (no ensemble)."""
 
-    proj_dim: int = setting(512, "dimension of TRAK's random projection of the gradients")
+    proj_dim: int = setting(512, "dimension of TRAK's random projection of the gradients", ge=1)
     seed: int = setting(0, "seed of the projection")
-    lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion")
+    lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion", ge=0)
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
 
 
@@ -87,7 +87,7 @@ class TrakEnsConfig:
                           choices=("seeds", "checkpoints"))
     proj_dim: int = setting(512, "dimension of each model's random projection", ge=1)
     seed: int = setting(0, "seed of the projection")
-    lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion")
+    lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion", ge=0)
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
 
 
@@ -109,17 +109,18 @@ class EkfacConfig:
     """``kronfluence`` EK-FAC influence on every supported layer."""
 
     damping: float | None = setting(None, "damping of the inverse; null: kronfluence's heuristic, "
-                                          "0.1 x mean eigenvalue")
+                                          "0.1 x mean eigenvalue", ge=0)
     empirical_fisher: bool = setting(True, "the paper: \"the empirical Fisher information matrix\"")
-    strategy: str = setting("ekfac", "'ekfac', 'kfac', 'diagonal' or 'identity' (= grad-dot)")
+    strategy: str = setting("ekfac", "'ekfac', 'kfac', 'diagonal' or 'identity' (= grad-dot)",
+                            choices=('ekfac', 'kfac', 'diagonal', 'identity'))
 
 
 @dataclass
 class LograConfig:
     """``dattri.LoGraAttributor``: gradients projected per layer, then an eFIM solve."""
 
-    rank: int = setting(128, "per-side rank r of LoGra's Kronecker projection: r*r numbers per layer")
-    damping: float | None = setting(None, "damping of the eFIM; null: dattri's default (1e-5 x mean eigenvalue)")
+    rank: int = setting(128, "per-side rank r of LoGra's Kronecker projection: r*r numbers per layer", ge=1)
+    damping: float | None = setting(None, "damping of the eFIM; null: dattri's default (1e-5 x mean eigenvalue)", ge=0)
     seed: int = setting(0, "seed of the projections")
 
 
@@ -127,7 +128,7 @@ class LograConfig:
 class TracinConfig:
     """``dattri.TracInAttributor`` over checkpoints of theta_0's own (replayed) run."""
 
-    checkpoints: int = setting(5, "evenly spaced over theta_0's training steps; the last one is theta_0")
+    checkpoints: int = setting(5, "evenly spaced over theta_0's training steps; the last one is theta_0", ge=1)
 
 
 @dataclass
@@ -135,10 +136,11 @@ class ExactIFConfig:
     """Influence functions with the full curvature matrix, solved in float64 (ours)."""
 
     curvature: str = setting("ggn", "'ggn' (Gauss-Newton = the model's Fisher, PSD) or 'hessian' "
-                                    "(full, indefinite)")
+                                    "(full, indefinite)", choices=('ggn', 'hessian'))
     damping_grid: list = setting([1e-3, 1e-2, 1e-1, 1.0], "dampings tried; the best on the LDS "
-                                                          "selection masks is kept")
-    max_params: int = setting(20000, "refuse models with more parameters (the matrix is P x P)")
+                                                          "selection masks is kept",
+                                                          items=float, ge=0, schema={'minItems': 1})
+    max_params: int = setting(20000, "refuse models with more parameters (the matrix is P x P)", ge=1)
 
 
 @dataclass
@@ -147,9 +149,86 @@ class LimitsConfig:
 
     damping_grid: list = setting([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "dampings tried, relative to the "
                                  "mean eigenvalue of each method's curvature; the best limit on the LDS "
-                                 "selection masks is kept (and used by its lin_ method)")
+                                 "selection masks is kept (and used by its lin_ method)",
+                                 items=float, gt=0, why="F has rank <= n: the limits need damping",
+                                 schema={'minItems': 1})
     measure: str = setting("correlation", "'correlation' (DAUNCE's measure) or 'covariance' of the limit "
-                                          "and of the linearised fits")
+                                          "and of the linearised fits", choices=('correlation', 'covariance'))
+
+
+# baselines.tune in the workflow's schema: the knobs each method may tune, as lists
+# baselines.methods in the workflow's schema: the names, or trak_k<N>
+METHODS_SCHEMA = {'items': {'anyOf': [{'type': 'string',
+                      'enum': ['trak',
+                               'ekfac',
+                               'logra',
+                               'graddot',
+                               'tracin',
+                               'exact_if',
+                               'trak_ens',
+                               'if_iter',
+                               'limit_daunce',
+                               'limit_daunce_e',
+                               'limit_daunce_t',
+                               'limit_daunce_t_q',
+                               'limit_bb',
+                               'lin_daunce',
+                               'lin_daunce_e',
+                               'lin_daunce_t',
+                               'lin_bb',
+                               'exact_if_corr',
+                               'limit_daunce_m']},
+                     {'type': 'string',
+                      'pattern': '^trak_k[1-9][0-9]*$',
+                      'description': 'TRAK with proj_dim N'}]}}
+
+
+TUNE_SCHEMA = {'additionalProperties': False,
+ 'properties': {'trak': {'type': 'object',
+                         'additionalProperties': False,
+                         'properties': {'proj_dim': {'type': 'array',
+                                                     'minItems': 1,
+                                                     'items': {'type': 'integer', 'minimum': 1}},
+                                        'lambda_reg': {'type': 'array',
+                                                       'minItems': 1,
+                                                       'items': {'type': 'number', 'minimum': 0}}}},
+                'ekfac': {'type': 'object',
+                          'additionalProperties': False,
+                          'properties': {'damping': {'type': 'array',
+                                                     'minItems': 1,
+                                                     'items': {'type': ['number', 'null'], 'minimum': 0}}}},
+                'logra': {'type': 'object',
+                          'additionalProperties': False,
+                          'properties': {'rank': {'type': 'array',
+                                                  'minItems': 1,
+                                                  'items': {'type': 'integer', 'minimum': 1}},
+                                         'damping': {'type': 'array',
+                                                     'minItems': 1,
+                                                     'items': {'type': ['number', 'null'], 'minimum': 0}}}},
+                'tracin': {'type': 'object',
+                           'additionalProperties': False,
+                           'properties': {'checkpoints': {'type': 'array',
+                                                          'minItems': 1,
+                                                          'items': {'type': 'integer', 'minimum': 1}}}},
+                'trak_ens': {'type': 'object',
+                             'additionalProperties': False,
+                             'properties': {'lambda_reg': {'type': 'array',
+                                                           'minItems': 1,
+                                                           'items': {'type': 'number', 'minimum': 0}},
+                                            'proj_dim': {'type': 'array',
+                                                         'minItems': 1,
+                                                         'items': {'type': 'integer', 'minimum': 1}},
+                                            'models': {'type': 'array',
+                                                       'minItems': 1,
+                                                       'items': {'type': 'integer', 'minimum': 1}}}},
+                'if_iter': {'type': 'object',
+                            'additionalProperties': False,
+                            'properties': {'regularization': {'type': 'array',
+                                                              'minItems': 1,
+                                                              'items': {'type': 'number', 'minimum': 0}},
+                                           'proj_dim': {'type': 'array',
+                                                        'minItems': 1,
+                                                        'items': {'type': 'integer', 'minimum': 1}}}}}}
 
 
 @dataclass
@@ -157,9 +236,11 @@ class BaselinesConfig:
     """The ``baselines`` section of the config: which methods run, and each one's settings."""
 
     methods: list = setting(list(METHODS), f"methods to run, from {', '.join(METHODS + EXTRA)}, trak_k<N> (TRAK "
-                                           f"with proj_dim N), and the exact references {', '.join(REFERENCE)}")
-    measurement: str = setting("margin", "query function of the gradient methods: 'margin' or 'loss'")
-    batch_size: int = setting(250, "examples per batch handed to the libraries")
+                                           f"with proj_dim N), and the exact references {', '.join(REFERENCE)}",
+                                           schema=METHODS_SCHEMA)
+    measurement: str = setting("margin", "query function of the gradient methods: 'margin' or 'loss'",
+                               choices=MEASUREMENTS)
+    batch_size: int = setting(250, "examples per batch handed to the libraries", ge=1)
     trak: TrakConfig = nested(TrakConfig)
     ekfac: EkfacConfig = nested(EkfacConfig)
     logra: LograConfig = nested(LograConfig)
@@ -170,12 +251,13 @@ class BaselinesConfig:
     if_iter: IFIterConfig = nested(IFIterConfig)
     tune: dict = setting({}, "grids of each method's knobs, {method: {knob: [values]}} (e.g. trak: {proj_dim: "
                              "[...], lambda_reg: [...]}); every combination is scored on the LDS selection masks "
-                             "and queries and the best kept. Knobs not listed keep their value above")
+                             "and queries and the best kept. Knobs not listed keep their value above",
+                             schema=TUNE_SCHEMA)
     max_settings: int | None = setting(None, "the budget rule: the most settings (grid combinations) one method "
                                              "may try; null: as many as daunce.lr_grid has values, what DAUNCE "
                                              "tries, and a longer grid is thinned to that many, evenly spread "
                                              "(a shorter lr grid never stops another method); a number: a "
-                                             "longer grid is refused")
+                                             "longer grid is refused", ge=1)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BaselinesConfig:
@@ -239,23 +321,12 @@ class BaselinesConfig:
         if bad:
             raise ConfigError(f"baselines.methods: unknown {bad}; choose from {', '.join(ALL_METHODS)} "
                               "or trak_k<N> (TRAK with proj_dim N)")
-        if self.measurement not in MEASUREMENTS:
-            raise ConfigError(f"baselines.measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
-        if self.trak.proj_dim < 1 or self.logra.rank < 1 or self.tracin.checkpoints < 1 or self.batch_size < 1:
-            raise ConfigError("baselines: trak.proj_dim, logra.rank, tracin.checkpoints and batch_size must be >= 1")
-        if self.exact_if.curvature not in ("hessian", "ggn"):
-            raise ConfigError(f"baselines.exact_if.curvature must be 'hessian' or 'ggn', "
-                              f"got {self.exact_if.curvature!r}")
-        if not self.exact_if.damping_grid or any(d < 0 for d in self.exact_if.damping_grid):
+        # each knob's range and choices: its setting (checked by build); the empty grids here
+        if not self.exact_if.damping_grid:
             raise ConfigError("baselines.exact_if.damping_grid must be a non-empty list of values >= 0")
-        if not self.limits.damping_grid or any(not d > 0 for d in self.limits.damping_grid):
+        if not self.limits.damping_grid:
             raise ConfigError("baselines.limits.damping_grid must be a non-empty list of values > 0 (F has "
                               "rank <= n: the limits need damping)")
-        if self.limits.measure not in ("correlation", "covariance"):
-            raise ConfigError(f"baselines.limits.measure must be 'correlation' or 'covariance', "
-                              f"got {self.limits.measure!r}")
-        if self.ekfac.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
-            raise ConfigError(f"baselines.ekfac.strategy: unknown {self.ekfac.strategy!r}")
         from dataclasses import fields
 
         for method, axes in (self.tune or {}).items():

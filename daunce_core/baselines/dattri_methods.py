@@ -120,10 +120,10 @@ def _checkpoint_ends(total: int, n_checkpoints: int) -> list[int]:
 
 def base_steps(problem: Problem) -> int:
     """The optimiser steps of theta_0's training (the base recipe on the whole training set)."""
-    from ..perturb import batch_order
+    from ..perturb import batch_order, theta0_key
 
     cfg = problem.cfg
-    key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with
+    key = theta0_key(cfg.base.seed)  # the key the base rule trains theta_0 with
     return int(batch_order(key, np.arange(problem.ds.n), cfg.base.epochs, cfg.base.batch_size).shape[0])
 
 
@@ -142,9 +142,10 @@ def replay_checkpoints(problem: Problem, n_checkpoints: int,
 
     from .. import ensemble as E
     from ..models import model_factory
+    from ..perturb import theta0_key
 
     cfg, ds = problem.cfg, problem.ds
-    key = (cfg.base.seed, 0, 0, 11)  # the key the base rule trains theta_0 with (base_steps)
+    key = theta0_key(cfg.base.seed)  # the key the base rule trains theta_0 with (base_steps)
     total = base_steps(problem)
     ends = _checkpoint_ends(total, n_checkpoints)
     cached = problem.cache.get("tracin_replay")

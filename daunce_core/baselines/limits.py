@@ -62,7 +62,7 @@ DAUNCE's measure), the same kernel divided by sqrt(Cov(s_a, s_a) Cov(s_b, s_b)):
 correlation scores. Sign: positive = helpful, as DAUNCE's covariances of losses (or margins).
 
 **Linearised fits** (``lin_*``): the same Delta^k, computed per model with the *same* subsets and xi
-as the real fits (``fit.contract.Plan(daunce.seed, daunce.ratio)``, :mod:`daunce_core.perturb`) at
+as the real fits (``perturb.Plan(daunce.seed, daunce.ratio)``, :mod:`daunce_core.perturb`) at
 the run's K, then scored exactly as DAUNCE scores (:func:`daunce_core.scoring.pairwise_scores`,
 the measure above) from the *linearised* signals ``s_a(theta_0) + g_a^T Delta^k`` (the constant
 ``s_a(theta_0)`` cancels under centring). A lin method uses the damping its limit chooses on the
@@ -219,10 +219,9 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
     if method in MATCHED_LIMITS:
         return limit_daunce_m(problem, bcfg, select_gt)
     from ..config import fit_variant
-    from ..fit.contract import Plan
     from ..lds import on_edge
     from ..objectives import signal_of
-    from ..perturb import subset_size
+    from ..perturb import Plan, subset_size
     from .exact import curvature_matrix, per_example_grads
 
     variant = variant_of(method)

@@ -130,7 +130,7 @@ def ensemble_states(problem: Problem, models: int, source: str) -> tuple[list[di
         states = [{k: v.detach().clone() for k, v in problem.model.state_dict().items()}]
         if models > 1:
             X, y = problem.tensors("train")
-            # keys of their own (the base rule's theta_0 is (seed, 0, 0, 11); LDS retrains end in 7)
+            # keys of their own (the base rule's theta_0 is perturb.theta0_key(seed); LDS retrains end in 7)
             keys = [(cfg.base.seed, j, 0, 13) for j in range(1, models)]
             _, params, buffers = E.fit_from_scratch(model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes),
                                                     X, y, [np.arange(ds.n)] * len(keys), keys, cfg.base,

@@ -15,7 +15,7 @@ target; a target token missing from the top logprobs is charged the upper bound
 ``min(p_N, 1 - sum p)`` on its probability), written as a losses HDF5 file and scored by
 :func:`daunce_core.scoring.score_file` like every other DAUNCE variant. The two ways of fitting
 implement the fitter contract (:mod:`daunce_core.fit.contract`) as adapters over this package:
-:class:`daunce_core.fit.api.APIFitter` and :class:`daunce_core.fit.bdpl.BDPLFitter`.
+:class:`daunce_core.fit.endpoint.APIFitter` and :class:`daunce_core.fit.bdpl.BDPLFitter`.
 
 Safety with money and keys:
 
@@ -31,7 +31,7 @@ Safety with money and keys:
 transformers model that fine-tunes for real) so the whole path runs offline with the real
 ``openai`` client; pointing it at OpenAI is a matter of base URL and key. :mod:`.config` holds the
 typed settings (``blackbox`` config section) that every runner here takes directly.
-:mod:`.study` holds the workflow's steps,
+:mod:`daunce_core.steps.blackbox` holds the workflow's steps,
 :mod:`.backdoor` the backdoored multiple-choice data and the Figure 4 table.
 
 Command line (no Snakemake): ``python -m daunce_core.blackbox estimate --configfile FILE``.

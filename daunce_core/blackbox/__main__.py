@@ -24,7 +24,7 @@ from ..utils import set_threads
 
 def _config(path: str, overrides: argparse.Namespace):
     from ..config import read_config_file
-    from .study import load_config
+    from .config import BlackboxConfig
 
     raw = read_config_file(path)  # a syntax error names the file and the line
     bb = dict(raw.get("blackbox", {}))
@@ -32,7 +32,7 @@ def _config(path: str, overrides: argparse.Namespace):
         bb["spend"] = True
     if getattr(overrides, "max_spend_usd", None) is not None:
         bb["max_spend_usd"] = overrides.max_spend_usd
-    return load_config({"blackbox": bb})
+    return BlackboxConfig.from_dict(bb)
 
 
 def _usd(text: str) -> float:
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ..settings import ConfigError
+    from ..steps.blackbox import estimate
     from .cost import SpendNotAllowed, check_spend, format_estimate, total_usd
-    from .study import estimate
 
     set_threads(1)
     try:

@@ -7,11 +7,11 @@ log-probabilities only); its signals are every training and query example's NLL 
 margin) with that prompt in front, read from chat-completion logprobs.
 
 Like :mod:`.api` it is an adapter over :mod:`daunce_core.blackbox`, where the prompt learner and
-the loss reader live; the step (:func:`daunce_core.blackbox.study.strict_losses`) owns the spend
+the loss reader live; the step (:func:`daunce_core.steps.blackbox.strict_losses`) owns the spend
 guard, the endpoint and the manifest. Each learned prompt is recorded in the manifest as soon as
 it exists (entry ``k{k}``), each model's losses are cached under ``work_dir/losses`` keyed by
 theta_0, every scored row with the prompt in front and the logprob settings
-(:func:`daunce_core.fit.api.row_key`), and the learner checkpoints after every epoch: a rerun
+(:func:`daunce_core.fit.endpoint.row_key`), and the learner checkpoints after every epoch: a rerun
 learns and pays for nothing twice, and a rerun whose rows changed scores them again.
 
 The learning rate is BDPL's Adam step size on the categorical probabilities. It is part of the
@@ -34,8 +34,8 @@ from ..blackbox.config import BDPLConfig, LogprobConfig
 from ..blackbox.logprobs import score_many
 from ..blackbox.manifest import Manifest
 from ..objectives import signal_of
-from .api import cached_row, row_key, save_row, signals_of_nll
 from .contract import Signals
+from .endpoint import cached_row, row_key, save_row, signals_of_nll
 
 log = logging.getLogger(__name__)
 

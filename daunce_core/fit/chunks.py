@@ -5,7 +5,7 @@ chunk at one learning rate. Around it, the same steps serve the classifier ensem
 fitter and the black-box fitters alike:
 
 * :func:`chunk_models` / :func:`n_chunks` -- which k a job fits. Model k's randomness is keyed
-  by ``(seed, k)`` (:class:`~daunce_core.fit.contract.Plan`), so chunking changes no result;
+  by ``(seed, k)`` (:class:`~daunce_core.perturb.Plan`), so chunking changes no result;
 * :func:`run_chunk` / :func:`write_signals` -- fit a chunk for every lr of the grid and write
   one losses file per lr (``store.write_losses``), or a diverged marker
   (``store.write_diverged``) when a model's signal is non-finite: an expected outcome of a grid
@@ -38,7 +38,7 @@ from ..config import q_weighted
 from ..lds import on_edge
 from .contract import Fitter, Signals
 
-__all__ = ["chunk_models", "n_chunks", "write_signals", "run_chunk", "fit_all", "gather", "select_lr",
+__all__ = ["chunk_models", "n_chunks", "losses_config", "write_signals", "run_chunk", "fit_all", "gather", "select_lr",
            "score"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,16 @@ def chunk_models(K: int, chunk_size: int, chunk: int) -> list[int]:
 def n_chunks(total: int, chunk_size: int) -> int:
     """How many chunks of ``chunk_size`` cover ``total`` models (at least one)."""
     return max(1, math.ceil(total / chunk_size))
+
+
+def losses_config(d: Any, **context: Any) -> dict:
+    """A classifier losses file's ``config`` attribute: the settings of :class:`daunce_core.config.DaunceConfig`
+    ``d`` that shape the fits, with ``context`` (e.g. the data and architecture) after the objective's."""
+    return {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
+            "rho": d.rho, "gamma": d.gamma, "prox": d.prox, **context,
+            "antithetic": d.antithetic, "common_batches": d.common_batches, "lr_schedule": d.lr_schedule,
+            "first_order": d.first_order, "matched_scale": d.matched_scale, "matched_prox": d.matched_prox,
+            "matched_ratio": d.matched_ratio, "matched_epochs": d.matched_epochs}
 
 
 def write_signals(out: str | os.PathLike, signals: Signals, attrs: Mapping[str, Any] | None = None) -> bool:

@@ -26,7 +26,8 @@ from .. import ensemble as E
 from .. import objectives as obj
 from ..config import DaunceConfig
 from ..models import fit_mode
-from .contract import Plan, Signals
+from ..perturb import Plan
+from .contract import Signals
 
 __all__ = ["EnsembleFitter"]
 

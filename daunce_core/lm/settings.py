@@ -17,6 +17,7 @@ from ..settings import ConfigError, build, nested, setting
 __all__ = ["FinetuneConfig", "LoraFitConfig", "DaunceSettings", "LLMSettings", "TASKS", "TASK_DATA"]
 
 TASKS = ("synthetic", "math", "ifeval")
+LORA_VARIANTS = tuple(v for v in objectives.VARIANTS if not objectives.is_matched(v))
 # The paper's data sources per task: (training set, query set).
 TASK_DATA = {"math": ("numinamath", "math"), "ifeval": ("autoif", "ifeval")}
 
@@ -25,15 +26,16 @@ TASK_DATA = {"math": ("numinamath", "math"), "ifeval": ("autoif", "ifeval")}
 class FinetuneConfig:
     """Full fine-tuning (theta_0 and every removal retrain). Paper: lr 2e-5, batch 64, 1 epoch."""
 
-    lr: float = setting(2e-5, "peak learning rate of AdamW")
-    batch_size: int = setting(64, "examples per optimiser step")
-    micro_batch_size: int = setting(8, "examples per forward pass (gradient accumulation up to batch_size)")
-    epochs: int = setting(1, "passes over the training set")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    warmup_ratio: float = setting(0.03, "share of the steps with a linear warm-up")
-    schedule: str = setting("cosine", "'constant', 'linear' or 'cosine' decay after the warm-up")
-    max_grad_norm: float = setting(1.0, "gradient clipping (0 = off)")
-    max_length: int = setting(1024, "tokens per example (prompt truncated from the left first)")
+    lr: float = setting(2e-5, "peak learning rate of AdamW", gt=0)
+    batch_size: int = setting(64, "examples per optimiser step", ge=1)
+    micro_batch_size: int = setting(8, "examples per forward pass (gradient accumulation up to batch_size)", ge=1)
+    epochs: int = setting(1, "passes over the training set", ge=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = setting(0.03, "share of the steps with a linear warm-up", ge=0, le=1)
+    schedule: str = setting("cosine", "'constant', 'linear' or 'cosine' decay after the warm-up",
+                            choices=('constant', 'linear', 'cosine'))
+    max_grad_norm: float = setting(1.0, "gradient clipping (0 = off)", ge=0)
+    max_length: int = setting(1024, "tokens per example (prompt truncated from the left first)", ge=4)
     gradient_checkpointing: bool = setting(False, "trade compute for activation memory (large models)")
     master_weights: bool = setting(True, "fp32 weights, gradients and AdamW states with bf16 compute on CUDA, "
                                          "whatever llm.dtype loads, with or without torchrun; false trains the "
@@ -45,25 +47,28 @@ class FinetuneConfig:
 class LoraFitConfig:
     """A LoRA perturbed fit (Appendix C: rank 64, alpha 16, AdamW, 30 steps, batch 64)."""
 
-    variant: str = setting("daunce", "DAUNCE variant (objectives.VARIANTS)")
+    variant: str = setting("daunce", "DAUNCE variant (objectives.VARIANTS but daunce_m, which draws a "
+                           "classifier's labels)", choices=LORA_VARIANTS)
     lr: float = setting(3e-4, "initial learning rate of AdamW")
-    steps: int = setting(30, "optimiser steps per perturbed model")
-    batch_size: int = setting(64, "examples per step, drawn from the subset D^k")
-    micro_batch_size: int = setting(8, "examples per forward pass")
-    rank: int = setting(64, "LoRA rank")
-    alpha: float = setting(16.0, "LoRA alpha")
-    dropout: float = setting(0.0, "LoRA dropout (0 keeps the fit deterministic)")
-    target_modules: Any = setting("all-linear", "modules given adapters: 'all-linear' or a list of names")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
+    steps: int = setting(30, "optimiser steps per perturbed model", ge=1)
+    batch_size: int = setting(64, "examples per step, drawn from the subset D^k", ge=1)
+    micro_batch_size: int = setting(8, "examples per forward pass", ge=1)
+    rank: int = setting(64, "LoRA rank", ge=1)
+    alpha: float = setting(16.0, "LoRA alpha", gt=0)
+    dropout: float = setting(0.0, "LoRA dropout (0 keeps the fit deterministic)", ge=0, le=1)
+    target_modules: str | list = setting("all-linear", "modules given adapters: 'all-linear' or a list of names")
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     schedule: str = setting("linear", "'constant', or 'linear' or 'cosine' decay to zero over the steps "
-                            "after the warm-up (the authors' code: cosine, 3% warm-up)")
-    warmup_ratio: float = setting(0.0, "share of the steps with a linear warm-up (at least one step when > 0)")
-    ratio: float = setting(0.3, "subset ratio r")
-    rho: float = setting(1.0, "perturbation scale (objectives.perturbed_objective)")
-    gamma: float = setting(1.0, "loss-term weight (objectives.perturbed_objective)")
+                            "after the warm-up (the authors' code: cosine, 3% warm-up)",
+                            choices=('constant', 'linear', 'cosine'))
+    warmup_ratio: float = setting(0.0, "share of the steps with a linear warm-up (at least one step when > 0)",
+                                  ge=0, lt=1)
+    ratio: float = setting(0.3, "subset ratio r", gt=0, le=1)
+    rho: float = setting(1.0, "perturbation scale (objectives.perturbed_objective)", ge=0)
+    gamma: float = setting(1.0, "loss-term weight (objectives.perturbed_objective)", gt=0)
     seed: int = setting(0, "perturbation seed; model k uses default_rng([seed, k])")
-    max_length: int = setting(1024, "tokens per example")
-    eval_batch_size: int = setting(16, "examples per forward pass when recording losses")
+    max_length: int = setting(1024, "tokens per example", ge=4)
+    eval_batch_size: int = setting(16, "examples per forward pass when recording losses", ge=1)
 
 
 @dataclass
@@ -72,10 +77,12 @@ class DaunceSettings(LoraFitConfig):
     which learning rates, and how their losses become scores (equation 6)."""
 
     lr: float | None = setting(None, "not set here: each chunk's learning rate comes from lr_grid")
-    K: int = setting(100, "perturbed models (Appendix C: 100)")
-    chunk_size: int = setting(10, "perturbed models per job")
-    lr_grid: list = setting([1e-3, 3e-4, 1e-4], "LoRA learning rates tried; select_lr keeps one")
-    measure: str = setting("correlation", "'correlation' or 'covariance' of the K losses")
+    K: int = setting(100, "perturbed models (Appendix C: 100)", ge=2)
+    chunk_size: int = setting(10, "perturbed models per job", ge=1)
+    lr_grid: list = setting([1e-3, 3e-4, 1e-4], "LoRA learning rates tried; select_lr keeps one",
+                            items=float, gt=0, schema={'minItems': 1})
+    measure: str = setting("correlation", "'correlation' or 'covariance' of the K losses",
+                           choices=('correlation', 'covariance'))
 
     def validate(self) -> None:
         if self.lr is not None:
@@ -92,13 +99,13 @@ class DaunceSettings(LoraFitConfig):
 class SyntheticData:
     """``llm.data.synthetic``: the miniature's task (see :func:`daunce_core.lm.data.synthetic_task`)."""
 
-    n_ops: int = setting(8, "operator symbols")
-    n_train: int = setting(320, "training examples over all operators")
-    queries_per_op: int = setting(12, "query examples per operator")
-    skew: float = setting(0.8, "geometric ratio of the training examples per operator")
-    max_operand: int = setting(9, "largest operand")
+    n_ops: int = setting(8, "operator symbols", ge=1)
+    n_train: int = setting(320, "training examples over all operators", ge=1)
+    queries_per_op: int = setting(12, "query examples per operator", ge=1)
+    skew: float = setting(0.8, "geometric ratio of the training examples per operator", gt=0, le=1)
+    max_operand: int = setting(9, "largest operand", ge=1)
     seed: int = setting(0, "seed of the task (and of the pre-training corpus)")
-    pretrain_n: int = setting(4000, "additions in the tiny model's pre-training corpus")
+    pretrain_n: int = setting(4000, "additions in the tiny model's pre-training corpus", ge=1)
 
     def task_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "pretrain_n"}
@@ -108,9 +115,10 @@ class SyntheticData:
 class SourceData:
     """``llm.data.train`` / ``llm.data.query``: a hub dataset or a local file."""
 
-    name: str | None = setting(None, "numinamath, math, autoif or ifeval (default: the task's)")
+    name: str | None = setting(None, "numinamath, math, autoif or ifeval (default: the task's)",
+                               choices=('numinamath', 'math', 'autoif', 'ifeval'))
     source: str | None = setting(None, "hub id or local .jsonl/.json/.parquet path (default: the name's hub id)")
-    n: int = setting(0, "examples sampled (0 = all)")
+    n: int = setting(0, "examples sampled (0 = all)", ge=0)
     seed: int = setting(0, "sampling seed")
 
 
@@ -127,9 +135,9 @@ class DataSettings:
 class TinyPretrain:
     """``llm.tiny.pretrain``: pre-training the miniature's model on additions."""
 
-    epochs: int = setting(15, "passes over the pre-training corpus")
-    batch_size: int = setting(64, "examples per step")
-    lr: float = setting(3e-3, "peak learning rate of AdamW")
+    epochs: int = setting(15, "passes over the pre-training corpus", ge=1)
+    batch_size: int = setting(64, "examples per step", ge=1)
+    lr: float = setting(3e-3, "peak learning rate of AdamW", gt=0)
     seed: int = setting(0, "initialisation and data-order seed")
 
 
@@ -137,12 +145,12 @@ class TinyPretrain:
 class TinySettings:
     """``llm.tiny``: the miniature's pre-trained LM (when ``llm.model`` is ``tiny``)."""
 
-    arch: str = setting("llama", "'llama' or 'qwen2'")
-    vocab_size: int = setting(300, "byte-level BPE vocabulary (>= 260: bytes and specials)")
-    hidden_size: int = setting(64, "hidden width")
-    num_layers: int = setting(2, "transformer blocks")
-    num_heads: int = setting(4, "attention heads")
-    max_position_embeddings: int = setting(64, "longest sequence")
+    arch: str = setting("llama", "'llama' or 'qwen2'", choices=('llama', 'qwen2'))
+    vocab_size: int = setting(300, "byte-level BPE vocabulary (>= 260: bytes and specials)", ge=260)
+    hidden_size: int = setting(64, "hidden width", ge=8)
+    num_layers: int = setting(2, "transformer blocks", ge=1)
+    num_heads: int = setting(4, "attention heads", ge=1)
+    max_position_embeddings: int = setting(64, "longest sequence", ge=8)
     pretrain: TinyPretrain = nested(TinyPretrain)
 
 
@@ -150,26 +158,27 @@ class TinySettings:
 class GenerationSettings:
     """``llm.generation``: greedy decoding of the answers (the paper's evaluations are greedy)."""
 
-    max_new_tokens: int = setting(512, "tokens generated per answer")
-    batch_size: int = setting(16, "prompts per generate call")
+    max_new_tokens: int = setting(512, "tokens generated per answer", ge=1)
+    batch_size: int = setting(16, "prompts per generate call", ge=1)
 
 
 @dataclass
 class SelectSettings:
     """``llm.select``: judging the LoRA learning rate on the selection queries."""
 
-    fraction: float = setting(0.3, "share of the solved queries used to pick the lr (only with several lrs)")
-    N: int = setting(500, "examples removed when judging an lr")
+    fraction: float = setting(0.3, "share of the solved queries used to pick the lr (only with several lrs)",
+                              ge=0, lt=1)
+    N: int = setting(500, "examples removed when judging an lr", ge=1)
 
 
 @dataclass
 class LograSettings:
     """``llm.logra``: the LoGra baseline (dattri)."""
 
-    proj_dim: int = setting(4096, "per-layer projection, a perfect square (4096 = LoRA rank 64)")
+    proj_dim: int = setting(4096, "per-layer projection, a perfect square (4096 = LoRA rank 64)", ge=1)
     damping: float | None = setting(None, "damping of the Fisher inverse (null: dattri's default)")
-    hessian: str = setting("eFIM", "'eFIM' (LoGra) or 'Identity' (projected grad-dot)")
-    batch_size: int = setting(8, "examples per backward pass")
+    hessian: str = setting("eFIM", "'eFIM' (LoGra) or 'Identity' (projected grad-dot)", choices=('eFIM', 'Identity'))
+    batch_size: int = setting(8, "examples per backward pass", ge=1)
 
 
 @dataclass
@@ -177,17 +186,14 @@ class RemovalSettings:
     """``llm.removal``: the points of Figure 2."""
 
     N: list = setting([500, 1000], "training examples removed, one point each (N = 0, a retrain on the "
-                                   "full data, is always added)")
-    methods: list = setting(["daunce", "logra", "random"], "daunce, logra and/or random")
+                                   "full data, is always added)", items=int, ge=1, schema={'minItems': 1})
+    methods: list = setting(["daunce", "logra", "random"], "daunce, logra and/or random",
+                            items=str, choices=('daunce', 'logra', 'random'), schema={'minItems': 1})
     seed: int = setting(0, "seed of random removal, of the selection/test split and of the query cap")
     seeds: int = setting(3, "retrain seeds per point, shared by every method and N (Appendix C: 3); "
-                            "they follow the full-data seeds, so N = 0 measures the retraining noise")
+                            "they follow the full-data seeds, so N = 0 measures the retraining noise", ge=1)
     queries: int = setting(0, "test queries evaluated, a seeded choice among the solved ones (0 = all; "
-                              "Appendix C: 2,000 MATH, 200 IFEval)")
-
-    def validate(self) -> None:
-        if self.seeds < 1 or self.queries < 0 or any(int(n) < 0 for n in self.N):
-            raise ConfigError("llm.removal: seeds must be >= 1, queries >= 0 (0 = all) and every N >= 0")
+                              "Appendix C: 2,000 MATH, 200 IFEval)", ge=0)
 
 
 @dataclass
@@ -195,13 +201,13 @@ class LLMSettings:
     """The ``llm`` section of the config (see the ``llm`` section of ``config/config.yaml`` for every key)."""
 
     task: str = setting("synthetic", "synthetic (miniature), math (NuminaMath-CoT -> MATH) or ifeval "
-                                     "(AutoIF -> IFEval)")
+                                     "(AutoIF -> IFEval)", choices=TASKS)
     model: str = setting("tiny", "'tiny' (pre-trained in the workflow), a hub id or a local model folder")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    dtype: str = setting("float32", "float32, bfloat16 or float16", choices=('float32', 'bfloat16', 'float16'))
     template: str = setting("{prompt}", "text around each prompt ({prompt} is replaced); the response follows")
     query_target: str = setting("reference", "a query's loss is on its 'reference' response or theta_0's "
-                                             "'generated' one")
-    seeds: int = setting(3, "full-data models and every removal retrain (Appendix C: 3)")
+                                             "'generated' one", choices=('reference', 'generated'))
+    seeds: int = setting(3, "full-data models and every removal retrain (Appendix C: 3)", ge=1)
     data: DataSettings = nested(DataSettings)
     tiny: TinySettings = nested(TinySettings)
     finetune: FinetuneConfig = nested(FinetuneConfig)
@@ -217,27 +223,20 @@ class LLMSettings:
         return build(cls, config.get("llm"), "llm")
 
     def validate(self) -> LLMSettings:
-        if self.task not in TASKS:
-            raise ConfigError(f"llm.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        """The checks across keys (each key's range and choices: its setting, checked by build)."""
         from .data import check_template
         try:
             check_template(self.template, "llm.template")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.query_target not in ("reference", "generated"):
-            raise ConfigError(f"llm.query_target must be 'reference' or 'generated', got {self.query_target!r}")
         if self.task == "ifeval" and self.query_target == "reference":
             raise ConfigError("llm.query_target: IFEval has no reference responses; use 'generated' "
                               "(theta_0's own correct answer is the query's target)")
         if self.model == "tiny" and self.task != "synthetic":
             raise ConfigError("llm.model 'tiny' is the miniature's pre-trained toy; the math and ifeval "
                               "tasks need a hub model id or a local model folder")
-        if self.K < 2 or self.seeds < 1 or not self.lr_grid:
-            raise ConfigError("llm.daunce.K must be >= 2, llm.seeds >= 1 and llm.daunce.lr_grid non-empty")
-        try:
-            objectives.check_variant(self.daunce.variant)
-        except ValueError as exc:
-            raise ConfigError(f"llm.daunce.variant: {exc}") from exc
+        if not self.lr_grid:
+            raise ConfigError("llm.daunce.lr_grid is empty; give at least one LoRA learning rate")
         return self
 
     # The run-level keys of llm.daunce, where the workflow reads them.

@@ -21,17 +21,13 @@ KEY_ENV = "DAUNCE_LOCAL_API_KEY"  # the environment variable that hands the serv
 class TrainSettings:
     """How the local server fine-tunes (what a hosted endpoint hides from its users)."""
 
-    learning_rate: float = setting(1e-3, "AdamW step size at learning_rate_multiplier 1")
-    batch_size: int = setting(8, "used when a job asks for batch_size 'auto'")
-    n_epochs: int = setting(1, "used when a job asks for n_epochs 'auto'")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    lr_schedule: str = setting("linear", "'linear' decay to 0 or 'constant'")
-    max_len: int = setting(256, "tokens kept per example (the most recent ones); also the context limit")
-    grad_clip: float = setting(1.0, "gradient norm clipping (0: none)")
-
-    def validate(self) -> None:
-        if self.lr_schedule not in ("linear", "constant"):
-            raise ConfigError(f"local.train.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+    learning_rate: float = setting(1e-3, "AdamW step size at learning_rate_multiplier 1", gt=0)
+    batch_size: int = setting(8, "used when a job asks for batch_size 'auto'", ge=1)
+    n_epochs: int = setting(1, "used when a job asks for n_epochs 'auto'", ge=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    lr_schedule: str = setting("linear", "'linear' decay to 0 or 'constant'", choices=('linear', 'constant'))
+    max_len: int = setting(256, "tokens kept per example (the most recent ones); also the context limit", ge=16)
+    grad_clip: float = setting(1.0, "gradient norm clipping (0: none)", ge=0)
 
 
 @dataclass
@@ -50,16 +46,22 @@ class FaultSettings:
     """
 
     seed: int = setting(0, "seed of the fault draws")
-    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After")
-    retry_after_s: float = setting(1.0, "the Retry-After of those 429s, in seconds (also sent as retry-after-ms)")
-    server_error: float = setting(0.0, "share of requests answered 500")
-    drop: float = setting(0.0, "share of requests served, then their connection closed without a response")
-    slow: float = setting(0.0, "share of requests whose reply is delayed by slow_s (independent of the above)")
-    slow_s: float = setting(1.0, "delay of a slow reply, in seconds")
-    fail_jobs: int = setting(0, "the first N fine-tuning jobs the server creates end in status 'failed'")
-    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'")
-    paths: list = setting([], "only requests whose path starts with one of these (e.g. /v1/chat); [] for all")
-    scripted: list = setting([], "exact faults for tests: {path, method, status, count, headers, after, drop}")
+    rate_limit: float = setting(0.0, "share of requests answered 429 (rate limit) with Retry-After", ge=0, le=1,
+                                  what="a share")
+    retry_after_s: float = setting(1.0, "the Retry-After of those 429s, in seconds (also sent as retry-after-ms)", ge=0)
+    server_error: float = setting(0.0, "share of requests answered 500", ge=0, le=1, what="a share")
+    drop: float = setting(0.0, "share of requests served, then their connection closed without a response", ge=0,
+                          le=1, what="a share")
+    slow: float = setting(0.0, "share of requests whose reply is delayed by slow_s (independent of the above)",
+                          ge=0, le=1, what="a share")
+    slow_s: float = setting(1.0, "delay of a slow reply, in seconds", ge=0)
+    fail_jobs: int = setting(0, "the first N fine-tuning jobs the server creates end in status 'failed'", ge=0)
+    fail_job_share: float = setting(0.0, "share of the other fine-tuning jobs that end in status 'failed'",
+                                    ge=0, le=1, what="a share")
+    paths: list = setting([], "only requests whose path starts with one of these (e.g. /v1/chat); [] for all",
+                          items=str, schema={'items': {'pattern': '^/'}})
+    scripted: list = setting([], "exact faults for tests: {path, method, status, count, headers, after, drop}",
+                             items=dict)
 
     @property
     def active(self) -> bool:
@@ -67,15 +69,10 @@ class FaultSettings:
                     or self.fail_job_share or self.scripted)
 
     def validate(self) -> None:
-        for name in ("rate_limit", "server_error", "drop", "slow", "fail_job_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"local.faults.{name} must be a share in [0, 1], got {getattr(self, name)!r}")
+        """The checks across keys (each share's range: its setting, checked by build)."""
         if self.rate_limit + self.server_error + self.drop > 1.0:
             raise ConfigError("local.faults: rate_limit + server_error + drop must be at most 1 (one fault per "
                               f"request), got {self.rate_limit + self.server_error + self.drop:g}")
-        for name in ("retry_after_s", "slow_s", "fail_jobs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"local.faults.{name} must be >= 0, got {getattr(self, name)!r}")
         if not all(isinstance(p, str) and p.startswith("/") for p in self.paths):
             raise ConfigError(f"local.faults.paths must list path prefixes starting with '/', got {self.paths!r}")
         if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in self.scripted):

@@ -11,7 +11,7 @@ import yaml
 from snakemake.logging import logger
 
 from daunce_core.baselines import REFERENCE, BaselinesConfig, base_method, is_method
-from daunce_core.blackbox.study import load_config as blackbox_load_config
+from daunce_core.steps.blackbox import load_config as blackbox_load_config
 from daunce_core.config import MATCHED_VARIANTS, ExperimentConfig, check_figures, fit_variant
 from daunce_core.data import IMAGE_SUFFIXES
 from daunce_core.fit.chunks import chunk_models
@@ -250,7 +250,7 @@ def blackbox_losses_settings(wildcards):
 
 def study_group_settings(wildcards):
     """A study group: the experiment's fits and LDS settings, lr_around and the group's own settings."""
-    from daunce_core.study import group_of
+    from daunce_core.steps.study import group_of
 
     return step_settings("data", "model", "base", "daunce", "lds", "study.lr_around",
                          drop=("daunce.variants", "daunce.k_curve", "lds.chunk_size") + MATCHED_KEYS,
@@ -568,8 +568,8 @@ def blackbox_fig4_inputs(wildcards):
 
 
 def study_groups():
-    """The study's groups of settings (daunce_core.study.groups); an error while the study is off."""
-    from daunce_core.study import groups
+    """The study's groups of settings (daunce_core.steps.study.groups); an error while the study is off."""
+    from daunce_core.steps.study import groups
 
     if not CFG.study.enabled:
         raise ValueError(
@@ -583,7 +583,7 @@ def study_group_inputs(wildcards):
     """Data, theta_0 (and the group's extra theta_0s), both ground truths and, for a grid centred
     on the default's choice, the default's selection record of the variant."""
     from daunce_core.config import fit_variant
-    from daunce_core.study import group_of, needs_default_selection
+    from daunce_core.steps.study import group_of, needs_default_selection
 
     study_groups()  # refuses while the study is off
     exp = wildcards.experiment

@@ -1,4 +1,4 @@
-# Mislabelled-example detection by self-influence (daunce_core/mislabel.py, docs/mislabel.md):
+# Mislabelled-example detection by self-influence (daunce_core/steps/mislabel.py, docs/mislabel.md):
 # mislabel.fraction of the training labels flipped, theta_0 retrained on them, every method of
 # mislabel.methods ranks the training examples by self-influence; results/mislabel.csv holds the
 # AUCs. Generic over the experiment: it reads only the experiment's data, model, base, daunce and

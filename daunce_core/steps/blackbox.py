@@ -9,7 +9,7 @@ any OpenAI-compatible endpoint (``backend: openai``): only the endpoint changes.
     write_estimate   -> the study's token and cost estimate (spends nothing)
     fit_theta0       -> theta_0 = fine_tune(base, all training data), its replies and metrics
     api_losses       -> K perturbed fine-tunes on D^k through the API; losses of all examples
-                        (the fitter :class:`daunce_core.fit.api.APIFitter`)
+                        (the fitter :class:`daunce_core.fit.endpoint.APIFitter`)
     strict_losses    -> K BDPL prompts learned on D^k (no fine-tuning); losses of all examples
                         (the fitter :class:`daunce_core.fit.bdpl.BDPLFitter`)
     score            -> DAUNCE scores (correlation or covariance across the K models), through
@@ -36,18 +36,27 @@ from typing import Any
 import numpy as np
 
 from .. import store
+from ..blackbox import backdoor as B
+from ..blackbox.bdpl import candidate_ngrams
+from ..blackbox.client import APIClient, Credentials, credentials_from_env
+from ..blackbox.config import BlackboxConfig
+from ..blackbox.cost import (
+    CostItem,
+    SpendMeter,
+    TokenEstimator,
+    check_spend,
+    format_estimate,
+    ledger_items,
+    priced,
+    total_usd,
+)
+from ..blackbox.finetune import AUTO_EPOCHS, FinetuneSpec, run_finetunes
+from ..blackbox.logprobs import budget_for
+from ..blackbox.manifest import Manifest
 from ..fit import chunks
-from ..fit.api import APIFitter, configured_lr
 from ..fit.bdpl import BDPLFitter
+from ..fit.endpoint import APIFitter, configured_lr
 from ..perturb import subset_and_xi
-from . import backdoor as B
-from .bdpl import candidate_ngrams
-from .client import APIClient, Credentials, credentials_from_env
-from .config import BlackboxConfig
-from .cost import CostItem, SpendMeter, TokenEstimator, check_spend, format_estimate, ledger_items, priced, total_usd
-from .finetune import AUTO_EPOCHS, FinetuneSpec, run_finetunes
-from .logprobs import budget_for
-from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Table 2's Hessian form (``daunce_bb``): only the subset perturbs, there is no ``
 It is an adapter, not a second implementation: the job machinery, the loss reader and the
 manifest live in :mod:`daunce_core.blackbox` (they are about talking to an endpoint safely);
 this module only turns "the models ``ks``" into their signals. The step that owns the money
-(:func:`daunce_core.blackbox.study.api_losses`) checks the spend guard, opens the endpoint and the
+(:func:`daunce_core.steps.blackbox.api_losses`) checks the spend guard, opens the endpoint and the
 manifest, and writes the result with :func:`daunce_core.fit.chunks.write_signals`.
 
 The learning rate: a fine-tuning API takes a *multiplier* of a rate it does not disclose, and

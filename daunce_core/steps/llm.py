@@ -21,13 +21,13 @@ from .. import removal, scoring, store
 from ..baselines.logra_llm import logra_scores
 from ..fit import chunks
 from ..fit.lm import LoraFitter, write_trace
+from ..lm import data, distributed, tiny
+from ..lm.generation import evaluate_answers
+from ..lm.hub import load_causal_lm, load_tokenizer, save_model
+from ..lm.sequences import encode_examples, pad_id
+from ..lm.settings import TASK_DATA, LLMSettings
+from ..lm.training import finetune
 from ..utils import pick_device
-from . import data, distributed, tiny
-from .generation import evaluate_answers
-from .hub import load_causal_lm, load_tokenizer, save_model
-from .sequences import encode_examples, pad_id
-from .settings import TASK_DATA, LLMSettings
-from .training import finetune
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import lds as L
-from . import store
-from .config import ExperimentConfig, q_weighted
-from .data import Dataset, load_dataset
-from .fit import chunks
-from .fit.chunks import q_train, score_variant  # noqa: F401  (the steps' names)
-from .scoring import apply_threshold, pairwise_scores, scored_threshold
+from .. import lds as L
+from .. import store
+from ..config import ExperimentConfig, q_weighted
+from ..data import Dataset, load_dataset
+from ..fit import chunks
+from ..fit.chunks import q_train, score_variant  # noqa: F401  (the steps' names)
+from ..perturb import theta0_key
+from ..scoring import apply_threshold, pairwise_scores, scored_threshold
 
 # torch and the trainers are imported inside the functions that train: the scoring, LDS and
 # figure steps then start in well under a second.
@@ -47,24 +48,36 @@ def load_checked(cfg: ExperimentConfig, split_path: str | Path | None = None) ->
     return ds
 
 
-def train_base(cfg: ExperimentConfig, split_path: str | Path, out_state: str | Path, out_metrics: str | Path,
-               ds: Dataset | None = None) -> dict:
-    """Train theta_0 on the full training set with the base recipe; record its accuracy. ``ds``:
-    the data to train on (default: the experiment's, checked against the split)."""
+def fit_theta0(cfg: ExperimentConfig, ds: Dataset, device):
+    """theta_0: the base recipe on all of ``ds``'s training set from the initialisation and data
+    order keyed by :func:`daunce_core.perturb.theta0_key`; (net, params, buffers), stacked [1, ...]."""
     import torch
 
-    from . import ensemble as E
-    from . import objectives as obj
-    from .models import model_factory
-    from .utils import pick_device
+    from .. import ensemble as E
+    from ..models import model_factory
+
+    X = torch.as_tensor(ds.X_train, device=device)
+    y = torch.as_tensor(ds.y_train, device=device)
+    factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
+    return E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [theta0_key(cfg.base.seed)],
+                              cfg.base, augment=cfg.base.augment)
+
+
+def train_base(cfg: ExperimentConfig, split_path: str | Path, out_state: str | Path, out_metrics: str | Path,
+               ds: Dataset | None = None) -> dict:
+    """Train theta_0 on the full training set with the base recipe (:func:`fit_theta0`); record its
+    accuracy. ``ds``: the data to train on (default: the experiment's, checked against the split)."""
+    import torch
+
+    from .. import ensemble as E
+    from .. import objectives as obj
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     ds = ds if ds is not None else load_checked(cfg, split_path)
     X = torch.as_tensor(ds.X_train, device=device)
     y = torch.as_tensor(ds.y_train, device=device)
-    factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
-    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(ds.n)], [(cfg.base.seed, 0, 0, 11)],
-                                   cfg.base, augment=cfg.base.augment)
+    net, p, b = fit_theta0(cfg, ds, device)
     metrics = {}
     for name, Xs, ys in (("train", X, y), ("query", torch.as_tensor(ds.X_query, device=device),
                                             torch.as_tensor(ds.y_query, device=device))):
@@ -84,10 +97,10 @@ def ensemble_fitter(cfg: ExperimentConfig, split_path, theta0_path, variant: str
     """The classifier fitter of ``variant`` on the experiment's data and theta_0."""
     import torch
 
-    from .ensemble import Speed
-    from .fit.ensemble import EnsembleFitter
-    from .models import build_model, check_state
-    from .utils import pick_device
+    from ..ensemble import Speed
+    from ..fit.ensemble import EnsembleFitter
+    from ..models import build_model, check_state
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     ds = load_checked(cfg, split_path)
@@ -108,23 +121,19 @@ def perturbed_chunk(cfg: ExperimentConfig, split_path, theta0_path, variant: str
         raise ValueError(f"{len(lrs)} learning rates but {len(outs)} output files")
     fitter = ensemble_fitter(cfg, split_path, theta0_path, variant)
     ks = chunks.chunk_models(cfg.daunce.K, cfg.daunce.chunk_size, chunk)
-    chunks.run_chunk(fitter, ks, lrs, outs, {"config": _daunce_attrs(cfg), "experiment": cfg.experiment})
+    chunks.run_chunk(fitter, ks, lrs, outs, {"config": losses_config(cfg), "experiment": cfg.experiment})
 
 
-def _daunce_attrs(cfg: ExperimentConfig) -> dict:
-    d = cfg.daunce
-    return {"ratio": d.ratio, "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer,
-            "rho": d.rho, "gamma": d.gamma, "prox": d.prox, "data": cfg.data.name, "arch": cfg.model.arch,
-            "antithetic": d.antithetic, "common_batches": d.common_batches, "lr_schedule": d.lr_schedule,
-            "first_order": d.first_order, "matched_scale": d.matched_scale, "matched_prox": d.matched_prox,
-            "matched_ratio": d.matched_ratio, "matched_epochs": d.matched_epochs}
+def losses_config(cfg: ExperimentConfig) -> dict:
+    """The ``config`` attribute of the experiment's losses files (:func:`daunce_core.fit.chunks.losses_config`)."""
+    return chunks.losses_config(cfg.daunce, data=cfg.data.name, arch=cfg.model.arch)
 
 
 # --- LDS ground truth ----------------------------------------------------------------------------
 
 def ground_truth_chunk(cfg: ExperimentConfig, split_path, split: str, chunk: int, out: str | Path) -> None:
     """Retrain on one chunk of the masks of ``split``; keep the margins of that split's queries only."""
-    from .utils import pick_device
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     ds = load_checked(cfg, split_path)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .config import MISLABEL_BASELINES, ExperimentConfig, fit_variant, q_weighted
+from .. import store
+from ..config import MISLABEL_BASELINES, ExperimentConfig, fit_variant, q_weighted
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def baseline_setting(method: str, bcfg, scores_path=None) -> tuple[dict, str]:
 
 def _noisy(cfg: ExperimentConfig, split_path, flips_path):
     """The experiment's data with the flipped labels of ``flips_path`` (checked against the split)."""
-    from .pipeline import load_checked
+    from .vision import load_checked
 
     ds = load_checked(cfg, split_path)
     with np.load(flips_path) as f:
@@ -171,9 +171,9 @@ def train_noisy_base(cfg: ExperimentConfig, split_path, out_state, out_metrics, 
     reference without attribution, theta_0's loss on each example's (noisy) label."""
     import torch
 
-    from .models import build_model
-    from .objectives import cross_entropy
-    from .pipeline import load_checked, train_base
+    from ..models import build_model
+    from ..objectives import cross_entropy
+    from .vision import load_checked, train_base
 
     ds = load_checked(cfg, split_path)
     noisy, flipped = flip_labels(ds.y_train, ds.num_classes, cfg.mislabel.fraction, cfg.mislabel.seed)
@@ -200,11 +200,11 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     each training example's signal under each model ([K, n]) and theta_0's label probabilities."""
     import torch
 
-    from .ensemble import Speed
-    from .fit.chunks import chunk_models
-    from .fit.ensemble import EnsembleFitter
-    from .models import build_model, check_state
-    from .utils import pick_device
+    from ..ensemble import Speed
+    from ..fit.chunks import chunk_models
+    from ..fit.ensemble import EnsembleFitter
+    from ..models import build_model, check_state
+    from ..utils import pick_device
 
     lr, how = daunce_lr(cfg, selection_path)
     device = pick_device(cfg.device)
@@ -233,8 +233,8 @@ def baseline_self_influence(method: str, cfg: ExperimentConfig, bcfg, split_path
                             scores_path=None) -> None:
     """One baseline's self-influence [n] on the noisy data and theta_0: the diagonal of its
     adapter's scores with the training set as queries and the training loss as query function."""
-    from .baselines import _one as run_one
-    from .baselines import check_scores, load_problem, workdir
+    from ..baselines import _one as run_one
+    from ..baselines import check_scores, load_problem, workdir
 
     if method not in MISLABEL_BASELINES:
         raise ValueError(f"mislabel: unknown baseline {method!r}; choose from {', '.join(MISLABEL_BASELINES)}")

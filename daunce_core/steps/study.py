@@ -1,6 +1,6 @@
 """The quality landscape (issue 13, item 3): DAUNCE's LDS against compute, over its settings.
 
-A step module, like :mod:`daunce_core.pipeline` (whose fitter and scoring it reuses, imported
+A step module, like :mod:`daunce_core.steps.vision` (whose fitter and scoring it reuses, imported
 inside the functions so that the workflow's input functions parse the DAG without it; the arrows
 point scripts -> steps -> library): ``scripts/study.py`` calls it for the rules of
 ``workflow/rules/study.smk``, switched on by ``study.enabled``.
@@ -49,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import lds as L
-from . import store
-from .baselines.cost import read_benchmark
-from .config import ExperimentConfig, StudySetting, fit_variant, study_setting_config
-from .perturb import subset_size
+from .. import lds as L
+from .. import store
+from ..baselines.cost import read_benchmark
+from ..config import ExperimentConfig, StudySetting, fit_variant, study_setting_config
+from ..perturb import subset_size
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,14 @@ def lds_of(cfg: ExperimentConfig, parts: list[store.Losses], gt: dict, variant: 
            seed: int = 0) -> L.LDSResult:
     """LDS of the mean scores of ``parts`` (one losses set per theta_0) on ground truth ``gt``.
 
-    For one part this is :func:`daunce_core.pipeline.selection_score` (the workflow's lr
+    For one part this is :func:`daunce_core.steps.vision.selection_score` (the workflow's lr
     selection): raw scores of ``daunce.select_measure`` (no thresholding)."""
-    from . import pipeline
+    from . import vision
 
     total = None
     for part in parts:
         sub = L.restrict_queries(part, gt)
-        s, notices = L.align_to_ground_truth(pipeline.scores_from_losses(sub, cfg.daunce.select_measure, variant),
+        s, notices = L.align_to_ground_truth(vision.scores_from_losses(sub, cfg.daunce.select_measure, variant),
                                              sub.train_ids, sub.query_ids, gt, "study losses", "ground truth",
                                              sub.attrs)
         for notice in notices:
@@ -177,7 +177,7 @@ def run_group(cfg: ExperimentConfig, variant: str, group_name: str, split_path, 
     metrics (with ``cpu_s``) of each extra one; ``selection_json`` the default's selection record
     (needed unless the setting brings its own lr grid).
     """
-    from . import pipeline
+    from . import vision
 
     group = group_of(cfg, group_name)
     S = group.theta0s
@@ -193,7 +193,7 @@ def run_group(cfg: ExperimentConfig, variant: str, group_name: str, split_path, 
             raise store.StoreError(f"{path}: expected the {want!r} split, got {gt['attrs'].get('split')!r}")
 
     t = time.process_time()
-    fitters = [pipeline.ensemble_fitter(fit_cfg, split_path, p, fit_variant(variant)) for p in theta0_paths]
+    fitters = [vision.ensemble_fitter(fit_cfg, split_path, p, fit_variant(variant)) for p in theta0_paths]
     setup_cpu = time.process_time() - t
     n, m = len(fitters[0].train_ids), len(fitters[0].query_ids)
     fits: dict[float, list[store.Losses] | None] = {}
@@ -259,13 +259,13 @@ def train_theta0(cfg: ExperimentConfig, s: int, split_path, out_state, out_metri
     metrics record the CPU seconds (``cpu_s``) and forward-pass equivalents (``passes``)."""
     import dataclasses
 
-    from . import pipeline
+    from . import vision
 
     if s < 1:
         raise ValueError(f"extra theta_0 number must be >= 1 (0 is the workflow's theta_0), got {s}")
     cfg_s = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, seed=cfg.base.seed + s))
     t = time.process_time()
-    metrics = pipeline.train_base(cfg_s, split_path, out_state, out_metrics)
+    metrics = vision.train_base(cfg_s, split_path, out_state, out_metrics)
     n = len(np.load(split_path)["train_ids"])
     metrics = {**metrics, "seed": cfg_s.base.seed, "cpu_s": time.process_time() - t,
                "passes": theta0_passes(cfg, n)}
@@ -334,7 +334,7 @@ def quality_table(cfg: ExperimentConfig, group_jsons: list, lds_csv, split_path,
     n, m = len(split["train_ids"]), len(split["query_ids"])
     classes = int(max(split["y_train"].max(), split["y_query"].max())) + 1
     lds_rows = L.read_lds_table(lds_csv)
-    from .baselines.common import REFERENCE
+    from ..baselines.common import REFERENCE
 
     daunce_methods = set(cfg.daunce.variants)
     baselines = {k: v for k, v in baselines.items() if k not in REFERENCE}  # exact references: no cost row
@@ -368,7 +368,7 @@ def quality_table(cfg: ExperimentConfig, group_jsons: list, lds_csv, split_path,
 
 def quality_markdown(quality_csv) -> str:
     """``quality.csv`` as a Markdown table, best test LDS first within each variant (for reports:
-    ``python -m daunce_core.study results/<exp>/study/quality.csv``)."""
+    ``python -m daunce_core.steps.study results/<exp>/study/quality.csv``)."""
     with open(quality_csv) as fh:
         rows = list(csv.DictReader(fh))
 
@@ -393,5 +393,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m daunce_core.study results/<experiment>/study/quality.csv")
+        sys.exit("usage: python -m daunce_core.steps.study results/<experiment>/study/quality.csv")
     print(quality_markdown(sys.argv[1]), end="")
