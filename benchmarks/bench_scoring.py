@@ -206,7 +206,7 @@ def part_memory(args) -> None:
 
 
 def write_big_losses(path: Path, K: int, n: int, m: int, seed: int) -> int:
-    """Losses file in store.py's layout, written block by block (never all in memory)."""
+    """Losses file in the losses layout of daunce_core/store/, written block by block (never all in memory)."""
     rng = np.random.default_rng(seed)
     step = 65536
     shift = rng.standard_normal((K, 1), dtype=np.float32)

@@ -117,7 +117,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
             variant's, :func:`default_measure`).
         chunk_size: models trained together (vmapped) at once.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-        out: also write the losses file (HDF5 layout of daunce_core/store.py) here, atomically;
+        out: also write the losses file (HDF5 layout of daunce_core/store/) here, atomically;
             refused before any fit if it is one of the JSONL inputs (``store.check_output``).
         train_ids, query_ids: example ids (default: the dataset's ``ids``, else its indices).
         mode: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`TaskFitter`).

@@ -199,7 +199,7 @@ def _score(args: argparse.Namespace) -> None:
         print(diag.report())
     else:
         path = score_file(args.losses, args.output, **kwargs)
-    with store._open(path) as f:
+    with store.open_h5(path) as f:
         if f.attrs.get("ids") == "positional":
             print(f"daunce score: note: {args.losses} carries no example ids; scored with default ids "
                   "0..n-1 (training) and 0..m-1 (queries), marked ids=positional", file=sys.stderr)
@@ -289,10 +289,10 @@ def _info(args: argparse.Namespace) -> None:
         else:
             print(f"  {name}/ (group)")
 
-    with store._open(args.file) as f:
+    with store.open_h5(args.file) as f:
         print(args.file)
         f.visititems(show)
-        for key, value in store._attrs(f).items():
+        for key, value in store.read_attrs(f).items():
             print(f"  @{key} = {value}")
 
 

@@ -346,10 +346,10 @@ def diagnose(train, query, measure: str = "correlation", *, splits: int = 1, see
 def diagnose_file(losses_path, measure: str = "correlation", *, splits: int = 1, seed: int = 0,
                   target: float = 0.9, memory_gb: float = 1.0, se_sink=None) -> Diagnostics:
     """:func:`diagnose` on a losses file, reading the training losses block by block."""
-    with store._open(losses_path) as f, store._reading(losses_path, "losses"):
-        ds = store._require(f, "train", 2)
-        store._number_dtype(ds)
-        query = store._read_numbers(f, "query", 2)
+    with store.open_h5(losses_path) as f, store.reading(losses_path, store.LOSSES.name):
+        ds = store.require(f, "train", 2)
+        store.number_dtype(ds)
+        query = store.read_numbers(f, "query", 2)
         if query.shape[0] != ds.shape[0]:
             raise store.StoreError(f"{losses_path}: 'train' has K={ds.shape[0]} models but 'query' "
                                    f"has K={query.shape[0]}")

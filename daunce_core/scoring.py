@@ -38,7 +38,6 @@ split would have to expose.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -300,7 +299,7 @@ def _warn_zero(n_train: int, n_query: int, measure: str) -> None:
 def _as_2d(a, name: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "fiub" and a.dtype.name != "bfloat16":
-        raise ValueError(f"{name} holds {store._describe(a.dtype)}, expected numbers (losses)")
+        raise ValueError(f"{name} holds {store.describe_dtype(a.dtype)}, expected numbers (losses)")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a [K, {'n' if name == 'train' else 'm'}] array, "
                          f"got shape {a.shape}")
@@ -646,13 +645,11 @@ def _h5_reader(ds: h5py.Dataset, block: int, dtype=np.float32) -> Callable[[int,
 
 def _open_losses(f: h5py.File, src: str):
     """Datasets and ids of an open losses file, checked without reading the losses."""
-    if f.attrs.get("diverged", False):
-        raise store.StoreError(f"{src}: the perturbed fits of this file diverged "
-                               f"({f.attrs.get('reason', '')}); lower the learning rate")
-    ds = store._require(f, "train", 2)
-    qds = store._require(f, "query", 2)
+    store.refuse_diverged_file(f, src)
+    ds = store.require(f, "train", 2)
+    qds = store.require(f, "query", 2)
     for d in (ds, qds):  # strings, objects and records are refused before anything is read
-        store._number_dtype(d)
+        store.number_dtype(d)
     K, n = ds.shape
     m = qds.shape[1]
     if qds.shape[0] != K:
@@ -661,7 +658,7 @@ def _open_losses(f: h5py.File, src: str):
             "from the same K perturbed models")
     if K < 2:
         raise store.StoreError(f"{src}: scores need at least K=2 perturbed models, got K={K}")
-    train_ids, query_ids, positional = store._example_ids(f, n, m, "'train'", "'query'")
+    train_ids, query_ids, positional = store.example_ids(f, n, m, store.LOSSES.words("n"), store.LOSSES.words("m"))
     return ds, qds, train_ids, query_ids, positional
 
 
@@ -681,7 +678,7 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
     without ids gets positional ids, and its scores are marked so (``ids="positional"``).
 
     Args:
-        losses_path: HDF5 losses file (``train`` [K, n], ``query`` [K, m], ids; see store.py).
+        losses_path: HDF5 losses file (``train`` [K, n], ``query`` [K, m], ids; see daunce_core/store/).
         out_path: scores file to write; refused before any work if it is the losses file, a
             directory, a device or under a file (``store.check_output``).
         measure: ``"correlation"`` (default) or ``"covariance"``.
@@ -711,7 +708,7 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
         topk = 100
     threads = threads or default_threads()
     src = str(losses_path)
-    with store._open(losses_path) as f:
+    with store.open_h5(losses_path) as f:
         ds, qds, train_ids, query_ids, positional = _open_losses(f, src)
         K, n = ds.shape
         m = qds.shape[1]
@@ -723,8 +720,8 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
                 f"{4 * n * m / 2**30:.3g}")
         kind = "none" if threshold == "topk" else threshold
         lam_v = _lam_vector(lam if kind != "none" else 0.0, m)
-        raw = store._number_dtype(ds)
-        zq, zero_q = _standardised(store._read_numbers(f, "query", 2), measure, np.float32,
+        raw = store.number_dtype(ds)
+        zq, zero_q = _standardised(store.read_numbers(f, "query", 2), measure, np.float32,
                                    query_ids, "query", src)
         method = f.attrs.get("variant", "daunce")
         attrs = {"method": method.decode() if isinstance(method, bytes) else str(method),
@@ -765,8 +762,8 @@ def _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids, attr
     lam32 = lam_v.astype(np.float32)
     zero = 0
     with store.atomic_h5(out_path) as out:
-        out.attrs["format"] = "dense"
-        sds = out.create_dataset("scores", shape=(n, m), dtype=np.float32)
+        store.layouts.begin(out, store.DENSE_SCORES)
+        sds = store.layouts.create(out, store.DENSE_SCORES, "scores", shape=(n, m))
         for lo in tqdm(range(0, n, block), desc="scoring", leave=False, mininterval=2.0,
                        disable=None):
             hi = min(n, lo + block)
@@ -779,12 +776,9 @@ def _write_dense(ds, zq, measure, kind, lam_v, block, train_ids, query_ids, attr
             if kind != "none":
                 _threshold_inplace(tile, _KIND[kind], lam32)
             sds[lo:hi] = tile
-        attrs = dict(attrs, zero_variance_train=zero)
-        out.create_dataset("train_ids", data=np.asarray(train_ids, np.int64))
-        out.create_dataset("query_ids", data=np.asarray(query_ids, np.int64))
-        for key, value in attrs.items():  # as store.write_scores writes them
-            out.attrs[key] = json.dumps(value) if isinstance(value, list) else value
-        out.attrs["daunce_version"] = store.VERSION
+        for key, ids in (("train_ids", train_ids), ("query_ids", query_ids)):
+            store.layouts.create(out, store.DENSE_SCORES, key, ids)
+        store.layouts.finish(out, store.DENSE_SCORES, attrs, {"zero_variance_train": zero})
     return zero
 
 

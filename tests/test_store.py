@@ -191,7 +191,7 @@ def test_an_interrupted_write_removes_its_temporary(tmp_path, exc):
 def test_leftovers_of_dead_processes_are_cleaned_and_live_ones_ignored(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # reaped: its pid no longer exists (unless reused at once, very unlikely)
-    host = store._host()
+    host = store.atomic.host()
     dead = tmp_path / f".s.h5.daunce-tmp-{proc.pid}@{host}.abcd1234.h5.tmp"
     live = tmp_path / f".s.h5.daunce-tmp-{os.getppid()}@{host}.abcd1234.h5.tmp"
     other_host = tmp_path / f".s.h5.daunce-tmp-{proc.pid}@elsewhere-{host}.abcd1234.h5.tmp"

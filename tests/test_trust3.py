@@ -48,14 +48,14 @@ def _dead_pid() -> int:
 def _temps_made(monkeypatch) -> list[str]:
     """Record the name of every temporary file the atomic writes create."""
     made: list[str] = []
-    orig = store._new_temp
+    orig = store.atomic.new_temp
 
     def spy(path, suffix):
         tmp = orig(path, suffix)
         made.append(tmp.name)
         return tmp
 
-    monkeypatch.setattr(store, "_new_temp", spy)
+    monkeypatch.setattr(store.atomic, "new_temp", spy)
     return made
 
 
@@ -66,7 +66,7 @@ def test_reliability_scoring_writes_through_one_temporary_named_after_the_output
     made = _temps_made(monkeypatch)
     diagnostics.score_file_with_diagnostics(tmp_path / "l.h5", tmp_path / "s.h5")
     assert len(made) == 1, f"temporaries of temporaries: {made}"
-    assert made[0].startswith(f".s.h5{store._TMP_TAG}{os.getpid()}@")
+    assert made[0].startswith(f".s.h5{store.atomic.TMP_TAG}{os.getpid()}@")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.h5", "s.h5"]
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert "diagnostics" in f and f.attrs["format"] == "dense"
@@ -80,7 +80,7 @@ def test_chunk_scoring_and_traced_losses_write_through_one_temporary(tmp_path, m
     made = _temps_made(monkeypatch)
     chunks.score(tmp_path / "l.h5", tmp_path / "s.h5", "correlation", method="daunce_x")
     chunks.score(tmp_path / "l.h5", tmp_path / "k.h5", "correlation", topk=3)
-    assert [m.split(store._TMP_TAG)[0] for m in made] == [".s.h5", ".k.h5"], made
+    assert [m.split(store.atomic.TMP_TAG)[0] for m in made] == [".s.h5", ".k.h5"], made
     assert store.read_scores(tmp_path / "s.h5")["attrs"]["method"] == "daunce_x"
 
     # a losses file with its per-step trace: one write, so the file never lacks the trace
@@ -96,7 +96,7 @@ def test_chunk_scoring_and_traced_losses_write_through_one_temporary(tmp_path, m
 
 
 def test_nested_temporaries_of_killed_runs_are_cleaned_and_live_ones_kept(tmp_path):
-    host, dead, live = store._host(), _dead_pid(), os.getppid()
+    host, dead, live = store.atomic.host(), _dead_pid(), os.getppid()
     nested_dead = tmp_path / (f"..s.h5.daunce-tmp-{dead}@{host}.ab12cd34.h5.daunce-tmp-{dead}@{host}."
                               "ef56ab78.h5.tmp")  # what earlier versions left (45 MB in the probe)
     nested_live = tmp_path / (f"..s.h5.daunce-tmp-{live}@{host}.ab12cd34.h5.daunce-tmp-{dead}@{host}."
