@@ -299,7 +299,7 @@ VIEW_NAMES = (
 VIEW_PATTERN = "|".join(n.replace(".", r"\.") for n in VIEW_NAMES)  # rule view's {name}
 
 
-def final(name):
+def experiment_file(name):
     """The experiment's own copy of a final table or figure: results/<experiment>/<name>."""
     return f"results/{EXP}/{name}"
 
@@ -328,7 +328,7 @@ def get_final_output():
         names.append("fig4.md")
     if CFG.mislabel.enabled:  # mislabelled-example detection (rules/mislabel.smk)
         names += ["mislabel.csv", "mislabel.md"]
-    return [final(n) for n in names] + [f"results/{n}" for n in names]
+    return [experiment_file(n) for n in names] + [f"results/{n}" for n in names]
 
 
 # --- Section 4.1: DAUNCE, LDS, figures ---------------------------------------------------------
@@ -453,7 +453,7 @@ def baseline_eval_files():
 
 def cost_inputs(wildcards):
     """LDS table, scores and losses files whose jobs' benchmark files the cost table reads."""
-    out = {"lds": final("lds.csv")}
+    out = {"lds": experiment_file("lds.csv")}
     out["select"] = f"results/{EXP}/lds/select.h5"
     for v in WHITE_BOX:
         out[f"losses_{v}"] = f"results/{EXP}/daunce/{v}/losses.h5"
@@ -649,7 +649,7 @@ def study_table_inputs(wildcards):
     sources = study_baseline_sources()
     return {
         "groups": study_group_files(),
-        "lds": final("lds.csv"),
+        "lds": experiment_file("lds.csv"),
         "split": f"results/{EXP}/data/split.npz",
         "scores": [s["scores"] for s in sources.values()],  # their benchmark files come with them
         "config": EFFECTIVE_CONFIG,
