@@ -302,7 +302,7 @@ def quality(quality_csv, out, title: str = "Quality against compute (test LDS, r
     equivalents (hardware-independent) and measured CPU seconds (log x). One marker series per DAUNCE
     variant over the study's settings (a setting chosen at an end of its lr grid is drawn hollow),
     each baseline a labelled point, exact IF and every reference row without a cost of its own
-    (the limit_* and lin_* rows of results/lds.csv) a horizontal line. Error bars: 95% bootstrap CI."""
+    (the limit_* and lin_* rows of results/<experiment>/lds.csv) a horizontal line. Error bars: 95% bootstrap CI."""
     with open(quality_csv) as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:  # numbers as floats, nan where a kind has none
@@ -379,7 +379,7 @@ def _param_count(theta_0) -> int:
 def regime_rows(entries: list[dict], lds_csv, theta_0, selection_benchmarks: list[str] | None = None) -> list[dict]:
     """One row per method (and per DAUNCE measure in ``lds_csv``): raw and thresholded LDS with
     CIs, numbers stored per training example (bytes / 4) and wall time, from the same files as
-    results/cost.md (:mod:`daunce_core.baselines.cost`). A method that stores nothing per example
+    results/<experiment>/cost.md (:mod:`daunce_core.baselines.cost`). A method that stores nothing per example
     (EK-FAC recomputes training gradients per query batch) has ``stores_nothing`` set."""
     from .baselines.cost import baseline_row, daunce_row
 

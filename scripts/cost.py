@@ -1,4 +1,4 @@
-"""rule cost: results/cost.md from the benchmark files of the run."""
+"""rule cost: results/<experiment>/cost.md from the benchmark files of the run."""
 from daunce_core.baselines.cost import startup_baseline, write_cost_table
 from daunce_core.runner import run_script
 

@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- regime:begin -->", "<!-- regime:end -->"
 EXPERIMENT = "fmnist_mlp_regime"
-FILES = {"regime.csv": f"{EXPERIMENT}/regime.csv", "regime.pdf": f"{EXPERIMENT}/regime.pdf",
-         "lds.csv": "lds.csv", "cost.md": "cost.md"}
+FILES = {name: f"{EXPERIMENT}/{name}" for name in ("regime.csv", "regime.pdf", "lds.csv", "cost.md")}  # its own
 
 
 def collect(results: Path, out: Path) -> None:

@@ -1,6 +1,6 @@
 """Interruptions are harmless (issue 11, item 7).
 
-A micro-config runs the embedded DAG to results/lds.csv once without interruption. A second copy
+A micro-config runs the embedded DAG to results/micro/lds.csv once without interruption. A second copy
 is SIGKILLed -- the Snakemake driver and its running job together, their whole process group, as
 a node failure or `kill -9` would -- during perturbed fits, during LDS retrains and during
 scoring, and after each kill rerun with what a user types (Snakemake's messages say both):
@@ -8,7 +8,7 @@ scoring, and after each kill rerun with what a user types (Snakemake's messages 
     snakemake --unlock ...                  (the killed driver left its lock)
     snakemake ... --rerun-incomplete        (the killed job's outputs are marked incomplete)
 
-The final results/lds.csv and every scores file (and every losses and ground-truth file) must
+The final lds.csv and every scores file (and every losses and ground-truth file) must
 equal the uninterrupted run's, no job that had finished is run again (Snakemake's log and the
 files' mtimes), and no temporary file of store's atomic writers is left.
 """
@@ -27,7 +27,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-TARGET = "results/lds.csv"
+TARGET = "results/micro/lds.csv"  # the experiment's own table (results/lds.csv is a copy of it)
 
 # digits, 2 perturbed chunks, 2 LDS chunks per split, no baselines (the llm and blackbox sections
 # are absent: config/config.yaml is not under the test's working directory, so nothing is merged)

@@ -22,8 +22,8 @@ method,daunce,covariance,ekfac,score,none,-0.1750,-0.1900,-0.1600,2000
 
 
 def test_block_is_read_from_the_results(tmp_path):
-    results = tmp_path / "results"
-    results.mkdir()
+    results = tmp_path / "results" / "digits_mlp"  # the experiment's own folder, never the top-level copies
+    results.mkdir(parents=True)
     (results / "lds.csv").write_text(LDS)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nstale 0.999\n<!-- results:end -->\noutro\n")
@@ -35,6 +35,7 @@ def test_block_is_read_from_the_results(tmp_path):
     # raw LDS first and sorted by it; the thresholded LDS beside it with its change (paired CI
     # when results/lds_paired.csv has it, the plain difference otherwise); both DAUNCE measures
     assert "| EK-FAC | – | 0.590 | [0.570, 0.610] | 0.582 | -0.008 |" in text
+    assert "(`results/digits_mlp/lds.csv`)" in text
     assert "| DAUNCE | correlation | 0.295 | [0.285, 0.306] | 0.336 | +0.041 |" in text
     assert text.index("| EK-FAC |") < text.index("| DAUNCE | covariance | 0.415") < \
         text.index("| DAUNCE | correlation | 0.295")

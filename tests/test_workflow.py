@@ -48,8 +48,10 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     res = tmp_path / "results"
     for name in ("fig1a.pdf", "fig1b.pdf", "fig5.pdf", "fig6.pdf", "table3.md", "table3.csv", "lds.csv"):
-        assert (res / name).stat().st_size > 0, name
-    rows = list(csv.DictReader(open(res / "lds.csv")))
+        assert (res / "tiny" / name).stat().st_size > 0, name
+        # the top-level file is a copy (not a link) of the experiment's own
+        assert not (res / name).is_symlink() and (res / name).read_bytes() == (res / "tiny" / name).read_bytes()
+    rows = list(csv.DictReader(open(res / "tiny" / "lds.csv")))
     methods = {(r["method"], r["measure"], r["threshold"]) for r in rows}
     for v in TINY["daunce"]["variants"]:
         for m in ("correlation", "covariance"):

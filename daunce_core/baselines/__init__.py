@@ -120,7 +120,7 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
     never the test masks -- and the best is written. exact IF tunes its damping the same way
     (``baselines.exact_if.damping_grid``). The record (``attrs["tuning"]``: every setting's
     selection LDS and seconds, the choice, and ``on_edge`` when it sits at an end of a grid axis)
-    goes into the scores file, for ``results/lds.csv`` and ``results/cost.md``.
+    goes into the scores file, for ``results/<experiment>/lds.csv`` and ``results/<experiment>/cost.md``.
     """
     from ..lds import on_edge
 

@@ -1,8 +1,9 @@
-"""``results/cost.md``: what each method cost on the same model, from Snakemake benchmark files.
+"""``results/<experiment>/cost.md``: what each method cost on the same model, from Snakemake benchmark files.
 
 Every figure comes from files of the run: the ``benchmark:`` TSV of each job (wall seconds ``s``,
 ``cpu_time``, peak resident memory ``max_rss`` in MB), the storage attributes each baseline
-adapter wrote into its scores file, the shapes of DAUNCE's losses files and ``results/lds.csv``.
+adapter wrote into its scores file, the shapes of DAUNCE's losses files and
+``results/<experiment>/lds.csv``.
 
 DAUNCE's perturbed-fit jobs fit the K models for *every* learning rate of the grid in one job; the
 table gives the chosen setting's share (÷ grid size) and the whole tuning: every setting of the
@@ -181,8 +182,9 @@ def write_cost_table(entries: list[dict[str, Any]], lds_csv: str, base_benchmark
         rows.append(r)
     from ..figures import DISPLAY
 
+    source = f"results/{experiment or '<experiment>'}/lds.csv"
     lines = [f"# Cost of each attribution method on the same model ({experiment})", "",
-             "Measured in the run that produced `results/lds.csv`: wall and CPU time and peak resident "
+             f"Measured in the run that produced `{source}`: wall and CPU time and peak resident "
              "memory come from each job's Snakemake `benchmark:` file; every job is a fresh Python process, "
              "so the times include interpreter and library start-up (a few seconds each at this scale). "
              "A job that was already up to date keeps the benchmark file of the run that made its output, "

@@ -20,7 +20,7 @@ equation 6) are averaged, as TRAK averages over its ensemble.
 **Learning rate.** Each setting's grid is judged on the LDS *selection* masks and selection queries
 exactly as ``rule select_lr`` does (:func:`lds_of`, the raw scores' LDS); the
 reported LDS is the chosen lr's on the *test* masks and test queries, with the bootstrap CI of
-``results/lds.csv``. The grid is the default's chosen lr (``daunce/<variant>/selection.json``)
+``results/<experiment>/lds.csv``. The grid is the default's chosen lr (``daunce/<variant>/selection.json``)
 with ``study.lr_around`` neighbours each side in ``daunce.lr_grid``, or the setting's own
 ``lr_grid`` whole.
 

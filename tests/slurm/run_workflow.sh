@@ -94,15 +94,21 @@ say "run 2: driver killed after submitting SLURM job(s) $(slurm_ids "$WORK/run2.
 t3=$(date +%s)
 smk "$WORK/run3.log" "${TARGETS[@]}" || { tail -40 "$WORK/run3.log" >&2; fail "run 3 failed: $WORK/run3.log"; }
 t3=$(( $(date +%s) - t3 ))
-for t in "${TARGETS[@]}"; do [ -s "$WORK/$t" ] || fail "run 3 did not make $t"; done
+for t in "${TARGETS[@]}"; do
+  [ -s "$WORK/$t" ] || fail "run 3 did not make $t"
+  # a top-level target is a copy of the experiment's own file (rule view)
+  own="results/$EXP/${t#results/}"
+  case "$t" in results/*/*) ;; *) cmp -s "$WORK/$t" "$WORK/$own" || fail "run 3: $t is not a copy of $own";; esac
+done
 [ "$(cd "$WORK" && stat -c '%n %Y' $CHUNK)" = "$stamp_before" ] || fail "run 3 rewrote the chunk finished in run 1"
 grep -q "chunk0.h5" <(grep -A3 '^rule perturbed_chunk:' "$WORK/run3.log" | grep "output:.*/daunce/daunce/") \
   && fail "run 3 scheduled the chunk finished in run 1 again"
 
 rules=$(grep -cE '^rule [A-Za-z0-9_]+:' "$WORK/run3.log" || true)
-# effective_config is a template rendered inside the driver by design (workflow/Snakefile): the
-# one rule allowed to run outside SLURM
-local_rules=$(grep -E '^localrule [A-Za-z0-9_]+:' "$WORK/run3.log" | grep -v '^localrule effective_config:' || true)
+# effective_config (a template rendered inside the driver) and view (the top-level copy of a
+# table or figure) run on the submitting host by design (workflow/Snakefile): the only rules
+# allowed outside SLURM
+local_rules=$(grep -E '^localrule [A-Za-z0-9_]+:' "$WORK/run3.log" | grep -vE '^localrule (effective_config|view):' || true)
 ids=$(slurm_ids "$WORK/run3.log")
 n_ids=$(echo "$ids" | grep -c . || true)
 [ -z "$local_rules" ] || fail "run 3 ran jobs outside SLURM: $local_rules"

@@ -3,7 +3,7 @@
 # the grid baselines.tune.<method> (at most baselines.max_settings settings, the size of DAUNCE's lr
 # grid), judged on the LDS selection masks and selection queries (input "select"). Every rule writes results/{experiment}/scores/<method>/score.h5 in the
 # common dense layout (positive = helpful), which lds_eval (measure "score") evaluates with the same
-# thresholding as DAUNCE. results/cost.md gathers the benchmark files of the same run.
+# thresholding as DAUNCE. results/{experiment}/cost.md gathers the benchmark files of the same run.
 rule baseline_trak:
     """TRAK through traker: one model (theta_0, no ensemble), margin output; projection dimension
     and ridge lambda tuned over baselines.tune.trak on the selection masks (the paper's 20,480)."""
@@ -165,13 +165,13 @@ rule baseline_reference:
 
 
 rule cost:
-    """results/cost.md: wall time, CPU time, peak memory and storage per training example of every
+    """results/<experiment>/cost.md: wall time, CPU time, peak memory and storage per training example of every
     method on the same model, from the benchmark files of this run."""
     input:
         unpack(cost_inputs),
     output:
         report(
-            "results/cost.md",
+            f"results/{EXP}/cost.md",
             caption="../report/cost.rst",
             category="Tables",
             labels={"table": "cost of each method"},

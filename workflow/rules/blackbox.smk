@@ -129,7 +129,7 @@ rule fig4:
         unpack(blackbox_fig4_inputs),
     output:
         md=report(
-            "results/fig4.md",
+            f"results/{EXP}/fig4.md",
             caption="../report/fig4.rst",
             category="Tables",
             labels={"figure": "4"},

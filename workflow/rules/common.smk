@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import yaml
 from snakemake.logging import logger
@@ -270,34 +271,64 @@ def blackbox_source_inputs(wildcards):
     return [path] if BB.data.source == "jsonl" and path and os.path.isfile(str(path)) else []
 
 
-# --- what `rule all` asks for ----------------------------------------------------------------
+# --- the final tables and figures: each experiment's own, and the top-level view --------------
+# Every final table and figure is written to results/<experiment>/<name>, so two experiments
+# (configs with different `experiment` names) never overwrite each other's; two configs with the
+# same name share one folder, and the later run replaces the earlier's files (docs/configuration.md).
+# results/<name> is a copy of the file of the experiment of the current config (rule view in
+# workflow/Snakefile), kept so that `snakemake results/fig1a.pdf` and the default target leave the
+# familiar top-level files; scripts, tests and the README generators read the experiment's own.
+VIEW_NAMES = (
+    "lds.csv",
+    "lds_paired.csv",
+    "fig1a.pdf",
+    "fig1b.pdf",
+    "table3.md",
+    "table3.csv",
+    "fig6.pdf",
+    "fig5.pdf",
+    "fig3.pdf",
+    "cost.md",
+    "fig2.pdf",
+    "llm_removal.csv",
+    "fig4.md",
+    "mislabel.csv",
+    "mislabel.md",
+    "quality.pdf",
+)
+VIEW_PATTERN = "|".join(n.replace(".", r"\.") for n in VIEW_NAMES)  # rule view's {name}
+
+
+def experiment_file(name):
+    """The experiment's own copy of a final table or figure: results/<experiment>/<name>."""
+    return f"results/{EXP}/{name}"
+
+
+def copy_view(src, dst, log):
+    """Rule view's work: ``dst`` becomes a byte copy of ``src`` (a new file, never a link); the
+    log names both."""
+    shutil.copyfile(src, dst)
+    with open(log, "w") as fh:
+        print(f"{dst}: a copy of {src} (experiment {EXP})", file=fh)
 
 
 def get_final_output():
     """Every figure and table the config asks for: Section 4.1's always, Figure 1b when the
     config has black-box variants, the cost table, Figure 2 with an `llm` section and Figure 4
-    with a `blackbox` section."""
-    out = [
-        "results/lds.csv",
-        "results/lds_paired.csv",
-        "results/fig1a.pdf",
-        "results/table3.md",
-        "results/table3.csv",
-        "results/fig6.pdf",
-        "results/fig5.pdf",
-    ]
+    with a `blackbox` section; each in results/<experiment>/ and its view in results/."""
+    names = ["lds.csv", "lds_paired.csv", "fig1a.pdf", "table3.md", "table3.csv", "fig6.pdf", "fig5.pdf"]
     if BLACK_BOX:
-        out.append("results/fig1b.pdf")
-    out.append("results/cost.md")
+        names.append("fig1b.pdf")
+    names.append("cost.md")
     if CFG.daunce.trace_every > 0:  # Figure 3 needs the per-step log of the perturbed fits
-        out.append("results/fig3.pdf")
+        names.append("fig3.pdf")
     if "llm" in config:  # a config without the section asks for no LLM study
-        out.append("results/fig2.pdf")
+        names.append("fig2.pdf")
     if "blackbox" in config:  # a config without the section asks for no black-box study
-        out.append("results/fig4.md")
+        names.append("fig4.md")
     if CFG.mislabel.enabled:  # mislabelled-example detection (rules/mislabel.smk)
-        out += ["results/mislabel.csv", "results/mislabel.md"]
-    return out
+        names += ["mislabel.csv", "mislabel.md"]
+    return [experiment_file(n) for n in names] + [f"results/{n}" for n in names]
 
 
 # --- Section 4.1: DAUNCE, LDS, figures ---------------------------------------------------------
@@ -400,7 +431,7 @@ def fig3_inputs(wildcards):
 
 def fig1a_methods(wildcards):
     """Methods of Figure 1a: the white-box DAUNCE variants, then the baselines (not the limits and
-    linearised fits: references for DAUNCE, in results/lds.csv)."""
+    linearised fits: references for DAUNCE, in results/<experiment>/lds.csv)."""
     return WHITE_BOX + [m for m in baseline_methods() if m not in REFERENCE]
 
 
@@ -422,7 +453,7 @@ def baseline_eval_files():
 
 def cost_inputs(wildcards):
     """LDS table, scores and losses files whose jobs' benchmark files the cost table reads."""
-    out = {"lds": "results/lds.csv"}
+    out = {"lds": experiment_file("lds.csv")}
     out["select"] = f"results/{EXP}/lds/select.h5"
     for v in WHITE_BOX:
         out[f"losses_{v}"] = f"results/{EXP}/daunce/{v}/losses.h5"
@@ -434,13 +465,13 @@ def cost_inputs(wildcards):
 
 def selection_benchmarks(wildcards=None):
     """Benchmark files of the selection ground truth's retrain jobs: tuning cost shared by every
-    tuned method (results/cost.md)."""
+    tuned method (results/<experiment>/cost.md)."""
     n = math.ceil(CFG.lds.M_select / CFG.lds.chunk_size)
     return [f"results/{EXP}/benchmarks/lds/select/chunk{c}.tsv" for c in range(n)]
 
 
 def cost_entries(wildcards):
-    """What results/cost.md lists: DAUNCE's white-box variants, then the baselines."""
+    """What results/<experiment>/cost.md lists: DAUNCE's white-box variants, then the baselines."""
     n_chunks = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
     entries = [
         {
@@ -618,7 +649,7 @@ def study_table_inputs(wildcards):
     sources = study_baseline_sources()
     return {
         "groups": study_group_files(),
-        "lds": "results/lds.csv",
+        "lds": experiment_file("lds.csv"),
         "split": f"results/{EXP}/data/split.npz",
         "scores": [s["scores"] for s in sources.values()],  # their benchmark files come with them
         "config": EFFECTIVE_CONFIG,

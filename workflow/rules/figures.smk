@@ -1,10 +1,10 @@
 rule fig1a:
     """Figure 1a: LDS of the white-box methods with 95% CIs."""
     input:
-        "results/lds.csv",
+        f"results/{EXP}/lds.csv",
     output:
         report(
-            "results/fig1a.pdf",
+            f"results/{EXP}/fig1a.pdf",
             caption="../report/fig1a.rst",
             category="Figures",
             labels={"figure": "1a"},
@@ -22,10 +22,10 @@ rule fig1a:
 rule fig1b:
     """Figure 1b: LDS of the black-box objectives (Table 2) beside the white-box ones."""
     input:
-        "results/lds.csv",
+        f"results/{EXP}/lds.csv",
     output:
         report(
-            "results/fig1b.pdf",
+            f"results/{EXP}/fig1b.pdf",
             caption="../report/fig1b.rst",
             category="Figures",
             labels={"figure": "1b"},
@@ -44,15 +44,15 @@ rule fig1b:
 rule table3:
     """Table 3: correlation versus covariance for the three variants."""
     input:
-        "results/lds.csv",
+        f"results/{EXP}/lds.csv",
     output:
         md=report(
-            "results/table3.md",
+            f"results/{EXP}/table3.md",
             caption="../report/table3.rst",
             category="Tables",
             labels={"table": "3"},
         ),
-        csv="results/table3.csv",
+        csv=f"results/{EXP}/table3.csv",
     log:
         f"results/{EXP}/logs/table3.log",
     params:
@@ -70,7 +70,7 @@ rule fig6:
         config=EFFECTIVE_CONFIG,
     output:
         report(
-            "results/fig6.pdf",
+            f"results/{EXP}/fig6.pdf",
             caption="../report/fig6.rst",
             category="Figures",
             labels={"figure": "6"},
@@ -91,7 +91,7 @@ rule fig5:
         unpack(fig5_inputs),
     output:
         report(
-            "results/fig5.pdf",
+            f"results/{EXP}/fig5.pdf",
             caption="../report/fig5.rst",
             category="Figures",
             labels={"figure": "5"},
@@ -113,7 +113,7 @@ rule fig3:
         unpack(fig3_inputs),
     output:
         report(
-            "results/fig3.pdf",
+            f"results/{EXP}/fig3.pdf",
             caption="../report/fig3.rst",
             category="Figures",
             labels={"figure": "3"},

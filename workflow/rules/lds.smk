@@ -50,19 +50,19 @@ rule lds_eval:
 
 
 rule lds_table:
-    """results/lds.csv: every evaluation's rows; results/lds_paired.csv: paired differences with
+    """results/<experiment>/lds.csv: every evaluation's rows; lds_paired.csv: paired differences with
     bootstrap CIs (thresholded - raw per method; each DAUNCE row - each baseline)."""
     input:
         evals=lds_eval_files,
         config=EFFECTIVE_CONFIG,
     output:
         lds=report(
-            "results/lds.csv",
+            f"results/{EXP}/lds.csv",
             caption="../report/lds.rst",
             category="LDS",
             labels={"table": "LDS of every method"},
         ),
-        paired="results/lds_paired.csv",
+        paired=f"results/{EXP}/lds_paired.csv",
     log:
         f"results/{EXP}/logs/lds_table.log",
     params:

@@ -203,12 +203,12 @@ rule fig2:
         config=EFFECTIVE_CONFIG,
     output:
         pdf=report(
-            "results/fig2.pdf",
+            f"results/{EXP}/fig2.pdf",
             caption="../report/fig2.rst",
             category="Figures",
             labels={"figure": "2"},
         ),
-        csv="results/llm_removal.csv",
+        csv=f"results/{EXP}/llm_removal.csv",
     log:
         f"results/{EXP}/logs/fig2.log",
     params:

@@ -1,6 +1,6 @@
 # Mislabelled-example detection by self-influence (daunce_core/steps/mislabel.py, docs/mislabel.md):
 # mislabel.fraction of the training labels flipped, theta_0 retrained on them, every method of
-# mislabel.methods ranks the training examples by self-influence; results/mislabel.csv holds the
+# mislabel.methods ranks the training examples by self-influence; results/<experiment>/mislabel.csv holds the
 # AUCs. Generic over the experiment: it reads only the experiment's data, model, base, daunce and
 # baselines sections. Knobs: mislabel.settings (defaults | lds), never the flipped labels.
 # Input functions: common.smk.
@@ -70,15 +70,15 @@ rule mislabel_baseline:
 
 
 rule mislabel_table:
-    """results/mislabel.csv and .md: each method's AUC of detecting the flipped labels, with a 95%
+    """results/<experiment>/mislabel.csv and .md: each method's AUC of detecting the flipped labels, with a 95%
     bootstrap CI over the examples, beside a random ranking's 0.5."""
     input:
         flips=f"results/{EXP}/mislabel/flips.npz",
         files=[mislabel_file(m) for m in MISLABEL_METHODS],
         config=EFFECTIVE_CONFIG,
     output:
-        csv="results/mislabel.csv",
-        md="results/mislabel.md",
+        csv=f"results/{EXP}/mislabel.csv",
+        md=f"results/{EXP}/mislabel.md",
     log:
         f"results/{EXP}/logs/mislabel/table.log",
     params:

@@ -30,10 +30,10 @@ rule baseline_extra:
 rule regime:
     """results/{experiment}/regime.pdf and regime.csv: every method's LDS (raw and thresholded,
     test masks) against the floats it stores per training example and against its wall time
-    (the benchmark files of this run, as results/cost.md counts them)."""
+    (the benchmark files of this run, as results/{experiment}/cost.md counts them)."""
     input:
         unpack(cost_inputs),
-        cost="results/cost.md",
+        cost="results/{experiment}/cost.md",
         theta_0="results/{experiment}/base/theta_0.safetensors",
     output:
         pdf=report("results/{experiment}/regime.pdf", category="Figures", labels={"figure": "regime"}),

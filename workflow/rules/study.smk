@@ -1,6 +1,6 @@
 # The quality landscape (issue 13, item 3; docs/quality.md): DAUNCE's LDS against compute over the
-# settings of config `study:`, beside every baseline of results/lds.csv. Off by default and outside
-# `rule all`; the input functions (rules/common.smk) refuse results/quality.pdf while it is off:
+# settings of config `study:`, beside every baseline of results/<experiment>/lds.csv. Off by default and outside
+# `rule all`; the input functions (rules/common.smk) refuse results/<experiment>/quality.pdf while it is off:
 #   snakemake -c2 results/quality.pdf --config study='{enabled: true}'
 
 
@@ -71,12 +71,12 @@ rule study_table:
 
 
 rule quality_figure:
-    """results/quality.pdf: test LDS against compute, DAUNCE's settings and the baselines."""
+    """results/<experiment>/quality.pdf: test LDS against compute, DAUNCE's settings and the baselines."""
     input:
         study_figure_input,
     output:
         report(
-            "results/quality.pdf",
+            f"results/{EXP}/quality.pdf",
             caption="../report/quality.rst",
             category="Quality study",
             labels={"figure": "quality"},
