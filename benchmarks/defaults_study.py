@@ -295,7 +295,8 @@ def write(out: Path, grid: list[dict], summary: list[dict], command: str) -> Non
         if not rows:  # references only (--variants ''): no grid
             continue
         with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            # rows of older runs may lack newer columns (lrs): the union, blank where missing
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
             w.writeheader()
             w.writerows(rows)
 
