@@ -1,7 +1,7 @@
 """Which defaults should the one-call API have? LDS and cost of candidate settings on small problems.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/defaults_study.py [--problems digits,tabular,fashion]
-        [--out benchmarks/out/defaults] [--quick]
+        [--out benchmarks/out/defaults] [--quick] [--K 200 500 1000] [--lrs ...] [--matched RHO:PROX ...]
 
 Three small problems, each with theta_0 trained by the workflow's base recipe
 (``ensemble.fit_from_scratch``) and LDS ground truth made here by retraining on masks
@@ -27,6 +27,14 @@ selection masks and on the test masks. Per (variant, length, measure, K) it then
 the rule picks (no ground truth) with the lr the selection masks pick, both judged on the test
 masks. Grad-dot and the exact influence function (GGN, damping chosen on the selection masks;
 ``daunce_core.baselines.exact``) are the references.
+
+Options for a narrower or longer study: ``--K`` (prefixes of the largest K's fits; a K above 200
+also gets "pilot" rows, the rule read on the first 200 models of each lr), ``--lrs`` (a subset of
+the grid: the rule then picks among these only), ``--epochs`` (fixed fit lengths), ``--matched``
+(daunce_m's scale:prox pairs), ``--measures``. theta_0 and the ground truth of each problem are
+cached under ``--cache`` (benchmarks/out/defaults_cache), so later runs do not retrain them. Beside
+grad-dot and the exact IF, the references include daunce_m's limit (the GGN sandwich at several
+proximal dampings, docs/matched_noise.md).
 
 Writes ``<out>/grid.csv`` (every fit), ``<out>/summary.csv`` (one row per candidate default) and
 ``<out>/summary.md`` (the table docs/defaults.md quotes). LDS are raw (no thresholding), mean over
@@ -59,7 +67,6 @@ from daunce_core.scoring import pairwise_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 LR_GRID = sorted(api.DEFAULTS.lr_grid)  # the grid lr="auto" searches
-K_MAX = 200
 
 
 def _dataset(X_train, y_train, X_query, y_query, C: int, source: str) -> Dataset:
@@ -157,35 +164,71 @@ def references(cfg, ds, model, device, gts, sel_q, test_q) -> list[dict]:
             best = {"method": f"exact IF (GGN, damping {d:g})", "lds_select": sel, "lds_test": test}
     best["seconds"] = t_grads + time.perf_counter() - t0
     rows.append(best)
+    # daunce_m's limit (docs/matched_noise.md): the GGN sandwich g_a^T (G + prox)^-1 G (G + prox)^-1 g_b,
+    # at each proximal damping, to see which prox its fits should aim at (test LDS, no selection)
+    t0 = time.perf_counter()
+    e, V = np.linalg.eigh(H)
+    e = np.clip(e, 0.0, None)
+    A, B = Gt @ V, Gq @ V
+    for prox in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0):
+        s = (A * (e / (e + prox) ** 2)) @ B.T
+        sel, test = lds_of(s, gts, sel_q, test_q)
+        rows.append({"method": f"limit daunce_m (prox {prox:g})", "lds_select": sel, "lds_test": test,
+                     "seconds": t_grads + time.perf_counter() - t0})
     return rows
 
 
-def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
+def cached_truth(name, cfg, ds, device, quick: bool, cache: Path | None):
+    """theta_0 and the LDS ground truth of a problem, read from ``cache`` when a run made them before
+    (both depend only on the problem and the mask counts), else made and written there."""
+    M_select, M_test = (20, 30) if quick else (40, 60)
+    path = cache / f"{name}_sel{M_select}_test{M_test}_seeds2.pt" if cache else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=False)
+        model = build_model(cfg.model, ds.X_train.shape[1:], ds.num_classes).to(device)
+        model.load_state_dict(saved["state"])
+        return model.eval(), saved["gts"], saved["sel_q"], saved["test_q"], f"read from {path}"
+    model = theta0(cfg, ds, device)
+    gts, sel_q, test_q = ground_truth(cfg, ds, device, M_select, M_test, 2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state": model.state_dict(), "gts": gts, "sel_q": sel_q, "test_q": test_q}, tmp)
+        tmp.replace(path)
+    return model, gts, sel_q, test_q, "made"
+
+
+def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(100, 200), lrs=LR_GRID,
+                measures=("correlation", "covariance"), matched=((None, None),), cache: Path | None = None):
     print(f"[{name}] n={ds.n} m={ds.m} classes={ds.num_classes}", flush=True)
     t0 = time.perf_counter()
-    model = theta0(cfg, ds, device)
-    gts, sel_q, test_q = ground_truth(cfg, ds, device, 20 if quick else 40, 30 if quick else 60, 2)
-    print(f"[{name}] theta_0 and ground truth: {time.perf_counter() - t0:.0f}s", flush=True)
+    model, gts, sel_q, test_q, how = cached_truth(name, cfg, ds, device, quick, cache)
+    print(f"[{name}] theta_0 and ground truth ({how}): {time.perf_counter() - t0:.0f}s", flush=True)
+    K_max = max(Ks)
     refs = references(cfg, ds, model, device, gts, sel_q, test_q)
     for r in refs:
         print(f"[{name}] {r['method']}: select {r['lds_select']:.3f} test {r['lds_test']:.3f}", flush=True)
     train = (torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train))
     query = (torch.as_tensor(ds.X_query), torch.as_tensor(ds.y_query))
     grid = []
-    for variant in variants:
+    fits = [(v, rho, prox) for v in variants for rho, prox in (matched if v == "daunce_m" else ((None, None),))]
+    for variant, rho, prox in fits:
+        tag = variant + "".join(f" {k}={v:g}" for k, v in (("rho", rho), ("prox", prox)) if v is not None)
         for length, min_steps in lengths:
             ratio = DaunceConfig().for_variant(variant).ratio  # daunce_m fits on all examples
-            epochs = api.fit_epochs(ds.n, ratio, api.DEFAULTS.batch_size, min_steps)
-            for lr in LR_GRID:
+            # a length is "epochs=N" (fixed) or "steps>=S" (the fewest epochs giving S optimiser steps)
+            epochs = (int(length.split("=")[1]) if length.startswith("epochs=")
+                      else api.fit_epochs(ds.n, ratio, api.DEFAULTS.batch_size, min_steps))
+            for lr in lrs:
                 t0 = time.perf_counter()
                 with api.quiet():
-                    sig = api.fit_losses(model, None, train, query, variant=variant, K=K_MAX, epochs=epochs,
-                                         lr=lr, device=str(device))
+                    sig = api.fit_losses(model, None, train, query, variant=variant, K=K_max, epochs=epochs,
+                                         lr=lr, rho=rho, prox=prox, device=str(device))
                 secs = time.perf_counter() - t0
                 # daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the training side
-                forms = [(variant, None)] + ([("daunce_t_q", 1.0 - sig.p0_train)] if variant == "daunce_t" else [])
-                for (form, q), measure in ((f, m) for f in forms for m in ("correlation", "covariance")):
-                    for K in (100, 200):  # the rule reads the K models a call with this K would fit
+                forms = [(tag, None)] + ([("daunce_t_q", 1.0 - sig.p0_train)] if variant == "daunce_t" else [])
+                for (form, q), measure in ((f, m) for f in forms for m in measures):
+                    for K in Ks:  # the rule reads the K models a call with this K would fit
                         stats = api.lr_statistics(_prefix(sig, K), measure)
                         tr, qu = sig.train[:K], sig.query[:K]
                         if stats["diverged"] or not (np.isfinite(tr).all() and np.isfinite(qu).all()):
@@ -197,10 +240,11 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool):
                                      "steps": stats["steps"], "lr": lr, "measure": measure, "K": K,
                                      "reliability": stats["reliability"], "loss_ratio": stats["loss_ratio"],
                                      "diverged": stats["diverged"], "lds_select": sel, "lds_test": test,
-                                     "fit_seconds": secs * K / K_MAX})
+                                     "fit_seconds": secs * K / K_max})
                 print(f"[{name}] {variant} {length} lr={lr:g}: {secs:.1f}s "
                       + " ".join(f"{g['measure'][:4]}/K{g['K']} rel={g['reliability']:.2f} "
-                                 f"sel={g['lds_select']:.3f} test={g['lds_test']:.3f}" for g in grid[-4 * len(forms):]),
+                                 f"sel={g['lds_select']:.3f} test={g['lds_test']:.3f}"
+                                 for g in grid[-len(Ks) * len(measures) * len(forms):]),
                       flush=True)
     return refs, grid
 
@@ -209,30 +253,50 @@ def _prefix(sig, K: int):
     return dataclasses.replace(sig, train=sig.train[:K], query=sig.query[:K], model_index=sig.model_index[:K])
 
 
-def summarize(name, refs, grid) -> list[dict]:
+def summarize(name, refs, grid, pilot: int = 200) -> list[dict]:
+    """One row per (variant, length, measure, K): the test LDS at the rule's lr and at the lr the
+    selection masks choose. For K above ``pilot`` a second row, "lr from K=<pilot> pilot": the rule
+    reads the first ``pilot`` models of each lr (as a call fitting ``pilot`` models per lr of the grid
+    and then K at the chosen lr would) -- its seconds are the pilot grid's plus the chosen lr's K fits."""
     rows = [{"problem": name, "setting": r["method"], "lr_rule": "", "lds_test": r["lds_test"],
-             "lds_test_oracle_lr": "", "lr_oracle": "", "seconds": r["seconds"]} for r in refs]
+             "lds_test_oracle_lr": "", "lr_oracle": "", "seconds": r["seconds"], "lrs": ""} for r in refs]
     keys = sorted({(g["variant"], g["length"], g["measure"], g["K"]) for g in grid})
+
+    def cells_of(variant, length, measure, K):
+        return [g for g in grid if (g["variant"], g["length"], g["measure"], g["K"]) == (variant, length, measure, K)]
+
+    def rule(cells):
+        return api.pick_lr([{"lr": g["lr"], "reliability": g["reliability"], "diverged": g["diverged"]}
+                            for g in cells])
+
     for variant, length, measure, K in keys:
-        cells = [g for g in grid if (g["variant"], g["length"], g["measure"], g["K"]) == (variant, length, measure, K)]
-        rule_lr = api.pick_lr([{"lr": g["lr"], "reliability": g["reliability"], "diverged": g["diverged"]}
-                               for g in cells])
+        cells = cells_of(variant, length, measure, K)
         ok = [g for g in cells if math.isfinite(g["lds_select"])]
         oracle = max(ok, key=lambda g: g["lds_select"]) if ok else None
-        chosen = next((g for g in cells if g["lr"] == rule_lr), None)
-        rows.append({"problem": name, "setting": f"{variant} {measure} K={K} {length}",
-                     "lr_rule": rule_lr, "lds_test": chosen["lds_test"] if chosen else float("nan"),
-                     "lds_test_oracle_lr": oracle["lds_test"] if oracle else float("nan"),
-                     "lr_oracle": oracle["lr"] if oracle else "",
-                     "seconds": sum(g["fit_seconds"] for g in cells)})
+        lrs = " ".join(f"{g['lr']:g}" for g in cells)
+        pilots = [("", rule(cells), sum(g["fit_seconds"] for g in cells))]
+        pc = cells_of(variant, length, measure, pilot) if K > pilot else []
+        if pc:
+            lr_p = rule(pc)
+            pilots.append((f" lr from K={pilot} pilot", lr_p, sum(g["fit_seconds"] for g in pc)
+                           + sum(g["fit_seconds"] for g in cells if g["lr"] == lr_p)))
+        for suffix, rule_lr, secs in pilots:
+            chosen = next((g for g in cells if g["lr"] == rule_lr), None)
+            rows.append({"problem": name, "setting": f"{variant} {measure} K={K} {length}{suffix}",
+                         "lr_rule": rule_lr, "lds_test": chosen["lds_test"] if chosen else float("nan"),
+                         "lds_test_oracle_lr": oracle["lds_test"] if oracle else float("nan"),
+                         "lr_oracle": oracle["lr"] if oracle else "", "seconds": secs, "lrs": lrs})
     return rows
 
 
 def write(out: Path, grid: list[dict], summary: list[dict], command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for path, rows in ((out / "grid.csv", grid), (out / "summary.csv", summary)):
+        if not rows:  # references only (--variants ''): no grid
+            continue
         with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            # rows of older runs may lack newer columns (lrs): the union, blank where missing
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
             w.writeheader()
             w.writerows(rows)
 
@@ -240,11 +304,11 @@ def write(out: Path, grid: list[dict], summary: list[dict], command: str) -> Non
         return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else ("--" if isinstance(v, float) else str(v))
 
     lines = [f"`{command}`", "", "| problem | setting | lr by the rule | test LDS (rule's lr) | test LDS (lr chosen "
-             "on selection masks) | lr chosen on masks | seconds (whole lr grid; references: total) |",
-             "|---|---|---|---|---|---|---|"]
+             "on selection masks) | lr chosen on masks | seconds (whole lr grid; references: total) | lrs fitted |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['problem']} | {r['setting']} | {r['lr_rule']} | {f(r['lds_test'])} | "
-                     f"{f(r['lds_test_oracle_lr'])} | {r['lr_oracle']} | {r['seconds']:.1f} |")
+                     f"{f(r['lds_test_oracle_lr'])} | {r['lr_oracle']} | {r['seconds']:.1f} | {r.get('lrs', '')} |")
     lines += ["", "Each candidate default across the problems (test LDS at the rule's lr, relative to grad-dot and to "
               "the exact IF of the same problem; the best candidate maximises the worst ratio to exact IF):", ""]
     problems = list(dict.fromkeys(r["problem"] for r in summary))
@@ -293,8 +357,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "defaults")
     ap.add_argument("--variants", default=None, help="comma-separated (default: daunce, daunce_t, daunce_m)")
     ap.add_argument("--quick", action="store_true", help="fewer masks (a smoke run)")
-    ap.add_argument("--steps", type=int, nargs="+", default=[50],
+    ap.add_argument("--steps", type=int, nargs="*", default=[50],
                     help="fit lengths besides one epoch: at least this many optimiser steps per model")
+    ap.add_argument("--epochs", type=int, nargs="*", default=[],
+                    help="fixed fit lengths (epochs per model) besides one epoch and --steps")
+    ap.add_argument("--no-one-epoch", action="store_true", help="leave out the one-epoch fits")
+    ap.add_argument("--K", type=int, nargs="+", default=[100, 200],
+                    help="K scored (prefixes of the largest K's models; a K above 200 also gets the rule run on "
+                         "its first 200 models, the 'pilot' rows)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=None,
+                    help="the lrs fitted (default: the whole grid lr='auto' searches); the rule then picks among "
+                         "these only, so a subset is for pruning where the rule was shown to pick from them")
+    ap.add_argument("--measures", default="correlation,covariance")
+    ap.add_argument("--matched", nargs="+", default=None, metavar="RHO:PROX",
+                    help="daunce_m's perturbation scale and proximal damping pairs (default: its own, "
+                         "DaunceConfig.for_variant)")
+    ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "defaults_cache",
+                    help="where theta_0 and the ground truth of each problem are kept between runs ('' : none)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="write --out from the grid.csv and summary.csv of these finished runs (e.g. problems run "
                          "as separate processes) instead of running anything")
@@ -304,14 +383,21 @@ def main(argv=None) -> int:
         for d in args.combine:
             grid += _read_csv(d / "grid.csv")
             summary += _read_csv(d / "summary.csv")
+        seen = set()  # runs of the same problem repeat its references: keep the first of each row
+        summary = [r for r in summary if (r["problem"], r["setting"]) not in seen
+                   and not seen.add((r["problem"], r["setting"]))]
         write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))
         print((args.out / "summary.md").read_text())
         return 0
     from daunce_core.objectives import VARIANTS
 
-    variants = args.variants.split(",") if args.variants else [v for v in ("daunce", "daunce_t", "daunce_m")
-                                                                if v in VARIANTS]
-    lengths = [("epochs=1", 1)] + [(f"steps>={s}", s) for s in args.steps]
+    variants = ([v for v in args.variants.split(",") if v] if args.variants is not None
+                else [v for v in ("daunce", "daunce_t", "daunce_m") if v in VARIANTS])
+    lengths = (([] if args.no_one_epoch else [("epochs=1", 1)]) + [(f"steps>={s}", s) for s in args.steps]
+               + [(f"epochs={e}", 0) for e in args.epochs if e != 1])
+    matched = ([tuple(float(x) for x in m.split(":")) for m in args.matched] if args.matched else [(None, None)])
+    if any(not (rho > 0 and prox >= 0) for rho, prox in matched if rho is not None):
+        ap.error(f"--matched {args.matched}: each RHO:PROX needs RHO > 0 and PROX >= 0")
     torch.manual_seed(0)
     device = torch.device("cpu")
     grid, summary = [], []
@@ -321,7 +407,9 @@ def main(argv=None) -> int:
         if made is None:
             print(f"[{name}] skipped: no data under {args.fashion}", file=sys.stderr)
             continue
-        refs, g = run_problem(name, *made, device, variants, lengths, args.quick)
+        refs, g = run_problem(name, *made, device, variants, lengths, args.quick, Ks=sorted(args.K),
+                              lrs=sorted(args.lrs) if args.lrs else LR_GRID, measures=args.measures.split(","),
+                              matched=matched, cache=args.cache if str(args.cache) else None)
         grid += g
         summary += summarize(name, refs, g)
         write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))
