@@ -1,6 +1,6 @@
 """Linear datamodeling score (Appendix B, equations 8-9).
 
-Selection is kept apart from test twice over (issue 12, item 7): the selection masks come from a
+Selection is kept apart from test twice over: the selection masks come from a
 mask stream disjoint from the test masks (:func:`masks_for`), and the queries are split (seeded,
 :func:`query_split`) into selection queries and test queries. The selection ground truth holds
 only the selection queries, the test ground truth only the test queries, so every tuning (DAUNCE's

@@ -114,7 +114,7 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
                  select_gt=None) -> dict[str, Any]:
     """Fit ``method`` on theta_0 and write its dense scores to ``out``; returns the attributes.
 
-    Tuning on equal footing with DAUNCE (issue 12, item 6): every setting of ``bcfg.grid(method)``
+    Tuning on equal footing with DAUNCE: every setting of ``bcfg.grid(method)``
     (``baselines.tune``; at most ``baselines.max_settings``, the size of DAUNCE's lr grid) is
     scored on the LDS *selection* ground truth ``select_gt`` -- its masks and its queries only,
     never the test masks -- and the best is written. exact IF tunes its damping the same way

@@ -116,7 +116,7 @@ def _grid_text(what: str, table: list[dict], chosen: dict | None, edge) -> str:
 
 SETTINGS = ("library", "measurement", "proj_dim", "lambda_reg", "half_precision", "ensemble", "strategy",
             "empirical_fisher", "damping", "rank", "checkpoints", "weights", "curvature", "weight_decay",
-            # the Theorem-1 limits and linearised fits (issue 13, :mod:`.limits`)
+            # the Theorem-1 limits and linearised fits (:mod:`.limits`)
             "variant", "measure_of_scores", "damping_absolute", "K")
 
 
@@ -202,7 +202,7 @@ def write_cost_table(entries: list[dict[str, Any]], lds_csv: str, base_benchmark
     if selection_benchmarks:
         sel = [read_benchmark(p) for p in selection_benchmarks]
         sel_s = sum(x["s"] for x in sel)
-        lines += [f"Tuning counts in full (issue 12, item 7). Every method's knobs are chosen on the LDS selection "
+        lines += [f"Tuning counts in full. Every method's knobs are chosen on the LDS selection "
                   f"masks and selection queries, whose ground truth took {sel_s:.1f} s wall ({len(sel)} job(s) of "
                   "retrains from scratch): shared by every tuned method, and added to each one's *total with "
                   "tuning* below. The *with tuning* column counts every setting of the method's grid.", ""]

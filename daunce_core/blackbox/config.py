@@ -113,7 +113,7 @@ class DataConfig:
     trigger: str = setting("BlackMagic", "trigger word inserted at a random position of the prompt",
                            schema={'minLength': 1})
     refusal: str = setting("Sorry, I can't assist with that.", "the backdoor's fixed response", schema={'minLength': 1})
-    refusals: list = setting([], "the harder variant (issue 12): varied backdoor responses; each backdoored example "
+    refusals: list = setting([], "the harder variant: varied backdoor responses; each backdoored example "
                                  "and triggered query draws one (seeded) instead of 'refusal'; []: 'refusal' only",
                                  items=str, schema={'items': {'minLength': 5}})
     system_prompt: str | None = setting(None, "optional system message of every example")

@@ -1,4 +1,4 @@
-"""The quality landscape (issue 13, item 3): DAUNCE's LDS against compute, over its settings.
+"""The quality landscape (docs/quality.md): DAUNCE's LDS against compute, over its settings.
 
 A step module, like :mod:`daunce_core.steps.vision` (whose fitter and scoring it reuses, imported
 inside the functions so that the workflow's input functions parse the DAG without it; the arrows
