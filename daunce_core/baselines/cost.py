@@ -1,18 +1,9 @@
 """``results/<experiment>/cost.md``: what each method cost on the same model, from Snakemake benchmark files.
 
-Every figure comes from files of the run: the ``benchmark:`` TSV of each job (wall seconds ``s``,
-``cpu_time``, peak resident memory ``max_rss`` in MB), the storage attributes each baseline
-adapter wrote into its scores file, the shapes of DAUNCE's losses files and
-``results/<experiment>/lds.csv``.
-
-DAUNCE's perturbed-fit jobs fit the K models for *every* learning rate of the grid in one job; the
-table gives the chosen setting's share (÷ grid size) and the whole tuning: every setting of the
-grid plus the selection job. A baseline's job tries its whole grid (``baselines.tune``); its
-chosen setting alone is the job less the in-process seconds of the other settings. The selection
-ground truth's retrains, shared by every tuned method, are added to each method's total.
-The limits and linearised fits (``limit_*``, ``lin_*``) are counted as baselines: one job each,
-its whole damping grid inside.
-"""
+Every figure comes from files of the run (each job's ``benchmark:`` TSV, the storage attributes of
+the scores files, the losses files' shapes, ``lds.csv``); DAUNCE's and each baseline's whole tuning
+grid is counted beside the chosen setting alone. ``rule cost`` (``scripts/cost.py``) calls it. How
+each column is counted: docs/design.md#daunce_corebaselinescostpy-what-each-method-cost."""
 from __future__ import annotations
 
 import csv
