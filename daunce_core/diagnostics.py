@@ -1,7 +1,7 @@
 """Is K large enough? Monte Carlo standard errors and split-K reliability of DAUNCE scores.
 
 Both need only the losses file (no retraining): the standard error of each score by the delta
-method over the K models (three GEMMs per block, streamed like the scores), and the split-K
+method over the K models (streamed block by block like the scores), and the split-K
 reliability ``R_K = c rho_h / (1 + (c - 1) rho_h)`` (Spearman-Brown, c = K/h) from two disjoint
 halves of h models. ``daunce score --reliability`` (:mod:`daunce_core.cli`) calls them. Derivation:
 docs/theory.md#is-k-large-enough-standard-errors-and-split-k-reliability-diagnosticspy."""
