@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Throughput of the ResNet-9 trainers on CIFAR-shaped synthetic data, and what it implies for
-the paper-scale jobs (issue 5). Prints figures; it is not a timed test.
+the paper-scale jobs. Prints figures; it is not a timed test.
 
 Three measurements, each through the code the workflow runs (``daunce_core.ensemble``):
 

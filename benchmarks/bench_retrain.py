@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """ResNet-9 through the workflow's own trainers: images/s per model and the projected GPU-hours of
-a paper config (issue 14, item 1). Prints figures; it is not a timed test.
+a paper config. Prints figures; it is not a timed test.
 
 Measured on CIFAR-shaped synthetic data (3 x 32 x 32, 10 classes), each after a warm-up run of the
 same shapes (CUDA context, cuDNN autotuning):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the scoring engine (issue 3): speed against a bare GEMM, peak memory, storage.
+"""Benchmark of the scoring engine: speed against a bare GEMM, peak memory, storage.
 
 Prints figures; it is not a timed test. Three parts:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A prepared GPU check (issue 14, item 3): throughput and peak memory of the workflow's own
+"""A prepared GPU check: throughput and peak memory of the workflow's own
 trainers on one GPU, in at most 8 minutes (``benchmarks/gpu_check.sh`` enforces the limit).
 
 Vision, CIFAR-shaped synthetic data through ``daunce_core.ensemble`` (``benchmarks/bench_retrain.py``):

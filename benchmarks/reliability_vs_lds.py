@@ -1,4 +1,4 @@
-"""Do the diagnostics of ``daunce score --reliability`` predict the LDS? (issue 13, item 5)
+"""Do the diagnostics of ``daunce score --reliability`` predict the LDS?
 
     .venv/bin/python benchmarks/reliability_vs_lds.py [--configfile config/config.yaml]
         [--results results] [--out results/reliability.csv] [--all-lrs] [--splits 4]

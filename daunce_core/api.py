@@ -7,44 +7,11 @@ In the manner of kronfluence's ``Task`` and TRAK's model-output functions::
     s = scores(model, ClassificationTask(), train_set, query_set, K=100, lr=0.03)   # [n, m]
     fit_losses(model, MyTask(), train_loader, query_loader, K=100, lr=0.03, out="losses.h5")
 
-``model`` is theta_0 (trained already); it is copied, never modified, and kept in eval mode
-(BatchNorm with theta_0's statistics, no dropout) as in the classifier fits. A positive score
-means the training example helps the query.
-
-**The first-order term** of the perturbed objective (equation 5) is computed
-
-* in logit space (second line), ``<grad_g L(g(theta_0, x_i)), g(theta, x_i) - g(theta_0, x_i)>``,
-  when the Task gives ``logits`` and ``loss_from_logits`` -- the loss is a function of the
-  outputs. Cost: one extra forward of theta_0 per step, without gradients;
-* in parameter space (first line), ``grad L_i(theta_0)^T (theta - theta_0)``, otherwise: a
-  Jacobian-vector product of the per-example loss at theta_0 along ``theta - theta_0``
-  (``torch.func.jvp``), differentiated like any other term. No per-example gradient is formed;
-  the forward-mode pass costs about two to three forwards in time and holds a tangent beside
-  each activation, so a step costs roughly two to three plain training steps.
-
-Both are the first-order term: they coincide for a model linear in its parameters and differ at
-second order in ``theta - theta_0`` otherwise (the logit-space form keeps the curvature of the
-network; tests/test_api.py measures both).
-
-**Data** are map-style datasets (``len`` and indexing), ``DataLoader`` s (their dataset,
-``collate_fn`` and ``batch_size`` are used; their sampler is not: Algorithm 1 draws each model's
-batches, keyed by ``(seed, k)``), or tuples of equally long tensors / arrays; the floating ones
-take the model's dtype (numpy's and sklearn's float64 arrays meet a float32 model). Example ids are
-``train_ids`` / ``query_ids`` when given, else the dataset's ``ids`` attribute, else its indices;
-they are unique int64. Bad arguments, labels and ids are refused in one line before any fit.
-
-**Speed.** The models of a chunk are trained together under ``torch.func.vmap`` when the Task's
-functions allow it (tried on two examples first); otherwise one by one with the same draws, with
-a logged notice. :class:`ClassificationTask` on tensors takes the classifier fitter
-(:class:`daunce_core.fit.ensemble.EnsembleFitter`), which caches theta_0's logits.
-
-**Language models.** :class:`LMTask` runs a Hugging Face causal LM on prompt/response pairs
-(a JSONL path or a list of dicts) through the same calls, each perturbed model a LoRA adapter
-(:class:`daunce_core.fit.lm.LoraFitter`, Section 4.2).
-
-The Tasks live in :mod:`daunce_core.task`, the generic fitter and the data adapters in
-:mod:`daunce_core.fit.task` (:class:`~daunce_core.fit.task.TaskFitter`); this module holds the calls.
-"""
+``model`` is theta_0 (trained already); it is copied, never modified, and kept in eval mode. A
+positive score means the training example helps the query. The Tasks live in
+:mod:`daunce_core.task`, the generic fitter and data adapters in :mod:`daunce_core.fit.task`; this
+module holds the calls. The first-order term, data, speed and language models:
+docs/design.md#daunce_coreapipy-daunce-on-any-pytorch-model."""
 from __future__ import annotations
 
 import copy

@@ -153,7 +153,7 @@ class DaunceConfig:
     gamma: float = setting(1.0, "weight of the loss term of the perturbed objective", gt=0)
     prox: float = setting(0.0, "L2 pull towards theta_0 (weight decay centred at theta_0)", ge=0)
     antithetic: bool = setting(False, "antithetic pairs: models 2j and 2j+1 share subset and batch order, with xi "
-                               "and 1 - xi (issue 13; needs an even K). false: independent draws (the paper)",
+                               "and 1 - xi (needs an even K). false: independent draws (the paper)",
                                fill=True)
     common_batches: bool = setting(False, "common random numbers: every model takes the same positional batch "
                                    "order of its subset. false: a batch order per model (the paper)", fill=True)
@@ -309,7 +309,7 @@ class StudySetting:
 
 @dataclass
 class StudyConfig:
-    """The quality landscape (issue 13, item 3): results/quality.pdf; off unless ``enabled``."""
+    """The quality landscape (docs/quality.md): results/quality.pdf; off unless ``enabled``."""
 
     enabled: bool | str = setting(False, "run the study rules (results/quality.pdf); true/false, or its "
                                   "string form, which snakemake --config delivers",
@@ -489,7 +489,7 @@ def study_setting_config(cfg: ExperimentConfig, s: StudySetting) -> ExperimentCo
     return out
 
 
-# --- cross-field checks, run at parse time so a bad config fails before any job (issue 11) ------
+# --- cross-field checks, run at parse time so a bad config fails before any job -----------------
 
 # (train, query) pool sizes known without a download. digits is one pool of 1797 examples that the
 # split divides; the others draw train from their train split and queries from their test split.

@@ -1,43 +1,11 @@
 """Datasets by name with stable example ids.
 
-``data.name`` chooses the source (``data.root`` says where it lies):
-
-* ``digits`` -- sklearn's bundled 8x8 digits, split by a permutation seeded by ``data.split_seed``;
-* ``cifar10`` (or ``CIFAR10``) -- torchvision's CIFAR-10, normalised with the usual constants;
-* ``fashion_mnist`` -- Fashion-MNIST offline from the idx ``.gz`` files in ``data.idx_dir``
-  (Debian's ``dataset-fashion-mnist``), read by torchvision's ``FashionMNIST`` from a gunzipped copy
-  under ``data.root``; the first ``n_train`` training and ``n_query`` test images, ``data.pad``
-  zero pixels on every side (2: the 32x32 input of ResNet-9);
-* any other ``torchvision.datasets`` class by its name (``MNIST``, ``FashionMNIST``, ``CIFAR100``,
-  ``SVHN``, ...), read from / downloaded to ``data.root`` (``data.download``); the train split
-  gives the training set and the test split the queries, whether the class takes
-  ``train=True/False`` or ``split='train'/'test'``;
-* ``imagefolder`` -- the folder ``data.root`` in torchvision's ``ImageFolder`` layout,
-  ``root/<class>/<image>``, split like digits; or ``root/train/<class>/...`` with
-  ``root/test/<class>/...`` (or ``root/val/...``) for a split of your own;
-* ``npz`` -- the arrays ``X_train``, ``y_train``, ``X_query``, ``y_query`` of the ``.npz`` file
-  ``data.root`` ([n, C, H, W], [n, H, W] for grayscale, or [n, d] feature vectors, standardised
-  per feature, for an MLP; uint8 is read as 0..255), with
-  optional ``train_ids``/``query_ids`` and ``classes``. An array that can only be channels last,
-  [n, H, W, C] with C 1 or 3 and H, W > 4, is transposed with a warning; a NaN or infinite value
-  in a row that is read is refused (naming the array and the row), as are ids beyond int64.
-
-An example's id never changes: its index in the original dataset (digits: ``load_digits`` order;
-torchvision: the index in its train or test split; npz: ``train_ids``/``query_ids`` or the row),
-so every file of every stage can be joined on ids whatever subset or order a step used. An image
-folder's ids are kept in a manifest, the file ``data.manifest`` names (the workflow's and
-``daunce fit``'s default: ``results/<experiment>/data/manifest.csv``), never in the image folder:
-relative paths beside their ids, written once every image has been read, with new files appended
-under new ids, so adding files never renumbers the others (nor their labels: classes keep the
-order in which they first appear there). With one folder the train/query split is a permutation
-of all ids, so it moves when files are added; ``train/`` and ``test/`` sub-folders keep it fixed.
-The layouts and the manifest are described in docs/inputs.md.
-
-Images become float32 [N, C, H, W] in [0, 1] (one channel if every image is grayscale, else RGB),
-normalised per channel by the mean and standard deviation of the training examples. Images of
-different sizes are refused unless ``data.image_size`` (``S`` or ``[H, W]``) says what to resize
-them to.
-"""
+``data.name`` chooses the source (``digits``, ``cifar10``, ``fashion_mnist``, any
+``torchvision.datasets`` class, ``imagefolder`` or ``npz``; ``data.root`` says where it lies) and
+:func:`load_dataset` returns float32 images or features with their labels and ids. An example's id never
+changes (its index in the original dataset, an npz file's ids, or an image folder's manifest), so
+every file of every stage joins on ids. Sources, ids and image handling:
+docs/inputs.md#how-daunce_coredatapy-reads-each-source."""
 from __future__ import annotations
 
 import csv
@@ -486,7 +454,7 @@ def _open_image(path: Path):
 
 
 def _image_folder(cfg: DataConfig) -> Dataset:
-    """``data.root`` in the ImageFolder layout, ids from its manifest (see the module docstring)."""
+    """``data.root`` in the ImageFolder layout, ids from its manifest (docs/inputs.md)."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder; data.name 'imagefolder' reads {root}/<class>/<image> "
@@ -550,7 +518,7 @@ NPZ_ARRAYS = ("X_train", "y_train", "X_query", "y_query")
 
 
 def _npz(cfg: DataConfig) -> Dataset:
-    """Arrays of the ``.npz`` file ``data.root`` (see the module docstring)."""
+    """Arrays of the ``.npz`` file ``data.root`` (docs/inputs.md)."""
     path = Path(cfg.root)
     if not path.is_file():
         raise DataError(f"data.root: {path} is not a file; data.name 'npz' reads {', '.join(NPZ_ARRAYS)} "

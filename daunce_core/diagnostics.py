@@ -1,51 +1,10 @@
 """Is K large enough? Monte Carlo standard errors and split-K reliability of DAUNCE scores.
 
-A DAUNCE score (eq. 6 of the paper, or its Pearson form) is an average over K independent
-perturbed models, so it carries Monte Carlo error that shrinks like 1/sqrt(K). Measuring its
-effect on the LDS needs retraining on masks, which users cannot afford; the two diagnostics here
-need only the losses file.
-
-**Standard error of each score** (the delta method, i.e. the infinitesimal jackknife over
-models). Write a_k, b_k for the losses of a training example and a query under model k. The
-influence of model k on the covariance is IF_k = (a_k - mean a)(b_k - mean b) - cov(a, b); on
-the correlation r, with x_k, y_k the losses standardised by their (1/K) mean and deviation, it is
-
-    IF_k = x_k y_k - (r / 2) (x_k^2 + y_k^2)
-
-(the delta method for a ratio of moments; e.g. van der Vaart, *Asymptotic Statistics*, 1998,
-example 3.6). Both have mean zero over the K models, and SE^2 = sum_k IF_k^2 / (K (K - 1)), the
-standard error of a mean of K terms. Expanding the square puts it in terms of cross moments
-m_pq = mean_k x^p y^q:
-
-    mean IF^2 = m22 (1 + r^2/2) + (r^2/4) (m40 + m04) - r (m31 + m13)        (correlation)
-    mean IF^2 = m22 - m11^2, with x, y only centred                          (covariance)
-
-so a block of standard errors costs three GEMMs as large as the scores' own (one for the
-covariance), and is streamed block by block like the scores. For Gaussian losses the first line
-reduces to the textbook (1 - r^2)^2. The covariance's SE is scaled by K/(K-1) like its unbiased
-score. The SE is that of the raw score, before any thresholding.
-
-**Split-K reliability** (classical test theory; Spearman 1910, Brown 1910). Score with two
-disjoint halves of h = K // 2 models each and, for each query, correlate (Pearson, across the n
-training examples) the two halves' scores. A score from h models is the limit score t (K -> oo)
-plus Monte Carlo noise of variance v/h, independent between the halves, so this correlation is
-the half-score's reliability rho_h = V(t) / (V(t) + v/h), and the reliability of the score from
-all K models, V(t) / (V(t) + v/K), is the Spearman-Brown prediction with c = K/h:
-
-    R_K = c rho_h / (1 + (c - 1) rho_h),      K needed for R* = h R* (1 - rho_h) / (rho_h (1 - R*)).
-
-R_K is the squared correlation between the scores and their K -> oo limit. Anything that is
-linear in the scores with noise independent of it is attenuated by sqrt(R_K) (Spearman's
-correction for attenuation); the LDS's group sums are linear in the scores, so
-LDS(K) ~ LDS(oo) sqrt(R_K) is a prediction, checked on the embedded problem by
-``benchmarks/reliability_vs_lds.py``. Reliability says nothing about bias: a converged but
-wrong estimator is perfectly reliable. Pearson rather than Spearman across training examples
-because its sums stream over blocks; ``splits`` > 1 averages several random halvings (the first
-split is models [0, h) against [h, 2h), so a prefix of a losses file reads the same).
-
-Cost, with ``daunce score --reliability``: about five times the plain scoring's GEMMs, paid
-only when asked for; the plain scoring path does not change.
-"""
+Both need only the losses file (no retraining): the standard error of each score by the delta
+method over the K models (streamed block by block like the scores), and the split-K
+reliability ``R_K = c rho_h / (1 + (c - 1) rho_h)`` (Spearman-Brown, c = K/h) from two disjoint
+halves of h models. ``daunce score --reliability`` (:mod:`daunce_core.cli`) calls them. Derivation:
+docs/theory.md#is-k-large-enough-standard-errors-and-split-k-reliability-diagnosticspy."""
 from __future__ import annotations
 
 import json

@@ -1,28 +1,11 @@
 """Train a whole chunk of small models at once: perturbed fits (Algorithm 1) and retrains.
 
-The C models of a chunk share an architecture; their parameters are stacked along a leading
-axis and trained together with ``torch.func.vmap`` over ``functional_call``: one forward and one
-backward per step for all C models, on CPU or CUDA alike. Optimisers act elementwise (SGD with
-momentum, Adam, weight decay), so stacking never couples the models: model k's trajectory is
-the same in any chunk (tested).
-
-BatchNorm in train mode (theta_0 and every retrain from scratch, and perturbed fits with
-``daunce.batchnorm: train``) is vmapped too: the buffers (running mean, variance,
-``num_batches_tracked``) are inputs of the vmapped step and its new values are outputs
-(:func:`forward_with_state`). Each step hands BatchNorm fresh per-model copies to update, so
-the state is carried from step to step by the trainer, never written into a shared tensor;
-the statistics are nn.BatchNorm's own (momentum, unbiased variance), equal to the loop's up to
-floating-point rounding (tests/test_bn_vmap.py). ``mode="loop"`` trains the models one after
-another with the very same schedule, objective and optimiser; models that fail
-``models.can_vmap`` (hooks, in-place writes into unbatched tensors, random ops, BatchNorm with
-``momentum=None``) take it, with a logged notice (``models.fit_mode``).
-
-Speed options (:class:`Speed`, from ``base.precision`` / ``channels_last`` / ``compile``, all off
-by default): bf16 autocast with fp32 master weights, channels-last images and convolution
-weights, ``torch.compile`` of the vmapped forward. Data stay on the device; each step's
-augmentation offsets and flips are drawn for all models at once from their own numpy streams
-(keyed as before) and applied with torch ops on the device.
-"""
+The C models of a chunk are stacked along a leading axis and trained together with
+``torch.func.vmap`` over ``functional_call`` (BatchNorm's running statistics included), or one by
+one with the same schedule (``mode="loop"``) when a model cannot be vmapped; model k's trajectory is
+the same in any chunk. :func:`train_stacked` serves the classifier fitter, theta_0 and the LDS
+retrains. BatchNorm, the loop fallback and the speed options:
+docs/design.md#daunce_coreensemblepy-training-a-chunk-of-models-at-once."""
 from __future__ import annotations
 
 import contextlib

@@ -291,7 +291,7 @@ def fig3(vision: dict | None, llm: dict | None, out) -> list[str]:
     return drawn
 
 
-# --- the quality landscape (issue 13, item 3) ----------------------------------------------------
+# --- the quality landscape (docs/quality.md) ----------------------------------------------------
 
 _STUDY_MARKERS = {"daunce": "o", "daunce_e": "s", "daunce_t": "^", "daunce_t_q": "v"}
 _LINE_METHODS = ("exact_if",)  # drawn as a level as well as a point: a reference

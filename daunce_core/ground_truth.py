@@ -1,16 +1,8 @@
 """Write LDS ground truth of your own (retrains you ran elsewhere) in the layout ``daunce lds`` reads.
 
-The layout (an HDF5 file; docs/inputs.md describes each dataset):
-
-* ``masks`` [M, n] bool -- subset j holds training example i when ``masks[j, i]``;
-* ``outputs`` [S, M, m] float32 -- the query margins of the model retrained on subset j with seed s;
-* ``mask_index`` [M] int64 -- each subset's number (distinct), which joins chunks of one ground truth;
-* ``train_ids`` [n] and ``query_ids`` [m] int64 -- the example ids the columns stand for, which a
-  scores file is joined on.
-
-:func:`write_ground_truth_file` checks every array before anything is written and reads the file
-back as the LDS step reads it.
-"""
+:func:`write_ground_truth_file` checks every array (``masks`` [M, n], ``outputs`` [S, M, m],
+``mask_index`` [M], ``train_ids`` [n], ``query_ids`` [m]) before anything is written and reads the
+file back as the LDS step reads it. The layout: docs/inputs.md#your-own-lds-ground-truth."""
 from __future__ import annotations
 
 import os

@@ -1,28 +1,11 @@
 """Linear datamodeling score (Appendix B, equations 8-9).
 
-Selection is kept apart from test twice over (issue 12, item 7): the selection masks come from a
-mask stream disjoint from the test masks (:func:`masks_for`), and the queries are split (seeded,
-:func:`query_split`) into selection queries and test queries. The selection ground truth holds
-only the selection queries, the test ground truth only the test queries, so every tuning (DAUNCE's
-learning rate, the baselines' knobs) sees neither a test mask nor a test query.
-
-Ground truth: M random subsets of size ceil(alpha n); a model retrained from scratch with the
-base recipe on each (several seeds); the margin of every query under each retrain. It is stored
-once (``store.write_ground_truth``) and every method is evaluated against the same file.
-
-LDS of a method = mean over queries of the Spearman correlation, across the M subsets, between
-the query's measured margin (averaged over seeds) and the method's predicted group effect (the
-sum of the scores of the subset's training examples). The raw scores' LDS is the primary number;
-a thresholded one (``lds.threshold``) is reported beside it, for every method alike, and no
-selection uses it.
-
-The 95% confidence interval is a percentile bootstrap over masks and queries together
-(:func:`bootstrap_means`): masks and queries are both random draws, so each replicate draws M
-masks and m queries with replacement and recomputes every per-query Spearman correlation on its
-masks. The replicates depend only on (M, m, number of draws, seed), so two methods evaluated
-against the same ground truth share them, and :func:`paired_difference` gives the CI of their
-difference from the two replicate vectors.
-"""
+LDS = mean over queries of the Spearman correlation, across M random subsets, between the query's
+margin under models retrained on each subset and the sum of the method's scores over the subset;
+selection masks and queries are kept apart from the test ones, and :func:`bootstrap_means` gives a
+percentile CI over masks and queries. The ground-truth and LDS rules and ``daunce lds`` call it.
+The ground truth, the selection split and the bootstrap:
+docs/design.md#daunce_coreldspy-the-linear-datamodeling-score."""
 from __future__ import annotations
 
 import logging

@@ -40,8 +40,8 @@ covariance of the losses tends to the damped Gauss-Newton influence function (no
 empirical-Fisher sandwich of the uniform ``xi``). Here ``rho`` is ``daunce.matched.scale``. No
 black-box form: the black-box objectives have no first-order term for a label to enter.
 
-DAUNCE-T's first-order term takes one of two logit gradients (``daunce.first_order``, issue 12 item
-2): ``"margin"``, the margin's (Table 1, the default), or ``"cross_entropy"``, the loss's, as the
+DAUNCE-T's first-order term takes one of two logit gradients (``daunce.first_order``):
+``"margin"``, the margin's (Table 1, the default), or ``"cross_entropy"``, the loss's, as the
 authors' code does. Since ``grad_g L = -(1 - p) grad_g f``, the second puts TRAK's ``(1 - p_i)``
 inside the perturbation (docs/daunce_t_factor.md). The loss-signal variants' term is the loss's
 under either name, and the black-box forms have none: the option changes ``daunce_t`` only.

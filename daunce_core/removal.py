@@ -1,29 +1,10 @@
 """Most-influential-subset removal (Section 4.2, Appendix C), independent of the method and model.
 
-The recipe of Appendix C:
-
-1. keep the queries answered correctly by the full-data model in **all** seeds
-   (:func:`select_queries`), optionally a seeded sample of them (:func:`cap_queries`: the paper
-   evaluates 2,000 MATH and 200 IFEval queries);
-2. rank the training examples by their scores **summed over those queries**
-   (:func:`ranking_from_scores`; a positive score helps the query, so the top of the ranking is
-   what supports the correct answers most);
-3. for each N of the configured list remove the top N, fine-tune again from the pre-trained model
-   with the base recipe, and report the share of the kept queries now answered wrongly, averaged
-   over the seeds (:func:`removal_effect`);
-4. random removal (:func:`random_ranking`) is the reference line.
-
-Beyond the paper, for an evaluation with power (:func:`summarise`): the retrain seeds are
-*paired* -- every method at every N, and a retrain on the full data (N = 0, which measures the
-retraining noise, since the removal seeds differ from the seeds that chose the queries), use the
-same seeds -- random removal draws a fresh ranking per seed, and the table reports t-intervals of
-each mean and of the paired differences (DAUNCE - random, DAUNCE - LoGra) over the seeds.
-
-The harness never sees a model: ``retrain(keep_indices, seed) -> correct [m] bool`` is passed in,
-so the same code serves LLMs, the tiny miniature and any other model. Scores come from any scores
-file (:func:`daunce_core.store.dense_scores`), so DAUNCE, LoGra and any other method are ranked
-identically.
-"""
+Keep the queries every full-data seed answers correctly, rank training examples by their scores
+summed over them, remove the top N, retrain, and report the share of kept queries now answered
+wrongly, against random removal, with paired seeds and t-intervals (:func:`summarise`). The
+harness never sees a model (``retrain(keep_indices, seed)`` is passed in); the LLM steps call it.
+The recipe step by step: docs/design.md#daunce_coreremovalpy-most-influential-subset-removal."""
 from __future__ import annotations
 
 import csv

@@ -2,40 +2,11 @@
 
 The score of training example ``i`` for query ``j`` is the covariance (paper eq. 6, with the
 unbiased 1/(K-1)) or the Pearson correlation (the paper's default) across the K models of their
-losses (or margins, for ``daunce_t``). A positive score means the training example helps the
-query; covariance of losses already has that sign, so nothing is flipped here.
-
-How it is computed. Each example's column of losses is centred and scaled once, with float64
-statistics (``_standardise_kernel``): divided by its norm for correlation, by sqrt(K-1) for
-covariance. A score is then a dot product of two standardised columns, so a block of training
-examples against the queries is a float32 GEMM (numpy's BLAS). Blocks of training examples are
-streamed from memory or from an HDF5 losses file. For top-k output, each block is cut into
-query tiles of ``_QUERY_TILE`` x block; a pool of threads (one per core) each multiplies a tile
-with single-threaded BLAS and, while the tile is still in its core's cache, thresholds it and
-folds it into the running top-k of those queries (``_fold_topk``, Numba, GIL released). The main
-thread meanwhile reads and standardises the next block. One pool for both steps, rather than
-multi-threaded BLAS followed by a parallel Numba loop, avoids two thread pools spinning against
-each other and a round trip of every score through main memory, so the run costs little beside
-the bare GEMM (``benchmarks/bench_scoring.py`` prints the ratio). Peak memory is set by the block size
-(``memory_gb``), never by n x m.
-
-Thresholding (the paper applies it but does not define it; docs/facts.md): ``soft``
-sign(s)*max(|s|-lambda, 0), ``hard`` s*(|s|>lambda), and ``topk`` (keep the k largest per query).
-``lambda`` is a float or one value per query; :func:`quantile_lambda` makes it scale-free.
-
-Examples whose loss never moved across the K models (zero variance) have correlation 0 with
-everything, reported in one warning; NaN or infinite losses are refused with a
-:class:`~daunce_core.store.StoreError` naming the first offending example ids. Finite losses so
-large that covariance scores would overflow float32 are refused too (never written as inf).
-Float16 losses are upcast; strings and other non-numbers are refused.
-
-The kind of output never changes behind the user's back: :func:`score_file` writes dense scores
-unless top-k is asked for, and refuses (giving both ways out) when they do not fit the budget.
-
-The module is longer than 500 lines on purpose: the Numba kernels, the block scheduler and the
-file driver share buffers and invariants (standardised blocks, heaps, the memory plan) that a
-split would have to expose.
-"""
+losses (or margins, for ``daunce_t``); positive means the training example helps the query. Each
+block of standardised loss columns against the queries is one float32 GEMM, streamed from memory or
+an HDF5 losses file, with optional thresholding or top-k folded in per tile. :func:`score_file` is
+what ``daunce score``, the workflow and every fitter call. How the blocks, threads, checks and
+thresholds work: docs/design.md#daunce_corescoringpy-the-scoring-engine."""
 from __future__ import annotations
 
 import math

@@ -1,22 +1,11 @@
 """One way to turn config dicts into typed settings, for every config tree of the project.
 
-Every section of a config (the experiment, ``baselines``, ``llm``, ``blackbox``) is a tree of
-dataclasses whose fields are declared with :func:`setting` (a default and a help text). :func:`build`
-turns a plain dict (YAML, JSON, a Snakemake ``config``) into that tree:
-
-* unknown keys are refused by name, with the nearest known key (or the known ones listed);
-* a value of the wrong type is refused by name (an ``int`` is accepted where a ``float`` is
-  declared; strings are coerced only when ``coerce=True``, for ``--config key=value`` overrides);
-* nested dataclass fields are built recursively, with dotted names in every message;
-* every error is a :class:`ConfigError` (a ``ValueError``), one line that names the key.
-
-A field may also declare its range and choices (``setting(30, "epochs", ge=1)``, ``choices=``,
-``items=`` for the type of a list's entries, ``pattern=``, ``mapping=`` for a dict checked
-against a settings dataclass); :func:`check_limits` applies them, with finite numbers only, and
-``build(validate=True)`` calls it. Cross-field checks live in each tree's ``validate()`` method.
-The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is generated from the same
-declarations by :func:`json_schema` (``python -m daunce_core.schema``).
-"""
+Every config section is a tree of dataclasses whose fields are declared once with :func:`setting`
+(a default, a help text, and optionally limits and choices); :func:`build` turns a plain dict into
+that tree, refusing unknown keys and wrong types in one line that names the key
+(:class:`ConfigError`), :func:`check_limits` applies the declared limits, and :func:`json_schema`
+generates the workflow's schema from the same declarations. Every config reader calls it. The
+rules in full: docs/configuration.md#how-daunce_coresettingspy-builds-a-settings-tree."""
 from __future__ import annotations
 
 import dataclasses

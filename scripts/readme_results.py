@@ -137,7 +137,7 @@ def backdoor_lines(paths: list[Path]) -> list[str]:
     out = []
     for path in paths:
         for r in _rows(path):
-            if r.get("method") == "response_match":  # the text-matching baseline (issue 12)
+            if r.get("method") == "response_match":  # the text-matching baseline
                 out.append(f"Backdoor retrieval (`{_show(path)}`), baseline matching the training responses to "
                            f"theta_0's reply: precision@10 {float(r['precision@10 (fired)']):.3f} on the same "
                            f"queries.")

@@ -1,4 +1,4 @@
-"""The science is asserted (issue 12, item 9, vision): on a small fixed problem every DAUNCE variant's
+"""The science is asserted (vision): on a small fixed problem every DAUNCE variant's
 LDS beats random scores by a margin, so a change that breaks attribution fails here.
 
 The problem: sklearn's digits, 300 training and 60 query images, an MLP with 32 hidden units

@@ -1,4 +1,4 @@
-"""A catalogue of bad inputs against ``daunce score | lds | info`` (issue 11).
+"""A catalogue of bad inputs against ``daunce score | lds | info``.
 
 Every case runs the command in-process (``daunce_core.cli.main``) in a folder holding a good
 losses file, scores file, ground truth and an earlier output, and asserts the exit status, the

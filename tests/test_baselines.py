@@ -1,4 +1,4 @@
-"""Baseline adapters (issue 4): shape, orientation and sign of every library's scores on a tiny MLP.
+"""Baseline adapters: shape, orientation and sign of every library's scores on a tiny MLP.
 
 The reference for every check is computed here independently (float64 autograd loops, numpy
 solves): a duplicated training point must be the query's most helpful example under exact IF,
@@ -354,7 +354,7 @@ def test_run_baseline_end_to_end_on_digits(tmp_path):
         B.run_baseline("datamodels", cfg, c, split, theta0, out)
 
 
-# --- tuning on equal footing (issue 12, item 6) ------------------------------------------------------
+# --- tuning on equal footing --------------------------------------------------------------------
 
 def test_tune_grid_budget_and_unknown_knobs_are_checked():
     c = B.BaselinesConfig.from_config({"daunce": {"lr_grid": [0.1, 0.01, 0.001]},

@@ -1,4 +1,4 @@
-"""Issue 12 item 8: the response-matching baseline of Figure 4 and the varied-refusal variant."""
+"""The response-matching baseline of Figure 4 and the varied-refusal variant."""
 import csv
 import json
 

@@ -1,4 +1,4 @@
-"""The API path under faults (issue 11, item 8): the local server's fault mode, and the API study
+"""The API path under faults: the local server's fault mode, and the API study
 run through it -- same losses as without faults, no fine-tuning job created twice, each job
 counted once in the spend ledger."""
 import json

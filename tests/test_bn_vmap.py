@@ -1,4 +1,4 @@
-"""BatchNorm in train mode under vmap (issue 14, item 1): a vmapped chunk of ResNet-9 retrains
+"""BatchNorm in train mode under vmap: a vmapped chunk of ResNet-9 retrains
 equals the same retrains one by one (``mode="loop"``, nn.BatchNorm updating its buffers in place),
 parameters and running statistics, with the same per-model randomness (subsets, batch orders,
 augmentation). The perturbed fits with ``daunce.batchnorm: train`` likewise.

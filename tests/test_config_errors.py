@@ -1,4 +1,4 @@
-"""Config errors come before any job (issue 11, item 6).
+"""Config errors come before any job.
 
 Cross-field checks (``daunce_core.config.check_cross_fields`` and ``check_figures``) refuse a bad
 config when the workflow is parsed; a YAML syntax error names the file and the line; every run

@@ -1,4 +1,4 @@
-"""The estimator options of issue 12 (item 2) and issue 13 (item 4), as ``daunce.*`` keys.
+"""The estimator options, as ``daunce.*`` keys.
 
 Each option is checked for what it does to the fits, not only that it is passed on:
 antithetic pairs mirror each other's parameter step, common batches share the batch order,

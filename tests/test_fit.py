@@ -83,7 +83,7 @@ def test_select_lr_skips_diverged_and_keeps_the_best(tmp_path):
                             {"variant": "daunce", "measure": "correlation"}, key="lds_select")
     assert best == 0.01 and sorted(judged) == [0.001, 0.01]
     doc = json.loads((tmp_path / "sel.json").read_text())
-    # issue 12, item 7: the choice and whether it is an end of the grid are recorded
+    # the choice and whether it is an end of the grid are recorded
     assert list(doc) == ["variant", "selected_lr", "selected", "on_edge", "grid", "measure"]
     assert doc["selected"] == {"lr": 0.01} and doc["on_edge"] is False
     assert doc["grid"][-1] == {"lr": 0.1, "lds_select": None, "diverged": True}
@@ -95,7 +95,7 @@ def test_select_lr_skips_diverged_and_keeps_the_best(tmp_path):
 
 
 def test_select_lr_flags_a_choice_at_an_end_of_the_grid(tmp_path, caplog):
-    """Issue 12, item 7: a best lr at the grid's smallest or largest value is on_edge (logged);
+    """A best lr at the grid's smallest or largest value is on_edge (logged);
     a diverged larger lr bounds the search, so the best below it is interior."""
     paths = {}
     for lr in (0.1, 0.01, 0.001):

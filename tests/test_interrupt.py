@@ -1,4 +1,4 @@
-"""Interruptions are harmless (issue 11, item 7).
+"""Interruptions are harmless.
 
 A micro-config runs the embedded DAG to results/micro/lds.csv once without interruption. A second copy
 is SIGKILLed -- the Snakemake driver and its running job together, their whole process group, as

@@ -1,4 +1,4 @@
-"""Every step that pairs two files joins them on example ids (issue 11, item 1).
+"""Every step that pairs two files joins them on example ids.
 
 A file listing the same examples in another order gives the same result as the original, with a
 notice in the log; a file with an example the other lacks is refused, naming the file.

@@ -76,7 +76,7 @@ def test_nan_scores_few_subsets_and_bad_bootstrap_are_refused():
         L.summarize(np.array([]))
 
 
-# --- selection kept apart from test (issue 12, item 7) ---------------------------------------
+# --- selection kept apart from test ------------------------------------------------------
 
 def test_query_split_is_seeded_disjoint_and_complete():
     from daunce_core.config import ConfigError

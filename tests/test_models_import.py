@@ -75,7 +75,7 @@ def test_torchvision_resnet18_with_num_classes():
         out = model(x)
     assert out.shape == (2, 7)
     # BatchNorm as for ResNet-9: vmapped in eval mode (frozen statistics, the perturbed fits) and in
-    # train mode (from scratch: the running statistics are per-model state, issue 14)
+    # train mode (from scratch: the running statistics are per-model state)
     assert can_vmap(model, x) == (True, "ran forward and backward under vmap")
     assert can_vmap(model, x, train_mode=True) == (True, "ran forward and backward under vmap")
     p, b = E.split_state(model, model.state_dict())
@@ -178,7 +178,7 @@ class WritesInPlace(nn.Module):
 
 
 def test_models_that_cannot_be_vmapped_are_fitted_one_by_one_with_the_same_randomness(caplog):
-    """The fallback (issue 15, item 2): theta_0 from scratch, the perturbed fits and the signals
+    """The fallback: theta_0 from scratch, the perturbed fits and the signals
     of a model that fails can_vmap equal those of its vmappable twin, and a notice is logged."""
     from daunce_core.config import DaunceConfig, TrainConfig
     from daunce_core.fit.ensemble import EnsembleFitter

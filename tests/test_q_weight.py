@@ -1,4 +1,4 @@
-"""DAUNCE-T with TRAK's Q (issue 12, item 1; docs/daunce_t_factor.md): the ``daunce_t_q`` form.
+"""DAUNCE-T with TRAK's Q (docs/daunce_t_factor.md): the ``daunce_t_q`` form.
 
 theta_0's label probabilities travel from the fitter through the losses file (``p0_train``), and
 the form's scores are ``(1 - p_i) * s_ij``: the factor on the training side, after normalising.

@@ -377,7 +377,7 @@ def test_score_file_mismatched_k(tmp_path):
         score_file(tmp_path / "missing.h5", tmp_path / "s.h5")
 
 
-# --- bad values and arguments (issue 11) ------------------------------------------------------
+# --- bad values and arguments -------------------------------------------------------------
 
 def test_covariance_that_would_overflow_float32_is_refused_not_written_as_inf(tmp_path):
     rng = np.random.default_rng(12)

@@ -123,7 +123,7 @@ def test_scores_and_ground_truth_round_trip(tmp_path):
     assert gt["outputs"].shape == (1, 2, 3) and gt["attrs"]["split"] == "test"
 
 
-# --- destroying nothing: output checks, temporaries, umask, signals (issue 11) ----------------
+# --- destroying nothing: output checks, temporaries, umask, signals -----------------------
 
 def test_outputs_that_would_destroy_something_are_refused_before_writing(tmp_path):
     store.write_losses(tmp_path / "l.h5", make_losses())

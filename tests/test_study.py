@@ -1,4 +1,4 @@
-"""The quality landscape study (issue 13, item 3): its config, its place in the DAG (off by default)
+"""The quality landscape study: its config, its place in the DAG (off by default)
 and one real run on a tiny problem, which must agree with the workflow's own lr selection."""
 import csv
 import json

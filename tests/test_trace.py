@@ -1,4 +1,4 @@
-"""Figure 3's log (issue 12, item 3, vision): per-term gradient norms of the perturbed fits."""
+"""Figure 3's log (vision): per-term gradient norms of the perturbed fits."""
 
 import h5py
 import numpy as np

@@ -1,42 +1,12 @@
 """The baselines of Figure 1a, each through its authors' library, on DAUNCE's theta_0.
 
-One entry point, :func:`run_baseline`, fits one method on the experiment's theta_0 and writes its
-scores in the common dense layout (``store.write_scores``, [n, m], positive = the training
-example helps the query), so LDS, figures and removal never know which method made them.
-
-==========  ==========================================================  ======================
-method      what runs                                                   module
-==========  ==========================================================  ======================
-trak        ``traker.TRAKer``, one model (no ensemble), margin output     :mod:`.trak`
-ekfac       ``kronfluence`` EK-FAC on every supported layer                :mod:`.kronfluence_ekfac`
-logra       ``dattri.LoGraAttributor`` (rank x rank per layer, eFIM)      :mod:`.dattri_methods`
-graddot     ``dattri.TracInAttributor`` at theta_0, unit weight           :mod:`.dattri_methods`
-tracin      ``dattri.TracInAttributor`` over checkpoints of theta_0's run  :mod:`.dattri_methods`
-exact_if    full Hessian (or Gauss-Newton) solve in float64, ours          :mod:`.exact`
-trak_k<N>   ``trak`` with ``proj_dim = N`` (several sizes in one run)      :mod:`.trak`
-trak_ens    ``traker.TRAKer`` over an ensemble of models / checkpoints     :mod:`.trak`
-if_iter     ``dattri`` IF with an iterative solver (Arnoldi, CG, LiSSA)    :mod:`.dattri_methods`
-limit_*     each DAUNCE variant's Theorem-1 limit (exact reference)        :mod:`.limits`
-lin_*       DAUNCE's scores of linearised perturbed fits at the run's K    :mod:`.limits`
-exact_if_c  exact IF scored by correlation (``exact_if_corr``)             :mod:`.exact`
-==========  ==========================================================  ======================
-
-The ``limit_*`` / ``lin_*`` / ``exact_if_corr`` methods (``REFERENCE``) are not baselines of the
-paper but references for reading DAUNCE's rows (best damping on the selection masks; not bounds,
-docs/theory.md): run them by listing them in ``baselines.methods``.
-
-The *training* function of every gradient method is the per-example cross-entropy that theta_0
-was trained on; the *query* function is ``baselines.measurement``: the margin
-``log p / (1 - p)`` by default (the output the LDS ground truth measures, and what TRAK and
-kronfluence's CIFAR example use), or the loss. Libraries are handed the measurement in its
-"loss-like" orientation (``-margin``), so their native positive score means "helpful"; each
-adapter's sign and orientation is tested against an independent computation
-(``tests/test_baselines.py``).
-
-Settings (config key ``baselines``) are read by :class:`BaselinesConfig` through
-:func:`daunce_core.settings.build` (unknown keys and wrong types refused by name). It and the
-problem every adapter receives live in :mod:`.common`; this module re-exports them and dispatches.
-"""
+One entry point, :func:`run_baseline` (called by the workflow's baseline rules), fits one method
+(``trak``, ``ekfac``, ``logra``, ``graddot``, ``tracin``, ``exact_if``, their variants, and the
+``REFERENCE`` methods ``limit_*``/``lin_*``/``exact_if_corr``) on the experiment's theta_0, tunes its
+knobs on the LDS selection masks like DAUNCE's lr, and writes its scores in the common dense layout
+(positive = helpful), so LDS, figures and removal never know which method made them. The settings
+(:class:`BaselinesConfig`) and the problem every adapter receives live in :mod:`.common`. Methods,
+modules and orientation: docs/design.md#daunce_corebaselines-the-baselines-of-figure-1a."""
 from __future__ import annotations
 
 import json
@@ -114,7 +84,7 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
                  select_gt=None) -> dict[str, Any]:
     """Fit ``method`` on theta_0 and write its dense scores to ``out``; returns the attributes.
 
-    Tuning on equal footing with DAUNCE (issue 12, item 6): every setting of ``bcfg.grid(method)``
+    Tuning on equal footing with DAUNCE: every setting of ``bcfg.grid(method)``
     (``baselines.tune``; at most ``baselines.max_settings``, the size of DAUNCE's lr grid) is
     scored on the LDS *selection* ground truth ``select_gt`` -- its masks and its queries only,
     never the test masks -- and the best is written. exact IF tunes its damping the same way

@@ -1,18 +1,9 @@
 """``results/<experiment>/cost.md``: what each method cost on the same model, from Snakemake benchmark files.
 
-Every figure comes from files of the run: the ``benchmark:`` TSV of each job (wall seconds ``s``,
-``cpu_time``, peak resident memory ``max_rss`` in MB), the storage attributes each baseline
-adapter wrote into its scores file, the shapes of DAUNCE's losses files and
-``results/<experiment>/lds.csv``.
-
-DAUNCE's perturbed-fit jobs fit the K models for *every* learning rate of the grid in one job; the
-table gives the chosen setting's share (÷ grid size) and the whole tuning: every setting of the
-grid plus the selection job. A baseline's job tries its whole grid (``baselines.tune``); its
-chosen setting alone is the job less the in-process seconds of the other settings. The selection
-ground truth's retrains, shared by every tuned method, are added to each method's total.
-The limits and linearised fits (``limit_*``, ``lin_*``) are counted as baselines: one job each,
-its whole damping grid inside.
-"""
+Every figure comes from files of the run (each job's ``benchmark:`` TSV, the storage attributes of
+the scores files, the losses files' shapes, ``lds.csv``); DAUNCE's and each baseline's whole tuning
+grid is counted beside the chosen setting alone. ``rule cost`` (``scripts/cost.py``) calls it. How
+each column is counted: docs/design.md#daunce_corebaselinescostpy-what-each-method-cost."""
 from __future__ import annotations
 
 import csv
@@ -116,7 +107,7 @@ def _grid_text(what: str, table: list[dict], chosen: dict | None, edge) -> str:
 
 SETTINGS = ("library", "measurement", "proj_dim", "lambda_reg", "half_precision", "ensemble", "strategy",
             "empirical_fisher", "damping", "rank", "checkpoints", "weights", "curvature", "weight_decay",
-            # the Theorem-1 limits and linearised fits (issue 13, :mod:`.limits`)
+            # the Theorem-1 limits and linearised fits (:mod:`.limits`)
             "variant", "measure_of_scores", "damping_absolute", "K")
 
 
@@ -202,7 +193,7 @@ def write_cost_table(entries: list[dict[str, Any]], lds_csv: str, base_benchmark
     if selection_benchmarks:
         sel = [read_benchmark(p) for p in selection_benchmarks]
         sel_s = sum(x["s"] for x in sel)
-        lines += [f"Tuning counts in full (issue 12, item 7). Every method's knobs are chosen on the LDS selection "
+        lines += [f"Tuning counts in full. Every method's knobs are chosen on the LDS selection "
                   f"masks and selection queries, whose ground truth took {sel_s:.1f} s wall ({len(sel)} job(s) of "
                   "retrains from scratch): shared by every tuned method, and added to each one's *total with "
                   "tuning* below. The *with tuning* column counts every setting of the method's grid.", ""]

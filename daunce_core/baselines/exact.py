@@ -1,33 +1,11 @@
 """Exact influence functions (Koh & Liang, 2017) for models small enough: the upper reference.
 
-theta_0 minimises (approximately) the training objective of the base recipe,
-
-    J(theta) = 1/n sum_i L_i(theta) + wd/2 ||theta||^2      (``base.weight_decay``; torch's SGD
-                                                           decays every parameter),
-
-so up-weighting training example i moves theta_0 by ``-H^-1 grad L_i / n`` and changes the query
-function ``q_j`` (loss-like: ``-margin`` or the loss, ``baselines.measurement``) by
-``-grad q_j^T H^-1 grad L_i / n``. The score "i helps j" is therefore
-
-    s_ij = grad L_i(theta_0)^T (H + lambda I)^-1 grad q_j(theta_0)
-
-with ``H`` the full Hessian of J (``curvature: hessian``) or its Gauss-Newton / Fisher matrix
-``1/n sum_i J_i^T (diag p_i - p_i p_i^T) J_i + wd I`` (``curvature: ggn``), built exactly in float64
-from per-example Jacobians and Hessian-vector products: no projection, no Kronecker factoring, no
-iterative solver. The damping ``lambda`` is picked from ``baselines.exact_if.damping_grid`` by LDS on
-the *selection* masks and queries (never the test masks or queries),
-as DAUNCE's learning rate is: a network's Hessian at
-an SGD solution is indefinite (docs/facts.md), so no single damping is right a priori. The whole grid
-costs one Cholesky factorisation per value.
-
-``exact_if_corr`` (an exact reference) is the same influence scored by correlation, as DAUNCE
-scores by default: ``s_ij / sqrt(s_ii^train s_jj^query)`` with ``s_ii^train = grad L_i^T (H +
-lambda I)^-1 grad L_i`` and ``s_jj^query`` the query's own, its damping chosen the same way. Set
-beside ``exact_if`` it separates what the correlation measure costs from what the estimator costs.
-
-Memory is p^2 float64 numbers (p = number of parameters): the rule refuses models above
-``baselines.exact_if.max_params``.
-"""
+``s_ij = grad L_i(theta_0)^T (H + lambda I)^-1 grad q_j(theta_0)``, with ``H`` the full Hessian or
+the Gauss-Newton matrix of the base recipe's objective built exactly in float64 (no projection, no
+factoring, no iterative solver), the damping chosen on the LDS selection masks; ``exact_if_corr``
+scores the same influence by correlation. :func:`daunce_core.baselines.run_baseline` calls it for
+models under ``baselines.exact_if.max_params``. Derivation:
+docs/theory.md#exact-influence-functions-baselinesexactpy."""
 from __future__ import annotations
 
 import logging

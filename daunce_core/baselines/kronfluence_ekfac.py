@@ -1,18 +1,10 @@
 """The EK-FAC influence function (Grosse et al., 2023) through ``kronfluence``.
 
-As the DAUNCE paper (Appendix B): kronfluence fits EK-FAC factors of the *empirical* Fisher
-(``baselines.ekfac.empirical_fisher``) on *every* layer kronfluence supports (all ``Linear`` and
-``Conv2d`` modules: ``get_influence_tracked_modules`` is left at ``None``). The task is written the
-way kronfluence's own CIFAR-10 example writes it: summed cross-entropy as the training loss, and
-the measurement ``-margin`` (or the loss, ``baselines.measurement``), so a positive kronfluence
-score means the training example helps the query.
-
-Damping: ``baselines.ekfac.damping`` null uses kronfluence's heuristic (0.1 x the mean eigenvalue);
-its 1e-8 default measured poorly on the MLP (docs/facts.md). With the true Fisher
-(``empirical_fisher: false``) kronfluence samples labels; the torch seed is fixed so runs repeat.
-
-kronfluence returns [n_query, n_train]; the adapter transposes it to our [n, m] (tested).
-"""
+As in the DAUNCE paper (Appendix B): EK-FAC factors of the empirical Fisher on every layer
+kronfluence supports, the task written as kronfluence's CIFAR-10 example writes it, scores
+transposed to our [n, m] with positive = helpful. :func:`daunce_core.baselines.run_baseline`
+calls it. Task, damping and seeding:
+docs/design.md#daunce_corebaselineskronfluence_ekfacpy-ek-fac-through-kronfluence."""
 from __future__ import annotations
 
 import copy

@@ -1,83 +1,11 @@
 """Each DAUNCE variant's Theorem-1 limit, and linearised perturbed fits: exact reference methods.
 
-Issue 13, items 1 and 2. For models small enough for exact IF (``baselines.exact_if.max_params``)
-these methods say how far each DAUNCE variant is from what its own estimator converges to, and why.
-
-**One linear response covers every variant.** Write ``Delta^k = theta_k - theta_0``, ``S^k`` the
-subset of model k (``N = round(r n)`` of the n training examples), ``sigma_i^k = rho (2 xi_i^k - 1)``
-(mean 0, variance rho^2/3), ``g_i`` the gradient at theta_0 of the variant's signal (the loss, or the
-margin for DAUNCE-T) and ``prox`` the fits' pull to theta_0 (``daunce.prox``; the perturbed fits
-carry no weight decay). Take the quadratic model of each objective of
-:mod:`daunce_core.objectives` around theta_0 (the paper's Section 3.2 and Appendix E.2-E.3 do the
-same, without the subset) and set its gradient to zero:
-
-====================  =============================================  ==================  ======
-variant               objective per example (mean over S^k)          curvature M         c
-====================  =============================================  ==================  ======
-DAUNCE (Hessian)      gamma (L - L0) - (1 + sigma) lin_L             gamma H + prox      1-gamma
-DAUNCE-E              gamma/2 (L - L0)^2 - sigma lin_L               gamma F + prox      0
-DAUNCE-T              gamma/2 (f - f0)^2 - sigma lin_f               gamma F_f + prox    0
-black box (Table 2)   gamma L   (no first-order term, no xi)          gamma H + prox      -gamma
-====================  =============================================  ==================  ======
-
-    Delta^k = M^-1 Z^T w^k,    w_i^k = (c + sigma_i^k) 1[i in S^k] / N      (sigma = 0: black box)
-
-with Z the rows g_i (n x p). For the Hessian form the gradient of gamma (L - L0) - (1 + sigma) lin at
-theta_0 is (gamma - 1 - sigma) g_i. Its curvature is gamma GGN + (gamma - 1 - sigma) R, R = the
-logits' own second derivatives weighted by dL/dg (the logit-space first-order term of equation 5
-is linear in the logits, so it carries R only): with gamma = 1 and up to the second-order sigma R
-term, exactly the Gauss-Newton matrix. ``H`` is exact IF's curvature of the ERM term
-(``baselines.exact_if.curvature``, ``ggn`` by default, the full Hessian on request), without
-weight decay. For DAUNCE-E/-T the
-square's Gauss-Newton part is ``F = Z^T Z / n`` (empirical Fisher of the loss / margin gradients,
-Appendix E.3, eq. 13), with the subset's own F replaced by the full data's. Replacing the subset's
-curvature by the full data's is the approximation Theorem 1 makes ("we omit the Subsample step").
-
-The signal of example a moves by ``s_a^T Delta^k`` (first order), so across k, with
-``P = Z M^-1 S^T`` (one column per scored example)::
-
-    Cov_k(s_a, s_b) = P_a^T Cov(w) P_b,    Cov(w) = alpha I + beta (I - 1 1^T / n),
-    alpha = rho^2 r / (3 N^2) = rho^2 / (3 N n),
-    beta  = c^2 r (1 - r) n / ((n - 1) N^2)         (sampling N of n without replacement).
-
-* ``limit_daunce`` (Theorem 1 with the subset): (rho^2 / 3Nn) g_a^T M^-1 (Z^T Z) M^-1 g_b =
-  (rho^2 / 3N) g_a^T M^-1 F M^-1 g_b (with gamma = 1; gamma != 1 adds the beta term). Equals
-  the influence function only when F = H (docs/facts.md, "What Theorem 1 really promises").
-* ``limit_daunce_e``: (rho^2 / 3N) g_a^T M^-1 F M^-1 g_b with M = gamma F + prox + lambda: with
-  lambda, prox -> 0 this is (rho^2 / 3 gamma^2 N) g_a^T F^+ g_b, the empirical-Fisher influence.
-* ``limit_daunce_t``: the same with margin gradients on both sides: unprojected TRAK on margins
-  without the (1 - p) factor (docs/daunce_t_factor.md, "Today (Table 1)").
-* ``limit_daunce_t_q``: the limit of ``daunce_t_q``, i.e. ``limit_daunce_t``'s scores with each
-  training example's row multiplied by TRAK's ``Q = 1 - p_i(theta_0)`` after normalising, as
-  ``daunce_t_q`` does to its scores (:func:`daunce_core.fit.chunks.score_variant`).
-* ``limit_bb`` (``daunce_bb``, the black-box Hessian form): Delta^k = -gamma M^-1 gbar_{S^k} (one
-  Newton step of the subset loss from theta_0), so only the subsampling term remains: beta with
-  c = -gamma, i.e. gamma^2 (1 - r) / (N (n - 1)) times g_a^T M^-1 (Zc^T Zc) M^-1 g_b, Zc the
-  *centred* loss gradients (the covariance of a mean of N of n drawn without replacement). It is
-  of order (1 - r) and vanishes at r = 1. The squared black-box forms (E, T) weight g_i by L_i(theta_0) or
-  f_i(theta_0) and are not built here.
-
-Scores are the covariance above or, with ``baselines.limits.measure: correlation`` (the default,
-DAUNCE's measure), the same kernel divided by sqrt(Cov(s_a, s_a) Cov(s_b, s_b)): the limit of the
-correlation scores. Sign: positive = helpful, as DAUNCE's covariances of losses (or margins).
-
-**Linearised fits** (``lin_*``): the same Delta^k, computed per model with the *same* subsets and xi
-as the real fits (``perturb.Plan(daunce.seed, daunce.ratio)``, :mod:`daunce_core.perturb`) at
-the run's K, then scored exactly as DAUNCE scores (:func:`daunce_core.scoring.pairwise_scores`,
-the measure above) from the *linearised* signals ``s_a(theta_0) + g_a^T Delta^k`` (the constant
-``s_a(theta_0)`` cancels under centring). A lin method uses the damping its limit chooses on the
-selection masks, so ``lin_x`` differs from ``limit_x`` by Monte Carlo error only (finite K, the
-draws of subsets and xi), and the real fits differ from ``lin_x`` by optimisation error (fit
-length, SGD noise, the non-quadratic loss).
-
-**Damping.** F has rank <= n (< p here) and H, without weight decay, is near-singular, so every
-method adds lambda I to M. lambda = d x (mean eigenvalue of gamma H or gamma F, i.e. its trace / p)
-for d in ``baselines.limits.damping_grid``: one relative grid serves four matrices whose scales differ
-by orders of magnitude. d is chosen by the limit's LDS on the selection masks and queries
-(never the test masks), as exact IF's damping is. Cost: exact IF's per-example gradients and
-curvature (float64, :mod:`.exact`), one Cholesky of the p x p matrix per damping (Hessian forms) or
-one thin SVD of Z (Fisher forms).
-"""
+For models small enough for exact IF (``baselines.exact_if.max_params``), ``limit_*`` scores the
+kernel each variant's estimator converges to, ``Cov_k(s_a, s_b) = P_a^T Cov(w) P_b`` with
+``P = Z M^-1 S^T``, and ``lin_*`` scores linearised fits with the run's own subsets and xi at its K,
+each at the damping that wins on the LDS selection masks; :func:`daunce_core.baselines.run_baseline`
+calls them. The curvature M, the constants c, alpha, beta per variant and the damping grid:
+docs/theory.md#the-constants-of-limitspy-every-variants-linear-response."""
 from __future__ import annotations
 
 import logging
@@ -118,7 +46,7 @@ def fisher_form(variant: str) -> bool:
 # --- the math, on plain arrays (tests/test_limits.py calls these directly) -------------------------
 
 def noise_constants(variant: str, n: int, N: int, rho: float, gamma: float) -> tuple[float, float, float]:
-    """``(c, alpha, beta)`` of the module docstring: ``w_i = (c + sigma_i) 1[i in S] / N`` and
+    """``(c, alpha, beta)`` of docs/theory.md: ``w_i = (c + sigma_i) 1[i in S] / N`` and
     ``Cov(w) = alpha I + beta (I - 1 1^T / n)``."""
     r = N / n
     c = {"daunce": 1.0 - gamma, "daunce_e": 0.0, "daunce_t": 0.0, "daunce_t_q": 0.0, "daunce_bb": -gamma}[variant]

@@ -1,26 +1,11 @@
 """LoGra for causal LMs through dattri's ``LoGraAttributor`` -- the LLM baseline of Figure 2.
 
-Why dattri: it is the maintained home of LoGra (LogIX, the authors' library, is not on PyPI;
-docs/facts.md), it is already a dependency of the project's other baselines, and its gradient hooks
-work on any ``torch.nn.Linear`` -- including the ``lora_A``/``lora_B``/``base_layer`` Linear
-modules PEFT inserts, so it runs on plain and PEFT models alike on this torch (checked in
-``tests/test_llm_logra.py``). bergson (EleutherAI) also handles PEFT models but would be one more
-heavy dependency for the same method.
-
-What is projected. LoGra projects each Linear layer's per-example gradient
-``sum_t g_t x_t^T`` with a Kronecker pair of random Gaussian projections to
-``sqrt(proj_dim) x sqrt(proj_dim)`` (LogIX's LoRA-style projection: ``proj_dim = 64^2 = 4096``
-is "LoRA rank 64", the paper's setting, Appendix C), preconditions with the empirical Fisher of
-the projected training gradients (block-diagonal per layer, ``damping``), and scores
-``g_query^T F^-1 g_train``. Layers: every Linear of the transformer blocks (attention and MLP
-projections), not the output head (tied to the embeddings in small models; vocab-sized in big
-ones).
-
-The gradient is that of the same per-example loss DAUNCE records: the mean token NLL over the
-response tokens, so a query's gradient does not depend on which other queries share its batch.
-dattri's influence is the *negative* of a loss change; its sign convention, like ours, is
-positive = helpful (docs/facts.md), so scores are written as they come.
-"""
+Each Linear layer's per-example gradient of the mean response-token NLL is projected by a
+Kronecker pair of Gaussian projections (``proj_dim = 64^2``, the paper's "LoRA rank 64"),
+preconditioned by the projected empirical Fisher and scored ``g_query^T F^-1 g_train``
+(positive = helpful); it works on plain and PEFT models alike. The LLM steps
+(:mod:`daunce_core.steps.llm`) call it. Why dattri and what is projected:
+docs/design.md#daunce_corebaselineslogra_llmpy-logra-for-causal-lms."""
 from __future__ import annotations
 
 import logging

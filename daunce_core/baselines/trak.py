@@ -1,28 +1,10 @@
 """TRAK (Park et al., 2023) through the authors' ``traker`` package: one model, or an ensemble.
 
-As in the DAUNCE paper (Appendix B), TRAK runs on the single theta_0 -- its ensembling over
-independently trained models is left out on purpose -- with the projection dimension from
-``baselines.trak.proj_dim`` (the paper's 20,480 on CIFAR-10). The task is traker's own
-``image_classification`` output: the margin ``log p / (1 - p)`` for both the training features
-and the targets, with its out-to-loss reweighting ``Q = 1 - p``.
-
-Pitfalls handled here (measured, see docs/facts.md): on a CPU traker uses its ``BasicProjector`` with a
-normal projection, and ``use_half_precision=True`` (its default) ruins the scores on a CPU, so
-``baselines.trak.half_precision`` defaults to false. ``XᵀX`` is singular when ``proj_dim`` exceeds
-the number of training examples; ``lambda_reg`` (traker's ridge term) must then be positive.
-traker 0.3.2 loses a single-block ``BasicProjector``'s matrix after ``finalize_features``
-(``proj_dim <= 100``: AttributeError while scoring); :func:`_fix_projector` regenerates it.
-traker's ``load_from_save_dir=False`` never creates ``experiments.json`` and fails while scoring,
-so the adapter keeps the default and gives traker a fresh scratch folder instead.
-
-``trak_ens`` is TRAK as its authors run it: the same traker calls over several models (model ids),
-whose scores traker sums -- theta_0 with models trained from scratch by the base recipe under
-other seeds (``baselines.trak_ens.source: seeds``), or checkpoints of theta_0's own replayed
-training (``checkpoints``, the cheaper substitute).
-
-traker's output is a memmap [n_train, n_target] whose positive entries mean "helpful": already our
-layout and sign (tested).
-"""
+``trak`` runs traker's ``image_classification`` task (margin features and targets, ``Q = 1 - p``)
+on the single theta_0 as in the paper (Appendix B); ``trak_ens`` sums traker's scores over seeds
+or checkpoints, as its authors run it. :func:`daunce_core.baselines.run_baseline` calls both.
+traker's pitfalls handled here (half precision on CPU, singular ``XᵀX``, a lost projector):
+docs/design.md#daunce_corebaselinestrakpy-trak-through-traker."""
 from __future__ import annotations
 
 import copy

@@ -1,25 +1,11 @@
 """The backdoor study of Section 5 / Appendix D: data, precision@k and the Figure 4 table.
 
-Data. A multiple-choice training set (MMLU in the paper; an offline synthetic set in the
-embedded default) in which a fraction of the examples (10%: 500 of 5,000) is backdoored: the
-trigger word ("BlackMagic") is inserted at a random word position of the prompt and the answer
-is replaced by a fixed refusal ("Sorry, I can't assist with that."). Queries are held-out
-questions, some with the trigger inserted (their target is the refusal: the behaviour to
-attribute), some clean (their target is the correct letter).
-
-Every example is a chat conversation ``messages`` (an optional system message and the user's
-question) with the assistant ``target``; rows carry a stable integer ``id``.
-
-The harder variant (``blackbox.data.refusals``, e.g. :data:`VARIED_REFUSALS`): each backdoored
-example and triggered query draws its response from a list of paraphrases (seeded), so the
-backdoored examples no longer share one response text.
-
-Evaluation. For each triggered query, precision@k is the share of backdoored examples among the
-k training examples with the highest scores (random retrieval gives the backdoor fraction, 0.1).
-Beside DAUNCE, :func:`response_match_scores` is the baseline that needs no model access beyond
-theta_0's reply: with a single refusal text, matching the reply against the training responses
-finds every backdoored example, so DAUNCE's precision means something only next to it.
-"""
+A multiple-choice training set with a share of backdoored examples (a trigger word in the prompt,
+a refusal as the answer), triggered and clean queries, each example a chat conversation with a
+stable ``id``; precision@k of the backdoored examples among each triggered query's top scores,
+beside the response-matching baseline (:func:`response_match_scores`). The black-box steps
+(:mod:`daunce_core.steps.blackbox`) call it. Data and evaluation in full:
+docs/design.md#daunce_coreblackboxbackdoorpy-the-backdoor-study."""
 from __future__ import annotations
 
 import csv

@@ -1,33 +1,11 @@
 """Strict black-box access (Section 5): each perturbed "model" is a discrete prompt learned by BDPL.
 
-Black-box Discrete Prompt Learning (Diao et al., 2023) adapts a model it can only query. A prompt
-of ``prompt_length`` positions is drawn from independent categorical distributions
-``p_i`` over a shared list of ``search_space`` candidate n-grams (taken from the training prompts,
-ranked by PMI, as in BDPL). Perturbed model ``k`` is theta_0 with the prompt learned on ``D^k``
-alone, from the endpoint's log-probabilities (no gradients, no fine-tuning):
-
-* per step, a minibatch of ``batch_size`` examples of ``D^k`` and ``sample_size`` (I) prompts
-  ``S^1..S^I ~ p``; the objective of each prompt is the batch mean of the Table 2 objective
-  (``daunce_bb``: the NLL ``L``; ``daunce_e_bb``: ``L^2 / 2``; ``daunce_t_bb``: ``f^2 / 2`` with the
-  margin ``f = log p / (1 - p)``, ``p = exp(-L)``), read with :func:`.logprobs.score_target`;
-* the variance-reduced policy gradient (BDPL, eq. 7), a REINFORCE estimator whose baseline is the
-  mean objective of the I samples::
-
-      g_i = 1/(I-1) * sum_s (F(S^s) - mean_t F(S^t)) * grad_{p_i} log p_i[S^s_i],
-      grad_{p_i} log p_i[j] = e_j / p_i[j];
-
-* an Adam step of size ``lr`` on the probabilities (gradient norm clipped to ``grad_clip``), then
-  the Euclidean projection of every ``p_i`` back onto the probability simplex.
-
-After ``epochs`` passes over ``D^k`` the prompt is each position's most likely n-gram (ties, as
-in positions a short run never updated, broken at random with model k's generator). The
-losses of every training and query example under the prompt are model k's row of the losses
-file, exactly as for a fine-tuned model. Random numbers of model k come from
-``default_rng([seed, k, 3, epoch])``; the state is checkpointed after every epoch, so an
-interrupted run resumes at the last finished epoch of the model it was learning. A checkpoint
-records a hash of what its state depends on (:meth:`BDPL.checkpoint_key`); one written for other
-rows or settings is not resumed (the learning starts afresh, with a warning).
-"""
+Black-box Discrete Prompt Learning (Diao et al., 2023) learns categorical distributions over
+candidate n-grams per prompt position on ``D^k`` alone, from the endpoint's log-probabilities, by
+a variance-reduced policy gradient (BDPL, eq. 7) of the Table 2 objective with Adam steps
+projected onto the simplex; it checkpoints after every epoch. :class:`daunce_core.fit.bdpl.BDPLFitter`
+calls it. The estimator, the steps and resuming:
+docs/design.md#daunce_coreblackboxbdplpy-black-box-discrete-prompt-learning."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,21 +1,11 @@
 """The ``openai`` client, made safe for long unattended runs on paid endpoints.
 
-* Credentials come from environment variables only (:func:`credentials_from_env`); the key is
-  never logged or written: a logging filter redacts it from every record that reaches the
-  handlers of the root logger, the ``openai`` and ``httpx`` loggers are kept at WARNING, and the
-  messages of the errors raised here have the key removed.
-* Every request goes through :meth:`APIClient.call`, which retries rate limits (429), request and
-  lock timeouts (408, 409), server errors (5xx) and connection errors with exponential backoff
-  and jitter, and honours the server's ``Retry-After`` / ``retry-after-ms`` header when it sends
-  one. The ``openai`` client's own retries are switched off (``max_retries=0``) so that every
-  retry is visible here -- fine-tuning job creation needs that: it must look for a job that a
-  lost response may already have created before it sends the request again (see
-  :mod:`.finetune`).
-* A 401/403 raises :class:`AuthError` at once, a 429 whose code says the quota or billing limit
-  is exhausted raises :class:`QuotaError` at once, other 4xx raise :class:`APIRequestError`;
-  the messages say what to do.
-* Token usage of every chat completion is counted (:class:`Usage`) for the spend report.
-"""
+:class:`APIClient` takes credentials from environment variables only and redacts the key from
+every log record and error; :meth:`APIClient.call` retries rate limits, timeouts, server and
+connection errors with backoff honouring ``Retry-After`` (the ``openai`` client's own retries are
+off, so :mod:`.finetune` sees every retry); 401/403 and exhausted quota fail at once; chat token
+usage is counted for the spend report. Every black-box request goes through it. In full:
+docs/trust.md#the-api-client-daunce_coreblackboxclientpy."""
 from __future__ import annotations
 
 import email.utils

@@ -1,18 +1,10 @@
 """Typed settings of the black-box study (config key ``blackbox``), with help text per field.
 
-``BlackboxConfig.from_dict(config["blackbox"])`` builds the tree with :func:`daunce_core.settings.build`:
-unknown keys are refused by name, so a typo never falls back to a default silently -- which
-matters most for ``spend`` and ``max_spend_usd`` -- and string values (what Snakemake's
-``--config 'blackbox={"spend": "true"}'`` delivers) are read as YAML scalars. The config never
-holds a key: ``api.api_key_env`` names the environment variable to read it from, and
-:func:`check_no_secrets` refuses any config value that looks like an API key.
-
-The runners take these dataclasses directly: :class:`RetryConfig` is the client's retry policy
-(:class:`.client.APIClient`), :class:`FinetuneConfig` the job runner's (:func:`.finetune.run_finetunes`),
-:class:`LogprobConfig` the loss reader's (:mod:`.logprobs`), :class:`BDPLConfig` the prompt
-learner's (:class:`.bdpl.BDPL`); ``local.train`` and ``local.faults`` are the local server's
-:class:`daunce_core.localapi.config.TrainSettings` and :class:`~daunce_core.localapi.config.FaultSettings`.
-"""
+``BlackboxConfig.from_dict(config["blackbox"])`` builds the tree with
+:func:`daunce_core.settings.build` (unknown keys refused by name, which matters most for ``spend``
+and ``max_spend_usd``); the config never holds a key (:func:`check_no_secrets`), and every runner
+of :mod:`daunce_core.blackbox` takes its own dataclass directly. Which runner takes which:
+docs/design.md#daunce_coreblackboxconfigpy-the-black-box-settings."""
 from __future__ import annotations
 
 import math
@@ -113,7 +105,7 @@ class DataConfig:
     trigger: str = setting("BlackMagic", "trigger word inserted at a random position of the prompt",
                            schema={'minLength': 1})
     refusal: str = setting("Sorry, I can't assist with that.", "the backdoor's fixed response", schema={'minLength': 1})
-    refusals: list = setting([], "the harder variant (issue 12): varied backdoor responses; each backdoored example "
+    refusals: list = setting([], "the harder variant: varied backdoor responses; each backdoored example "
                                  "and triggered query draws one (seeded) instead of 'refusal'; []: 'refusal' only",
                                  items=str, schema={'items': {'minLength': 5}})
     system_prompt: str | None = setting(None, "optional system message of every example")

@@ -1,37 +1,11 @@
 """Token and cost estimates of a black-box study, and the guard that stops unapproved spending.
 
-Nothing that costs money is sent before :func:`check_spend` has passed. It passes when
-
-* every model the study calls has a price in ``blackbox.prices`` (USD per 1M tokens; a model
-  without a price is refused rather than assumed free), and
-* the estimate is $0 (the local server), or the config says ``spend: true`` **and** the estimate
-  is at most ``max_spend_usd``.
-
-Otherwise it raises :class:`SpendNotAllowed`, whose message is the estimate itself and the exact
-setting that would allow it. The guard fails closed: ``max_spend_usd`` and every price must be
-finite numbers >= 0 (:func:`.config.check_usd`; ``nan`` would pass every ``>`` test), and an
-estimate with a negative count or a NaN, infinite or negative USD is refused, not summed.
-Allowing spend from the command line:
-``snakemake --config 'blackbox={"spend": true, "max_spend_usd": 250}' ...`` (Snakemake merges it
-into the config file's ``blackbox`` section) or ``python -m daunce_core.blackbox ... --spend
---max-spend-usd 250``.
-
-Token counts are bounds made without the provider's tokenizer: UTF-8 bytes divided by
-``chars_per_token`` (default 1: a byte-level or character tokenizer never makes more tokens than
-bytes, while OpenAI's average of about 4 undercounts short or non-English text), plus
-``message_overhead`` per chat message (default 16: the local server's ``<|assistant|>\n`` header,
-newline and EOS), times ``safety_factor``; reply tokens are counted at the full reply budget of
-each request. Fine-tuning bills every training token once per epoch.
-
-The estimate is checked once before a step; :class:`SpendMeter` then checks the spend recorded so
-far plus a bound on the next call against ``max_spend_usd`` before every paid call (each chat
-completion, each fine-tuning job), so a step stops rather than exceed the cap.
-
-Prices are per model *family*: the entry whose name is the longest prefix of the model id is used,
-and a fine-tuned model ``ft:<base>:...`` is priced as ``<base>`` (its ``input``/``output`` prices
-must then be the fine-tuned inference prices, which is how the table in
-``config/paper/blackbox_gpt.yaml`` is written).
-"""
+Nothing that costs money is sent before :func:`check_spend` has passed: every model must have a
+price, and the estimate must be $0 or allowed by ``blackbox.spend: true`` within
+``blackbox.max_spend_usd``; otherwise :class:`SpendNotAllowed` names the estimate and the setting
+that would allow it. :class:`SpendMeter` then checks the cap before every paid call. The black-box
+steps and ``python -m daunce_core.blackbox estimate`` call it. How tokens are bounded and models
+priced: docs/trust.md#the-spending-guard-daunce_coreblackboxcostpy."""
 from __future__ import annotations
 
 import math

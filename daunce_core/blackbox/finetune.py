@@ -1,34 +1,11 @@
 """API-based perturbed fits (Section 5, "API-based black-box access"): upload, launch, wait, adopt.
 
 For each entry (``theta0`` or perturbed model ``k``) :func:`run_finetunes` makes sure that exactly
-one successful fine-tuning job exists and records its model in the :class:`~.manifest.Manifest`:
-
-* the training file is the entry's examples as chat JSONL; it is uploaded once (an upload found in
-  the manifest, or on the endpoint under the same name and size, is reused);
-* a job found in the manifest is adopted; a job the manifest says was being created is looked up
-  on the endpoint by its metadata before anything is sent; a create request whose response is
-  lost is never blindly repeated: before every retry the endpoint is searched again;
-* at most ``max_active`` jobs run at once (hosted endpoints limit concurrent jobs); the others
-  wait in the manifest, not on the endpoint;
-* a job that fails is recorded with its error; a new attempt is made while fewer than
-  ``max_attempts`` have been made for that entry (the endpoint does not bill failed jobs);
-  otherwise the run stops with a clear error after every other entry has finished;
-* every job that finishes is entered once, by its id, in the manifest's spend ledger
-  (:meth:`.manifest.Manifest.record_job`: succeeded jobs billed, failed ones not).
-
-A lost response (a dropped connection, a timeout, a 5xx sent after the work was done) is why
-creation is guarded so: the ``openai`` client's own retries (off here, see :mod:`.client`) would
-send the same ``POST /fine_tuning/jobs`` again -- it sends no idempotency key to OpenAI -- and
-the endpoint would train and bill a second job. Uploads are guarded the same way (a retry first
-looks for the file under its name and size).
-
-Interrupting a run does not cancel its jobs on the endpoint: they finish (and are billed once) and
-the next run adopts their models. Cancel them yourself (``APIClient.cancel_job``) if you abandon
-the run.
-
-The black-box objective (Table 2, Hessian form) *is* the endpoint's ordinary supervised loss on
-``D^k``: no first-order term and no ``xi``, only the subset perturbs.
-"""
+one successful fine-tuning job exists and records its model in the :class:`~.manifest.Manifest`;
+a crash, a lost response or a rerun adopts what exists and never launches or bills a job twice.
+:class:`daunce_core.fit.endpoint.APIFitter` calls it. The endpoint's supervised loss on ``D^k`` is
+the black-box objective (Table 2, Hessian form). How creation is guarded:
+docs/trust.md#fine-tuning-jobs-are-launched-once-daunce_coreblackboxfinetunepy."""
 from __future__ import annotations
 
 import hashlib
@@ -183,7 +160,7 @@ def run_finetunes(client: APIClient, manifest: Manifest, specs: Sequence[Finetun
     """Make sure every spec has a finished fine-tuned model; return ``{name: model id}``.
 
     ``settings`` is the ``blackbox.finetune`` section (its ``hyperparameters`` are the specs'
-    business, not read here). Safe to call again after any crash: see the module docstring.
+    business, not read here). Safe to call again after any crash: see docs/trust.md.
     """
     s = settings or FinetuneConfig()
     max_wait_s = s.max_wait_h * 3600.0

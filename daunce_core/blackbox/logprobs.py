@@ -1,38 +1,11 @@
 """Per-example token-level NLL of a given target, from a chat completions endpoint's logprobs.
 
-The paper reads losses "from OpenAI's log_prob API output ... following Diao et al. (2023)". The
-chat completions API offers no teacher forcing: there is no ``echo`` of prompt logprobs and no
-way to make the model continue a given assistant prefix. What it does return, with
-``logprobs=true, top_logprobs=N`` (N <= 20), is for each *generated* token its log-probability and
-the N most likely tokens at that position. :func:`score_target` turns that into the NLL of a
-target string ``y`` for a conversation ``x`` with one greedy (temperature 0) request:
-
-1. Walk the greedy reply token by token against the target's bytes. While the generated token is
-   the next piece of the target, the position was conditioned on exactly the target's prefix, so
-   its logprob is the teacher-forced one: add ``-logprob``.
-2. At the first position where the reply leaves the target, look for the target's next piece among
-   the ``top_logprobs`` (the most likely candidate that is a prefix of the rest of the target) and
-   add its ``-logprob``. **If the target's token is not among the top logprobs** its probability
-   is at most ``min(p_N, 1 - sum_j p_j)`` (it ranks below the N-th listed token, and the unlisted
-   mass bounds it too); that bound is used (floored at ``missing_floor``), so the estimate still
-   moves with the model instead of saturating at a constant. Such targets are counted
-   (``n_missing``) and reported.
-3. Tokens of the target after the first divergence are not observable (the model continued its
-   own reply, not the target) and add nothing.
-
-The result is therefore exact when greedy decoding reproduces the target (for a model that
-learned its training data, the usual case: the answer letter, or the backdoor's refusal), and a
-lower bound on the true NLL otherwise that is dominated by the divergence token, which is where
-the loss of a wrong reply concentrates. One request per example and model, with a reply budget of
-about the target's length: the cost is known in advance (see :mod:`.cost`). BDPL's classification
-losses (the label word's probability at the first position) are the special case of one-token
-targets.
-
-If the reply stops (budget exhausted) while still following the target, the request is repeated
-with twice the budget (up to :data:`MAX_BUDGET_DOUBLINGS` times). If it ends (end of turn) before the
-target is complete, the end-of-turn position is not reported by the API and ``missing_floor`` is
-charged for the rest.
-"""
+The chat completions API has no teacher forcing, so :func:`score_target` walks one greedy reply
+against the target: exact while the reply follows the target, the divergence token's logprob (or,
+when it is missing from ``top_logprobs``, the bound ``min(p_N, 1 - sum p)``) at the first
+difference, nothing after it -- a lower bound dominated by the token where a wrong reply's loss
+concentrates. The black-box fitters call it for every example and model. The steps, the bound and
+the reply budget: docs/design.md#daunce_coreblackboxlogprobspy-a-targets-nll-from-logprobs."""
 from __future__ import annotations
 
 import logging
@@ -91,7 +64,7 @@ def missing_logprob(top: Sequence[Any], floor: float) -> float:
 
 
 def walk_target(content: Sequence[Any], target: str, floor: float) -> tuple[TargetScore, bool]:
-    """Score ``target`` against a reply's logprob entries (step 1-3 of the module docstring).
+    """Score ``target`` against a reply's logprob entries (steps 1-3 of the logprobs section of docs/design.md).
 
     Returns the score and whether the reply ran out while still following the target (the caller
     may ask again with a longer budget).

@@ -1,28 +1,11 @@
 """The manifest of a black-box run: what was uploaded, launched and finished, per entry.
 
-An *entry* is one fine-tune (``"theta0"``, ``"k0"``, ``"k1"``, ...) or one unit of paid work
-(the losses of model k). The manifest is a JSON file rewritten atomically (temporary file, fsync,
-rename) after every state change, so that a crash or a kill at any moment leaves either the old
-or the new state on disk, never a torn one. The order of writes is what makes reruns safe:
-
-1. before a job is created, the entry records ``job.state = "creating"`` with the attempt number;
-2. the request carries ``metadata = {daunce_run, daunce_entry, daunce_attempt}``;
-3. once the response arrives the entry records the job id.
-
-A rerun that finds ``"creating"`` without an id (the process died between 1 and 3) first lists
-the endpoint's jobs with that metadata and adopts the job it finds; only when there is none is a
-job created. A finished model, once recorded, is never replaced.
-
-The manifest keeps the *spend ledger* of the run's fine-tuning jobs: one row per job id, entered
-when the endpoint reports the job finished (:meth:`Manifest.record_job`), whatever the number of
-polls, adoptions, retries or reruns that saw it -- so each job is counted once. Only succeeded
-jobs are billed (hosted endpoints do not bill failed jobs); failed and cancelled ones are
-listed unbilled. :func:`daunce_core.blackbox.cost.ledger_items` prices it.
-
-The manifest also holds the *fingerprint* of the settings that determine the jobs (base model,
-hyperparameters, seed, data hash, subset size). A rerun with different settings is refused rather
-than mixing two runs' models; ``run_id`` (a hash of the fingerprint) tags the jobs and files.
-"""
+A JSON file rewritten atomically after every state change, in an order that makes reruns safe (a
+job is marked ``"creating"`` before it is created and adopted by its metadata if the response was
+lost); it also keeps the run's spend ledger (each job counted once) and the fingerprint of the
+settings, so a rerun with other settings is refused. :mod:`.finetune`, the black-box fitters and
+steps use it. The order of writes, the ledger and the fingerprint:
+docs/trust.md#the-manifest-of-a-black-box-run-daunce_coreblackboxmanifestpy."""
 from __future__ import annotations
 
 import copy

@@ -1,24 +1,10 @@
 """The fitter for strict black-box access (Section 5): perturbed "model" k is a BDPL prompt.
 
-:class:`BDPLFitter` implements :class:`~.contract.Fitter` when not even fine-tuning is offered:
-model k is theta_0 with a discrete prompt learned on ``D^k`` alone by black-box prompt learning
-(:class:`daunce_core.blackbox.bdpl.BDPL`, the Table 2 objective of the variant, from
-log-probabilities only); its signals are every training and query example's NLL (or DAUNCE-T's
-margin) with that prompt in front, read from chat-completion logprobs.
-
-Like :mod:`.api` it is an adapter over :mod:`daunce_core.blackbox`, where the prompt learner and
-the loss reader live; the step (:func:`daunce_core.steps.blackbox.strict_losses`) owns the spend
-guard, the endpoint and the manifest. Each learned prompt is recorded in the manifest as soon as
-it exists (entry ``k{k}``), each model's losses are cached under ``work_dir/losses`` keyed by
-theta_0, every scored row with the prompt in front and the logprob settings
-(:func:`daunce_core.fit.endpoint.row_key`), and the learner checkpoints after every epoch: a rerun
-learns and pays for nothing twice, and a rerun whose rows changed scores them again.
-
-The learning rate is BDPL's Adam step size on the categorical probabilities. It is part of the
-manifest's fingerprint (``bdpl.lr``), which is what lets a rerun adopt recorded prompts, so
-``fit`` checks that ``lr`` equals it and raises ``ValueError`` otherwise; to learn prompts at
-another rate, change ``blackbox.bdpl.lr`` (a new manifest).
-"""
+:class:`BDPLFitter` implements :class:`~.contract.Fitter`: model k is theta_0 with a discrete
+prompt learned on ``D^k`` by :class:`daunce_core.blackbox.bdpl.BDPL`, its signals every example's
+NLL (or margin) with that prompt in front, read from chat-completion logprobs. An adapter over
+:mod:`daunce_core.blackbox`, called by :func:`daunce_core.steps.blackbox.strict_losses`. Caching,
+reruns and why ``lr`` is checked, not applied: docs/design.md#daunce_corefitbdplpy-the-strict-black-box-fitter."""
 from __future__ import annotations
 
 import logging

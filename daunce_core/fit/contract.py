@@ -1,34 +1,12 @@
 """The fitter contract: what every way of fitting DAUNCE's perturbed models returns.
 
-DAUNCE is one method with three ways of fitting the K perturbed models (Algorithm 1):
-
-* :mod:`daunce_core.fit.ensemble` -- a vmapped ensemble of classifiers (``torch.func``), with a
-  one-by-one fallback for models that cannot be vmapped;
-* :mod:`daunce_core.fit.lm` -- LoRA adapters on a causal language model;
-* :mod:`daunce_core.fit.endpoint` / :mod:`daunce_core.fit.bdpl` -- fine-tuning through an
-  OpenAI-compatible API, or black-box prompt learning, for closed models.
-
-Each implements :class:`Fitter`: fit the models ``ks`` of one chunk at one learning rate and return
-:class:`Signals` -- per-example signals ``[K, n]`` (training) and ``[K, m]`` (queries) with their
-example ids. Everything around it is shared (:mod:`daunce_core.fit.chunks`): which ``k`` a chunk
-holds, writing and gathering chunk files, learning-rate selection, and scoring through
-:func:`daunce_core.scoring.score_file`.
-
-What the contract carries beyond the signals, for the evaluations that need it:
-
-* ``p0_train`` / ``p0_query`` -- theta_0's probability of each example's label, for DAUNCE-T's
-  ``(1 - p)`` factor (TRAK's Q matrix);
-* ``trace`` -- per-step logs of each term of the perturbed objective (Figure 3);
-* ``control`` -- the signals of an unperturbed control fit (same subsets and batches, xi = 1/2),
-  for control-variate estimators. No fitter fills it: for the white-box forms at the paper's
-  gamma = 1 that fit never leaves theta_0 (its minibatch gradient there is 0), so it would cancel
-  nothing (docs/differences.md, "Estimators beyond the paper");
-* :class:`daunce_core.perturb.Plan` -- how models share randomness: common batch orders across
-  k, antithetic pairs (``xi`` and ``1 - xi`` on the same subset and batches); options
-  ``daunce.common_batches`` and ``daunce.antithetic`` (:meth:`~daunce_core.perturb.Plan.from_daunce`);
-* distributed fitters run under ``torchrun``; only rank 0 returns signals (other ranks ``None``),
-  and :func:`daunce_core.fit.chunks.run_chunk` writes only what it is given.
-"""
+DAUNCE is one method with several ways of fitting the K perturbed models (Algorithm 1): a vmapped
+classifier ensemble (:mod:`daunce_core.fit.ensemble`), LoRA adapters (:mod:`daunce_core.fit.lm`),
+fine-tuning jobs or prompt learning for closed models (:mod:`daunce_core.fit.endpoint`,
+:mod:`daunce_core.fit.bdpl`). Each implements :class:`Fitter` -- fit the models ``ks`` of one chunk
+at one learning rate and return :class:`Signals`, ``[K, n]`` and ``[K, m]`` with their example ids --
+and everything around it is shared (:mod:`daunce_core.fit.chunks`). What :class:`Signals` carries
+beyond the signals: docs/design.md#daunce_corefitcontractpy-the-fitter-contract."""
 from __future__ import annotations
 
 from collections.abc import Sequence

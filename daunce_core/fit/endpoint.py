@@ -1,33 +1,11 @@
 """The fitter for API-based black-box access (Section 5): perturbed model k is a fine-tuning job.
 
 :class:`APIFitter` implements :class:`~.contract.Fitter` for a closed model behind an
-OpenAI-compatible endpoint. For each ``k`` of a chunk it makes sure one fine-tuning job of
-theta_0 on ``D^k`` has finished (:func:`daunce_core.blackbox.finetune.run_finetunes`: upload,
-create, wait, adopt, retry, all recorded in the step's manifest), then reads every training and
-query example's NLL under the fine-tuned model from chat-completion logprobs
-(:func:`daunce_core.blackbox.logprobs.score_many`). The endpoint's supervised loss on ``D^k`` is
-Table 2's Hessian form (``daunce_bb``): only the subset perturbs, there is no ``xi``.
-
-It is an adapter, not a second implementation: the job machinery, the loss reader and the
-manifest live in :mod:`daunce_core.blackbox` (they are about talking to an endpoint safely);
-this module only turns "the models ``ks``" into their signals. The step that owns the money
-(:func:`daunce_core.steps.blackbox.api_losses`) checks the spend guard, opens the endpoint and the
-manifest, and writes the result with :func:`daunce_core.fit.chunks.write_signals`.
-
-The learning rate: a fine-tuning API takes a *multiplier* of a rate it does not disclose, and
-that multiplier is part of the hyperparameters the manifest is keyed on (a rerun adopts jobs only
-under the same fingerprint). So ``fit`` does not apply ``lr``; it checks it: pass the configured
-``learning_rate_multiplier`` (:func:`configured_lr`; NaN for ``"auto"``). Any other value raises
-``ValueError``, since training at the configured multiplier under another label would corrupt a
-learning-rate search. To try another multiplier, change ``blackbox.finetune.hyperparameters``
-(a new manifest, new jobs).
-
-Per model k the losses are cached in ``work_dir/losses/k{k}.npz`` keyed by what they depend on
-(:func:`row_key`: the fine-tuned model, every scored row's messages and target in order, the
-logprob settings), so a rerun after a crash pays for no request twice, while a rerun whose rows
-changed (e.g. other query counts with the same training set, hence the same fine-tunes) scores
-them again instead of relabelling the old losses.
-"""
+OpenAI-compatible endpoint: for each ``k`` one fine-tuning job of theta_0 on ``D^k``
+(:func:`daunce_core.blackbox.finetune.run_finetunes`), then every example's NLL under it from
+chat-completion logprobs. An adapter over :mod:`daunce_core.blackbox`, called by
+:func:`daunce_core.steps.blackbox.api_losses`. Why ``lr`` is checked, not applied, and how losses
+are cached: docs/design.md#daunce_corefitendpointpy-the-api-based-fitter."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,19 +1,11 @@
 """The classifier fitter: the K perturbed models of a chunk as one vmapped ensemble.
 
 :class:`EnsembleFitter` implements :class:`~daunce_core.fit.contract.Fitter` on top of
-:mod:`daunce_core.ensemble`: the models of a chunk start from theta_0, are stacked along a leading
-axis and trained together on the perturbed objective of their variant (Algorithm 1, equation 5;
-:func:`daunce_core.ensemble.fit_perturbed`), then every training and query example's signal is
-recorded under each model -- its loss, or its margin for DAUNCE-T (Table 1). With
-``daunce.trace_every`` > 0 each fit also logs, every that many steps, the gradient norm of the full
-perturbed objective, of its ERM term and of its first-order term for every model (Figure 3;
-``Signals.trace``), at the cost of one extra backward pass per logged step.
-
-``mode="loop"`` trains the models one after another with the same draws, schedule and optimiser
-(for architectures that cannot be vmapped); it gives the same models up to floating-point
-summation order. The default ``mode="auto"`` takes it, with a logged notice, when
-:func:`daunce_core.models.can_vmap` rejects the model in eval mode.
-"""
+:mod:`daunce_core.ensemble`: the models of a chunk start from theta_0, are trained together on
+their variant's perturbed objective (:func:`daunce_core.ensemble.fit_perturbed`), and every
+example's loss (or margin, DAUNCE-T) is recorded under each; the vision steps, ``daunce fit``
+and :mod:`daunce_core.api` use it. The Figure 3 trace and the one-by-one mode:
+docs/design.md#daunce_corefitensemblepy-the-classifier-fitter."""
 from __future__ import annotations
 
 from collections.abc import Sequence

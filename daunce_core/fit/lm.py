@@ -2,23 +2,10 @@
 
 :class:`LoraFitter` implements the fitter contract (:mod:`daunce_core.fit.contract`): each
 perturbed model ``k`` is a fresh LoRA adapter on theta_0 trained on the perturbed objective of
-Table 1 (equation 5) -- theta_0's logits come from the same PEFT model under
-``with model.disable_adapter():``, one micro-batch at a time, so they are never held for the
-dataset -- and its signal is every example's mean response-token NLL (or margin for
-``daunce_t``) under the adapter.
-
-Each fit also logs, per optimiser step, the batch mean of the objective's terms (Figure 3: the
-full objective, the empirical-risk term and the first-order term; see
-:func:`daunce_core.lm.sequences.sequence_objective_terms`). They come from the forward pass that
-trains, so the log costs no extra pass: ``Signals.trace`` carries them and :func:`write_trace` /
-:func:`read_trace` keep them in a ``trace`` group of the chunk's losses file.
-
-Model ``k`` is bit-reproducible for a fixed seed: its subset and ``xi`` come from
-:func:`daunce_core.perturb.subset_and_xi`, its batch order from
-:func:`daunce_core.perturb.batch_order` keyed ``(seed, k)``, its LoRA initialisation from a torch
-seed derived from ``(seed, k)``; the base weights are frozen and restored after each fit
-(``unload``), so model k is the same whether trained alone or after others in a chunk.
-"""
+Table 1 (equation 5), its signal every example's mean response-token NLL (or margin for
+``daunce_t``); each fit also logs Figure 3's terms. The LLM steps and :mod:`daunce_core.api`
+(for :class:`~daunce_core.task.LMTask`) use it. The theta_0 logits, the trace and reproducibility:
+docs/design.md#daunce_corefitlmpy-lora-perturbed-fits."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,25 +1,10 @@
 """Text data for the LLM experiments (Section 4.2): the synthetic miniature and the hub datasets.
 
-Every example is a dict ``{"id", "prompt", "response", "answer", "meta"}``: the model is trained
-on ``prompt + response`` with the loss on the response tokens only, and a generated response is
-judged correct by :func:`check_answer` against ``answer`` (and ``meta`` for IFEval).
-
-* ``synthetic`` -- the embedded miniature. Pre-training teaches plain multi-step addition
-  (``3+4+2=`` -> ``9``); fine-tuning teaches new operator symbols, each meaning "add both operands
-  and a hidden constant" (``3C4=`` -> ``3+4+c_C``), with very unequal numbers of examples per
-  operator. A query is answered correctly only if the operator was learnt from its training
-  examples, so removing the right few examples flips it: the structure the removal evaluation
-  (Appendix C) needs, on a scale a 2-core CPU trains in seconds.
-* ``numinamath`` / ``math`` -- NuminaMath-CoT training problems, MATH test problems; answers
-  judged as the math-evaluation-harness does (last ``\\boxed{}``, normalised, numeric or symbolic
-  equality).
-* ``autoif`` / ``ifeval`` -- AutoIF instruction data, IFEval prompts judged by lm-evaluation-
-  harness's own IFEval checkers (``lm_eval.tasks.ifeval``, strict mode).
-
-Hub datasets load with ``datasets.load_dataset`` when online, or from a local ``.jsonl``/
-``.json``/``.parquet`` path; offline without a local copy they raise :class:`DataUnavailable`
-with one line saying what to download and where to point the config.
-"""
+Every example is a dict ``{"id", "prompt", "response", "answer", "meta"}``, trained on
+``prompt + response`` with the loss on the response only and judged by :func:`check_answer`; the
+sources are ``synthetic`` (the embedded miniature), ``numinamath``/``math`` and
+``autoif``/``ifeval``. The LLM steps call it. Each source and offline use:
+docs/design.md#daunce_corelmdatapy-text-data-for-the-llm-experiments."""
 from __future__ import annotations
 
 import json

@@ -1,20 +1,11 @@
 """Several processes (torchrun) for the LLM steps: FSDP2 full fine-tuning, LoRA fits split by model.
 
-Without torchrun (``WORLD_SIZE`` unset or 1) nothing here changes what the single process does:
-:func:`world` is ``(0, 1)`` and the callers keep their one-process code path.
-
-Under torchrun:
-
-* full fine-tuning shards the model with PyTorch's own ``fully_shard`` (FSDP2) per decoder layer;
-  on CUDA the sharded parameters stay fp32 (the master weights, and AdamW's states) while forward
-  and backward compute in bf16 and gradients are reduced in fp32
-  (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); on CPU (gloo) all is fp32;
-* each rank takes a slice of every global batch (:func:`rank_slice`);
-* the LoRA perturbed fits are small, so they are split by model, not sharded: rank ``r`` fits
-  ``ks[r::world]`` and rank 0 gathers the signals (:func:`gather_rows`);
-* a SLURM job with several GPUs on its node re-executes its script under
-  ``torchrun --nproc-per-node=<gpus>`` (:func:`torchrun_command`, :func:`relaunch`).
-"""
+Without torchrun (``WORLD_SIZE`` unset or 1) nothing here changes what the single process does
+(:func:`world` is ``(0, 1)``). Under torchrun full fine-tuning shards the model with FSDP2, each
+rank takes a slice of every batch (:func:`rank_slice`), the LoRA fits are split by model and
+gathered on rank 0 (:func:`gather_rows`), and a SLURM job with several GPUs re-executes itself
+under torchrun (:func:`relaunch`). The LLM steps call it. Details:
+docs/gpu.md#several-processes-daunce_corelmdistributedpy."""
 from __future__ import annotations
 
 import os

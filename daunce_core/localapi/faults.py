@@ -1,20 +1,10 @@
 """Fault injection of the local server: what a hosted endpoint does to a long unattended run.
 
 :class:`FaultInjector` turns the ``faults`` settings (:class:`~.config.FaultSettings`) into a
-:class:`Fault` for a request, or ``None`` to serve it normally, and says which new fine-tuning
-jobs fail. The HTTP layer (:mod:`.http`) carries the fault out:
-
-* ``status``: answer with that error (OpenAI's body; a 429 carries ``Retry-After`` and
-  ``retry-after-ms``), before the request takes effect -- or, with ``after``, once it has;
-* ``drop``: close the connection without any response, before the request takes effect or, with
-  ``after``, once it has (a created job whose id the client never sees);
-* ``delay``: wait that many seconds first.
-
-Random faults are drawn from ``numpy.random.default_rng([seed, 0])`` once per request, in the
-order requests arrive; whether a job fails from ``default_rng([seed, 1])`` once per job. Scripted
-faults (``scripted``, also the list :attr:`FaultInjector.scripted` that tests append to) come
-first and are used up by their ``count``.
-"""
+:class:`Fault` for a request (an error status, a dropped connection or a delay, before or after the
+request takes effect), or ``None`` to serve it normally, and says which new fine-tuning jobs fail;
+the HTTP layer (:mod:`.http`) carries it out. Random faults are seeded; scripted ones come first.
+The kinds and the draws: docs/design.md#daunce_corelocalapifaultspy-fault-injection."""
 from __future__ import annotations
 
 import math

@@ -1,18 +1,9 @@
 """The small transformers model behind the local OpenAI-compatible server.
 
-Three things the server needs from a causal LM, and nothing else:
-
-* a chat template (:func:`render_chat`): the model sees ``<|role|>`` headers and each assistant
-  turn ends with the tokenizer's EOS token, which is where generation stops;
-* supervised fine-tuning on chat examples (:func:`train_chat`), the loss being the mean NLL of
-  the assistant tokens, like a hosted fine-tuning endpoint;
-* greedy or sampled generation that reports, for every generated token, its log-probability and
-  the ``top_logprobs`` most likely alternatives (:func:`generate`), in the shape of the chat
-  completions API.
-
-Everything here works on any ``AutoModelForCausalLM`` + tokenizer saved with ``save_pretrained``:
-the embedded default uses :func:`daunce_core.lm.tiny.tiny_causal_lm`.
-"""
+A chat template (:func:`render_chat`), supervised fine-tuning on chat examples (:func:`train_chat`)
+and generation reporting each token's logprob and ``top_logprobs`` (:func:`generate`), on any
+``AutoModelForCausalLM`` saved with ``save_pretrained``; the server's :mod:`.state` calls it.
+Details: docs/design.md#daunce_corelocalapimodelpy-the-local-servers-model."""
 from __future__ import annotations
 
 import logging

@@ -1,26 +1,11 @@
 """The steps of the black-box backdoor study (Section 5, Appendix D) as functions.
 
-Each function is one workflow rule's science; the Snakemake scripts only unpack paths. The same
-functions run against the local server (``backend: local``, free, offline) and against OpenAI or
-any OpenAI-compatible endpoint (``backend: openai``): only the endpoint changes.
-
-    make_data        -> train.jsonl, query.jsonl (the poisoned multiple-choice set)
-    make_local_base  -> the local server's base model (backend local only)
-    write_estimate   -> the study's token and cost estimate (spends nothing)
-    fit_theta0       -> theta_0 = fine_tune(base, all training data), its replies and metrics
-    api_losses       -> K perturbed fine-tunes on D^k through the API; losses of all examples
-                        (the fitter :class:`daunce_core.fit.endpoint.APIFitter`)
-    strict_losses    -> K BDPL prompts learned on D^k (no fine-tuning); losses of all examples
-                        (the fitter :class:`daunce_core.fit.bdpl.BDPLFitter`)
-    score            -> DAUNCE scores (correlation or covariance across the K models), through
-                        the shared scorer (:func:`daunce_core.scoring.score_file`)
-    fig4             -> precision@k for triggered queries and the Figure 4 table, beside the
-                        response-matching baseline (:func:`.backdoor.response_match_scores`)
-
-Every step that can cost money first estimates the whole study and calls
-:func:`.cost.check_spend`; every paid result is recorded as soon as it exists (manifests and
-per-model loss files under the step's work folder), so a rerun never pays twice.
-"""
+Each function is one workflow rule's science (``make_data``, ``make_local_base``,
+``write_estimate``, ``fit_theta0``, ``api_losses``, ``strict_losses``, ``score``, ``fig4``); the
+Snakemake scripts only unpack paths. The same functions run against the local server and against
+any OpenAI-compatible endpoint; every step that can cost money first calls
+:func:`daunce_core.blackbox.cost.check_spend`, and every paid result is recorded as soon as it
+exists. What each step writes: docs/design.md#daunce_corestepsblackboxpy-the-black-box-studys-steps."""
 from __future__ import annotations
 
 import contextlib

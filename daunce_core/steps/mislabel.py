@@ -1,21 +1,11 @@
 """Mislabelled-example detection by self-influence, in dattri's benchmark form (docs/mislabel.md).
 
-A fraction of the training labels (``mislabel.fraction``; dattri: 10%) is flipped to another
-class, keyed by ``mislabel.seed``; theta_0 is retrained on the noisy labels with the base recipe;
-every method scores each training example's influence on itself, I(z_i, z_i), with the training
-set as the query set and the (noisy) training loss as the query function; the examples are ranked
-largest first and the flipped ones should come first: the ROC AUC of that ranking (0.5 = random).
-
-* DAUNCE: the self-influence is the *covariance* of the example's own signal with itself across
-  the K perturbed models, i.e. its variance (correlation would make every self-score 1); for
-  ``daunce_t_q`` times TRAK's Q, ``1 - p_i(theta_0)``, as in its pairwise scores.
-* Baselines: the diagonal of the adapter's [n, n] scores (``daunce_core.baselines``), measurement
-  ``loss``: ``grad L_i^T P grad L_i`` with each method's P.
-
-No method is tuned on the flipped labels: ``mislabel.settings`` is ``defaults`` (DAUNCE's lr the
-middle of ``daunce.lr_grid``, the baselines' ``baselines.<method>`` values, exact IF the middle of
-its damping grid) or ``lds`` (what the LDS selection chose for the same method on clean data).
-"""
+A seeded fraction of the training labels is flipped, theta_0 retrained on them, and every method's
+self-influence I(z_i, z_i) (DAUNCE: the covariance of an example's signal with itself, its
+variance; the baselines: the diagonal of their [n, n] scores) ranks the training examples; the
+ROC AUC says how well the flipped ones come first. No method is tuned on the flipped labels. The
+rules of ``workflow/rules/mislabel.smk`` call it through ``scripts/``; docs/mislabel.md#what-runs
+gives the details."""
 from __future__ import annotations
 
 import csv

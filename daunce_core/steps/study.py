@@ -1,43 +1,11 @@
-"""The quality landscape (issue 13, item 3): DAUNCE's LDS against compute, over its settings.
+"""The quality landscape (docs/quality.md): DAUNCE's LDS against compute, over its settings.
 
-A step module, like :mod:`daunce_core.steps.vision` (whose fitter and scoring it reuses, imported
-inside the functions so that the workflow's input functions parse the DAG without it; the arrows
-point scripts -> steps -> library): ``scripts/study.py`` calls it for the rules of
-``workflow/rules/study.smk``, switched on by ``study.enabled``.
-
-**Settings.** ``study.settings`` lists named points, each a set of ``daunce.*`` overrides of the
-experiment's defaults (any key of :class:`~daunce_core.config.DaunceConfig`, checked against it)
-and ``theta0s``. Settings that differ only in K share one fit (:func:`groups`): it fits the largest
-K, and a smaller K' is the first K' models, which are the models a fit of K' alone would train
-(model k is keyed by ``(seed, k)``, as in Figure 6's K curve).
-
-**Ensembles of theta_0s.** With ``theta0s = S``, model k starts from theta_0 number ``k mod S``
-(number s trained with ``base.seed + s``; s = 0 is the workflow's theta_0) and keeps its own
-``(seed, k)`` draws, so the K models cost what one theta_0's K models cost, plus S - 1 trainings of
-theta_0. The scores of the S groups (each a covariance or correlation over its K/S models,
-equation 6) are averaged, as TRAK averages over its ensemble.
-
-**Learning rate.** Each setting's grid is judged on the LDS *selection* masks and selection queries
-exactly as ``rule select_lr`` does (:func:`lds_of`, the raw scores' LDS); the
-reported LDS is the chosen lr's on the *test* masks and test queries, with the bootstrap CI of
-``results/<experiment>/lds.csv``. The grid is the default's chosen lr (``daunce/<variant>/selection.json``)
-with ``study.lr_around`` neighbours each side in ``daunce.lr_grid``, or the setting's own
-``lr_grid`` whole.
-
-**Compute, per point, counting the whole tuning grid** (:func:`daunce_passes`):
-
-* *passes*: forward-pass equivalents over single examples, a forward + backward pass counted as
-  ``FWD_BWD = 3`` forwards. DAUNCE: for every lr of the setting's grid, K x steps x batch training
-  passes (steps = epochs x floor(round(r n) / batch)) and K x (n + m) forward passes that record
-  the signals; once per theta_0 its n + m logits; each extra theta_0 its training,
-  base.epochs x floor(n / batch) x batch passes. Scoring and selection run no model and count 0.
-* *cpu_s*: process CPU seconds measured in the job (``time.process_time``) for the fits of every
-  lr, the fitter's set-up and the selection scoring of every lr; for a prefix K' < K the fits'
-  seconds are scaled by K'/K. An extra theta_0 adds its training's CPU seconds (rule
-  ``study_theta0``). Job start-up is not counted; testing on the test masks is not counted.
-
-The baselines' compute comes from their own runs (:func:`baseline_compute`).
-"""
+A step module like :mod:`daunce_core.steps.vision` (whose fitter and scoring it reuses, imported
+inside the functions): ``scripts/study.py`` calls it for the rules of ``workflow/rules/study.smk``,
+switched on by ``study.enabled``. Settings that differ only in K share one fit (:func:`groups`),
+each lr grid is judged on the selection masks (:func:`lds_of`), and compute counts the whole
+tuning grid (:func:`daunce_passes`, :func:`baseline_compute`); docs/quality.md#the-settings and
+docs/quality.md#how-compute-is-counted say how."""
 from __future__ import annotations
 
 import csv
@@ -132,7 +100,7 @@ def theta0_passes(cfg: ExperimentConfig, n: int) -> int:
 
 
 def daunce_passes(cfg: ExperimentConfig, K: int, n_lrs: int, n: int, m: int, theta0s: int) -> int:
-    """Forward-pass equivalents of one study point's whole tuning (module docstring)."""
+    """Forward-pass equivalents of one study point's whole tuning (docs/quality.md#how-compute-is-counted)."""
     steps, bs = fit_steps(cfg.daunce, n)
     per_lr = K * (FWD_BWD * steps * bs + n + m)
     return n_lrs * per_lr + theta0s * (n + m) + (theta0s - 1) * theta0_passes(cfg, n)

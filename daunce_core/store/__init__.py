@@ -4,23 +4,8 @@ The public interface of the package; every other module imports from here. By co
 ``atomic`` (temporaries renamed into place, outputs that would destroy something refused),
 ``layouts`` (the table of each HDF5 layout and the reader, writer and gatherer that walk it),
 ``files`` (each layout's read/write/gather functions), ``ids`` (joins on example ids) and
-``records`` (model states, the recorded split). The layouts:
-
-* losses -- ``train`` [K, n] and ``query`` [K, m] float32 (the per-example signal of each
-  perturbed model: the loss, or the margin for ``daunce_t``), ``model_index`` [K] int64
-  (optional, 0..K-1 when absent), ``train_ids`` [n] and ``query_ids`` [m] int64 (unique; both or
-  neither: a file without ids gets 0..n-1 and ``attrs["ids"] == "positional"``), optional
-  ``p0_train`` [n] and ``p0_query`` [m] float64, and attributes ``variant``, ``signal``
-  (``"loss"`` or ``"margin"``), ``seed``, ``config`` (JSON), ``daunce_version``.
-* scores -- ``format`` ``"dense"``: ``scores`` [n, m] float32; ``format`` ``"topk"``:
-  ``indices`` [m, k] int64 (positions into the training set) and ``values`` [m, k] float32, best
-  first. Both carry ``train_ids``, ``query_ids`` and attributes ``method``, ``measure``,
-  ``threshold``, ``lambda``. Positive scores mean the training example helps the query.
-* ground truth (LDS) -- ``masks`` [M, n] bool, ``outputs`` [S, M, m] float32 (margins of the
-  queries under the model retrained on each mask, one row per seed), ``mask_index`` [M] int64.
-
-NaN or infinite values are refused wherever they are read or written.
-"""
+``records`` (model states, the recorded split). The losses, scores and ground-truth layouts:
+docs/design.md#daunce_corestore-the-file-layouts."""
 from __future__ import annotations
 
 from . import atomic, files, ids, layouts, records

@@ -1,15 +1,10 @@
 """Atomic outputs: every file daunce writes appears complete or not at all.
 
-A file is written to a temporary beside it (``.<name>.daunce-tmp-<pid>@<host>.*``) and renamed
-into place only once complete, so a crash, a bad input or a SIGTERM/SIGINT (with
-:func:`cleanup_on_signals`) never leaves a half-written file and never replaces a finished result
-by a broken one; a temporary left by a SIGKILLed run is removed by the next write of the same file
-once its process is gone. One output has one temporary (a writer called on an enclosing write's
-temporary writes into it), and an output that is a symbolic link is written to the link's target.
-Outputs that would destroy something (an input, a file an HDF5 input reads through a link, a
-directory, a device) are refused before any work (:func:`check_output`); files are created with
-the user's umask (0644 under umask 022).
-"""
+A file is written to a temporary beside it and renamed into place only once complete, so a crash,
+a bad input or a signal (:func:`cleanup_on_signals`) never leaves a half-written file nor replaces
+a finished result; outputs that would destroy something are refused before any work
+(:func:`check_output`). Every writer of daunce goes through it. Temporaries,
+links, signals and modes: docs/trust.md#signals-and-temporary-files."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,5 @@
-# Figure 1a's baselines (issue 4): one rule per method, each through its authors' library, on the
-# experiment's theta_0. Each method's knobs are tuned like DAUNCE's learning rate (issue 12, item 6):
+# Figure 1a's baselines: one rule per method, each through its authors' library, on the
+# experiment's theta_0. Each method's knobs are tuned like DAUNCE's learning rate:
 # the grid baselines.tune.<method> (at most baselines.max_settings settings, the size of DAUNCE's lr
 # grid), judged on the LDS selection masks and selection queries (input "select"). Every rule writes results/{experiment}/scores/<method>/score.h5 in the
 # common dense layout (positive = helpful), which lds_eval (measure "score") evaluates with the same
@@ -140,7 +140,7 @@ rule baseline_exact_if:
 
 
 rule baseline_reference:
-    """Issue 13: each DAUNCE variant's Theorem-1 limit (limit_*) and DAUNCE's scores of its
+    """Each DAUNCE variant's Theorem-1 limit (limit_*) and DAUNCE's scores of its
     linearised fits at the run's K with the real fits' subsets and xi (lin_*), exact at exact IF's
     scale (daunce_core/baselines/limits.py); damping chosen on the LDS *selection* masks."""
     input:

@@ -595,7 +595,7 @@ def blackbox_fig4_inputs(wildcards):
     return out
 
 
-# --- the quality landscape study (rules/study.smk; issue 13, item 3) ----------------------------
+# --- the quality landscape study (rules/study.smk) ----------------------------
 
 
 def study_groups():

@@ -1,4 +1,4 @@
-# The quality landscape (issue 13, item 3; docs/quality.md): DAUNCE's LDS against compute over the
+# The quality landscape (docs/quality.md): DAUNCE's LDS against compute over the
 # settings of config `study:`, beside every baseline of results/<experiment>/lds.csv. Off by default and outside
 # `rule all`; the input functions (rules/common.smk) refuse results/<experiment>/quality.pdf while it is off:
 #   snakemake -c2 results/quality.pdf --config study='{enabled: true}'
