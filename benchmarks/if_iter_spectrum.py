@@ -10,11 +10,15 @@ eigenvalues are negative, the smallest magnitude, the largest relative residual
     PYTHONPATH=$PWD python benchmarks/if_iter_spectrum.py --config results/fmnist_mlp_regime/config.yaml \\
         --theta0 results/fmnist_mlp_regime/base/theta_0.safetensors 0.01:200:200 0.01:200:400 \\
         --out docs/regime/tier1/if_iter_spectrum.json
+
+A ``--theta0`` that does not exist is trained there first with the config's base recipe
+(``pipeline.train_base``, the base rule's call).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -44,10 +48,15 @@ def main() -> None:
 
     cfg = ExperimentConfig.from_dict(yaml.safe_load(args.config.read_text())).validate()
     split = args.split or args.config.parent / "data" / "split.npz"
+    if not args.theta0.exists():
+        from daunce_core.pipeline import train_base
+
+        train_base(cfg, split, args.theta0, args.theta0.with_suffix(".metrics.json"))
     problem = load_problem(cfg, split, args.theta0, torch.device("cpu"))
     model = copy.deepcopy(problem.model).eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss_func, target_func = _batch_functions(model, "margin", problem.ds.X_train.ndim - 1)
+    sha = hashlib.sha256(args.theta0.read_bytes()).hexdigest()
     rows = []
     for spec in args.settings:
         lam, k, it = float(spec.split(":")[0]), int(spec.split(":")[1]), int(spec.split(":")[2])
@@ -55,7 +64,8 @@ def main() -> None:
         attributor = _signed_arnoldi(F)(task=task, proj_dim=k, max_iter=max(it, k), regularization=lam)
         t = time.perf_counter()
         attributor.cache(problem.loader("train", problem.n))
-        row = {"regularization": lam, "proj_dim": k, "max_iter": it, "parameters": problem.num_params(),
+        row = {"theta0": str(args.theta0), "theta0_sha256": sha[:16],
+               "regularization": lam, "proj_dim": k, "max_iter": it, "parameters": problem.num_params(),
                "n_train": problem.n, "arnoldi_seconds": round(time.perf_counter() - t, 1), **attributor.spectra[0],
                "converged_rtol": RITZ_RTOL}
         if args.explicit:
