@@ -5,8 +5,9 @@
     python scripts/readme_regime.py --check     # exit 1 if README.md's block differs from docs/regime/tier1/
 
 ``--collect`` copies the small files of a finished tier-1 run (regime.csv, regime.pdf, lds.csv,
-cost.md) beside a run.json naming the commit and the run's wall time (first to last benchmark
-file); the README block is then written from those committed files only.
+lds_paired.csv, cost.md, mislabel.csv) beside a run.json naming the commit, the command, the sum of
+the jobs' seconds and the run's wall time (first to last benchmark file), with ``--note``; the
+README block is then written from those committed files only.
 """
 from __future__ import annotations
 
@@ -21,17 +22,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- regime:begin -->", "<!-- regime:end -->"
 EXPERIMENT = "fmnist_mlp_regime"
-FILES = {name: f"{EXPERIMENT}/{name}" for name in ("regime.csv", "regime.pdf", "lds.csv", "cost.md")}  # its own
+COMMAND = (f"snakemake -c2 results/{EXPERIMENT}/regime.pdf results/{EXPERIMENT}/mislabel.csv "
+           "--configfile config/regime/tier1.yaml")
+# each file from the experiment's own folder (every table and figure of an experiment is there)
+FILES = {name: [f"{EXPERIMENT}/{name}"] for name in
+         ("regime.csv", "regime.pdf", "lds.csv", "lds_paired.csv", "cost.md", "mislabel.csv")}
 
 
-def collect(results: Path, out: Path) -> None:
-    missing = [str(results / src) for src in FILES.values() if not (results / src).exists()]
-    if missing:
-        raise SystemExit(f"{missing[0]}: missing; run  snakemake -c2 results/{EXPERIMENT}/regime.pdf "
-                         "--configfile config/regime/tier1.yaml  first")
+def collect(results: Path, out: Path, note: str = "") -> None:
+    found = {}
+    for name, candidates in FILES.items():
+        path = next((results / c for c in candidates if (results / c).exists()), None)
+        if path is None:
+            raise SystemExit(f"{results / candidates[-1]}: missing; run  {COMMAND}  first")
+        found[name] = path
     out.mkdir(parents=True, exist_ok=True)
-    for name, src in FILES.items():
-        shutil.copyfile(results / src, out / name)
+    for name, path in found.items():
+        shutil.copyfile(path, out / name)
     bench = sorted((results / EXPERIMENT / "benchmarks").rglob("*.tsv"))
     jobs = []
     for b in bench:
@@ -39,10 +46,12 @@ def collect(results: Path, out: Path) -> None:
         jobs.append((b.stat().st_mtime - float(rows[0]["s"]), b.stat().st_mtime, float(rows[0]["s"])))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    run = {"commit": commit, "command": f"snakemake -c2 results/{EXPERIMENT}/regime.pdf --configfile "
-                                        "config/regime/tier1.yaml",
+    run = {"commit": commit, "command": COMMAND,
            "jobs": len(jobs), "job_seconds_sum": round(sum(j[2] for j in jobs), 1),
-           "first_job_start_to_last_job_end_s": round(max(j[1] for j in jobs) - min(j[0] for j in jobs), 1)}
+           "first_job_start_to_last_job_end_s": round(max(j[1] for j in jobs) - min(j[0] for j in jobs), 1),
+           "ci": "over masks and queries together (joint bootstrap)"}
+    if note:
+        run["note"] = note
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
 
 
@@ -78,7 +87,24 @@ def block(src: Path) -> str:
         lines.append(f"| {label(r['method'], r['measure'])} | {raw:.3f} | [{float(r['ci_low_raw']):.3f}, "
                      f"{float(r['ci_high_raw']):.3f}] | {thr:.3f} | {thr - raw:+.3f} | {stored} | "
                      f"{float(r['wall_tuning_s']):.0f} |")
+    if (src / "mislabel.csv").exists():
+        lines += ["", *mislabel_lines(src / "mislabel.csv")]
     return "\n".join(lines + ["", END])
+
+
+def mislabel_lines(path: Path) -> list[str]:
+    """The tier-1 mislabel detection table (docs/mislabel.md): AUC with its CI, best first."""
+    rows = sorted(csv.DictReader(open(path)), key=lambda r: -float(r["auc"]))
+    first = rows[0]
+    out = [f"Mislabelled-example detection on the same data (`docs/mislabel.md`): {int(first['n_flipped']):,} of "
+           f"{int(first['n_train']):,} training labels flipped, theta_0 retrained on them, every method ranks the "
+           "examples by self-influence; ROC AUC of finding the flipped ones (0.5 = random) with a 95% bootstrap CI "
+           "over the examples.", "",
+           "| method | self-influence | AUC | 95% CI | setting |", "|---|---|---:|---|---|"]
+    for r in rows:
+        ci = "" if r["ci_low"] in ("", "nan") else f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]"
+        out.append(f"| {r['method']} | {r['measure']} | {float(r['auc']):.3f} | {ci} | {r['setting']} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", type=Path, default=ROOT / "docs" / "regime" / "tier1")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--check", action="store_true", help="exit 1 if the README's block is out of date")
+    ap.add_argument("--note", default="", help="with --collect: run.json's note (restarts, what was left out)")
     args = ap.parse_args(argv)
     if args.collect:
-        collect(args.results, args.src)
+        collect(args.results, args.src, args.note)
     text = args.readme.read_text()
     if BEGIN not in text or END not in text:
         print(f"{args.readme}: no {BEGIN} ... {END} markers", file=sys.stderr)

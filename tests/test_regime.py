@@ -214,6 +214,42 @@ def test_if_iter_past_its_krylov_space_is_a_clear_error(problem, tmp_path, solve
                                               "proj_dim": problem.num_params()}), tmp_path)
 
 
+def test_if_iter_arnoldi_on_an_indefinite_hessian_is_its_inverse_on_the_top_eigenpairs(problem, tmp_path):
+    """Damping below the Hessian's most negative eigenvalue (tier 1's case: a trained network's
+    Hessian is indefinite): dattri 0.3.0's Arnoldi divides by sqrt(eigenvalue) and gave NaN. The
+    adapter keeps each eigenvalue's sign: the scores equal g_i^T U diag(1/w) U^T g_q over the
+    top proj_dim eigenpairs (by magnitude) of the float64 H + lambda I, negative ones included."""
+    from daunce_core.baselines.dattri_methods import if_iter_scores
+
+    lam, k = 0.03, 30
+    H = TB.reference_curvature(problem, "hessian", lam)
+    w, U = np.linalg.eigh(H)
+    assert w.min() < -0.03  # indefinite: the case that failed
+    top = np.argsort(np.abs(w))[-k:]
+    assert (w[top] < 0).any()  # a negative eigenvalue among the kept ones
+    ref = (TB.reference_grads(problem, "train", TB.cross_entropy) @ U[:, top]) @ np.diag(1 / w[top]) @ (
+        TB.reference_grads(problem, "query", TB.neg_margin) @ U[:, top]).T
+    scores, attrs = if_iter_scores(problem, bcfg(if_iter={"solver": "arnoldi", "regularization": lam, "proj_dim": k,
+                                                           "max_iter": 2 * k}), tmp_path)
+    assert np.isfinite(scores).all() and attrs["negative_eigenvalues"] >= 1 and attrs["unconverged"] == 0
+    assert np.corrcoef(scores.ravel(), ref.ravel())[0, 1] > 0.999
+    assert np.abs(scores - ref).max() < 0.01 * np.abs(ref).max()
+    assert scores[:, DUP].argmax() == SRC
+
+
+def test_if_iter_arnoldi_with_unconverged_eigenpairs_stops_naming_the_setting(problem, tmp_path):
+    """max_iter close to proj_dim (tier 1's first setting, 200 and 200): the smallest Ritz pairs
+    have not converged; the baseline stops with one line naming the setting, no scores."""
+    from daunce_core.baselines.dattri_methods import if_iter_scores
+
+    with pytest.raises(ValueError, match="have not converged") as err:
+        if_iter_scores(problem, bcfg(if_iter={"solver": "arnoldi", "regularization": 0.03, "proj_dim": 20,
+                                              "max_iter": 21}), tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "regularization=0.03" in msg and "max_iter=21" in msg and "proj_dim=20" in msg
+    assert "raise baselines.if_iter.max_iter" in msg
+
+
 def test_trak_ensemble_of_one_is_trak_and_more_models_are_summed(problem, tmp_path):
     from daunce_core.baselines.trak import ensemble_states, trak_ensemble_scores, trak_scores
 

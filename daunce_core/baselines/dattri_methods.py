@@ -39,6 +39,7 @@ import copy
 import logging
 import math
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,87 @@ def _batch_functions(model, measurement: str, sample_ndim: int):
             lambda params, data: call(params, data, lambda out, y: query_value(out, y, measurement)))
 
 
+# an Arnoldi eigenpair is kept only if it converged: relative residual ||(H + lambda I) v - theta v|| / |theta|
+# at most RITZ_RTOL (dattri's own estimate from its Hessenberg matrix) and the kept vectors orthonormal
+# to ORTHO_TOL (float32 Arnoldi loses orthogonality once its Krylov space is exhausted: ghost pairs)
+RITZ_RTOL = 0.05
+ORTHO_TOL = 0.05
+
+
+def _signed_arnoldi(F):
+    """dattri's ``IFAttributorArnoldi`` with the sign of each eigenvalue kept and its eigenpairs checked.
+
+    dattri 0.3.0 scales both the training and the query gradient by ``1/sqrt(theta)``, so any
+    negative eigenvalue of ``H + regularization I`` among the top ``proj_dim`` (by magnitude) gives
+    NaN scores (its warning about negative eigenvalues lowers ``proj_dim`` but keeps them). The
+    Hessian of a trained network's loss is indefinite, and unconverged Ritz values (``max_iter``
+    close to ``proj_dim``) are small and of either sign. Here the training side is scaled by
+    ``1/sqrt(|theta|)`` and the query side by ``sign(theta)/sqrt(|theta|)``: the scores are
+    ``g_i^T V diag(1/theta) V^T g_q``, the inverse of ``H + regularization I`` on its top eigenvectors
+    (docs/regime.md). The Arnoldi iteration is dattri's; the eigenpairs are distilled here, as dattri
+    does, plus each one's residual, and :data:`RITZ_RTOL` / :data:`ORTHO_TOL` refuse unconverged ones.
+    """
+    import torch
+    from dattri.func.projection import ArnoldiProjector
+
+    class SignedArnoldi(F.IFAttributorArnoldi):
+        def cache(self, full_train_dataloader) -> None:
+            # dattri's cache, with the projector kept as an object (dattri's keeps it in a closure)
+            self.full_train_dataloader = full_train_dataloader
+            batches = list(full_train_dataloader)
+            data = [torch.cat([b[j] for b in batches]).to(self.device) for j in range(len(batches[0]))]
+            self.projectors, self.spectra = [], []
+            for i in range(len(self.task.get_checkpoints())):
+                func = partial(self.task.get_loss_func(layer_name=self.layer_name, ckpt_idx=i),
+                               **{self.task.loss_func_data_key: data})
+                params, _ = self.task.get_param(i, layer_name=self.layer_name)
+                pr = ArnoldiProjector(len(params), self.proj_dim, func, params, max_iter=self.max_iter,
+                                      norm_constant=self.norm_constant, tol=self.tol,
+                                      regularization=self.regularization, seed=self.seed, device=self.device)
+                torch.manual_seed(self.seed)
+                v0 = torch.rand(len(params)).to(self.device)
+                with torch.no_grad():
+                    appr, basis = pr._arnoldi_iter(pr.hvp_at_x_func, v0, self.max_iter, self.norm_constant, self.tol,
+                                                   self.device)
+                self.spectra.append(self._distill(pr, appr.detach(), basis.detach()))
+                self.projectors.append(pr)
+            self.arnoldi_projectors = self.projectors
+
+        def _distill(self, pr, appr, basis) -> dict:
+            """dattri's ``_distill`` (the symmetrised Hessenberg matrix's top ``proj_dim`` eigenpairs
+            by magnitude) with each pair's residual ``|beta_m s_m|`` and the kept basis' orthogonality."""
+            m = appr.shape[1]
+            sq = torch.tril(appr[:-1, :], diagonal=1)
+            theta, s = torch.linalg.eigh(0.5 * (sq + sq.T))
+            idx = torch.argsort(theta.abs())[-self.proj_dim:]
+            theta, s = theta[idx], s[:, idx]
+            pr.eigvals, pr.eigvecs = theta, s.T @ basis[:m]
+            rel = ((appr[-1, -1].abs() * s[-1].abs()) / theta.abs()).double()
+            gram = pr.eigvecs @ pr.eigvecs.T
+            ortho = float((gram - torch.eye(len(theta), device=gram.device)).abs().max())
+            ev = theta.double().cpu().numpy()
+            return {"eigenpairs": int(ev.size), "negative_eigenvalues": int((ev < 0).sum()),
+                    "eigenvalue_range": [float(ev.min()), float(ev.max())],
+                    "smallest_abs_eigenvalue": float(np.abs(ev).min()),
+                    "max_relative_residual": float(rel.max()), "unconverged": int((rel > RITZ_RTOL).sum()),
+                    "orthogonality_error": ortho}
+
+        def _project(self, ckpt_idx, rep, signed):
+            pr = self.projectors[ckpt_idx]
+            scale = 1.0 / torch.sqrt(pr.eigvals.abs())
+            if signed:
+                scale = scale * torch.sign(pr.eigvals)
+            return (rep.to(self.device) @ pr.eigvecs.T * scale.unsqueeze(0)).detach()
+
+        def transform_train_rep(self, ckpt_idx, train_rep):
+            return self._project(ckpt_idx, train_rep, signed=False)
+
+        def transform_test_rep(self, ckpt_idx, test_rep):
+            return self._project(ckpt_idx, test_rep, signed=True)
+
+    return SignedArnoldi
+
+
 def if_iter_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
     import torch
     from dattri.algorithm import influence_function as F
@@ -286,10 +368,12 @@ def if_iter_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tu
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=state, target_func=target_func)
     dev = str(problem.device)
     torch.manual_seed(ic.seed)
+    setting_ = (f"solver={ic.solver}, regularization={ic.regularization:g}, max_iter={ic.max_iter}"
+                + (f", proj_dim={ic.proj_dim}" if ic.solver == "arnoldi" else ""))
     if ic.solver == "arnoldi":
-        attributor = F.IFAttributorArnoldi(task=task, device=dev, proj_dim=ic.proj_dim,
-                                           max_iter=max(ic.max_iter, ic.proj_dim), regularization=ic.regularization,
-                                           seed=ic.seed)
+        attributor = _signed_arnoldi(F)(task=task, device=dev, proj_dim=ic.proj_dim,
+                                        max_iter=max(ic.max_iter, ic.proj_dim), regularization=ic.regularization,
+                                        seed=ic.seed)
         per_example, what = 4 * ic.proj_dim, f"the gradient in the top {ic.proj_dim} Hessian eigenvectors"
     elif ic.solver == "cg":
         attributor = F.IFAttributorCG(task=task, device=dev, max_iter=ic.max_iter, regularization=ic.regularization)
@@ -298,18 +382,28 @@ def if_iter_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tu
         raise ValueError(f"baselines.if_iter.solver: unknown {ic.solver!r}; choose 'arnoldi' or 'cg'")
     # the whole training set in one batch: dattri's Hessian-vector products then see all of it
     attributor.cache(problem.loader("train", problem.n))
+    spectrum = {}
+    if ic.solver == "arnoldi":
+        spectrum = attributor.spectra[0]
+        log.info("if_iter %s: %s", setting_, spectrum)
+        if spectrum["unconverged"] or spectrum["orthogonality_error"] > ORTHO_TOL:
+            raise ValueError(
+                f"if_iter: dattri's arnoldi at {setting_}: {spectrum['unconverged']} of its {spectrum['eigenpairs']} "
+                f"eigenpairs have not converged (largest relative residual {spectrum['max_relative_residual']:.3g}, "
+                f"orthogonality error {spectrum['orthogonality_error']:.3g}); raise baselines.if_iter.max_iter "
+                "(about 2 x proj_dim) or lower baselines.if_iter.proj_dim")
     scores = attributor.attribute(problem.loader("train", bcfg.batch_size), problem.loader("query", bcfg.batch_size))
     scores = scores.detach().cpu().numpy()
     if not np.isfinite(scores).all():
-        # dattri 0.3.0 divides 0 by 0 once its Krylov space is exhausted: CG after an exact solve,
-        # Arnoldi with proj_dim close to the number of parameters
+        # CG: dattri 0.3.0 divides 0 by 0 once its Krylov space is exhausted (after an exact solve);
+        # Arnoldi: an eigenvalue of 0 (proj_dim close to the number of parameters)
         fix = "baselines.if_iter.max_iter" if ic.solver == "cg" else "baselines.if_iter.proj_dim"
-        raise ValueError(f"if_iter: dattri's {ic.solver} gave NaN scores (max_iter={ic.max_iter}, proj_dim="
-                         f"{ic.proj_dim}, {problem.num_params()} parameters: its Krylov space ran out); lower {fix}")
+        raise ValueError(f"if_iter: dattri's {ic.solver} gave non-finite scores at {setting_} "
+                         f"({problem.num_params()} parameters: its Krylov space ran out); lower {fix}")
     return scores, {
         "library": _version(), "attributor": type(attributor).__name__, "solver": ic.solver,
         "damping": ic.regularization, "proj_dim": ic.proj_dim if ic.solver == "arnoldi" else None,
-        "max_iter": ic.max_iter, "curvature": "hessian of the mean training loss",
+        "max_iter": ic.max_iter, "curvature": "hessian of the mean training loss", **spectrum,
         "bytes_per_example": per_example, "shared_bytes": 4 * problem.num_params() * (
             ic.proj_dim if ic.solver == "arnoldi" else 0),
         "storage": what,
