@@ -17,7 +17,7 @@ from daunce_core.blackbox.config import BlackboxConfig
 from daunce_core.blackbox.cost import CostItem, SpendNotAllowed, check_spend, price_of, priced
 from daunce_core.localapi import ServerConfig, serve_in_thread
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def test_backdoored_data():

@@ -1,16 +1,13 @@
 """Bad configuration: each mistake is a clear error naming the key, before any job runs."""
 import dataclasses
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from daunce_core.config import ConfigError, ExperimentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
 
 
 def default():

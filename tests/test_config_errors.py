@@ -7,9 +7,6 @@ results/<experiment>/config.yaml.
 """
 import copy
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,8 +14,8 @@ from snakemake.utils import update_config
 
 from daunce_core.config import ConfigError, ExperimentConfig, check_figures, read_config_file
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, snakemake, user_folder
+
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
@@ -93,19 +90,6 @@ def test_yaml_error_names_file_and_line(tmp_path, text, where, what):
 
 
 # --- through Snakemake: a real run (not -n) that must stop before any job --------------------
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--cores", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def user_folder(tmp_path: Path, override: dict | None = None, default_text: str | None = None) -> Path:
-    """A working folder as a user has it: config/config.yaml, and their --configfile my.yaml."""
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(default_text or (ROOT / "config" / "config.yaml").read_text())
-    (tmp_path / "my.yaml").write_text(yaml.safe_dump(override or {}))
-    return tmp_path
 
 
 @pytest.mark.parametrize("override,match", [

@@ -2,15 +2,12 @@
 through the workflow steps, where removal by DAUNCE must beat random removal in a paired test."""
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
 
 
 @pytest.mark.parametrize("name, queries", [("llm_math", 2000), ("llm_ifeval", 200)])

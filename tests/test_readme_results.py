@@ -1,9 +1,9 @@
 """scripts/readme_results.py: the README's results block is built from result files only."""
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SCRIPT = ROOT / "scripts" / "readme_results.py"
 
 LDS = """method,measure,threshold,lds,ci_low,ci_high,n_queries,n_masks

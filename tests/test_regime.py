@@ -5,7 +5,6 @@ import gzip
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,11 @@ import yaml
 from daunce_core.baselines import BaselinesConfig, base_method, is_method
 from daunce_core.config import DataConfig
 from daunce_core.data import FASHION_FILES, DataError, load_dataset
+from daunce_core.objectives import cross_entropy
 from daunce_core.settings import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+import helpers
+from helpers import DUP, ROOT, SNAKEMAKE, SRC, bcfg
 
 
 def write_idx(folder: Path, X_train, y_train, X_test, y_test) -> Path:
@@ -167,20 +167,9 @@ def test_miniature_of_tier1_every_method_beats_random(tmp_path):
 
 # --- the added baselines against independent computations (the tiny problem of test_baselines) ---
 
-def _test_baselines():
-    """tests/test_baselines.py as a module (pytest's importlib mode gives test files no package):
-    its tiny problem (query DUP copies training example SRC) and float64 references."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_daunce_test_baselines", ROOT / "tests" / "test_baselines.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-TB = _test_baselines()
-DUP, SRC, bcfg = TB.DUP, TB.SRC, TB.bcfg
-problem = TB.problem  # the module-scoped fixture
+@pytest.fixture(scope="module")
+def problem():
+    return helpers.baselines_problem()
 
 
 @pytest.mark.parametrize("solver", ["cg", "arnoldi"])
@@ -192,10 +181,10 @@ def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
 
     lam = 0.5
     P = problem.num_params()
-    H = TB.reference_curvature(problem, "hessian", lam)
+    H = helpers.reference_curvature(problem, "hessian", lam)
     assert np.linalg.eigvalsh(H).min() > 0
-    ref = TB.reference_grads(problem, "train", TB.cross_entropy) @ np.linalg.solve(
-        H, TB.reference_grads(problem, "query", TB.neg_margin).T)
+    ref = helpers.reference_grads(problem, "train", cross_entropy) @ np.linalg.solve(
+        H, helpers.reference_grads(problem, "query", helpers.neg_margin).T)
     # CG converges in about 10 iterations here
     scores, attrs = if_iter_scores(problem, bcfg(if_iter={"solver": solver, "regularization": lam, "proj_dim": P - 11,
                                                            "max_iter": 20 if solver == "cg" else P}), tmp_path)

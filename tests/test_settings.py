@@ -3,7 +3,6 @@ the workflow's JSON schema stays in step with the dataclasses."""
 import dataclasses
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +12,7 @@ from daunce_core.baselines import BaselinesConfig
 from daunce_core.config import OTHER_STAGES, ExperimentConfig
 from daunce_core.settings import ConfigError, build, describe, nested, setting, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 @dataclass

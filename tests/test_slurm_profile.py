@@ -10,7 +10,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ import yaml
 
 from daunce_core.config import fit_variant
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
+
 PAPER = ROOT / "config" / "paper" / "cifar10.yaml"
 TRAINING_RULES = {"base", "perturbed_chunk", "lds_chunk"}
 LLM_GPU_RULES = {"llm_full", "llm_daunce_chunk", "llm_select_lr", "llm_logra", "llm_removal"}

@@ -3,8 +3,6 @@ the key, file or option, found when the workflow is parsed (before any job), and
 owns is written to. The input formats are documented in docs/inputs.md."""
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,8 @@ from daunce_core.baselines import BaselinesConfig
 from daunce_core.config import ExperimentConfig
 from daunce_core.settings import ConfigError, check_schema, load_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, snakemake, user_folder
+
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 SCHEMA = load_schema(str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
 
@@ -27,19 +25,6 @@ def merged(*overrides: dict) -> dict:
     for o in overrides:
         update_config(cfg, copy.deepcopy(o))
     return cfg
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--cores", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def user_folder(tmp_path: Path, override: dict | None = None) -> Path:
-    """A working folder as a user has it: config/config.yaml, and their --configfile my.yaml."""
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
-    (tmp_path / "my.yaml").write_text(yaml.safe_dump(override or {}))
-    return tmp_path
 
 
 # --- config keys: one line naming the key and the nearest valid one ------------------------------

@@ -6,13 +6,11 @@ beside them -- checked on a throwaway two-rule workflow that sleeps, since the r
 need a GPU.
 """
 import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
+
 WORKSTATION = ROOT / "profiles" / "workstation"
 
 
