@@ -201,6 +201,7 @@ def test_kronfluence_identity_equals_graddot(problem, tmp_path):
     np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_ekfac_orientation_and_sign(problem, tmp_path):
     from daunce_core.baselines.kronfluence_ekfac import ekfac_scores
 
@@ -310,6 +311,7 @@ def test_tune_grid_budget_and_unknown_knobs_are_checked():
         bcfg(max_settings=4, exact_if={"damping_grid": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}).validate()
 
 
+@pytest.mark.slow
 def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_path):
     """Every setting is judged on the selection ground truth (its queries only); the best setting's
     scores are written with the table, and a test-split ground truth is refused."""

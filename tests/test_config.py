@@ -39,7 +39,8 @@ def test_default_config_is_valid():
     (lambda c: c["daunce"].update(ratio=1.5), "daunce.ratio must be <= 1, got 1.5"),
     (lambda c: c["daunce"].update(K=1), "daunce.K must be >= 2, got 1"),
     (lambda c: c["daunce"].update(typo=1), "unknown key(s) daunce.typo; known: K, "),
-    (lambda c: c["data"].update(name="imagenet"), "data.name: unknown dataset 'imagenet'"),
+    pytest.param(lambda c: c["data"].update(name="imagenet"), "data.name: unknown dataset 'imagenet'",
+                 marks=pytest.mark.slow),
 ])
 def test_workflow_validates_the_config_before_any_job(tmp_path, mutate, match):
     cfg = default()

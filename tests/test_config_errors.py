@@ -92,6 +92,7 @@ def test_yaml_error_names_file_and_line(tmp_path, text, where, what):
 # --- through Snakemake: a real run (not -n) that must stop before any job --------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,match", [
     ({"lds": {"threshold": {"kind": "topk"}}}, "lds.threshold.k"),
     ({"daunce": {"variants": ["daunce_t"]}}, "figures.variant 'daunce' is not among daunce.variants"),

@@ -100,6 +100,7 @@ def _snakemake(workdir: Path, configs: list[Path], *args: str, timeout: int = 90
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tier,experiment,extra", [
     ("tier1", "fmnist_mlp_regime", ["trak_k200", "trak_k1000", "trak_k4000", "trak_ens", "if_iter"]),
     ("tier2", "fmnist_resnet9q_regime", ["trak_k200", "trak_k1300", "trak_k5200", "trak_ens", "if_iter"]),
@@ -172,7 +173,7 @@ def problem():
     return helpers.baselines_problem()
 
 
-@pytest.mark.parametrize("solver", ["cg", "arnoldi"])
+@pytest.mark.parametrize("solver", [pytest.param("cg", marks=pytest.mark.slow), "arnoldi"])
 def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
     """dattri's iterative solvers on a 51-parameter MLP equal g_i^T (H + lambda I)^-1 g_q with H the
     float64 Hessian of the mean loss: CG run to convergence, Arnoldi with 40 of the 51 eigenpairs
@@ -194,7 +195,8 @@ def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
     assert scores[:, DUP].argmax() == SRC
 
 
-@pytest.mark.parametrize("solver,knob", [("cg", "max_iter"), ("arnoldi", "proj_dim")])
+@pytest.mark.parametrize("solver,knob", [pytest.param("cg", "max_iter", marks=pytest.mark.slow),
+                                         ("arnoldi", "proj_dim")])
 def test_if_iter_past_its_krylov_space_is_a_clear_error(problem, tmp_path, solver, knob):
     from daunce_core.baselines.dattri_methods import if_iter_scores
 
@@ -203,6 +205,7 @@ def test_if_iter_past_its_krylov_space_is_a_clear_error(problem, tmp_path, solve
                                               "proj_dim": problem.num_params()}), tmp_path)
 
 
+@pytest.mark.slow
 def test_trak_ensemble_of_one_is_trak_and_more_models_are_summed(problem, tmp_path):
     from daunce_core.baselines.trak import ensemble_states, trak_ensemble_scores, trak_scores
 

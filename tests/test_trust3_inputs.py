@@ -55,6 +55,7 @@ def test_a_config_typo_stops_snakemake_with_one_line_not_the_schema_dump(tmp_pat
     assert "Failed validating" not in out and len(out.splitlines()) < 10, out
 
 
+@pytest.mark.slow
 def test_readme_s_master_weights_key_is_accepted_by_snakemake(tmp_path):
     """README.md: `llm.finetune.master_weights: false`; the schema lacked it, snakemake -n refused."""
     d = user_folder(tmp_path, {"llm": {"finetune": {"master_weights": False}}})
@@ -94,6 +95,7 @@ def test_only_command_line_strings_are_converted():
         check_schema(merged({"daunce": {"K": "2.5"}}), SCHEMA, overrides={"daunce": {"K": "2.5"}})
 
 
+@pytest.mark.slow
 def test_snakemake_accepts_a_number_in_a_config_section_override(tmp_path):
     d = user_folder(tmp_path)
     proc = snakemake(d, "-n", "results/digits_mlp/config.yaml", "--config", 'daunce={"ratio": 0.5}')
@@ -123,6 +125,7 @@ def test_an_explicit_budget_still_refuses_a_longer_grid():
         BaselinesConfig.from_config(cfg).validate()
 
 
+@pytest.mark.slow
 def test_snakemake_plans_a_run_with_a_two_value_lr_grid(tmp_path):
     d = user_folder(tmp_path, {"daunce": {"lr_grid": [0.1, 0.01]}})
     proc = snakemake(d, "-n", "--configfile", str(d / "my.yaml"))

@@ -7,6 +7,7 @@ need a GPU.
 """
 import subprocess
 
+import pytest
 import yaml
 
 from helpers import ROOT, SNAKEMAKE
@@ -34,6 +35,7 @@ def test_workstation_asks_one_gpu_for_the_rules_slurm_does():
     assert not {"cores", "configfile", "set-threads", "executor"} & set(ws)
 
 
+@pytest.mark.slow
 def test_gpu_jobs_run_one_at_a_time_beside_cpu_jobs(tmp_path):
     """Three jobs of a GPU rule never overlap; the CPU rule's jobs overlap them (--cores 4)."""
     (tmp_path / "Snakefile").write_text(
