@@ -123,7 +123,7 @@ MINI_METHODS = ["trak_k24", "trak_k96", "trak_ens", "logra", "ekfac", "graddot",
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DAUNCE_REGIME_MINI") != "1",
                     reason="a whole workflow run of 10-25 minutes on 2 cores, beyond the suite's 15-minute budget: "
-                           "run it with DAUNCE_REGIME_MINI=1 pytest tests/test_regime.py -k miniature")
+                           "run it with DAUNCE_REGIME_MINI=1 pytest tests/workflow/test_regime.py -k miniature")
 def test_miniature_of_tier1_every_method_beats_random(tmp_path):
     """Tier 1 in miniature (sklearn's digits written as idx files, a 64-32-10 MLP of 2,410
     parameters, projections at tier 1's ratios): every method's raw LDS on the test masks is above 0
