@@ -261,6 +261,7 @@ def test_a_factory_failing_on_the_data_s_shape_names_the_shape(factories):
         build_model(ModelConfig(arch="user_factories:images_only"), (6,), 3)
 
 
+@pytest.mark.slow
 def test_the_workflow_checks_the_factory_when_it_is_parsed(factories):
     """snakemake -n with a factory of the wrong signature stops with the one line (no job ran)."""
     import os
