@@ -118,6 +118,7 @@ def test_workflow_yaml_error_in_the_default_config_names_file_and_line(tmp_path)
     assert not (d / "results").exists(), "a job ran"
 
 
+@pytest.mark.slow
 def test_effective_config_is_written_once_per_config(tmp_path):
     """The run writes config/config.yaml + --configfile as merged, the report shows it; the same
     config does not rewrite it, a changed one does (params changed)."""
@@ -146,6 +147,7 @@ def test_effective_config_is_written_once_per_config(tmp_path):
     assert target.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_every_final_target_depends_on_the_effective_config(tmp_path):
     """So a run that makes any final table or figure (not only `rule all`) writes the config."""
     d = user_folder(tmp_path)
