@@ -1,8 +1,8 @@
-"""Fixtures shared by the black-box tests: a tiny causal LM on disk for the local server, a few
-chat examples to upload to it, and the miniature black-box study as a config dict.
+"""Fixtures shared across test folders: a tiny causal LM on disk for the local server, a few chat
+examples to upload to it, and the miniature black-box study as a config dict.
 
-They are fixtures, not importable helpers, because the suite runs with ``--import-mode=importlib``
-(pyproject.toml), under which a test module cannot import ``conftest``.
+Plain functions and constants several modules share live in ``helpers.py`` (``import helpers``):
+under ``--import-mode=importlib`` (pyproject.toml) a test module cannot import ``conftest``.
 """
 import json
 

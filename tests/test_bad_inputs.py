@@ -27,7 +27,7 @@ import pytest
 from daunce_core import store
 from daunce_core.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 K, N, MQ, M = 6, 30, 4, 12
 _rng = np.random.default_rng(11)

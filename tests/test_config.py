@@ -1,15 +1,12 @@
 """Bad configuration: each mistake is a clear error naming the key, before any job runs."""
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from daunce_core.config import ConfigError, ExperimentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
 
 
 def default():
@@ -41,7 +38,8 @@ def test_default_config_is_valid():
     (lambda c: c["daunce"].update(ratio=1.5), "daunce.ratio must be <= 1, got 1.5"),
     (lambda c: c["daunce"].update(K=1), "daunce.K must be >= 2, got 1"),
     (lambda c: c["daunce"].update(typo=1), "unknown key(s) daunce.typo; known: K, "),
-    (lambda c: c["data"].update(name="imagenet"), "data.name: unknown dataset 'imagenet'"),
+    pytest.param(lambda c: c["data"].update(name="imagenet"), "data.name: unknown dataset 'imagenet'",
+                 marks=pytest.mark.slow),
 ])
 def test_workflow_validates_the_config_before_any_job(tmp_path, mutate, match):
     cfg = default()

@@ -5,6 +5,8 @@ import pytest
 from daunce_core import lds as L
 from daunce_core.perturb import lds_masks
 
+from helpers import ROOT
+
 
 def test_lds_is_one_for_the_true_linear_datamodel_and_minus_one_reversed():
     rng = np.random.default_rng(0)
@@ -255,7 +257,6 @@ def test_every_method_gets_raw_and_thresholded_rows_and_a_paired_delta(tmp_path)
     import csv
     import subprocess
     import sys
-    from pathlib import Path
 
     from daunce_core import store
     from daunce_core.config import ExperimentConfig
@@ -291,14 +292,13 @@ def test_every_method_gets_raw_and_thresholded_rows_and_a_paired_delta(tmp_path)
     assert versus == {(meas, o, th) for meas in ("correlation", "covariance") for o in ("trak", "exact_if")
                       for th in ("none", "hard(q=0.9)")}
     # the README block: raw first, the thresholded value and the change beside it, both DAUNCE measures
-    root = Path(__file__).resolve().parents[1]
     results = tmp_path / "results"
     results.mkdir()
     for f in ("lds.csv", "lds_paired.csv"):
         (results / f).write_text((tmp_path / f).read_text())
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
-    subprocess.run([sys.executable, str(root / "scripts" / "readme_results.py"), "--results", str(results),
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_results.py"), "--results", str(results),
                     "--readme", str(readme)], check=True)
     text = readme.read_text()
     with open(tmp_path / "lds.csv") as fh:

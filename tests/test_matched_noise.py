@@ -128,6 +128,7 @@ def _agreement(scores, reference):
     return float(np.mean([np.corrcoef(scores[:, j], reference[:, j])[0, 1] for j in range(scores.shape[1])]))
 
 
+@pytest.mark.slow
 def test_matched_fits_approach_the_damped_ggn_influence_function(noisy_softmax_regression):
     reference, fits = noisy_softmax_regression
     sig = fits["daunce_m"]

@@ -1,7 +1,5 @@
 """Mislabelled-example detection by self-influence (daunce_core/steps/mislabel.py, rules/mislabel.smk)."""
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +8,7 @@ import yaml
 from daunce_core.config import MISLABEL_BASELINES, ConfigError, ExperimentConfig
 from daunce_core.steps import mislabel as M
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-
+from helpers import ROOT, SNAKEMAKE
 
 # --- the AUC and the flips ---------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from daunce_core import ensemble as E
 from daunce_core.config import ModelConfig
 from daunce_core.models import ModelError, build_model, can_vmap, has_batchnorm
 
+from helpers import ROOT, SNAKEMAKE
+
 torch.set_num_threads(1)
 
 
@@ -259,18 +261,16 @@ def test_a_factory_failing_on_the_data_s_shape_names_the_shape(factories):
         build_model(ModelConfig(arch="user_factories:images_only"), (6,), 3)
 
 
+@pytest.mark.slow
 def test_the_workflow_checks_the_factory_when_it_is_parsed(factories):
     """snakemake -n with a factory of the wrong signature stops with the one line (no job ran)."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(factories)])}
-    proc = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "-n", "--cores", "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(factories)])}
+    proc = subprocess.run([SNAKEMAKE, "-n", "--cores", "1",
                            "--config", "model={arch: 'user_factories:one_arg'}"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert "model.arch: user_factories:one_arg(num_classes) cannot be called as one_arg(in_shape, num_classes)" in out

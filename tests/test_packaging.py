@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _name(req: str) -> str:

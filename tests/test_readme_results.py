@@ -1,9 +1,11 @@
 """scripts/readme_results.py: the README's results block is built from result files only."""
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from helpers import ROOT
+
 SCRIPT = ROOT / "scripts" / "readme_results.py"
 
 LDS = """method,measure,threshold,lds,ci_low,ci_high,n_queries,n_masks
@@ -58,6 +60,7 @@ def test_missing_results_is_one_clear_error(tmp_path):
     assert r.returncode != 0 and "lds.csv: missing" in r.stderr
 
 
+@pytest.mark.slow
 def test_gpu_cost_block_is_generated_from_the_config_and_the_rates(tmp_path):
     """README.md's GPU cost block is what scripts/readme_gpu_cost.py makes of config/paper/cifar10.yaml
     and the rates (assumed until a GPU check is committed): a config change that moves a number

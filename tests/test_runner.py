@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 # A script-like job: run_script with a stand-in for Snakemake's ``snakemake`` object, whose main
 # writes a large output atomically, slowly enough to be caught in the middle.

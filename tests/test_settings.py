@@ -1,7 +1,6 @@
 """The one settings helper: every config tree refuses unknown keys and wrong types by name, and
 the workflow's JSON schema is generated from the dataclasses (tests/test_schema.py)."""
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +10,7 @@ from daunce_core.baselines import BaselinesConfig
 from daunce_core.config import ExperimentConfig
 from daunce_core.settings import ConfigError, build, describe, nested, setting, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 @dataclass

@@ -20,7 +20,7 @@ from daunce_core import objectives as O
 from daunce_core.perturb import subset_and_xi
 
 N, M, D, C = 200, 40, 4, 3
-LAM, RHO, K = 1e-2, 0.1, 1500
+LAM, RHO = 1e-2, 0.1
 
 
 def logits_of(theta, X):
@@ -43,7 +43,10 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def test_covariance_matches_theorem1(float64):
+# K = 1500 models in the full suite; K = 300 in the fast loop, with a looser bound on the sandwich
+# agreement (the covariance's Monte Carlo error grows as K shrinks).
+@pytest.mark.parametrize("K, min_r", [pytest.param(1500, 0.98, marks=pytest.mark.slow), (300, 0.95)])
+def test_covariance_matches_theorem1(float64, K, min_r):
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(N + M, D, generator=gen)
     W_true = torch.randn(C, D, generator=gen) * 1.5
@@ -88,7 +91,7 @@ def test_covariance_matches_theorem1(float64):
     r_sandwich = per_query_pearson(cov, sandwich).mean()
     r_if = per_query_pearson(cov, influence).mean()
     print(f"Theorem 1: per-query Pearson {r_sandwich:.3f} (sandwich), {r_if:.3f} (influence function)")
-    assert r_sandwich > 0.98
+    assert r_sandwich > min_r
     assert r_if > 0.85
     # the scale too, not only the direction: slope of cov on the sandwich form near 1
     slope = (cov * sandwich).sum() / (sandwich**2).sum()

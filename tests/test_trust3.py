@@ -24,7 +24,7 @@ import pytest
 from daunce_core import store
 from daunce_core.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _losses(path: Path, K=8, n=40, m=5, seed=0) -> Path:

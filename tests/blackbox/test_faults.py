@@ -88,6 +88,7 @@ def check_jobs(man: dict, reg: dict, entries: list[str]) -> tuple[int, int]:
     return len(failed), tokens
 
 
+@pytest.mark.slow
 def test_api_study_under_faults_matches_the_run_without(tmp_path):
     import torch
 

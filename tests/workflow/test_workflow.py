@@ -2,14 +2,12 @@
 import csv
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+import helpers
 
 TINY = {
     "experiment": "tiny",
@@ -30,9 +28,7 @@ TINY = {
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return helpers.snakemake(workdir, *args, configfile="config.yaml", cores=2, timeout=timeout)
 
 
 @pytest.mark.slow

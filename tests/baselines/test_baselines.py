@@ -6,105 +6,37 @@ Grad-Dot and TracIn must equal their definitions, kronfluence's identity strateg
 Grad-Dot (so its transpose and sign are right), and TRAK / EK-FAC / LoGra must rank the duplicate
 first and agree in sign with the exact influence.
 """
-import copy
-
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
 from daunce_core import baselines as B
-from daunce_core import ensemble as E
 from daunce_core import store
 from daunce_core.baselines import exact as X
-from daunce_core.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
-from daunce_core.data import Dataset
-from daunce_core.models import model_factory
+from daunce_core.config import ConfigError, ExperimentConfig
 from daunce_core.objectives import cross_entropy, margin
-from daunce_core.perturb import theta0_key
+
+from helpers import (
+    BASELINES_M,
+    BASELINES_N,
+    DUP,
+    SRC,
+    baselines_problem,
+    bcfg,
+    neg_margin,
+    reference_curvature,
+    reference_grads,
+)
 
 torch.set_num_threads(1)
 
-N, M, DUP, SRC = 40, 7, 0, 5  # query DUP is an exact copy of training example SRC
+N, M = BASELINES_N, BASELINES_M
 
 
 @pytest.fixture(scope="module")
 def problem():
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 4)) * 1.5
-    y = rng.integers(0, 3, N + M)
-    Xall = (centers[y] + rng.normal(size=(N + M, 4))).astype(np.float32).reshape(-1, 1, 2, 2)
-    # SRC: an atypical training point (far from every class centre), so it matters most to its copy
-    Xall[SRC] = (centers.mean(0) - 2.5 * centers[y[SRC]]).astype(np.float32).reshape(1, 2, 2)
-    Xq, yq = Xall[N:].copy(), y[N:].copy()
-    Xq[DUP], yq[DUP] = Xall[SRC], y[SRC]
-    ds = Dataset(Xall[:N], y[:N].astype(np.int64), np.arange(N, dtype=np.int64) + 100, Xq, yq.astype(np.int64),
-                 np.arange(M, dtype=np.int64) + 500, 3, ["a", "b", "c"], np.zeros(1, np.float32),
-                 np.ones(1, np.float32))
-    cfg = ExperimentConfig(model=ModelConfig(arch="mlp", hidden=[6]),
-                           base=TrainConfig(epochs=15, batch_size=8, lr=0.05, weight_decay=1e-3))
-    Xt, yt = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
-    factory = model_factory(cfg.model, ds.X_train.shape[1:], ds.num_classes)
-    net, p, b = E.fit_from_scratch(factory, Xt, yt, [np.arange(N)], [theta0_key(cfg.base.seed)], cfg.base)
-    state = {**E.unstack(p, 0), **E.unstack(b, 0)}
-    model = factory()
-    model.load_state_dict(state)
-    model.eval()
-    return B.Problem(cfg, ds, model, state, torch.device("cpu"))
-
-
-def bcfg(**kw):
-    return B.BaselinesConfig.from_config({"baselines": {"batch_size": 16, **kw}})
-
-
-# --- an independent float64 reference: plain autograd loops, no torch.func --------------------
-
-def _flat_fn(problem, state=None):
-    model = copy.deepcopy(problem.model).double()
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()} if state is None else \
-        {n: state[n].detach() for n in names}
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    theta = torch.cat([params[n].reshape(-1) for n in names]).double()
-
-    def logits(flat, x):
-        d = {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
-        return torch.func.functional_call(model, d, (x.double(),))
-
-    return theta, logits
-
-
-def reference_grads(problem, which, fn, state=None):
-    theta, logits = _flat_fn(problem, state)
-    Xs = problem.ds.X_train if which == "train" else problem.ds.X_query
-    ys = problem.ds.y_train if which == "train" else problem.ds.y_query
-    rows = []
-    for x, t in zip(Xs, ys):
-        th = theta.clone().requires_grad_(True)
-        val = fn(logits(th, torch.as_tensor(x)[None]), torch.as_tensor([t])).sum()
-        rows.append(torch.autograd.grad(val, th)[0].numpy())
-    return np.stack(rows)
-
-
-def reference_curvature(problem, curvature, wd):
-    theta, logits = _flat_fn(problem)
-    Xt = torch.as_tensor(problem.ds.X_train)
-    yt = torch.as_tensor(problem.ds.y_train)
-    if curvature == "hessian":
-        H = torch.autograd.functional.hessian(lambda th: cross_entropy(logits(th, Xt), yt).mean(), theta).numpy()
-    else:
-        H = np.zeros((len(theta), len(theta)))
-        for x in Xt:
-            J = torch.autograd.functional.jacobian(lambda th, x=x: logits(th, x[None])[0], theta).numpy()
-            p = torch.softmax(logits(theta, x[None])[0], -1).detach().numpy()
-            H += J.T @ (np.diag(p) - np.outer(p, p)) @ J
-        H /= len(Xt)
-    return H + wd * np.eye(len(theta))
-
-
-def neg_margin(logits, y):
-    return -margin(logits, y)
+    return baselines_problem()
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -269,6 +201,7 @@ def test_kronfluence_identity_equals_graddot(problem, tmp_path):
     np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_ekfac_orientation_and_sign(problem, tmp_path):
     from daunce_core.baselines.kronfluence_ekfac import ekfac_scores
 
@@ -378,6 +311,7 @@ def test_tune_grid_budget_and_unknown_knobs_are_checked():
         bcfg(max_settings=4, exact_if={"damping_grid": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}).validate()
 
 
+@pytest.mark.slow
 def test_run_baseline_tunes_on_the_selection_queries_and_records_the_choice(tmp_path):
     """Every setting is judged on the selection ground truth (its queries only); the best setting's
     scores are written with the table, and a test-split ground truth is refused."""

@@ -17,7 +17,7 @@ from daunce_core.blackbox.cost import CostItem, SpendNotAllowed, check_spend, pr
 from daunce_core.localapi import ServerConfig, serve_in_thread
 from daunce_core.steps import blackbox as study
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def test_backdoored_data():
@@ -47,6 +47,7 @@ def test_precision_at_k():
     assert B.top_retrieved(S, 1, 2) == [(5, 5.0), (4, 4.0)]
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_local_server(tmp_path, tiny_study):
     import torch
 
@@ -146,6 +147,7 @@ def test_spend_rules():
     assert check_spend([priced(CostItem("t", "gpt-4.1-nano", 1), prices)], spend=False, max_spend_usd=0) == 0
 
 
+@pytest.mark.slow
 def test_cli_estimate_of_the_paper_config_spends_nothing():
     out = subprocess.run([sys.executable, "-m", "daunce_core.blackbox", "estimate", "--configfile", str(PAPER),
                           "--nominal"], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -156,6 +158,7 @@ def test_cli_estimate_of_the_paper_config_spends_nothing():
     assert chk.returncode == 1
 
 
+@pytest.mark.slow
 def test_workflow_plans_of_the_miniature_and_the_paper_config():
     snakemake = str(Path(sys.executable).with_name("snakemake"))
 

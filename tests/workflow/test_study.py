@@ -4,7 +4,6 @@ import csv
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ import yaml
 
 from daunce_core.config import ConfigError, ExperimentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+import helpers
 
 TINY = {
     "experiment": "tiny",
@@ -85,9 +83,8 @@ def test_groups_share_fits_and_grids_centre_on_the_default_choice():
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--configfile", str(workdir / "config.yaml"), "--cores", "2", "-n", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """A dry run."""
+    return helpers.snakemake(workdir, "-n", *args, configfile="config.yaml", cores=2, timeout=600)
 
 
 def counts(plan: subprocess.CompletedProcess) -> dict:

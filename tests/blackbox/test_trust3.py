@@ -7,6 +7,8 @@ import pytest
 
 from daunce_core.localapi import ServerConfig, serve_in_thread
 
+from helpers import ROOT
+
 KEY = "sk-trust3-test-abcdef0123456789"
 
 
@@ -229,15 +231,13 @@ def test_fig4_default_data_keeps_the_text_matching_baseline_from_perfect_by_cons
     """With the workflow's default (varied refusals) a theta_0 that replies exactly its query's
     target -- a perfect backdoor -- no longer hands the response-matching baseline every
     backdoored example; with identical refusals (the second, named setting) it does."""
-    from pathlib import Path
-
     import numpy as np
     import yaml
 
     from daunce_core.blackbox import backdoor as B
     from daunce_core.blackbox.config import BlackboxConfig
 
-    section = yaml.safe_load((Path(__file__).parent.parent / "config" / "config.yaml").read_text())["blackbox"]
+    section = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["blackbox"]
     precision = {}
     for name, refusals in (("default", section["data"]["refusals"]), ("identical", [])):
         cfg = BlackboxConfig.from_dict({**section, "data": {**section["data"], "refusals": refusals}})

@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
+
 TARGET = "results/micro/lds.csv"  # the experiment's own table (results/lds.csv is a copy of it)
 
 # digits, 2 perturbed chunks, 2 LDS chunks per split, no baselines (the llm and blackbox sections

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
+
 EMBEDDED = ROOT / "config" / "config.yaml"
 TIER1 = ROOT / "config" / "regime" / "tier1.yaml"  # experiment: fmnist_mlp_regime
 

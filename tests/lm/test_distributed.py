@@ -12,9 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from daunce_core.fit.lm import LoraFitter
-from daunce_core.lm import data as textdata
 from daunce_core.lm import distributed, sequences, settings, training
 from daunce_core.lm import tiny as tinylm
+
+import helpers
 
 torch.set_num_threads(1)
 
@@ -29,12 +30,7 @@ KS = [4, 0, 1, 7, 2]  # 3 models on rank 0 (4, 1, 2), 2 on rank 1 (0, 7)
 
 
 def _tiny():
-    task = textdata.synthetic_task(n_ops=3, n_train=48, queries_per_op=4, skew=0.8)
-    texts = [e["prompt"] + e["response"] for e in task["train"] + task["query"]]
-    tok = tinylm.train_tokenizer(texts + ["1+2=3"], vocab_size=280)
-    model = tinylm.tiny_causal_lm(tok, arch="llama", hidden_size=32, num_layers=2, num_heads=2,
-                                  max_position_embeddings=32, seed=1)
-    return task, tok, model
+    return helpers.tiny_text_task(arch="llama", num_layers=2, seed=1)
 
 
 def _free_port() -> int:

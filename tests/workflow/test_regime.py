@@ -5,7 +5,6 @@ import gzip
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,11 @@ import yaml
 from daunce_core.baselines import BaselinesConfig, base_method, is_method
 from daunce_core.config import DataConfig
 from daunce_core.data import FASHION_FILES, DataError, load_dataset
+from daunce_core.objectives import cross_entropy
 from daunce_core.settings import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+import helpers
+from helpers import DUP, ROOT, SNAKEMAKE, SRC, bcfg
 
 
 def write_idx(folder: Path, X_train, y_train, X_test, y_test) -> Path:
@@ -100,6 +100,7 @@ def _snakemake(workdir: Path, configs: list[Path], *args: str, timeout: int = 90
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tier,experiment,extra", [
     ("tier1", "fmnist_mlp_regime", ["trak_k200", "trak_k1000", "trak_k4000", "trak_ens", "if_iter"]),
     ("tier2", "fmnist_resnet9q_regime", ["trak_k200", "trak_k1300", "trak_k5200", "trak_ens", "if_iter"]),
@@ -122,7 +123,7 @@ MINI_METHODS = ["trak_k24", "trak_k96", "trak_ens", "logra", "ekfac", "graddot",
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DAUNCE_REGIME_MINI") != "1",
                     reason="a whole workflow run of 10-25 minutes on 2 cores, beyond the suite's 15-minute budget: "
-                           "run it with DAUNCE_REGIME_MINI=1 pytest tests/test_regime.py -k miniature")
+                           "run it with DAUNCE_REGIME_MINI=1 pytest tests/workflow/test_regime.py -k miniature")
 def test_miniature_of_tier1_every_method_beats_random(tmp_path):
     """Tier 1 in miniature (sklearn's digits written as idx files, a 64-32-10 MLP of 2,410
     parameters, projections at tier 1's ratios): every method's raw LDS on the test masks is above 0
@@ -167,23 +168,12 @@ def test_miniature_of_tier1_every_method_beats_random(tmp_path):
 
 # --- the added baselines against independent computations (the tiny problem of test_baselines) ---
 
-def _test_baselines():
-    """tests/test_baselines.py as a module (pytest's importlib mode gives test files no package):
-    its tiny problem (query DUP copies training example SRC) and float64 references."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_daunce_test_baselines", ROOT / "tests" / "test_baselines.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def problem():
+    return helpers.baselines_problem()
 
 
-TB = _test_baselines()
-DUP, SRC, bcfg = TB.DUP, TB.SRC, TB.bcfg
-problem = TB.problem  # the module-scoped fixture
-
-
-@pytest.mark.parametrize("solver", ["cg", "arnoldi"])
+@pytest.mark.parametrize("solver", [pytest.param("cg", marks=pytest.mark.slow), "arnoldi"])
 def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
     """dattri's iterative solvers on a 51-parameter MLP equal g_i^T (H + lambda I)^-1 g_q with H the
     float64 Hessian of the mean loss: CG run to convergence, Arnoldi with 40 of the 51 eigenpairs
@@ -192,10 +182,10 @@ def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
 
     lam = 0.5
     P = problem.num_params()
-    H = TB.reference_curvature(problem, "hessian", lam)
+    H = helpers.reference_curvature(problem, "hessian", lam)
     assert np.linalg.eigvalsh(H).min() > 0
-    ref = TB.reference_grads(problem, "train", TB.cross_entropy) @ np.linalg.solve(
-        H, TB.reference_grads(problem, "query", TB.neg_margin).T)
+    ref = helpers.reference_grads(problem, "train", cross_entropy) @ np.linalg.solve(
+        H, helpers.reference_grads(problem, "query", helpers.neg_margin).T)
     # CG converges in about 10 iterations here
     scores, attrs = if_iter_scores(problem, bcfg(if_iter={"solver": solver, "regularization": lam, "proj_dim": P - 11,
                                                            "max_iter": 20 if solver == "cg" else P}), tmp_path)
@@ -205,7 +195,8 @@ def test_if_iter_equals_the_damped_hessian_influence(problem, tmp_path, solver):
     assert scores[:, DUP].argmax() == SRC
 
 
-@pytest.mark.parametrize("solver,knob", [("cg", "max_iter"), ("arnoldi", "proj_dim")])
+@pytest.mark.parametrize("solver,knob", [pytest.param("cg", "max_iter", marks=pytest.mark.slow),
+                                         ("arnoldi", "proj_dim")])
 def test_if_iter_past_its_krylov_space_is_a_clear_error(problem, tmp_path, solver, knob):
     from daunce_core.baselines.dattri_methods import if_iter_scores
 
@@ -222,13 +213,13 @@ def test_if_iter_arnoldi_on_an_indefinite_hessian_is_its_inverse_on_the_top_eige
     from daunce_core.baselines.dattri_methods import if_iter_scores
 
     lam, k = 0.03, 30
-    H = TB.reference_curvature(problem, "hessian", lam)
+    H = helpers.reference_curvature(problem, "hessian", lam)
     w, U = np.linalg.eigh(H)
     assert w.min() < -0.03  # indefinite: the case that failed
     top = np.argsort(np.abs(w))[-k:]
     assert (w[top] < 0).any()  # a negative eigenvalue among the kept ones
-    ref = (TB.reference_grads(problem, "train", TB.cross_entropy) @ U[:, top]) @ np.diag(1 / w[top]) @ (
-        TB.reference_grads(problem, "query", TB.neg_margin) @ U[:, top]).T
+    ref = (helpers.reference_grads(problem, "train", cross_entropy) @ U[:, top]) @ np.diag(1 / w[top]) @ (
+        helpers.reference_grads(problem, "query", helpers.neg_margin) @ U[:, top]).T
     scores, attrs = if_iter_scores(problem, bcfg(if_iter={"solver": "arnoldi", "regularization": lam, "proj_dim": k,
                                                            "max_iter": 2 * k}), tmp_path)
     assert np.isfinite(scores).all() and attrs["negative_eigenvalues"] >= 1 and attrs["unconverged"] == 0
@@ -250,6 +241,7 @@ def test_if_iter_arnoldi_with_unconverged_eigenpairs_stops_naming_the_setting(pr
     assert "raise baselines.if_iter.max_iter" in msg
 
 
+@pytest.mark.slow
 def test_trak_ensemble_of_one_is_trak_and_more_models_are_summed(problem, tmp_path):
     from daunce_core.baselines.trak import ensemble_states, trak_ensemble_scores, trak_scores
 

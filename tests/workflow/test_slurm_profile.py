@@ -10,7 +10,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ import yaml
 
 from daunce_core.config import fit_variant
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
+
 PAPER = ROOT / "config" / "paper" / "cifar10.yaml"
 TRAINING_RULES = {"base", "perturbed_chunk", "lds_chunk"}
 LLM_GPU_RULES = {"llm_full", "llm_daunce_chunk", "llm_select_lr", "llm_logra", "llm_removal"}
@@ -52,6 +51,7 @@ def resources_by_rule(out: str) -> dict[str, set[str]]:
     return res
 
 
+@pytest.mark.slow
 def test_paper_plan_dry_runs_without_data_or_gpu(tmp_path):
     cfg = yaml.safe_load(PAPER.read_text())
     # targets before --configfile: the option takes every word after it
@@ -76,6 +76,7 @@ def test_paper_plan_dry_runs_without_data_or_gpu(tmp_path):
         assert not any(re.search(r"\bgpu=[1-9]", line) for line in res[rule]), (rule, res[rule])
 
 
+@pytest.mark.slow
 def test_every_target_of_the_paper_config_dry_runs(tmp_path):
     out = dry_run(tmp_path, "--configfile", str(PAPER))
     counts = job_counts(out)
@@ -83,6 +84,7 @@ def test_every_target_of_the_paper_config_dry_runs(tmp_path):
         assert counts.get(rule) == 1, rule
 
 
+@pytest.mark.slow
 def test_embedded_default_requests_no_gpu(tmp_path):
     out = dry_run(tmp_path, "results/fig1a.pdf", "--configfile", str(ROOT / "config" / "config.yaml"))
     res = resources_by_rule(out)
@@ -91,6 +93,7 @@ def test_embedded_default_requests_no_gpu(tmp_path):
         assert not any(re.search(r"\bgpu=[1-9]", line) for line in lines), (rule, lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profiles,experiment,gpu,mem_mb", [
     (["profiles/slurm"], "cifar10_resnet9", 1, 16000),                     # the user's command
     (["profiles/slurm", "profiles/ci-slurm"], "slurm_ci", 0, 2000),        # what CI runs
@@ -125,12 +128,14 @@ def test_partition_files_route_gpu_jobs_to_gpu_partitions(profile, gpu, expected
     assert get_best_partition(parts, job, logging.getLogger("test")) == expected
 
 
+@pytest.mark.slow
 def test_command_line_configfile_overrides_the_profiles(tmp_path):
     out = dry_run(tmp_path, "results/fig1a.pdf", "--profile", "profiles/slurm", "--configfile",
                   str(ROOT / "config" / "config.yaml"))
     assert "experiment=digits_mlp" in out and "experiment=cifar10_resnet9" not in out
 
 
+@pytest.mark.slow
 def test_profile_by_name_from_the_user_config_dir(tmp_path):
     """README: link profiles/slurm into ~/.config/snakemake, then `--profile slurm` finds it."""
     cfg_home = tmp_path / "xdg"
@@ -169,6 +174,7 @@ def test_the_workflow_profile_never_replaces_an_entry_of_a_cluster_profile():
         assert not default & set(profile(name)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profiles", [[], ["profiles/slurm"], ["profiles/slurm", "profiles/ci-slurm"]])
 def test_threads_come_from_the_workflow_profile_on_every_run(tmp_path, profiles):
     args = [a for p in profiles for a in ("--profile", p)]
@@ -181,6 +187,7 @@ def test_threads_come_from_the_workflow_profile_on_every_run(tmp_path, profiles)
     assert TRAINING_RULES <= set(threads) and threads["lds_eval"] == {1}
 
 
+@pytest.mark.slow
 def test_paper_llm_plan_asks_gpus_through_the_slurm_profile_only(tmp_path):
     # merged over the embedded default, as the Snakefile's configfile does when run from the repository
     configs = [str(ROOT / "config" / "config.yaml"), str(ROOT / "config" / "paper" / "llm_math.yaml")]

@@ -6,13 +6,12 @@ beside them -- checked on a throwaway two-rule workflow that sleeps, since the r
 need a GPU.
 """
 import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
+
 WORKSTATION = ROOT / "profiles" / "workstation"
 
 
@@ -36,6 +35,7 @@ def test_workstation_asks_one_gpu_for_the_rules_slurm_does():
     assert not {"cores", "configfile", "set-threads", "executor"} & set(ws)
 
 
+@pytest.mark.slow
 def test_gpu_jobs_run_one_at_a_time_beside_cpu_jobs(tmp_path):
     """Three jobs of a GPU rule never overlap; the CPU rule's jobs overlap them (--cores 4)."""
     (tmp_path / "Snakefile").write_text(

@@ -8,20 +8,14 @@ from daunce_core.config import DaunceConfig, ModelConfig, TrainConfig
 from daunce_core.models import build_model
 from daunce_core.perturb import batch_order, subset_and_xi
 
+import helpers
+
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def problem():
-    rng = np.random.default_rng(0)
-    X = torch.tensor(rng.normal(size=(120, 1, 4, 4)), dtype=torch.float32)
-    y = torch.tensor(rng.integers(0, 3, 120))
-    cfg = ModelConfig(arch="mlp", hidden=[16])
-    factory = lambda: build_model(cfg, (1, 4, 4), 3)  # noqa: E731
-    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(120)], [(0,)],
-                                   TrainConfig(epochs=5, batch_size=16, lr=0.05))
-    theta0 = {**E.unstack(p, 0), **E.unstack(b, 0)}
-    return net, theta0, X, y
+    return helpers.trained_mlp()
 
 
 def losses_of(net, theta0, X, y, ks, variant, **kw):

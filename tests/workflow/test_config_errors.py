@@ -7,9 +7,6 @@ results/<experiment>/config.yaml.
 """
 import copy
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,8 +14,8 @@ from snakemake.utils import update_config
 
 from daunce_core.config import ConfigError, ExperimentConfig, check_figures, read_config_file
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, snakemake, user_folder
+
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
@@ -95,19 +92,7 @@ def test_yaml_error_names_file_and_line(tmp_path, text, where, what):
 # --- through Snakemake: a real run (not -n) that must stop before any job --------------------
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--cores", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def user_folder(tmp_path: Path, override: dict | None = None, default_text: str | None = None) -> Path:
-    """A working folder as a user has it: config/config.yaml, and their --configfile my.yaml."""
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(default_text or (ROOT / "config" / "config.yaml").read_text())
-    (tmp_path / "my.yaml").write_text(yaml.safe_dump(override or {}))
-    return tmp_path
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("override,match", [
     ({"lds": {"threshold": {"kind": "topk"}}}, "lds.threshold.k"),
     ({"daunce": {"variants": ["daunce_t"]}}, "figures.variant 'daunce' is not among daunce.variants"),
@@ -133,6 +118,7 @@ def test_workflow_yaml_error_in_the_default_config_names_file_and_line(tmp_path)
     assert not (d / "results").exists(), "a job ran"
 
 
+@pytest.mark.slow
 def test_effective_config_is_written_once_per_config(tmp_path):
     """The run writes config/config.yaml + --configfile as merged, the report shows it; the same
     config does not rewrite it, a changed one does (params changed)."""
@@ -161,6 +147,7 @@ def test_effective_config_is_written_once_per_config(tmp_path):
     assert target.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_every_final_target_depends_on_the_effective_config(tmp_path):
     """So a run that makes any final table or figure (not only `rule all`) writes the config."""
     d = user_folder(tmp_path)

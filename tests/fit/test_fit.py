@@ -19,7 +19,8 @@ from daunce_core.fit.ensemble import EnsembleFitter
 from daunce_core.models import build_model
 from daunce_core.scoring import pairwise_scores
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 torch.set_num_threads(1)
 
 

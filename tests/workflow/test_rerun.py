@@ -7,15 +7,15 @@ of its params (docs/configuration.md, "What reruns when").
 """
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+import helpers
+from helpers import ROOT
+
 EXP = "rr"
 CHUNK = f"results/{EXP}/daunce/daunce/lr0.03/chunk0.h5"  # data -> base -> perturbed_chunk
 
@@ -47,9 +47,7 @@ def write_npz(path: Path, labels_seed: int = 0) -> None:
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--configfile", str(workdir / "config.yaml"), "--cores", "1", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return helpers.snakemake(workdir, *args, configfile="config.yaml")
 
 
 def plan(workdir: Path, target: str) -> tuple[dict[str, int], str]:

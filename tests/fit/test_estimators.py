@@ -15,22 +15,17 @@ import torch
 
 from daunce_core import ensemble as E
 from daunce_core import objectives as obj
-from daunce_core.config import ConfigError, DaunceConfig, ExperimentConfig, ModelConfig, TrainConfig
-from daunce_core.models import build_model
+from daunce_core.config import ConfigError, DaunceConfig, ExperimentConfig
 from daunce_core.perturb import Plan, batch_order
+
+import helpers
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def problem():
-    rng = np.random.default_rng(0)
-    X = torch.tensor(rng.normal(size=(120, 1, 4, 4)), dtype=torch.float32)
-    y = torch.tensor(rng.integers(0, 3, 120))
-    factory = lambda: build_model(ModelConfig(arch="mlp", hidden=[16]), (1, 4, 4), 3)  # noqa: E731
-    net, p, b = E.fit_from_scratch(factory, X, y, [np.arange(120)], [(0,)],
-                                   TrainConfig(epochs=5, batch_size=16, lr=0.05))
-    return net, {**E.unstack(p, 0), **E.unstack(b, 0)}, X, y
+    return helpers.trained_mlp()
 
 
 def cfg_of(**kw):

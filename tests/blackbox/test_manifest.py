@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,9 @@ from daunce_core.blackbox.finetune import run_finetunes
 from daunce_core.blackbox.manifest import Manifest, ManifestError
 from daunce_core.localapi import ServerConfig, TrainSettings, serve_in_thread
 
+from helpers import ROOT
+
 KEY = "sk-manifest-test-abcdef0123456789"
-ROOT = Path(__file__).resolve().parents[1]
 
 # Shared by this process and the client subprocess that gets killed.
 SPECS = '''

@@ -7,22 +7,18 @@ import torch
 from daunce_core import objectives
 from daunce_core.fit import Fitter, Signals
 from daunce_core.fit import lm as fit_lm
-from daunce_core.lm import data as textdata
 from daunce_core.lm import generation, hub, sequences, settings, training
 from daunce_core.lm import tiny as tinylm
 from daunce_core.settings import ConfigError
+
+import helpers
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    task = textdata.synthetic_task(n_ops=3, n_train=48, queries_per_op=4, skew=0.8)
-    texts = [e["prompt"] + e["response"] for e in task["train"] + task["query"]]
-    tok = tinylm.train_tokenizer(texts + ["1+2=3"], vocab_size=280)
-    model = tinylm.tiny_causal_lm(tok, arch="qwen2", hidden_size=32, num_layers=1, num_heads=2,
-                                  max_position_embeddings=32, seed=0)
-    return task, tok, model
+    return helpers.tiny_text_task(arch="qwen2", num_layers=1, seed=0)
 
 
 def test_labels_cover_only_the_response_and_eos(tiny):

@@ -2,17 +2,15 @@
 through the workflow steps, where removal by DAUNCE must beat random removal in a paired test."""
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, SNAKEMAKE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, queries", [("llm_math", 2000), ("llm_ifeval", 200)])
 def test_paper_llm_configs_plan(tmp_path, name, queries):
     """``snakemake -n --configfile=config/paper/<name>.yaml results/fig2.pdf`` plans every job of
@@ -130,6 +128,7 @@ def test_miniature_records_its_protocol(miniature):
 SLURM_GPUS = {"llm_full": 8, "llm_select_lr": 8, "llm_removal": 8, "llm_daunce_chunk": 2, "llm_logra": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llm_math", "llm_ifeval"])
 def test_paper_llm_configs_plan_multi_gpu_jobs_on_slurm(tmp_path, name):
     """``snakemake -n --profile profiles/slurm`` on the paper configs: the fine-tuning jobs take a

@@ -3,8 +3,6 @@ the key, file or option, found when the workflow is parsed (before any job), and
 owns is written to. The input formats are documented in docs/inputs.md."""
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,8 @@ from daunce_core.baselines import BaselinesConfig
 from daunce_core.config import ExperimentConfig
 from daunce_core.settings import ConfigError, check_schema, load_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from helpers import ROOT, snakemake, user_folder
+
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 SCHEMA = load_schema(str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
 
@@ -27,19 +25,6 @@ def merged(*overrides: dict) -> dict:
     for o in overrides:
         update_config(cfg, copy.deepcopy(o))
     return cfg
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
-                           "--cores", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def user_folder(tmp_path: Path, override: dict | None = None) -> Path:
-    """A working folder as a user has it: config/config.yaml, and their --configfile my.yaml."""
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
-    (tmp_path / "my.yaml").write_text(yaml.safe_dump(override or {}))
-    return tmp_path
 
 
 # --- config keys: one line naming the key and the nearest valid one ------------------------------
@@ -70,6 +55,7 @@ def test_a_config_typo_stops_snakemake_with_one_line_not_the_schema_dump(tmp_pat
     assert "Failed validating" not in out and len(out.splitlines()) < 10, out
 
 
+@pytest.mark.slow
 def test_readme_s_master_weights_key_is_accepted_by_snakemake(tmp_path):
     """README.md: `llm.finetune.master_weights: false`; the schema lacked it, snakemake -n refused."""
     d = user_folder(tmp_path, {"llm": {"finetune": {"master_weights": False}}})
@@ -109,6 +95,7 @@ def test_only_command_line_strings_are_converted():
         check_schema(merged({"daunce": {"K": "2.5"}}), SCHEMA, overrides={"daunce": {"K": "2.5"}})
 
 
+@pytest.mark.slow
 def test_snakemake_accepts_a_number_in_a_config_section_override(tmp_path):
     d = user_folder(tmp_path)
     proc = snakemake(d, "-n", "results/digits_mlp/config.yaml", "--config", 'daunce={"ratio": 0.5}')
@@ -138,6 +125,7 @@ def test_an_explicit_budget_still_refuses_a_longer_grid():
         BaselinesConfig.from_config(cfg).validate()
 
 
+@pytest.mark.slow
 def test_snakemake_plans_a_run_with_a_two_value_lr_grid(tmp_path):
     d = user_folder(tmp_path, {"daunce": {"lr_grid": [0.1, 0.01]}})
     proc = snakemake(d, "-n", "--configfile", str(d / "my.yaml"))

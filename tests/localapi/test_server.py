@@ -91,6 +91,7 @@ def test_state_survives_a_restart_and_unfinished_jobs_resume(tmp_path, base, cha
         assert _wait(c, "ftjob-ghost").status == "succeeded"
 
 
+@pytest.mark.slow
 def test_subprocess_server_starts_on_a_free_port_and_stops(tmp_path, base):
     srv = LocalServer(ServerConfig(state_dir=str(tmp_path / "s"), models={"tiny": base}))
     with srv:
