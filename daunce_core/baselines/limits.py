@@ -43,7 +43,7 @@ def fisher_form(variant: str) -> bool:
     return variant in ("daunce_e", "daunce_t", "daunce_t_q")
 
 
-# --- the math, on plain arrays (tests/test_limits.py calls these directly) -------------------------
+# --- the math, on plain arrays (tests/baselines/test_limits.py calls these directly) ---------------
 
 def noise_constants(variant: str, n: int, N: int, rho: float, gamma: float) -> tuple[float, float, float]:
     """``(c, alpha, beta)`` of docs/theory.md: ``w_i = (c + sigma_i) 1[i in S] / N`` and
