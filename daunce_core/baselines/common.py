@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import store
 from ..config import ExperimentConfig
-from ..settings import ConfigError, build, nested, setting
+from ..settings import ConfigError, build, json_schema, nested, setting
 
 if TYPE_CHECKING:
     import torch
@@ -183,52 +183,24 @@ METHODS_SCHEMA = {'items': {'anyOf': [{'type': 'string',
                       'description': 'TRAK with proj_dim N'}]}}
 
 
-TUNE_SCHEMA = {'additionalProperties': False,
- 'properties': {'trak': {'type': 'object',
-                         'additionalProperties': False,
-                         'properties': {'proj_dim': {'type': 'array',
-                                                     'minItems': 1,
-                                                     'items': {'type': 'integer', 'minimum': 1}},
-                                        'lambda_reg': {'type': 'array',
-                                                       'minItems': 1,
-                                                       'items': {'type': 'number', 'minimum': 0}}}},
-                'ekfac': {'type': 'object',
-                          'additionalProperties': False,
-                          'properties': {'damping': {'type': 'array',
-                                                     'minItems': 1,
-                                                     'items': {'type': ['number', 'null'], 'minimum': 0}}}},
-                'logra': {'type': 'object',
-                          'additionalProperties': False,
-                          'properties': {'rank': {'type': 'array',
-                                                  'minItems': 1,
-                                                  'items': {'type': 'integer', 'minimum': 1}},
-                                         'damping': {'type': 'array',
-                                                     'minItems': 1,
-                                                     'items': {'type': ['number', 'null'], 'minimum': 0}}}},
-                'tracin': {'type': 'object',
-                           'additionalProperties': False,
-                           'properties': {'checkpoints': {'type': 'array',
-                                                          'minItems': 1,
-                                                          'items': {'type': 'integer', 'minimum': 1}}}},
-                'trak_ens': {'type': 'object',
-                             'additionalProperties': False,
-                             'properties': {'lambda_reg': {'type': 'array',
-                                                           'minItems': 1,
-                                                           'items': {'type': 'number', 'minimum': 0}},
-                                            'proj_dim': {'type': 'array',
-                                                         'minItems': 1,
-                                                         'items': {'type': 'integer', 'minimum': 1}},
-                                            'models': {'type': 'array',
-                                                       'minItems': 1,
-                                                       'items': {'type': 'integer', 'minimum': 1}}}},
-                'if_iter': {'type': 'object',
-                            'additionalProperties': False,
-                            'properties': {'regularization': {'type': 'array',
-                                                              'minItems': 1,
-                                                              'items': {'type': 'number', 'minimum': 0}},
-                                           'proj_dim': {'type': 'array',
-                                                        'minItems': 1,
-                                                        'items': {'type': 'integer', 'minimum': 1}}}}}}
+# The knobs baselines.tune may grid, per method; each grid's items have the knob's own schema.
+TUNE_KNOBS = {"trak": (TrakConfig, ("proj_dim", "lambda_reg")), "ekfac": (EkfacConfig, ("damping",)),
+              "logra": (LograConfig, ("rank", "damping")), "tracin": (TracinConfig, ("checkpoints",)),
+              "trak_ens": (TrakEnsConfig, ("lambda_reg", "proj_dim", "models")),
+              "if_iter": (IFIterConfig, ("regularization", "proj_dim"))}
+
+
+def _tune_schema() -> dict:
+    def item(cls, knob):
+        return {k: v for k, v in json_schema(cls)["properties"][knob].items() if k not in ("description", "default")}
+
+    return {"additionalProperties": False, "properties": {
+        method: {"type": "object", "additionalProperties": False,
+                 "properties": {k: {"type": "array", "minItems": 1, "items": item(cls, k)} for k in knobs}}
+        for method, (cls, knobs) in TUNE_KNOBS.items()}}
+
+
+TUNE_SCHEMA = _tune_schema()
 
 
 @dataclass
