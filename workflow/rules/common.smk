@@ -323,7 +323,7 @@ def get_final_output():
     if CFG.daunce.trace_every > 0:  # Figure 3 needs the per-step log of the perturbed fits
         names.append("fig3.pdf")
     if "llm" in config:  # a config without the section asks for no LLM study
-        names.append("fig2.pdf")
+        names += ["fig2.pdf", "llm_removal.csv"]
     if "blackbox" in config:  # a config without the section asks for no black-box study
         names.append("fig4.md")
     if CFG.mislabel.enabled:  # mislabelled-example detection (rules/mislabel.smk)
