@@ -5,6 +5,7 @@ Import it as ``helpers`` (pyproject.toml puts tests/ on pytest's ``pythonpath``;
 taken by a package kronfluence installs). Fixtures built on it live in ``tests/conftest.py``.
 """
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,17 @@ def reference_curvature(problem, curvature, wd):
 
 def neg_margin(logits, y):
     return -margin(logits, y)
+
+
+def plan_jobs(text: str) -> list[tuple[str, list[str], list[str]]]:
+    """The jobs of a Snakemake dry run's printed plan: (rule, inputs, outputs) per job."""
+    jobs = []
+    for block in re.split(r"^\[[^\]]+\]\n|\n\n", text, flags=re.M):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if not rule:
+            continue
+        ins = re.search(r"^\s+input: (.*)$", block, re.M)
+        outs = re.search(r"^\s+output: (.*)$", block, re.M)
+        jobs.append((rule.group(1), ins.group(1).split(", ") if ins else [],
+                     outs.group(1).split(", ") if outs else []))
+    return jobs

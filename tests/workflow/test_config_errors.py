@@ -6,7 +6,6 @@ writes its effective config (config/config.yaml with the ``--configfile`` merged
 results/<experiment>/config.yaml.
 """
 import copy
-import re
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from snakemake.utils import update_config
 
 from daunce_core.config import ConfigError, ExperimentConfig, check_figures, read_config_file
 
-from helpers import ROOT, snakemake, user_folder
+from helpers import ROOT, plan_jobs, snakemake, user_folder
 
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
@@ -154,15 +153,11 @@ def test_every_final_target_depends_on_the_effective_config(tmp_path):
     plan = snakemake(d, "-n", "--forceall")
     assert plan.returncode == 0, (plan.stdout + plan.stderr)[-3000:]
     inputs, final = {}, None
-    for block in re.split(r"^\[[^\]]+\]\n|\n\n", plan.stdout + plan.stderr, flags=re.M):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-        ins = re.search(r"^\s+input: (.*)$", block, re.M)
-        outs = re.search(r"^\s+output: (.*)$", block, re.M)
-        if rule and rule.group(1) == "all":
-            final = ins.group(1).split(", ")
-        elif rule and outs:
-            for f in outs.group(1).split(", "):
-                inputs[f] = ins.group(1).split(", ") if ins else []
+    for rule, ins, outs in plan_jobs(plan.stdout + plan.stderr):
+        if rule == "all":
+            final = ins
+        for f in outs:
+            inputs[f] = ins
     assert final and "results/fig2.pdf" in final and "results/fig4.md" in final
 
     def upstream(f, seen):

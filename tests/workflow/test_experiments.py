@@ -1,13 +1,12 @@
 """Each experiment's tables and figures are its own: results/<experiment>/<name>, never shared by
 two experiments; results/<name> is a copy of the current config's experiment's (rule view)."""
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, SNAKEMAKE
+from helpers import ROOT, SNAKEMAKE, plan_jobs
 
 EMBEDDED = ROOT / "config" / "config.yaml"
 TIER1 = ROOT / "config" / "regime" / "tier1.yaml"  # experiment: fmnist_mlp_regime
@@ -25,16 +24,13 @@ def plan(workdir: Path, *configs: Path) -> tuple[dict[str, list[str]], list[str]
     """The default target's plan: {rule: [its jobs' outputs]} and rule all's inputs."""
     out = snakemake(workdir, "-n", "--forceall", "--configfile", *map(str, configs))
     outputs, final = {}, []
-    for block in re.split(r"^\[[^\]]+\]\n|\n\n", out, flags=re.M):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-        ins = re.search(r"^\s+input: (.*)$", block, re.M)
-        outs = re.search(r"^\s+output: (.*)$", block, re.M)
-        if rule and rule.group(1) == "all":
-            final = ins.group(1).split(", ")
-        elif rule and outs:
-            outputs.setdefault(rule.group(1), []).extend(outs.group(1).split(", "))
-            if rule.group(1) == "view":
-                outputs.setdefault("view inputs", []).append(ins.group(1))
+    for rule, ins, outs in plan_jobs(out):
+        if rule == "all":
+            final = ins
+        elif outs:
+            outputs.setdefault(rule, []).extend(outs)
+            if rule == "view":
+                outputs.setdefault("view inputs", []).append(", ".join(ins))
     return outputs, final
 
 
