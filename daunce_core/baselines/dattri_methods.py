@@ -39,7 +39,7 @@ import copy
 import logging
 import math
 import warnings
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +215,51 @@ def tracin_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tup
     }
 
 
+def _convs_as_linear(model) -> int:
+    """Replace every ``nn.Conv2d`` of ``model`` in place by the same map written as im2col patches
+    through an ``nn.Linear`` (LoGra's treatment of a convolution: its per-example gradient is a sum
+    over output positions of outer products, like a Linear layer's over tokens). dattri 0.3.0's
+    LoGra projects Linear and LayerNorm layers only. Returns the number replaced."""
+    from torch import nn
+
+    n = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Conv2d):
+            setattr(model, name, _conv_as_linear_class()(child))
+            n += 1
+        else:
+            n += _convs_as_linear(child)
+    return n
+
+
+@cache
+def _conv_as_linear_class():
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ConvAsLinear(nn.Module):
+        def __init__(self, conv) -> None:
+            super().__init__()
+            if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+                raise ValueError(f"logra: a Conv2d with groups={conv.groups}, padding={conv.padding!r}, "
+                                 f"padding_mode={conv.padding_mode!r} has no im2col form here")
+            self.kernel_size, self.stride = conv.kernel_size, conv.stride
+            self.padding, self.dilation = conv.padding, conv.dilation
+            self.linear = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None)
+            self.linear.weight.data.copy_(conv.weight.detach().reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                self.linear.bias.data.copy_(conv.bias.detach())
+
+        def forward(self, x):
+            h = (x.shape[-2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) \
+                // self.stride[0] + 1
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C k k, L]
+            out = self.linear(cols.transpose(1, 2))                                      # [B, L, C_out]
+            return out.transpose(1, 2).reshape(x.shape[0], out.shape[-1], h, -1)
+
+    return ConvAsLinear
+
+
 def logra_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple[np.ndarray, dict]:
     import torch
     from dattri.algorithm.logra import LoGraAttributor
@@ -223,13 +268,19 @@ def logra_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tupl
 
     lc = bcfg.logra
     model = copy.deepcopy(problem.model).eval()
+    convs = _convs_as_linear(model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    layers = [n for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    layers = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
 
     def loss_func(model, batch, device):  # LoGra's signature: a plain forward on the batch
         x, y = batch
         return train_loss(model(x.to(device)), y.to(device)).sum()
 
+    if convs:
+        # dattri 0.3.0 sets LoGra's projectors up with a forward on ``batch[0][0]``, one input
+        # without its batch axis, which a convolution refuses: give it back its axis
+        model.register_forward_pre_hook(lambda _m, args: (args[0].unsqueeze(0), *args[1:])
+                                        if args[0].dim() == 3 else None)
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=state)
     torch.manual_seed(lc.seed)
     attributor = LoGraAttributor(task=task, layer_names=layers, hessian="eFIM", damping=lc.damping,
@@ -249,7 +300,7 @@ def logra_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tupl
     per_example = 4 * int(sum(dims))
     return scores, {
         "library": _version(), "attributor": "LoGraAttributor", "rank": lc.rank, "proj_dim_per_layer": lc.rank ** 2,
-        "layers": layers, "layer_dims": dims, "hessian": "eFIM",
+        "layers": layers, "layer_dims": dims, "hessian": "eFIM", "convolutions_as_im2col_linear": convs,
         "damping": "dattri default (1e-5 x mean eigenvalue)" if lc.damping is None else lc.damping,
         "measurement": "loss (dattri's LoGra fixes the query function to the cross-entropy)",
         "bytes_per_example": per_example,

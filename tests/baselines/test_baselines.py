@@ -364,3 +364,44 @@ def test_a_choice_at_the_knobs_bound_is_not_on_the_edge_of_its_grid():
     assert not B.at_bound("trak", "lambda_reg", 1e9, problem)
     assert B.at_bound("tracin", "checkpoints", 15, problem)  # 3 epochs x 5 steps: every step
     assert not B.at_bound("tracin", "checkpoints", 14, problem)
+
+
+def test_logra_runs_on_a_convolutional_network(tmp_path):
+    """dattri 0.3.0 sets LoGra's projectors up with a forward on one image without its batch axis:
+    on a convolutional network (the regime's ResNet-9) that raised before the adapter's fix."""
+    from daunce_core.baselines.dattri_methods import logra_scores
+    from daunce_core.config import ModelConfig
+    from daunce_core.data import Dataset
+    from daunce_core.models import build_model
+
+    rng = np.random.default_rng(0)
+    n, m = 24, 4
+    X = rng.normal(size=(n + m, 1, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 3, n + m).astype(np.int64)
+    X[n] = X[5]
+    y[n] = y[5]  # query 0 is a copy of training example 5
+    ds = Dataset(X[:n], y[:n], np.arange(n, dtype=np.int64), X[n:], y[n:], np.arange(m, dtype=np.int64), 3,
+                 ["a", "b", "c"], np.zeros(1, np.float32), np.ones(1, np.float32))
+    cfg = ExperimentConfig(model=ModelConfig(arch="resnet9", width=0.0625))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, (1, 16, 16), 3).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    problem = B.Problem(cfg, ds, model, state, torch.device("cpu"))
+    scores, attrs = logra_scores(problem, bcfg(logra={"rank": 2}), tmp_path)
+    assert scores.shape == (n, m) and np.isfinite(scores).all()
+    assert scores[:, 0].argmax() == 5  # the copy is its own query's most influential example
+
+
+def test_convolutions_as_im2col_linear_compute_the_same_map():
+    from daunce_core.baselines.dattri_methods import _convs_as_linear
+    from daunce_core.config import ModelConfig
+    from daunce_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet9", width=0.0625), (1, 16, 16), 3).eval()
+    x = torch.randn(5, 1, 16, 16)
+    before = model(x)
+    n = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert _convs_as_linear(model) == n > 0
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
