@@ -360,8 +360,15 @@ class StudyConfig:
         return out
 
 
-# the baselines a mislabel run may score (daunce_core.baselines.METHODS; tests keep the two equal)
-MISLABEL_BASELINES = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if")
+# the baselines a mislabel run may score: daunce_core.baselines' METHODS and EXTRA, and TRAK at a
+# projection size its name fixes (trak_k<N>, daunce_core.baselines.common.TRAK_K); tests keep them equal
+MISLABEL_BASELINES = ("trak", "ekfac", "logra", "graddot", "tracin", "exact_if", "trak_ens", "if_iter")
+MISLABEL_TRAK_K = r"trak_k[1-9][0-9]*"
+
+
+def mislabel_baseline(name: str) -> bool:
+    """Whether the mislabel step scores the baseline ``name``: one of MISLABEL_BASELINES or trak_k<N>."""
+    return name in MISLABEL_BASELINES or re.fullmatch(MISLABEL_TRAK_K, str(name)) is not None
 
 
 @dataclass
@@ -374,8 +381,12 @@ class MislabelConfig:
                               gt=0, lt=1)
     seed: int = setting(0, "seed of which labels flip and to which class")
     methods: list = setting([], "methods ranked by self-influence: DAUNCE variants (covariance) and "
-                            "baselines; empty: every daunce.variants and baselines.methods entry (not the "
-                            "limit_/lin_ references)", items=str, choices=VARIANTS + MISLABEL_BASELINES)
+                            "baselines, trak_k<N> (TRAK with proj_dim N) among them; empty: every "
+                            "daunce.variants and baselines.methods entry (not the limit_/lin_ references)",
+                            items=str, schema={"items": {"anyOf": [
+                                {"type": "string", "enum": list(VARIANTS + MISLABEL_BASELINES)},
+                                {"type": "string", "pattern": f"^{MISLABEL_TRAK_K}$",
+                                 "description": "TRAK with proj_dim N"}]}})
     settings: str = setting("defaults", "each method's knobs: 'defaults' (DAUNCE: the middle of "
                             "daunce.lr_grid; baselines: their baselines.<method> values, exact IF the middle "
                             "of its damping_grid) or 'lds' (what the LDS selection chose for that method)",
@@ -387,6 +398,10 @@ class MislabelConfig:
             if self.enabled.lower() not in ("true", "false"):
                 raise ConfigError(f"mislabel.enabled must be true or false, got {self.enabled!r}")
             self.enabled = self.enabled.lower() == "true"
+        for i, m in enumerate(self.methods):
+            if m not in VARIANTS and not mislabel_baseline(m):
+                raise ConfigError(f"mislabel.methods[{i}] must be one of {', '.join(VARIANTS + MISLABEL_BASELINES)} "
+                                  f"or trak_k<N> (TRAK with proj_dim N), got {m!r}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"mislabel.methods lists a method twice: {self.methods}")
         return self
@@ -396,7 +411,7 @@ class MislabelConfig:
         ``baselines`` that are baselines of the paper (not the limit_/lin_ references)."""
         if self.methods:
             return list(self.methods)
-        return list(variants) + [m for m in baselines if m in MISLABEL_BASELINES]
+        return list(variants) + [m for m in baselines if mislabel_baseline(m)]
 
 
 @dataclass

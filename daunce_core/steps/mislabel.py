@@ -2,7 +2,8 @@
 
 A seeded fraction of the training labels is flipped, theta_0 retrained on them, and every method's
 self-influence I(z_i, z_i) (DAUNCE: the covariance of an example's signal with itself, its
-variance; the baselines: the diagonal of their [n, n] scores) ranks the training examples; the
+variance; the baselines, trak_k<N>, trak_ens and if_iter among them: the diagonal of their
+adapter's [n, n] scores, :func:`self_influence`) ranks the training examples; the
 ROC AUC says how well the flipped ones come first. No method is tuned on the flipped labels. The
 rules of ``workflow/rules/mislabel.smk`` call it through ``scripts/``; docs/mislabel.md#what-runs
 gives the details."""
@@ -17,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import store
-from ..config import MISLABEL_BASELINES, ExperimentConfig, fit_variant, q_weighted
+from ..config import MISLABEL_BASELINES, ExperimentConfig, fit_variant, mislabel_baseline, q_weighted
 
 log = logging.getLogger(__name__)
 
 __all__ = ["flip_labels", "detection_auc", "auc_ci", "rank_auc", "self_influence_daunce", "middle", "daunce_lr",
-           "baseline_setting", "train_noisy_base", "daunce_signals", "baseline_self_influence", "table"]
+           "baseline_setting", "self_influence", "train_noisy_base", "daunce_signals", "baseline_self_influence",
+           "table"]
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -125,8 +127,16 @@ def daunce_lr(cfg: ExperimentConfig, selection_path=None) -> tuple[float, str]:
 
 def baseline_setting(method: str, bcfg, scores_path=None) -> tuple[dict, str]:
     """The knob values of a baseline: the LDS selection's choice (the ``tuning`` record of its
-    scores file) or its ``baselines.<method>`` values (exact IF: the middle of its damping grid);
-    as a ``BaselinesConfig.with_setting`` dict, and how it was chosen."""
+    scores file) or its ``baselines.<method>`` values (exact IF: the middle of its damping grid;
+    trak_k<N>: ``baselines.trak``'s with proj_dim N); as a ``BaselinesConfig.with_setting`` dict,
+    and how it was chosen."""
+    from ..baselines import base_method
+
+    base, fixed = base_method(method)  # trak_k<N>: trak with the proj_dim of its name
+    if fixed:
+        chosen, how = baseline_setting(base, bcfg, scores_path)
+        named = ", ".join(f"{k} {v}" for k, v in fixed.items())
+        return {**chosen, **fixed}, f"{how}, {named} from the name {method}"
     if scores_path is not None:
         _, meta = store.dense_scores(scores_path)
         attrs = meta["attrs"]
@@ -219,23 +229,44 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     log.info("mislabel %s: K=%d fits at lr=%g (%s)", variant, len(signals), lr, how)
 
 
+def _check_baseline(method: str) -> None:
+    if not mislabel_baseline(method):
+        raise ValueError(f"mislabel: unknown baseline {method!r}; choose from {', '.join(MISLABEL_BASELINES)} "
+                         "or trak_k<N> (TRAK with proj_dim N)")
+
+
+def self_influence(method: str, problem, bcfg, wd) -> np.ndarray:
+    """A baseline's self-influence [n] on ``problem`` (theta_0 and its training set): the diagonal
+    of its adapter's scores (``baselines.run_baseline``'s, one setting: ``bcfg``'s) with the
+    training set as queries and the training loss as query function -- for TRAK (trak_k<N>,
+    trak_ens) traker's own margin and out-to-loss weight, for trak_ens summed over its ensemble as
+    traker does, for if_iter dattri's solve with its eigenpairs checked. ``wd``: a scratch folder."""
+    from ..baselines import _one as run_one
+    from ..baselines import check_scores
+
+    _check_baseline(method)
+    bcfg = dataclasses.replace(bcfg, measurement="loss", tune={}).with_setting(method, {})  # trak_k<N>: proj_dim N
+    ds = problem.ds
+    problem = dataclasses.replace(problem, ds=dataclasses.replace(ds, X_query=ds.X_train, y_query=ds.y_train,
+                                                                  query_ids=ds.train_ids), cache={})
+    scores, _ = run_one(method, problem, bcfg, wd, None)
+    return np.diag(check_scores(scores, problem.n, problem.n, method)).astype(np.float64)
+
+
 def baseline_self_influence(method: str, cfg: ExperimentConfig, bcfg, split_path, flips_path, theta0_path, out,
                             scores_path=None) -> None:
-    """One baseline's self-influence [n] on the noisy data and theta_0: the diagonal of its
-    adapter's scores with the training set as queries and the training loss as query function."""
-    from ..baselines import _one as run_one
-    from ..baselines import check_scores, load_problem, workdir
+    """One baseline's :func:`self_influence` on the noisy data and theta_0, at the setting
+    :func:`baseline_setting` chooses."""
+    from ..baselines import load_problem, workdir
 
-    if method not in MISLABEL_BASELINES:
-        raise ValueError(f"mislabel: unknown baseline {method!r}; choose from {', '.join(MISLABEL_BASELINES)}")
+    _check_baseline(method)
     setting_, how = baseline_setting(method, bcfg, scores_path)
-    bcfg = dataclasses.replace(bcfg, measurement="loss", tune={}).with_setting(method, setting_)
+    bcfg = bcfg.with_setting(method, setting_)
     problem = load_problem(cfg, split_path, theta0_path)
     ds, _ = _noisy(cfg, split_path, flips_path)
-    problem.ds = dataclasses.replace(ds, X_query=ds.X_train, y_query=ds.y_train, query_ids=ds.train_ids)
+    problem.ds = ds
     with workdir(out, method) as wd:
-        scores, attrs = run_one(method, problem, bcfg, wd / "s0", None)
-    self_scores = np.diag(check_scores(scores, problem.n, problem.n, method)).astype(np.float64)
+        self_scores = self_influence(method, problem, bcfg, wd / "s0")
     with store.atomic_path(out, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, self_influence=self_scores, train_ids=ds.train_ids, how=how,

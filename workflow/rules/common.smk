@@ -676,6 +676,14 @@ def mislabel_file(method):
     return f"results/{EXP}/mislabel/self/{method}.npz"
 
 
+def mislabel_baseline_settings(method):
+    """A baseline's mislabel keys: the noisy data's, the mislabel settings and the section of the
+    method that runs (trak_k<N>: baselines.trak, its proj_dim fixed by the name, in the path)."""
+    base = base_method(method)[0]
+    return step_settings(*MISLABEL_KEYS, "mislabel.settings",
+                         *[f"baselines.{b}" for b in [base] if b in SETTINGS_TREE["baselines"]])
+
+
 def mislabel_inputs(wildcards):
     exp = wildcards.experiment
     out = {"split": f"results/{exp}/data/split.npz", "flips": f"results/{exp}/mislabel/flips.npz",

@@ -48,7 +48,8 @@ rule mislabel_daunce:
 
 rule mislabel_baseline:
     """A baseline's self-influence on the noisy data: the diagonal of its scores with the training
-    set as queries and the training loss as query function."""
+    set as queries and the training loss as query function (trak_k<N>: baselines.trak with
+    proj_dim N; trak_ens and if_iter: their baselines sections)."""
     input:
         unpack(mislabel_inputs),
     output:
@@ -60,9 +61,7 @@ rule mislabel_baseline:
     wildcard_constraints:
         method="|".join(MISLABEL_BASELINES) or "(?!)",
     params:
-        settings=lambda wildcards: step_settings(*MISLABEL_KEYS, "mislabel.settings",
-                                                 *[f"baselines.{m}" for m in [wildcards.method]
-                                                   if m in SETTINGS_TREE["baselines"]]),
+        settings=lambda wildcards: mislabel_baseline_settings(wildcards.method),
     conda:
         "../envs/daunce.yaml"
     script:
