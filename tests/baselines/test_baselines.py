@@ -366,6 +366,7 @@ def test_a_choice_at_the_knobs_bound_is_not_on_the_edge_of_its_grid():
     assert not B.at_bound("tracin", "checkpoints", 14, problem)
 
 
+@pytest.mark.slow
 def test_logra_runs_on_a_convolutional_network(tmp_path):
     """dattri 0.3.0 sets LoGra's projectors up with a forward on one image without its batch axis:
     on a convolutional network (the regime's ResNet-9) that raised before the adapter's fix."""
