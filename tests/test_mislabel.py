@@ -395,3 +395,23 @@ def test_the_regime_configs_plan_every_baseline_of_the_mislabel_table(tmp_path, 
     (table,) = [ins for rule, ins, _ in jobs if rule == "mislabel_table"]
     for m in extra:
         assert f"results/{experiment}/mislabel/self/{m}.npz" in table, m
+
+
+@pytest.mark.parametrize("method", ["graddot", "tracin"])
+def test_graddot_and_tracin_self_influence_is_the_diagonal_of_their_scores(noisy, method, tmp_path):
+    """Grad-Dot's and TracIn's self-influence (one gradient per example and checkpoint) equals the
+    diagonal of their adapter's [n, n] scores with the training set as queries and the training
+    loss as query function, and it ranks the planted flips first."""
+    import dataclasses
+
+    from daunce_core.baselines import _one as run_one
+
+    problem, flipped = noisy
+    bcfg = helpers.bcfg(tracin={"checkpoints": 3})
+    s = M.self_influence(method, problem, bcfg, tmp_path / "self")
+    ds = problem.ds
+    square = dataclasses.replace(problem, ds=dataclasses.replace(ds, X_query=ds.X_train, y_query=ds.y_train,
+                                                                 query_ids=ds.train_ids), cache={})
+    full, _ = run_one(method, square, dataclasses.replace(bcfg, measurement="loss"), tmp_path / "full", None)
+    np.testing.assert_allclose(s, np.diag(full), rtol=1e-4, atol=1e-6 * np.abs(s).max())
+    assert M.detection_auc(s, flipped) > 0.8

@@ -246,6 +246,13 @@ def self_influence(method: str, problem, bcfg, wd) -> np.ndarray:
 
     _check_baseline(method)
     bcfg = dataclasses.replace(bcfg, measurement="loss", tune={}).with_setting(method, {})  # trak_k<N>: proj_dim N
+    if method in ("graddot", "tracin"):  # the diagonal alone: one gradient per example and checkpoint
+        from ..baselines.dattri_methods import replay_checkpoints, tracin_self_influence
+
+        if method == "graddot":
+            return tracin_self_influence(problem, bcfg)
+        states, weights, _ = replay_checkpoints(problem, bcfg.tracin.checkpoints)
+        return tracin_self_influence(problem, bcfg, states, weights)
     ds = problem.ds
     problem = dataclasses.replace(problem, ds=dataclasses.replace(ds, X_query=ds.X_train, y_query=ds.y_train,
                                                                   query_ids=ds.train_ids), cache={})
