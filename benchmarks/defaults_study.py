@@ -31,7 +31,9 @@ masks. Grad-dot and the exact influence function (GGN, damping chosen on the sel
 Options for a narrower or longer study: ``--K`` (prefixes of the largest K's fits; a K above 200
 also gets "pilot" rows, the rule read on the first 200 models of each lr), ``--lrs`` (a subset of
 the grid: the rule then picks among these only), ``--epochs`` (fixed fit lengths), ``--matched``
-(daunce_m's scale:prox pairs), ``--measures``. theta_0 and the ground truth of each problem are
+(daunce_m's scale:prox pairs), ``--measures``, ``--antithetic`` / ``--common-batches`` (the fits' estimator
+options). Besides the API's rule, each candidate gets a "plateau rule" row (:func:`plateau_lr`: the largest lr
+whose scores agree with the next smaller lr's). theta_0 and the ground truth of each problem are
 cached under ``--cache`` (benchmarks/out/defaults_cache), so later runs do not retrain them. Beside
 grad-dot and the exact IF, the references include daunce_m's limit (the GGN sandwich at several
 proximal dampings, docs/matched_noise.md).
