@@ -31,7 +31,9 @@ masks. Grad-dot and the exact influence function (GGN, damping chosen on the sel
 Options for a narrower or longer study: ``--K`` (prefixes of the largest K's fits; a K above 200
 also gets "pilot" rows, the rule read on the first 200 models of each lr), ``--lrs`` (a subset of
 the grid: the rule then picks among these only), ``--epochs`` (fixed fit lengths), ``--matched``
-(daunce_m's scale:prox pairs), ``--measures``. theta_0 and the ground truth of each problem are
+(daunce_m's scale:prox pairs), ``--measures``, ``--antithetic`` / ``--common-batches`` (the fits' estimator
+options). Besides the API's rule, each candidate gets a "plateau rule" row (:func:`plateau_lr`: the largest lr
+whose scores agree with the next smaller lr's). theta_0 and the ground truth of each problem are
 cached under ``--cache`` (benchmarks/out/defaults_cache), so later runs do not retrain them. Beside
 grad-dot and the exact IF, the references include daunce_m's limit (the GGN sandwich at several
 proximal dampings, docs/matched_noise.md).
@@ -199,7 +201,9 @@ def cached_truth(name, cfg, ds, device, quick: bool, cache: Path | None):
 
 
 def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(100, 200), lrs=LR_GRID,
-                measures=("correlation", "covariance"), matched=((None, None),), cache: Path | None = None):
+                measures=("correlation", "covariance"), matched=((None, None),), cache: Path | None = None,
+                options: dict | None = None):
+    options = options or {}  # fit_losses's estimator options (antithetic, common_batches), named in the setting
     print(f"[{name}] n={ds.n} m={ds.m} classes={ds.num_classes}", flush=True)
     t0 = time.perf_counter()
     model, gts, sel_q, test_q, how = cached_truth(name, cfg, ds, device, quick, cache)
@@ -214,16 +218,18 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(10
     fits = [(v, rho, prox) for v in variants for rho, prox in (matched if v == "daunce_m" else ((None, None),))]
     for variant, rho, prox in fits:
         tag = variant + "".join(f" {k}={v:g}" for k, v in (("rho", rho), ("prox", prox)) if v is not None)
+        tag += "".join(f" {k}" for k, v in sorted(options.items()) if v)
         for length, min_steps in lengths:
             ratio = DaunceConfig().for_variant(variant).ratio  # daunce_m fits on all examples
             # a length is "epochs=N" (fixed) or "steps>=S" (the fewest epochs giving S optimiser steps)
             epochs = (int(length.split("=")[1]) if length.startswith("epochs=")
                       else api.fit_epochs(ds.n, ratio, api.DEFAULTS.batch_size, min_steps))
+            previous = {}  # (form, measure, K) -> the scores at the previous (smaller) lr
             for lr in lrs:
                 t0 = time.perf_counter()
                 with api.quiet():
                     sig = api.fit_losses(model, None, train, query, variant=variant, K=K_max, epochs=epochs,
-                                         lr=lr, rho=rho, prox=prox, device=str(device))
+                                         lr=lr, rho=rho, prox=prox, device=str(device), **options)
                 secs = time.perf_counter() - t0
                 # daunce_t_q: DAUNCE-T's fits scored with TRAK's Q, 1 - p_i(theta_0), on the training side
                 forms = [(tag, None)] + ([("daunce_t_q", 1.0 - sig.p0_train)] if variant == "daunce_t" else [])
@@ -231,15 +237,23 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(10
                     for K in Ks:  # the rule reads the K models a call with this K would fit
                         stats = api.lr_statistics(_prefix(sig, K), measure)
                         tr, qu = sig.train[:K], sig.query[:K]
+                        agree = float("nan")
                         if stats["diverged"] or not (np.isfinite(tr).all() and np.isfinite(qu).all()):
                             sel = test = float("nan")
+                            previous.pop((form, measure, K), None)
                         else:
                             s = pairwise_scores(tr, qu, measure)
-                            sel, test = lds_of(s if q is None else s * q[:, None], gts, sel_q, test_q)
+                            s = s if q is None else s * q[:, None]
+                            sel, test = lds_of(s, gts, sel_q, test_q)
+                            # label-free: do the scores of this lr agree with those of the next smaller lr?
+                            if (form, measure, K) in previous:
+                                agree = agreement(s, previous[(form, measure, K)])
+                            previous[(form, measure, K)] = s
                         grid.append({"problem": name, "variant": form, "length": length, "epochs": epochs,
                                      "steps": stats["steps"], "lr": lr, "measure": measure, "K": K,
                                      "reliability": stats["reliability"], "loss_ratio": stats["loss_ratio"],
-                                     "diverged": stats["diverged"], "lds_select": sel, "lds_test": test,
+                                     "diverged": stats["diverged"], "agreement": agree,
+                                     "lds_select": sel, "lds_test": test,
                                      "fit_seconds": secs * K / K_max})
                 print(f"[{name}] {variant} {length} lr={lr:g}: {secs:.1f}s "
                       + " ".join(f"{g['measure'][:4]}/K{g['K']} rel={g['reliability']:.2f} "
@@ -249,8 +263,31 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(10
     return refs, grid
 
 
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over queries of the Pearson correlation, across training examples, of two [n, m] score
+    matrices (the same K models' seeds fitted at two learning rates): label-free."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    ok = den > 0
+    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
 def _prefix(sig, K: int):
     return dataclasses.replace(sig, train=sig.train[:K], query=sig.query[:K], model_index=sig.model_index[:K])
+
+
+PLATEAU = 0.9
+
+
+def plateau_lr(cells: list[dict], threshold: float = PLATEAU) -> float | None:
+    """An alternative label-free lr rule (the study's, not the API's): the largest lr whose scores
+    agree (:func:`agreement`) at least ``threshold`` with the scores of the next smaller lr of the
+    grid, the same K models' seeds. Where the fits are converged and linear their scores do not depend
+    on the lr, so neighbouring lrs agree; past that the nonlinear or chaotic fits disagree. None
+    passing: the smallest lr that did not diverge."""
+    ok = sorted((g for g in cells if not g["diverged"]), key=lambda g: g["lr"])
+    good = [g["lr"] for g in ok if math.isfinite(g.get("agreement", float("nan"))) and g["agreement"] >= threshold]
+    return max(good) if good else (ok[0]["lr"] if ok else None)
 
 
 def summarize(name, refs, grid, pilot: int = 200) -> list[dict]:
@@ -275,6 +312,8 @@ def summarize(name, refs, grid, pilot: int = 200) -> list[dict]:
         oracle = max(ok, key=lambda g: g["lds_select"]) if ok else None
         lrs = " ".join(f"{g['lr']:g}" for g in cells)
         pilots = [("", rule(cells), sum(g["fit_seconds"] for g in cells))]
+        if any(math.isfinite(g.get("agreement", float("nan"))) for g in cells):  # runs before it lack the column
+            pilots.append((" plateau rule", plateau_lr(cells), pilots[0][2]))
         pc = cells_of(variant, length, measure, pilot) if K > pilot else []
         if pc:
             lr_p = rule(pc)
@@ -372,6 +411,10 @@ def main(argv=None) -> int:
     ap.add_argument("--matched", nargs="+", default=None, metavar="RHO:PROX",
                     help="daunce_m's perturbation scale and proximal damping pairs (default: its own, "
                          "DaunceConfig.for_variant)")
+    ap.add_argument("--antithetic", action="store_true",
+                    help="fit with antithetic pairs (fit_losses's antithetic; needs even K values)")
+    ap.add_argument("--common-batches", action="store_true",
+                    help="one batch order for every model (fit_losses's common_batches)")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "defaults_cache",
                     help="where theta_0 and the ground truth of each problem are kept between runs ('' : none)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
@@ -409,7 +452,8 @@ def main(argv=None) -> int:
             continue
         refs, g = run_problem(name, *made, device, variants, lengths, args.quick, Ks=sorted(args.K),
                               lrs=sorted(args.lrs) if args.lrs else LR_GRID, measures=args.measures.split(","),
-                              matched=matched, cache=args.cache if str(args.cache) else None)
+                              matched=matched, cache=args.cache if str(args.cache) else None,
+                              options={"antithetic": args.antithetic, "common_batches": args.common_batches})
         grid += g
         summary += summarize(name, refs, g)
         write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))

@@ -209,3 +209,53 @@ def test_an_unknown_keyword_is_one_line_naming_the_nearest(call):
           "scores": lambda *a, **kw: api.scores(a[0], None, *a[1:], **kw)}[call]
     with pytest.raises(TypeError, match=rf"^{call}: unknown keyword\(s\) k \(did you mean K\?\)$"):
         fn(mlp(), (X, Y), (X[:4], Y[:4]), k=5)
+
+
+def _study():
+    """benchmarks/defaults_study.py, the study behind the defaults, as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "defaults_study.py"
+    spec = importlib.util.spec_from_file_location("defaults_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["defaults_study"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_plateau_rule_takes_the_largest_lr_that_agrees_with_the_next_smaller():
+    study = _study()
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((40, 6))
+    # scores the same up to scale and a little noise agree; unrelated scores do not
+    assert study.agreement(base, 3.0 * base + 0.01 * rng.standard_normal(base.shape)) > 0.99
+    assert abs(study.agreement(base, rng.standard_normal(base.shape))) < 0.3
+    cells = [{"lr": 0.001, "diverged": False, "agreement": float("nan")},
+             {"lr": 0.003, "diverged": False, "agreement": 0.95},
+             {"lr": 0.01, "diverged": False, "agreement": 0.92},
+             {"lr": 0.03, "diverged": False, "agreement": 0.60},  # past the plateau: nonlinear fits
+             {"lr": 0.1, "diverged": True, "agreement": float("nan")}]
+    assert study.plateau_lr(cells) == 0.01
+    # nothing on a plateau: the smallest lr that did not diverge
+    flat = [dict(c, agreement=0.5) if math.isfinite(c["agreement"]) else c for c in cells]
+    assert study.plateau_lr(flat) == 0.001
+    assert study.plateau_lr([{"lr": 1.0, "diverged": True, "agreement": float("nan")}]) is None
+
+
+def test_study_passes_its_estimator_options_to_the_fits(monkeypatch):
+    study = _study()
+    seen = {}
+
+    def fake_run(name, cfg, ds, device, variants, lengths, quick, **kw):
+        seen.update(kw["options"])
+        return [], []
+
+    monkeypatch.setattr(study, "run_problem", fake_run)
+    monkeypatch.setattr(study, "problem_tabular", lambda: (None, None))
+    monkeypatch.setattr(study, "write", lambda *a, **k: None)
+    monkeypatch.setattr(study.Path, "read_text", lambda self: "")
+    study.main(["--problems", "tabular", "--variants", "daunce_m", "--antithetic", "--common-batches",
+                "--out", "/nonexistent"])
+    assert seen == {"antithetic": True, "common_batches": True}
