@@ -252,8 +252,9 @@ def render(b: dict, source: str) -> str:
                          f"{r['jobs'] * r['cpu_s_per_job']:.1f} | {', '.join(r['heavy'])} |")
         lines += ["", f"{s['script_jobs']} jobs run a rule script: start-up {s['cpu_s_total']:.0f} CPU s in all, "
                       f"{s['cpu_s_per_job']:.2f} CPU s per job ({s['cpu_per_job_over_import_torch']:.2f} x "
-                      f"`import torch`); {s['wall_s_total']:.0f} wall s at this load, "
-                      f"{s['wall_s_total'] / b['job_wall_s']:.0%} of the run's job wall time."]
+                      f"`import torch`), {s['cpu_s_total'] / b['job_wall_s']:.0%} of the run's summed job wall "
+                      f"time (start-up runs on one core: on an idle machine its wall time is about its CPU "
+                      f"time; {s['wall_s_total']:.0f} wall s at this measurement's load)."]
     return "\n".join(lines) + "\n"
 
 
@@ -270,7 +271,7 @@ def default_log(results: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", type=Path, help="the run's results folder (or its checkout)")
+    ap.add_argument("results", type=Path, nargs="?", help="the run's results folder (or its checkout)")
     ap.add_argument("--log", type=Path, help="the run's Snakemake log (default: the newest of the checkout)")
     ap.add_argument("--cores", type=int, default=2, help="cores the run was given (--cores)")
     ap.add_argument("--startup", action="store_true", help="also measure each rule script's start-up")
@@ -280,7 +281,17 @@ def main(argv=None) -> int:
                          "code; default: this one)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
     ap.add_argument("--md", type=Path, help="write the printed table as Markdown")
+    ap.add_argument("--from-json", type=Path, metavar="JSON", help="print (and --md) a breakdown --json wrote")
     args = ap.parse_args(argv)
+    if args.from_json:
+        b = json.loads(args.from_json.read_text())
+        text = render(b, b["log"])
+        print(text, end="")
+        if args.md:
+            args.md.write_text(text)
+        return 0
+    if args.results is None:
+        ap.error("give the run's results folder (or --from-json)")
     log = args.log or default_log(args.results)
     jobs = parse_log(log)
     root = next((d for d in [args.results.resolve(), *args.results.resolve().parents]
