@@ -1,4 +1,5 @@
 """``runner.run_script``: the glue of every workflow script (one-line errors, signals)."""
+import os
 import signal
 import subprocess
 import sys
@@ -59,3 +60,32 @@ def test_a_signalled_job_removes_its_temporary_at_once(tmp_path, sig, code, word
     assert "rule big_output" in err and word in err and "temporary files were removed" in err
     assert "Traceback" not in err
     assert word in (tmp_path / "job.log").read_text()
+
+
+# A job's threads reach torch whether the job imports it before run_script or only inside main
+# (the scripts' imports leave torch out so that jobs without torch skip its start-up).
+THREADS_JOB = textwrap.dedent("""
+    import importlib.util, sys
+    from types import SimpleNamespace
+    from daunce_core.runner import run_script
+
+    assert "torch" not in sys.modules, "importing the runner loaded torch"
+    snakemake = SimpleNamespace(rule="threads", threads=int(sys.argv[1]), log=[sys.argv[2]], output=[], config={})
+
+    def main(sm):
+        assert importlib.util.find_spec("torch") is not None  # a lookup alone imports nothing
+        assert "torch" not in sys.modules, "run_script loaded torch"
+        import torch
+        print(torch.get_num_threads())
+
+    run_script(snakemake, main)
+""")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_jobs_threads_reach_torch_imported_inside_the_job(tmp_path, threads):
+    other = 3 - threads  # torch's own default from the environment, which set_threads must override
+    out = subprocess.run([sys.executable, "-c", THREADS_JOB, str(threads), str(tmp_path / "job.log")], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(other)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(min(threads, os.cpu_count()))]

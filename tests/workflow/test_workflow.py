@@ -37,8 +37,9 @@ def test_tiny_workflow_end_to_end(tmp_path):
     plan = snakemake(tmp_path, "-n")
     assert plan.returncode == 0, plan.stderr[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, re.M))
-    # K=12 in chunks of 6 -> 2 chunk jobs per variant, each fitting every lr of the grid
-    assert counts["perturbed_chunk"] == "6" and counts["gather_losses"] == "6" and counts["select_lr"] == "3"
+    # K=12 in chunks of 6 -> 2 chunk jobs per variant, each fitting every lr of the grid; one gather
+    # per variant writes every lr's losses file (its 2 chunks each)
+    assert counts["perturbed_chunk"] == "6" and counts["gather_losses"] == "3" and counts["select_lr"] == "3"
 
     run = snakemake(tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]

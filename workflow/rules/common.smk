@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 
 import yaml
 from snakemake.logging import logger
@@ -304,14 +303,6 @@ def experiment_file(name):
     return f"results/{EXP}/{name}"
 
 
-def copy_view(src, dst, log):
-    """Rule view's work: ``dst`` becomes a byte copy of ``src`` (a new file, never a link); the
-    log names both."""
-    shutil.copyfile(src, dst)
-    with open(log, "w") as fh:
-        print(f"{dst}: a copy of {src} (experiment {EXP})", file=fh)
-
-
 def get_final_output():
     """Every figure and table the config asks for: Section 4.1's always, Figure 1b when the
     config has black-box variants, the cost table, Figure 2 with an `llm` section and Figure 4
@@ -335,14 +326,14 @@ def get_final_output():
 
 
 def daunce_chunk_files(wildcards):
+    """Every chunk file of the variant, learning rate by learning rate (the order of LR_TAGS, as
+    rule gather_losses's outputs), chunk by chunk within each."""
     n = math.ceil(CFG.daunce.K / CFG.daunce.chunk_size)
-    return expand(
-        "results/{experiment}/daunce/{variant}/lr{lr}/chunk{chunk}.h5",
-        experiment=wildcards.experiment,
-        variant=wildcards.variant,
-        lr=wildcards.lr,
-        chunk=range(n),
-    )
+    return [
+        f"results/{wildcards.experiment}/daunce/{wildcards.variant}/lr{lr}/chunk{c}.h5"
+        for lr in LR_TAGS
+        for c in range(n)
+    ]
 
 
 def lr_grid_losses(wildcards):

@@ -22,13 +22,15 @@ rule perturbed_chunk:
 
 
 rule gather_losses:
-    """Concatenate the chunks of one (variant, learning rate) along K."""
+    """Concatenate the chunks of each learning rate of one variant along K: one job per variant,
+    as perturbed_chunk fits every learning rate of a chunk in one job (a job per learning rate
+    would pay a process start-up for a few file copies)."""
     input:
         daunce_chunk_files,
     output:
-        "results/{experiment}/daunce/{variant}/lr{lr}/losses.h5",
+        expand("results/{{experiment}}/daunce/{{variant}}/lr{lr}/losses.h5", lr=LR_TAGS),
     log:
-        "results/{experiment}/logs/daunce/{variant}/lr{lr}/gather.log",
+        "results/{experiment}/logs/daunce/{variant}/gather.log",
     conda:
         "../envs/daunce.yaml"
     script:
