@@ -154,13 +154,13 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
                             variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
                             speed=E.Speed.from_train(cfg.base))
     if lr == "auto":  # the API's label-free rule over daunce.lr_grid (docs/defaults.md)
-        from .api import _auto_lr
+        from .api import _auto_lr, rule_line
 
-        sig, table = _auto_lr(fitter, cfg.daunce.K, cfg.daunce.chunk_size, [float(v) for v in d.lr_grid],
-                              d.select_measure)
-        print(f"daunce fit: lr={sig.attrs['lr']:g} chosen by split-K reliability ({d.select_measure}) over "
-              + ", ".join(f"{r['lr']:g}: " + ("diverged" if r["diverged"] else f"{r['reliability']:.3f}")
-                          for r in table), file=sys.stderr)
+        measure = d.measure_for(variant)
+        sig, table = _auto_lr(fitter, cfg.daunce.K, cfg.daunce.chunk_size, [float(v) for v in d.lr_grid], measure)
+        print(f"daunce fit: chosen by the plateau rule ({measure}): {rule_line(table, sig.attrs['lr'])}",
+              file=sys.stderr)
+        sig.attrs = {**sig.attrs, "lr_rule": table}
         return sig
     return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
 
