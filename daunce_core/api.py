@@ -638,9 +638,25 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     store.check_output(out, inputs=[losses_out, *_files(train, query)] if losses_out else _files(train, query))
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
-        fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
+        sig = fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
         if q_weighted(fit_kw["variant"]):
             from .fit.chunks import score_variant
 
-            return score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
-        return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)
+            written = score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
+        else:
+            written = score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)
+    _record_lr(written, sig.attrs)
+    return written
+
+
+def _record_lr(path: str | os.PathLike, attrs: dict) -> None:
+    """Add the fits' lr and, with ``lr="auto"``, the rule's table (each lr's agreement) to the
+    attributes of the scores file the call just wrote, so a user sees why that lr was chosen."""
+    import json
+
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f.attrs["lr"] = float(attrs["lr"])
+        if "lr_rule" in attrs:
+            f.attrs["lr_rule"] = json.dumps(attrs["lr_rule"])

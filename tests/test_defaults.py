@@ -175,7 +175,7 @@ def test_plateau_rule_takes_the_largest_agreeing_lr_and_skips_diverged_ones():
     assert api.pick_lr([dict(r, diverged=True) for r in rows]) is None
 
 
-def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid():
+def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid(tmp_path):
     """lr='auto' over a grid holding a diverging lr: it never picks it, records the table, and its
     scores make sense: for every query the training examples of its class help more than the others."""
     net = mlp()
@@ -191,6 +191,17 @@ def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid():
     refit = {lr: api.fit_losses(net, None, (X, Y), (X[q], Y[q]), K=40, lr=lr, device="cpu") for lr in (0.01, 0.03)}
     want = api.agreement(*(ps(refit[lr].train, refit[lr].query, DEFAULTS.measure) for lr in (0.03, 0.01)))
     assert table[3]["agreement"] == pytest.approx(want, abs=1e-6) and math.isnan(table[4]["agreement"])
+    # the scores file records the lr and the rule's table too
+    import json
+
+    import h5py
+
+    path = api.scores(net, None, (X, Y), (X[q], Y[q]), K=40, lr="auto", lr_grid=grid[2:], device="cpu",
+                      out=tmp_path / "s.h5")
+    with h5py.File(path) as f:
+        rule = json.loads(f.attrs["lr_rule"])
+        assert [r["lr"] for r in rule] == list(grid[2:]) and f.attrs["lr"] == api.pick_lr(rule)
+        assert rule[0]["agreement"] == pytest.approx(table[2]["agreement"], abs=1e-6)
     from daunce_core.scoring import pairwise_scores
 
     s = pairwise_scores(sig.train, sig.query, DEFAULTS.measure)
