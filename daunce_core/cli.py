@@ -139,7 +139,10 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
         theta0 = check_state(net, store.load_state(theta0_path, device), theta0_path)
     d = cfg.daunce
     # the settings used, since keys the config files leave out take daunce_core/config.py's defaults
-    print(f"daunce fit: K={d.K} perturbed models of {d.epochs} epoch(s) (daunce.epochs) on r={d.ratio:g} of "
+    from .config import MATCHED_VARIANTS
+
+    dv, key = d.for_variant(variant), "matched_epochs" if variant in MATCHED_VARIANTS else "epochs"
+    print(f"daunce fit: K={d.K} perturbed models of {dv.epochs} epoch(s) (daunce.{key}) on r={dv.ratio:g} of "
           f"{ds.n} training examples, lr={lr if lr == 'auto' else format(lr, 'g')}, variant {variant}, "
           f"{cfg.model.arch}", file=sys.stderr)
     if theta0_path is None:  # as the workflow's base step trains it
