@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perturbed objective, one of daunce.variants' choices (default: the first of "
                         "daunce.variants)")
     t.add_argument("--lr", type=_lr_arg, default=None,
-                   help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
-                        "reliability) over daunce.lr_grid, K models per lr (default: 'auto', the library "
+                   help="learning rate of the perturbed fits, or 'auto': the label-free plateau rule (the "
+                        "largest lr whose scores agree with the next smaller lr's) over daunce.lr_grid, K "
+                        "models per lr (default: 'auto', the library "
                         "calls' default; daunce.lr_grid's rate when it holds one)")
     t.add_argument("--theta0", default=None,
                    help="theta_0 (safetensors, the workflow's base output); default: train it")
