@@ -32,8 +32,9 @@ Options for a narrower or longer study: ``--K`` (prefixes of the largest K's fit
 also gets "pilot" rows, the rule read on the first 200 models of each lr), ``--lrs`` (a subset of
 the grid: the rule then picks among these only), ``--epochs`` (fixed fit lengths), ``--matched``
 (daunce_m's scale:prox pairs), ``--measures``, ``--antithetic`` / ``--common-batches`` (the fits' estimator
-options). Besides the API's rule, each candidate gets a "plateau rule" row (:func:`plateau_lr`: the largest lr
-whose scores agree with the next smaller lr's). theta_0 and the ground truth of each problem are
+options). Beside the library's earlier rule (split-K reliability, :func:`reliability_lr`: the "lr by the
+rule" column), each candidate gets a "plateau rule" row (:func:`plateau_lr`, the library's ``lr="auto"`` rule:
+the largest lr whose scores agree with the next smaller lr's). theta_0 and the ground truth of each problem are
 cached under ``--cache`` (benchmarks/out/defaults_cache), so later runs do not retrain them. Beside
 grad-dot and the exact IF, the references include daunce_m's limit (the GGN sandwich at several
 proximal dampings, docs/matched_noise.md).
@@ -263,31 +264,33 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(10
     return refs, grid
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over queries of the Pearson correlation, across training examples, of two [n, m] score
-    matrices (the same K models' seeds fitted at two learning rates): label-free."""
-    a, b = a - a.mean(0), b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    ok = den > 0
-    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+agreement = api.agreement  # the plateau rule's statistic, the library's (daunce_core/api.py)
 
 
 def _prefix(sig, K: int):
     return dataclasses.replace(sig, train=sig.train[:K], query=sig.query[:K], model_index=sig.model_index[:K])
 
 
-PLATEAU = 0.9
+def plateau_lr(cells: list[dict]) -> float | None:
+    """The plateau rule, the library's ``lr="auto"`` rule (:func:`daunce_core.api.pick_lr`): the
+    largest lr whose scores agree (:func:`agreement`) at least 0.9 with the next smaller lr's, the
+    same K models' seeds; diverged lrs and those less than 10 x below them are out; none agreeing:
+    the smallest lr left."""
+    return api.pick_lr(cells)
 
 
-def plateau_lr(cells: list[dict], threshold: float = PLATEAU) -> float | None:
-    """An alternative label-free lr rule (the study's, not the API's): the largest lr whose scores
-    agree (:func:`agreement`) at least ``threshold`` with the scores of the next smaller lr of the
-    grid, the same K models' seeds. Where the fits are converged and linear their scores do not depend
-    on the lr, so neighbouring lrs agree; past that the nonlinear or chaotic fits disagree. None
-    passing: the smallest lr that did not diverge."""
-    ok = sorted((g for g in cells if not g["diverged"]), key=lambda g: g["lr"])
-    good = [g["lr"] for g in ok if math.isfinite(g.get("agreement", float("nan"))) and g["agreement"] >= threshold]
-    return max(good) if good else (ok[0]["lr"] if ok else None)
+def reliability_lr(rows: list[dict], min_reliability: float = 0.8, backoff: float = 10.0) -> float | None:
+    """The library's earlier rule, kept to compare against (the "lr by the rule" column): among the
+    lrs at least ``backoff`` x below the smallest diverged one, the largest whose split-K reliability
+    reaches ``min_reliability``, else the most reliable."""
+    ok = [r for r in rows if not r["diverged"] and math.isfinite(r["reliability"])]
+    if not ok:
+        return None
+    bad = [r["lr"] for r in rows if r["diverged"]]
+    cap = min(bad) / backoff if bad else math.inf
+    cand = [r for r in ok if r["lr"] <= cap] or [min(ok, key=lambda r: r["lr"])]
+    good = [r for r in cand if r["reliability"] >= min_reliability]
+    return max(r["lr"] for r in good) if good else max(cand, key=lambda r: r["reliability"])["lr"]
 
 
 def summarize(name, refs, grid, pilot: int = 200) -> list[dict]:
@@ -303,8 +306,8 @@ def summarize(name, refs, grid, pilot: int = 200) -> list[dict]:
         return [g for g in grid if (g["variant"], g["length"], g["measure"], g["K"]) == (variant, length, measure, K)]
 
     def rule(cells):
-        return api.pick_lr([{"lr": g["lr"], "reliability": g["reliability"], "diverged": g["diverged"]}
-                            for g in cells])
+        return reliability_lr([{"lr": g["lr"], "reliability": g["reliability"], "diverged": g["diverged"]}
+                               for g in cells])
 
     for variant, length, measure, K in keys:
         cells = cells_of(variant, length, measure, K)

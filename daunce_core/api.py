@@ -33,7 +33,7 @@ from torch import nn
 
 from . import objectives as obj
 from . import perturb, store
-from .config import DEFAULTS, MEASURES, DaunceConfig, fit_variant, q_weighted
+from .config import DEFAULTS, MEASURES, DaunceConfig, api_options, fit_variant, q_weighted
 from .fit import chunks
 from .fit.contract import Signals
 from .fit.task import TaskFitter, _as_data, _check_ids, _Data
@@ -41,7 +41,7 @@ from .task import ClassificationTask, LMTask, Task
 from .utils import pick_device
 
 __all__ = ["Task", "ClassificationTask", "LMTask", "TaskFitter", "fit_losses", "scores", "DEFAULTS", "fit_epochs",
-           "pick_lr", "lr_statistics", "quiet"]
+           "pick_lr", "agreement", "lr_statistics", "quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                seed: int = DEFAULTS.seed, chunk_size: int = DEFAULTS.chunk_size, device: str = "auto",
                out: str | os.PathLike | None = None,
                train_ids: Any = None, query_ids: Any = None, mode: str = "auto",
-               antithetic: bool = DEFAULTS.antithetic, common_batches: bool = DEFAULTS.common_batches,
+               antithetic: bool | None = None, common_batches: bool | None = None,
                lr_schedule: str = DEFAULTS.lr_schedule, first_order: str = DEFAULTS.first_order,
                measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
@@ -71,17 +71,19 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
             on the training side of the scores (:func:`score_signals`; classifiers on tensors only);
             ``daunce_m``: matched noise (docs/matched_noise.md).
         K, ratio, epochs, lr, batch_size, rho, gamma, seed: Algorithm 1 and equation (5); the
-            defaults are ``config.DEFAULTS`` (docs/defaults.md). ``epochs=None``: the fewest epochs
-            that give every model ``DEFAULTS.min_steps`` optimiser steps (:func:`fit_epochs`; one
-            epoch for an LMTask). ``lr="auto"``: the label-free rule (:func:`pick_lr`) over
-            ``lr_grid`` -- K models are fitted at every lr of the grid (``len(lr_grid)`` times the
-            cost) and those of the chosen lr returned, the table in ``attrs["lr_rule"]``.
+            defaults are ``config.DEFAULTS`` (docs/defaults.md). ``epochs=None``: the variant's own
+            fit length where it has one (``daunce_m``: ``matched_epochs``, 20), else the fewest
+            epochs that give every model ``DEFAULTS.min_steps`` optimiser steps
+            (:func:`fit_epochs`; one epoch for an LMTask). ``lr="auto"``: the label-free plateau
+            rule (:func:`pick_lr`) over ``lr_grid`` -- K models, the same seeds, are fitted at every
+            lr of the grid (``len(lr_grid)`` times the cost) and those of the chosen lr returned,
+            the table (each lr's agreement with the next smaller lr) in ``attrs["lr_rule"]``.
             ``batch_size`` defaults to the DataLoader's, else ``DEFAULTS.batch_size``. ``ratio``,
             ``rho`` and ``prox`` (the pull ``prox/2 ||theta - theta_0||^2``) default to the
             variant's (``config.DaunceConfig``: 0.3, 1 and 0; for ``daunce_m`` its ``matched_*``
             settings, ``rho`` being its label noise's scale; docs/matched_noise.md).
-        measure: the measure the lr rule judges the scores' split-K reliability with (None: the
-            variant's, :func:`default_measure`).
+        measure: the measure of the scores the lr rule compares between lrs (None: the variant's,
+            :func:`default_measure`).
         chunk_size: models trained together (vmapped) at once.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: also write the losses file (HDF5 layout of daunce_core/store/) here, atomically;
@@ -89,8 +91,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         train_ids, query_ids: example ids (default: the dataset's ``ids``, else its indices).
         mode: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`TaskFitter`).
         antithetic, common_batches, lr_schedule, first_order: the estimator options of the same
-            names in the config's ``daunce`` section (``config.DaunceConfig``); the defaults are the
-            paper's. ``antithetic`` needs an even K. LMs take none of them.
+            names in the config's ``daunce`` section (``config.DaunceConfig``); None: the variant's
+            (``config.api_options``: both on for ``daunce_m``, off -- the paper's -- for the
+            others). ``antithetic`` needs an even K. LMs take none of them.
 
     With :class:`ClassificationTask` on ``(inputs, labels)`` tensors, the labels must be integer
     class indices [n] within the model's outputs; a [n, 1] column is refused, not squeezed.
@@ -117,6 +120,11 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     if not isinstance(prox, numbers.Real) or isinstance(prox, bool) or not math.isfinite(prox) or prox < 0:
         raise ValueError(f"prox must be a finite number >= 0, got {prox!r}")
     measure = default_measure(form) if measure is None else measure
+    lm = isinstance(task, LMTask)
+    given = {"antithetic": antithetic, "common_batches": common_batches}
+    paper = {"antithetic": DEFAULTS.antithetic, "common_batches": DEFAULTS.common_batches}
+    defaults = paper if lm else api_options(variant) if isinstance(variant, str) else paper
+    antithetic, common_batches = (defaults[k] if v is None else v for k, v in given.items())
     auto = isinstance(lr, str)
     if auto and lr != "auto":
         raise ValueError(f"lr must be a positive number or 'auto' (the label-free rule over lr_grid), got {lr!r}")
@@ -137,7 +145,8 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     if out is not None:
         store.check_output(out, inputs=_files(train, query))
     if antithetic and K % 2:
-        raise ValueError(f"antithetic=True needs an even K (models 2j, 2j+1 form a pair), got K={K}")
+        why = "" if given["antithetic"] is not None else f" (variant {form}'s default; pass antithetic=False)"
+        raise ValueError(f"antithetic=True needs an even K (models 2j, 2j+1 form a pair), got K={K}{why}")
     dev = pick_device(device)
     options = {"antithetic": antithetic, "common_batches": common_batches, "lr_schedule": lr_schedule,
                "first_order": first_order}
@@ -145,12 +154,13 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                        batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma, prox=prox,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
     if obj.is_matched(variant):  # for_variant reads these in place of rho, prox and ratio
-        cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio, matched_epochs=epochs)
+        cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio,
+                                  matched_epochs=base.epochs if epochs is None else epochs)
     if isinstance(task, LMTask):
         if obj.is_matched(variant):
             raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
                              "choose daunce, daunce_e or daunce_t for an LMTask")
-        if options != {k: getattr(DEFAULTS, k) for k in options}:
+        if options != {**paper, "lr_schedule": DEFAULTS.lr_schedule, "first_order": DEFAULTS.first_order}:
             raise ValueError(f"the LoRA fitter takes none of antithetic, common_batches, lr_schedule, first_order; "
                              f"leave them at their defaults for an LMTask (got {options})")
         fitter = _lora_fitter(model, task, train, query, cfg, lr, dev, train_ids, query_ids)
@@ -164,8 +174,9 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         qu = _as_data(query, "query", query_ids, dev, dtype)
         if batch_size is None and tr.batch_size:
             cfg = dataclasses.replace(cfg, batch_size=tr.batch_size)
-        if epochs is None:
-            cfg = dataclasses.replace(cfg, epochs=fit_epochs(tr.n, ratio, cfg.batch_size, DEFAULTS.min_steps))
+        if epochs is None:  # the variant's own fit length (daunce_m), else the fewest epochs giving min_steps
+            cfg = dataclasses.replace(cfg, epochs=base.epochs if obj.is_matched(variant)
+                                      else fit_epochs(tr.n, ratio, cfg.batch_size, DEFAULTS.min_steps))
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
         if q_weighted(form) and isinstance(fitter, TaskFitter):
             raise ValueError(f"variant {form!r} needs theta_0's label probabilities, which only ClassificationTask on "
@@ -175,10 +186,10 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     n = len(_lm_examples(train, "train")) if isinstance(task, LMTask) else tr.n
     steps = _steps(n, ratio, cfg.batch_size, cfg.epochs) if not isinstance(task, LMTask) or task.steps is None \
         else task.steps
-    _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs)
+    _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs, base.epochs if obj.is_matched(variant) else None)
     table = None
     if auto:
-        signals, table = _auto_lr(fitter, K, chunk_size, list(lr_grid), measure)
+        signals, table = _auto_lr(fitter, K, chunk_size, list(lr_grid), measure, q=q_weighted(form))
         lr = signals.attrs["lr"]
     else:
         signals = chunks.fit_all(fitter, K, chunk_size, lr)
@@ -249,10 +260,12 @@ def fit_epochs(n: int, ratio: float, batch_size: int, min_steps: int) -> int:
     return max(1, math.ceil(min_steps / max(1, _steps(n, ratio, batch_size, 1))))
 
 
-def _warn_steps(steps: int, n: int, ratio: float, batch_size: int, epochs: int) -> None:
+def _warn_steps(steps: int, n: int, ratio: float, batch_size: int, epochs: int, own: int | None = None) -> None:
+    """Warn when each model takes fewer than ``DEFAULTS.few_steps`` steps, naming the default fit
+    length: the variant's ``own`` epochs, else the fewest giving ``DEFAULTS.min_steps``."""
     if steps < DEFAULTS.few_steps and not _QUIET[0]:
         sub = perturb.subset_size(n, ratio)
-        need = fit_epochs(n, ratio, batch_size, DEFAULTS.min_steps)
+        need = own if own is not None else fit_epochs(n, ratio, batch_size, DEFAULTS.min_steps)
         warnings.warn(f"each perturbed model takes only {steps} optimiser step(s) ({epochs} epoch(s) over its "
                       f"{sub} examples in batches of {min(batch_size, sub)}): too few to move it from theta_0; "
                       f"raise epochs (epochs={need} gives {_steps(n, ratio, batch_size, need)} steps) or lower "
@@ -274,9 +287,10 @@ LOSS_FACTOR, LOSS_MARGIN, SIGNAL_LIMIT = 10.0, 2.0, 1e4
 
 
 def lr_statistics(signals: Signals, measure: str = DEFAULTS.measure, *, reliability: bool = True) -> dict:
-    """What the label-free lr rule reads of one fit: divergence, loss growth, zero-variance shares
-    and the split-K reliability of the scores (``diagnostics.diagnose``: the Spearman-Brown
-    reliability of the scores from all K models, mean over queries; NaN when diverged).
+    """What the checks read of one fit: divergence (which the lr rule, :func:`pick_lr`, rules
+    out), loss growth, zero-variance shares and, with ``reliability``, the split-K reliability of
+    the scores (``diagnostics.diagnose``: the Spearman-Brown reliability of the scores from all K
+    models, mean over queries; NaN when diverged; a diagnostic, not read by the rule).
 
     Divergence: a non-finite signal; any |signal| above ``SIGNAL_LIMIT`` (margins of a model whose
     logits exploded); or, where theta_0's label probabilities are known (classifiers), a model's
@@ -309,48 +323,97 @@ def lr_statistics(signals: Signals, measure: str = DEFAULTS.measure, *, reliabil
     return out
 
 
-def pick_lr(rows: Sequence[dict], min_reliability: float = 0.8, backoff: float = 10.0) -> float | None:
-    """The label-free learning rate of a grid, from the fits' own statistics (:func:`lr_statistics`).
+# The plateau rule's threshold on the agreement of neighbouring lrs' scores, and the factor below the
+# smallest diverged lr under which an lr must lie (docs/defaults.md)
+PLATEAU, BACKOFF = 0.9, 10.0
 
-    1. Divergence is a cliff, and the lrs just below it are already chaotic (the halves of the K
-       models disagree, and the LDS falls while the fits still look finite): only lrs at least
-       ``backoff`` times below the smallest diverged lr are candidates.
-    2. Among those, the largest whose split-K reliability reaches ``min_reliability``: a larger lr
-       moves the models further from theta_0 (more signal per fit) until Monte Carlo noise from
-       the nonlinear fits dominates; below the threshold the scores are mostly that noise.
-    3. If none reaches it, the most reliable candidate.
 
-    ``rows``: ``{"lr", "reliability", "diverged"}`` per lr. None when every lr diverged. The
-    thresholds and the evidence that this lands near the lr chosen on LDS masks: docs/defaults.md."""
-    ok = [r for r in rows if not r["diverged"] and math.isfinite(r["reliability"])]
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over queries of the Pearson correlation, across training examples, of two [n, m] score
+    matrices (the same K models' seeds fitted at two learning rates): label-free. Queries whose
+    scores are constant in either matrix are left out; NaN when all are."""
+    a = np.asarray(a, np.float64) - np.mean(a, 0)
+    b = np.asarray(b, np.float64) - np.mean(b, 0)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    ok = den > 0
+    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def pick_lr(rows: Sequence[dict], threshold: float = PLATEAU, backoff: float = BACKOFF) -> float | None:
+    """The label-free learning rate of a grid: the plateau rule.
+
+    ``rows``: ``{"lr", "agreement", "diverged"}`` per lr, ``agreement`` being :func:`agreement` of
+    the lr's scores with those of the next smaller lr of the grid, the same K models' seeds (NaN
+    for the smallest lr, or when that neighbour diverged).
+
+    1. A diverged lr, and every lr less than ``backoff`` times below the smallest diverged one, is
+       out: the fits just below the cliff are already chaotic.
+    2. Among the others, the largest lr whose scores agree at least ``threshold`` with the next
+       smaller lr's. Where the fits are converged and in their linear regime their scores do not
+       depend on the lr, so neighbouring lrs agree; past it the nonlinear fits disagree, though
+       each lr's scores may be reproducible (a split-K reliability does not see that).
+    3. If none agrees, the smallest lr left.
+
+    None when every lr diverged. The evidence (LDS at the rule's lr against the lr chosen on LDS
+    masks, on three problems): docs/defaults.md."""
+    ok = sorted((r for r in rows if not r["diverged"]), key=lambda r: r["lr"])
     if not ok:
         return None
     bad = [r["lr"] for r in rows if r["diverged"]]
-    cap = min(bad) / backoff if bad else math.inf
-    cand = [r for r in ok if r["lr"] <= cap] or [min(ok, key=lambda r: r["lr"])]
-    good = [r for r in cand if r["reliability"] >= min_reliability]
-    return max(r["lr"] for r in good) if good else max(cand, key=lambda r: r["reliability"])["lr"]
+    cap = min(bad) / backoff * (1 + 1e-9) if bad else math.inf
+    cand = [r for r in ok if r["lr"] <= cap] or ok[:1]
+    good = [r["lr"] for r in cand if math.isfinite(r.get("agreement", math.nan)) and r["agreement"] >= threshold]
+    return max(good) if good else cand[0]["lr"]
 
 
-def _auto_lr(fitter, K: int, chunk_size: int, grid: list[float], measure: str) -> tuple[Signals, list[dict]]:
-    """Fit K models at each lr of ``grid``, pick one by :func:`pick_lr`; (its signals, the table)."""
+def _auto_lr(fitter, K: int, chunk_size: int, grid: list[float], measure: str,
+             q: bool = False) -> tuple[Signals, list[dict]]:
+    """Fit K models (the same seeds) at each lr of ``grid``, pick one by :func:`pick_lr`; (its
+    signals, the table: per lr its agreement with the next smaller lr, divergence, loss ratio).
+    ``q``: the scores compared carry TRAK's Q on the training side (``daunce_t_q``)."""
+    from .scoring import pairwise_scores
+
     fits, table = {}, []
     for lr in grid:
         sig = chunks.fit_all(fitter, K, chunk_size, lr)
-        st = lr_statistics(sig, measure)
-        table.append({"lr": lr, "reliability": st["reliability"], "diverged": st["diverged"],
-                      "loss_ratio": st["loss_ratio"]})
-        log.info("lr=%g: reliability %.3f%s", lr, st["reliability"],
-                 f" (diverged: {st['why']})" if st["diverged"] else "")
+        st = lr_statistics(sig, measure, reliability=False)
+        table.append({"lr": lr, "agreement": float("nan"), "diverged": st["diverged"],
+                      "loss_ratio": st["loss_ratio"], **({"why": st["why"]} if st["diverged"] else {})})
         if not st["diverged"]:
             fits[lr] = sig
+    previous = None  # the scores of the next smaller lr, None after a diverged one
+    for row in sorted(table, key=lambda r: r["lr"]):
+        if row["diverged"]:
+            previous = None
+            continue
+        sig = fits[row["lr"]]
+        s = pairwise_scores(sig.train, sig.query, measure)
+        if q:
+            s *= (1.0 - sig.p0_train).astype(s.dtype)[:, None]
+        if previous is not None:
+            row["agreement"] = agreement(s, previous)
+        previous = s
     chosen = pick_lr(table)
+    for row in table:
+        log.info("lr=%g: %s", row["lr"], f"diverged ({row['why']})" if row["diverged"] else
+                 f"scores agree {row['agreement']:.3f} with the next smaller lr's")
     if chosen is None:
         raise FloatingPointError(f"lr='auto': the perturbed models diverged at every lr of lr_grid={grid}; "
                                  "give smaller learning rates")
+    log.info("lr=%g chosen: %s", chosen, rule_line(table, chosen))
     sig = fits[chosen]
     sig.attrs = {**sig.attrs, "lr": chosen}
     return sig, table
+
+
+def rule_line(table: Sequence[dict], chosen: float) -> str:
+    """One line telling why the plateau rule chose ``chosen``: each lr's agreement, or divergence."""
+    cells = ", ".join(f"{r['lr']:g}: " + ("diverged" if r["diverged"] else
+                                          "-" if not math.isfinite(r["agreement"]) else f"{r['agreement']:.3f}")
+                      for r in sorted(table, key=lambda r: -r["lr"]))
+    return (f"lr={chosen:g}, the largest lr whose scores agree >= {PLATEAU:g} with the next smaller lr's "
+            f"(none agreeing: the smallest; diverged lrs and those < {BACKOFF:g}x below them are out); "
+            f"agreement per lr: {cells}")
 
 
 def _fitter(model, task, tr: _Data, qu: _Data, variant, cfg, dev, mode):
@@ -575,9 +638,25 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     store.check_output(out, inputs=[losses_out, *_files(train, query)] if losses_out else _files(train, query))
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
-        fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
+        sig = fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
         if q_weighted(fit_kw["variant"]):
             from .fit.chunks import score_variant
 
-            return score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
-        return score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)
+            written = score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
+        else:
+            written = score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)
+    _record_lr(written, sig.attrs)
+    return written
+
+
+def _record_lr(path: str | os.PathLike, attrs: dict) -> None:
+    """Add the fits' lr and, with ``lr="auto"``, the rule's table (each lr's agreement) to the
+    attributes of the scores file the call just wrote, so a user sees why that lr was chosen."""
+    import json
+
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f.attrs["lr"] = float(attrs["lr"])
+        if "lr_rule" in attrs:
+            f.attrs["lr_rule"] = json.dumps(attrs["lr_rule"])

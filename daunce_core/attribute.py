@@ -24,9 +24,10 @@ def perturbed_losses(model: nn.Module, train, query, **options) -> tuple[np.ndar
     (loss, or margin for ``daunce_t``) of the training and query sets: ([K, n], [K, m]).
 
     ``options`` are those of :func:`daunce_core.api.fit_losses` (variant, K, ratio, epochs, lr,
-    batch_size, rho, gamma, seed, ...); left out, they take ``config.DEFAULTS``: DAUNCE-T scored with TRAK's Q, K = 200,
-    the fewest epochs that give each model 50 steps, and the learning rate picked from a grid
-    without ground truth (split-K reliability, ``lr="auto"``; docs/defaults.md)."""
+    batch_size, rho, gamma, seed, ...); left out, they take ``config.DEFAULTS``: matched noise
+    (``daunce_m``: scale 0.1, proximal damping 0.01, 20 epochs of every example, antithetic pairs,
+    common batches), K = 200, and the learning rate picked from a grid without ground truth (the
+    plateau rule, ``lr="auto"``; docs/defaults.md)."""
     check_keywords("perturbed_losses", options)
     signals = fit_losses(model, ClassificationTask(), train, query, **options)
     return signals.train, signals.query

@@ -139,7 +139,10 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
         theta0 = check_state(net, store.load_state(theta0_path, device), theta0_path)
     d = cfg.daunce
     # the settings used, since keys the config files leave out take daunce_core/config.py's defaults
-    print(f"daunce fit: K={d.K} perturbed models of {d.epochs} epoch(s) (daunce.epochs) on r={d.ratio:g} of "
+    from .config import MATCHED_VARIANTS
+
+    dv, key = d.for_variant(variant), "matched_epochs" if variant in MATCHED_VARIANTS else "epochs"
+    print(f"daunce fit: K={d.K} perturbed models of {dv.epochs} epoch(s) (daunce.{key}) on r={dv.ratio:g} of "
           f"{ds.n} training examples, lr={lr if lr == 'auto' else format(lr, 'g')}, variant {variant}, "
           f"{cfg.model.arch}", file=sys.stderr)
     if theta0_path is None:  # as the workflow's base step trains it
@@ -154,13 +157,13 @@ def _perturbed_fits(cfg, variant: str, lr: float, theta0_path: str | None):
                             variant=variant, cfg=cfg.daunce, train_ids=ds.train_ids, query_ids=ds.query_ids,
                             speed=E.Speed.from_train(cfg.base))
     if lr == "auto":  # the API's label-free rule over daunce.lr_grid (docs/defaults.md)
-        from .api import _auto_lr
+        from .api import _auto_lr, rule_line
 
-        sig, table = _auto_lr(fitter, cfg.daunce.K, cfg.daunce.chunk_size, [float(v) for v in d.lr_grid],
-                              d.select_measure)
-        print(f"daunce fit: lr={sig.attrs['lr']:g} chosen by split-K reliability ({d.select_measure}) over "
-              + ", ".join(f"{r['lr']:g}: " + ("diverged" if r["diverged"] else f"{r['reliability']:.3f}")
-                          for r in table), file=sys.stderr)
+        measure = d.measure_for(variant)
+        sig, table = _auto_lr(fitter, cfg.daunce.K, cfg.daunce.chunk_size, [float(v) for v in d.lr_grid], measure)
+        print(f"daunce fit: chosen by the plateau rule ({measure}): {rule_line(table, sig.attrs['lr'])}",
+              file=sys.stderr)
+        sig.attrs = {**sig.attrs, "lr_rule": table}
         return sig
     return chunks.fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
 
@@ -340,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perturbed objective, one of daunce.variants' choices (default: the first of "
                         "daunce.variants)")
     t.add_argument("--lr", type=_lr_arg, default=None,
-                   help="learning rate of the perturbed fits, or 'auto': the label-free rule (split-K "
-                        "reliability) over daunce.lr_grid, K models per lr (default: 'auto', the library "
+                   help="learning rate of the perturbed fits, or 'auto': the label-free plateau rule (the "
+                        "largest lr whose scores agree with the next smaller lr's) over daunce.lr_grid, K "
+                        "models per lr (default: 'auto', the library "
                         "calls' default; daunce.lr_grid's rate when it holds one)")
     t.add_argument("--theta0", default=None,
                    help="theta_0 (safetensors, the workflow's base output); default: train it")

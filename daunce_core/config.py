@@ -20,7 +20,8 @@ from .settings import ConfigError, build, check_limits, nested, setting, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "DaunceConfig", "LDSConfig",
            "StudyConfig", "StudySetting", "ExperimentConfig", "study_setting_config", "OTHER_STAGES", "Q_FORMS",
-           "fit_variant", "q_weighted", "MislabelConfig", "ApiDefaults", "DEFAULTS", "MEASURES"]
+           "fit_variant", "q_weighted", "MislabelConfig", "ApiDefaults", "DEFAULTS", "MEASURES", "OPTIONS",
+           "api_options"]
 
 # Scoring forms fitted as another variant: "daunce_t_q" is DAUNCE-T's models scored with TRAK's Q,
 # (1 - p_i(theta_0)) on the training side, applied after normalising (docs/daunce_t_factor.md).
@@ -185,10 +186,11 @@ class DaunceConfig:
     matched_scale: float = setting(0.1, "daunce_m: scale of the first-order term with the label drawn from "
                                    "theta_0 (in place of rho); small keeps the fits in the linear regime "
                                    "(docs/matched_noise.md)", gt=0)
-    matched_prox: float = setting(1e-3, "daunce_m: proximal damping lambda/2 ||theta - theta_0||^2 of its fits "
-                                  "(in place of prox): the damping of its Gauss-Newton influence limit", ge=0)
+    matched_prox: float = setting(0.01, "daunce_m: proximal damping lambda/2 ||theta - theta_0||^2 of its fits "
+                                  "(in place of prox): the damping of its Gauss-Newton influence limit "
+                                  "(docs/defaults.md: 0.01 on three problems)", ge=0)
     matched_ratio: float = setting(1.0, "daunce_m: subset ratio r of its fits (in place of ratio)", gt=0, le=1)
-    matched_epochs: int = setting(30, "daunce_m: epochs of its fits (in place of epochs)", ge=1)
+    matched_epochs: int = setting(20, "daunce_m: epochs of its fits (in place of epochs; docs/defaults.md)", ge=1)
 
     def for_variant(self, variant: str) -> DaunceConfig:
         """The settings a variant's fits use: daunce_m's ``matched_*`` in place of rho, prox, ratio
@@ -215,8 +217,10 @@ class ApiDefaults:
     ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
     rule read these (their signatures take them from :data:`DEFAULTS`). K, the lr grid, ratio,
     batch size, rho, gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce
-    fit`` reads those). The variant, measure, fit length and learning-rate rule are the API's,
-    chosen by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
+    fit`` reads those), and so are a variant's own ratio, rho, prox and fit length
+    (:meth:`DaunceConfig.for_variant`: matched noise's ``matched_*``). The variant, measure, fit
+    length of the other variants, estimator options and learning-rate rule are the API's, chosen
+    by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
     config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
     judged on selection masks)."""
 
@@ -226,7 +230,8 @@ class ApiDefaults:
     K: int
     ratio: float
     batch_size: int
-    min_steps: int       # the fit length: the fewest epochs giving every perturbed model this many steps
+    min_steps: int       # the fit length of variants without their own (every variant but daunce_m, whose
+    #                      length is matched_epochs): the fewest epochs giving every model this many steps
     lr: str              # "auto": the label-free rule over lr_grid (daunce_core.api.pick_lr)
     lr_grid: tuple
     rho: float
@@ -234,7 +239,7 @@ class ApiDefaults:
     seed: int
     chunk_size: int
     few_steps: int       # fewer optimiser steps per perturbed model than this: a warning
-    antithetic: bool     # the estimator options: DaunceConfig's (the paper's)
+    antithetic: bool     # the estimator options of the variants not in OPTIONS: DaunceConfig's (the paper's)
     common_batches: bool
     lr_schedule: str
     first_order: str
@@ -244,7 +249,12 @@ class ApiDefaults:
 # where the study found it at least as good, correlation (the paper's) elsewhere.
 MEASURES = {"daunce_m": "covariance", "daunce_t": "covariance", "daunce_t_q": "covariance"}
 
-_API_VARIANT = "daunce_t_q"  # docs/defaults.md: the best worst case over the study's three problems
+# The estimator options a variant's fits take by default in the library calls, where they differ from
+# DEFAULTS' (the paper's): antithetic pairs and common batch orders raised matched noise's LDS
+# (docs/defaults.md); for DAUNCE and DAUNCE-T, with their random subsets, they did not (docs/quality.md).
+OPTIONS = {"daunce_m": {"antithetic": True, "common_batches": True}}
+
+_API_VARIANT = "daunce_m"  # docs/defaults.md: above the previous default on all three of the study's problems
 DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEASURES.get(_API_VARIANT, "correlation"),
                        K=_daunce_default("K"), ratio=_daunce_default("ratio"),
                        batch_size=_daunce_default("batch_size"), min_steps=50,
@@ -253,6 +263,13 @@ DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEAS
                        chunk_size=_daunce_default("chunk_size"), few_steps=10,
                        **{k: _daunce_default(k)
                           for k in ("antithetic", "common_batches", "lr_schedule", "first_order")})
+
+
+def api_options(variant: str) -> dict:
+    """The estimator options (antithetic, common_batches) a variant's fits take in the library calls
+    unless given: :data:`OPTIONS`' for the variant, else :data:`DEFAULTS`' (the paper's)."""
+    return {"antithetic": DEFAULTS.antithetic, "common_batches": DEFAULTS.common_batches,
+            **OPTIONS.get(fit_variant(variant), {})}
 
 
 SPEARMAN = "a Spearman correlation over masks needs two"

@@ -78,3 +78,28 @@ def test_every_variant_beats_random_scores_by_a_margin(problem, variant):
     assert res.ci_low > random_high + MARGIN, (
         f"{variant}: LDS {res.lds:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}] is not above random scores' "
         f"upper bound {random_high:.3f} + {MARGIN}: attribution is broken")
+
+
+@pytest.mark.slow  # the default call fits K = 200 models at each of the 7 lrs of the grid: about a minute
+def test_the_default_one_call_api_beats_grad_dot_and_random(problem):
+    """``daunce_scores(model, train, query)`` with nothing but the device: the library's defaults
+    (docs/defaults.md: matched noise, the plateau lr rule). Its raw test LDS must clear random
+    scores by the margin and reach grad-dot's on the same problem (raw scores both)."""
+    from daunce_core.attribute import daunce_scores
+    from daunce_core.baselines import exact
+    from daunce_core.baselines.common import Problem
+
+    cfg, factory, theta0, train, query, gt, random_high = problem
+    net = factory()
+    net.load_state_dict(theta0)
+    net.eval()
+    scores = daunce_scores(net, train, query, device="cpu")
+    res = L.evaluate(scores, gt)[0]
+    prob = Problem(cfg, load_dataset(cfg.data), net, {k: v.detach() for k, v in net.state_dict().items()},
+                   torch.device("cpu"))
+    gd = L.evaluate(exact.per_example_grads(prob, "train") @ exact.per_example_grads(prob, "query", "margin").T,
+                    gt)[0]
+    print(f"default call: LDS {res.lds:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}]; grad-dot {gd.lds:.3f}; "
+          f"random upper bound {random_high:.3f}")
+    assert res.ci_low > random_high + MARGIN
+    assert res.lds >= gd.lds, f"the default call's LDS {res.lds:.3f} is below grad-dot's {gd.lds:.3f}"

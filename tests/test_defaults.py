@@ -15,7 +15,7 @@ from torch import nn
 
 from daunce_core import api, store
 from daunce_core.attribute import daunce_scores, perturbed_losses
-from daunce_core.config import DEFAULTS, DaunceConfig
+from daunce_core.config import DEFAULTS, DaunceConfig, api_options
 
 torch.set_num_threads(1)
 
@@ -27,12 +27,13 @@ def _defaults(fn) -> dict:
 
 def test_every_call_reads_the_one_declaration():
     fit = _defaults(api.fit_losses)
-    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid", "antithetic", "common_batches",
-                 "lr_schedule", "first_order"):
+    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid", "lr_schedule", "first_order"):
         assert fit[name] == getattr(DEFAULTS, name), name
-    # None: DEFAULTS.min_steps, .batch_size, the variant's ratio/rho/prox (DaunceConfig.for_variant)
-    # and the variant's measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
-    for name in ("variant", "epochs", "batch_size", "ratio", "rho", "prox", "measure"):
+    # None: the variant's fit length (matched_epochs, else DEFAULTS.min_steps), DEFAULTS.batch_size, the
+    # variant's ratio/rho/prox (DaunceConfig.for_variant), estimator options (config.api_options) and
+    # measure (MEASURES; DEFAULTS.measure for DEFAULTS.variant)
+    for name in ("variant", "epochs", "batch_size", "ratio", "rho", "prox", "measure", "antithetic",
+                 "common_batches"):
         assert fit[name] is None, name
     # the variant: DEFAULTS.variant for a classifier on tensors, DEFAULTS.task_variant otherwise
     assert api.default_variant(None, (X, Y)) == DEFAULTS.variant
@@ -49,6 +50,25 @@ def test_every_call_reads_the_one_declaration():
                  "lr_schedule", "first_order"):
         assert getattr(DEFAULTS, name) == getattr(d, name), name
     assert list(DEFAULTS.lr_grid) == d.lr_grid
+
+
+def test_the_default_is_matched_noise_with_the_studys_settings():
+    """docs/defaults.md: daunce_m, covariance, K = 200, scale 0.1, prox 0.01, 20 epochs of all
+    examples, antithetic pairs and common batches, lr by the plateau rule; the other variants keep
+    the paper's estimator options."""
+    assert (DEFAULTS.variant, DEFAULTS.measure, DEFAULTS.K, DEFAULTS.lr) == ("daunce_m", "covariance", 200, "auto")
+    m = DaunceConfig().for_variant(DEFAULTS.variant)
+    assert (m.rho, m.prox, m.epochs, m.ratio) == (0.1, 0.01, 20, 1.0)
+    assert api_options("daunce_m") == {"antithetic": True, "common_batches": True}
+    for v in ("daunce", "daunce_t", "daunce_t_q", "daunce_e"):
+        assert api_options(v) == {"antithetic": False, "common_batches": False}, v
+    # the call resolves them: a default fit records daunce_m's settings and its 20 epochs
+    sig = api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, lr=0.01, device="cpu")
+    cfg = sig.attrs["config"]
+    assert sig.attrs["form"] == "daunce_m" and sig.attrs["steps"] == 20 * (80 // 64)
+    assert (cfg["antithetic"], cfg["common_batches"]) == (True, True)
+    with pytest.raises(ValueError, match=r"even K .*got K=5 \(variant daunce_m's default; pass antithetic=False\)"):
+        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=5, lr=0.01, device="cpu")
 
 
 def test_the_default_fit_length_gives_min_steps():
@@ -76,12 +96,17 @@ def mlp(seed=0):
     return net
 
 
-def test_too_few_steps_warn_with_the_count_and_the_fix():
-    with pytest.warns(RuntimeWarning, match=r"only 1 optimiser step\(s\) .*raise epochs \(epochs=\d+ gives"):
-        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, epochs=1, lr=0.01, batch_size=16, device="cpu")
-    with warnings.catch_warnings():  # the default fit length does not warn
-        warnings.simplefilter("error")
-        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), K=4, lr=0.01, batch_size=16, device="cpu")
+@pytest.mark.parametrize("variant, steps, fix", [
+    ("daunce", 1, r"epochs=50 gives 50 steps"),  # r = 0.3: 24 examples, one batch; min_steps' length
+    (None, 5, r"epochs=20 gives 100 steps")])    # daunce_m, r = 1: its own 20 epochs
+def test_too_few_steps_warn_with_the_count_and_the_fix(variant, steps, fix):
+    kw = dict(variant=variant, K=4, lr=0.01, batch_size=16, device="cpu")
+    with pytest.warns(RuntimeWarning, match=rf"only {steps} optimiser step\(s\) .*raise epochs \({fix}\)"):
+        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), epochs=1, **kw)
+    with warnings.catch_warnings(record=True) as seen:  # the default fit length does not warn about steps
+        warnings.simplefilter("always")
+        api.fit_losses(mlp(), None, (X, Y), (X[:4], Y[:4]), **kw)
+    assert not [w for w in seen if "optimiser step" in str(w.message)]
 
 
 def test_a_diverging_lr_is_refused_not_scored():
@@ -123,19 +148,34 @@ def test_zero_variance_is_warned_and_recorded(tmp_path):
         assert int(f.attrs["zero_variance_train"]) == 20
 
 
-def test_pick_lr_backs_off_from_divergence_and_needs_reliability():
-    rows = [{"lr": 1.0, "reliability": math.nan, "diverged": True},
-            {"lr": 0.3, "reliability": 0.95, "diverged": False},   # just below the cliff: not taken
-            {"lr": 0.1, "reliability": 0.7, "diverged": False},    # below min_reliability
-            {"lr": 0.03, "reliability": 0.85, "diverged": False},
-            {"lr": 0.001, "reliability": 0.97, "diverged": False}]
+def test_plateau_rule_takes_the_largest_agreeing_lr_and_skips_diverged_ones():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((40, 6))
+    # scores the same up to scale and a little noise agree; unrelated scores do not
+    assert api.agreement(base, 3.0 * base + 0.01 * rng.standard_normal(base.shape)) > 0.99
+    assert abs(api.agreement(base, rng.standard_normal(base.shape))) < 0.3
+    nan = float("nan")
+    rows = [{"lr": 0.001, "diverged": False, "agreement": nan},   # the smallest: no neighbour below
+            {"lr": 0.003, "diverged": False, "agreement": 0.95},
+            {"lr": 0.01, "diverged": False, "agreement": 0.85},   # a dip does not stop the rule
+            {"lr": 0.03, "diverged": False, "agreement": 0.92},   # the largest agreeing lr
+            {"lr": 0.1, "diverged": False, "agreement": 0.60}]    # past the plateau: nonlinear fits
     assert api.pick_lr(rows) == 0.03
+    assert api.pick_lr(rows[::-1]) == 0.03  # the grid's order does not matter
+    # an lr that agrees but lies less than 10x below a diverged one is out; exactly 10x below is in
+    cliff = [dict(r, agreement=0.95) if r["lr"] == 0.1 else r for r in rows] + \
+        [{"lr": 0.3, "diverged": True, "agreement": nan}]
+    assert api.pick_lr(cliff) == 0.03
+    assert api.pick_lr(cliff[:-1] + [{"lr": 1.0, "diverged": True, "agreement": nan}]) == 0.1
+    assert api.pick_lr(cliff[:-1]) == 0.1  # without the diverged lr: the largest agreeing one
+    # a diverged lr's own agreement is never read
+    assert api.pick_lr(rows + [{"lr": 1.0, "diverged": True, "agreement": 0.99}]) == 0.03
+    # none agreeing: the smallest lr left; every lr diverged: None
+    assert api.pick_lr([dict(r, agreement=0.5 if r["agreement"] == r["agreement"] else nan) for r in rows]) == 0.001
     assert api.pick_lr([dict(r, diverged=True) for r in rows]) is None
-    low = [{"lr": 0.1, "reliability": 0.3, "diverged": False}, {"lr": 0.01, "reliability": 0.5, "diverged": False}]
-    assert api.pick_lr(low) == 0.01  # none reliable enough: the most reliable
 
 
-def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid():
+def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid(tmp_path):
     """lr='auto' over a grid holding a diverging lr: it never picks it, records the table, and its
     scores make sense: for every query the training examples of its class help more than the others."""
     net = mlp()
@@ -145,6 +185,23 @@ def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid():
     table = sig.attrs["lr_rule"]
     assert [r["lr"] for r in table] == list(grid) and table[0]["diverged"]
     assert sig.attrs["lr"] != 1e6 and sig.attrs["lr"] == api.pick_lr(table)
+    # each lr's agreement is that of its scores with the next smaller lr's, the same seeds refitted
+    from daunce_core.scoring import pairwise_scores as ps
+
+    refit = {lr: api.fit_losses(net, None, (X, Y), (X[q], Y[q]), K=40, lr=lr, device="cpu") for lr in (0.01, 0.03)}
+    want = api.agreement(*(ps(refit[lr].train, refit[lr].query, DEFAULTS.measure) for lr in (0.03, 0.01)))
+    assert table[3]["agreement"] == pytest.approx(want, abs=1e-6) and math.isnan(table[4]["agreement"])
+    # the scores file records the lr and the rule's table too
+    import json
+
+    import h5py
+
+    path = api.scores(net, None, (X, Y), (X[q], Y[q]), K=40, lr="auto", lr_grid=grid[2:], device="cpu",
+                      out=tmp_path / "s.h5")
+    with h5py.File(path) as f:
+        rule = json.loads(f.attrs["lr_rule"])
+        assert [r["lr"] for r in rule] == list(grid[2:]) and f.attrs["lr"] == api.pick_lr(rule)
+        assert rule[0]["agreement"] == pytest.approx(table[2]["agreement"], abs=1e-6)
     from daunce_core.scoring import pairwise_scores
 
     s = pairwise_scores(sig.train, sig.query, DEFAULTS.measure)
@@ -173,7 +230,7 @@ def test_daunce_fit_lr_auto_picks_by_the_rule_and_never_a_diverging_lr(tmp_path,
     # no --lr: the rule, the library calls' default (the config's grid holds several rates)
     assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "l.h5")]) == 0
     err = capsys.readouterr().err
-    assert "chosen by split-K reliability" in err and "1e+06: diverged" in err
+    assert "chosen by the plateau rule" in err and "1e+06: diverged" in err and "0.03: " in err
     assert store.read_losses(tmp_path / "l.h5").attrs["lr"] in (0.03, 0.01)
     # an explicit diverging lr is refused by loss growth, not only by non-finite values
     assert main(["fit", "--configfile", str(tmp_path / "c.yaml"), "--lr", "1e6", "-o", str(tmp_path / "x.h5")]) == 1
@@ -225,23 +282,13 @@ def _study():
     return mod
 
 
-def test_study_plateau_rule_takes_the_largest_lr_that_agrees_with_the_next_smaller():
+def test_the_study_reads_the_librarys_plateau_rule():
     study = _study()
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((40, 6))
-    # scores the same up to scale and a little noise agree; unrelated scores do not
-    assert study.agreement(base, 3.0 * base + 0.01 * rng.standard_normal(base.shape)) > 0.99
-    assert abs(study.agreement(base, rng.standard_normal(base.shape))) < 0.3
-    cells = [{"lr": 0.001, "diverged": False, "agreement": float("nan")},
-             {"lr": 0.003, "diverged": False, "agreement": 0.95},
-             {"lr": 0.01, "diverged": False, "agreement": 0.92},
-             {"lr": 0.03, "diverged": False, "agreement": 0.60},  # past the plateau: nonlinear fits
+    assert study.agreement is api.agreement
+    cells = [{"lr": 0.01, "diverged": False, "agreement": float("nan")},
+             {"lr": 0.03, "diverged": False, "agreement": 0.95},
              {"lr": 0.1, "diverged": True, "agreement": float("nan")}]
-    assert study.plateau_lr(cells) == 0.01
-    # nothing on a plateau: the smallest lr that did not diverge
-    flat = [dict(c, agreement=0.5) if math.isfinite(c["agreement"]) else c for c in cells]
-    assert study.plateau_lr(flat) == 0.001
-    assert study.plateau_lr([{"lr": 1.0, "diverged": True, "agreement": float("nan")}]) is None
+    assert study.plateau_lr(cells) == api.pick_lr(cells) == 0.01
 
 
 def test_study_passes_its_estimator_options_to_the_fits(monkeypatch):
