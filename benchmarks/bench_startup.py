@@ -60,10 +60,10 @@ def time_code(code: str, env: dict) -> tuple[float, float, list[str]]:
     return wall, cpu, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def rule_scripts() -> dict[str, str]:
-    """Rule name -> script file name, read from workflow/rules/*.smk."""
+def rule_scripts(checkout: Path = ROOT) -> dict[str, str]:
+    """Rule name -> script file name, read from ``checkout``'s workflow/rules/*.smk."""
     out = {}
-    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+    for smk in sorted((checkout / "workflow" / "rules").glob("*.smk")):
         for m in re.finditer(r"^rule (\w+):(.*?)(?=^rule |\Z)", smk.read_text(), re.S | re.M):
             s = re.search(r"script:\s*\n\s*[\"']([^\"']+)[\"']", m.group(2))
             if s:

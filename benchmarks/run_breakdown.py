@@ -126,23 +126,12 @@ def concurrency(jobs: list[Job], t0: dt.datetime, cores: int) -> tuple[Counter, 
     return Counter(n_jobs), Counter(min(c, cores) for c in n_cores)
 
 
-def rule_scripts(checkout: Path) -> dict[str, str]:
-    """Rule name -> script file name, read from ``checkout``'s workflow/rules/*.smk."""
-    out = {}
-    for smk in sorted((checkout / "workflow" / "rules").glob("*.smk")):
-        for m in re.finditer(r"^rule (\w+):(.*?)(?=^rule |\Z)", smk.read_text(), re.S | re.M):
-            s = re.search(r"script:\s*\n\s*[\"']([^\"']+)[\"']", m.group(2))
-            if s:
-                out[m.group(1)] = Path(s.group(1)).name
-    return out
-
-
 def measure_startup(rules: set[str], repeat: int, checkout: Path) -> dict:
     """Median start-up (wall, CPU) of each rule script of ``checkout`` (its scripts/ and
     daunce_core), with ``import torch`` and ``python -c pass`` interleaved as references
     (bench_startup.py's method)."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
-    scripts = rule_scripts(checkout)
+    scripts = bench_startup.rule_scripts(checkout)
     cases = {"python -c pass": "pass", "import torch": "import torch"}
     for s in sorted({scripts[r] for r in rules if r in scripts}):
         cases[s] = bench_startup.PREAMBLE + "\n" + bench_startup.script_imports(checkout / "scripts" / s)
