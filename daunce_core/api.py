@@ -153,9 +153,10 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     cfg = DaunceConfig(K=K, ratio=ratio, epochs=1 if epochs is None else epochs,
                        batch_size=batch_size or DEFAULTS.batch_size, rho=rho, gamma=gamma, prox=prox,
                        seed=seed, chunk_size=chunk_size, variants=[variant], k_curve=[K], **options)
+    own_epochs = base.epochs if obj.is_matched(variant) else None  # a variant's own fit length (daunce_m)
     if obj.is_matched(variant):  # for_variant reads these in place of rho, prox and ratio
         cfg = dataclasses.replace(cfg, matched_scale=rho, matched_prox=prox, matched_ratio=ratio,
-                                  matched_epochs=base.epochs if epochs is None else epochs)
+                                  matched_epochs=own_epochs if epochs is None else epochs)
     if isinstance(task, LMTask):
         if obj.is_matched(variant):
             raise ValueError("variant daunce_m (labels drawn from theta_0) is implemented for classifiers; "
@@ -174,8 +175,8 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
         qu = _as_data(query, "query", query_ids, dev, dtype)
         if batch_size is None and tr.batch_size:
             cfg = dataclasses.replace(cfg, batch_size=tr.batch_size)
-        if epochs is None:  # the variant's own fit length (daunce_m), else the fewest epochs giving min_steps
-            cfg = dataclasses.replace(cfg, epochs=base.epochs if obj.is_matched(variant)
+        if epochs is None:  # the variant's own fit length, else the fewest epochs giving min_steps
+            cfg = dataclasses.replace(cfg, epochs=own_epochs if own_epochs is not None
                                       else fit_epochs(tr.n, ratio, cfg.batch_size, DEFAULTS.min_steps))
         fitter = _fitter(model, task, tr, qu, variant, cfg, dev, mode)
         if q_weighted(form) and isinstance(fitter, TaskFitter):
@@ -186,7 +187,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     n = len(_lm_examples(train, "train")) if isinstance(task, LMTask) else tr.n
     steps = _steps(n, ratio, cfg.batch_size, cfg.epochs) if not isinstance(task, LMTask) or task.steps is None \
         else task.steps
-    _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs, base.epochs if obj.is_matched(variant) else None)
+    _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs, own_epochs)
     table = None
     if auto:
         signals, table = _auto_lr(fitter, K, chunk_size, list(lr_grid), measure, q=q_weighted(form))
