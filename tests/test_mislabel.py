@@ -202,6 +202,24 @@ def test_self_influence_finds_flipped_labels_on_a_tiny_problem(tiny_noisy, tmp_p
     assert "| random | - | 0.500 |" in (tmp_path / "mislabel.md").read_text()
 
 
+def test_a_diverged_lr_steps_down_the_grid_without_reading_the_flips(tiny_noisy, tmp_path):
+    """Tier 1's middle lr diverged on its noisy data and stopped the run: the step now takes the next
+    smaller lr of the grid, says so in the file, and refuses only when every smaller lr diverges too."""
+    import dataclasses
+
+    cfg, split, state, flips = tiny_noisy
+    small = dataclasses.replace(cfg, daunce=dataclasses.replace(cfg.daunce, K=8, chunk_size=8))
+    wild = dataclasses.replace(small, daunce=dataclasses.replace(small.daunce, lr_grid=[1e7, 1e6, 0.01]))
+    M.daunce_signals(wild, split, flips, state, "daunce", tmp_path / "d.npz")  # middle: 1e6
+    with np.load(tmp_path / "d.npz") as f:
+        assert float(f["lr"]) == 0.01 and np.isfinite(f["signals"]).all()
+        assert "diverged on the noisy data at 1e+06: the next smaller lr" in str(f["how"])
+    hopeless = dataclasses.replace(small, daunce=dataclasses.replace(small.daunce, lr_grid=[1e7, 1e6, 1e5]))
+    with pytest.raises(ValueError, match="at every smaller lr of daunce.lr_grid.*add smaller lrs"):
+        M.daunce_signals(hopeless, split, flips, state, "daunce", tmp_path / "h.npz")
+    assert not (tmp_path / "h.npz").exists()
+
+
 @pytest.mark.slow  # three baselines on 200 examples: about 25 s on 2 shared cores
 def test_regime_baselines_through_the_step_files(tiny_noisy, tmp_path):
     """trak_k<N>, trak_ens and if_iter through the rule's step (their baselines sections, the

@@ -215,13 +215,26 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     dcfg = dataclasses.replace(cfg.daunce, trace_every=0)  # Figure 3's trace: not needed here
     fitter = EnsembleFitter(net, theta0, train, train, variant=fit_variant(variant), cfg=dcfg, train_ids=ds.train_ids,
                             query_ids=ds.train_ids, speed=Speed.from_train(cfg.base))
-    parts = []
     n_chunks = -(-cfg.daunce.K // cfg.daunce.chunk_size)
-    for c in range(n_chunks):
-        parts.append(fitter.fit(chunk_models(cfg.daunce.K, cfg.daunce.chunk_size, c), lr))
-    signals = np.concatenate([p.train for p in parts])
-    if not np.isfinite(signals).all():
-        raise ValueError(f"{variant} at lr={lr:g} ({how}) diverged on the noisy data: non-finite signals")
+    # a diverged fit steps down the lr grid: the library's test (api.lr_statistics: non-finite or
+    # exploded signals, or a training loss grown far beyond theta_0's), which reads no flipped label
+    from ..api import lr_statistics
+    from ..fit.chunks import join
+
+    tried = [lr] + sorted((float(v) for v in cfg.daunce.lr_grid if float(v) < lr), reverse=True)
+    for lr in tried:
+        fits = join([fitter.fit(chunk_models(cfg.daunce.K, cfg.daunce.chunk_size, c), lr) for c in range(n_chunks)])
+        stats = lr_statistics(fits, reliability=False)
+        if not stats["diverged"]:
+            break
+        log.warning("mislabel %s: the fits at lr=%g diverged on the noisy data (%s)", variant, lr, stats["why"])
+    else:
+        raise ValueError(f"{variant} diverged on the noisy data at lr={tried[0]:g} ({how}) and at every smaller lr of "
+                         f"daunce.lr_grid ({stats['why']}); add smaller lrs to daunce.lr_grid")
+    signals, parts = fits.train, [fits]
+    if lr != tried[0]:
+        gone = ", ".join(f"{v:g}" for v in tried[:tried.index(lr)])
+        how = f"{how}; diverged on the noisy data at {gone}: the next smaller lr of daunce.lr_grid"
     with store.atomic_path(out, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, signals=signals.astype(np.float32), p0_train=parts[0].p0_train, train_ids=ds.train_ids,
