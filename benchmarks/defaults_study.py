@@ -49,6 +49,7 @@ import argparse
 import csv
 import dataclasses
 import gzip
+import logging
 import math
 import sys
 import time
@@ -181,6 +182,38 @@ def references(cfg, ds, model, device, gts, sel_q, test_q) -> list[dict]:
     return rows
 
 
+def the_default_call(model, ds, gts, sel_q, test_q) -> dict:
+    """The one-call API at every library default, ``daunce_scores(model, train, query)``, as a user
+    calls it (docs/defaults.md): its test LDS, the lr its rule chose and its seconds."""
+    from daunce_core.attribute import daunce_scores
+
+    train = (torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train))
+    query = (torch.as_tensor(ds.X_query), torch.as_tensor(ds.y_query))
+    records = []
+
+    class Keep(logging.Handler):  # the lr the rule chose, from the call's own log line
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    keep, api_log = Keep(), logging.getLogger(api.__name__)
+    api_log.addHandler(keep)
+    level = api_log.level
+    api_log.setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    try:
+        s = daunce_scores(model, train, query)
+    finally:
+        api_log.removeHandler(keep)
+        api_log.setLevel(level)
+    seconds = time.perf_counter() - t0
+    chosen = next((m.split(" chosen")[0] for m in records if " chosen" in m), "lr=?")
+    sel, test = lds_of(np.asarray(s), gts, sel_q, test_q)
+    d = api.DEFAULTS
+    return {"method": f"default call (daunce_scores: {d.variant} {d.measure} K={d.K}, lr rule on "
+                      f"{d.lr_pilot_K} pilot models: {chosen})", "lds_select": sel, "lds_test": test,
+            "seconds": seconds}
+
+
 def cached_truth(name, cfg, ds, device, quick: bool, cache: Path | None):
     """theta_0 and the LDS ground truth of a problem, read from ``cache`` when a run made them before
     (both depend only on the problem and the mask counts), else made and written there."""
@@ -203,7 +236,7 @@ def cached_truth(name, cfg, ds, device, quick: bool, cache: Path | None):
 
 def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(100, 200), lrs=LR_GRID,
                 measures=("correlation", "covariance"), matched=((None, None),), cache: Path | None = None,
-                options: dict | None = None):
+                options: dict | None = None, default_call: bool = False):
     options = options or {}  # fit_losses's estimator options (antithetic, common_batches), named in the setting
     print(f"[{name}] n={ds.n} m={ds.m} classes={ds.num_classes}", flush=True)
     t0 = time.perf_counter()
@@ -211,6 +244,8 @@ def run_problem(name, cfg, ds, device, variants, lengths, quick: bool, *, Ks=(10
     print(f"[{name}] theta_0 and ground truth ({how}): {time.perf_counter() - t0:.0f}s", flush=True)
     K_max = max(Ks)
     refs = references(cfg, ds, model, device, gts, sel_q, test_q)
+    if default_call:
+        refs.append(the_default_call(model, ds, gts, sel_q, test_q))
     for r in refs:
         print(f"[{name}] {r['method']}: select {r['lds_select']:.3f} test {r['lds_test']:.3f}", flush=True)
     train = (torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train))
@@ -322,6 +357,11 @@ def summarize(name, refs, grid, pilot: int = 200) -> list[dict]:
             lr_p = rule(pc)
             pilots.append((f" lr from K={pilot} pilot", lr_p, sum(g["fit_seconds"] for g in pc)
                            + sum(g["fit_seconds"] for g in cells if g["lr"] == lr_p)))
+            if any(math.isfinite(g.get("agreement", float("nan"))) for g in pc):
+                # the library's lr="auto" with lr_pilot_K: the plateau rule on the pilot's models, then K
+                lr_pp = plateau_lr(pc)
+                pilots.append((f" plateau rule, lr from K={pilot} pilot", lr_pp, sum(g["fit_seconds"] for g in pc)
+                               + sum(g["fit_seconds"] for g in cells if g["lr"] == lr_pp)))
         for suffix, rule_lr, secs in pilots:
             chosen = next((g for g in cells if g["lr"] == rule_lr), None)
             rows.append({"problem": name, "setting": f"{variant} {measure} K={K} {length}{suffix}",
@@ -422,16 +462,30 @@ def main(argv=None) -> int:
                     help="where theta_0 and the ground truth of each problem are kept between runs ('' : none)")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="write --out from the grid.csv and summary.csv of these finished runs (e.g. problems run "
-                         "as separate processes) instead of running anything")
+                         "as separate processes; or a grid_NAME.csv file with its summary_NAME.csv beside it) "
+                         "instead of running anything")
+    ap.add_argument("--default-call", action="store_true",
+                    help="also run daunce_scores(model, train, query) at every library default on each problem "
+                         "(a reference row; with --variants '' only the references and this call)")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="with --combine: recompute the rules' rows from the grids (the references' rows are kept), "
+                         "so rows added to this script since those runs appear")
     args = ap.parse_args(argv)
     if args.combine:
         grid, summary = [], []
-        for d in args.combine:
-            grid += _read_csv(d / "grid.csv")
-            summary += _read_csv(d / "summary.csv")
+        for d in args.combine:  # a run's --out folder, or a committed grid_NAME.csv beside its summary_NAME.csv
+            g = d if d.suffix == ".csv" else d / "grid.csv"
+            grid += _read_csv(g) if g.is_file() else []  # references only (--variants ''): no grid
+            summary += _read_csv(g.with_name(g.name.replace("grid", "summary", 1)))
         seen = set()  # runs of the same problem repeat its references: keep the first of each row
         summary = [r for r in summary if (r["problem"], r["setting"]) not in seen
                    and not seen.add((r["problem"], r["setting"]))]
+        if args.resummarize:
+            problems = list(dict.fromkeys(r["problem"] for r in summary))
+            summary = [row for p in problems for row in summarize(
+                p, [{"method": r["setting"], "lds_test": r["lds_test"], "seconds": r["seconds"]}
+                    for r in summary if r["problem"] == p and r["lr_rule"] == ""],
+                [g for g in grid if g["problem"] == p])]
         write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))
         print((args.out / "summary.md").read_text())
         return 0
@@ -456,7 +510,8 @@ def main(argv=None) -> int:
         refs, g = run_problem(name, *made, device, variants, lengths, args.quick, Ks=sorted(args.K),
                               lrs=sorted(args.lrs) if args.lrs else LR_GRID, measures=args.measures.split(","),
                               matched=matched, cache=args.cache if str(args.cache) else None,
-                              options={"antithetic": args.antithetic, "common_batches": args.common_batches})
+                              options={"antithetic": args.antithetic, "common_batches": args.common_batches},
+                              default_call=args.default_call)
         grid += g
         summary += summarize(name, refs, g)
         write(args.out, grid, summary, "python benchmarks/defaults_study.py " + " ".join(argv or sys.argv[1:]))

@@ -57,7 +57,8 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                train_ids: Any = None, query_ids: Any = None, mode: str = "auto",
                antithetic: bool | None = None, common_batches: bool | None = None,
                lr_schedule: str = DEFAULTS.lr_schedule, first_order: str = DEFAULTS.first_order,
-               measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid) -> Signals:
+               measure: str | None = None, lr_grid: Sequence[float] = DEFAULTS.lr_grid,
+               lr_pilot_K: int | None = DEFAULTS.lr_pilot_K) -> Signals:
     """Fit K perturbed copies of ``model`` (Algorithm 1) and return their signals [K, n], [K, m].
 
     Args:
@@ -75,9 +76,11 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
             fit length where it has one (``daunce_m``: ``matched_epochs``, 20), else the fewest
             epochs that give every model ``DEFAULTS.min_steps`` optimiser steps
             (:func:`fit_epochs`; one epoch for an LMTask). ``lr="auto"``: the label-free plateau
-            rule (:func:`pick_lr`) over ``lr_grid`` -- K models, the same seeds, are fitted at every
-            lr of the grid (``len(lr_grid)`` times the cost) and those of the chosen lr returned,
-            the table (each lr's agreement with the next smaller lr) in ``attrs["lr_rule"]``.
+            rule (:func:`pick_lr`) over ``lr_grid`` -- ``lr_pilot_K`` models (at most K; None: K),
+            the same seeds, are fitted at every lr of the grid, and the chosen lr's are extended to
+            K (models ``lr_pilot_K`` .. K-1; the K models are those an explicit ``lr`` would fit),
+            the table (each lr's agreement with the next smaller lr) in ``attrs["lr_rule"]``. The
+            defaults, 200 pilot models and K = 500, cost 200 x len(lr_grid) + 300 model fits.
             ``batch_size`` defaults to the DataLoader's, else ``DEFAULTS.batch_size``. ``ratio``,
             ``rho`` and ``prox`` (the pull ``prox/2 ||theta - theta_0||^2``) default to the
             variant's (``config.DaunceConfig``: 0.3, 1 and 0; for ``daunce_m`` its ``matched_*``
@@ -144,9 +147,17 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                     mode=mode, lr_schedule=lr_schedule, first_order=first_order)
     if out is not None:
         store.check_output(out, inputs=_files(train, query))
-    if antithetic and K % 2:
+    pilot = K if not auto or lr_pilot_K is None else lr_pilot_K
+    if auto and lr_pilot_K is not None:
+        if isinstance(lr_pilot_K, bool) or not isinstance(lr_pilot_K, numbers.Integral) or lr_pilot_K < 2:
+            raise ValueError(f"lr_pilot_K must be a whole number >= 2 (the models the lr rule reads per lr) or None "
+                             f"(K), got {lr_pilot_K!r}")
+        pilot = min(int(lr_pilot_K), K)
+    if antithetic and (K % 2 or pilot % 2):
         why = "" if given["antithetic"] is not None else f" (variant {form}'s default; pass antithetic=False)"
-        raise ValueError(f"antithetic=True needs an even K (models 2j, 2j+1 form a pair), got K={K}{why}")
+        bad = f"K={K}" if K % 2 else f"lr_pilot_K={pilot}"
+        raise ValueError(f"antithetic=True needs an even K and lr_pilot_K (models 2j, 2j+1 form a pair), "
+                         f"got {bad}{why}")
     dev = pick_device(device)
     options = {"antithetic": antithetic, "common_batches": common_batches, "lr_schedule": lr_schedule,
                "first_order": first_order}
@@ -190,8 +201,11 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     _warn_steps(steps, n, ratio, cfg.batch_size, cfg.epochs, own_epochs)
     table = None
     if auto:
-        signals, table = _auto_lr(fitter, K, chunk_size, list(lr_grid), measure, q=q_weighted(form))
+        signals, table = _auto_lr(fitter, pilot, chunk_size, list(lr_grid), measure, q=q_weighted(form))
         lr = signals.attrs["lr"]
+        if pilot < K:  # the chosen lr's models pilot .. K-1
+            log.info("lr=%g: fitting models %d..%d (the rule read the first %d)", lr, pilot, K - 1, pilot)
+            signals = chunks.join([signals, chunks.fit_all(fitter, K, chunk_size, lr, first=pilot)])
     else:
         signals = chunks.fit_all(fitter, K, chunk_size, lr)
     setting = chunks.losses_config(cfg, steps=steps, lr=lr, task=type(task).__name__)
@@ -199,7 +213,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
     signals.attrs = {"config": setting, **signals.attrs, "lr": lr, "steps": steps, "form": form,
                      "zero_variance_train": stats["zero_variance_train"],
                      "zero_variance_query": stats["zero_variance_query"],
-                     **({"lr_rule": table} if table is not None else {})}
+                     **({"lr_rule": table, "lr_pilot_K": pilot} if table is not None else {})}
     if stats["diverged"]:
         msg = f"the perturbed models diverged at lr={lr:g} ({stats['why']}); lower lr, or pass lr='auto'"
         if out is not None:
@@ -661,3 +675,4 @@ def _record_lr(path: str | os.PathLike, attrs: dict) -> None:
         f.attrs["lr"] = float(attrs["lr"])
         if "lr_rule" in attrs:
             f.attrs["lr_rule"] = json.dumps(attrs["lr_rule"])
+            f.attrs["lr_pilot_K"] = int(attrs["lr_pilot_K"])

@@ -26,8 +26,8 @@ def perturbed_losses(model: nn.Module, train, query, **options) -> tuple[np.ndar
     ``options`` are those of :func:`daunce_core.api.fit_losses` (variant, K, ratio, epochs, lr,
     batch_size, rho, gamma, seed, ...); left out, they take ``config.DEFAULTS``: matched noise
     (``daunce_m``: scale 0.1, proximal damping 0.01, 20 epochs of every example, antithetic pairs,
-    common batches), K = 200, and the learning rate picked from a grid without ground truth (the
-    plateau rule, ``lr="auto"``; docs/defaults.md)."""
+    common batches), K = 500, and the learning rate picked from a grid without ground truth (the
+    plateau rule on 200 pilot models per lr, ``lr="auto"``; docs/defaults.md)."""
     check_keywords("perturbed_losses", options)
     signals = fit_losses(model, ClassificationTask(), train, query, **options)
     return signals.train, signals.query

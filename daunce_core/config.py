@@ -215,11 +215,12 @@ def _daunce_default(name: str):
 class ApiDefaults:
     """The defaults of the library calls, declared once: ``daunce_core.api.fit_losses`` /
     ``scores``, ``daunce_core.attribute.daunce_scores`` / ``perturbed_losses`` and the learning-rate
-    rule read these (their signatures take them from :data:`DEFAULTS`). K, the lr grid, ratio,
-    batch size, rho, gamma, seed and chunk size are :class:`DaunceConfig`'s own defaults (``daunce
-    fit`` reads those), and so are a variant's own ratio, rho, prox and fit length
-    (:meth:`DaunceConfig.for_variant`: matched noise's ``matched_*``). The variant, measure, fit
-    length of the other variants, estimator options and learning-rate rule are the API's, chosen
+    rule read these (their signatures take them from :data:`DEFAULTS`). The lr grid, the lr rule's
+    pilot K, ratio, batch size, rho, gamma, seed and chunk size are :class:`DaunceConfig`'s own
+    defaults (``daunce fit`` reads those; the pilot K is its K), and so are a variant's own ratio,
+    rho, prox and fit length (:meth:`DaunceConfig.for_variant`: matched noise's ``matched_*``). The
+    variant, measure, K (500: the pilot's 200 models at the chosen lr and 300 more), fit length of
+    the other variants, estimator options and learning-rate rule are the API's, chosen
     by ``benchmarks/defaults_study.py`` (docs/defaults.md); the workflow's embedded
     config/config.yaml is a paper reproduction and sets its own (several variants, an lr grid
     judged on selection masks)."""
@@ -234,6 +235,7 @@ class ApiDefaults:
     #                      length is matched_epochs): the fewest epochs giving every model this many steps
     lr: str              # "auto": the label-free rule over lr_grid (daunce_core.api.pick_lr)
     lr_grid: tuple
+    lr_pilot_K: int      # lr="auto": the rule reads this many models per lr, then the chosen lr is fitted to K
     rho: float
     gamma: float
     seed: int
@@ -256,9 +258,10 @@ OPTIONS = {"daunce_m": {"antithetic": True, "common_batches": True}}
 
 _API_VARIANT = "daunce_m"  # docs/defaults.md: above the previous default on all three of the study's problems
 DEFAULTS = ApiDefaults(variant=_API_VARIANT, task_variant="daunce", measure=MEASURES.get(_API_VARIANT, "correlation"),
-                       K=_daunce_default("K"), ratio=_daunce_default("ratio"),
+                       K=500, ratio=_daunce_default("ratio"),
                        batch_size=_daunce_default("batch_size"), min_steps=50,
-                       lr="auto", lr_grid=tuple(_daunce_default("lr_grid")), rho=_daunce_default("rho"),
+                       lr="auto", lr_grid=tuple(_daunce_default("lr_grid")), lr_pilot_K=_daunce_default("K"),
+                       rho=_daunce_default("rho"),
                        gamma=_daunce_default("gamma"), seed=_daunce_default("seed"),
                        chunk_size=_daunce_default("chunk_size"), few_steps=10,
                        **{k: _daunce_default(k)

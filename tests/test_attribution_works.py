@@ -80,7 +80,7 @@ def test_every_variant_beats_random_scores_by_a_margin(problem, variant):
         f"upper bound {random_high:.3f} + {MARGIN}: attribution is broken")
 
 
-@pytest.mark.slow  # the default call fits K = 200 models at each of the 7 lrs of the grid: about a minute
+@pytest.mark.slow  # the default call fits 200 models at each of the 7 lrs of the grid, then 300: about a minute
 def test_the_default_one_call_api_beats_grad_dot_and_random(problem):
     """``daunce_scores(model, train, query)`` with nothing but the device: the library's defaults
     (docs/defaults.md: matched noise, the plateau lr rule). Its raw test LDS must clear random

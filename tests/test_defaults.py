@@ -27,7 +27,7 @@ def _defaults(fn) -> dict:
 
 def test_every_call_reads_the_one_declaration():
     fit = _defaults(api.fit_losses)
-    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid", "lr_schedule", "first_order"):
+    for name in ("K", "lr", "gamma", "seed", "chunk_size", "lr_grid", "lr_pilot_K", "lr_schedule", "first_order"):
         assert fit[name] == getattr(DEFAULTS, name), name
     # None: the variant's fit length (matched_epochs, else DEFAULTS.min_steps), DEFAULTS.batch_size, the
     # variant's ratio/rho/prox (DaunceConfig.for_variant), estimator options (config.api_options) and
@@ -46,9 +46,10 @@ def test_every_call_reads_the_one_declaration():
     assert set(_defaults(daunce_scores)) == {"measure"} and not _defaults(perturbed_losses)
     # the shared values are DaunceConfig's (daunce fit and the workflow read those)
     d = DaunceConfig()
-    for name in ("K", "ratio", "batch_size", "rho", "gamma", "seed", "chunk_size", "antithetic", "common_batches",
+    for name in ("ratio", "batch_size", "rho", "gamma", "seed", "chunk_size", "antithetic", "common_batches",
                  "lr_schedule", "first_order"):
         assert getattr(DEFAULTS, name) == getattr(d, name), name
+    assert DEFAULTS.lr_pilot_K == d.K  # the lr rule reads DaunceConfig's K models; the API then fits to its own K
     assert list(DEFAULTS.lr_grid) == d.lr_grid
 
 
@@ -56,7 +57,8 @@ def test_the_default_is_matched_noise_with_the_studys_settings():
     """docs/defaults.md: daunce_m, covariance, K = 200, scale 0.1, prox 0.01, 20 epochs of all
     examples, antithetic pairs and common batches, lr by the plateau rule; the other variants keep
     the paper's estimator options."""
-    assert (DEFAULTS.variant, DEFAULTS.measure, DEFAULTS.K, DEFAULTS.lr) == ("daunce_m", "covariance", 200, "auto")
+    assert (DEFAULTS.variant, DEFAULTS.measure, DEFAULTS.K, DEFAULTS.lr_pilot_K, DEFAULTS.lr) == \
+        ("daunce_m", "covariance", 500, 200, "auto")
     m = DaunceConfig().for_variant(DEFAULTS.variant)
     assert (m.rho, m.prox, m.epochs, m.ratio) == (0.1, 0.01, 20, 1.0)
     assert api_options("daunce_m") == {"antithetic": True, "common_batches": True}
@@ -210,6 +212,40 @@ def test_auto_lr_rejects_diverging_lrs_and_scores_like_the_best_of_the_grid(tmp_
     assert helps.all()  # same-class examples help each query more than the other class's
     with pytest.raises(FloatingPointError, match="diverged at every lr"):
         api.fit_losses(net, None, (X, Y), (X[q], Y[q]), K=4, lr="auto", lr_grid=(1e6, 1e7), device="cpu")
+
+
+def test_auto_lr_extends_the_chosen_lr_to_K_with_the_models_an_explicit_lr_fits(tmp_path):
+    """lr='auto' with a pilot: the rule reads lr_pilot_K models per lr, then the chosen lr is fitted
+    to K. The K models are exactly those of a call with that lr given (same seeds, same pairs), the
+    rule's table is the pilot's, and the scores file records the pilot size."""
+    net = mlp()
+    q = np.arange(0, 80, 8)
+    grid = (0.3, 0.1, 0.03)
+    kw = dict(variant="daunce_m", K=12, device="cpu", chunk_size=5)  # chunks that straddle the pilot's end
+    sig = api.fit_losses(net, None, (X, Y), (X[q], Y[q]), lr="auto", lr_grid=grid, lr_pilot_K=6, **kw)
+    pilot = api.fit_losses(net, None, (X, Y), (X[q], Y[q]), lr="auto", lr_grid=grid, lr_pilot_K=None, K=6,
+                           **{k: v for k, v in kw.items() if k != "K"})
+    lr = sig.attrs["lr"]
+    assert lr == pilot.attrs["lr"] and sig.attrs["lr_pilot_K"] == 6 and sig.K == 12
+    np.testing.assert_array_equal([r["agreement"] for r in sig.attrs["lr_rule"]],
+                                  [r["agreement"] for r in pilot.attrs["lr_rule"]])
+    direct = api.fit_losses(net, None, (X, Y), (X[q], Y[q]), lr=lr, **kw)
+    np.testing.assert_array_equal(sig.model_index, np.arange(12))
+    np.testing.assert_array_equal(sig.train, direct.train)
+    np.testing.assert_array_equal(sig.query, direct.query)
+    # the pilot's models are the first 6 of the K
+    np.testing.assert_array_equal(sig.train[:6], pilot.train)
+    import h5py
+
+    path = api.scores(net, None, (X, Y), (X[q], Y[q]), lr="auto", lr_grid=grid, lr_pilot_K=6,
+                      out=tmp_path / "s.h5", **kw)
+    with h5py.File(path) as f:
+        assert f.attrs["lr_pilot_K"] == 6 and f.attrs["lr"] == lr
+    for bad in (1, 2.5, True, "200"):
+        with pytest.raises(ValueError, match="lr_pilot_K must be a whole number"):
+            api.fit_losses(net, None, (X, Y), (X[q], Y[q]), lr="auto", lr_grid=grid, lr_pilot_K=bad, **kw)
+    with pytest.raises(ValueError, match="even K and lr_pilot_K.*lr_pilot_K=5"):
+        api.fit_losses(net, None, (X, Y), (X[q], Y[q]), lr="auto", lr_grid=grid, lr_pilot_K=5, **kw)
 
 
 CLI_CONFIG = """

@@ -118,20 +118,30 @@ def run_chunk(fitter: Fitter, ks: Sequence[int], lrs: Sequence[float], outs: Seq
             write_signals(out, signals, {**(attrs or {}), "lr": lr})
 
 
-def fit_all(fitter: Fitter, K: int, chunk_size: int, lr: float) -> Signals:
-    """Fit all K models, ``chunk_size`` at a time, and join their signals in memory (k in order)."""
-    parts = [fitter.fit(chunk_models(K, chunk_size, c), lr) for c in range(n_chunks(K, chunk_size))]
+def fit_all(fitter: Fitter, K: int, chunk_size: int, lr: float, first: int = 0) -> Signals:
+    """Fit models ``first`` .. K-1, ``chunk_size`` at a time, and join their signals in memory (k in
+    order). A model's fit depends on its index k and the seed only, so models 0..K-1 fitted as
+    ``fit_all(.., K1)`` and ``fit_all(.., K, first=K1)`` are those of ``fit_all(.., K)``."""
+    if not 0 <= first < K:
+        raise ValueError(f"fit_all: first={first} must lie in [0, K={K})")
+    ks = list(range(first, K))
+    parts = [fitter.fit(ks[i:i + chunk_size], lr) for i in range(0, len(ks), max(1, chunk_size))]
     if any(p is None for p in parts):
         raise RuntimeError("fit_all needs the signals of every chunk; run it on rank 0 of a distributed fit")
-    first = parts[0]
+    return join(parts)
+
+
+def join(parts: Sequence[Signals]) -> Signals:
+    """The signals of several fits of the same examples, models stacked in the order given."""
+    head = parts[0]
 
     def cat(name: str) -> np.ndarray | None:
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else np.concatenate(values)
 
     return Signals(train=cat("train"), query=cat("query"), model_index=cat("model_index"),
-                   train_ids=first.train_ids, query_ids=first.query_ids, signal=first.signal,
-                   attrs=dict(first.attrs), p0_train=first.p0_train, p0_query=first.p0_query)
+                   train_ids=head.train_ids, query_ids=head.query_ids, signal=head.signal,
+                   attrs=dict(head.attrs), p0_train=head.p0_train, p0_query=head.p0_query)
 
 
 def gather(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> store.Losses | None:
