@@ -47,7 +47,7 @@ __all__ = [
     "MEASUREMENTS", "TUNABLE", "read_selection", "selection_lds", "BaselinesConfig", "TrakConfig",
     "EkfacConfig", "LograConfig", "TracinConfig", "ExactIFConfig", "Problem", "load_problem", "query_value",
     "train_loss", "check_scores", "write_result", "workdir", "dir_bytes", "run_baseline",
-    "base_method", "is_method",
+    "reference_responses", "base_method", "is_method",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def at_bound(method: str, knob: str, value, problem: Problem) -> bool:
 # --- dispatch ------------------------------------------------------------------------------------
 
 def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, split_path, theta0_path, out,
-                 select_gt=None) -> dict[str, Any]:
+                 select_gt=None, responses=None) -> dict[str, Any]:
     """Fit ``method`` on theta_0 and write its dense scores to ``out``; returns the attributes.
 
     Tuning on equal footing with DAUNCE: every setting of ``bcfg.grid(method)``
@@ -91,6 +91,7 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
     (``baselines.exact_if.damping_grid``). The record (``attrs["tuning"]``: every setting's
     selection LDS and seconds, the choice, and ``on_edge`` when it sits at an end of a grid axis)
     goes into the scores file, for ``results/<experiment>/lds.csv`` and ``results/<experiment>/cost.md``.
+    ``responses``: a limit or linearised method's shared responses file (:func:`reference_responses`).
     """
     from ..lds import on_edge
 
@@ -112,7 +113,8 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
         for i, setting_ in enumerate(grid):
             t = time.perf_counter()
             try:
-                scores, attrs = _one(method, problem, bcfg.with_setting(method, setting_), wd / f"s{i}", select_gt)
+                scores, attrs = _one(method, problem, bcfg.with_setting(method, setting_), wd / f"s{i}", select_gt,
+                                     responses)
                 scores = check_scores(scores, problem.n, problem.m, method)
             except ValueError as exc:  # e.g. a singular solve: NaN scores at this setting
                 if gt is None:
@@ -146,7 +148,22 @@ def run_baseline(method: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, spli
     return attrs
 
 
-def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt) -> tuple[Any, dict]:
+def reference_responses(key: str, cfg: ExperimentConfig, bcfg: BaselinesConfig, split_path, theta0_path,
+                        out) -> None:
+    """The linear responses that the limit and linearised methods of ``key`` share
+    (:func:`.limits.linear_responses`: one curvature and one solve per damping for all of them),
+    written to ``out`` for their jobs to read."""
+    from .limits import linear_responses, write_responses
+
+    problem = load_problem(cfg, split_path, theta0_path)
+    t0 = time.perf_counter()
+    r = linear_responses(key, problem, bcfg)
+    write_responses(out, r)
+    log.info("%s responses at %d dampings (%d positive definite): %.1f s", key, len(r["dampings"]),
+             int(r["ok"].sum()), time.perf_counter() - t0)
+
+
+def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt, responses=None) -> tuple[Any, dict]:
     """One setting of one method: (scores [n, m], attributes)."""
     wd.mkdir(parents=True, exist_ok=True)
     method = base_method(method)[0]
@@ -173,7 +190,7 @@ def _one(method: str, problem, bcfg: BaselinesConfig, wd, select_gt) -> tuple[An
     if method in REFERENCE:
         from .limits import reference_scores
 
-        return reference_scores(method, problem, bcfg, select_gt=select_gt)
+        return reference_scores(method, problem, bcfg, select_gt=select_gt, responses=responses)
     from .exact import exact_if_scores
 
     return exact_if_scores(problem, bcfg, select_gt=select_gt)

@@ -142,29 +142,40 @@ def _refuse_large(method: str, problem: Problem, bcfg: BaselinesConfig) -> None:
                          f"({p}^2 float64 = {8 * p * p / 2**30:.1f} GiB); drop {method} from baselines.methods")
 
 
-def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, select_gt=None) -> tuple[np.ndarray, dict]:
-    """Scores [n, m] of one limit or linearised method, its damping chosen on the selection masks."""
-    if method in MATCHED_LIMITS:
-        return limit_daunce_m(problem, bcfg, select_gt)
+def response_key(method: str) -> str | None:
+    """The linear responses a limit or linearised method reads, named by curvature form and signal
+    (``hessian_loss``, ``fisher_loss``, ``fisher_margin``): the methods of one key solve the same
+    systems at the same dampings (:func:`linear_responses`). None: a method with its own kernel."""
+    if method not in LIMITS and method not in LINEARISED:
+        return None
     from ..config import fit_variant
-    from ..lds import on_edge
     from ..objectives import signal_of
-    from ..perturb import Plan, subset_size
-    from .exact import curvature_matrix, per_example_grads
 
     variant = variant_of(method)
-    _refuse_large(method, problem, bcfg)
+    return f"{'fisher' if fisher_form(variant) else 'hessian'}_{signal_of(fit_variant(variant))}"
+
+
+RESPONSE_KEYS = tuple(sorted({k for k in map(response_key, [*LIMITS, *LINEARISED]) if k}))
+
+
+def linear_responses(key: str, problem: Problem, bcfg: BaselinesConfig) -> dict:
+    """The responses ``P = Z M^-1 S^T`` [n, n + m] (S: the training then the query signals'
+    gradients) at every damping of ``baselines.limits.damping_grid``, for the methods of ``key``
+    (:func:`response_key`): ``{"key", "dampings", "ok" (M + damping I positive definite), "P"
+    [G, n, n + m] (zeros where not ok), "mean_eig", "curvature", "signal", "num_params"}``."""
+    from .exact import curvature_matrix, per_example_grads
+
+    if key not in RESPONSE_KEYS:
+        raise ValueError(f"unknown response key {key!r}; choose one of {', '.join(RESPONSE_KEYS)}")
+    _refuse_large(f"the {key} responses", problem, bcfg)
+    form, signal = key.split("_", 1)
     lc, dc = bcfg.limits, problem.cfg.daunce
-    rho, gamma, prox = float(dc.rho), float(dc.gamma), float(dc.prox)
-    n = problem.n
-    N = subset_size(n, dc.ratio)
-    signal = signal_of(fit_variant(variant))  # daunce_t_q: daunce_t's fits, its scores weighted
+    gamma, prox = float(dc.gamma), float(dc.prox)
     Z = per_example_grads(problem, "train", signal=signal)  # the noise rows are the training signals
     Sq = per_example_grads(problem, "query", signal=signal)
     S = np.concatenate([Z, Sq])
-    p = Z.shape[1]
-    _, alpha, beta = noise_constants(variant, n, N, rho, gamma)
-    if fisher_form(variant):
+    n, p = Z.shape
+    if form == "fisher":
         svd = fisher_svd(Z)
         mean_eig = gamma * float((svd[1] ** 2).sum()) / n / p
         curvature = f"empirical Fisher of the {signal} gradients (gamma F, F = Z^T Z / n)"
@@ -172,28 +183,85 @@ def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, selec
         M0 = gamma * curvature_matrix(problem, bcfg.exact_if.curvature, 0.0)
         mean_eig = float(np.trace(M0)) / p
         curvature = f"gamma x {bcfg.exact_if.curvature} of the ERM term, no weight decay"
-
-    def response(d: float) -> np.ndarray | None:
-        mu = prox + d * mean_eig
-        if fisher_form(variant):
-            return fisher_response(svd, S, gamma, mu)
-        M = M0.copy()
-        M[np.diag_indices(p)] += mu
-        return hessian_response(Z, S, M)
-
     grid = sorted(float(d) for d in lc.damping_grid)
+    P, ok = None, np.zeros(len(grid), bool)
+    for g, d in enumerate(grid):
+        mu = prox + d * mean_eig
+        if form == "fisher":
+            r = fisher_response(svd, S, gamma, mu)
+        else:
+            M = M0.copy()
+            M[np.diag_indices(p)] += mu
+            r = hessian_response(Z, S, M)
+        if r is not None:
+            if P is None:  # the responses' own dtype, so the kernels compute as before
+                P = np.zeros((len(grid), *r.shape), r.dtype)
+            P[g], ok[g] = r, True
+    if P is None:
+        P = np.zeros((len(grid), n, len(S)))
+    return {"key": key, "dampings": np.asarray(grid), "ok": ok, "P": P, "mean_eig": mean_eig,
+            "curvature": curvature, "signal": signal, "num_params": p}
+
+
+def write_responses(path, responses: dict) -> None:
+    """:func:`linear_responses`' result as an uncompressed npz (float64, exact), atomically."""
+    from .. import store
+
+    with store.atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **responses)
+
+
+def read_responses(path, key: str, grid) -> dict:
+    """A responses file written for ``key`` over the damping grid ``grid``, refused otherwise."""
+    from .. import store
+
+    with np.load(path, allow_pickle=False) as f:
+        r = {k: f[k] for k in f.files}
+    got = [float(d) for d in r["dampings"]]
+    if str(r["key"]) != key or got != sorted(float(d) for d in grid):
+        raise store.StoreError(f"{path}: responses of {str(r['key'])!r} at dampings {got}, not of {key!r} at "
+                               f"{sorted(float(d) for d in grid)}; rerun the reference_responses step")
+    for k in ("key", "curvature", "signal"):
+        r[k] = str(r[k])
+    r["mean_eig"], r["num_params"] = float(r["mean_eig"]), int(r["num_params"])
+    return r
+
+
+def reference_scores(method: str, problem: Problem, bcfg: BaselinesConfig, select_gt=None,
+                     responses=None) -> tuple[np.ndarray, dict]:
+    """Scores [n, m] of one limit or linearised method, its damping chosen on the selection masks.
+    ``responses``: a :func:`write_responses` file of the method's :func:`response_key` (the
+    workflow's shared step), else they are computed here."""
+    if method in MATCHED_LIMITS:
+        return limit_daunce_m(problem, bcfg, select_gt)
+    from ..lds import on_edge
+    from ..perturb import Plan, subset_size
+
+    variant = variant_of(method)
+    _refuse_large(method, problem, bcfg)
+    lc, dc = bcfg.limits, problem.cfg.daunce
+    rho, gamma, prox = float(dc.rho), float(dc.gamma), float(dc.prox)
+    n = problem.n
+    N = subset_size(n, dc.ratio)
+    key = response_key(method)
+    R = (read_responses(responses, key, lc.damping_grid) if responses is not None
+         else linear_responses(key, problem, bcfg))
+    signal, curvature, mean_eig, p = R["signal"], R["curvature"], R["mean_eig"], R["num_params"]
+    _, alpha, beta = noise_constants(variant, n, N, rho, gamma)
+    grid = [float(d) for d in R["dampings"]]
     gt = read_selection(select_gt) if len(grid) > 1 or select_gt is not None else None
     if len(grid) > 1 and gt is None:
         raise ValueError(f"{method}: several dampings in baselines.limits.damping_grid but no selection ground "
                          "truth to choose among them; pass select_gt or give a single damping")
     q = q_weight(problem)[:, None] if variant == "daunce_t_q" else 1.0  # after normalising, as daunce_t_q
     table, best = [], None
-    for d in grid:
-        PQ = response(d)
-        if PQ is None:
+    for g, d in enumerate(grid):
+        if not R["ok"][g]:
             table.append({"damping": d, "lds_select": None, "skipped": "M + damping I not positive definite"})
             log.info("%s damping=%g: not positive definite, skipped", method, d)
             continue
+        PQ = R["P"][g]
         s = limit_kernel(PQ[:, :n], PQ[:, n:], alpha, beta, lc.measure) * q
         v = selection_lds(problem, s, gt) if gt is not None else None
         log.info("%s: limit at relative damping %g: selection LDS %s", method, d, v)

@@ -216,10 +216,10 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     fitter = EnsembleFitter(net, theta0, train, train, variant=fit_variant(variant), cfg=dcfg, train_ids=ds.train_ids,
                             query_ids=ds.train_ids, speed=Speed.from_train(cfg.base))
     n_chunks = -(-cfg.daunce.K // cfg.daunce.chunk_size)
-    # a diverged fit steps down the lr grid: the library's test (api.lr_statistics: non-finite or
+    # a diverged fit steps down the lr grid: the library's test (fit.divergence.lr_statistics: non-finite or
     # exploded signals, or a training loss grown far beyond theta_0's), which reads no flipped label
-    from ..api import lr_statistics
     from ..fit.chunks import join
+    from ..fit.divergence import lr_statistics
 
     tried = [lr] + sorted((float(v) for v in cfg.daunce.lr_grid if float(v) < lr), reverse=True)
     for lr in tried:

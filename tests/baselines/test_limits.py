@@ -288,3 +288,36 @@ def test_exact_if_by_correlation_divides_by_each_examples_own_influence(small_pr
     # the training-side normalisation changes which examples rank first (it is not a rescaling)
     from scipy import stats
     assert min(stats.spearmanr(raw[:, j], corr[:, j]).statistic for j in range(raw.shape[1])) < 0.999
+
+
+def test_shared_responses_give_the_scores_computed_in_place(small_problem, tmp_path):
+    """The workflow's reference jobs read their curvature form's responses from one file (rule
+    reference_responses); every method scores exactly as with the responses computed in place,
+    and a file of another key or damping grid is refused."""
+    from daunce_core import store
+    from daunce_core.baselines import BaselinesConfig
+
+    bcfg = BaselinesConfig.from_config({"baselines": {"limits": {"damping_grid": [0.1, 1.0]}}}).validate()
+    assert Lim.RESPONSE_KEYS == ("fisher_loss", "fisher_margin", "hessian_loss")
+    assert {m: Lim.response_key(m) for m in ("limit_daunce", "lin_bb", "limit_daunce_e", "limit_daunce_t_q")} == {
+        "limit_daunce": "hessian_loss", "lin_bb": "hessian_loss", "limit_daunce_e": "fisher_loss",
+        "limit_daunce_t_q": "fisher_margin"}
+    assert Lim.response_key("limit_daunce_m") is None and Lim.response_key("exact_if_corr") is None
+    rng = np.random.default_rng(0)
+    sel = {"masks": rng.random((12, small_problem.n)) < 0.5, "outputs": rng.normal(size=(12, small_problem.m))}
+    gt = tmp_path / "select.h5"
+    store.write_ground_truth(gt, masks=sel["masks"], outputs=sel["outputs"][None], train_ids=small_problem.ds.train_ids,
+                             query_ids=small_problem.ds.query_ids, attrs={"split": "select"})
+    for key in Lim.RESPONSE_KEYS:
+        Lim.write_responses(tmp_path / f"{key}.npz", Lim.linear_responses(key, small_problem, bcfg))
+    for method in ("limit_daunce", "lin_daunce", "limit_bb", "limit_daunce_e", "lin_daunce_t", "limit_daunce_t_q"):
+        here, a = Lim.reference_scores(method, small_problem, bcfg, select_gt=gt)
+        read, b = Lim.reference_scores(method, small_problem, bcfg, select_gt=gt,
+                                       responses=tmp_path / f"{Lim.response_key(method)}.npz")
+        np.testing.assert_array_equal(read, here)
+        assert a == b, method
+    with pytest.raises(store.StoreError, match="not of 'hessian_loss'"):
+        Lim.reference_scores("limit_daunce", small_problem, bcfg, select_gt=gt, responses=tmp_path / "fisher_loss.npz")
+    other = BaselinesConfig.from_config({"baselines": {"limits": {"damping_grid": [0.1]}}}).validate()
+    with pytest.raises(store.StoreError, match="rerun the reference_responses step"):
+        Lim.reference_scores("limit_daunce", small_problem, other, responses=tmp_path / "hessian_loss.npz")

@@ -139,11 +139,37 @@ rule baseline_exact_if:
         "../../scripts/baseline.py"
 
 
+rule reference_responses:
+    """The linear responses P = Z M^-1 S^T, at every damping of baselines.limits.damping_grid, that
+    the limit_* and lin_* methods of one curvature form and signal share (key: hessian_loss,
+    fisher_loss, fisher_margin; daunce_core/baselines/limits.py): one curvature and one solve per
+    damping for all of them. A temporary file, removed once they are scored."""
+    input:
+        split="results/{experiment}/data/split.npz",
+        theta_0="results/{experiment}/base/theta_0.safetensors",
+    output:
+        temp("results/{experiment}/references/{key}.npz"),
+    log:
+        "results/{experiment}/logs/baselines/responses_{key}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/references/{key}.tsv"
+    wildcard_constraints:
+        key="|".join(RESPONSE_KEYS),
+    params:
+        settings=lambda wildcards: reference_responses_settings(wildcards.key),
+    conda:
+        "../envs/daunce.yaml"
+    script:
+        "../../scripts/baseline.py"
+
+
 rule baseline_reference:
     """Each DAUNCE variant's Theorem-1 limit (limit_*) and DAUNCE's scores of its
     linearised fits at the run's K with the real fits' subsets and xi (lin_*), exact at exact IF's
-    scale (daunce_core/baselines/limits.py); damping chosen on the LDS *selection* masks."""
+    scale (daunce_core/baselines/limits.py); damping chosen on the LDS *selection* masks, from the
+    responses its curvature form and signal share (rule reference_responses)."""
     input:
+        unpack(reference_responses_input),
         split="results/{experiment}/data/split.npz",
         theta_0="results/{experiment}/base/theta_0.safetensors",
         select="results/{experiment}/lds/select.h5",

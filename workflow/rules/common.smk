@@ -11,6 +11,7 @@ import yaml
 from snakemake.logging import logger
 
 from daunce_core.baselines import REFERENCE, BaselinesConfig, base_method, is_method
+from daunce_core.baselines.limits import RESPONSE_KEYS, response_key
 from daunce_core.steps.blackbox import load_config as blackbox_load_config
 from daunce_core.config import MATCHED_VARIANTS, ExperimentConfig, check_figures, fit_variant
 from daunce_core.data import IMAGE_SUFFIXES
@@ -238,6 +239,18 @@ def baseline_settings(method):
     matched = () if method in MATCHED_REFERENCE else MATCHED_KEYS
     return step_settings(*keys, drop=("daunce.variants", "daunce.k_curve", "daunce.select_measure") + matched,
                          tune=tune.get(base), **({"name": method} if method != base else {}))
+
+
+def reference_responses_input(wildcards):
+    """A limit or linearised method's shared responses file (rule reference_responses); none for
+    the methods with a kernel of their own (limit_daunce_m, exact_if_corr)."""
+    key = response_key(wildcards.method)
+    return {"responses": f"results/{wildcards.experiment}/references/{key}.npz"} if key else {}
+
+
+def reference_responses_settings(key):
+    """The keys the responses of ``key`` read: those of a reference method of that key."""
+    return baseline_settings(next(m for m in REFERENCE if response_key(m) == key))
 
 
 def blackbox_losses_settings(wildcards):
