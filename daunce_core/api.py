@@ -613,25 +613,22 @@ def scores(model: nn.Module, task: Task | LMTask | None, train: Any, query: Any,
     with tempfile.TemporaryDirectory(prefix="daunce-losses-") as tmp:
         path = losses_out if losses_out is not None else Path(tmp) / "losses.h5"
         sig = fit_losses(model, task, train, query, out=path, measure=measure, **fit_kw)
+        lr = _lr_attrs(sig.attrs)
         if q_weighted(fit_kw["variant"]):
             from .fit.chunks import score_variant
 
-            written = score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb)
+            written = score_variant(fit_kw["variant"], path, out, measure, memory_gb=memory_gb, attrs=lr)
         else:
-            written = score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb)
-    _record_lr(written, sig.attrs)
+            written = score_file(path, out, measure=measure, topk=topk, memory_gb=memory_gb, attrs=lr)
     return written
 
 
-def _record_lr(path: str | os.PathLike, attrs: dict) -> None:
-    """Add the fits' lr and, with ``lr="auto"``, the rule's table (each lr's agreement) to the
-    attributes of the scores file the call just wrote, so a user sees why that lr was chosen."""
+def _lr_attrs(attrs: dict) -> dict:
+    """The fits' lr and, with ``lr="auto"``, the rule's table (each lr's agreement) and pilot K, for
+    the scores file's attributes (written with it), so a user sees why that lr was chosen."""
     import json
 
-    import h5py
-
-    with h5py.File(path, "a") as f:
-        f.attrs["lr"] = float(attrs["lr"])
-        if "lr_rule" in attrs:
-            f.attrs["lr_rule"] = json.dumps(attrs["lr_rule"])
-            f.attrs["lr_pilot_K"] = int(attrs["lr_pilot_K"])
+    out = {"lr": float(attrs["lr"])}
+    if "lr_rule" in attrs:
+        out.update(lr_rule=json.dumps(attrs["lr_rule"]), lr_pilot_K=int(attrs["lr_pilot_K"]))
+    return out

@@ -635,7 +635,7 @@ def _open_losses(f: h5py.File, src: str):
 
 def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int | None = None,
                threshold: str = "none", lam=0.0, memory_gb: float = 4.0,
-               threads: int | None = None) -> str:
+               threads: int | None = None, attrs: dict | None = None) -> str:
     """Score a losses file into a scores file, streaming the training losses from disk.
 
     The output is dense (``scores`` [n, m]) unless ``topk`` is given (or ``threshold`` is
@@ -659,6 +659,8 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
         memory_gb: peak working memory of the scorer, whatever n and m (see
             :func:`plan_blocks`); a finite number above 0.
         threads: worker threads (default: the cores this process may use).
+        attrs: extra attributes recorded in the scores file, written with it (atomically), e.g.
+            the library call's lr and its rule's table (``daunce_core.api.scores``).
 
     Returns:
         ``str(out_path)``.
@@ -695,13 +697,14 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
         zq, zero_q = _standardised(store.read_numbers(f, "query", 2), measure, np.float32,
                                    query_ids, "query", src)
         method = f.attrs.get("variant", "daunce")
-        attrs = {"method": method.decode() if isinstance(method, bytes) else str(method),
+        extra, attrs = dict(attrs or {}), {"method": method.decode() if isinstance(method, bytes) else str(method),
                  "measure": measure, "threshold": threshold, "K": K,
                  "lambda": (0.0 if kind == "none" else float(lam_v[0]) if np.ndim(lam) == 0
                             else lam_v.tolist()),
                  "zero_variance_query": zero_q}
         if positional:
             attrs["ids"] = "positional"
+        attrs.update(extra)
         chunk = ds.chunks[1] if ds.chunks else None
         if topk is None:
             block = _align(plan_blocks(K, n, m, memory_gb, threads=threads,

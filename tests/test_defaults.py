@@ -241,6 +241,11 @@ def test_auto_lr_extends_the_chosen_lr_to_K_with_the_models_an_explicit_lr_fits(
                       out=tmp_path / "s.h5", **kw)
     with h5py.File(path) as f:
         assert f.attrs["lr_pilot_K"] == 6 and f.attrs["lr"] == lr
+    # the Q-weighted form rewrites its scores: the lr's record is written with them there too
+    path = api.scores(net, None, (X, Y), (X[q], Y[q]), variant="daunce_t_q", K=4, lr="auto", lr_grid=grid,
+                      device="cpu", out=tmp_path / "q.h5")
+    with h5py.File(path) as f:
+        assert f.attrs["q_weight"] == "train" and "lr_rule" in f.attrs and f.attrs["lr_pilot_K"] == 4
     for bad in (1, 2.5, True, "200"):
         with pytest.raises(ValueError, match="lr_pilot_K must be a whole number"):
             api.fit_losses(net, None, (X, Y), (X[q], Y[q]), lr="auto", lr_grid=grid, lr_pilot_K=bad, **kw)
