@@ -148,7 +148,7 @@ def fit_losses(model: nn.Module, task: Task | LMTask | None, train: Any, query: 
                     mode=mode, lr_schedule=lr_schedule, first_order=first_order)
     if out is not None:
         store.check_output(out, inputs=_files(train, query))
-    pilot = K if not auto or lr_pilot_K is None else lr_pilot_K
+    pilot = K  # the models the lr rule reads per lr
     if auto and lr_pilot_K is not None:
         if isinstance(lr_pilot_K, bool) or not isinstance(lr_pilot_K, numbers.Integral) or lr_pilot_K < 2:
             raise ValueError(f"lr_pilot_K must be a whole number >= 2 (the models the lr rule reads per lr) or None "

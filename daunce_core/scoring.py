@@ -697,7 +697,8 @@ def score_file(losses_path, out_path, *, measure: str = "correlation", topk: int
         zq, zero_q = _standardised(store.read_numbers(f, "query", 2), measure, np.float32,
                                    query_ids, "query", src)
         method = f.attrs.get("variant", "daunce")
-        extra, attrs = dict(attrs or {}), {"method": method.decode() if isinstance(method, bytes) else str(method),
+        extra = dict(attrs or {})  # the caller's, recorded after the scorer's own
+        attrs = {"method": method.decode() if isinstance(method, bytes) else str(method),
                  "measure": measure, "threshold": threshold, "K": K,
                  "lambda": (0.0 if kind == "none" else float(lam_v[0]) if np.ndim(lam) == 0
                             else lam_v.tolist()),

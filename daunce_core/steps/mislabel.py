@@ -201,7 +201,8 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     import torch
 
     from ..ensemble import Speed
-    from ..fit.chunks import chunk_models
+    from ..fit.chunks import fit_all
+    from ..fit.divergence import lr_statistics
     from ..fit.ensemble import EnsembleFitter
     from ..models import build_model, check_state
     from ..utils import pick_device
@@ -215,15 +216,11 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     dcfg = dataclasses.replace(cfg.daunce, trace_every=0)  # Figure 3's trace: not needed here
     fitter = EnsembleFitter(net, theta0, train, train, variant=fit_variant(variant), cfg=dcfg, train_ids=ds.train_ids,
                             query_ids=ds.train_ids, speed=Speed.from_train(cfg.base))
-    n_chunks = -(-cfg.daunce.K // cfg.daunce.chunk_size)
     # a diverged fit steps down the lr grid: the library's test (fit.divergence.lr_statistics: non-finite or
     # exploded signals, or a training loss grown far beyond theta_0's), which reads no flipped label
-    from ..fit.chunks import join
-    from ..fit.divergence import lr_statistics
-
     tried = [lr] + sorted((float(v) for v in cfg.daunce.lr_grid if float(v) < lr), reverse=True)
     for lr in tried:
-        fits = join([fitter.fit(chunk_models(cfg.daunce.K, cfg.daunce.chunk_size, c), lr) for c in range(n_chunks)])
+        fits = fit_all(fitter, cfg.daunce.K, cfg.daunce.chunk_size, lr)
         stats = lr_statistics(fits, reliability=False)
         if not stats["diverged"]:
             break
@@ -231,13 +228,13 @@ def daunce_signals(cfg: ExperimentConfig, split_path, flips_path, theta0_path, v
     else:
         raise ValueError(f"{variant} diverged on the noisy data at lr={tried[0]:g} ({how}) and at every smaller lr of "
                          f"daunce.lr_grid ({stats['why']}); add smaller lrs to daunce.lr_grid")
-    signals, parts = fits.train, [fits]
     if lr != tried[0]:
         gone = ", ".join(f"{v:g}" for v in tried[:tried.index(lr)])
         how = f"{how}; diverged on the noisy data at {gone}: the next smaller lr of daunce.lr_grid"
+    signals = fits.train
     with store.atomic_path(out, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, signals=signals.astype(np.float32), p0_train=parts[0].p0_train, train_ids=ds.train_ids,
+            np.savez(fh, signals=signals.astype(np.float32), p0_train=fits.p0_train, train_ids=ds.train_ids,
                      lr=lr, how=how, variant=fit_variant(variant))
     log.info("mislabel %s: K=%d fits at lr=%g (%s)", variant, len(signals), lr, how)
 
