@@ -74,6 +74,10 @@ class TrakConfig:
     seed: int = setting(0, "seed of the projection")
     lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion", ge=0)
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
+    block_size: int = setting(100, "columns of the projection that traker's BasicProjector (CPU) generates at a "
+                                   "time; it regenerates the whole matrix for every batch unless this is >= "
+                                   "proj_dim (then it is made once: grad_dim x proj_dim floats of memory). 100 "
+                                   "is traker's default; the draw differs with the block size", ge=1)
 
 
 @dataclass
@@ -89,6 +93,10 @@ class TrakEnsConfig:
     seed: int = setting(0, "seed of the projection")
     lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion", ge=0)
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
+    block_size: int = setting(100, "columns of the projection that traker's BasicProjector (CPU) generates at a "
+                                   "time; it regenerates the whole matrix for every batch unless this is >= "
+                                   "proj_dim (then it is made once: grad_dim x proj_dim floats of memory). 100 "
+                                   "is traker's default; the draw differs with the block size", ge=1)
 
 
 @dataclass

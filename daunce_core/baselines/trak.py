@@ -37,8 +37,24 @@ def _fix_projector(traker) -> None:
     traker.projector.__class__ = _BasicProjector
 
 
+def _set_block_size(traker, block_size: int) -> None:
+    """Give a ``BasicProjector`` (traker's projector on CPU, or on a GPU without ``fast_jl``) another
+    block size: it regenerates its random matrix ``block_size`` columns at a time for every batch
+    it projects, so with ``block_size >= proj_dim`` the matrix is drawn once per model instead of
+    ``proj_dim / block_size`` times per batch. Same seed, projection type and dtype as traker's;
+    the draw itself depends on the block size (each block has its own seed)."""
+    from trak.projectors import BasicProjector
+
+    old = traker.projector
+    if type(old) is not BasicProjector or old.block_size == min(old.proj_dim, block_size):
+        return
+    traker.projector = BasicProjector(grad_dim=old.grad_dim, proj_dim=old.proj_dim, seed=old.seed,
+                                      proj_type=old.proj_type, device=old.device, block_size=block_size,
+                                      dtype=old.dtype, model_id=old.model_id)
+
+
 def _traker_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path, states: list[dict], proj_dim: int,
-                   seed: int, lambda_reg: float, half_precision: bool):
+                   seed: int, lambda_reg: float, half_precision: bool, block_size: int = 100):
     """traker over ``states`` (model ids 0..len-1): featurize the training set and score the
     queries with every model; traker sums the models' scores."""
     from trak import TRAKer
@@ -52,6 +68,7 @@ def _traker_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path, state
                     save_dir=str(workdir / "trak"), device=device,
                     proj_dim=proj_dim, use_half_precision=half_precision, projector_seed=seed,
                     lambda_reg=lambda_reg, logging_level=logging.WARNING)
+    _set_block_size(traker, block_size)
     _fix_projector(traker)
     for i, state in enumerate(states):
         traker.load_checkpoint(state, model_id=i)
@@ -73,7 +90,7 @@ def trak_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple
     tc = bcfg.trak
     state = {k: v.detach().clone() for k, v in problem.model.state_dict().items()}
     scores, traker = _traker_scores(problem, bcfg, workdir, [state], tc.proj_dim, tc.seed, tc.lambda_reg,
-                                    tc.half_precision)
+                                    tc.half_precision, tc.block_size)
     disk = dir_bytes(workdir)
     projector = "BasicProjector" if isinstance(traker.projector, BasicProjector) else type(traker.projector).__name__
     itemsize = 2 if tc.half_precision else 4
@@ -85,6 +102,7 @@ def trak_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tuple
         "proj_dim": tc.proj_dim, "projector_seed": tc.seed, "lambda_reg": tc.lambda_reg,
         "half_precision": tc.half_precision, "ensemble": 1,
         "projector": projector,
+        **({"block_size": traker.projector.block_size} if projector == "BasicProjector" else {}),
         "bytes_per_example": per_example,
         "shared_bytes": 0,
         "disk_bytes": disk,
@@ -131,7 +149,7 @@ def trak_ensemble_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path)
     tc = bcfg.trak_ens
     states, info = ensemble_states(problem, tc.models, tc.source)
     scores, _ = _traker_scores(problem, bcfg, workdir, states, tc.proj_dim, tc.seed, tc.lambda_reg,
-                               tc.half_precision)
+                               tc.half_precision, tc.block_size)
     itemsize = 2 if tc.half_precision else 4
     return scores, {
         "library": f"traker {getattr(_trak, '__version__', '?')}",

@@ -164,17 +164,21 @@ def test_logra_orientation_and_sign(problem, tmp_path):
 
 # --- traker ----------------------------------------------------------------------------------------
 
-def test_trak_equals_its_formula_with_trakers_projection(problem, tmp_path):
+@pytest.mark.parametrize("block_size", [100, 8])
+def test_trak_equals_its_formula_with_trakers_projection(problem, tmp_path, block_size):
     from trak.projectors import BasicProjector, ProjectionType
 
     from daunce_core.baselines.trak import trak_scores
 
-    k = 32  # one projector block: also exercises the adapter's fix of traker's freed matrix
-    scores, attrs = trak_scores(problem, bcfg(trak={"proj_dim": k, "seed": 3}), tmp_path)
-    assert scores.shape == (N, M)
+    # k <= 100 (traker's block size): one block, which also exercises the adapter's fix of traker's
+    # freed matrix; block_size 8: the projector rebuilt with 4 blocks, each of its own seed
+    k = 32
+    scores, attrs = trak_scores(problem, bcfg(trak={"proj_dim": k, "seed": 3, "block_size": block_size}), tmp_path)
+    assert scores.shape == (N, M) and attrs["block_size"] == min(k, block_size)
     # TRAK by hand (float64) with traker's own projection matrix: phi (XᵀX)^-1 phi_q^T * (1 - p)
     p = problem.num_params()
-    proj = BasicProjector(grad_dim=p, proj_dim=k, seed=3, proj_type=ProjectionType.normal, device="cpu")
+    proj = BasicProjector(grad_dim=p, proj_dim=k, seed=3, proj_type=ProjectionType.normal, device="cpu",
+                          block_size=block_size)
     P = proj.project(torch.eye(p), model_id=0).double().numpy()
     Phi = reference_grads(problem, "train", margin) @ P / np.sqrt(p)
     Phq = reference_grads(problem, "query", margin) @ P / np.sqrt(p)
