@@ -144,3 +144,36 @@ def test_quality_findings_are_read_from_the_study_table(tmp_path):
     line = next(x for x in block.splitlines() if x.startswith("| daunce | "))
     assert "| K200 | 200 | 0.300 | 0.400 | 0.350 | 0.75 | 0.50 | 0.310 |" in line
     assert "| daunce | antithetic | default | -0.010 | +0.020 |" in block
+
+
+# --- scripts/readme_regime.py: the tier-1 block and CI's rerun check ------------------------------
+
+REGIME = ROOT / "scripts" / "readme_regime.py"
+
+
+def test_regime_block_matches_the_committed_tier1_files():
+    r = subprocess.run([sys.executable, str(REGIME), "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_regime_compare_flags_a_moved_or_missing_row(tmp_path):
+    src = ROOT / "docs" / "regime" / "tier1"
+    rows = (src / "regime.csv").read_text().splitlines()
+    header, body = rows[0], rows[1:]
+    col = header.split(",").index("lds_raw")
+    run = tmp_path / "results" / "fmnist_mlp_regime"
+    run.mkdir(parents=True)
+
+    def compare(lines, tol="0.02"):
+        (run / "regime.csv").write_text("\n".join([header, *lines]) + "\n")
+        return subprocess.run([sys.executable, str(REGIME), "--compare", "--results", str(tmp_path / "results"),
+                               "--tol", tol], capture_output=True, text=True, cwd=ROOT)
+
+    assert compare(body).returncode == 0
+    moved = body[0].split(",")
+    moved[col] = f"{float(moved[col]) + 0.05:.4f}"
+    r = compare([",".join(moved), *body[1:]])
+    assert r.returncode == 1 and "MORE THAN" in r.stdout and "1 row(s)" in r.stderr
+    assert compare([",".join(moved), *body[1:]], tol="0.06").returncode == 0
+    r = compare(body[1:])
+    assert r.returncode == 1 and "missing in the new run" in r.stdout
