@@ -66,6 +66,12 @@ def base_method(name: str) -> tuple[str, dict[str, Any]]:
 
 # --- settings ------------------------------------------------------------------------------------
 
+TRAK_BLOCK_SIZE_HELP = ("columns of the projection that traker's BasicProjector (CPU) generates at a time; it "
+                        "regenerates the whole matrix for every batch unless this is >= proj_dim (then it is made "
+                        "once: grad_dim x proj_dim floats of memory). 100 is traker's default; the draw differs with "
+                        "the block size")
+
+
 @dataclass
 class TrakConfig:
     """``traker.TRAKer`` on theta_0 alone (no ensemble)."""
@@ -74,10 +80,7 @@ class TrakConfig:
     seed: int = setting(0, "seed of the projection")
     lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion", ge=0)
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
-    block_size: int = setting(100, "columns of the projection that traker's BasicProjector (CPU) generates at a "
-                                   "time; it regenerates the whole matrix for every batch unless this is >= "
-                                   "proj_dim (then it is made once: grad_dim x proj_dim floats of memory). 100 "
-                                   "is traker's default; the draw differs with the block size", ge=1)
+    block_size: int = setting(100, TRAK_BLOCK_SIZE_HELP, ge=1)
 
 
 @dataclass
@@ -93,10 +96,7 @@ class TrakEnsConfig:
     seed: int = setting(0, "seed of the projection")
     lambda_reg: float = setting(0.0, "ridge added to X^T X before inversion", ge=0)
     half_precision: bool = setting(False, "float16 gradients (ruins the scores on CPU; keep false there)")
-    block_size: int = setting(100, "columns of the projection that traker's BasicProjector (CPU) generates at a "
-                                   "time; it regenerates the whole matrix for every batch unless this is >= "
-                                   "proj_dim (then it is made once: grad_dim x proj_dim floats of memory). 100 "
-                                   "is traker's default; the draw differs with the block size", ge=1)
+    block_size: int = setting(100, TRAK_BLOCK_SIZE_HELP, ge=1)
 
 
 @dataclass

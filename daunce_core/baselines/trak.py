@@ -148,13 +148,14 @@ def trak_ensemble_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path)
 
     tc = bcfg.trak_ens
     states, info = ensemble_states(problem, tc.models, tc.source)
-    scores, _ = _traker_scores(problem, bcfg, workdir, states, tc.proj_dim, tc.seed, tc.lambda_reg,
-                               tc.half_precision, tc.block_size)
+    scores, traker = _traker_scores(problem, bcfg, workdir, states, tc.proj_dim, tc.seed, tc.lambda_reg,
+                                    tc.half_precision, tc.block_size)
     itemsize = 2 if tc.half_precision else 4
     return scores, {
         "library": f"traker {getattr(_trak, '__version__', '?')}",
         "proj_dim": tc.proj_dim, "projector_seed": tc.seed, "lambda_reg": tc.lambda_reg,
         "half_precision": tc.half_precision, "ensemble": len(states), **info,
+        **({"block_size": traker.projector.block_size} if hasattr(traker.projector, "block_size") else {}),
         "bytes_per_example": len(states) * (tc.proj_dim + 1) * itemsize,
         "shared_bytes": 0, "disk_bytes": dir_bytes(workdir),
         "storage": f"{len(states)} models x (projected feature ({tc.proj_dim} x {itemsize} B) + out-to-loss weight) "
