@@ -359,6 +359,11 @@ def _batch_functions(model, measurement: str, sample_ndim: int):
 # to ORTHO_TOL (float32 Arnoldi loses orthogonality once its Krylov space is exhausted: ghost pairs)
 RITZ_RTOL = 0.05
 ORTHO_TOL = 0.05
+# The Arnoldi iteration of the last problem, per (settings other than the damping, checkpoint): a damping
+# grid shares the one run at its first damping. Krylov spaces are shift-invariant, K(H + lambda I, v) =
+# K(H + lambda0 I, v), so the basis is the same for every damping and the Hessenberg matrix moves by
+# lambda - lambda0 on its diagonal: one set of max_iter Hessian-vector products serves the whole grid.
+_KRYLOV: dict = {}
 
 
 def _signed_arnoldi(F):
@@ -384,6 +389,10 @@ def _signed_arnoldi(F):
             batches = list(full_train_dataloader)
             data = [torch.cat([b[j] for b in batches]).to(self.device) for j in range(len(batches[0]))]
             self.projectors, self.spectra = [], []
+            owner, key = getattr(self, "krylov_key", (None, None))
+            shared = owner is not None and self.norm_constant == 1.0
+            if not shared or _KRYLOV.get("owner") is not owner:
+                _KRYLOV.clear()
             for i in range(len(self.task.get_checkpoints())):
                 func = partial(self.task.get_loss_func(layer_name=self.layer_name, ckpt_idx=i),
                                **{self.task.loss_func_data_key: data})
@@ -391,12 +400,26 @@ def _signed_arnoldi(F):
                 pr = ArnoldiProjector(len(params), self.proj_dim, func, params, max_iter=self.max_iter,
                                       norm_constant=self.norm_constant, tol=self.tol,
                                       regularization=self.regularization, seed=self.seed, device=self.device)
-                torch.manual_seed(self.seed)
-                v0 = torch.rand(len(params)).to(self.device)
-                with torch.no_grad():
-                    appr, basis = pr._arnoldi_iter(pr.hvp_at_x_func, v0, self.max_iter, self.norm_constant, self.tol,
-                                                   self.device)
-                self.spectra.append(self._distill(pr, appr.detach(), basis.detach()))
+                hit = _KRYLOV.get((key, i)) if shared else None
+                if hit is None:
+                    # dattri's iteration, at this setting's damping
+                    torch.manual_seed(self.seed)
+                    v0 = torch.rand(len(params)).to(self.device)
+                    with torch.no_grad():
+                        appr, basis = pr._arnoldi_iter(pr.hvp_at_x_func, v0, self.max_iter, self.norm_constant,
+                                                       self.tol, self.device)
+                    hit = (appr.detach(), basis.detach(), self.regularization)
+                    if shared:
+                        _KRYLOV.update({"owner": owner, (key, i): hit})
+                appr, basis, done_at = hit
+                if self.regularization != done_at:
+                    # H + lambda I has the same Krylov space and basis as H + lambda0 I; its Hessenberg
+                    # matrix moves by lambda - lambda0 on the diagonal of the square part (beta_m stays)
+                    appr = appr.clone()
+                    m = appr.shape[1]
+                    appr[:m, :m] += (self.regularization - done_at) * torch.eye(m, dtype=appr.dtype,
+                                                                                device=appr.device)
+                self.spectra.append(self._distill(pr, appr, basis))
                 self.projectors.append(pr)
             self.arnoldi_projectors = self.projectors
 
@@ -453,6 +476,8 @@ def if_iter_scores(problem: Problem, bcfg: BaselinesConfig, workdir: Path) -> tu
         attributor = _signed_arnoldi(F)(task=task, device=dev, proj_dim=ic.proj_dim,
                                         max_iter=max(ic.max_iter, ic.proj_dim), regularization=ic.regularization,
                                         seed=ic.seed)
+        # the iteration depends on theta_0, the data and these, not on the damping (_KRYLOV)
+        attributor.krylov_key = (problem, (bcfg.measurement, attributor.max_iter, ic.seed))
         per_example, what = 4 * ic.proj_dim, f"the gradient in the top {ic.proj_dim} Hessian eigenvectors"
     elif ic.solver == "cg":
         attributor = F.IFAttributorCG(task=task, device=dev, max_iter=ic.max_iter, regularization=ic.regularization)

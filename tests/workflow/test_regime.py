@@ -228,6 +228,41 @@ def test_if_iter_arnoldi_on_an_indefinite_hessian_is_its_inverse_on_the_top_eige
     assert scores[:, DUP].argmax() == SRC
 
 
+def test_if_iter_arnoldi_damping_grid_shares_one_krylov_basis(problem, tmp_path, monkeypatch):
+    """A damping grid runs the Arnoldi iteration once (Krylov spaces are shift-invariant): the scores at
+    a second damping from the shared basis equal those of a fresh iteration at that damping, and
+    equal the inverse of the float64 H + lambda I on its top eigenpairs; without the shift on the
+    Hessenberg diagonal they would be the first damping's scores."""
+    from dattri.func.projection import ArnoldiProjector
+
+    from daunce_core.baselines import dattri_methods as D
+
+    calls = []
+    iterate = ArnoldiProjector._arnoldi_iter
+    monkeypatch.setattr(ArnoldiProjector, "_arnoldi_iter", lambda self, *a, **kw: calls.append(1) or iterate(
+        self, *a, **kw))
+    k, steps, grid = 12, 40, (0.03, 0.5)  # 40 steps: inside the 51-dimensional Krylov space
+
+    def scores(lam):
+        return D.if_iter_scores(problem, bcfg(if_iter={"solver": "arnoldi", "regularization": lam, "proj_dim": k,
+                                                       "max_iter": steps}), tmp_path)[0]
+
+    D._KRYLOV.clear()
+    first, shared = scores(grid[0]), scores(grid[1])
+    assert len(calls) == 1
+    D._KRYLOV.clear()
+    fresh = scores(grid[1])
+    assert len(calls) == 2
+    assert np.abs(shared - fresh).max() < 1e-3 * np.abs(fresh).max()
+    assert np.abs(first - fresh).max() > 0.1 * np.abs(fresh).max()
+    H = helpers.reference_curvature(problem, "hessian", grid[1])
+    w, U = np.linalg.eigh(H)
+    top = np.argsort(np.abs(w))[-k:]
+    ref = (helpers.reference_grads(problem, "train", cross_entropy) @ U[:, top]) @ np.diag(1 / w[top]) @ (
+        helpers.reference_grads(problem, "query", helpers.neg_margin) @ U[:, top]).T
+    assert np.corrcoef(shared.ravel(), ref.ravel())[0, 1] > 0.999
+
+
 def test_if_iter_arnoldi_with_unconverged_eigenpairs_stops_naming_the_setting(problem, tmp_path):
     """max_iter close to proj_dim (tier 1's first setting, 200 and 200): the smallest Ritz pairs
     have not converged; the baseline stops with one line naming the setting, no scores."""
