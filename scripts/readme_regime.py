@@ -6,6 +6,7 @@ is typed in by hand.
     python scripts/readme_regime.py --check     # exit 1 if README.md's block differs from docs/regime/tier1/
     python scripts/readme_regime.py --compare   # a new run's raw LDS against docs/regime/tier1/ (CI)
     python scripts/readme_regime.py --tier 2 --collect --resumed   # tier 2 -> docs/regime/tier2/, docs/regime.md
+    python scripts/readme_regime.py --tier 2 --jobs  # an unfinished run: its jobs' times -> docs/regime/tier2/jobs.csv
 
 ``--collect`` copies the small files of a finished run (regime.csv, regime.pdf, lds.csv,
 lds_paired.csv, cost.md, mislabel.csv) beside a run.json naming the commit, the command, the sum of
@@ -21,6 +22,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -80,6 +82,27 @@ def collect(results: Path, out: Path, note: str = "", machine: str = "", tier: i
     if note:
         run["note"] = note
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+
+
+def jobs(results: Path, out: Path, tier: int) -> Path:
+    """Every finished job's Snakemake benchmark of a run (finished so far): seconds, peak RSS and when
+    it ended (the file's time), one row per job, to ``out/jobs.csv``."""
+    bench = results / TIERS[tier]["experiment"] / "benchmarks"
+    files = sorted(bench.rglob("*.tsv"))
+    if not files:
+        raise SystemExit(f"{bench}: no benchmark files; run  {command(tier)}  first")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for b in files:
+        r = next(csv.DictReader(open(b), delimiter="\t"))
+        ended = datetime.fromtimestamp(b.stat().st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rows.append({"job": str(b.relative_to(bench).with_suffix("")), "seconds": f"{float(r['s']):.1f}",
+                     "max_rss_mb": f"{float(r['max_rss']):.0f}", "ended_utc": ended})
+    with open(out / "jobs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out / "jobs.csv"
 
 
 def label(method: str, measure: str) -> str:
@@ -189,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true",
                     help="compare --results' regime.csv with the committed one (exit 1 beyond --tol)")
     ap.add_argument("--tol", type=float, default=0.02, help="with --compare: largest raw-LDS difference allowed")
+    ap.add_argument("--jobs", action="store_true",
+                    help="write the finished jobs' benchmark times of --results' run to --src/jobs.csv, nothing else")
     args = ap.parse_args(argv)
     t = TIERS[args.tier]
     src = args.src or ROOT / t["src"]
     doc = args.readme or ROOT / t["doc"]
+    if args.jobs:
+        print(jobs(args.results, src, args.tier))
+        return 0
     if args.compare:
         return compare(args.results, src, args.tol, args.tier)
     if args.collect:

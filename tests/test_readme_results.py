@@ -209,3 +209,22 @@ def test_regime_tier2_block_goes_to_its_own_document(tmp_path):
     doc.write_text("no markers\n")
     r = run()
     assert r.returncode == 1 and "no <!-- regime-tier2:begin -->" in r.stderr and doc.read_text() == "no markers\n"
+
+
+def test_regime_jobs_lists_every_finished_benchmark(tmp_path):
+    # an unfinished run's measured job times, one row per Snakemake benchmark file
+    bench = tmp_path / "results" / "fmnist_resnet9q_regime" / "benchmarks"
+    (bench / "lds" / "test").mkdir(parents=True)
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    (bench / "base.tsv").write_text(head + "20.85\t0:00:20\t1028.74\t1\t1\t1\t0\t0\t90\t19\n")
+    (bench / "lds" / "test" / "chunk0.tsv").write_text(head + "410.45\t0:06:50\t3962.54\t1\t1\t1\t0\t0\t190\t780\n")
+    out = tmp_path / "tier2"
+    r = subprocess.run([sys.executable, str(REGIME), "--tier", "2", "--jobs", "--results", str(tmp_path / "results"),
+                        "--src", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = (out / "jobs.csv").read_text().splitlines()
+    assert lines[0] == "job,seconds,max_rss_mb,ended_utc" and len(lines) == 3
+    assert lines[1].startswith("base,20.9,1029,") and lines[2].startswith("lds/test/chunk0,410.4,3963,")
+    r = subprocess.run([sys.executable, str(REGIME), "--tier", "2", "--jobs", "--results", str(tmp_path / "none"),
+                        "--src", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "no benchmark files" in r.stderr
