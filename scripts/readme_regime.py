@@ -52,23 +52,33 @@ def files(tier: int) -> dict:
             ("regime.csv", "regime.pdf", "lds.csv", "lds_paired.csv", "cost.md", "mislabel.csv")}
 
 
+def benchmarks(results: Path, tier: int) -> list[dict]:
+    """The run's Snakemake benchmark files, one per finished job: its path under benchmarks/ without
+    the suffix, wall seconds, peak RSS (MB) and when it ended (the file's mtime, epoch seconds)."""
+    bench = results / TIERS[tier]["experiment"] / "benchmarks"
+    rows = []
+    for b in sorted(bench.rglob("*.tsv")):
+        with open(b) as f:
+            r = next(csv.DictReader(f, delimiter="\t"))
+        rows.append({"job": str(b.relative_to(bench).with_suffix("")), "seconds": float(r["s"]),
+                     "max_rss_mb": float(r["max_rss"]), "ended": b.stat().st_mtime})
+    if not rows:
+        raise SystemExit(f"{bench}: no benchmark files; run  {command(tier)}  first")
+    return rows
+
+
 def collect(results: Path, out: Path, note: str = "", machine: str = "", tier: int = 1,
             resumed: bool = False) -> None:
     found = {}
-    experiment = TIERS[tier]["experiment"]
     for name, candidates in files(tier).items():
         path = next((results / c for c in candidates if (results / c).exists()), None)
         if path is None:
             raise SystemExit(f"{results / candidates[-1]}: missing; run  {command(tier)}  first")
         found[name] = path
+    jobs = [(b["ended"] - b["seconds"], b["ended"], b["seconds"]) for b in benchmarks(results, tier)]
     out.mkdir(parents=True, exist_ok=True)
     for name, path in found.items():
         shutil.copyfile(path, out / name)
-    bench = sorted((results / experiment / "benchmarks").rglob("*.tsv"))
-    jobs = []
-    for b in bench:
-        rows = list(csv.DictReader(open(b), delimiter="\t"))
-        jobs.append((b.stat().st_mtime - float(rows[0]["s"]), b.stat().st_mtime, float(rows[0]["s"])))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     run = {"commit": commit, "command": command(tier),
@@ -87,17 +97,10 @@ def collect(results: Path, out: Path, note: str = "", machine: str = "", tier: i
 def jobs(results: Path, out: Path, tier: int) -> Path:
     """Every finished job's Snakemake benchmark of a run (finished so far): seconds, peak RSS and when
     it ended (the file's time), one row per job, to ``out/jobs.csv``."""
-    bench = results / TIERS[tier]["experiment"] / "benchmarks"
-    files = sorted(bench.rglob("*.tsv"))
-    if not files:
-        raise SystemExit(f"{bench}: no benchmark files; run  {command(tier)}  first")
+    rows = [{"job": b["job"], "seconds": f"{b['seconds']:.1f}", "max_rss_mb": f"{b['max_rss_mb']:.0f}",
+             "ended_utc": datetime.fromtimestamp(b["ended"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            for b in benchmarks(results, tier)]
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for b in files:
-        r = next(csv.DictReader(open(b), delimiter="\t"))
-        ended = datetime.fromtimestamp(b.stat().st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        rows.append({"job": str(b.relative_to(bench).with_suffix("")), "seconds": f"{float(r['s']):.1f}",
-                     "max_rss_mb": f"{float(r['max_rss']):.0f}", "ended_utc": ended})
     with open(out / "jobs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
